@@ -1,0 +1,351 @@
+"""Typed configuration: nested dataclasses validated in ``__post_init__``, named recipes as
+functions, and ``--set key=value`` overrides.
+
+Every run writes its resolved config to ``RUN_DIR/config.json``; ``Config.from_dict`` reads it
+back (resume, eval, pruned-model loading), so the JSON is the single source of truth of a run.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+CELEBA_40 = [
+    "5_o_Clock_Shadow", "Arched_Eyebrows", "Attractive", "Bags_Under_Eyes", "Bald", "Bangs",
+    "Big_Lips", "Big_Nose", "Black_Hair", "Blond_Hair", "Blurry", "Brown_Hair", "Bushy_Eyebrows",
+    "Chubby", "Double_Chin", "Eyeglasses", "Goatee", "Gray_Hair", "Heavy_Makeup", "High_Cheekbones",
+    "Male", "Mouth_Slightly_Open", "Mustache", "Narrow_Eyes", "No_Beard", "Oval_Face", "Pale_Skin",
+    "Pointy_Nose", "Receding_Hairline", "Rosy_Cheeks", "Sideburns", "Smiling", "Straight_Hair",
+    "Wavy_Hair", "Wearing_Earrings", "Wearing_Hat", "Wearing_Lipstick", "Wearing_Necklace",
+    "Wearing_Necktie", "Young",
+]
+CELEBA_9 = [
+    "5_o_Clock_Shadow", "Black_Hair", "Blond_Hair", "Brown_Hair", "Goatee", "Mustache",
+    "No_Beard", "Rosy_Cheeks", "Wearing_Hat",
+]
+TASKONOMY_5 = ["segment_semantic", "depth_zbuffer", "normal", "keypoints2d", "edge_texture"]
+TASK_PRESETS = {"celeba9": CELEBA_9, "celeba40": CELEBA_40, "taskonomy5": TASKONOMY_5}
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the field."""
+
+
+def _check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ConfigError(msg)
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "synthetic"          # synthetic | celeba | taskonomy
+    root: str = ""                      # dataset folder (official layout); unused for synthetic
+    tasks: list[str] | str = "all"      # task names, or a preset name (celeba9, celeba40, taskonomy5), or "all"
+    image_size: int = 64                # CelebA: 64 (reference); synthetic: any multiple of 4 >= 16
+    backend: str = "memory"             # memory (decoded uint8 tensor cache) | torch (DataLoader over raw files)
+    num_workers: int = 2                # torch backend only
+    cache_dir: str = ""                 # where decoded caches go; default: ROOT/.fastdmtg_cache or ~/.cache/fastdmtg
+    limit_train: int = 0                # >0: use only the first n training samples (quick runs)
+    limit_eval: int = 0                 # >0: same for val/test
+    # synthetic (planted groups) dataset; see fastdmtg/data/synthetic.py
+    synthetic_groups: int = 3
+    synthetic_tasks_per_group: int = 3
+    synthetic_train: int = 6000
+    synthetic_val: int = 1000
+    synthetic_test: int = 1000
+    synthetic_seed: int = 1234
+    taskonomy_split_file: str = ""      # optional custom split JSON {"train": [...], "val": [...], "test": [...]}
+    taskonomy_seg_resize: str = "nearest"  # nearest (correct for class ids) | bilinear (reference behaviour, a bug)
+
+    def __post_init__(self):
+        _check(self.dataset in ("synthetic", "celeba", "taskonomy"),
+               f"data.dataset: expected synthetic|celeba|taskonomy, got {self.dataset!r}")
+        _check(self.backend in ("memory", "torch"), f"data.backend: expected memory|torch, got {self.backend!r}")
+        _check(self.image_size >= 16 and self.image_size % 4 == 0,
+               f"data.image_size: expected a multiple of 4 >= 16, got {self.image_size}")
+        _check(self.limit_train >= 0 and self.limit_eval >= 0, "data.limit_train/limit_eval must be >= 0")
+        _check(self.synthetic_groups >= 1 and self.synthetic_tasks_per_group >= 1,
+               "data.synthetic_groups and data.synthetic_tasks_per_group must be >= 1")
+        _check(self.taskonomy_seg_resize in ("nearest", "bilinear"),
+               f"data.taskonomy_seg_resize: expected nearest|bilinear, got {self.taskonomy_seg_resize!r}")
+
+    def task_names(self) -> list[str] | None:
+        """Explicit task list, or None for 'all tasks the dataset has'."""
+        if isinstance(self.tasks, str):
+            if self.tasks == "all":
+                return None
+            if self.tasks in TASK_PRESETS:
+                return list(TASK_PRESETS[self.tasks])
+            return [t.strip() for t in self.tasks.split(",") if t.strip()]
+        return list(self.tasks)
+
+
+@dataclass
+class ModelConfig:
+    arch: str = "resnet_celeba"         # resnet_celeba | xception | vit_base
+    branches: int = 3                   # K: maximum number of groups (encoder branches)
+    width: int = 64                     # channels of the ResNet variant (64 = reference)
+    shared: str = "none"                # resnet_celeba: none | stem (share conv stem, branch at the residual block)
+    shared_blocks: int = 4              # xception/vit: number of shared early blocks before the split
+    grad_scale: str = "reference"       # taskonomy: reference (1/sqrt(K) into branches and heads) | none
+    num_classes: int = 2                # classification heads' outputs (CelebA: 2-way cross-entropy)
+
+    def __post_init__(self):
+        _check(self.branches >= 1, f"model.branches (K) must be >= 1, got {self.branches}")
+        _check(self.branches <= 64, f"model.branches (K) must be <= 64, got {self.branches}")
+        _check(self.width >= 1, f"model.width must be >= 1, got {self.width}")
+        _check(self.shared in ("none", "stem"), f"model.shared: expected none|stem, got {self.shared!r}")
+        _check(self.shared_blocks >= 0, f"model.shared_blocks must be >= 0, got {self.shared_blocks}")
+        _check(self.grad_scale in ("reference", "none"),
+               f"model.grad_scale: expected reference|none, got {self.grad_scale!r}")
+
+
+@dataclass
+class GroupingConfig:
+    method: str = "dmtg"                # dmtg | naive-mtl
+    tau: float = 2.5                    # constant Gumbel-softmax temperature
+    tau_schedule: str = "constant"      # constant | anneal  (tau_e = max(tau_end, tau_start * tau_decay**epoch))
+    tau_start: float = 100.0
+    tau_end: float = 4.0
+    tau_decay: float = 0.5
+    init_logit: float = 1.0             # S initial value (reference: exactly 1.0 everywhere)
+    hard: bool = False                  # straight-through one-hot samples (reference: soft)
+
+    def __post_init__(self):
+        _check(self.method in ("dmtg", "naive-mtl"), f"grouping.method: expected dmtg|naive-mtl, got {self.method!r}")
+        _check(self.tau > 0, f"grouping.tau must be > 0, got {self.tau}")
+        _check(self.tau_schedule in ("constant", "anneal"),
+               f"grouping.tau_schedule: expected constant|anneal, got {self.tau_schedule!r}")
+        if self.tau_schedule == "anneal":
+            _check(self.tau_start > 0 and self.tau_end > 0, "grouping.tau_start/tau_end must be > 0")
+            _check(0 < self.tau_decay <= 1, f"grouping.tau_decay must be in (0, 1], got {self.tau_decay}")
+
+
+@dataclass
+class OptimConfig:
+    name: str = "adam"                  # adam | adamw | sgd
+    lr: float = 8e-4
+    momentum: float = 0.9               # sgd only
+    weight_decay: float = 0.0
+    schedule: str = "step"              # step (x gamma every step_epochs) | plateau | none
+    step_epochs: int = 15
+    gamma: float = 0.5
+    plateau_patience: int = 3
+    plateau_threshold: float = 0.1      # relative threshold (reference)
+    min_lr: float = 3e-5
+    fused: str = "auto"                 # auto (fused on CUDA) | on | off
+
+    def __post_init__(self):
+        _check(self.name in ("adam", "adamw", "sgd"), f"optim.name: expected adam|adamw|sgd, got {self.name!r}")
+        _check(self.lr > 0, f"optim.lr must be > 0, got {self.lr}")
+        _check(self.schedule in ("step", "plateau", "none"),
+               f"optim.schedule: expected step|plateau|none, got {self.schedule!r}")
+        _check(self.step_epochs >= 1, "optim.step_epochs must be >= 1")
+        _check(0 < self.gamma <= 1, f"optim.gamma must be in (0, 1], got {self.gamma}")
+        _check(self.fused in ("auto", "on", "off"), f"optim.fused: expected auto|on|off, got {self.fused!r}")
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 100
+    batch_size: int = 256
+    eval_batch_size: int = 512
+    seed: int = 0
+    device: str = "auto"                # auto | cpu | cuda | cuda:N
+    amp: str = "auto"                   # auto (bf16 on CUDA) | bf16 | off
+    kernels: str = "auto"               # auto (Triton on CUDA) | triton | reference
+    val_every: int = 1                  # epochs between validations
+    log_every: int = 20                 # steps between TensorBoard scalars
+    progress: bool = True               # tqdm progress bars
+    init_from: str = ""                 # naive-MTL run dir or checkpoint to copy into all K branches
+    reference: str = ""                 # naive-MTL results.json for NormGain
+    tensorboard: bool = True
+
+    def __post_init__(self):
+        _check(self.epochs >= 1, f"train.epochs must be >= 1, got {self.epochs}")
+        _check(self.batch_size >= 1 and self.eval_batch_size >= 1, "train.batch_size/eval_batch_size must be >= 1")
+        _check(self.amp in ("auto", "bf16", "off"), f"train.amp: expected auto|bf16|off, got {self.amp!r}")
+        _check(self.kernels in ("auto", "triton", "reference"),
+               f"train.kernels: expected auto|triton|reference, got {self.kernels!r}")
+        _check(self.val_every >= 1 and self.log_every >= 1, "train.val_every/log_every must be >= 1")
+
+
+@dataclass
+class Config:
+    name: str = "run"
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    grouping: GroupingConfig = field(default_factory=GroupingConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self):
+        if self.grouping.method == "naive-mtl" and self.model.branches != 1:
+            # naive MTL is by definition one encoder for all tasks
+            self.model.branches = 1
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Config":
+        kw = {}
+        for f in dataclasses.fields(cls):
+            if f.name not in d:
+                continue
+            sub = _SECTIONS.get(f.name)
+            if sub is None:
+                kw[f.name] = d[f.name]
+            else:
+                known = {x.name for x in dataclasses.fields(sub)}
+                unknown = set(d[f.name]) - known
+                _check(not unknown, f"config section {f.name!r}: unknown keys {sorted(unknown)}")
+                kw[f.name] = sub(**d[f.name])
+        return cls(**kw)
+
+    def save(self, path: str | Path) -> None:
+        from .checkpoint import atomic_write_text
+        atomic_write_text(path, json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Config":
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+
+_SECTIONS = {"data": DataConfig, "model": ModelConfig, "grouping": GroupingConfig,
+             "optim": OptimConfig, "train": TrainConfig}
+
+
+def _parse_value(text: str, typ: Any, key: str) -> Any:
+    origin = typing.get_origin(typ)
+    if typ is bool:
+        low = text.lower()
+        if low in ("1", "true", "yes", "on"):
+            return True
+        if low in ("0", "false", "no", "off"):
+            return False
+        raise ConfigError(f"--set {key}: expected a boolean (true/false), got {text!r}")
+    if typ is int:
+        try:
+            return int(text)
+        except ValueError:
+            raise ConfigError(f"--set {key}: expected an integer, got {text!r}") from None
+    if typ is float:
+        try:
+            return float(text)
+        except ValueError:
+            raise ConfigError(f"--set {key}: expected a number, got {text!r}") from None
+    if typ is str:
+        return text
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        return text  # list[str] | str: keep the string form, DataConfig.task_names() splits commas
+    return text
+
+
+def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
+    """Apply ``section.key=value`` strings (e.g. ``train.epochs=5``), re-validating the result."""
+    d = cfg.to_dict()
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set expects key=value, got {item!r}")
+        key, value = item.split("=", 1)
+        parts = key.strip().split(".")
+        if len(parts) == 1 and parts[0] == "name":
+            d["name"] = value
+            continue
+        if len(parts) != 2 or parts[0] not in _SECTIONS:
+            raise ConfigError(f"--set {key}: expected SECTION.KEY with SECTION in {sorted(_SECTIONS)}")
+        section, name = parts
+        hints = typing.get_type_hints(_SECTIONS[section])
+        if name not in hints:
+            valid = ", ".join(f.name for f in dataclasses.fields(_SECTIONS[section]))
+            raise ConfigError(f"--set {key}: unknown key; {section} has: {valid}")
+        d[section][name] = _parse_value(value, hints[name], key)
+    return Config.from_dict(d)
+
+
+# ----------------------------------------------------------------------------- recipes
+# Named recipes: plain functions returning a Config. Values follow the reference code (see
+# ../shared/reference-notes.md and docs/METHOD.md); override anything with --set.
+
+def synthetic_k3() -> Config:
+    """Embedded default: 3 planted groups x 3 tasks, 32x32, 1-channel ResNet variant, K=3 (~30 s on CPU).
+
+    The 1-channel width is what plants the groups (see fastdmtg/data/synthetic.py): a branch can carry
+    one colour projection, so the optimum is one planted group per branch. lr 1e-2 because the tiny
+    net trains slowly at the CelebA rate; tau is the CelebA default."""
+    return Config(
+        name="synthetic_k3",
+        data=DataConfig(dataset="synthetic", image_size=32, tasks="all"),
+        model=ModelConfig(arch="resnet_celeba", branches=3, width=1),
+        grouping=GroupingConfig(tau=2.5),
+        optim=OptimConfig(lr=1e-2, schedule="none"),
+        train=TrainConfig(epochs=10, batch_size=128, eval_batch_size=500),
+    )
+
+
+def synthetic_naive() -> Config:
+    cfg = synthetic_k3()
+    cfg.name = "synthetic_naive"
+    cfg.grouping.method = "naive-mtl"
+    cfg.model.branches = 1
+    return cfg
+
+
+def _celeba_cfg(tasks: str, k: int, name: str) -> Config:
+    # data.root stays empty in recipes: the CLI fills it from --data-root, the loader says if it is missing
+    return Config(
+        name=name,
+        data=DataConfig(dataset="celeba", tasks=tasks, image_size=64),
+        model=ModelConfig(arch="resnet_celeba", branches=k, width=64),
+        grouping=GroupingConfig(tau=2.5),
+        optim=OptimConfig(name="adam", lr=8e-4, schedule="step", step_epochs=15, gamma=0.5),
+        train=TrainConfig(epochs=100, batch_size=256),
+    )
+
+
+def celeba9_k2() -> Config: return _celeba_cfg("celeba9", 2, "celeba9_k2")
+def celeba9_k3() -> Config: return _celeba_cfg("celeba9", 3, "celeba9_k3")
+def celeba9_k4() -> Config: return _celeba_cfg("celeba9", 4, "celeba9_k4")
+def celeba9_k5() -> Config: return _celeba_cfg("celeba9", 5, "celeba9_k5")
+def celeba40_k5() -> Config: return _celeba_cfg("celeba40", 5, "celeba40_k5")
+
+
+def celeba9_naive() -> Config:
+    """Naive MTL reference for NormGain (reference code: SGD lr 5e-4 momentum 0.9)."""
+    cfg = _celeba_cfg("celeba9", 1, "celeba9_naive")
+    cfg.grouping.method = "naive-mtl"
+    cfg.optim = OptimConfig(name="sgd", lr=5e-4, momentum=0.9, schedule="step", step_epochs=15, gamma=0.5)
+    return cfg
+
+
+def celeba40_naive() -> Config:
+    cfg = celeba9_naive()
+    cfg.name, cfg.data.tasks = "celeba40_naive", "celeba40"
+    return cfg
+
+
+RECIPES: dict[str, typing.Callable[[], Config]] = {
+    "synthetic_k3": synthetic_k3,
+    "synthetic_naive": synthetic_naive,
+    "celeba9_k2": celeba9_k2,
+    "celeba9_k3": celeba9_k3,
+    "celeba9_k4": celeba9_k4,
+    "celeba9_k5": celeba9_k5,
+    "celeba40_k5": celeba40_k5,
+    "celeba9_naive": celeba9_naive,
+    "celeba40_naive": celeba40_naive,
+}
+
+
+def register_recipe(name: str, fn: typing.Callable[[], Config]) -> None:
+    RECIPES[name] = fn
+
+
+def get_recipe(name: str) -> Config:
+    if name not in RECIPES:
+        raise ConfigError(f"unknown recipe {name!r}; known: {', '.join(sorted(RECIPES))}")
+    return RECIPES[name]()

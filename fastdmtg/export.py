@@ -1,0 +1,57 @@
+"""Save / load the pruned grouped model so it predicts on its own.
+
+Files in the run folder:
+    grouped_model.json         {"format": 1, "config": <resolved config>, "tasks": [...], "groups": [[task idx]],
+                                "image_size": S}
+    grouped_model.safetensors  the GroupedNet state dict (no pickle)
+
+``load_grouped(run_dir)`` rebuilds the architecture from the JSON and loads the weights.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from . import checkpoint as ckpt
+from .config import Config
+from .models import GroupedNet, build_grouped
+
+FORMAT = 1
+
+
+def save_grouped(run_dir: str | Path, model: GroupedNet, cfg: Config, task_names: list[str], image_size: int) -> None:
+    run_dir = Path(run_dir)
+    meta = {"format": FORMAT, "config": cfg.to_dict(), "tasks": task_names, "groups": model.groups,
+            "image_size": image_size}
+    # weights first, then the JSON that points at them: a reader never sees JSON without weights
+    ckpt.save_safetensors(run_dir / "grouped_model.safetensors", model.state_dict())
+    ckpt.atomic_write_json(run_dir / "grouped_model.json", meta)
+
+
+def load_grouped(run_dir: str | Path, device: str | torch.device = "cpu") -> tuple[GroupedNet, dict]:
+    """Load a pruned model → (GroupedNet in eval mode, metadata)."""
+    from .tasks.attributes import AttributeTaskSet
+    run_dir = Path(run_dir)
+    meta_path = run_dir / "grouped_model.json"
+    if not meta_path.exists():
+        raise FileNotFoundError(f"{meta_path}: no pruned model in this run folder (did training finish?)")
+    meta = json.loads(meta_path.read_text())
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"{meta_path}: unsupported format {meta.get('format')!r} (expected {FORMAT})")
+    cfg = Config.from_dict(meta["config"])
+    specs = task_specs_for(cfg, meta["tasks"])
+    model = build_grouped(cfg.model, specs, meta["image_size"], meta["groups"])
+    state = ckpt.load_safetensors(run_dir / "grouped_model.safetensors")
+    model.load_state_dict(state)
+    return model.to(device).eval(), meta
+
+
+def task_specs_for(cfg: Config, names: list[str]):
+    """Task specs of a saved run (the dataset's TaskSet decides the head shapes)."""
+    if cfg.data.dataset in ("synthetic", "celeba"):
+        from .tasks.attributes import AttributeTaskSet
+        return AttributeTaskSet(names, cfg.model.num_classes).specs
+    from .tasks.taskonomy import taskonomy_specs
+    return taskonomy_specs(names)

@@ -1,0 +1,21 @@
+"""Naive MTL: one encoder, all N tasks on it (K = 1); every head loss weighted 1.
+Trained with the same trainer; its results file is the reference of NormGain."""
+from __future__ import annotations
+
+import torch
+
+from . import GroupingMethod
+
+
+class NaiveMTL(GroupingMethod):
+    name = "naive-mtl"
+
+    def __init__(self, num_tasks: int):
+        super().__init__(num_tasks, 1)
+        self.register_buffer("_ones", torch.ones(num_tasks, 1))
+
+    def weights(self, step: int) -> torch.Tensor:
+        return self._ones                                                    # (N, 1)
+
+    def assignment(self) -> torch.Tensor:
+        return torch.zeros(self.num_tasks, dtype=torch.long, device=self._ones.device)

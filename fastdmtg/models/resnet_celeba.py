@@ -1,0 +1,75 @@
+"""The CelebA "ResNet variant" shared by the TAG and DMTG reference code.
+
+    x (B, 3, 64, 64) in [0, 1]
+    Conv3x3 3→w (stride 1, pad 1, no bias) → BN → ReLU → MaxPool(3, stride 2, no pad)  → (B, w, 31, 31)
+    BasicBlock(w): conv3x3-BN-ReLU-conv3x3-BN + identity, ReLU                          → (B, w, 31, 31)
+    AvgPool(2)                                                                          → (B, w, 15, 15)
+    flatten → w·15·15 (= 14400 at w = 64) → per task Linear(14400, 2)
+
+Parameters at w = 64: trunk 75,840; each head 28,802. Xavier-uniform conv/linear weights, zero
+linear bias, BN weight 1 / bias 0. The "shared stem" option shares conv+BN+ReLU+maxpool and
+branches at the residual block.
+"""
+from __future__ import annotations
+
+from torch import nn
+
+from .multibranch import HeadSet, LinearHeads
+
+
+def _conv3x3(cin: int, cout: int) -> nn.Conv2d:
+    return nn.Conv2d(cin, cout, 3, stride=1, padding=1, bias=False)
+
+
+class Stem(nn.Sequential):
+    def __init__(self, width: int):
+        super().__init__(_conv3x3(3, width), nn.BatchNorm2d(width), nn.ReLU(inplace=True),
+                         nn.MaxPool2d(kernel_size=3, stride=2, padding=0))
+
+
+class BasicBlock(nn.Module):
+    def __init__(self, width: int):
+        super().__init__()
+        self.conv1, self.bn1 = _conv3x3(width, width), nn.BatchNorm2d(width)
+        self.conv2, self.bn2 = _conv3x3(width, width), nn.BatchNorm2d(width)
+        self.relu = nn.ReLU(inplace=True)
+
+    def forward(self, x):
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return self.relu(out + x)
+
+
+class Tail(nn.Sequential):
+    """Residual block + AvgPool(2) + flatten: the part after the stem."""
+
+    def __init__(self, width: int):
+        super().__init__(BasicBlock(width), nn.AvgPool2d(2), nn.Flatten(1))
+
+
+def feature_dim(width: int, image_size: int) -> int:
+    side = (image_size - 3) // 2 + 1          # MaxPool(3, 2), no padding
+    return width * (side // 2) ** 2           # AvgPool(2)
+
+
+def _xavier(module: nn.Module) -> nn.Module:
+    for m in module.modules():
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            nn.init.xavier_uniform_(m.weight)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+    return module
+
+
+def build(width: int, image_size: int, num_tasks: int, num_classes: int, shared: str
+          ) -> tuple[nn.Module, nn.Module, HeadSet]:
+    """Return (shared trunk, branch prototype, head-set prototype)."""
+    if shared == "stem":
+        trunk, branch = _xavier(Stem(width)), _xavier(Tail(width))
+    else:
+        trunk, branch = nn.Identity(), _xavier(nn.Sequential(Stem(width), Tail(width)))
+    heads = LinearHeads(num_tasks, feature_dim(width, image_size), num_classes)
+    return trunk, branch, heads

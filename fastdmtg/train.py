@@ -1,0 +1,392 @@
+"""The training loop: any grouping method × any backbone × any dataset.
+
+One step (DMTG):  z = method.weights(step)            # (N, K) Gumbel-softmax sample
+                  outputs = model(images)              # all K·N heads
+                  total, L = taskset.head_losses(outputs, batch, z)   # Σ z·L, L (N, K)
+                  total.backward(); optimizer.step()
+
+Reliability: the run folder holds config.json (the resolved config), checkpoints/last.pt (written
+atomically at every epoch end and on interruption), checkpoints/best.pt (best validation loss),
+history.json, results.json. ``train(cfg, run_dir, resume=True)`` continues exactly where last.pt
+stopped — optimizer, scheduler, Gumbel seed, data order and position within the epoch.
+A non-finite loss stops the run (NonFiniteLoss) without overwriting the last good checkpoint.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import platform
+import signal
+import time
+from pathlib import Path
+
+import torch
+
+from . import checkpoint as ckpt
+from . import ops
+from .config import Config
+from .data import build_data
+from .methods import build_method
+from .metrics import normgain, summarize
+from .models import build_multibranch, GroupedNet, MultiBranchNet
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+class TrainingInterrupted(RuntimeError):
+    """Raised after an interruption was handled: last.pt holds the state to resume from."""
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"train.device={name!r} but CUDA is not available on this machine")
+    return dev
+
+
+def autocast_ctx(cfg: Config, device: torch.device):
+    use = cfg.train.amp == "bf16" or (cfg.train.amp == "auto" and device.type == "cuda")
+    if use:
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def build_optimizer(cfg: Config, params, device: torch.device) -> torch.optim.Optimizer:
+    o = cfg.optim
+    fused = (o.fused == "on") or (o.fused == "auto" and device.type == "cuda")
+    kw = {"fused": True} if fused else {}
+    if o.name == "adam":
+        return torch.optim.Adam(params, lr=o.lr, weight_decay=o.weight_decay, **kw)
+    if o.name == "adamw":
+        return torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay, **kw)
+    return torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay, **kw)
+
+
+def build_scheduler(cfg: Config, opt):
+    o = cfg.optim
+    if o.schedule == "step":
+        return torch.optim.lr_scheduler.StepLR(opt, step_size=o.step_epochs, gamma=o.gamma)
+    if o.schedule == "plateau":
+        # reference: stepped on the *train* loss once per epoch, relative threshold 0.1
+        return torch.optim.lr_scheduler.ReduceLROnPlateau(
+            opt, mode="min", factor=o.gamma, patience=o.plateau_patience, threshold=o.plateau_threshold,
+            threshold_mode="rel", min_lr=o.min_lr)
+    return None
+
+
+@torch.no_grad()
+def evaluate(model, taskset, data, split: str, batch_size: int, device, assignment=None, amp=None,
+             progress: bool = False) -> dict:
+    """Evaluate one-head-per-task predictions on a split.
+
+    ``model`` is a MultiBranchNet (then ``assignment`` (N,) picks each task's head: the argmax
+    model) or a GroupedNet (predicts one head per task itself)."""
+    from tqdm import tqdm
+    was_training = model.training
+    model.eval()
+    meter = taskset.meter()
+    amp = amp or contextlib.nullcontext()
+    nb = data.num_batches(split, batch_size)
+    for batch in tqdm(data.batches(split, batch_size, shuffle=False, device=device), total=nb,
+                      desc=f"eval {split}", leave=False, disable=not progress):
+        with amp:
+            out = model(batch["image"])
+        if isinstance(model, MultiBranchNet):
+            out = MultiBranchNet.select_outputs(out, assignment)
+        meter.update(out, batch)
+    model.train(was_training)
+    return summarize(meter.compute())
+
+
+def _rng_state(device: torch.device) -> dict:
+    st = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        st["cuda"] = torch.cuda.get_rng_state(device)
+    return st
+
+
+def _set_rng_state(st: dict, device: torch.device) -> None:
+    torch.set_rng_state(st["cpu"])
+    if device.type == "cuda" and "cuda" in st:
+        torch.cuda.set_rng_state(st["cuda"], device)
+
+
+def groups_of(assignment: list[int], names: list[str]) -> list[list[str]]:
+    used = sorted(set(assignment))
+    return [[names[i] for i, a in enumerate(assignment) if a == k] for k in used]
+
+
+class Trainer:
+    def __init__(self, cfg: Config, run_dir: str | Path, resume: bool = False, progress: bool | None = None):
+        self.cfg, self.run_dir = cfg, Path(run_dir)
+        self.progress = cfg.train.progress if progress is None else progress
+        self.device = resolve_device(cfg.train.device)
+        ops.set_backend(cfg.train.kernels)
+        torch.manual_seed(cfg.train.seed)
+        self.data = build_data(cfg.data, progress=self.progress)
+        self.taskset = self.data.taskset
+        self.model = build_multibranch(cfg.model, self.taskset.specs, self.data.image_size).to(self.device)
+        self.method = build_method(cfg, self.taskset.num_tasks).to(self.device)
+        if cfg.train.init_from and not resume:
+            self._init_from(cfg.train.init_from)
+        self.optimizer = build_optimizer(cfg, list(self.model.parameters()) + list(self.method.parameters()),
+                                         self.device)
+        self.scheduler = build_scheduler(cfg, self.optimizer)
+        self.amp = autocast_ctx(cfg, self.device)
+        self.epoch, self.step_in_epoch, self.global_step = 0, 0, 0
+        self.best_val, self.best_epoch = math.inf, -1
+        self.history: list[dict] = []
+        self.epoch_loss_sum, self.epoch_samples = 0.0, 0
+        self.train_time = 0.0
+        self._stop_signal = None
+        self.ckpt_dir = self.run_dir / "checkpoints"
+        if resume:
+            self._load(self.ckpt_dir / "last.pt")
+        else:
+            if (self.ckpt_dir / "last.pt").exists():
+                raise FileExistsError(f"{self.run_dir} already holds a run; use --resume to continue it "
+                                      "or choose another --out")
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            cfg.save(self.run_dir / "config.json")
+        self.writer = None
+        if cfg.train.tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+                self.writer = SummaryWriter(str(self.run_dir / "tb"))
+            except ImportError:  # tensorboard is a dependency, but stay usable without it
+                self.writer = None
+
+    # ------------------------------------------------------------------ state
+    def _init_from(self, path: str) -> None:
+        p = Path(path)
+        if p.is_dir():
+            p = p / "checkpoints" / "best.pt"
+        state = ckpt.load_checkpoint(p)
+        self.model.load_single_branch(state["model"])
+
+    def _state(self) -> dict:
+        return {
+            "model": self.model.state_dict(), "method": self.method.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict() if self.scheduler is not None else {},
+            "epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "global_step": self.global_step,
+            "best_val": self.best_val, "best_epoch": self.best_epoch,
+            "epoch_loss_sum": self.epoch_loss_sum, "epoch_samples": self.epoch_samples,
+            "train_time": self.train_time, "rng": _rng_state(self.device),
+        }
+
+    def _load(self, path: Path) -> None:
+        st = ckpt.load_checkpoint(path, map_location=self.device)
+        self.model.load_state_dict(st["model"])
+        self.method.load_state_dict(st["method"])
+        self.optimizer.load_state_dict(st["optimizer"])
+        if self.scheduler is not None:
+            self.scheduler.load_state_dict(st["scheduler"])
+        self.epoch, self.step_in_epoch, self.global_step = st["epoch"], st["step_in_epoch"], st["global_step"]
+        self.best_val, self.best_epoch = st["best_val"], st["best_epoch"]
+        self.epoch_loss_sum, self.epoch_samples = st["epoch_loss_sum"], st["epoch_samples"]
+        self.train_time = st["train_time"]
+        _set_rng_state(st["rng"], self.device)
+        hist = self.run_dir / "history.json"
+        if hist.exists():
+            import json
+            self.history = [h for h in json.loads(hist.read_text()) if h["epoch"] < self.epoch]
+
+    def save_last(self) -> None:
+        ckpt.save_checkpoint(self.ckpt_dir / "last.pt", self._state())
+
+    # ------------------------------------------------------------------ loop
+    def _on_signal(self, signum, frame):
+        self._stop_signal = signum
+
+    def train_epoch(self, stop_after_steps: int | None = None) -> None:
+        from tqdm import tqdm
+        cfg, data = self.cfg, self.data
+        bs = cfg.train.batch_size
+        nb = data.num_batches("train", bs, train=True)
+        self.method.on_epoch_start(self.epoch)
+        self.model.train()
+        running = torch.zeros((), device=self.device)        # device-side sum: no sync per step
+        running_n = 0
+        bar = tqdm(total=nb, initial=self.step_in_epoch, desc=f"epoch {self.epoch + 1}/{cfg.train.epochs}",
+                   unit="step", disable=not self.progress, dynamic_ncols=True)
+        t0, seen = time.perf_counter(), 0
+        for batch in data.batches("train", bs, shuffle=True, seed=cfg.train.seed, epoch=self.epoch,
+                                  device=self.device, skip=self.step_in_epoch, train=True):
+            z = self.method.weights(self.global_step)                          # (N, K)
+            with self.amp:
+                outputs = self.model(batch["image"])
+            total, L = self.taskset.head_losses(outputs, batch, z)
+            self.optimizer.zero_grad(set_to_none=True)
+            total.backward()
+            self.optimizer.step()
+            b = batch["image"].shape[0]
+            running += total.detach().float() * b
+            running_n += b
+            self.step_in_epoch += 1
+            self.global_step += 1
+            seen += b
+            bar.update(1)
+            last_step = self.step_in_epoch == nb
+            if self.global_step % cfg.train.log_every == 0 or last_step or self._stop_signal is not None \
+                    or (stop_after_steps is not None and self.global_step >= stop_after_steps):
+                value = float(running)                                         # one sync per log interval
+                if not math.isfinite(value):
+                    bar.close()
+                    raise NonFiniteLoss(
+                        f"non-finite training loss at epoch {self.epoch + 1}, step {self.global_step} "
+                        f"(lr {self.optimizer.param_groups[0]['lr']:.3g}); the run stopped and "
+                        f"{self.ckpt_dir / 'last.pt'} still holds the last good state")
+                self.epoch_loss_sum += value
+                self.epoch_samples += running_n
+                dt = time.perf_counter() - t0
+                bar.set_postfix(loss=f"{value / max(running_n, 1):.4f}", img_s=f"{seen / max(dt, 1e-9):.0f}")
+                if self.writer is not None:
+                    self.writer.add_scalar("train/loss", value / max(running_n, 1), self.global_step)
+                    self.writer.add_scalar("train/lr", self.optimizer.param_groups[0]["lr"], self.global_step)
+                    for k, v in self.method.log_scalars().items():
+                        self.writer.add_scalar(k, v, self.global_step)
+                running.zero_()
+                running_n = 0
+            if self._stop_signal is not None or (stop_after_steps is not None and self.global_step >= stop_after_steps):
+                self.train_time += time.perf_counter() - t0
+                bar.close()
+                if not last_step:
+                    self.save_last()
+                    raise TrainingInterrupted(
+                        f"interrupted at epoch {self.epoch + 1}, step {self.global_step}; state saved to "
+                        f"{self.ckpt_dir / 'last.pt'} — continue with: fastdmtg train --resume {self.run_dir}")
+                t0 = time.perf_counter()  # the epoch is complete: finish it normally, then stop
+        bar.close()
+        self.train_time += time.perf_counter() - t0
+
+    def end_epoch(self) -> dict:
+        cfg = self.cfg
+        train_loss = self.epoch_loss_sum / max(self.epoch_samples, 1)
+        rec = {"epoch": self.epoch, "train_loss": train_loss, "lr": self.optimizer.param_groups[0]["lr"],
+               "global_step": self.global_step, "train_time_s": self.train_time}
+        rec.update({k.split("/")[-1]: v for k, v in self.method.log_scalars().items()})
+        probs = self.method.probabilities()
+        if probs is not None:
+            rec["probabilities"] = probs.cpu().tolist()
+        rec["assignment"] = self.method.assignment().cpu().tolist()
+        if (self.epoch + 1) % cfg.train.val_every == 0 or self.epoch + 1 == cfg.train.epochs:
+            val = evaluate(self.model, self.taskset, self.data, "val", cfg.train.eval_batch_size, self.device,
+                           self.method.assignment(), self.amp, self.progress)
+            rec["val"] = val
+            if self.writer is not None:
+                self.writer.add_scalar("val/total_loss", val["total_loss"], self.global_step)
+                if "total_error" in val:
+                    self.writer.add_scalar("val/total_error", val["total_error"], self.global_step)
+            if val["total_loss"] < self.best_val:
+                self.best_val, self.best_epoch = val["total_loss"], self.epoch
+                ckpt.save_checkpoint(self.ckpt_dir / "best.pt",
+                                     {"model": self.model.state_dict(), "method": self.method.state_dict(),
+                                      "epoch": self.epoch, "val_total_loss": val["total_loss"]})
+        if self.scheduler is not None:
+            if isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+                self.scheduler.step(train_loss)
+            else:
+                self.scheduler.step()
+        self.history.append(rec)
+        self.epoch += 1
+        self.step_in_epoch, self.epoch_loss_sum, self.epoch_samples = 0, 0.0, 0
+        ckpt.atomic_write_json(self.run_dir / "history.json", self.history)
+        self.save_last()
+        return rec
+
+    def fit(self, stop_after_steps: int | None = None) -> dict:
+        old = {}
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                old[sig] = signal.signal(sig, self._on_signal)
+            except ValueError:  # not in the main thread: no signal handling
+                pass
+        try:
+            while self.epoch < self.cfg.train.epochs:
+                self.train_epoch(stop_after_steps)
+                rec = self.end_epoch()
+                self._print_epoch(rec)
+                if self._stop_signal is not None or (stop_after_steps is not None
+                                                     and self.global_step >= stop_after_steps
+                                                     and self.epoch < self.cfg.train.epochs):
+                    raise TrainingInterrupted(
+                        f"interrupted after epoch {self.epoch}; continue with: fastdmtg train --resume {self.run_dir}")
+        finally:
+            for sig, h in old.items():
+                signal.signal(sig, h)
+            if self.writer is not None:
+                self.writer.flush()
+        return self.finish()
+
+    def _print_epoch(self, rec: dict) -> None:
+        if not self.progress:
+            return
+        msg = f"epoch {rec['epoch'] + 1}: train loss {rec['train_loss']:.4f}"
+        if "val" in rec:
+            msg += f", val loss {rec['val']['total_loss']:.4f}"
+            if "total_error" in rec["val"]:
+                msg += f", val total error {rec['val']['total_error']:.2f}"
+        names = self.taskset.names
+        msg += f", groups {groups_of(rec['assignment'], names)}"
+        print(msg, flush=True)
+
+    # ------------------------------------------------------------------ end of run
+    def finish(self) -> dict:
+        cfg = self.cfg
+        best = ckpt.load_checkpoint(self.ckpt_dir / "best.pt", map_location=self.device)
+        self.model.load_state_dict(best["model"])
+        self.method.load_state_dict(best["method"])
+        assignment = self.method.assignment().cpu().tolist()
+        names = self.taskset.names
+        test = evaluate(self.model, self.taskset, self.data, "test", cfg.train.eval_batch_size, self.device,
+                        self.method.assignment(), self.amp, self.progress)
+        grouped = GroupedNet.from_multibranch(self.model, assignment)
+        from .export import save_grouped
+        save_grouped(self.run_dir, grouped, cfg, names, self.data.image_size)
+        res = {
+            "name": cfg.name, "method": cfg.grouping.method, "dataset": cfg.data.dataset, "tasks": names,
+            "num_branches": cfg.model.branches, "assignment": assignment, "groups": groups_of(assignment, names),
+            "best_epoch": self.best_epoch, "epochs": cfg.train.epochs,
+            "test": test, "total_loss": test["total_loss"], "total_error": test.get("total_error"),
+            "train_time_s": self.train_time,
+            "env": {"device": str(self.device), "gpu": torch.cuda.get_device_name(self.device)
+                    if self.device.type == "cuda" else None, "torch": torch.__version__,
+                    "python": platform.python_version(), "kernels": ops.get_backend(self.device)},
+        }
+        probs = self.method.probabilities()
+        if probs is not None:
+            res["probabilities"] = probs.cpu().tolist()
+        if cfg.train.reference:
+            res.update(compare_to_reference(cfg.train.reference, test))
+        ckpt.atomic_write_json(self.run_dir / "results.json", res)
+        try:
+            from .plots import grouping_heatmap
+            grouping_heatmap(self.history, names, self.run_dir / "grouping.png")
+        except ImportError:
+            pass
+        return res
+
+
+def compare_to_reference(reference_path: str, test: dict) -> dict:
+    import json
+    p = Path(reference_path)
+    if p.is_dir():
+        p = p / "results.json"
+    if not p.exists():
+        raise FileNotFoundError(f"{p}: naive-MTL reference results not found (train.reference)")
+    ref = json.loads(p.read_text())
+    out = {"reference": str(p), "normgain_loss": normgain(ref["test"]["loss"], test["loss"])}
+    if test.get("error") is not None and ref["test"].get("error") is not None:
+        out["normgain_error"] = normgain(ref["test"]["error"], test["error"])
+    return out
+
+
+def train(cfg: Config, run_dir: str | Path, resume: bool = False, progress: bool | None = None,
+          stop_after_steps: int | None = None) -> dict:
+    """Train (or resume) a run; returns the results dict also written to RUN_DIR/results.json."""
+    return Trainer(cfg, run_dir, resume=resume, progress=progress).fit(stop_after_steps)

@@ -1,0 +1,503 @@
+"""Taskonomy-5: raw format parsing/decoding, prepared format, batches, models, losses, metrics.
+
+Runs on CPU in well under a minute: fixture images are 32×32 (the networks need multiples of 16).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from fastdmtg.config import TASKONOMY_5, DataConfig, ModelConfig
+from fastdmtg.data import taskonomy as tx
+from fastdmtg.data.taskonomy import TaskonomyFormatError
+from fastdmtg.models import build_multibranch, build_parts
+from fastdmtg.models import xception as X
+from fastdmtg.tasks.taskonomy import TaskonomyTaskSet, rotate_l1
+
+from taskonomy_fixture import SPLIT, path_of, write_fixture, write_png
+
+SIZE = 32
+
+
+def _cfg(root, **kw) -> DataConfig:
+    base = dict(dataset="taskonomy", root=str(root), image_size=SIZE, tasks="taskonomy5", num_workers=0)
+    base.update(kw)
+    return DataConfig(**base)
+
+
+@pytest.fixture(scope="module")
+def raw(tmp_path_factory):
+    return write_fixture(tmp_path_factory.mktemp("tx") / "raw", layout="domain", size=SIZE)
+
+
+@pytest.fixture(scope="module")
+def prepared(raw, tmp_path_factory):
+    out = tmp_path_factory.mktemp("txp") / "prep"
+    tx.prepare(raw["root"], out, SIZE, split_file=raw["split_file"], workers=1, progress=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def source(prepared):
+    return tx.build_source(_cfg(prepared), progress=False)
+
+
+# ------------------------------------------------------------------------------------------ layout
+def test_layouts_detected_and_equivalent(raw, prepared, tmp_path):
+    other = write_fixture(tmp_path / "raw_b", layout="building", size=SIZE)   # same seed → same content
+    assert tx.detect_layout(raw["root"]) == tx.LAYOUT_DOMAIN_FIRST
+    assert tx.detect_layout(other["root"]) == tx.LAYOUT_BUILDING_FIRST
+    out = tx.prepare(other["root"], tmp_path / "prep_b", SIZE, split_file=other["split_file"], workers=1,
+                     progress=False)
+    ia, ib = tx.read_index(prepared), tx.read_index(out)
+    assert ia["layout"] == "domain/building" and ib["layout"] == "building/domain"
+    for s in tx.SPLITS:
+        assert ia["splits"][s]["samples"] == ib["splits"][s]["samples"]
+        for d in tx.DOMAINS:
+            assert np.array_equal(np.load(prepared / s / f"{d}.npy"), np.load(out / s / f"{d}.npy"))
+
+
+def test_mixed_and_unknown_layout(raw, tmp_path):
+    mixed = write_fixture(tmp_path / "mixed", layout="domain", size=SIZE)["root"]
+    (mixed / "alpha" / "rgb").mkdir(parents=True)                            # + a per-building folder
+    with pytest.raises(TaskonomyFormatError, match="mixed layout"):
+        tx.detect_layout(mixed)
+    (tmp_path / "junk" / "stuff").mkdir(parents=True)
+    with pytest.raises(TaskonomyFormatError, match="not a Taskonomy root"):
+        tx.detect_layout(tmp_path / "junk")
+    with pytest.raises(TaskonomyFormatError, match="not found"):
+        tx.detect_layout(tmp_path / "nowhere")
+
+
+def test_sample_order_is_numeric(raw, source):
+    ids = source.sample_ids("train")
+    assert ids == sorted(ids) and ids[0] == ("alpha", 1, 0) and len(ids) == 6
+    assert source.num_samples("val") == 3 and source.num_samples("test") == 3
+
+
+def test_split_file_errors(raw, tmp_path):
+    bad = tmp_path / "s.json"
+    bad.write_text(json.dumps({"train": ["alpha"], "val": ["alpha"], "test": ["delta"]}))
+    with pytest.raises(TaskonomyFormatError, match="in train and in val/test"):
+        tx.load_split(bad)
+    bad.write_text('{"train": ["alpha"], "val": []}')
+    with pytest.raises(TaskonomyFormatError, match='"val" must be a non-empty list'):
+        tx.load_split(bad)
+    bad.write_text("{oops")
+    with pytest.raises(TaskonomyFormatError, match=r"s\.json:1: not valid JSON"):
+        tx.load_split(bad)
+    assert tx.load_split(None)["val"] == ["wiconisco", "corozal", "collierville", "markleeville", "darden"]
+    assert len(tx.load_split(None)["train"]) == 25
+
+
+def test_missing_building_named(raw, tmp_path):
+    split = tmp_path / "s.json"
+    split.write_text(json.dumps({"train": ["alpha", "zulu"], "val": ["charlie"], "test": ["delta"]}))
+    with pytest.raises(TaskonomyFormatError, match=r"\['zulu'\]"):
+        tx.prepare(raw["root"], tmp_path / "o", SIZE, split_file=split, progress=False)
+    # the default (tiny) split names real buildings the fixture lacks
+    with pytest.raises(TaskonomyFormatError, match="hanson"):
+        tx.prepare(raw["root"], tmp_path / "o2", SIZE, progress=False)
+
+
+# ------------------------------------------------------------------------------------------ decoding
+def test_decoded_values_match_reference_normalisation(raw, source):
+    batch = next(source.batches("train", 6, shuffle=False, train=False))
+    ids = source.sample_ids("train")
+    for j, key in enumerate(ids):
+        a = raw["arrays"][key]
+        d = a["depth_zbuffer"].astype(np.float64)
+        t = batch["targets"]
+        assert np.allclose(t["depth_zbuffer"][j, 0].numpy(), (d - 1500) / 1000, atol=1e-6)
+        assert np.array_equal(batch["mask"][j, 0].numpy(), a["depth_zbuffer"] < 8192)
+        assert np.allclose(t["normal"][j].numpy(), (a["normal"].transpose(2, 0, 1) / 255 - 0.5) * 2, atol=1e-6)
+        assert np.allclose(t["keypoints2d"][j, 0].numpy(), (a["keypoints2d"] - 50.0) / 100, atol=1e-6)
+        assert np.allclose(t["edge_texture"][j, 0].numpy(), (a["edge_texture"] - 718.0) / 1070, atol=1e-6)
+        assert np.array_equal(t["segment_semantic"][j].numpy(), a["segment_semantic"])
+        assert np.allclose(batch["image"][j].numpy(), a["rgb"].transpose(2, 0, 1) / 255, atol=1e-7)
+    assert batch["targets"]["segment_semantic"].dtype == torch.int64
+    assert batch["targets"]["segment_semantic"].shape == (6, SIZE, SIZE)
+    assert batch["mask"].dtype == torch.bool and batch["mask"].shape == (6, 1, SIZE, SIZE)
+
+
+def test_known_16bit_values(tmp_path):
+    d = np.array([[0, 1500], [8191, 8192]], dtype=np.uint16).repeat(8, 0).repeat(8, 1)   # 16×16
+    write_png(tmp_path / "d.png", d)
+    got = tx.load_domain(tmp_path / "d.png", "depth_zbuffer")
+    assert got.dtype == np.uint16 and got.shape == (1, 16, 16) and np.array_equal(got[0], d)
+    raw = {"rgb": torch.zeros(1, 3, 16, 16, dtype=torch.uint8),
+           "depth_zbuffer": torch.from_numpy(got[None].view(np.int16))}
+    b = tx.make_batch(raw, ["depth_zbuffer"], None)
+    assert b["targets"]["depth_zbuffer"][0, 0, 0, ::8].tolist() == [-1.5, 0.0]
+    assert b["targets"]["depth_zbuffer"][0, 0, 8, ::8].tolist() == pytest.approx([6.691, 6.692])
+    assert b["mask"][0, 0, 8, ::8].tolist() == [True, False] and bool(b["mask"][0, 0, 0, 0])
+    big = np.full((16, 16), 65535, np.uint16)                                # > int16 range survives the bit-cast
+    write_png(tmp_path / "e.png", big)
+    e = tx.load_domain(tmp_path / "e.png", "edge_texture")
+    b = tx.make_batch({"rgb": raw["rgb"], "edge_texture": torch.from_numpy(e[None].view(np.int16))},
+                      ["edge_texture"], None)
+    assert float(b["targets"]["edge_texture"][0, 0, 0, 0]) == pytest.approx((65535 - 718) / 1070)
+
+
+def test_resize_matches_pil_bilinear_and_nearest_keeps_ids():
+    from PIL import Image
+    rng = np.random.default_rng(1)
+    a = rng.integers(0, 65535, (1, 32, 32)).astype(np.uint16)
+    got = tx.resize_map(a, 16, "bilinear")
+    # the reference resized with PIL BILINEAR (antialiased); PIL's float mode is its exact filter
+    ref = np.asarray(Image.fromarray(a[0].astype(np.float32), mode="F").resize((16, 16), Image.BILINEAR))
+    assert got.dtype == np.uint16 and np.abs(got[0].astype(np.float64) - ref).max() <= 0.51
+    seg = rng.integers(0, 18, (1, 32, 32)).astype(np.uint8)
+    near = tx.resize_map(seg, 16, "nearest")
+    assert np.array_equal(near[0], seg[0, 1::2, 1::2])                       # the pixel under each centre
+    bil = tx.resize_map(seg, 16, "bilinear")                                 # the reference's bug: ids blended
+    assert not np.array_equal(bil, near) and bil.max() <= 17
+
+
+def test_prepare_downsamples_and_records_settings(raw, tmp_path):
+    out = tx.prepare(raw["root"], tmp_path / "p16", 16, split_file=raw["split_file"], seg_resize="bilinear",
+                     domains=("rgb", "segment_semantic"), splits=("val",), workers=1, progress=False)
+    idx = tx.read_index(out)
+    assert idx["image_size"] == 16 and idx["seg_resize"] == "bilinear" and idx["domains"] == ["rgb", "segment_semantic"]
+    assert idx["splits"]["val"]["source_side"] == SIZE and idx["format"] == "fastdmtg-taskonomy"
+    rgb = np.load(out / "val" / "rgb.npy", mmap_mode="r")
+    assert rgb.shape == (3, 3, 16, 16) and rgb.dtype == np.uint8
+    first = raw["arrays"][("charlie", 1, 0)]["rgb"].transpose(2, 0, 1)
+    assert np.array_equal(rgb[0], tx.resize_map(first, 16, "bilinear"))
+
+
+# ------------------------------------------------------------------------------------------ errors
+def _one_sample_root(tmp_path, mutate):
+    split = {"train": ["a"], "val": ["b"], "test": ["c"]}
+    fx = write_fixture(tmp_path / "r", size=SIZE, samples_per_building=1, split=split)
+    mutate(fx["root"])
+    return fx
+
+
+@pytest.mark.parametrize("case,pattern", [
+    ("missing", r"point_1_view_0_domain_normal\.png: missing normal label of a point 1 view 0"),
+    ("eight_bit_depth", r"domain_depth_zbuffer\.png: expected a 16-bit grayscale PNG for depth_zbuffer, found 8-bit grayscale"),
+    ("rgb_depth", r"domain_depth_zbuffer\.png: expected a 16-bit grayscale PNG .* found 8-bit RGB"),
+    ("not_square", r"domain_edge_texture\.png: image is 32x16; Taskonomy images are square"),
+    ("wrong_size", r"domain_keypoints2d\.png: image is 16x16, expected 32x32"),
+    ("truncated", r"domain_segmentsemantic\.png: unreadable or truncated PNG"),
+    ("not_png", r"domain_normal\.png: not a PNG file"),
+    ("bad_class", r"domain_segmentsemantic\.png: class id 200 out of range"),
+    ("bad_name", r"point_x_domain_rgb\.png: unexpected file name"),
+])
+def test_format_errors_name_the_file(tmp_path, case, pattern):
+    def mutate(root):
+        f = lambda d: path_of(root, "domain", d, "a", 1, 0)   # noqa: E731
+        if case == "missing":
+            f("normal").unlink()
+        elif case == "eight_bit_depth":
+            write_png(f("depth_zbuffer"), np.zeros((SIZE, SIZE), np.uint8))
+        elif case == "rgb_depth":
+            write_png(f("depth_zbuffer"), np.zeros((SIZE, SIZE, 3), np.uint8))
+        elif case == "not_square":
+            write_png(f("edge_texture"), np.zeros((16, SIZE), np.uint16))
+        elif case == "wrong_size":
+            write_png(f("keypoints2d"), np.zeros((16, 16), np.uint16))
+        elif case == "truncated":
+            data = f("segment_semantic").read_bytes()
+            f("segment_semantic").write_bytes(data[: len(data) // 2])
+        elif case == "not_png":
+            f("normal").write_bytes(b"GIF89a" + bytes(40))
+        elif case == "bad_class":
+            write_png(f("segment_semantic"), np.full((SIZE, SIZE), 200, np.uint8))
+        elif case == "bad_name":
+            write_png(root / "rgb" / "a" / "point_x_domain_rgb.png", np.zeros((SIZE, SIZE, 3), np.uint8))
+    fx = _one_sample_root(tmp_path, mutate)
+    with pytest.raises(TaskonomyFormatError, match=pattern):
+        tx.prepare(fx["root"], tmp_path / "out", SIZE, split_file=fx["split_file"], workers=1, progress=False)
+    assert not list((tmp_path / "out").glob(".train.tmp-*"))                # no half-written split left
+
+
+def test_rerun_skips_done_splits_and_refuses_other_settings(raw, prepared, monkeypatch):
+    before = (prepared / "train" / "rgb.npy").stat().st_mtime_ns
+
+    def boom(job):
+        raise AssertionError("a finished split was converted again")
+    monkeypatch.setattr(tx, "_convert_chunk", boom)
+    tx.prepare(raw["root"], prepared, SIZE, split_file=raw["split_file"], workers=1, progress=False)
+    assert (prepared / "train" / "rgb.npy").stat().st_mtime_ns == before
+    with pytest.raises(TaskonomyFormatError, match="image_size=32"):
+        tx.prepare(raw["root"], prepared, 16, split_file=raw["split_file"], progress=False)
+    with pytest.raises(TaskonomyFormatError, match="prepared at image_size 32"):
+        tx.build_source(_cfg(prepared, image_size=64), progress=False)
+    with pytest.raises(TaskonomyFormatError, match="taskonomy_seg_resize"):
+        tx.build_source(_cfg(prepared, taskonomy_seg_resize="bilinear"), progress=False)
+
+
+def test_build_source_from_raw_root_prepares_into_cache(raw, tmp_path):
+    cfg = _cfg(raw["root"], taskonomy_split_file=str(raw["split_file"]), cache_dir=str(tmp_path / "cache"),
+               tasks="segment_semantic,normal", limit_train=4, limit_eval=2)
+    src = tx.build_source(cfg, progress=False)
+    assert src.num_samples("train") == 4 and src.num_samples("test") == 2
+    assert src.domains == ("rgb", "depth_zbuffer", "normal", "segment_semantic")   # depth for the mask
+    folder = next((tmp_path / "cache").iterdir())
+    assert (folder / "index.json").is_file() and not (folder / "train" / "edge_texture.npy").exists()
+    b = next(src.batches("val", 2, shuffle=False))
+    assert set(b["targets"]) == {"segment_semantic", "normal"}
+    assert src.taskset.names == ["segment_semantic", "normal"] and src.image_size == SIZE
+
+
+# ------------------------------------------------------------------------------------------ batches
+def _collect(src, **kw):
+    return [{"image": b["image"], "mask": b["mask"], **b["targets"]} for b in src.batches("train", 2, **kw)]
+
+
+def test_order_deterministic_and_skip_resumes_exactly(source):
+    a = _collect(source, shuffle=True, seed=3, epoch=1, train=True)
+    b = _collect(source, shuffle=True, seed=3, epoch=1, train=True)
+    c = _collect(source, shuffle=True, seed=3, epoch=1, train=True, skip=1)
+    d = _collect(source, shuffle=True, seed=3, epoch=2, train=True)
+    assert len(a) == 3 and len(c) == 2
+    same = lambda x, y: all(torch.equal(x[k], y[k]) for k in x)   # noqa: E731
+    assert all(same(x, y) for x, y in zip(a, b))
+    assert all(same(x, y) for x, y in zip(a[1:], c))
+    assert not all(same(x, y) for x, y in zip(a, d))
+
+
+def test_flip_flips_every_map_and_negates_normal_x(source):
+    n = source.num_samples("train")
+    flags = tx.flip_flags(n, 5, 0)
+    assert 0 < int(flags.sum()) < n           # the fixture's seed flips some samples, not all
+    plain = next(source.batches("train", n, shuffle=False, train=False))
+    aug = next(source.batches("train", n, shuffle=False, seed=5, epoch=0, train=True))
+    for j in range(n):
+        f = (lambda x: x.flip(-1)) if flags[j] else (lambda x: x)   # noqa: E731
+        assert torch.equal(aug["image"][j], f(plain["image"][j]))
+        assert torch.equal(aug["mask"][j], f(plain["mask"][j]))
+        for t in ("depth_zbuffer", "keypoints2d", "edge_texture", "segment_semantic"):
+            assert torch.equal(aug["targets"][t][j], f(plain["targets"][t][j]))
+        nrm = f(plain["targets"]["normal"][j]).clone()
+        if flags[j]:
+            nrm[0] = -nrm[0]
+        assert torch.equal(aug["targets"]["normal"][j], nrm)
+
+
+def test_worker_processes_give_the_same_batches(prepared, source):
+    src2 = tx.TaskonomySource(prepared, source.taskset, SIZE, num_workers=2)
+    a = _collect(source, shuffle=True, seed=1, epoch=0, train=True)
+    b = _collect(src2, shuffle=True, seed=1, epoch=0, train=True)
+    assert all(torch.equal(x[k], y[k]) for x, y in zip(a, b) for k in x)
+
+
+# ------------------------------------------------------------------------------------------ models
+TS = TaskonomyTaskSet(TASKONOMY_5)
+N_PARAMS = lambda m: sum(p.numel() for p in m.parameters())   # noqa: E731
+DECODERS = 520225 + 520803 + 525138 + 2 * 520225      # seg (18) + depth (1) + normal (3) + kp + edges
+
+
+def test_xception_parameter_counts_match_reference():
+    sh, br = X.split_encoder(4)
+    assert (N_PARAMS(sh), N_PARAMS(br)) == (5_169_464, 11_678_144)   # reference ≈ 5.17 M / 11.68 M
+    assert [N_PARAMS(X.Decoder(c)) for c in (1, 3, 18)] == [520_225, 520_803, 525_138]   # ≈ 0.52 M
+    total = 5_169_464 + 11_678_144
+    for s in (0, 1, 3, 6, 7, 9, 11):
+        sh, br = X.split_encoder(s)
+        assert N_PARAMS(sh) + N_PARAMS(br) == total
+    with pytest.raises(ValueError, match="0..11"):
+        X.split_encoder(12)
+
+
+@pytest.mark.parametrize("k,shared", [(1, 4), (3, 0), (3, 3), (3, 6), (3, 9)])
+def test_xception_output_shapes(k, shared):
+    torch.manual_seed(0)
+    model = build_multibranch(ModelConfig(arch="xception", branches=k, shared_blocks=shared), TS.specs, 64)
+    sh, br = X.split_encoder(shared)
+    assert N_PARAMS(model) == N_PARAMS(sh) + k * (N_PARAMS(br) + DECODERS)
+    assert model.branch_grad_scale == model.head_grad_scale == pytest.approx(1 / math.sqrt(k))
+    with torch.no_grad():
+        out = model(torch.rand(2, 3, 64, 64))
+    assert [tuple(o.shape) for o in out] == [(k, 2, c, 64, 64) for c in (18, 1, 3, 1, 1)]
+    assert len(model.heads[0].heads) == 5
+
+
+def test_grad_scale_none_and_odd_size():
+    p = build_parts(ModelConfig(arch="xception", branches=4, grad_scale="none"), TS.specs, 64)
+    assert p.branch_grad_scale == p.head_grad_scale == 1.0
+    p = build_parts(ModelConfig(arch="xception", branches=4), TS.specs, 64)
+    assert p.branch_grad_scale == p.head_grad_scale == 0.5
+    with pytest.raises(ValueError, match="multiple of 16"):
+        build_parts(ModelConfig(arch="xception"), TS.specs, 40)
+
+
+def test_vit_shapes_and_counts():
+    from fastdmtg.models import vit
+    torch.manual_seed(0)
+    model = build_multibranch(ModelConfig(arch="vit_base", branches=2, shared_blocks=11), TS.specs, 32)
+    layer = 7_087_872                                          # 4·768² + 2·768·3072 + biases + 2 LN
+    assert N_PARAMS(vit.Layer()) == layer
+    patch = 3 * 16 * 16 * 768 + 768 + 4 * 768                  # conv + bias + 2×2 position embeddings
+    tomap = 2 * 768 + 768 * 512 + 512
+    assert N_PARAMS(model.shared) == patch + 11 * layer
+    assert N_PARAMS(model.branches[0]) == layer + tomap
+    with torch.no_grad():
+        out = model(torch.rand(2, 3, 32, 32))
+    assert [tuple(o.shape) for o in out] == [(2, 2, c, 32, 32) for c in (18, 1, 3, 1, 1)]
+
+
+# ------------------------------------------------------------------------------------------ losses
+def _batch(b=2, h=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.rand(b, 1, h, h, generator=g) > 0.3
+    return {"targets": {"segment_semantic": torch.randint(0, 18, (b, h, h), generator=g),
+                        "depth_zbuffer": torch.randn(b, 1, h, h, generator=g),
+                        "normal": torch.randn(b, 3, h, h, generator=g),
+                        "keypoints2d": torch.randn(b, 1, h, h, generator=g),
+                        "edge_texture": torch.randn(b, 1, h, h, generator=g)},
+            "mask": mask}
+
+
+def _outputs(k, b=2, h=8, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(k, b, c, h, h, generator=g, requires_grad=True) for c in (18, 1, 3, 1, 1)]
+
+
+def test_head_losses_match_definitions():
+    import torch.nn.functional as F
+    k = 3
+    batch, outs = _batch(), _outputs(k)
+    z = torch.softmax(torch.randn(5, k), 1).requires_grad_()
+    total, L = TS.head_losses(outs, batch, z)
+    t, m = batch["targets"], batch["mask"].float()
+    for j in range(k):
+        assert float(L[0, j]) == pytest.approx(float(F.cross_entropy(outs[0][j].detach(), t["segment_semantic"], ignore_index=0)), rel=1e-5)
+        assert float(L[1, j]) == pytest.approx(float(((outs[1][j].detach() - t["depth_zbuffer"]).abs() * m).mean()), rel=1e-5)
+        assert float(L[2, j]) == pytest.approx(float(((outs[2][j].detach() - t["normal"]).abs() * m).mean()), rel=1e-5)
+        assert float(L[3, j]) == pytest.approx(float((outs[3][j].detach() - t["keypoints2d"]).abs().mean()), rel=1e-5)
+    assert float(total.detach()) == pytest.approx(float((z.detach() * L).sum()), rel=1e-5)
+    total.backward()
+    assert torch.allclose(z.grad, L, rtol=1e-5) and outs[2].grad is not None
+
+
+def test_rotate_loss_is_min_over_nine_shifts():
+    k, batch, outs = 2, _batch(h=6), _outputs(2, h=6)
+    ts = TaskonomyTaskSet(TASKONOMY_5, rotate_loss=True)
+    z = torch.full((5, k), 0.5, requires_grad=True)
+    total, L = ts.head_losses(outs, batch, z)
+    p, t, m = outs[1].detach(), batch["targets"]["depth_zbuffer"], batch["mask"].float()
+    for j in range(k):
+        per_sample = []
+        for b in range(2):
+            vals = [float(((p[j, b, :, dy:dy + 4, dx:dx + 4] - t[b, :, 1:5, 1:5]).abs() * m[b, :, 1:5, 1:5]).mean())
+                    for dy in range(3) for dx in range(3)]
+            per_sample.append(min(vals))
+        assert float(L[1, j]) == pytest.approx(sum(per_sample) / 2, rel=1e-5)
+    # a prediction shifted by one pixel has zero rotate loss
+    tgt = torch.randn(1, 1, 6, 6)
+    shifted = torch.roll(tgt, shifts=1, dims=-1)
+    assert float(rotate_l1(shifted, tgt, None)) == pytest.approx(0.0, abs=1e-7)
+    total.backward()
+    assert outs[1].grad.abs().sum() > 0
+
+
+# ------------------------------------------------------------------------------------------ metrics
+def test_metrics_hand_computed():
+    ts = TaskonomyTaskSet(TASKONOMY_5)
+    meter = ts.meter()
+    h = 2
+    # segmentation: target [[1, 1], [2, 0]], prediction [[1, 2], [2, 5]] (last pixel ignored)
+    seg_t = torch.tensor([[[1, 1], [2, 0]]])
+    seg_logits = torch.zeros(1, 18, h, h)
+    for (r, c), cls in {(0, 0): 1, (0, 1): 2, (1, 0): 2, (1, 1): 5}.items():
+        seg_logits[0, cls, r, c] = 5.0
+    # IoU(1) = 1/2 (inter {00}, union {00, 01}); IoU(2) = 1/2 (inter {10}, union {01, 10}); 5 only on an ignored pixel
+    depth_t = torch.tensor([[[[0.0, 1.0], [2.0, 3.0]]]])
+    depth_p = torch.tensor([[[[1.0, 1.0], [2.0, 9.0]]]])
+    mask = torch.tensor([[[[True, True], [True, False]]]])   # RMSE over 3 valid pixels: sqrt(1/3)
+    nrm_t = torch.zeros(1, 3, h, h)
+    nrm_t[:, 2] = 1.0
+    nrm_p = torch.zeros(1, 3, h, h)
+    ang = torch.tensor([[10.0, 29.0], [31.0, 80.0]])         # degrees from +z in the x-z plane
+    nrm_p[0, 0], nrm_p[0, 2] = torch.sin(torch.deg2rad(ang)) * 3, torch.cos(torch.deg2rad(ang)) * 3
+    # keypoints: raw threshold 50 ↔ normalised 0
+    kp_t = torch.tensor([[[[1.0, 1.0], [-1.0, -1.0]]]])      # positives at the top row
+    kp_p = torch.tensor([[[[1.0, -1.0], [1.0, -1.0]]]])      # TP 1, FN 1, FP 1 → F1 = 2/4
+    edge_t = torch.full((1, 1, h, h), -1.0)
+    edge_p = torch.full((1, 1, h, h), -0.5)                  # nothing to find, nothing found → 100
+    batch = {"targets": {"segment_semantic": seg_t, "depth_zbuffer": depth_t, "normal": nrm_t,
+                         "keypoints2d": kp_t, "edge_texture": edge_t}, "mask": mask}
+    meter.update([seg_logits, depth_p, nrm_p, kp_p, edge_p], batch)
+    r = meter.compute()
+    m, e = r["metrics"], r["error"]
+    assert m["segment_semantic"]["miou"] == pytest.approx(50.0) and m["segment_semantic"]["classes"] == 2
+    assert m["depth_zbuffer"]["rmse"] == pytest.approx(math.sqrt(1 / 3))
+    assert m["normal"]["acc30"] == pytest.approx(200 / 3)    # 10° and 29° of the 3 valid pixels
+    assert m["normal"]["mean_angle"] == pytest.approx((10 + 29 + 31) / 3, rel=1e-4)
+    assert m["keypoints2d"]["f1"] == pytest.approx(50.0) and m["edge_texture"]["f1"] == 100.0
+    assert e == pytest.approx({"segment_semantic": 50.0, "depth_zbuffer": math.sqrt(1 / 3),
+                               "normal": 100 - 200 / 3, "keypoints2d": 50.0, "edge_texture": 0.0})
+    assert r["loss"]["depth_zbuffer"] == pytest.approx(1 / 4)   # masked L1 over all 4 pixels
+    assert r["loss"]["keypoints2d"] == pytest.approx(1.0)
+    assert r["count"] == 1 and ts.unified_error is False
+
+
+def test_meter_accumulates_over_the_set_not_per_batch():
+    ts = TaskonomyTaskSet(["depth_zbuffer"])
+    one, two = ts.meter(), ts.meter()
+    g = torch.Generator().manual_seed(0)
+    p, t = torch.randn(4, 1, 4, 4, generator=g), torch.randn(4, 1, 4, 4, generator=g)
+    mask = torch.rand(4, 1, 4, 4, generator=g) > 0.5
+    one.update([p], {"targets": {"depth_zbuffer": t}, "mask": mask})
+    two.update([p[:1]], {"targets": {"depth_zbuffer": t[:1]}, "mask": mask[:1]})
+    two.update([p[1:]], {"targets": {"depth_zbuffer": t[1:]}, "mask": mask[1:]})
+    a, b = one.compute(), two.compute()
+    assert a["loss"] == pytest.approx(b["loss"]) and a["error"] == pytest.approx(b["error"])
+
+
+# ------------------------------------------------------------------------------------------ end to end
+def test_short_dmtg_run_on_fixture(source):
+    """A few DMTG steps (Gumbel-softmax over K=2, τ=4) on the fixture + argmax evaluation."""
+    from fastdmtg import ops
+    from fastdmtg.models import MultiBranchNet
+    torch.manual_seed(0)
+    k = 2
+    # shared_blocks=9: small branches keep the CPU time down; the wiring is the same at any split
+    model = build_multibranch(ModelConfig(arch="xception", branches=k, shared_blocks=9), source.taskset.specs, SIZE)
+    logits = torch.nn.Parameter(torch.ones(5, k))
+    opt = torch.optim.Adam(list(model.parameters()) + [logits], lr=1e-3)
+    seed = torch.tensor(7, dtype=torch.int64)
+    losses = []
+    for epoch in range(2):
+        for batch in source.batches("train", 3, shuffle=True, seed=0, epoch=epoch, train=True, skip=epoch):
+            z = ops.gumbel_softmax_mask(logits, 4.0, seed)                   # (N, K)
+            seed += 1
+            total, L = source.taskset.head_losses(model(batch["image"]), batch, z)
+            opt.zero_grad()
+            total.backward()
+            opt.step()
+            assert L.shape == (5, k) and torch.isfinite(L).all()
+            losses.append(float(total))
+    assert logits.grad is not None and float(logits.grad.abs().sum()) > 0
+    model.eval()
+    meter = source.taskset.meter()
+    assignment = logits.detach().argmax(1)
+    with torch.no_grad():
+        for batch in source.batches("val", 2, shuffle=False):
+            meter.update(MultiBranchNet.select_outputs(model(batch["image"]), assignment), batch)
+    r = meter.compute()
+    assert r["count"] == 3 and set(r["error"]) == set(TASKONOMY_5)
+    assert all(math.isfinite(v) for v in r["loss"].values())
+
+
+def test_train_entry_point_on_fixture(prepared, tmp_path):
+    """The lead's trainer end to end (1 epoch, K=2, 32×32), when it accepts this config."""
+    from fastdmtg.config import Config, GroupingConfig, OptimConfig, TrainConfig
+    from fastdmtg.train import train
+    cfg = Config(name="tx_fixture", data=_cfg(prepared),
+                 model=ModelConfig(arch="xception", branches=2, shared_blocks=4),
+                 grouping=GroupingConfig(tau=4.0),
+                 optim=OptimConfig(name="adam", lr=1e-3, schedule="plateau", gamma=0.5),
+                 train=TrainConfig(epochs=1, batch_size=3, eval_batch_size=3, device="cpu", progress=False,
+                                   tensorboard=False))
+    res = train(cfg, tmp_path / "run", progress=False)
+    assert set(res["test"]["loss"]) == set(TASKONOMY_5)
