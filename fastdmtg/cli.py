@@ -5,6 +5,7 @@
     fastdmtg eval RUN_DIR [--split test] [--data-root PATH]
     fastdmtg recipes
     fastdmtg prepare taskonomy ROOT OUT [...]
+    fastdmtg compare ... | fastdmtg bench flops|step ... | fastdmtg profile ...
 """
 from __future__ import annotations
 
@@ -135,6 +136,12 @@ def main(argv: list[str] | None = None) -> int:
     pe.add_argument("--device", default="auto")
     pe.add_argument("--quiet", action="store_true")
     sub.add_parser("recipes", help="list the named recipes")
+    for name, mod, hlp in (("compare", "compare", "run a set of grouping methods and write comparison tables"),
+                           ("bench", "bench", "benchmarks: flops | step"),
+                           ("profile", "bench", "torch.profiler trace of steady-state training steps")):
+        sp = sub.add_parser(name, help=hlp, add_help=False)
+        sp.add_argument("rest", nargs=argparse.REMAINDER)
+        sp.set_defaults(module=mod)
     pp = sub.add_parser("prepare", help="convert a dataset to the fast on-disk format")
     pp.add_argument("dataset", choices=["taskonomy"])
     pp.add_argument("rest", nargs=argparse.REMAINDER, help="ROOT OUT [options]")
@@ -149,6 +156,10 @@ def main(argv: list[str] | None = None) -> int:
                 doc = (RECIPES[name].__doc__ or "").strip().split("\n")[0]
                 print(f"{name:18s} {doc}")
             return 0
+        if args.cmd in ("compare", "bench", "profile"):
+            import importlib
+            mod = importlib.import_module(f"fastdmtg.{args.module}")
+            return getattr(mod, f"{args.cmd}_main")(args.rest)
         if args.cmd == "prepare":
             from .data import taskonomy
             return taskonomy.prepare_main(args.rest)

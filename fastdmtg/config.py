@@ -105,7 +105,7 @@ class ModelConfig:
 
 @dataclass
 class GroupingConfig:
-    method: str = "dmtg"                # dmtg | naive-mtl
+    method: str = "dmtg"                # dmtg | naive-mtl | fixed | ... (fastdmtg.methods.METHODS)
     tau: float = 2.5                    # constant Gumbel-softmax temperature
     tau_schedule: str = "constant"      # constant | anneal  (tau_e = max(tau_end, tau_start * tau_decay**epoch))
     tau_start: float = 100.0
@@ -113,9 +113,14 @@ class GroupingConfig:
     tau_decay: float = 0.5
     init_logit: float = 1.0             # S initial value (reference: exactly 1.0 everywhere)
     hard: bool = False                  # straight-through one-hot samples (reference: soft)
+    groups: str = ""                    # method "fixed": the partition, e.g. "0,1,2|3,4|5" (task indices or names)
+    affinity_every: int = 10            # TAG: steps between lookahead affinity measurements
 
     def __post_init__(self):
-        _check(self.method in ("dmtg", "naive-mtl"), f"grouping.method: expected dmtg|naive-mtl, got {self.method!r}")
+        from .methods import METHODS
+        _check(self.method in METHODS, f"grouping.method: expected one of {'|'.join(sorted(METHODS))}, "
+                                       f"got {self.method!r}")
+        _check(self.affinity_every >= 1, "grouping.affinity_every must be >= 1")
         _check(self.tau > 0, f"grouping.tau must be > 0, got {self.tau}")
         _check(self.tau_schedule in ("constant", "anneal"),
                f"grouping.tau_schedule: expected constant|anneal, got {self.tau_schedule!r}")
@@ -186,6 +191,10 @@ class Config:
         if self.grouping.method == "naive-mtl" and self.model.branches != 1:
             # naive MTL is by definition one encoder for all tasks
             self.model.branches = 1
+        if self.grouping.method == "fixed":
+            _check(bool(self.grouping.groups), "grouping.groups: method 'fixed' needs a partition, e.g. 0,1|2")
+            # one branch per given group
+            self.model.branches = len(self.grouping.groups.split("|"))
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

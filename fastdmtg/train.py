@@ -130,7 +130,7 @@ class Trainer:
         self.data = build_data(cfg.data, progress=self.progress)
         self.taskset = self.data.taskset
         self.model = build_multibranch(cfg.model, self.taskset.specs, self.data.image_size).to(self.device)
-        self.method = build_method(cfg, self.taskset.num_tasks).to(self.device)
+        self.method = build_method(cfg, self.taskset.num_tasks, self.taskset.names).to(self.device)
         if cfg.train.init_from and not resume:
             self._init_from(cfg.train.init_from)
         self.optimizer = build_optimizer(cfg, list(self.model.parameters()) + list(self.method.parameters()),
@@ -224,6 +224,7 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
             total.backward()
             self.optimizer.step()
+            self.method.observe_step(self, batch)
             b = batch["image"].shape[0]
             running += total.detach().float() * b
             running_n += b
@@ -361,6 +362,7 @@ class Trainer:
         probs = self.method.probabilities()
         if probs is not None:
             res["probabilities"] = probs.cpu().tolist()
+        res.update(self.method.extra_results())
         if cfg.train.reference:
             res.update(compare_to_reference(cfg.train.reference, test))
         ckpt.atomic_write_json(self.run_dir / "results.json", res)

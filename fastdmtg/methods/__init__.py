@@ -35,13 +35,34 @@ class GroupingMethod(nn.Module):
     def log_scalars(self) -> dict[str, float]:
         return {}
 
+    def observe_step(self, trainer, batch: dict) -> None:
+        """Called after every optimizer step (e.g. TAG records inter-task affinities here)."""
 
-def build_method(cfg, num_tasks: int) -> GroupingMethod:
-    m = cfg.grouping.method
-    if m == "dmtg":
-        from .dmtg import DMTG
-        return DMTG(num_tasks, cfg.model.branches, cfg.grouping, seed=cfg.train.seed)
-    if m == "naive-mtl":
-        from .naive import NaiveMTL
-        return NaiveMTL(num_tasks)
-    raise ValueError(f"grouping.method: unknown method {m!r}")
+    def extra_results(self) -> dict:
+        """Method-specific entries for results.json (e.g. an affinity matrix)."""
+        return {}
+
+
+# name -> "module:Class"; a method file registers itself here (one file per method)
+METHODS: dict[str, str] = {
+    "dmtg": "fastdmtg.methods.dmtg:DMTG",
+    "naive-mtl": "fastdmtg.methods.naive:NaiveMTL",
+    "fixed": "fastdmtg.methods.fixed:FixedGroups",
+}
+
+
+def register_method(name: str, target: str) -> None:
+    METHODS[name] = target
+
+
+def method_class(name: str):
+    import importlib
+    if name not in METHODS:
+        raise ValueError(f"grouping.method: unknown method {name!r}; known: {', '.join(sorted(METHODS))}")
+    mod, cls = METHODS[name].split(":")
+    return getattr(importlib.import_module(mod), cls)
+
+
+def build_method(cfg, num_tasks: int, task_names: list[str] | None = None) -> GroupingMethod:
+    """Every method class is built as ``cls.from_config(cfg, num_tasks, task_names)``."""
+    return method_class(cfg.grouping.method).from_config(cfg, num_tasks, task_names)

@@ -38,6 +38,10 @@ class DMTG(GroupingMethod):
         self.register_buffer("seed", torch.tensor(int(seed) * 7_919 + 17, dtype=torch.long))
         self.register_buffer("tau", torch.tensor(self.tau_at(0), dtype=torch.float32))
 
+    @classmethod
+    def from_config(cls, cfg, num_tasks: int, task_names=None) -> "DMTG":
+        return cls(num_tasks, cfg.model.branches, cfg.grouping, seed=cfg.train.seed)
+
     def tau_at(self, epoch: int) -> float:
         g = self.gcfg
         if g.tau_schedule == "anneal":

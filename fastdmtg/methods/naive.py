@@ -14,6 +14,10 @@ class NaiveMTL(GroupingMethod):
         super().__init__(num_tasks, 1)
         self.register_buffer("_ones", torch.ones(num_tasks, 1))
 
+    @classmethod
+    def from_config(cls, cfg, num_tasks: int, task_names=None) -> "NaiveMTL":
+        return cls(num_tasks)
+
     def weights(self, step: int) -> torch.Tensor:
         return self._ones                                                    # (N, 1)
 
