@@ -16,6 +16,7 @@ setup(
         "fastdmtg.models",
         "fastdmtg.data",
         "fastdmtg.methods",
+        "fastdmtg.tasks",
         "fastdmtg.kernels",
         "fastdmtg.pipelines",
     ],

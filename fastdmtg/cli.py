@@ -17,7 +17,8 @@ from pathlib import Path
 
 from .config import RECIPES, Config, ConfigError, apply_overrides, get_recipe
 
-NAIVE_OF = {"synthetic_k3": "synthetic_naive", "celeba9_k2": "celeba9_naive", "celeba9_k3": "celeba9_naive",
+NAIVE_OF = {"taskonomy5_k3": "taskonomy5_naive", "taskonomy5_k4": "taskonomy5_naive",
+            "taskonomy5_k5": "taskonomy5_naive", "taskonomy5_vit_k3": "taskonomy5_naive","synthetic_k3": "synthetic_naive", "celeba9_k2": "celeba9_naive", "celeba9_k3": "celeba9_naive",
             "celeba9_k4": "celeba9_naive", "celeba9_k5": "celeba9_naive", "celeba40_k5": "celeba40_naive"}
 
 

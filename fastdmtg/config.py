@@ -45,8 +45,8 @@ class DataConfig:
     root: str = ""                      # dataset folder (official layout); unused for synthetic
     tasks: list[str] | str = "all"      # task names, or a preset name (celeba9, celeba40, taskonomy5), or "all"
     image_size: int = 64                # CelebA: 64 (reference); synthetic: any multiple of 4 >= 16
-    backend: str = "memory"             # memory (decoded uint8 tensor cache) | torch (DataLoader over raw files)
-    num_workers: int = 2                # torch backend only
+    backend: str = "memory"             # memory (decoded uint8 cache, moved to the device once) | gpu-cache | ffcv | dali | torch
+    num_workers: int = 2                # loader worker processes (torch backend, Taskonomy prepared arrays)
     cache_dir: str = ""                 # where decoded caches go; default: ROOT/.fastdmtg_cache or ~/.cache/fastdmtg
     limit_train: int = 0                # >0: use only the first n training samples (quick runs)
     limit_eval: int = 0                 # >0: same for val/test
@@ -59,16 +59,21 @@ class DataConfig:
     synthetic_seed: int = 1234
     taskonomy_split_file: str = ""      # optional custom split JSON {"train": [...], "val": [...], "test": [...]}
     taskonomy_seg_resize: str = "nearest"  # nearest (correct for class ids) | bilinear (reference behaviour, a bug)
+    taskonomy_rotate_loss: bool = False    # reference "rotate" loss for depth/normal (min over 9 one-pixel shifts)
 
     def __post_init__(self):
         _check(self.dataset in ("synthetic", "celeba", "taskonomy"),
                f"data.dataset: expected synthetic|celeba|taskonomy, got {self.dataset!r}")
-        _check(self.backend in ("memory", "torch"), f"data.backend: expected memory|torch, got {self.backend!r}")
+        _check(self.backend in ("memory", "gpu-cache", "ffcv", "dali", "torch"),
+               f"data.backend: expected memory|gpu-cache|ffcv|dali|torch, got {self.backend!r}")
         _check(self.image_size >= 16 and self.image_size % 4 == 0,
                f"data.image_size: expected a multiple of 4 >= 16, got {self.image_size}")
         _check(self.limit_train >= 0 and self.limit_eval >= 0, "data.limit_train/limit_eval must be >= 0")
         _check(self.synthetic_groups >= 1 and self.synthetic_tasks_per_group >= 1,
                "data.synthetic_groups and data.synthetic_tasks_per_group must be >= 1")
+        if self.dataset == "taskonomy":
+            _check(self.image_size % 16 == 0, f"data.image_size: Taskonomy models need a multiple of 16, "
+                                              f"got {self.image_size}")
         _check(self.taskonomy_seg_resize in ("nearest", "bilinear"),
                f"data.taskonomy_seg_resize: expected nearest|bilinear, got {self.taskonomy_seg_resize!r}")
 
@@ -92,6 +97,7 @@ class ModelConfig:
     shared_blocks: int = 4              # xception/vit: number of shared early blocks before the split
     grad_scale: str = "reference"       # taskonomy: reference (1/sqrt(K) into branches and heads) | none
     num_classes: int = 2                # classification heads' outputs (CelebA: 2-way cross-entropy)
+    sync_bn: bool = False               # DDP: SyncBatchNorm instead of per-rank BatchNorm statistics
 
     def __post_init__(self):
         _check(self.branches >= 1, f"model.branches (K) must be >= 1, got {self.branches}")
@@ -168,6 +174,9 @@ class TrainConfig:
     init_from: str = ""                 # naive-MTL run dir or checkpoint to copy into all K branches
     reference: str = ""                 # naive-MTL results.json for NormGain
     tensorboard: bool = True
+    compile: str = "off"                # torch.compile the step's forward: auto | on | off
+    cuda_graph: str = "auto"            # capture the whole training step in a CUDA graph: auto (on CUDA) | on | off
+    channels_last: str = "off"          # channels_last activations: auto | on | off
 
     def __post_init__(self):
         _check(self.epochs >= 1, f"train.epochs must be >= 1, got {self.epochs}")
@@ -175,6 +184,9 @@ class TrainConfig:
         _check(self.amp in ("auto", "bf16", "off"), f"train.amp: expected auto|bf16|off, got {self.amp!r}")
         _check(self.kernels in ("auto", "triton", "reference"),
                f"train.kernels: expected auto|triton|reference, got {self.kernels!r}")
+        for key in ("compile", "cuda_graph", "channels_last"):
+            val = getattr(self, key)
+            _check(val in ("auto", "on", "off"), f"train.{key}: expected auto|on|off, got {val!r}")
         _check(self.val_every >= 1 and self.log_every >= 1, "train.val_every/log_every must be >= 1")
 
 
@@ -337,7 +349,43 @@ def celeba40_naive() -> Config:
     return cfg
 
 
+def _taskonomy(k: int, batch: int, name: str, arch: str = "xception") -> Config:
+    # reference: Adam 1e-3, ReduceLROnPlateau x0.5 (patience 3, rel. threshold 0.1, min 3e-5) on the
+    # train loss, tau 4, 100 epochs, split after block 4, 1/sqrt(K) gradient scaling, rotate loss on
+    # (every shipped reference Taskonomy config sets it), validation every 2 epochs.
+    return Config(
+        name=name,
+        data=DataConfig(dataset="taskonomy", tasks="taskonomy5", image_size=256, num_workers=8,
+                        taskonomy_rotate_loss=True),
+        model=ModelConfig(arch=arch, branches=k, shared_blocks=4, grad_scale="reference"),
+        grouping=GroupingConfig(tau=4.0),
+        optim=OptimConfig(name="adam", lr=1e-3, schedule="plateau", gamma=0.5, plateau_patience=3,
+                          plateau_threshold=0.1, min_lr=3e-5),
+        train=TrainConfig(epochs=100, batch_size=batch, eval_batch_size=2 * batch, val_every=2),
+    )
+
+
+def taskonomy5_k3() -> Config: return _taskonomy(3, 24, "taskonomy5_k3")
+def taskonomy5_k4() -> Config: return _taskonomy(4, 16, "taskonomy5_k4")
+def taskonomy5_k5() -> Config: return _taskonomy(5, 12, "taskonomy5_k5")
+def taskonomy5_vit_k3() -> Config: return _taskonomy(3, 24, "taskonomy5_vit_k3", arch="vit_base")
+
+
+def taskonomy5_naive() -> Config:
+    """Naive MTL reference for Taskonomy (reference code: SGD lr 0.1 momentum 0.9 wd 1e-4)."""
+    cfg = _taskonomy(1, 24, "taskonomy5_naive")
+    cfg.grouping.method = "naive-mtl"
+    cfg.optim = OptimConfig(name="sgd", lr=0.1, momentum=0.9, weight_decay=1e-4, schedule="plateau",
+                            gamma=0.5, plateau_patience=3, plateau_threshold=0.1, min_lr=3e-5)
+    return cfg
+
+
 RECIPES: dict[str, typing.Callable[[], Config]] = {
+    "taskonomy5_k3": taskonomy5_k3,
+    "taskonomy5_k4": taskonomy5_k4,
+    "taskonomy5_k5": taskonomy5_k5,
+    "taskonomy5_vit_k3": taskonomy5_vit_k3,
+    "taskonomy5_naive": taskonomy5_naive,
     "synthetic_k3": synthetic_k3,
     "synthetic_naive": synthetic_naive,
     "celeba9_k2": celeba9_k2,

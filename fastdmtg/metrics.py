@@ -29,10 +29,11 @@ def normgain(reference: dict[str, float], ours: dict[str, float]) -> dict:
     return {"value": value, "per_task": per_task, "excluded": excluded}
 
 
-def summarize(split_result: dict) -> dict:
-    """Add totals to a meter's compute() output."""
+def summarize(split_result: dict, unified_error: bool) -> dict:
+    """Add totals to a meter's compute() output. The total error is only defined when every task's
+    error is in the same unit (classification); per-task errors are kept either way."""
     out = dict(split_result)
     out["total_loss"] = sum(split_result["loss"].values())
-    if split_result.get("error") is not None:
+    if unified_error and split_result.get("error") is not None:
         out["total_error"] = sum(split_result["error"].values())
     return out

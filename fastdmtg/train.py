@@ -23,12 +23,14 @@ from pathlib import Path
 import torch
 
 from . import checkpoint as ckpt
+from . import distributed as dist_utils
 from . import ops
 from .config import Config
 from .data import build_data
 from .methods import build_method
 from .metrics import normgain, summarize
 from .models import build_multibranch, GroupedNet, MultiBranchNet
+from .step import StepModule, StepRunner, autocast_factory
 
 
 class NonFiniteLoss(RuntimeError):
@@ -55,15 +57,43 @@ def autocast_ctx(cfg: Config, device: torch.device):
     return contextlib.nullcontext()
 
 
-def build_optimizer(cfg: Config, params, device: torch.device) -> torch.optim.Optimizer:
+def build_optimizer(cfg: Config, params, device: torch.device, capturable: bool = False) -> torch.optim.Optimizer:
+    """Adam / AdamW / SGD from core PyTorch (fused kernels on CUDA). For CUDA-graph capture the
+    optimizer is capturable and its learning rate a device tensor the schedulers update in place."""
     o = cfg.optim
     fused = (o.fused == "on") or (o.fused == "auto" and device.type == "cuda")
     kw = {"fused": True} if fused else {}
+    lr = torch.tensor(o.lr, device=device) if capturable else o.lr
+    if capturable and o.name != "sgd":
+        kw["capturable"] = True
     if o.name == "adam":
-        return torch.optim.Adam(params, lr=o.lr, weight_decay=o.weight_decay, **kw)
+        return torch.optim.Adam(params, lr=lr, weight_decay=o.weight_decay, **kw)
     if o.name == "adamw":
-        return torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay, **kw)
-    return torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay, **kw)
+        return torch.optim.AdamW(params, lr=lr, weight_decay=o.weight_decay, **kw)
+    return torch.optim.SGD(params, lr=lr, momentum=o.momentum, weight_decay=o.weight_decay, **kw)
+
+
+def resolve_speed(cfg: Config, device: torch.device, world_size: int) -> dict:
+    """Turn the auto|on|off speed switches into booleans for this device (everything is eager on CPU)."""
+    t = cfg.train
+    cuda = device.type == "cuda"
+
+    def pick(name, default_on_cuda):
+        v = getattr(t, name)
+        if v == "on":
+            return True
+        if v == "off":
+            return False
+        return cuda and default_on_cuda
+    out = {"compile": pick("compile", False), "cuda_graph": pick("cuda_graph", True),
+           "channels_last": pick("channels_last", False)}
+    if out["cuda_graph"] and not cuda:
+        raise ValueError("train.cuda_graph=on needs a CUDA device")
+    if out["cuda_graph"] and world_size > 1:
+        if t.cuda_graph == "on":
+            raise ValueError("train.cuda_graph=on is not supported with DDP yet; use train.cuda_graph=off")
+        out["cuda_graph"] = False
+    return out
 
 
 def build_scheduler(cfg: Config, opt):
@@ -99,7 +129,7 @@ def evaluate(model, taskset, data, split: str, batch_size: int, device, assignme
             out = MultiBranchNet.select_outputs(out, assignment)
         meter.update(out, batch)
     model.train(was_training)
-    return summarize(meter.compute())
+    return summarize(meter.compute(), taskset.unified_error)
 
 
 def _rng_state(device: torch.device) -> dict:
@@ -123,20 +153,40 @@ def groups_of(assignment: list[int], names: list[str]) -> list[list[str]]:
 class Trainer:
     def __init__(self, cfg: Config, run_dir: str | Path, resume: bool = False, progress: bool | None = None):
         self.cfg, self.run_dir = cfg, Path(run_dir)
-        self.progress = cfg.train.progress if progress is None else progress
-        self.device = resolve_device(cfg.train.device)
+        ddp_device = dist_utils.setup(cfg.train.device)
+        self.rank, self.world_size = dist_utils.world()
+        self.is_main = self.rank == 0
+        self.progress = (cfg.train.progress if progress is None else progress) and self.is_main
+        self.device = ddp_device if ddp_device is not None else resolve_device(cfg.train.device)
+        self.speed = resolve_speed(cfg, self.device, self.world_size)
         ops.set_backend(cfg.train.kernels)
         torch.manual_seed(cfg.train.seed)
         self.data = build_data(cfg.data, progress=self.progress)
         self.taskset = self.data.taskset
         self.model = build_multibranch(cfg.model, self.taskset.specs, self.data.image_size).to(self.device)
+        if cfg.model.sync_bn and self.world_size > 1:
+            self.model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
+        if self.speed["channels_last"]:
+            self.model = self.model.to(memory_format=torch.channels_last)
         self.method = build_method(cfg, self.taskset.num_tasks, self.taskset.names).to(self.device)
+        if hasattr(self.method, "seed_offset"):
+            self.method.seed_offset = self.rank << 40
         if cfg.train.init_from and not resume:
             self._init_from(cfg.train.init_from)
         self.optimizer = build_optimizer(cfg, list(self.model.parameters()) + list(self.method.parameters()),
-                                         self.device)
+                                         self.device, capturable=self.speed["cuda_graph"])
         self.scheduler = build_scheduler(cfg, self.optimizer)
         self.amp = autocast_ctx(cfg, self.device)
+        use_amp = cfg.train.amp == "bf16" or (cfg.train.amp == "auto" and self.device.type == "cuda")
+        step_module = StepModule(self.model, self.method, self.taskset,
+                                 autocast_factory(use_amp, self.device, self.speed["cuda_graph"]),
+                                 self.speed["channels_last"])
+        if self.world_size > 1:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+            step_module = DDP(step_module, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                              broadcast_buffers=False)
+        mode = "+".join(m for m, on in (("compile", self.speed["compile"]), ("graph", self.speed["cuda_graph"])) if on)
+        self.runner = StepRunner(step_module, self.optimizer, mode or "eager")
         self.epoch, self.step_in_epoch, self.global_step = 0, 0, 0
         self.best_val, self.best_epoch = math.inf, -1
         self.history: list[dict] = []
@@ -150,10 +200,11 @@ class Trainer:
             if (self.ckpt_dir / "last.pt").exists():
                 raise FileExistsError(f"{self.run_dir} already holds a run; use --resume to continue it "
                                       "or choose another --out")
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            cfg.save(self.run_dir / "config.json")
+            if self.is_main:
+                self.run_dir.mkdir(parents=True, exist_ok=True)
+                cfg.save(self.run_dir / "config.json")
         self.writer = None
-        if cfg.train.tensorboard:
+        if cfg.train.tensorboard and self.is_main:
             try:
                 from torch.utils.tensorboard import SummaryWriter
                 self.writer = SummaryWriter(str(self.run_dir / "tb"))
@@ -184,6 +235,12 @@ class Trainer:
         self.model.load_state_dict(st["model"])
         self.method.load_state_dict(st["method"])
         self.optimizer.load_state_dict(st["optimizer"])
+        capturable = self.speed["cuda_graph"]
+        for g in self.optimizer.param_groups:   # a run may resume with CUDA graphs switched on or off
+            if capturable and not torch.is_tensor(g["lr"]):
+                g["lr"] = torch.tensor(float(g["lr"]), device=self.device)
+            elif not capturable and torch.is_tensor(g["lr"]):
+                g["lr"] = float(g["lr"])
         if self.scheduler is not None:
             self.scheduler.load_state_dict(st["scheduler"])
         self.epoch, self.step_in_epoch, self.global_step = st["epoch"], st["step_in_epoch"], st["global_step"]
@@ -197,7 +254,9 @@ class Trainer:
             self.history = [h for h in json.loads(hist.read_text()) if h["epoch"] < self.epoch]
 
     def save_last(self) -> None:
-        ckpt.save_checkpoint(self.ckpt_dir / "last.pt", self._state())
+        if self.is_main:
+            ckpt.save_checkpoint(self.ckpt_dir / "last.pt", self._state())
+        dist_utils.barrier()
 
     # ------------------------------------------------------------------ loop
     def _on_signal(self, signum, frame):
@@ -217,13 +276,7 @@ class Trainer:
         t0, seen = time.perf_counter(), 0
         for batch in data.batches("train", bs, shuffle=True, seed=cfg.train.seed, epoch=self.epoch,
                                   device=self.device, skip=self.step_in_epoch, train=True):
-            z = self.method.weights(self.global_step)                          # (N, K)
-            with self.amp:
-                outputs = self.model(batch["image"])
-            total, L = self.taskset.head_losses(outputs, batch, z)
-            self.optimizer.zero_grad(set_to_none=True)
-            total.backward()
-            self.optimizer.step()
+            total, L = self.runner(batch)                                     # fwd + bwd + optimizer step
             self.method.observe_step(self, batch)
             b = batch["image"].shape[0]
             running += total.detach().float() * b
@@ -236,7 +289,7 @@ class Trainer:
             if self.global_step % cfg.train.log_every == 0 or last_step or self._stop_signal is not None \
                     or (stop_after_steps is not None and self.global_step >= stop_after_steps):
                 value = float(running)                                         # one sync per log interval
-                if not math.isfinite(value):
+                if not dist_utils.all_finite(value, self.device):
                     bar.close()
                     raise NonFiniteLoss(
                         f"non-finite training loss at epoch {self.epoch + 1}, step {self.global_step} "
@@ -275,7 +328,7 @@ class Trainer:
         if probs is not None:
             rec["probabilities"] = probs.cpu().tolist()
         rec["assignment"] = self.method.assignment().cpu().tolist()
-        if (self.epoch + 1) % cfg.train.val_every == 0 or self.epoch + 1 == cfg.train.epochs:
+        if self.is_main and ((self.epoch + 1) % cfg.train.val_every == 0 or self.epoch + 1 == cfg.train.epochs):
             val = evaluate(self.model, self.taskset, self.data, "val", cfg.train.eval_batch_size, self.device,
                            self.method.assignment(), self.amp, self.progress)
             rec["val"] = val
@@ -296,7 +349,8 @@ class Trainer:
         self.history.append(rec)
         self.epoch += 1
         self.step_in_epoch, self.epoch_loss_sum, self.epoch_samples = 0, 0.0, 0
-        ckpt.atomic_write_json(self.run_dir / "history.json", self.history)
+        if self.is_main:
+            ckpt.atomic_write_json(self.run_dir / "history.json", self.history)
         self.save_last()
         return rec
 
@@ -339,6 +393,9 @@ class Trainer:
     # ------------------------------------------------------------------ end of run
     def finish(self) -> dict:
         cfg = self.cfg
+        if not self.is_main:
+            dist_utils.barrier()
+            return {}
         best = ckpt.load_checkpoint(self.ckpt_dir / "best.pt", map_location=self.device)
         self.model.load_state_dict(best["model"])
         self.method.load_state_dict(best["method"])
@@ -355,6 +412,7 @@ class Trainer:
             "best_epoch": self.best_epoch, "epochs": cfg.train.epochs,
             "test": test, "total_loss": test["total_loss"], "total_error": test.get("total_error"),
             "train_time_s": self.train_time,
+            "speed": dict(self.speed, world_size=self.world_size, graph_captures=self.runner.captures),
             "env": {"device": str(self.device), "gpu": torch.cuda.get_device_name(self.device)
                     if self.device.type == "cuda" else None, "torch": torch.__version__,
                     "python": platform.python_version(), "kernels": ops.get_backend(self.device)},
@@ -371,6 +429,7 @@ class Trainer:
             grouping_heatmap(self.history, names, self.run_dir / "grouping.png")
         except ImportError:
             pass
+        dist_utils.barrier()
         return res
 
 

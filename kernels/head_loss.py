@@ -45,6 +45,7 @@ CONFIG = {
     "l1_warps": 4,
     "seg_block_hw": 512,  # pixels per program (ce_ignore); classes are an unrolled loop
     "seg_warps": 8,
+    "seg_reread": False,  # ce_ignore: re-issue the logits loads per pass (served by L1/L2)
     "attr_block_b": 256,  # batch rows per program (grouped_ce / grouped_bce)
     "attr_warps": 4,
 }
@@ -397,12 +398,17 @@ def masked_l1_bwd(g, pred, target, mask, z, L):
 def _ce_ignore_fwd_kernel(
     x_ptr, t_ptr, part_ptr, cnt_ptr, B, HW, HB, P, ignore_index,
     K: tl.constexpr, BLOCK_K: tl.constexpr, C: tl.constexpr, BLOCK_HW: tl.constexpr,
+    REREAD: tl.constexpr,
 ):
     # grid (HB, B): program (hb, b) owns pixels [hb*BLOCK_HW, ...) of image b, all classes, all K.
     # Every tensor is a 1-D pixel vector and the class axis is an unrolled loop (C constexpr), so
     # the per-pixel softmax is thread-local: no cross-warp reductions, and C = 18 is not padded
-    # to 32. Pass 1 takes the max over classes, pass 2 re-reads the same addresses (served from
-    # registers/L1, not DRAM) for sum(exp) and the target logit: one exp per element.
+    # to 32. Pass 1 takes the max over classes, pass 2 sum(exp) and the target logit: one exp
+    # per element. REREAD=False: pass 2 reuses pass 1's loads (the compiler merges them), so all
+    # C values of a pixel stay live in registers. REREAD=True: pass 2 issues its own loads
+    # (evict_last / evict_first hints make them distinct, so they are not merged); they are
+    # served by L1/L2, not DRAM, and registers no longer grow with C x pixels, which lets a
+    # thread own more pixels with 8-16 byte vector loads at the same occupancy.
     hb = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     hw = hb * BLOCK_HW + tl.arange(0, BLOCK_HW)  # (BLOCK_HW,)
@@ -415,11 +421,19 @@ def _ce_ignore_fwd_kernel(
         ptr = x_ptr + ((k * B + b) * C) * HW + hw  # class c of head k at ptr + c*HW
         mx = tl.full([BLOCK_HW], float("-inf"), tl.float32)
         for c in tl.static_range(C):
-            mx = tl.maximum(mx, tl.load(ptr + c * HW, mask=hm, other=0.0).to(tl.float32))
+            if REREAD:
+                x = tl.load(ptr + c * HW, mask=hm, other=0.0, eviction_policy="evict_last")
+            else:
+                x = tl.load(ptr + c * HW, mask=hm, other=0.0)
+            mx = tl.maximum(mx, x.to(tl.float32))
         se = tl.zeros([BLOCK_HW], dtype=tl.float32)
         xt = tl.zeros([BLOCK_HW], dtype=tl.float32)
         for c in tl.static_range(C):
-            x = tl.load(ptr + c * HW, mask=hm, other=0.0).to(tl.float32)
+            if REREAD:
+                x = tl.load(ptr + c * HW, mask=hm, other=0.0, eviction_policy="evict_first")
+            else:
+                x = tl.load(ptr + c * HW, mask=hm, other=0.0)
+            x = x.to(tl.float32)
             se += tl.exp(x - mx)
             xt = tl.where(t == c, x, xt)
         loss = tl.where(valid, mx + tl.log(se) - xt, 0.0)
@@ -433,7 +447,11 @@ def _ce_ignore_fwd_kernel(
 def _ce_ignore_bwd_kernel(
     g_ptr, x_ptr, t_ptr, z_ptr, L_ptr, cnt_ptr, dx_ptr, dz_ptr, B, HW, ignore_index,
     K: tl.constexpr, BLOCK_K: tl.constexpr, C: tl.constexpr, BLOCK_HW: tl.constexpr,
+    REREAD: tl.constexpr,
 ):
+    # Three passes per head: max, sum(exp), then d = softmax - onehot stored. Without REREAD
+    # passes 1 and 2 share their loads and pass 3 reloads (after the stores); with REREAD each
+    # pass issues its own loads (cache hints keep them distinct), served by L1/L2.
     hb = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     g = tl.load(g_ptr).to(tl.float32)
@@ -452,14 +470,25 @@ def _ce_ignore_bwd_kernel(
         scale = tl.where(valid, tl.load(z_ptr + k).to(tl.float32) * g * inv_cnt, 0.0)
         mx = tl.full([BLOCK_HW], float("-inf"), tl.float32)
         for c in tl.static_range(C):
-            mx = tl.maximum(mx, tl.load(x_ptr + off + c * HW, mask=hm, other=0.0).to(tl.float32))
+            if REREAD:
+                x = tl.load(x_ptr + off + c * HW, mask=hm, other=0.0, eviction_policy="evict_last")
+            else:
+                x = tl.load(x_ptr + off + c * HW, mask=hm, other=0.0)
+            mx = tl.maximum(mx, x.to(tl.float32))
         se = tl.zeros([BLOCK_HW], dtype=tl.float32)
         for c in tl.static_range(C):
-            se += tl.exp(tl.load(x_ptr + off + c * HW, mask=hm, other=0.0).to(tl.float32) - mx)
+            if REREAD:
+                x = tl.load(x_ptr + off + c * HW, mask=hm, other=0.0, cache_modifier=".ca")
+            else:
+                x = tl.load(x_ptr + off + c * HW, mask=hm, other=0.0)
+            se += tl.exp(x.to(tl.float32) - mx)
         lse = mx + tl.log(se)
         for c in tl.static_range(C):
-            x = tl.load(x_ptr + off + c * HW, mask=hm, other=0.0).to(tl.float32)
-            dx = (tl.exp(x - lse) - tl.where(t == c, 1.0, 0.0)) * scale
+            if REREAD:
+                x = tl.load(x_ptr + off + c * HW, mask=hm, other=0.0, eviction_policy="evict_first")
+            else:
+                x = tl.load(x_ptr + off + c * HW, mask=hm, other=0.0)
+            dx = (tl.exp(x.to(tl.float32) - lse) - tl.where(t == c, 1.0, 0.0)) * scale
             tl.store(dx_ptr + off + c * HW, dx.to(dx_ptr.dtype.element_ty), mask=hm)
 
 
@@ -478,7 +507,8 @@ def ce_ignore_fwd(logits, target, z, ignore_index: int):
     cnt = torch.empty((P,), dtype=torch.float32, device=logits.device)
     _ce_ignore_fwd_kernel[(HB, B)](
         logits, target, part, cnt, B, HW, HB, P, int(ignore_index),
-        K=K, BLOCK_K=_npow2(K), C=C, BLOCK_HW=block_hw, num_warps=CONFIG["seg_warps"],
+        K=K, BLOCK_K=_npow2(K), C=C, BLOCK_HW=block_hw, REREAD=CONFIG["seg_reread"],
+        num_warps=CONFIG["seg_warps"],
     )
     total, L, n_valid = _finalize(part, z, 1.0, counts=cnt)
     return total, L, n_valid
@@ -493,6 +523,7 @@ def ce_ignore_bwd(g, logits, target, z, L, count, ignore_index: int):
     dz = torch.empty_like(z)
     _ce_ignore_bwd_kernel[(HB, B)](
         g.contiguous(), logits, target, z, L.contiguous(), count, dx, dz, B, HW, int(ignore_index),
-        K=K, BLOCK_K=_npow2(K), C=C, BLOCK_HW=block_hw, num_warps=CONFIG["seg_warps"],
+        K=K, BLOCK_K=_npow2(K), C=C, BLOCK_HW=block_hw, REREAD=CONFIG["seg_reread"],
+        num_warps=CONFIG["seg_warps"],
     )
     return dx, dz

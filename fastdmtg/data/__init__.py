@@ -10,6 +10,9 @@ Order is a pure function of (seed, epoch): the permutation of an epoch is drawn 
 seeded with (seed, epoch), so a resumed run skips the ``skip`` batches it had already consumed and
 sees exactly the same batches as an uninterrupted one.
 
+Under DDP (torchrun), training batches come from this rank's shard of the epoch permutation
+(``fastdmtg.distributed.shard``); evaluation batches are not sharded.
+
 Last-batch rule (training): the final partial batch is kept, except a single leftover sample,
 which is dropped because BatchNorm cannot normalise a batch of one.
 """
@@ -36,6 +39,12 @@ def num_batches(n: int, batch_size: int, train: bool) -> int:
     return full + (1 if rem else 0)
 
 
+def _ordered(n: int, shuffle: bool, seed: int, epoch: int, train: bool) -> torch.Tensor:
+    from ..distributed import shard
+    order = epoch_permutation(n, seed, epoch) if shuffle else torch.arange(n)
+    return shard(order) if train else order
+
+
 class DataSource:
     taskset: TaskSet
     image_size: int
@@ -45,7 +54,13 @@ class DataSource:
         raise NotImplementedError
 
     def num_batches(self, split: str, batch_size: int, train: bool = False) -> int:
-        return num_batches(self.num_samples(split), batch_size, train)
+        return num_batches(self.samples_per_rank(split, train), batch_size, train)
+
+    def samples_per_rank(self, split: str, train: bool) -> int:
+        """Training is sharded across DDP ranks (fastdmtg.distributed.shard); evaluation is not."""
+        from ..distributed import world
+        n = self.num_samples(split)
+        return n // world()[1] if train else n
 
     def batches(self, split: str, batch_size: int, *, shuffle: bool, seed: int = 0, epoch: int = 0,
                 device: torch.device | str = "cpu", skip: int = 0, train: bool = False) -> Iterator[dict]:
@@ -81,9 +96,8 @@ class MemorySource(DataSource):
     def batches(self, split, batch_size, *, shuffle, seed=0, epoch=0, device="cpu", skip=0, train=False):
         device = torch.device(device)
         x, y = self._device_copy(split, device)
-        n = x.shape[0]
-        order = epoch_permutation(n, seed, epoch) if shuffle else torch.arange(n)
-        nb = num_batches(n, batch_size, train)
+        order = _ordered(x.shape[0], shuffle, seed, epoch, train)
+        nb = num_batches(order.numel(), batch_size, train)
         order = order.to(device)
         for b in range(skip, nb):
             idx = order[b * batch_size:(b + 1) * batch_size]
@@ -102,8 +116,8 @@ class LoaderSource(DataSource):
 
     def batches(self, split, batch_size, *, shuffle, seed=0, epoch=0, device="cpu", skip=0, train=False):
         ds = self.datasets[split]
-        n = len(ds)
-        order = epoch_permutation(n, seed, epoch) if shuffle else torch.arange(n)
+        order = _ordered(len(ds), shuffle, seed, epoch, train)
+        n = order.numel()
         nb = num_batches(n, batch_size, train)
         order = order[skip * batch_size: min(n, nb * batch_size)].tolist()
         loader = torch.utils.data.DataLoader(
@@ -128,6 +142,9 @@ def default_cache_dir(cfg) -> Path:
 def build_data(cfg, progress: bool = True) -> DataSource:
     """Build the DataSource described by a DataConfig."""
     from ..tasks.attributes import AttributeTaskSet
+    if cfg.backend in ("gpu-cache", "ffcv", "dali"):
+        from ..pipelines import build_source   # fastdmtg.pipelines (the repo's pipelines/ folder)
+        return build_source(cfg, progress=progress)
     if cfg.dataset == "synthetic":
         from . import synthetic
         names = synthetic.task_names(cfg.synthetic_groups, cfg.synthetic_tasks_per_group)

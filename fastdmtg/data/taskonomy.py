@@ -304,14 +304,18 @@ def resize_mode(domain: str, seg_resize: str) -> str:
 def _convert_chunk(job) -> int:
     """Worker: decode + resize samples [start, start + len(paths)) into the split's .npy files."""
     tmp, start, paths, side, size, seg_resize, domains = job
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)   # the pool is the parallelism; avoid oversubscribing cores
-    arrays = {d: np.load(Path(tmp) / f"{d}.npy", mmap_mode="r+") for d in domains}
-    for j, sample in enumerate(paths):
-        for d in domains:
-            a = load_domain(sample[d], d, side)
-            arrays[d][start + j] = resize_map(a, size, resize_mode(d, seg_resize))
-    for a in arrays.values():
-        a.flush()
+    try:
+        arrays = {d: np.load(Path(tmp) / f"{d}.npy", mmap_mode="r+") for d in domains}
+        for j, sample in enumerate(paths):
+            for d in domains:
+                a = load_domain(sample[d], d, side)
+                arrays[d][start + j] = resize_map(a, size, resize_mode(d, seg_resize))
+        for a in arrays.values():
+            a.flush()
+    finally:
+        torch.set_num_threads(threads)   # matters when called in the caller's process (workers=1)
     return len(paths)
 
 

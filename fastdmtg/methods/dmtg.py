@@ -37,6 +37,7 @@ class DMTG(GroupingMethod):
         self.logits = nn.Parameter(torch.full((num_tasks, num_branches), float(gcfg.init_logit)))  # S (N, K)
         self.register_buffer("seed", torch.tensor(int(seed) * 7_919 + 17, dtype=torch.long))
         self.register_buffer("tau", torch.tensor(self.tau_at(0), dtype=torch.float32))
+        self.seed_offset = 0   # DDP: rank r draws from seed + r·2^40 (its own noise, one shared seed state)
 
     @classmethod
     def from_config(cls, cfg, num_tasks: int, task_names=None) -> "DMTG":
@@ -53,7 +54,8 @@ class DMTG(GroupingMethod):
 
     def weights(self, step: int) -> torch.Tensor:
         from .. import ops
-        z = ops.gumbel_softmax_mask(self.logits, self.tau, self.seed, hard=self.gcfg.hard)   # (N, K)
+        seed = self.seed + self.seed_offset if self.seed_offset else self.seed
+        z = ops.gumbel_softmax_mask(self.logits, self.tau, seed, hard=self.gcfg.hard)        # (N, K)
         self.seed.add_(1)   # in place, on device: the next step (or graph replay) draws new noise
         return z
 

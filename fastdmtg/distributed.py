@@ -1,0 +1,80 @@
+"""DDP through torchrun.
+
+    torchrun --nproc_per_node=G -m fastdmtg train ...
+
+torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; ``setup()`` then joins the process group (NCCL on
+CUDA, gloo on CPU) and pins each rank to ``cuda:LOCAL_RANK``. Semantics:
+
+* ``train.batch_size`` is per rank (the global batch is G × batch_size, as in the reference's
+  "24 per GPU × 2 GPUs").
+* Every epoch all ranks draw the same permutation (seeded by (seed, epoch)) and rank r takes
+  ``order[r::G]``, truncated to the shortest shard: each sample is used at most once per epoch and
+  every rank runs the same number of steps (at most G − 1 samples, different ones each epoch, sit
+  out an epoch).
+* Each rank draws its own Gumbel sample (the seed tensor is shared; rank r offsets it by
+  r · 2^40), and the gradient of the grouping logits S is all-reduced like any parameter.
+* Buffers (BatchNorm running statistics) are not broadcast: each rank keeps its own, rank 0's are
+  saved; ``model.sync_bn=true`` converts BatchNorm to SyncBatchNorm instead.
+* Rank 0 evaluates, logs and writes checkpoints; other ranks wait at a barrier. Resume loads the
+  same last.pt on every rank.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+
+
+def world() -> tuple[int, int]:
+    """(rank, world_size) of the current process group, (0, 1) when not distributed."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def launched_by_torchrun() -> bool:
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def setup(device_name: str) -> torch.device:
+    """Join the process group if launched by torchrun; return this rank's device."""
+    if not launched_by_torchrun():
+        return None
+    if not dist.is_initialized():
+        use_cuda = torch.cuda.is_available() and device_name in ("auto", "cuda") or device_name.startswith("cuda")
+        backend = "nccl" if use_cuda else "gloo"
+        if use_cuda:
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(backend)
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
+
+
+def barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def cleanup() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def all_finite(value: float, device) -> bool:
+    """True on every rank iff the value is finite on every rank (a NaN on one rank stops all)."""
+    import math
+    ok = torch.tensor(1.0 if math.isfinite(value) else 0.0, device=device)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+    return bool(ok.item() > 0)
+
+
+def shard(order: torch.Tensor) -> torch.Tensor:
+    """This rank's part of an epoch's permutation (see module docstring)."""
+    rank, size = world()
+    if size == 1:
+        return order
+    n = order.numel() // size
+    return order[rank::size][:n]

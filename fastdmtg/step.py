@@ -1,0 +1,126 @@
+"""The training step and its fast paths.
+
+``StepModule`` is the differentiable part of one step — grouping weights, the K-branch forward and
+the weighted K·N-head loss — as one module, so DDP sees every parameter (the grouping logits S
+included) and torch.compile sees one graph:
+
+    forward(batch) -> (total, L):  z = method.weights()          # (N, K), fresh Gumbel noise
+                                   outputs = model(image)        # under bf16 autocast on CUDA
+                                   total, L = taskset.head_losses(outputs, batch, z)
+
+``StepRunner`` runs forward + backward + optimizer step in one of three ways:
+
+* eager;
+* torch.compile'd StepModule (backward and the optimizer stay eager);
+* CUDA graph: the whole step (forward, backward, fused capturable Adam with the LR as a device
+  tensor) captured once and replayed with the batch copied into static buffers. The Gumbel seed is
+  a device tensor incremented inside the graph, so every replay draws new noise. The first
+  ``warmup`` steps run eagerly on a side stream (real steps, as capture requires), the next is
+  captured and replayed; a batch of another shape (the last partial batch) runs eagerly.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch import nn
+
+
+class StepModule(nn.Module):
+    def __init__(self, model: nn.Module, method: nn.Module, taskset, autocast, channels_last: bool = False):
+        super().__init__()
+        self.model, self.method = model, method
+        self.taskset = taskset
+        self._autocast = autocast
+        self.channels_last = channels_last
+
+    def forward(self, batch: dict):
+        z = self.method.weights(0)                                            # (N, K)
+        image = batch["image"]
+        if self.channels_last:
+            image = image.contiguous(memory_format=torch.channels_last)
+        with self._autocast():
+            outputs = self.model(image)
+        return self.taskset.head_losses(outputs, batch, z)
+
+
+def _clone_static(batch):
+    if isinstance(batch, dict):
+        return {k: _clone_static(v) for k, v in batch.items()}
+    return batch.clone()
+
+
+def _copy_into(dst, src):
+    if isinstance(dst, dict):
+        for k in dst:
+            _copy_into(dst[k], src[k])
+    else:
+        dst.copy_(src, non_blocking=True)
+
+
+def _shapes(batch):
+    if isinstance(batch, dict):
+        return tuple((k, _shapes(v)) for k, v in sorted(batch.items()))
+    return tuple(batch.shape)
+
+
+class StepRunner:
+    def __init__(self, forward: nn.Module, optimizer: torch.optim.Optimizer, mode: str = "eager",
+                 warmup: int = 3):
+        if mode not in ("eager", "compile", "graph", "compile+graph"):
+            raise ValueError(f"unknown step mode {mode!r}")
+        self.optimizer, self.mode, self.warmup = optimizer, mode, warmup
+        self.eager_fn = forward
+        self.fn = torch.compile(forward) if "compile" in mode else forward
+        self.graph = None
+        self.static_batch = self.static_out = None
+        self.eager_steps = 0
+        self.captures = 0
+
+    def _eager_step(self, fn, batch):
+        self.optimizer.zero_grad(set_to_none=True)
+        total, L = fn(batch)
+        total.backward()
+        self.optimizer.step()
+        return total.detach(), L
+
+    def __call__(self, batch: dict):
+        if "graph" not in self.mode:
+            return self._eager_step(self.fn, batch)
+        if self.graph is not None:
+            if _shapes(batch) == self.static_shapes:
+                _copy_into(self.static_batch, batch)
+                self.graph.replay()
+                return self.static_out
+            return self._eager_step(self.eager_fn, batch)                      # e.g. last partial batch
+        if self.eager_steps < self.warmup:
+            # warm-up on a side stream (as capture requires): these are real training steps
+            s = torch.cuda.Stream()
+            s.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(s):
+                out = self._eager_step(self.fn, batch)
+            torch.cuda.current_stream().wait_stream(s)
+            self.eager_steps += 1
+            return out
+        self._capture(batch)
+        self.graph.replay()                                                    # capture ran nothing: do the step
+        return self.static_out
+
+    def _capture(self, batch):
+        self.static_batch = _clone_static(batch)
+        self.static_shapes = _shapes(batch)
+        self.graph = torch.cuda.CUDAGraph()
+        self.optimizer.zero_grad(set_to_none=True)
+        with torch.cuda.graph(self.graph):
+            total, L = self.fn(self.static_batch)
+            total.backward()
+            self.optimizer.step()
+        self.static_out = (total.detach(), L)
+        self.captures += 1
+
+
+def autocast_factory(enabled: bool, device: torch.device, for_graph: bool):
+    if not enabled:
+        return contextlib.nullcontext
+    # the autocast weight cache must be off under graph capture (cached casts would be stale)
+    return lambda: torch.autocast(device_type=device.type, dtype=torch.bfloat16, cache_enabled=not for_graph)

@@ -1,0 +1,360 @@
+"""ffcv: .beton files read by FFCV's compiled (numba) decode pipeline, then moved to the device.
+
+Writing (``write_beton``; ``fastdmtg prepare --format ffcv`` → ``prepare_ffcv_main``):
+
+    CelebA      from the decoded cache (M, 3, S, S) uint8 and the labels:
+                image   RGBImageField  raw (exact) or jpg (JPEG at ``jpeg_quality``, lossy)
+                labels  NDArrayField   (N,) uint8
+    Taskonomy   from the prepared folder's arrays:
+                rgb                     RGBImageField raw | jpg
+                normal, segment_semantic NDArrayField (C, S, S) uint8
+                depth_zbuffer, keypoints2d, edge_texture  NDArrayField (1, S, S) int16 — the
+                lossless bit-cast of the uint16 values (torch has no usable uint16)
+
+Every array is validated (dtype, shape, contiguity) before FFCV sees it: FFCV's writer does not
+check dtypes, and an exception in one of its worker processes leaves the parent waiting forever.
+On top of that a watchdog turns a crashed writer worker, or ``timeout``, into a ``PipelineError``
+(only when writing from the main thread, where it can interrupt the wait). Files are written to a
+temporary name and renamed, so a crash never leaves a half-written .beton under the final name.
+
+Reading (``FfcvSource``), per batch:
+
+    FFCV (host, numba threads)   image: SimpleRGBImageDecoder → (B, S, S, 3) uint8 → ToTensor
+                                 maps:  NDArrayDecoder → (B, C, S, S) uint8 | int16 → ToTensor
+                                 [CUDA: ToDevice(non_blocking) on FFCV's own streams]
+    device                       image permuted to (B, 3, S, S); then the common conversion
+                                 (float / 255, flips with the normal-x negation, label dtypes)
+
+The order is the plan's (``common.plan_epoch``): one Loader per (split, batch size, device, number
+of samples) with ``OrderOption.SEQUENTIAL`` and its indices replaced by this epoch's shard before
+each pass — FFCV's own ``distributed``/``RANDOM`` orders would differ from every other backend.
+FFCV reuses its output buffers, so the conversion always produces new tensors.
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import hashlib
+import json
+import os
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .common import PipelineError, ShardedSource, celeba_batch, log, taskonomy_batch
+from .datasets import as_int16
+
+#: dtypes an NDArray field may have (compact and torch-convertible)
+ND_DTYPES = (np.uint8, np.int8, np.int16, np.uint16, np.int32, np.int64, np.float16, np.float32)
+FORMAT_VERSION = 1
+
+
+# ------------------------------------------------------------------------------------------------
+# writing
+# ------------------------------------------------------------------------------------------------
+class _Rows:
+    """Indexable view FFCV's writer workers read: item i = one sample, fields in order."""
+
+    def __init__(self, arrays: dict[str, np.ndarray], image_fields: tuple[str, ...], failed):
+        self.arrays, self.image_fields, self.failed = arrays, image_fields, failed
+        self.n = len(next(iter(arrays.values())))
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        try:
+            out = []
+            for k, a in self.arrays.items():
+                row = a[i]
+                if k in self.image_fields:        # (3, S, S) → (S, S, 3): what RGBImageField encodes
+                    row = row.transpose(1, 2, 0)
+                out.append(np.ascontiguousarray(row))
+            return tuple(out)
+        except BaseException:
+            self.failed.set()                      # tells the parent's watchdog; then die as FFCV would
+            raise
+
+
+def _validate(arrays: dict[str, np.ndarray], image_fields: tuple[str, ...]) -> int:
+    if not arrays:
+        raise ValueError("write_beton: no fields")
+    n = None
+    for k, a in arrays.items():
+        if not isinstance(a, np.ndarray):
+            raise TypeError(f"write_beton: field {k!r} must be a numpy array, got {type(a).__name__}")
+        if n is None:
+            n = a.shape[0]
+        if a.shape[0] != n:
+            raise ValueError(f"write_beton: field {k!r} has {a.shape[0]} rows, the first field has {n}")
+        if k in image_fields:
+            if a.dtype != np.uint8 or a.ndim != 4 or a.shape[1] != 3:
+                raise ValueError(f"write_beton: image field {k!r} must be (M, 3, H, W) uint8, got {a.shape} {a.dtype}")
+        elif a.dtype.type not in ND_DTYPES:
+            raise ValueError(f"write_beton: field {k!r} has dtype {a.dtype}; use one of "
+                             f"{', '.join(np.dtype(d).name for d in ND_DTYPES)}")
+        elif a.ndim < 2:
+            raise ValueError(f"write_beton: field {k!r} must be (M, ...) with at least one sample dimension")
+    if not n:
+        raise ValueError("write_beton: zero samples")
+    return n
+
+
+def write_beton(path: str | Path, arrays: dict[str, np.ndarray], *, image_fields: tuple[str, ...] = ("image",),
+                image_mode: str = "raw", jpeg_quality: int = 90, num_workers: int = 0,
+                timeout: float | None = None, progress: bool = False) -> Path:
+    """Write ``arrays`` ({field: (M, ...) array}, one row per sample, fields in file order) to an
+    FFCV .beton at ``path``. ``image_fields`` are (M, 3, H, W) uint8 and become RGBImageFields
+    (``image_mode`` raw | jpg); every other field becomes an NDArrayField of its dtype and row shape.
+    Returns ``path``."""
+    from ffcv.fields import NDArrayField, RGBImageField
+    from ffcv.writer import DatasetWriter
+    import multiprocessing as mp
+    if image_mode not in ("raw", "jpg"):
+        raise ValueError(f"image_mode must be raw|jpg, got {image_mode!r}")
+    if not 1 <= jpeg_quality <= 100:
+        raise ValueError(f"jpeg_quality must be in 1..100, got {jpeg_quality}")
+    n = _validate(arrays, tuple(image_fields))
+    fields = {}
+    for k, a in arrays.items():
+        if k in image_fields:
+            fields[k] = RGBImageField(write_mode=image_mode, jpeg_quality=jpeg_quality)
+        else:
+            fields[k] = NDArrayField(dtype=a.dtype, shape=tuple(a.shape[1:]))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    workers = num_workers or min(8, os.cpu_count() or 1)
+    failed = mp.get_context("fork").Event()
+    rows = _Rows(arrays, tuple(image_fields), failed)
+    writer = DatasetWriter(str(tmp), fields, num_workers=workers)
+
+    before = set(mp.active_children())
+    done = threading.Event()
+    why: list[str] = []
+    watch = threading.current_thread() is threading.main_thread()
+
+    def watchdog():
+        t0 = time.monotonic()
+        while not done.wait(0.1):
+            if failed.is_set() or any(p.exitcode not in (None, 0) for p in mp.active_children() if p not in before):
+                why.append("a writer worker failed (its traceback is above)")
+            elif timeout is not None and time.monotonic() - t0 > timeout:
+                why.append(f"timed out after {timeout:.0f} s")
+            if why:
+                import _thread
+                _thread.interrupt_main()
+                return
+
+    import ffcv.writer as fw
+    old_tqdm = fw.tqdm
+    if not progress:                              # FFCV's writer always draws a progress bar
+        fw.tqdm = functools.partial(old_tqdm, disable=True)
+    thread = threading.Thread(target=watchdog, daemon=True) if watch else None
+    try:
+        if thread is not None:
+            thread.start()
+        writer.from_indexed_dataset(rows, chunksize=max(1, min(100, n // workers or 1)))
+    except KeyboardInterrupt:
+        if not why:
+            raise
+        raise PipelineError(f"{path}: writing the .beton failed: {why[0]}") from None
+    finally:
+        done.set()
+        for p in mp.active_children():            # the writer's workers, if it was interrupted
+            if p not in before:
+                p.terminate()
+        fw.tqdm = old_tqdm
+        if tmp.exists() and (why or sys.exc_info()[0] is not None):
+            tmp.unlink()
+    if why:
+        raise PipelineError(f"{path}: writing the .beton failed: {why[0]}")
+    os.replace(tmp, path)
+    return path
+
+
+def check_beton(path: str | Path, fields: dict[str, str] | None = None, num_samples: int | None = None):
+    """Open a .beton and check it before FFCV's compiled readers touch it (a truncated file would
+    otherwise be read out of bounds). ``fields``: {name: "image" | "ndarray"} expected, in order.
+    Returns the ffcv Reader."""
+    from ffcv.fields import NDArrayField, RGBImageField
+    from ffcv.reader import Reader
+    path = Path(path)
+    if not path.is_file():
+        raise PipelineError(f"{path}: missing .beton file")
+    size = path.stat().st_size
+    try:
+        reader = Reader(str(path))
+    except Exception as e:   # AssertionError (version), ValueError/IndexError (garbage header)
+        raise PipelineError(f"{path}: not a readable FFCV .beton ({type(e).__name__}: {e}); delete it to rewrite") from None
+    table = reader.alloc_table
+    if reader.num_samples == 0 or len(table) == 0:
+        raise PipelineError(f"{path}: corrupt .beton (no samples or no allocation table); delete it to rewrite")
+    end = int((table["ptr"].astype(np.int64) + table["size"].astype(np.int64)).max())
+    if end > size:
+        raise PipelineError(f"{path}: corrupt or truncated .beton (data up to byte {end}, file has {size}); "
+                            "delete it to rewrite")
+    if num_samples is not None and reader.num_samples != num_samples:
+        raise PipelineError(f"{path}: {reader.num_samples} samples, expected {num_samples}")
+    if fields is not None:
+        kinds = {"image": RGBImageField, "ndarray": NDArrayField}
+        got = list(reader.handlers)
+        if got != list(fields) or any(not isinstance(reader.handlers[k], kinds[v]) for k, v in fields.items()):
+            raise PipelineError(f"{path}: fields {got}, expected {list(fields)}")
+    return reader
+
+
+# ------------------------------------------------------------------------------------------------
+# dataset → .beton files
+# ------------------------------------------------------------------------------------------------
+def _beton_dir(spec) -> Path:
+    from fastdmtg.data import default_cache_dir
+    return default_cache_dir(spec.cfg) / "ffcv"
+
+
+def beton_path(spec, split: str, image_mode: str, jpeg_quality: int, out_dir: Path | None = None) -> Path:
+    """Where the .beton of ``split`` goes; the name carries a key of everything its content depends on."""
+    if spec.kind == "celeba":
+        src = {"paths": [str(p) for p in spec.paths(split)], "size": spec.image_size, "tasks": spec.taskset.names}
+    else:
+        idx = json.loads((spec.folder / "index.json").read_text())
+        src = {"folder": str(spec.folder.resolve()), "samples": idx["splits"][split]["samples"][:spec.num_samples(split)],
+               "domains": list(spec.domains), "size": spec.image_size, "seg": idx["seg_resize"]}
+    src.update(mode=image_mode, q=jpeg_quality if image_mode == "jpg" else None, v=FORMAT_VERSION)
+    key = hashlib.sha1(json.dumps(src, sort_keys=True).encode()).hexdigest()[:16]
+    return (out_dir or _beton_dir(spec)) / f"{spec.kind}_{split}_{spec.image_size}_{image_mode}_{key}.beton"
+
+
+def beton_fields(spec) -> dict[str, str]:
+    if spec.kind == "celeba":
+        return {"image": "image", "labels": "ndarray"}
+    return {d: ("image" if d == "rgb" else "ndarray") for d in spec.domains}
+
+
+def split_arrays(spec, split: str) -> dict[str, np.ndarray]:
+    if spec.kind == "celeba":
+        return {"image": spec.decoded(split), "labels": spec.labels(split).astype(np.uint8)}
+    return {d: as_int16(a) for d, a in spec.arrays(split).items()}
+
+
+def ensure_beton(spec, split: str, *, image_mode: str = "raw", jpeg_quality: int = 90, out_dir: Path | None = None,
+                 num_workers: int = 0, progress: bool = True, timeout: float | None = None) -> Path:
+    path = beton_path(spec, split, image_mode, jpeg_quality, out_dir)
+    if not path.exists():
+        if progress:
+            log.warning("ffcv: writing %s", path)
+        write_beton(path, split_arrays(spec, split), image_fields=("image", "rgb"), image_mode=image_mode,
+                    jpeg_quality=jpeg_quality, num_workers=num_workers, timeout=timeout, progress=progress)
+    return path
+
+
+def prepare_ffcv_main(argv: list[str] | None = None) -> int:
+    """``fastdmtg prepare --format ffcv --dataset celeba|taskonomy ROOT [OUT] [options]``: write
+    the .beton files of every split (decoding / preparing first when needed)."""
+    from fastdmtg.config import DataConfig
+    from .datasets import build_spec
+    ap = argparse.ArgumentParser(prog="fastdmtg prepare --format ffcv",
+                                 description="Write FFCV .beton files of a dataset (for data.backend=ffcv).")
+    ap.add_argument("--dataset", choices=("celeba", "taskonomy"), required=True)
+    ap.add_argument("root", help="dataset root (CelebA official layout; Taskonomy raw root or prepared folder)")
+    ap.add_argument("out", nargs="?", default=None,
+                    help="folder for the .beton files (default: CACHE_DIR/ffcv, where data.backend=ffcv looks)")
+    ap.add_argument("--image-size", type=int, default=None, help="default: 64 (celeba), 256 (taskonomy)")
+    ap.add_argument("--tasks", default="all")
+    ap.add_argument("--cache-dir", default="")
+    ap.add_argument("--image-mode", choices=("raw", "jpg"), default="raw")
+    ap.add_argument("--jpeg-quality", type=int, default=90)
+    ap.add_argument("--splits", default="train,val,test")
+    ap.add_argument("--split-file", default="", help="taskonomy: custom split JSON")
+    ap.add_argument("--seg-resize", choices=("nearest", "bilinear"), default="nearest")
+    ap.add_argument("--workers", type=int, default=0)
+    ap.add_argument("--no-progress", action="store_true")
+    a = ap.parse_args(argv)
+    size = a.image_size or (64 if a.dataset == "celeba" else 256)
+    try:
+        cfg = DataConfig(dataset=a.dataset, root=a.root, tasks=a.tasks, image_size=size, cache_dir=a.cache_dir,
+                         taskonomy_split_file=a.split_file, taskonomy_seg_resize=a.seg_resize)
+        spec = build_spec(cfg, progress=not a.no_progress)
+        for s in [x for x in a.splits.split(",") if x]:
+            p = ensure_beton(spec, s, image_mode=a.image_mode, jpeg_quality=a.jpeg_quality,
+                             out_dir=Path(a.out) if a.out else None, num_workers=a.workers, progress=not a.no_progress)
+            print(p)
+    except (ValueError, PipelineError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------
+# reading
+# ------------------------------------------------------------------------------------------------
+class FfcvSource(ShardedSource):
+    backend = "ffcv"
+
+    def __init__(self, spec, *, image_mode: str = "raw", jpeg_quality: int = 90, num_workers: int = 2,
+                 beton_dir: str | Path | None = None, progress: bool = True, rank=None, world_size=None,
+                 flip: bool = False, batches_ahead: int = 3):
+        super().__init__(rank=rank, world_size=world_size, flip=flip)
+        self.spec, self.taskset, self.image_size = spec, spec.taskset, spec.image_size
+        self.kind = spec.kind
+        self.image_mode, self.jpeg_quality = image_mode, jpeg_quality
+        self.num_workers, self.progress, self.batches_ahead = max(1, num_workers), progress, batches_ahead
+        self.beton_dir = Path(beton_dir) if beton_dir else None
+        self._loaders: dict[tuple, object] = {}
+        self._paths: dict[str, Path] = {}
+
+    def num_samples(self, split):
+        return self.spec.num_samples(split)
+
+    def beton(self, split: str) -> Path:
+        if split not in self._paths:
+            p = ensure_beton(self.spec, split, image_mode=self.image_mode, jpeg_quality=self.jpeg_quality,
+                             out_dir=self.beton_dir, num_workers=self.num_workers, progress=self.progress)
+            check_beton(p, beton_fields(self.spec), self.num_samples(split))
+            self._paths[split] = p
+        return self._paths[split]
+
+    def _loader(self, split: str, batch_size: int, device: torch.device, indices: np.ndarray):
+        from ffcv.fields.decoders import NDArrayDecoder, SimpleRGBImageDecoder
+        from ffcv.loader import Loader, OrderOption
+        from ffcv.transforms import ToDevice, ToTensor
+        key = (split, batch_size, str(device), len(indices))
+        if key not in self._loaders:
+            move = [ToDevice(device, non_blocking=True)] if device.type == "cuda" else []
+            pipes = {}
+            for name, kind in beton_fields(self.spec).items():
+                dec = SimpleRGBImageDecoder() if kind == "image" else NDArrayDecoder()
+                pipes[name] = [dec, ToTensor(), *move]
+            self._loaders[key] = Loader(str(self.beton(split)), batch_size=batch_size, num_workers=self.num_workers,
+                                        order=OrderOption.SEQUENTIAL, indices=indices, pipelines=pipes,
+                                        drop_last=False, os_cache=True, batches_ahead=self.batches_ahead, seed=0)
+        loader = self._loaders[key]
+        # this epoch's shard, in the plan's order (Sequential.sample_order returns these indices)
+        loader.indices = indices
+        loader.traversal_order.indices = indices
+        loader.first_traversal_order = indices
+        return loader
+
+    def _produce(self, split, plan, device, batch_size):
+        indices = np.concatenate([p.index for p in plan]).astype(np.uint64)
+        loader = self._loader(split, batch_size, device, indices)
+        names = list(loader.reader.handlers)
+        n_out = 0
+        for pb, out in zip(plan, loader):
+            if out[0].shape[0] != len(pb.index):
+                raise PipelineError(f"ffcv: batch of {out[0].shape[0]} samples, the plan has {len(pb.index)}")
+            n_out += 1
+            fields = dict(zip(names, out))
+            if self.kind == "celeba":
+                img = fields["image"].to(device, non_blocking=True).permute(0, 3, 1, 2)   # (B, 3, S, S) uint8
+                yield celeba_batch(img, fields["labels"].to(device, non_blocking=True), pb.flip)
+            else:
+                raw = {d: x.to(device, non_blocking=True) for d, x in fields.items()}
+                raw["rgb"] = raw["rgb"].permute(0, 3, 1, 2)
+                yield taskonomy_batch(raw, self.spec.task_names, pb.flip)
+        if n_out != len(plan):
+            raise PipelineError(f"ffcv: loader gave {n_out} batches, the plan has {len(plan)}")
