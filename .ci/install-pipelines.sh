@@ -5,13 +5,13 @@
 #
 # Idempotent: Debian packages already present and Python packages already installed at the wanted
 # versions are skipped (pip is only called when an import check fails), so a warm CI machine
-# spends ~1 s here. Prints the time of each step.
+# spends a few seconds here (most of it importing torch for the final check). Prints step times.
 #
 # Why these pieces (see /work/shared/install-notes.md and docs/pipelines.md):
 #   * FFCV 1.0.2 is an sdist; its setup.py asks pkg-config for opencv4 and links libturbojpeg,
 #     so the Debian dev packages must exist before pip runs ("Could not find required package:
 #     opencv4" otherwise). opencv-python (pulled by ffcv) needs libGL.so.1 and libglib at import.
-#   * FFCV does not declare Pillow; the venv has it already (a fastdmtg requirement).
+#   * FFCV does not declare Pillow (installed with it here; fastdmtg requires it anyway).
 #   * DALI: the CUDA 13 build is the smaller wheel (~590 MB vs ~955 MB) and runs CPU-only
 #     pipelines (device_id=None) on machines without a GPU, which is what CI tests.
 #   * torch is never touched here (no unpinned torch): --no-deps is not used for ffcv because its
@@ -28,15 +28,20 @@ DALI_VERSION="${DALI_VERSION:-2.4.0}"
 APT_PACKAGES=(pkg-config libopencv-dev libturbojpeg0-dev libgl1 libglib2.0-0)
 
 [ -x "$PY" ] || { echo "install-pipelines: no python at $PY (pass the venv as the first argument)" >&2; exit 2; }
+# ffcv's dependency pytorch_pfn_extras requires an unpinned `torch`: install torch first, and pin the
+# one that is there so pip can never replace it (e.g. by a multi-GB CUDA build from the index)
+TORCH_VERSION="$("$PY" -c 'import importlib.metadata as m; print(m.version("torch"))' 2>/dev/null)" || {
+  echo "install-pipelines: torch is not installed in $VENV; install it first (CI: the CPU build)" >&2; exit 2; }
+CONSTRAINTS="$(mktemp)"; trap 'rm -f "$CONSTRAINTS"' EXIT
+echo "torch==$TORCH_VERSION" >"$CONSTRAINTS"
 
-t_all=$(date +%s.%N)
+t_all=$EPOCHREALTIME
 step() {  # step NAME START: print the elapsed time of a step
-  printf 'install-pipelines: %-28s %6.1f s\n' "$1" "$(echo "$(date +%s.%N) - $2" | bc)"
+  awk -v a="$2" -v b="$EPOCHREALTIME" -v n="$1" 'BEGIN { printf "install-pipelines: %-32s %6.1f s\n", n, b - a }'
 }
-command -v bc >/dev/null || { apt-get update -qq && apt-get install -y -qq --no-install-recommends bc >/dev/null; }
 
 # --- Debian packages (FFCV's build + opencv's runtime) -----------------------------------------
-t=$(date +%s.%N)
+t=$EPOCHREALTIME
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -51,32 +56,35 @@ else
 fi
 
 # --- FFCV ---------------------------------------------------------------------------------------
-t=$(date +%s.%N)
+t=$EPOCHREALTIME
 if "$PY" - "$FFCV_VERSION" <<'PYEOF' 2>/dev/null
 import sys, importlib.metadata as md
 assert md.version("ffcv") == sys.argv[1]
-import ffcv.loader, ffcv.writer, cv2, numba  # noqa: F401  (fails on a half-installed stack)
+import importlib.util as u, cv2, numba  # noqa: F401  (fails on a half-installed stack; cheap:
+assert u.find_spec("ffcv")             # (find_spec of a top-level name does not import it: importing
+                                       # ffcv costs ~8 s of numba compilation)
 PYEOF
 then
   step "ffcv $FFCV_VERSION (already)" "$t"
 else
-  "$VENV/bin/pip" install -q --disable-pip-version-check "ffcv==$FFCV_VERSION" "numba>=0.57" \
-      "opencv-python-headless>=4" pillow
+  # ffcv requires opencv-python itself; adding opencv-python-headless would put a second copy of
+  # the same cv2 package into the venv (they overwrite each other's files)
+  "$VENV/bin/pip" install -q --disable-pip-version-check -c "$CONSTRAINTS" "ffcv==$FFCV_VERSION" "numba>=0.57" pillow
   "$PY" -c "import ffcv.loader, ffcv.writer" >/dev/null
   step "ffcv $FFCV_VERSION (installed)" "$t"
 fi
 
 # --- DALI ---------------------------------------------------------------------------------------
-t=$(date +%s.%N)
+t=$EPOCHREALTIME
 if "$PY" - "$DALI_PACKAGE" "$DALI_VERSION" <<'PYEOF' 2>/dev/null
 import sys, importlib.metadata as md
-assert md.version(sys.argv[1]).startswith(sys.argv[2].rsplit(".0", 1)[0])
+assert md.version(sys.argv[1]) == sys.argv[2]
 import nvidia.dali.fn  # noqa: F401
 PYEOF
 then
   step "$DALI_PACKAGE (already)" "$t"
 else
-  "$VENV/bin/pip" install -q --disable-pip-version-check "$DALI_PACKAGE==$DALI_VERSION"
+  "$VENV/bin/pip" install -q --disable-pip-version-check -c "$CONSTRAINTS" "$DALI_PACKAGE==$DALI_VERSION"
   "$PY" -c "import nvidia.dali.fn" >/dev/null
   step "$DALI_PACKAGE (installed)" "$t"
 fi

@@ -1,6 +1,7 @@
 """Benchmark fastdmtg.ops: eager PyTorch reference vs torch.compile'd reference vs Triton.
 
     python benchmarks/kernels.py --out benchmarks/results/h100_2026-11-23_kernels.md [--sweep]
+        [--only seg] [--no-compile]
 
 Times are medians of ``triton.testing.do_bench`` (CUDA events, warm-up first, L2 flushed
 between repetitions) for forward, backward (``autograd.grad`` on a retained graph) and
@@ -212,35 +213,48 @@ def graph_ms(fn, quick=False) -> float:
     return ms
 
 
-def sweep(quick: bool, lines: list):
-    """Try block/warp settings of the dense kernels on the primary Taskonomy shapes."""
+def sweep(quick: bool, lines: list, only=None):
+    """Try block/warp settings of the dense kernels on the primary Taskonomy shapes.
+
+    masked_l1 is timed fwd+bwd; ce_ignore's forward settings are timed on the forward alone
+    (the graph of fwd) and its backward settings on fwd+bwd with the forward already chosen.
+    The ce_ignore candidates are ``SEG_CANDIDATES`` (tests/test_kernels_gpu.py checks each one).
+    """
     from fastdmtg.kernels import CONFIG
+    from fastdmtg.kernels.head_loss import SEG_CANDIDATES
 
     ops.set_backend("triton")
-    lines.append("\n### Block-size sweep (Triton fwd+bwd, CUDA-graph replay, median us)\n")
-    for make, keys, grid in [
+    lines.append("\n### Block-size sweep (Triton, CUDA-graph replay, median us)\n")
+    seg_fwd, seg_bwd = list(SEG_CANDIDATES.items())
+    seg = (lambda: case_ce_ignore(5, 32) if not quick else case_ce_ignore(2, 1, C=5, H=8, W=16))
+    groups = [
         (lambda: case_masked_l1(5, 32) if not quick else case_masked_l1(2, 1, H=16, W=16),
-         ("l1_block", "l1_warps"), [(2048, 4), (4096, 4), (4096, 8), (8192, 8), (8192, 16)]),
-        (lambda: case_ce_ignore(5, 32) if not quick else case_ce_ignore(2, 1, C=5, H=8, W=16),
-         ("seg_block_hw", "seg_warps"), [(256, 2), (256, 4), (512, 4), (512, 8), (1024, 8)]),
-    ]:
+         ("l1_block", "l1_warps"), [(2048, 4), (4096, 4), (4096, 8), (8192, 8), (8192, 16)], "fwd+bwd"),
+        (seg, seg_fwd[0], seg_fwd[1], "fwd"),
+        (seg, seg_bwd[0], seg_bwd[1], "fwd+bwd"),
+    ]
+    for make, keys, grid, what in groups:
         case = make()
+        if only and not any(o in case.name for o in only):
+            continue
         best = None
-        for blk, warps in grid:
-            CONFIG[keys[0]], CONFIG[keys[1]] = blk, warps
+        for values in grid:
+            CONFIG.update(zip(keys, values))
             try:
-                _, both = impl_fns(case, "triton")
-                t = graph_ms(both, quick) * 1e3
+                fwd, both = impl_fns(case, "triton")
+                t = graph_ms(fwd if what == "fwd" else both, quick) * 1e3
             except Exception as exc:
-                print(f"sweep {keys} {blk},{warps}: FAILED {type(exc).__name__}: {exc}", flush=True)
+                print(f"sweep {keys} {values}: FAILED {type(exc).__name__}: {exc}", flush=True)
                 continue
-            lines.append(f"- {case.name}: {keys[0]}={blk} {keys[1]}={warps}: {t:.1f} us")
+            setting = " ".join(f"{k}={v}" for k, v in zip(keys, values))
+            lines.append(f"- {case.name} {what}: {setting}: {t:.1f} us")
             print(lines[-1], flush=True)
             if best is None or t < best[0]:
-                best = (t, blk, warps)
+                best = (t, values)
         if best is not None:
-            CONFIG[keys[0]], CONFIG[keys[1]] = best[1], best[2]
-            lines.append(f"- **{case.name}: chose {keys[0]}={best[1]} {keys[1]}={best[2]}**")
+            CONFIG.update(zip(keys, best[1]))
+            setting = " ".join(f"{k}={v}" for k, v in zip(keys, best[1]))
+            lines.append(f"- **{case.name} {what}: chose {setting}**")
         case.inputs.clear()
         if CUDA:
             torch.cuda.empty_cache()
@@ -252,6 +266,8 @@ def main():
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--sweep", action="store_true")
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile'd reference")
+    ap.add_argument("--only", nargs="+", default=None,
+                    help="run only the cases (and sweeps) whose name contains one of these, e.g. seg")
     args = ap.parse_args()
     torch.manual_seed(0)
 
@@ -271,7 +287,7 @@ def main():
     lines.append(f"- measured device-to-device copy: {bw:.0f} GB/s (bytes read + written, 1 GiB fp32)")
     print("\n".join(lines), flush=True)
     if args.sweep:
-        sweep(args.quick, lines)
+        sweep(args.quick, lines, args.only)
     lines.append(f"- Triton CONFIG used: {dict(CONFIG)}")
     lines.append("")
     lines.append(
@@ -285,6 +301,8 @@ def main():
     lines.append("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     summary = []
     for case in make_cases(args.quick):
+        if args.only and not any(o in case.name for o in args.only):
+            continue
         res = {}
         impls = ["eager", "compiled", "triton"]
         if args.no_compile or not case.compile_ref:

@@ -71,7 +71,10 @@ def cmd_train(args) -> int:
     if args.dry_run:
         print(json.dumps(cfg.to_dict(), indent=2))
         return 0
-    print(f"run folder: {run_dir}", flush=True)
+    import os
+    main_rank = os.environ.get("RANK", "0") == "0"
+    if main_rank:
+        print(f"run folder: {run_dir}", flush=True)
     try:
         res = train(cfg, run_dir, resume=resume, progress=False if args.quiet else None)
     except TrainingInterrupted as e:
@@ -80,8 +83,9 @@ def cmd_train(args) -> int:
     except NonFiniteLoss as e:
         print(f"error: {e}", file=sys.stderr)
         return 3
-    print(format_results(res))
-    print(f"results: {run_dir / 'results.json'}")
+    if res:  # only rank 0 has results under torchrun
+        print(format_results(res))
+        print(f"results: {run_dir / 'results.json'}")
     return 0
 
 

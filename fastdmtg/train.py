@@ -182,9 +182,15 @@ class Trainer:
                                  autocast_factory(use_amp, self.device, self.speed["cuda_graph"]),
                                  self.speed["channels_last"])
         if self.world_size > 1:
+            import warnings
+
             from torch.nn.parallel import DistributedDataParallel as DDP
-            step_module = DDP(step_module, device_ids=[self.device.index] if self.device.type == "cuda" else None,
-                              broadcast_buffers=False)
+            with warnings.catch_warnings():
+                # broadcast_buffers=False is what we mean: rank-local BN statistics and Gumbel seed
+                # offsets (its successor option still syncs buffers at init)
+                warnings.simplefilter("ignore", FutureWarning)
+                step_module = DDP(step_module, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                                  broadcast_buffers=False)
         mode = "+".join(m for m, on in (("compile", self.speed["compile"]), ("graph", self.speed["cuda_graph"])) if on)
         self.runner = StepRunner(step_module, self.optimizer, mode or "eager")
         self.epoch, self.step_in_epoch, self.global_step = 0, 0, 0

@@ -13,7 +13,9 @@ Design (why it looks like this):
 
 * Each program loads its slice of the target (and mask) ONCE and loops over the K heads, so the
   target/mask bytes are read once instead of K times, and no per-element loss tensor exists:
-  each program reduces its tile to one fp32 partial per head.
+  each program reduces its tile to one fp32 partial per head. Exception: ce_ignore gives each
+  head its own programs (adjacent in the grid, so the target's re-reads hit L2) and loops over
+  pixel blocks instead, reducing once per program -- see the comment on its kernel.
 * Forward = 2 launches: the main kernel writes partials (H, P) (H heads, P programs per head),
   then ``_finalize_kernel`` (one program) sums them in a fixed order -> L, total (and n_valid
   for ce_ignore). Two-stage, atomics-free, hence bit-reproducible run to run.
@@ -36,18 +38,34 @@ import triton
 import triton.language as tl
 
 # Tunables (benchmarks/kernels.py --sweep overrides them before timing). Defaults are the
-# winners of the H100 sweep of 2026-11-23 (benchmarks/results/h100_2026-11-23_kernels.md):
-# masked_l1 is flat between 2048 and 4096 px / 4 warps (107 us fwd+bwd at K=5, B=32);
-# ce_ignore wants 2 pixels per thread (18 classes x pixels live in registers): 512 px / 8 warps
-# and 256 / 4 ran at 565 us, 4 pixels per thread at ~1100 us.
+# winners of the H100 sweeps (benchmarks/results/h100_2026-11-23_kernels.md):
+# masked_l1 is flat between 2048 and 4096 px / 4 warps (107 us fwd+bwd at K=5, B=32).
+# ce_ignore (2026-11-24): see SEG_CANDIDATES and docs/kernels.md.
 CONFIG = {
     "l1_block": 4096,  # pixels per program (masked_l1)
     "l1_warps": 4,
-    "seg_block_hw": 512,  # pixels per program (ce_ignore); classes are an unrolled loop
+    "seg_block_hw": 512,  # ce_ignore forward: pixels per block (classes are an unrolled loop)
     "seg_warps": 8,
-    "seg_reread": False,  # ce_ignore: re-issue the logits loads per pass (served by L1/L2)
+    "seg_px": 2048,  # ce_ignore forward: pixels per program (loop over seg_px / seg_block_hw blocks)
+    "seg_unroll": 2,  # ce_ignore forward: blocks whose loads are issued together
+    "seg_bwd_block_hw": 512,  # ce_ignore backward: the same, the next block is prefetched
+    "seg_bwd_warps": 8,
+    "seg_bwd_px": 2048,
     "attr_block_b": 256,  # batch rows per program (grouped_ce / grouped_bce)
     "attr_warps": 4,
+}
+
+# The ce_ignore settings benchmarks/kernels.py --sweep times and tests/test_kernels_gpu.py checks
+# against the reference on the GPU (so whichever wins has been through the correctness tests).
+# Registers per thread at C = 18, HW = 65536, bf16 (ptxas sm_90a, triton 3.6): forward
+# 512/8 unroll 2: 64, 256/8 unroll 4: 40; backward 512/8: 80, 256/8: 63, 128/4: 56.
+SEG_CANDIDATES = {
+    ("seg_block_hw", "seg_warps", "seg_px", "seg_unroll"): [
+        (512, 8, 2048, 2), (512, 8, 4096, 2), (512, 8, 1024, 2), (256, 8, 2048, 4), (256, 8, 1024, 2),
+    ],
+    ("seg_bwd_block_hw", "seg_bwd_warps", "seg_bwd_px"): [
+        (512, 8, 2048), (512, 8, 4096), (256, 8, 2048), (256, 4, 1024), (128, 4, 1024),
+    ],
 }
 
 
@@ -396,118 +414,130 @@ def masked_l1_bwd(g, pred, target, mask, z, L):
 # ----------------------------------------------------------------------------------------------
 @triton.jit
 def _ce_ignore_fwd_kernel(
-    x_ptr, t_ptr, part_ptr, cnt_ptr, B, HW, HB, P, ignore_index,
-    K: tl.constexpr, BLOCK_K: tl.constexpr, C: tl.constexpr, BLOCK_HW: tl.constexpr,
-    REREAD: tl.constexpr,
+    x_ptr, t_ptr, part_ptr, cnt_ptr, B, NCH, P, ignore_index,
+    HW: tl.constexpr, C: tl.constexpr, BLOCK_HW: tl.constexpr, NBLK: tl.constexpr,
+    UNROLL: tl.constexpr,
 ):
-    # grid (HB, B): program (hb, b) owns pixels [hb*BLOCK_HW, ...) of image b, all classes, all K.
-    # Every tensor is a 1-D pixel vector and the class axis is an unrolled loop (C constexpr), so
-    # the per-pixel softmax is thread-local: no cross-warp reductions, and C = 18 is not padded
-    # to 32. Pass 1 takes the max over classes, pass 2 sum(exp) and the target logit: one exp
-    # per element. REREAD=False: pass 2 reuses pass 1's loads (the compiler merges them), so all
-    # C values of a pixel stay live in registers. REREAD=True: pass 2 issues its own loads
-    # (evict_last / evict_first hints make them distinct, so they are not merged); they are
-    # served by L1/L2, not DRAM, and registers no longer grow with C x pixels, which lets a
-    # thread own more pixels with 8-16 byte vector loads at the same occupancy.
-    hb = tl.program_id(0)
-    b = tl.program_id(1).to(tl.int64)
-    hw = hb * BLOCK_HW + tl.arange(0, BLOCK_HW)  # (BLOCK_HW,)
-    hm = hw < HW
-    t = tl.load(t_ptr + b * HW + hw, mask=hm, other=0).to(tl.int32)  # read once for all K
-    valid = hm & (t != ignore_index)
-    kk = tl.arange(0, BLOCK_K)
-    sums = tl.zeros([BLOCK_K], dtype=tl.float32)
-    for k in tl.static_range(K):
-        ptr = x_ptr + ((k * B + b) * C) * HW + hw  # class c of head k at ptr + c*HW
+    # grid (K, NCH, B): program (k, ch, b) owns head k of image b, pixels
+    # [ch*NBLK*BLOCK_HW, (ch+1)*NBLK*BLOCK_HW) in NBLK blocks. Every tensor is a 1-D pixel
+    # vector and the class axis is an unrolled loop (C constexpr), so the per-pixel softmax is
+    # thread-local (no cross-warp reductions, C = 18 not padded to 32). Pass 1 takes the max
+    # over classes, pass 2 sum(exp) and the target logit; pass 2's loads are merged with pass
+    # 1's by the compiler (one DRAM read, one exp per element).
+    # Why this shape (H100 sweep 2026-11-24, docs/kernels.md): per-pixel losses accumulate in a
+    # register vector over the block loop and are reduced ONCE per program, so the loop has no
+    # barrier and the loads of UNROLL blocks are issued back to back; HW is a constexpr so the
+    # class offsets c*HW are immediates of the load instruction instead of 18 live 64-bit
+    # addresses (125 -> 32-64 registers: 4-8 programs per SM instead of 2). The K heads of a
+    # pixel block are adjacent programs, so the target's re-reads (one per head) hit L2.
+    k = tl.program_id(0)
+    ch = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    xrow = x_ptr + ((k * B + b) * C) * HW  # class c of head k, image b at xrow + c*HW
+    trow = t_ptr + b * HW
+    acc = tl.zeros([BLOCK_HW], dtype=tl.float32)
+    cacc = tl.zeros([BLOCK_HW], dtype=tl.float32)
+    for j in tl.range(0, NBLK, loop_unroll_factor=UNROLL):
+        hw = (ch * NBLK + j) * BLOCK_HW + tl.arange(0, BLOCK_HW)
+        hm = hw < HW
+        t = tl.load(trow + hw, mask=hm, other=0).to(tl.int32)
+        valid = hm & (t != ignore_index)
         mx = tl.full([BLOCK_HW], float("-inf"), tl.float32)
         for c in tl.static_range(C):
-            if REREAD:
-                x = tl.load(ptr + c * HW, mask=hm, other=0.0, eviction_policy="evict_last")
-            else:
-                x = tl.load(ptr + c * HW, mask=hm, other=0.0)
-            mx = tl.maximum(mx, x.to(tl.float32))
+            mx = tl.maximum(mx, tl.load(xrow + c * HW + hw, mask=hm, other=0.0).to(tl.float32))
         se = tl.zeros([BLOCK_HW], dtype=tl.float32)
         xt = tl.zeros([BLOCK_HW], dtype=tl.float32)
         for c in tl.static_range(C):
-            if REREAD:
-                x = tl.load(ptr + c * HW, mask=hm, other=0.0, eviction_policy="evict_first")
-            else:
-                x = tl.load(ptr + c * HW, mask=hm, other=0.0)
-            x = x.to(tl.float32)
+            x = tl.load(xrow + c * HW + hw, mask=hm, other=0.0).to(tl.float32)
             se += tl.exp(x - mx)
             xt = tl.where(t == c, x, xt)
-        loss = tl.where(valid, mx + tl.log(se) - xt, 0.0)
-        sums = tl.where(kk == k, tl.sum(loss, axis=0), sums)
-    pid = b * HB + hb
-    tl.store(part_ptr + kk * P + pid, sums, mask=kk < K)
-    tl.store(cnt_ptr + pid, tl.sum(valid.to(tl.float32), axis=0))
+        acc += tl.where(valid, mx + tl.log(se) - xt, 0.0)
+        cacc += valid.to(tl.float32)
+    pid = b * NCH + ch
+    tl.store(part_ptr + k * P + pid, tl.sum(acc, axis=0))
+    if k == 0:  # n_valid does not depend on the head
+        tl.store(cnt_ptr + pid, tl.sum(cacc, axis=0))
+
+
+@triton.jit
+def _load_classes(ptr, mask, HW: tl.constexpr, C: tl.constexpr):
+    """The C class values of a pixel vector (class c at ptr + c*HW) as a tuple, input dtype."""
+    xs = ()
+    for c in tl.static_range(C):
+        xs = xs + (tl.load(ptr + c * HW, mask=mask, other=0.0),)
+    return xs
 
 
 @triton.jit
 def _ce_ignore_bwd_kernel(
-    g_ptr, x_ptr, t_ptr, z_ptr, L_ptr, cnt_ptr, dx_ptr, dz_ptr, B, HW, ignore_index,
-    K: tl.constexpr, BLOCK_K: tl.constexpr, C: tl.constexpr, BLOCK_HW: tl.constexpr,
-    REREAD: tl.constexpr,
+    g_ptr, x_ptr, t_ptr, z_ptr, L_ptr, cnt_ptr, dx_ptr, dz_ptr, B, ignore_index,
+    K: tl.constexpr, BLOCK_K: tl.constexpr, HW: tl.constexpr, C: tl.constexpr,
+    BLOCK_HW: tl.constexpr, NBLK: tl.constexpr,
 ):
-    # Three passes per head: max, sum(exp), then d = softmax - onehot stored. Without REREAD
-    # passes 1 and 2 share their loads and pass 3 reloads (after the stores); with REREAD each
-    # pass issues its own loads (cache hints keep them distinct), served by L1/L2.
-    hb = tl.program_id(0)
-    b = tl.program_id(1).to(tl.int64)
+    # Same grid and tiling as the forward. The C values of a block are held in a tuple, so the
+    # softmax (max, sum exp, then exp(x - lse) - onehot) needs one load per element: without
+    # the tuple the third pass re-loaded every value after a store (the compiler cannot prove
+    # dx and x do not alias), one dependent L1 round trip per class. The next block's values are
+    # loaded (prefetched) before this block's stores, so loads stay in flight while storing.
+    k = tl.program_id(0)
+    ch = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
     g = tl.load(g_ptr).to(tl.float32)
-    if (hb == 0) & (b == 0):
+    if (k == 0) & (ch == 0) & (b == 0):
         kk = tl.arange(0, BLOCK_K)
         Lk = tl.load(L_ptr + kk, mask=kk < K, other=0.0)
         tl.store(dz_ptr + kk, (Lk * g).to(dz_ptr.dtype.element_ty), mask=kk < K)
     inv_cnt = 1.0 / tl.maximum(tl.load(cnt_ptr), 1.0)
-    hw = hb * BLOCK_HW + tl.arange(0, BLOCK_HW)
+    sc = tl.load(z_ptr + k).to(tl.float32) * g * inv_cnt
+    off = ((k * B + b) * C) * HW
+    xrow = x_ptr + off
+    drow = dx_ptr + off
+    trow = t_ptr + b * HW
+    hw = ch * NBLK * BLOCK_HW + tl.arange(0, BLOCK_HW)
     hm = hw < HW
-    t = tl.load(t_ptr + b * HW + hw, mask=hm, other=0).to(tl.int32)
-    valid = hm & (t != ignore_index)
-    for k in tl.static_range(K):
-        off = ((k * B + b) * C) * HW + hw
+    xs = _load_classes(xrow + hw, hm, HW, C)
+    t = tl.load(trow + hw, mask=hm, other=0).to(tl.int32)
+    for j in range(NBLK):
+        hw_n = hw + BLOCK_HW
+        m_n = (hw_n < HW) & (j + 1 < NBLK)
+        xs_n = _load_classes(xrow + hw_n, m_n, HW, C)  # prefetch block j + 1
+        t_n = tl.load(trow + hw_n, mask=m_n, other=0).to(tl.int32)
         # ignored pixels get scale 0 -> their gradient is exactly 0
-        scale = tl.where(valid, tl.load(z_ptr + k).to(tl.float32) * g * inv_cnt, 0.0)
+        scale = tl.where(hm & (t != ignore_index), sc, 0.0)
         mx = tl.full([BLOCK_HW], float("-inf"), tl.float32)
         for c in tl.static_range(C):
-            if REREAD:
-                x = tl.load(x_ptr + off + c * HW, mask=hm, other=0.0, eviction_policy="evict_last")
-            else:
-                x = tl.load(x_ptr + off + c * HW, mask=hm, other=0.0)
-            mx = tl.maximum(mx, x.to(tl.float32))
+            mx = tl.maximum(mx, xs[c].to(tl.float32))
         se = tl.zeros([BLOCK_HW], dtype=tl.float32)
         for c in tl.static_range(C):
-            if REREAD:
-                x = tl.load(x_ptr + off + c * HW, mask=hm, other=0.0, cache_modifier=".ca")
-            else:
-                x = tl.load(x_ptr + off + c * HW, mask=hm, other=0.0)
-            se += tl.exp(x.to(tl.float32) - mx)
+            se += tl.exp(xs[c].to(tl.float32) - mx)
         lse = mx + tl.log(se)
         for c in tl.static_range(C):
-            if REREAD:
-                x = tl.load(x_ptr + off + c * HW, mask=hm, other=0.0, eviction_policy="evict_first")
-            else:
-                x = tl.load(x_ptr + off + c * HW, mask=hm, other=0.0)
-            dx = (tl.exp(x.to(tl.float32) - lse) - tl.where(t == c, 1.0, 0.0)) * scale
-            tl.store(dx_ptr + off + c * HW, dx.to(dx_ptr.dtype.element_ty), mask=hm)
+            dx = (tl.exp(xs[c].to(tl.float32) - lse) - tl.where(t == c, 1.0, 0.0)) * scale
+            tl.store(drow + c * HW + hw, dx.to(dx_ptr.dtype.element_ty), mask=hm)
+        xs = xs_n
+        t = t_n
+        hw = hw_n
+        hm = hw < HW
 
 
-def _seg_blocks(HW: int):
-    block_hw = min(CONFIG["seg_block_hw"], max(_npow2(HW), 16))
-    return block_hw, triton.cdiv(HW, block_hw)
+def _seg_blocks(HW: int, block_key: str, px_key: str):
+    """(BLOCK_HW, NBLK, NCH): pixel block, blocks per program, programs per image and head."""
+    block_hw = min(CONFIG[block_key], max(_npow2(HW), 16))
+    nblk = max(1, min(CONFIG[px_key] // block_hw, triton.cdiv(HW, block_hw)))
+    return block_hw, nblk, triton.cdiv(HW, block_hw * nblk)
 
 
 def ce_ignore_fwd(logits, target, z, ignore_index: int):
     logits, target, z = logits.contiguous(), target.contiguous(), z.contiguous()
     K, B, C, H, W = logits.shape
     HW = H * W
-    block_hw, HB = _seg_blocks(HW)
-    P = HB * B
+    block_hw, nblk, NCH = _seg_blocks(HW, "seg_block_hw", "seg_px")
+    P = NCH * B
     part = torch.empty((K, P), dtype=torch.float32, device=logits.device)
     cnt = torch.empty((P,), dtype=torch.float32, device=logits.device)
-    _ce_ignore_fwd_kernel[(HB, B)](
-        logits, target, part, cnt, B, HW, HB, P, int(ignore_index),
-        K=K, BLOCK_K=_npow2(K), C=C, BLOCK_HW=block_hw, REREAD=CONFIG["seg_reread"],
+    _ce_ignore_fwd_kernel[(K, NCH, B)](
+        logits, target, part, cnt, B, NCH, P, int(ignore_index),
+        HW=HW, C=C, BLOCK_HW=block_hw, NBLK=nblk, UNROLL=min(CONFIG["seg_unroll"], nblk),
         num_warps=CONFIG["seg_warps"],
     )
     total, L, n_valid = _finalize(part, z, 1.0, counts=cnt)
@@ -518,12 +548,12 @@ def ce_ignore_bwd(g, logits, target, z, L, count, ignore_index: int):
     logits, target, z = logits.contiguous(), target.contiguous(), z.contiguous()
     K, B, C, H, W = logits.shape
     HW = H * W
-    block_hw, HB = _seg_blocks(HW)
+    block_hw, nblk, NCH = _seg_blocks(HW, "seg_bwd_block_hw", "seg_bwd_px")
     dx = torch.empty_like(logits)
     dz = torch.empty_like(z)
-    _ce_ignore_bwd_kernel[(HB, B)](
-        g.contiguous(), logits, target, z, L.contiguous(), count, dx, dz, B, HW, int(ignore_index),
-        K=K, BLOCK_K=_npow2(K), C=C, BLOCK_HW=block_hw, REREAD=CONFIG["seg_reread"],
-        num_warps=CONFIG["seg_warps"],
+    _ce_ignore_bwd_kernel[(K, NCH, B)](
+        g.contiguous(), logits, target, z, L.contiguous(), count, dx, dz, B, int(ignore_index),
+        K=K, BLOCK_K=_npow2(K), HW=HW, C=C, BLOCK_HW=block_hw, NBLK=nblk,
+        num_warps=CONFIG["seg_bwd_warps"],
     )
     return dx, dz

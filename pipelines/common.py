@@ -216,8 +216,9 @@ def resize_taskonomy(x: torch.Tensor, size: int, mode: str, bits: int) -> torch.
     else:
         y = F.interpolate(xf, size=(size, size), mode="nearest-exact")
     y = y.round_().clamp_(0, (1 << bits) - 1)
-    if bits == 16:
-        return y.to(torch.int32).to(torch.int16)   # back to the int16 bit-cast of the uint16 value
+    if bits == 16:   # back to the int16 bit-cast of the uint16 value (explicit: no reliance on wrap-around)
+        v = y.to(torch.int32)
+        return torch.where(v >= 32768, v - 65536, v).to(torch.int16)
     return y.to(torch.uint8)
 
 

@@ -3,7 +3,8 @@
 * CUDA-graph capture/replay: the captured step increments the seed tensor in place, so every
   replay must draw fresh noise that matches the reference for that seed value.
 * A captured fwd+bwd DMTG step replays to the same numbers as eager.
-* Realistic Taskonomy/CelebA sizes vs the reference (relative error norms).
+* Realistic Taskonomy/CelebA sizes vs the reference (relative error norms), for ce_ignore with
+  every setting the benchmark sweep may choose.
 * Gumbel noise stays finite and accurate over millions of draws (U near 1 included).
 * bf16 autocast end to end, torch.compile on CUDA.
 """
@@ -139,6 +140,41 @@ def test_taskonomy_sizes(dtype):
     for i, (a, b) in enumerate(zip(res["triton"], res["reference"])):
         tol = 1e-5 if i < 4 else gtol
         assert _rel(a, b) < tol, (i, _rel(a, b))
+
+
+def _seg_candidate(i):
+    from fastdmtg.kernels.head_loss import SEG_CANDIDATES
+
+    settings = {}
+    for keys, values in SEG_CANDIDATES.items():
+        settings.update(zip(keys, values[i % len(values)]))
+    return settings
+
+
+@pytest.mark.parametrize("H,W", [(256, 256), (250, 250)])  # 250x250: partial and empty blocks
+@pytest.mark.parametrize("cand", range(5))
+def test_ce_ignore_sweep_candidates(cand, H, W):
+    """Every ce_ignore setting benchmarks/kernels.py --sweep may pick, vs the reference."""
+    from fastdmtg.kernels import CONFIG
+
+    saved = dict(CONFIG)
+    CONFIG.update(_seg_candidate(cand))
+    try:
+        K, B, C = 3, 2, 18
+        seg = torch.randn(K, B, C, H, W, device=DEV, dtype=torch.bfloat16, requires_grad=True)
+        seg_t = torch.randint(0, C, (B, H, W), device=DEV)  # class 0 = ignored
+        z = torch.softmax(torch.randn(K, device=DEV), 0).requires_grad_(True)
+        res = {}
+        for backend in ("reference", "triton"):
+            ops.set_backend(backend)
+            total, L = ops.ce_ignore_loss(seg, seg_t, z)
+            res[backend] = (total, L) + torch.autograd.grad(1.3 * total, (seg, z))
+        for i, (a, b) in enumerate(zip(res["triton"], res["reference"])):
+            assert torch.isfinite(a).all()
+            assert _rel(a, b) < (1e-5 if i != 2 else 1e-2), (i, _rel(a, b))
+    finally:
+        CONFIG.clear()
+        CONFIG.update(saved)
 
 
 def test_celeba_sizes_bf16_autocast():

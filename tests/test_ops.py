@@ -6,7 +6,9 @@ costs ~5 ms per program instance, so shapes stay small but straddle the block bo
   gumbel     BLOCK_K = next_pow2(K) (K = 1, 2, 3, 5, 16), BLOCK_N = 1024 // BLOCK_K rows
   attr (ce/bce) BLOCK_B = min(next_pow2(B), 256): B = 7, 33, 300 (two batch blocks)
   masked_l1  BLOCK = 1024 pixels (pinned below): H*W = 2145 spans three blocks
-  ce_ignore  BLOCK_HW = 128 pixels (pinned below): H*W = 17*19 = 323 spans three blocks
+  ce_ignore  BLOCK_HW = 128 pixels, 2 blocks per program (pinned below): H*W = 17*19 = 323 spans
+             three blocks and two programs per head, the last block partly and the one after it
+             entirely masked
 (The dense block sizes are pinned small here so the boundaries are exercised at test sizes;
 tests/test_kernels_gpu.py runs the production defaults on realistic sizes.)
 
@@ -47,7 +49,8 @@ def _restore_backend():
         from fastdmtg.kernels import CONFIG
 
         cfg = dict(CONFIG)
-        CONFIG.update(l1_block=1024, l1_warps=4, seg_block_hw=128, seg_warps=4)
+        CONFIG.update(l1_block=1024, l1_warps=4, seg_block_hw=128, seg_warps=4, seg_px=256, seg_unroll=2,
+                      seg_bwd_block_hw=128, seg_bwd_warps=4, seg_bwd_px=256)
     yield
     ops._backend = saved
     if cfg is not None:

@@ -48,6 +48,8 @@ METHODS: dict[str, str] = {
     "dmtg": "fastdmtg.methods.dmtg:DMTG",
     "naive-mtl": "fastdmtg.methods.naive:NaiveMTL",
     "fixed": "fastdmtg.methods.fixed:FixedGroups",
+    "tag-affinity": "fastdmtg.methods.tag:TagAffinity",
+    "networks": "fastdmtg.methods.networks:NetworkGroups",
 }
 
 

@@ -1,0 +1,658 @@
+"""Comparison of grouping methods on one recipe: the DMTG paper's Tables 1–4 and A4/A5.
+
+    fastdmtg compare --recipe synthetic_k3 --methods naive,stl,rg,tag,hoa,bmtn,dmtg,dmtg-two-shot \\
+                     --k 2,3 --out DIR [--set KEY=VALUE ...] [--seeds 3] [--data-root PATH]
+
+Every method is a grouping method of the same trainer on the same models, data and metrics; this
+module only decides which runs a method needs (each in its own folder under DIR, trained by
+``fastdmtg.train.train``), reads their results and writes the tables. Resumable: a run folder with
+results.json is reused, one with only checkpoints is resumed; re-running the same command continues
+an interrupted comparison. One progress line per run.
+
+Methods (docs/baselines.md has the details and the deviations from the papers):
+    naive          naive MTL, one encoder (the NormGain reference)
+    stl            one network per task: ``fixed`` groups 0|1|...|N−1 with nothing shared
+    rg             random partition into K groups, mean ± std over --seeds partitions
+    tag            TAG: affinity run (tag-affinity) → tag_select → train the chosen networks
+    hoa            HOA: all pair networks + the STL singles → hoa_select → train the chosen networks
+    bmtn           BMTN: RSA affinity from the STL networks → split point + clustering → train
+    dmtg           DMTG (one shot)
+    dmtg-two-shot  DMTG's groups retrained from scratch and from the naive-MTL weights (Table 4)
+
+Outputs in DIR: comparison.md (all tables), comparison.csv (one row per method × K),
+groupings.csv (Table A4/A5 shape), per_task.csv, comparison.json (everything, including the
+affinity matrices and the selections).
+
+Relative encoder cost = Σ over the runs a method needed of (encoder branches × epochs), divided by
+naive MTL's (1 × epochs). A TAG affinity run counts 1 + N/affinity_every (each measurement costs
+about N encoder forward+backward passes). Hours = Σ train_time_s of those runs / 3600; for RG
+both are per random partition (the mean over seeds).
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import math
+import random
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .config import Config, ConfigError, apply_overrides, get_recipe
+
+ALL_METHODS = ["naive", "stl", "rg", "tag", "hoa", "bmtn", "dmtg", "dmtg-two-shot"]
+ALIASES = {"naive-mtl": "naive", "two-shot": "dmtg-two-shot"}
+# config keys that may differ between invocations without invalidating a finished run
+_VOLATILE = {("train", "progress"), ("train", "tensorboard"), ("train", "device"), ("data", "root"),
+             ("data", "cache_dir"), ("data", "num_workers"), ("train", "kernels")}
+
+
+def _comparable(cfg_dict: dict) -> dict:
+    d = json.loads(json.dumps(cfg_dict))
+    d.pop("name", None)
+    for sec, key in _VOLATILE:
+        d.get(sec, {}).pop(key, None)
+    return d
+
+
+def random_partition(n: int, k: int, seed: int) -> list[list[int]]:
+    """A uniformly random assignment of n tasks to exactly k non-empty groups (rejection sampling
+    of uniform labellings; groups ordered by their smallest task)."""
+    if not 1 <= k <= n:
+        raise ValueError(f"cannot split {n} tasks into {k} non-empty groups")
+    rng = random.Random(1_000_003 * seed + k)
+    for _ in range(100_000):
+        labels = [rng.randrange(k) for _ in range(n)]
+        if len(set(labels)) == k:
+            break
+    else:  # vanishingly unlikely; fall back to seeding each group with one task
+        perm = list(range(n))
+        rng.shuffle(perm)
+        labels = [0] * n
+        for g, t in enumerate(perm):
+            labels[t] = g if g < k else rng.randrange(k)
+    groups = [[t for t in range(n) if labels[t] == g] for g in range(k)]
+    return sorted(groups, key=lambda g: g[0])
+
+
+def partition_of(assignment: list[int]) -> list[list[int]]:
+    used = sorted(set(assignment), key=lambda a: assignment.index(a))
+    return [[t for t, a in enumerate(assignment) if a == k] for k in used]
+
+
+def fixed_spec(groups: list[list[int]]) -> str:
+    return "|".join(",".join(str(t) for t in g) for g in groups)
+
+
+@dataclass
+class Row:
+    method: str
+    k: int | None
+    results: list[dict]                      # the evaluated run(s): one, or one per RG seed
+    cost_runs: list[tuple[str, float, float]] = field(default_factory=list)   # (key, branch-epochs, seconds)
+    groups: list[list[list[int]]] = field(default_factory=list)   # per result: served partition
+    networks: list[list[list[int]]] = field(default_factory=list)  # per result: trained networks (overlap)
+    notes: list[str] = field(default_factory=list)
+    error: str | None = None
+    flops: float | None = None
+
+
+class Comparison:
+    def __init__(self, base: Config, out: Path, ks: list[int], seeds: int = 3, overlap: str = "train",
+                 rsa_images: int = 256, naive_cfg: Config | None = None, progress: bool = False,
+                 log=print):
+        from .data import build_data
+        self.base, self.out, self.ks, self.seeds = base, Path(out), ks, seeds
+        self.overlap, self.rsa_images, self.progress, self.log = overlap, rsa_images, progress, log
+        data = build_data(base.data, progress=False)
+        self.names = data.taskset.names
+        self.specs = data.taskset.specs
+        self.image_size = data.image_size
+        self.unified_error = data.taskset.unified_error
+        self.n = len(self.names)
+        self.naive_base = naive_cfg
+        self.count = 0
+        self._cost: dict[str, tuple[float, float]] = {}
+        self._by_config: dict[str, str] = {}
+        self._memo: dict[str, object] = {}
+        self.details: dict[str, object] = {}
+
+    # ------------------------------------------------------------------ runs
+    def cfg(self, overrides: list[str], base: Config | None = None) -> Config:
+        return apply_overrides(base or self.base, [f"train.progress={str(self.progress).lower()}", *overrides])
+
+    def run(self, key: str, cfg: Config, label: str, cost_factor: float = 1.0) -> dict:
+        """Train (or reuse) the run in OUT/key; returns its results with '_dir' and '_key'."""
+        from .train import train
+        self.count += 1
+        run_dir = self.out / key
+        cfg = apply_overrides(cfg, [f"name={key.replace('/', '-')}"])
+        ident = json.dumps(_comparable(cfg.to_dict()), sort_keys=True)
+        tag = f"[{self.count}] {label}: {key}"
+        same = self._by_config.get(ident)
+        if same is not None and same != key and (self.out / same / "results.json").exists():
+            res = json.loads((self.out / same / "results.json").read_text())
+            self.log(f"{tag} — identical to {same}, reused", flush=True)
+            run_dir, key = self.out / same, same
+        else:
+            cfg_path = run_dir / "config.json"
+            if cfg_path.exists():
+                old = json.loads(cfg_path.read_text())
+                if json.dumps(_comparable(old), sort_keys=True) != ident:
+                    raise ValueError(f"{run_dir} holds a run with another configuration (the recipe, --set or "
+                                     "--k changed?); delete the folder or use another --out")
+            res_path = run_dir / "results.json"
+            if res_path.exists():
+                res = json.loads(res_path.read_text())
+                self.log(f"{tag} — finished earlier, reused", flush=True)
+            else:
+                resume = (run_dir / "checkpoints" / "last.pt").exists()
+                self.log(f"{tag} — {'resuming' if resume else 'training'} "
+                         f"({cfg.grouping.method}, K={cfg.model.branches}, {cfg.train.epochs} epochs)", flush=True)
+                t0 = time.perf_counter()
+                res = train(cfg, run_dir, resume=resume)
+                err = f", total error {res['total_error']:.2f}" if res.get("total_error") is not None else ""
+                self.log(f"    done in {time.perf_counter() - t0:.0f} s: test total loss {res['total_loss']:.4f}{err}",
+                         flush=True)
+            self._by_config[ident] = key
+        res["_dir"], res["_key"] = str(run_dir), key
+        self._cost[key] = (res["num_branches"] * res["epochs"] * cost_factor, float(res["train_time_s"]))
+        return res
+
+    def cost(self, res: dict) -> tuple[str, float, float]:
+        be, sec = self._cost[res["_key"]]
+        return res["_key"], be, sec
+
+    def once(self, name: str, fn):
+        if name not in self._memo:
+            self._memo[name] = fn()
+        return self._memo[name]
+
+    # ------------------------------------------------------------------ shared runs
+    def naive(self) -> dict:
+        def go():
+            over = ["grouping.method=naive-mtl", "model.branches=1"]
+            return self.run("naive", self.cfg(over, self.naive_base), "naive")
+        return self.once("naive", go)
+
+    def stl_cfg(self) -> tuple[Config, list[str]]:
+        """STL: nothing may be shared between the task networks — a configured shared trunk is
+        switched off (and the result checked on the built model)."""
+        from .models import build_parts
+        notes = []
+        over = ["grouping.method=fixed", f"grouping.groups={fixed_spec([[t] for t in range(self.n)])}"]
+        m = self.base.model
+        if m.arch == "resnet_celeba" and m.shared != "none":
+            over.append("model.shared=none")
+            notes.append(f"STL: model.shared={m.shared} overridden to none (single-task networks share nothing)")
+        if m.arch in ("xception", "vit_base") and m.shared_blocks != 0:
+            over.append("model.shared_blocks=0")
+            notes.append(f"STL: model.shared_blocks={m.shared_blocks} overridden to 0 (nothing shared)")
+        cfg = self.cfg(over)
+        shared = build_parts(cfg.model, self.specs, self.image_size).shared
+        if any(True for _ in shared.parameters()):
+            raise ValueError("STL: this model still has a shared trunk with parameters (model.shared); "
+                             "single-task networks must not share one")
+        return cfg, notes
+
+    def stl(self) -> dict:
+        def go():
+            cfg, notes = self.stl_cfg()
+            for note in notes:
+                self.log(f"    note: {note}", flush=True)
+            res = self.run("stl", cfg, "stl")
+            res["_notes"] = notes
+            return res
+        return self.once("stl", go)
+
+    def dmtg_run(self, k: int) -> dict:
+        return self.once(f"dmtg{k}", lambda: self.run(
+            f"dmtg/k{k}", self.cfg(["grouping.method=dmtg", f"model.branches={k}"]), f"dmtg K={k}"))
+
+    def train_selection(self, key: str, label: str, sel) -> dict:
+        """Train a TAG/HOA selection: overlapping networks as such (``networks`` method: a task is
+        trained in every chosen network containing it, served by its best one), or — with
+        --overlap partition — only the served partition (``fixed``)."""
+        from .methods.networks import format_networks
+        aux = any(sel.auxiliary())
+        if aux and self.overlap == "train":
+            spec = format_networks([list(s) for s in sel.networks], sel.served)
+            over = ["grouping.method=networks", f"grouping.groups={spec}", f"model.branches={len(sel.networks)}"]
+        else:
+            over = ["grouping.method=fixed", f"grouping.groups={fixed_spec(sel.partition())}"]
+        return self.run(key, self.cfg(over), label)
+
+    # ------------------------------------------------------------------ methods
+    def m_naive(self) -> list[Row]:
+        r = self.naive()
+        return [Row("naive", None, [r], [self.cost(r)], [partition_of(r["assignment"])])]
+
+    def m_stl(self) -> list[Row]:
+        r = self.stl()
+        return [Row("stl", None, [r], [self.cost(r)], [partition_of(r["assignment"])], notes=list(r["_notes"]) +
+                    ["K=N branches with nothing shared in one model train exactly like N separate networks "
+                     "(losses never mix; same initialisation and batch order; one joint best epoch)"])]
+
+    def m_rg(self) -> list[Row]:
+        rows = []
+        for k in self.ks:
+            if k > self.n:
+                continue
+            res, costs, groups = [], [], []
+            for s in range(self.seeds):
+                part = random_partition(self.n, k, s)
+                r = self.run(f"rg/k{k}/seed{s}", self.cfg(["grouping.method=fixed", f"grouping.groups={fixed_spec(part)}"]),
+                             f"rg K={k} seed {s}")
+                res.append(r)
+                costs.append(self.cost(r))
+                groups.append(part)
+            rows.append(Row("rg", k, res, costs, groups, notes=[f"mean ± std over {self.seeds} random partitions; "
+                                                                "cost and hours per partition"]))
+        return rows
+
+    def tag_affinity(self) -> tuple[dict, np.ndarray]:
+        def go():
+            cfg = self.cfg(["grouping.method=tag-affinity", "model.branches=1"])
+            r = self.run("tag/affinity", cfg, "tag affinity", cost_factor=1.0 + self.n / cfg.grouping.affinity_every)
+            if r.get("tag_affinity") is None:
+                raise ValueError("the TAG affinity run recorded no measurement (grouping.affinity_every larger "
+                                 "than the number of steps?)")
+            return r, np.array(r["tag_affinity"])
+        return self.once("tag_affinity", go)
+
+    def m_tag(self) -> list[Row]:
+        from .grouping_search import tag_select
+        aff_run, Z = self.tag_affinity()
+        self.details["tag_affinity"] = {"matrix": Z.tolist(), "measurements": aff_run["tag_affinity_measurements"],
+                                        "every": aff_run["tag_affinity_every"], "run": aff_run["_key"]}
+        rows = []
+        for k in self.ks:
+            sel = tag_select(Z, k)
+            self.details[f"tag_selection_k{k}"] = sel.to_dict()
+            r = self.train_selection(f"tag/k{k}", f"tag K={k}", sel)
+            notes = self._selection_notes(sel)
+            rows.append(Row("tag", k, [r], [self.cost(aff_run), self.cost(r)], [sel.partition()],
+                            self._trained_networks(sel), notes=notes))
+        return rows
+
+    def _trained_networks(self, sel) -> list:
+        return [[list(s) for s in sel.networks]] if self.overlap == "train" and any(sel.auxiliary()) else []
+
+    def _selection_notes(self, sel) -> list[str]:
+        notes = []
+        if any(sel.auxiliary()):
+            how = ("each task trained in every chosen network containing it and evaluated from its best one"
+                   if self.overlap == "train" else "only the served partition trained (--overlap partition)")
+            notes.append(f"overlapping networks {[list(s) for s in sel.networks]}: {how}; groups = each task's "
+                         "best network, as the paper reports")
+        if not sel.optimal:
+            notes.append(f"selection not proven optimal ({sel.solver}, node limit)")
+        return notes
+
+    def hoa_tables(self) -> tuple[np.ndarray, np.ndarray, list[dict]]:
+        """Single-task and pair validation losses, each network at its own best epoch."""
+        def go():
+            stl = self.stl()
+            single = np.array(_best_val_losses(stl, [[t] for t in range(self.n)])[0])
+            pair = np.full((self.n, self.n), np.nan)
+            runs = []
+            for a in range(self.n):
+                for b in range(a + 1, self.n):
+                    cfg = self.cfg(["grouping.method=networks", f"grouping.groups={a},{b}", "model.branches=1"])
+                    r = self.run(f"hoa/pair_{a}_{b}", cfg, f"hoa pair ({self.names[a]}, {self.names[b]})")
+                    runs.append(r)
+                    la, lb = _best_val_losses(r, [[a, b]])[0]
+                    pair[a, b], pair[b, a] = la, lb
+            return single, pair, runs
+        return self.once("hoa_tables", go)
+
+    def m_hoa(self) -> list[Row]:
+        from .grouping_search import hoa_select
+        single, pair, pair_runs = self.hoa_tables()
+        stl = self.stl()
+        self.details["hoa_losses"] = {"single": single.tolist(), "pair": np.nan_to_num(pair).tolist(),
+                                      "note": "pair[t][u] = val loss of t in the network {t,u}"}
+        rows = []
+        for k in self.ks:
+            sel = hoa_select(single, pair, k)
+            self.details[f"hoa_selection_k{k}"] = sel.to_dict()
+            r = self.train_selection(f"hoa/k{k}", f"hoa K={k}", sel)
+            costs = [self.cost(stl)] + [self.cost(p) for p in pair_runs] + [self.cost(r)]
+            rows.append(Row("hoa", k, [r], costs, [sel.partition()], self._trained_networks(sel),
+                            notes=self._selection_notes(sel)))
+        return rows
+
+    def m_bmtn(self) -> list[Row]:
+        from .grouping_search import bmtn_select
+        from .methods.bmtn import split_options, stl_rsa_affinity
+        splits = split_options(self.base.model, self.specs, self.image_size)   # refuses other backbones
+        stl = self.stl()
+        rsa = self.once("rsa", lambda: stl_rsa_affinity(stl["_dir"], self.rsa_images))
+        A = rsa["affinity"]
+        self.details["bmtn_rsa"] = {"locations": rsa["locations"], "num_images": rsa["num_images"],
+                                    "affinity": A.tolist()}
+        recipe_split = splits[self.base.model.shared]
+        rows = []
+        for k in self.ks:
+            budget = recipe_split["shared_params"] + k * recipe_split["branch_params"]
+            sel = bmtn_select(A, k, splits, budget)
+            self.details[f"bmtn_selection_k{k}"] = {key: v for key, v in sel.items()}
+            over = ["grouping.method=fixed", f"grouping.groups={fixed_spec(sel['groups'])}",
+                    f"model.shared={sel['split']}"]
+            r = self.run(f"bmtn/k{k}", self.cfg(over), f"bmtn K={k}")
+            notes = [f"split {sel['split']} (encoder params {sel['params']:,} ≤ budget {budget:,}), "
+                     f"clustering cost {sel['cost']:.3f}"]
+            if not sel["optimal"]:
+                notes.append("clustering by complete linkage + local moves (too many partitions to enumerate)")
+            rows.append(Row("bmtn", k, [r], [self.cost(stl), self.cost(r)], [sel["groups"]], notes=notes))
+        return rows
+
+    def m_dmtg(self) -> list[Row]:
+        rows = []
+        for k in self.ks:
+            r = self.dmtg_run(k)
+            rows.append(Row("dmtg", k, [r], [self.cost(r)], [partition_of(r["assignment"])]))
+        return rows
+
+    def m_dmtg_two_shot(self) -> list[Row]:
+        rows = []
+        for k in self.ks:
+            d = self.dmtg_run(k)
+            groups = partition_of(d["assignment"])
+            spec = fixed_spec(groups)
+            scratch = self.run(f"dmtg-two-shot/k{k}/scratch", self.cfg(["grouping.method=fixed", f"grouping.groups={spec}"]),
+                               f"dmtg two-shot K={k} (scratch)")
+            nv = self.naive()
+            init = self.run(f"dmtg-two-shot/k{k}/naive-init",
+                            self.cfg(["grouping.method=fixed", f"grouping.groups={spec}", f"train.init_from={nv['_dir']}"]),
+                            f"dmtg two-shot K={k} (naive init)")
+            rows.append(Row("dmtg two-shot (scratch)", k, [scratch], [self.cost(d), self.cost(scratch)], [groups]))
+            rows.append(Row("dmtg two-shot (naive init)", k, [init], [self.cost(d), self.cost(nv), self.cost(init)],
+                            [groups]))
+        return rows
+
+    def run_methods(self, methods: list[str]) -> tuple[list[Row], int]:
+        from .train import TrainingInterrupted
+        rows, failed = [], 0
+        self.naive()                                   # the reference of every NormGain
+        for m in methods:
+            fn = getattr(self, "m_" + m.replace("-", "_"))
+            try:
+                rows.extend(fn())
+            except TrainingInterrupted:
+                raise
+            except (ValueError, NotImplementedError, RuntimeError, FileNotFoundError) as e:
+                failed += 1
+                self.log(f"method {m} failed: {e}", flush=True)
+                rows.append(Row(m, None, [], error=str(e)))
+        _add_flops(rows, self)
+        return rows, failed
+
+
+def _best_val_losses(res: dict, task_sets: list[list[int]]) -> list[list[float]]:
+    """For each task set: the per-task validation losses at the epoch where the set's summed val
+    loss is lowest (a network's own best epoch; the trainer's best epoch would also count
+    untrained tasks of a partial run). Single tasks each get their own best epoch."""
+    hist = json.loads((Path(res["_dir"]) / "history.json").read_text())
+    names = res["tasks"]
+    vals = [h["val"]["loss"] for h in hist if "val" in h]
+    if not vals:
+        raise ValueError(f"{res['_dir']}: no validation results in history.json")
+    out = []
+    for ts in task_sets:
+        best = min(vals, key=lambda v: sum(v[names[t]] for t in ts))
+        out.append([best[names[t]] for t in ts])
+    return out
+
+
+def _add_flops(rows: list[Row], cmp: Comparison) -> None:
+    """GFLOPs per image of each row's evaluated training model, if fastdmtg.bench offers
+    ``gflops_per_image(cfg) -> float``; silently skipped otherwise."""
+    try:
+        from . import bench
+        fn = getattr(bench, "gflops_per_image")
+    except (ImportError, AttributeError):
+        return
+    for row in rows:
+        if row.results:
+            try:
+                row.flops = float(fn(Config.load(Path(row.results[0]["_dir"]) / "config.json")))
+            except Exception:                          # a benchmark helper must never sink the tables
+                row.flops = None
+
+
+# ----------------------------------------------------------------------------- tables
+
+def _ms(values: list[float | None]) -> tuple[float | None, float | None]:
+    vals = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
+    if not vals:
+        return None, None
+    mean = sum(vals) / len(vals)
+    std = math.sqrt(sum((v - mean) ** 2 for v in vals) / (len(vals) - 1)) if len(vals) > 1 else 0.0
+    return mean, std
+
+
+def row_metrics(row: Row, naive: dict) -> dict:
+    from .metrics import normgain
+    if row.error:
+        return {}
+    tl = [r["total_loss"] for r in row.results]
+    te = [r.get("total_error") for r in row.results]
+    ngl = [normgain(naive["test"]["loss"], r["test"]["loss"])["value"] for r in row.results]
+    nge = [normgain(naive["test"]["error"], r["test"]["error"])["value"]
+           if r.get("total_error") is not None and naive.get("total_error") is not None else None
+           for r in row.results]
+    naive_units = naive["epochs"]
+    # RG: one row holds S independent partitions; its cost is that of one of them (mean)
+    per = max(len(row.results), 1) if row.method == "rg" else 1
+    cost = sum(c[1] for c in row.cost_runs) / naive_units / per
+    hours = sum(c[2] for c in row.cost_runs) / 3600 / per
+    out = {}
+    for name, vals in (("total_loss", tl), ("total_error", te), ("normgain_loss", ngl), ("normgain_error", nge)):
+        out[name], out[name + "_std"] = _ms(vals)
+    out.update(rel_encoder_cost=cost, hours=hours, runs=len(row.cost_runs), n=len(row.results))
+    return out
+
+
+def _fmt(v, std=None, n=1, digits=4, signed=False):
+    if v is None:
+        return "—"
+    s = f"{v:+.{digits}f}" if signed else f"{v:.{digits}f}"
+    if n > 1 and std is not None:
+        s += f" ± {std:.{digits}f}"
+    return s
+
+
+def _groups_text(groups: list[list[int]], names: list[str]) -> str:
+    return " | ".join(",".join(names[t] for t in g) for g in groups)
+
+
+def build_tables(rows: list[Row], names: list[str], naive: dict) -> dict:
+    """→ {"markdown": str, "csv": str, "groupings_csv": str, "per_task_csv": str, "rows": [...]}"""
+    has_flops = any(r.flops is not None for r in rows)
+    head = ["Method", "K", "Total loss ↓", "Total error ↓", "NormGain_L (%) ↑", "NormGain_E (%) ↑",
+            "Rel. encoder cost", "Hours", "Runs"] + (["GFLOPs/img"] if has_flops else []) + ["Groups (served)"]
+    md = ["## Results (Tables 1 and 3)", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    csv_rows, json_rows = [], []
+    for row in rows:
+        m = row_metrics(row, naive)
+        k = "—" if row.k is None else str(row.k)
+        if row.error:
+            md.append(f"| {row.method} | {k} | failed: {row.error} |" + " |" * (len(head) - 3))
+            json_rows.append({"method": row.method, "K": row.k, "error": row.error})
+            continue
+        groups = _groups_text(row.groups[0], names) if len(row.groups) == 1 else f"{len(row.groups)} random partitions"
+        cells = [row.method, k, _fmt(m["total_loss"], m["total_loss_std"], m["n"]),
+                 _fmt(m["total_error"], m["total_error_std"], m["n"], 2),
+                 _fmt(m["normgain_loss"], m["normgain_loss_std"], m["n"], 2, True) if row.method != "naive" else "—",
+                 _fmt(m["normgain_error"], m["normgain_error_std"], m["n"], 2, True) if row.method != "naive" else "—",
+                 f"{m['rel_encoder_cost']:.2f}", f"{m['hours']:.3f}", str(m["runs"])]
+        if has_flops:
+            cells.append("—" if row.flops is None else f"{row.flops:.3f}")
+        cells.append(groups)
+        md.append("| " + " | ".join(cells) + " |")
+        rec = {"method": row.method, "K": row.k, **m, "gflops_per_image": row.flops,
+               "groups": [[[names[t] for t in g] for g in part] for part in row.groups],
+               "networks": [[[names[t] for t in g] for g in nets] for nets in row.networks],
+               "runs_used": [c[0] for c in row.cost_runs], "notes": row.notes}
+        json_rows.append(rec)
+        csv_rows.append({"method": row.method, "K": "" if row.k is None else row.k,
+                         **{key: ("" if m[key] is None else m[key]) for key in
+                            ("total_loss", "total_loss_std", "total_error", "total_error_std", "normgain_loss",
+                             "normgain_loss_std", "normgain_error", "normgain_error_std", "rel_encoder_cost",
+                             "hours", "runs", "n")},
+                         "gflops_per_image": "" if row.flops is None else row.flops,
+                         "groups": _groups_text(row.groups[0], names) if len(row.groups) == 1 else ""})
+    notes = [(row.method, row.k, n) for row in rows for n in row.notes]
+    if notes:
+        md += ["", "Notes:"] + [f"- {m}{'' if k is None else f' K={k}'}: {n}" for m, k, n in notes]
+    md += ["", "Total loss/error: sums over tasks on the test split (total error = Σ 100·(1 − acc)). NormGain vs "
+           "the naive-MTL run. Rel. encoder cost: Σ branches × epochs of every run the method needed / naive MTL's "
+           "(TAG's affinity run counts 1 + N/affinity_every); RG: per random partition. Hours: Σ train_time_s of "
+           "those runs."]
+
+    # per-task table (Table 2 shape)
+    md += ["", "## Per task: test loss (NormGain_L %) (Table 2)", "",
+           "| Method | K | " + " | ".join(names) + " |", "|" + "---|" * (len(names) + 2)]
+    pt_rows = []
+    from .metrics import normgain
+    for row in rows:
+        if row.error or not row.results:
+            continue
+        k = "—" if row.k is None else str(row.k)
+        per = [np.mean([r["test"]["loss"][t] for r in row.results]) for t in names]
+        gain = [np.mean([normgain(naive["test"]["loss"], r["test"]["loss"])["per_task"].get(t, float("nan"))
+                         for r in row.results]) for t in names]
+        md.append(f"| {row.method} | {k} | " + " | ".join(
+            f"{v:.3e}" + ("" if row.method == "naive" else f" ({g:+.1f})") for v, g in zip(per, gain)) + " |")
+        pt_rows.append({"method": row.method, "K": row.k, **{f"loss:{t}": v for t, v in zip(names, per)},
+                        **{f"gain:{t}": g for t, g in zip(names, gain)}})
+
+    # two-shot ablation (Table 4 shape)
+    ts = [r for r in rows if r.method.startswith("dmtg") and not r.error]
+    if any(r.method.startswith("dmtg two-shot") for r in ts):
+        md += ["", "## One-shot vs two-shot with DMTG's groups (Table 4)", "",
+               "| K | Method | Total loss ↓ | NormGain_L (%) ↑ | Total error ↓ | NormGain_E (%) ↑ |",
+               "|---|---|---|---|---|---|"]
+        order = {"dmtg two-shot (scratch)": 0, "dmtg two-shot (naive init)": 1, "dmtg": 2}
+        for row in sorted(ts, key=lambda r: (r.k, order.get(r.method, 3))):
+            m = row_metrics(row, naive)
+            label = {"dmtg": "DMTG (one-shot)", "dmtg two-shot (scratch)": "retrain from scratch",
+                     "dmtg two-shot (naive init)": "retrain from naive-MTL init"}[row.method]
+            md.append(f"| {row.k} | {label} | {_fmt(m['total_loss'])} | {_fmt(m['normgain_loss'], signed=True, digits=2)} "
+                      f"| {_fmt(m['total_error'], digits=2)} | {_fmt(m['normgain_error'], signed=True, digits=2)} |")
+
+    # groupings (Tables A4/A5 shape): entry = the group serving the task (1-based); "+g" = also trained in g
+    md += ["", "## Groupings (Tables A4/A5): group serving each task; (+g) also trained in group g", "",
+           "| Method | K | " + " | ".join(names) + " |", "|" + "---|" * (len(names) + 2)]
+    g_rows = []
+    for row in rows:
+        if row.error:
+            continue
+        for i, part in enumerate(row.groups):
+            label = row.method + (f" (seed {i})" if len(row.groups) > 1 else "")
+            served = {t: gi + 1 for gi, g in enumerate(part) for t in g}
+            aux = {t: [] for t in range(len(names))}
+            if i < len(row.networks):
+                # a selection's networks are in the order of its served groups (each serves >= 1 task)
+                for ni, net in enumerate(row.networks[i]):
+                    for t in net:
+                        if served[t] != ni + 1:
+                            aux[t].append(ni + 1)
+            cells = [f"{served[t]}" + (f" (+{','.join(map(str, aux[t]))})" if aux[t] else "") for t in range(len(names))]
+            k = "—" if row.k is None else str(row.k)
+            md.append(f"| {label} | {k} | " + " | ".join(cells) + " |")
+            g_rows.append({"method": label, "K": row.k, **{t: c for t, c in zip(names, cells)}})
+
+    def to_csv(dict_rows):
+        if not dict_rows:
+            return ""
+        buf = io.StringIO()
+        keys = list(dict_rows[0].keys())
+        w = csv.DictWriter(buf, fieldnames=keys)
+        w.writeheader()
+        w.writerows(dict_rows)
+        return buf.getvalue()
+
+    return {"markdown": "\n".join(md) + "\n", "csv": to_csv(csv_rows), "groupings_csv": to_csv(g_rows),
+            "per_task_csv": to_csv(pt_rows), "rows": json_rows}
+
+
+# ----------------------------------------------------------------------------- CLI
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="fastdmtg compare", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--recipe", default="synthetic_k3", help="named recipe (fastdmtg recipes); default synthetic_k3")
+    p.add_argument("--methods", default=",".join(ALL_METHODS), help=f"comma list of {','.join(ALL_METHODS)}")
+    p.add_argument("--k", default=None, help="comma list of K values (default: the recipe's model.branches)")
+    p.add_argument("--out", required=True, help="comparison folder (one subfolder per run; re-run to resume)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config field for every run, e.g. --set train.epochs=5 (repeatable)")
+    p.add_argument("--data-root", help="dataset folder (CelebA / Taskonomy)")
+    p.add_argument("--seeds", type=int, default=3, help="RG: number of random partitions per K (default 3)")
+    p.add_argument("--overlap", choices=["train", "partition"], default="train",
+                   help="TAG/HOA overlapping selections: train every chosen network (default) or only the "
+                        "served partition")
+    p.add_argument("--naive-recipe", help="recipe of the naive-MTL reference (default: the recipe itself with "
+                                          "grouping.method=naive-mtl, i.e. the same optimizer as every method)")
+    p.add_argument("--rsa-images", type=int, default=256, help="BMTN: images for the RDMs (default 256)")
+    p.add_argument("--progress", action="store_true", help="show the trainer's progress bars")
+    return p
+
+
+def compare_main(argv: list[str]) -> int:
+    from .train import NonFiniteLoss, TrainingInterrupted
+    args = _parser().parse_args(argv)
+    methods = []
+    for m in (x.strip() for x in args.methods.split(",") if x.strip()):
+        m = ALIASES.get(m, m)
+        if m not in ALL_METHODS:
+            print(f"error: --methods: unknown method {m!r}; known: {', '.join(ALL_METHODS)}", file=sys.stderr)
+            return 2
+        if m not in methods:
+            methods.append(m)
+    if args.seeds < 1:
+        print("error: --seeds must be >= 1", file=sys.stderr)
+        return 2
+    try:
+        over = ([f"data.root={args.data_root}"] if args.data_root else []) + list(args.overrides)
+        base = apply_overrides(get_recipe(args.recipe), over)
+        naive_cfg = apply_overrides(get_recipe(args.naive_recipe), over) if args.naive_recipe else None
+        ks = [int(x) for x in args.k.split(",")] if args.k else [base.model.branches]
+        if any(k < 1 for k in ks):
+            raise ConfigError("--k: every K must be >= 1")
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        cmp = Comparison(base, out, ks, seeds=args.seeds, overlap=args.overlap, rsa_images=args.rsa_images,
+                         naive_cfg=naive_cfg, progress=args.progress)
+        print(f"comparison of {', '.join(methods)} on {args.recipe} ({cmp.n} tasks), K ∈ {ks}, in {out}", flush=True)
+        rows, failed = cmp.run_methods(methods)
+    except (ConfigError, ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except TrainingInterrupted as e:
+        print(f"\n{e}\ninterrupted: re-run the same command to continue the comparison", file=sys.stderr)
+        return 130
+    except NonFiniteLoss as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 3
+    naive = cmp.naive()
+    tables = build_tables(rows, cmp.names, naive)
+    from .checkpoint import atomic_write_json, atomic_write_text
+    atomic_write_text(out / "comparison.md", f"# Comparison: {args.recipe}, K ∈ {ks}\n\n" + tables["markdown"])
+    atomic_write_text(out / "comparison.csv", tables["csv"])
+    atomic_write_text(out / "groupings.csv", tables["groupings_csv"])
+    atomic_write_text(out / "per_task.csv", tables["per_task_csv"])
+    atomic_write_json(out / "comparison.json", {"recipe": args.recipe, "ks": ks, "methods": methods,
+                                                 "tasks": cmp.names, "seeds": args.seeds, "overlap": args.overlap,
+                                                 "rows": tables["rows"], "details": cmp.details})
+    print()
+    print(tables["markdown"])
+    print(f"tables: {out / 'comparison.md'}, {out / 'comparison.csv'}, {out / 'groupings.csv'}")
+    return 1 if failed else 0
