@@ -182,6 +182,9 @@ def build_stepper(cfg: Config, device: torch.device, *, loader: str = "memory", 
                            cfg.data.image_size)
     speed = resolve_speed(cfg, device, 1)
     model = build_multibranch(cfg.model, specs, cfg.data.image_size).to(device)
+    if speed["batched"]:
+        from .models.batched import BatchedMultiBranchNet
+        model = BatchedMultiBranchNet(model)
     if speed["channels_last"]:
         model = model.to(memory_format=torch.channels_last)
     method = build_method(cfg, len(names), names).to(device)
@@ -241,7 +244,8 @@ def step_main(argv: list[str]) -> int:
     ap.add_argument("--jpegs", type=int, default=8192, help="JPEG files for the DataLoader row (0: skip the row)")
     ap.add_argument("--workers", type=int, default=8)
     ap.add_argument("--scaling", action="store_true", help="also step time vs K (2..5) and N (9 vs 40)")
-    ap.add_argument("--only", default="", help="comma-separated row names to run")
+    ap.add_argument("--only", default="", help="comma-separated row indices to run")
+    ap.add_argument("--scaling-set", action="append", default=[], help="extra overrides for the scaling table")
     ap.add_argument("--out", help="write the Markdown report here too")
     ap.add_argument("--device", default="auto")
     args = ap.parse_args(argv)
@@ -249,7 +253,7 @@ def step_main(argv: list[str]) -> int:
     device = resolve_device(args.device)
     base = get_recipe(args.recipe)
     base = apply_overrides(base, ["train.cuda_graph=off", "train.compile=off", "train.kernels=reference",
-                                  "train.amp=off", "train.channels_last=off"])
+                                  "train.amp=off", "train.channels_last=off", "model.batched=off"])
     flops = count_flops(base)
     fwd_macs = flops["fvcore_1_per_mac"] or flops["torch_2_per_mac"] / 2
     train_flops_per_sample = 3 * 2 * fwd_macs
@@ -262,6 +266,12 @@ def step_main(argv: list[str]) -> int:
         ("+ torch.compile", ["train.amp=bf16", "train.kernels=triton", "train.cuda_graph=on", "train.compile=on"], "memory"),
         ("+ channels_last", ["train.amp=bf16", "train.kernels=triton", "train.cuda_graph=on", "train.compile=on",
                              "train.channels_last=on"], "memory"),
+        ("+ batched branches (grouped conv)", ["train.amp=bf16", "train.kernels=triton", "train.cuda_graph=on",
+                                               "train.compile=on", "train.channels_last=on", "model.batched=on"], "memory"),
+        ("batched, no compile (bf16 + Triton + graph)", ["train.amp=bf16", "train.kernels=triton", "train.cuda_graph=on",
+                                                         "model.batched=on"], "memory"),
+        ("batched + compile, no channels_last", ["train.amp=bf16", "train.kernels=triton", "train.cuda_graph=on",
+                                                 "train.compile=on", "model.batched=on"], "memory"),
         ("bf16 + CUDA graph, reference losses (no Triton)", ["train.amp=bf16", "train.cuda_graph=on"], "memory"),
         ("bf16 + compile (no graph)", ["train.amp=bf16", "train.kernels=triton", "train.compile=on"], "memory"),
     ]
@@ -314,11 +324,12 @@ def step_main(argv: list[str]) -> int:
         out.append({"name": name, **r})
         print(lines[-1], flush=True)
     if args.scaling and device.type == "cuda":
-        best = ["train.amp=bf16", "train.kernels=triton", "train.cuda_graph=on"]
-        lines += ["", "### scaling (bf16 + Triton + CUDA graph)", "",
+        best = ["train.amp=bf16", "train.kernels=triton", "train.cuda_graph=on", "train.compile=on",
+                "train.channels_last=on"] + args.scaling_set
+        lines += ["", f"### scaling ({' '.join(best)})", "",
                   "| recipe | K | N | ms/step | img/s |", "|---|---:|---:|---:|---:|"]
         for name in ("celeba9_k2", "celeba9_k3", "celeba9_k4", "celeba9_k5", "celeba40_k5"):
-            cfg = apply_overrides(get_recipe(name), best + ["train.compile=off"])
+            cfg = apply_overrides(get_recipe(name), best)
             r = measure_step(cfg, device, steps=args.steps, repeats=args.repeats, warmup=args.warmup)
             lines.append(f"| {name} | {cfg.model.branches} | {len(_task_specs(cfg))} | {r['ms_per_step']:.3f} | "
                          f"{r['img_per_s']:,.0f} |")

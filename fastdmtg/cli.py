@@ -131,6 +131,16 @@ def cmd_eval(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in ("compare", "bench", "profile"):
+        # these parse their own options (argparse's REMAINDER cannot pass a leading --option through)
+        import importlib
+        mod = importlib.import_module(f"fastdmtg.{'compare' if argv[0] == 'compare' else 'bench'}")
+        try:
+            return getattr(mod, f"{argv[0]}_main")(argv[1:])
+        except (ConfigError, FileNotFoundError, ValueError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
     ap = argparse.ArgumentParser(prog="fastdmtg", description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
     _train_parser(sub)

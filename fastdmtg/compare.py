@@ -105,10 +105,11 @@ class Row:
 class Comparison:
     def __init__(self, base: Config, out: Path, ks: list[int], seeds: int = 3, overlap: str = "train",
                  rsa_images: int = 256, naive_cfg: Config | None = None, progress: bool = False,
-                 log=print):
+                 flops: bool = True, log=print):
         from .data import build_data
         self.base, self.out, self.ks, self.seeds = base, Path(out), ks, seeds
         self.overlap, self.rsa_images, self.progress, self.log = overlap, rsa_images, progress, log
+        self.flops = flops
         data = build_data(base.data, progress=False)
         self.names = data.taskset.names
         self.specs = data.taskset.specs
@@ -288,8 +289,9 @@ class Comparison:
         if any(sel.auxiliary()):
             how = ("each task trained in every chosen network containing it and evaluated from its best one"
                    if self.overlap == "train" else "only the served partition trained (--overlap partition)")
-            notes.append(f"overlapping networks {[list(s) for s in sel.networks]}: {how}; groups = each task's "
-                         "best network, as the paper reports")
+            nets = _groups_text([list(s) for s in sel.networks], self.names)
+            notes.append(f"overlapping networks {nets}: {how}; groups = each task's best network, as the paper "
+                         "reports")
         if not sel.optimal:
             notes.append(f"selection not proven optimal ({sel.solver}, node limit)")
         return notes
@@ -411,19 +413,30 @@ def _best_val_losses(res: dict, task_sets: list[list[int]]) -> list[list[float]]
 
 
 def _add_flops(rows: list[Row], cmp: Comparison) -> None:
-    """GFLOPs per image of each row's evaluated training model, if fastdmtg.bench offers
-    ``gflops_per_image(cfg) -> float``; silently skipped otherwise."""
-    try:
-        from . import bench
-        fn = getattr(bench, "gflops_per_image")
-    except (ImportError, AttributeError):
+    """GFLOPs per image (forward, batch 1, 1 FLOP per multiply-add as the paper's thop count) of
+    each row's evaluated training network, from ``fastdmtg.bench.count_flops``; skipped when the
+    bench module or fvcore is unavailable, or with --no-flops."""
+    if not cmp.flops:
         return
+    try:
+        from .bench import count_flops
+    except ImportError:
+        return
+    cache: dict[str, float | None] = {}
     for row in rows:
-        if row.results:
+        if not row.results:
+            continue
+        cfg = Config.load(Path(row.results[0]["_dir"]) / "config.json")
+        key = json.dumps([cfg.model.__dict__, cfg.data.image_size, cfg.data.synthetic_groups,
+                          cfg.data.synthetic_tasks_per_group, str(cfg.data.tasks)], sort_keys=True, default=str)
+        if key not in cache:
             try:
-                row.flops = float(fn(Config.load(Path(row.results[0]["_dir"]) / "config.json")))
+                f = count_flops(cfg)
+                macs = f.get("fvcore_1_per_mac") or f["torch_2_per_mac"] / 2
+                cache[key] = macs / 1e9
             except Exception:                          # a benchmark helper must never sink the tables
-                row.flops = None
+                cache[key] = None
+        row.flops = cache[key]
 
 
 # ----------------------------------------------------------------------------- tables
@@ -469,14 +482,14 @@ def _fmt(v, std=None, n=1, digits=4, signed=False):
 
 
 def _groups_text(groups: list[list[int]], names: list[str]) -> str:
-    return " | ".join(",".join(names[t] for t in g) for g in groups)
+    return " ".join("{" + ",".join(names[t] for t in g) + "}" for g in groups)
 
 
 def build_tables(rows: list[Row], names: list[str], naive: dict) -> dict:
     """→ {"markdown": str, "csv": str, "groupings_csv": str, "per_task_csv": str, "rows": [...]}"""
     has_flops = any(r.flops is not None for r in rows)
     head = ["Method", "K", "Total loss ↓", "Total error ↓", "NormGain_L (%) ↑", "NormGain_E (%) ↑",
-            "Rel. encoder cost", "Hours", "Runs"] + (["GFLOPs/img"] if has_flops else []) + ["Groups (served)"]
+            "Rel. encoder cost", "Hours", "Runs"] + (["GFLOPs"] if has_flops else []) + ["Groups (served)"]
     md = ["## Results (Tables 1 and 3)", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     csv_rows, json_rows = [], []
     for row in rows:
@@ -491,7 +504,7 @@ def build_tables(rows: list[Row], names: list[str], naive: dict) -> dict:
                  _fmt(m["total_error"], m["total_error_std"], m["n"], 2),
                  _fmt(m["normgain_loss"], m["normgain_loss_std"], m["n"], 2, True) if row.method != "naive" else "—",
                  _fmt(m["normgain_error"], m["normgain_error_std"], m["n"], 2, True) if row.method != "naive" else "—",
-                 f"{m['rel_encoder_cost']:.2f}", f"{m['hours']:.3f}", str(m["runs"])]
+                 f"{m['rel_encoder_cost']:.2f}", f"{m['hours']:.3g}", str(m["runs"])]
         if has_flops:
             cells.append("—" if row.flops is None else f"{row.flops:.3f}")
         cells.append(groups)
@@ -514,7 +527,9 @@ def build_tables(rows: list[Row], names: list[str], naive: dict) -> dict:
     md += ["", "Total loss/error: sums over tasks on the test split (total error = Σ 100·(1 − acc)). NormGain vs "
            "the naive-MTL run. Rel. encoder cost: Σ branches × epochs of every run the method needed / naive MTL's "
            "(TAG's affinity run counts 1 + N/affinity_every); RG: per random partition. Hours: Σ train_time_s of "
-           "those runs."]
+           "those runs." + (" GFLOPs: forward per image of the evaluated training network (all K·N heads, batch 1), "
+                            "1 FLOP per multiply-add (fastdmtg.bench.count_flops; the paper's thop convention)."
+                            if has_flops else "")]
 
     # per-task table (Table 2 shape)
     md += ["", "## Per task: test loss (NormGain_L %) (Table 2)", "",
@@ -603,11 +618,14 @@ def _parser() -> argparse.ArgumentParser:
                                           "grouping.method=naive-mtl, i.e. the same optimizer as every method)")
     p.add_argument("--rsa-images", type=int, default=256, help="BMTN: images for the RDMs (default 256)")
     p.add_argument("--progress", action="store_true", help="show the trainer's progress bars")
+    p.add_argument("--no-flops", action="store_true", help="skip the FLOPs column (fastdmtg.bench.count_flops)")
     return p
 
 
 def compare_main(argv: list[str]) -> int:
     from .train import NonFiniteLoss, TrainingInterrupted
+    if argv and argv[0] == "--":          # `fastdmtg compare -- ARGS` (see fastdmtg/cli.py)
+        argv = argv[1:]
     args = _parser().parse_args(argv)
     methods = []
     for m in (x.strip() for x in args.methods.split(",") if x.strip()):
@@ -630,7 +648,7 @@ def compare_main(argv: list[str]) -> int:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         cmp = Comparison(base, out, ks, seeds=args.seeds, overlap=args.overlap, rsa_images=args.rsa_images,
-                         naive_cfg=naive_cfg, progress=args.progress)
+                         naive_cfg=naive_cfg, progress=args.progress, flops=not args.no_flops)
         print(f"comparison of {', '.join(methods)} on {args.recipe} ({cmp.n} tasks), K ∈ {ks}, in {out}", flush=True)
         rows, failed = cmp.run_methods(methods)
     except (ConfigError, ValueError, FileNotFoundError) as e:

@@ -98,6 +98,7 @@ class ModelConfig:
     grad_scale: str = "reference"       # taskonomy: reference (1/sqrt(K) into branches and heads) | none
     num_classes: int = 2                # classification heads' outputs (CelebA: 2-way cross-entropy)
     sync_bn: bool = False               # DDP: SyncBatchNorm instead of per-rank BatchNorm statistics
+    batched: str = "auto"               # run the K branches as one grouped network: auto | on | off
 
     def __post_init__(self):
         _check(self.branches >= 1, f"model.branches (K) must be >= 1, got {self.branches}")
@@ -105,6 +106,7 @@ class ModelConfig:
         _check(self.width >= 1, f"model.width must be >= 1, got {self.width}")
         _check(self.shared in ("none", "stem"), f"model.shared: expected none|stem, got {self.shared!r}")
         _check(self.shared_blocks >= 0, f"model.shared_blocks must be >= 0, got {self.shared_blocks}")
+        _check(self.batched in ("auto", "on", "off"), f"model.batched: expected auto|on|off, got {self.batched!r}")
         _check(self.grad_scale in ("reference", "none"),
                f"model.grad_scale: expected reference|none, got {self.grad_scale!r}")
 
@@ -174,9 +176,11 @@ class TrainConfig:
     init_from: str = ""                 # naive-MTL run dir or checkpoint to copy into all K branches
     reference: str = ""                 # naive-MTL results.json for NormGain
     tensorboard: bool = True
-    compile: str = "off"                # torch.compile the step's forward: auto | on | off
-    cuda_graph: str = "auto"            # capture the whole training step in a CUDA graph: auto (on CUDA) | on | off
-    channels_last: str = "off"          # channels_last activations: auto | on | off
+    # speed switches; auto = on for CUDA, off on CPU (measured fastest combination on H100, see
+    # benchmarks/results/h100_2026-11-23_step.md)
+    compile: str = "auto"               # torch.compile the step's forward: auto | on | off
+    cuda_graph: str = "auto"            # capture the whole training step in a CUDA graph: auto | on | off
+    channels_last: str = "auto"         # channels_last activations: auto | on | off
 
     def __post_init__(self):
         _check(self.epochs >= 1, f"train.epochs must be >= 1, got {self.epochs}")

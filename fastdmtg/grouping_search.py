@@ -191,7 +191,7 @@ def select_exhaustive(candidates, values: np.ndarray, n: int, budget: int) -> Se
                 best, best_combo = obj, combo
     if best_combo is None:
         raise ValueError("no combination of candidates within the budget covers every task")
-    lookup = {tuple(candidates[i]): V[i] for i in best_combo}
+    lookup = {tuple(sorted(candidates[i])): V[i] for i in best_combo}
     return _finalise([candidates[i] for i in best_combo], lambda s: lookup[s], n, "exhaustive", True)
 
 
@@ -200,7 +200,7 @@ def select_bnb(candidates, values: np.ndarray, n: int, budget: int, max_nodes: i
     """Branch and bound over candidate networks (see the module docstring).
 
     ``incumbent``: an optional feasible list of candidate indices to start from (a good one makes
-    the pruning effective at once). ``max_nodes``: stop after that many search nodes and return
+    the pruning effective at once; default: a greedy cover). ``max_nodes``: stop after that many search nodes and return
     the best solution found (``optimal`` False if the search was cut)."""
     _check_inputs(n, budget)
     V = np.asarray(values, dtype=np.float64)
@@ -223,6 +223,8 @@ def select_bnb(candidates, values: np.ndarray, n: int, budget: int, max_nodes: i
         size_suffix[i] = max(size_suffix[i + 1], int(Mo[i].sum()))
 
     best = {"obj": INF, "combo": None}
+    if not incumbent:
+        incumbent = _greedy_cover(V, budget)
     if incumbent:
         cur = V[list(incumbent)].min(0)
         if np.isfinite(cur).all() and len(incumbent) <= budget:
@@ -267,10 +269,27 @@ def select_bnb(candidates, values: np.ndarray, n: int, budget: int, max_nodes: i
     if best["combo"] is None:
         raise ValueError("no combination of candidates within the budget covers every task")
     chosen = [order[i] for i in best["combo"]]
-    lookup = {tuple(candidates[i]): V[i] for i in chosen}
+    lookup = {tuple(sorted(candidates[i])): V[i] for i in chosen}
     sel = _finalise([candidates[i] for i in chosen], lambda s: lookup[s], n, "bnb", not cut[0])
     sel.info["nodes"] = nodes[0]
     return sel
+
+
+def _greedy_cover(V: np.ndarray, budget: int) -> list[int] | None:
+    """A feasible start for branch and bound: add, ≤ budget times, the candidate that most lowers
+    Σ_t current value, an uncovered task counting as a large penalty. None if it covers nothing."""
+    finite = V[np.isfinite(V)]
+    big = (finite.max() - min(finite.min(), 0.0) + 1.0) * V.shape[1]
+    cur = np.full(V.shape[1], np.inf)
+    chosen = []
+    for _ in range(budget):
+        cost = np.where(np.isfinite(np.minimum(cur[None, :], V)), np.minimum(cur[None, :], V), big).sum(1)
+        i = int(np.argmin(cost))
+        if not (np.minimum(cur, V[i]) < cur).any():
+            break
+        chosen.append(i)
+        cur = np.minimum(cur, V[i])
+    return chosen if np.isfinite(cur).all() else None
 
 
 def _submasks_with_lowbit(mask: int) -> np.ndarray:
@@ -341,9 +360,10 @@ def select_dp(pairwise: np.ndarray, single: np.ndarray, budget: int) -> Selectio
 
 # ----------------------------------------------------------------------------- TAG / HOA front ends
 
-def linkage_partition(pairwise: np.ndarray, groups: int) -> list[tuple[int, ...]]:
+def linkage_partition(pairwise: np.ndarray, groups: int) -> tuple[list[tuple[int, ...]], list[tuple[int, ...]]]:
     """Average-linkage agglomeration on the symmetrised values (lower = closer), stopped at
-    ``groups`` clusters: a cheap feasible partition (the B&B incumbent for large N)."""
+    ``groups`` clusters → (those clusters: a cheap feasible partition, the B&B incumbent for large
+    N; every cluster formed on the way)."""
     W = np.asarray(pairwise, dtype=np.float64)
     sym = (W + W.T) / 2
     clusters = [[t] for t in range(W.shape[0])]
@@ -381,8 +401,8 @@ def restricted_candidates(pairwise: np.ndarray, budget: int) -> list[tuple[int, 
     return sorted(cands, key=lambda s: (len(s), s))
 
 
-def select_networks(pairwise: np.ndarray, single: np.ndarray, budget: int, exact_max_n: int = 12,
-                    max_nodes: int = 2_000_000) -> Selection:
+def select_networks(pairwise: np.ndarray, single: np.ndarray, budget: int, exact_max_n: int = 14,
+                    max_nodes: int = 300_000) -> Selection:
     """Exact DP over all subsets for N ≤ exact_max_n; otherwise branch and bound over the
     restricted candidate family (anytime, node-limited; ``optimal`` tells whether it finished)."""
     W = np.asarray(pairwise, dtype=np.float64)

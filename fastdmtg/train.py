@@ -30,6 +30,7 @@ from .data import build_data
 from .methods import build_method
 from .metrics import normgain, summarize
 from .models import build_multibranch, GroupedNet, MultiBranchNet
+from .models.batched import BatchedMultiBranchNet, supports_batching
 from .step import StepModule, StepRunner, autocast_factory
 
 
@@ -73,6 +74,10 @@ def build_optimizer(cfg: Config, params, device: torch.device, capturable: bool 
     return torch.optim.SGD(params, lr=lr, momentum=o.momentum, weight_decay=o.weight_decay, **kw)
 
 
+# whether model.batched=auto turns batched branches on for CUDA (decided by measurement, docs/LOG.md)
+BATCHED_AUTO = False
+
+
 def resolve_speed(cfg: Config, device: torch.device, world_size: int) -> dict:
     """Turn the auto|on|off speed switches into booleans for this device (everything is eager on CPU)."""
     t = cfg.train
@@ -85,8 +90,10 @@ def resolve_speed(cfg: Config, device: torch.device, world_size: int) -> dict:
         if v == "off":
             return False
         return cuda and default_on_cuda
-    out = {"compile": pick("compile", False), "cuda_graph": pick("cuda_graph", True),
-           "channels_last": pick("channels_last", False)}
+    out = {"compile": pick("compile", True), "cuda_graph": pick("cuda_graph", True),
+           "channels_last": pick("channels_last", True)}
+    b = cfg.model.batched
+    out["batched"] = b == "on" or (b == "auto" and cuda and BATCHED_AUTO)
     if out["cuda_graph"] and not cuda:
         raise ValueError("train.cuda_graph=on needs a CUDA device")
     if out["cuda_graph"] and world_size > 1:
@@ -125,7 +132,7 @@ def evaluate(model, taskset, data, split: str, batch_size: int, device, assignme
                       desc=f"eval {split}", leave=False, disable=not progress):
         with amp:
             out = model(batch["image"])
-        if isinstance(model, MultiBranchNet):
+        if isinstance(model, (MultiBranchNet, BatchedMultiBranchNet)):
             out = MultiBranchNet.select_outputs(out, assignment)
         meter.update(out, batch)
     model.train(was_training)
@@ -164,6 +171,15 @@ class Trainer:
         self.data = build_data(cfg.data, progress=self.progress)
         self.taskset = self.data.taskset
         self.model = build_multibranch(cfg.model, self.taskset.specs, self.data.image_size).to(self.device)
+        if cfg.train.init_from and not resume:
+            self._init_from(cfg.train.init_from)
+        if self.speed["batched"]:
+            if not supports_batching(self.model):
+                if cfg.model.batched == "on":
+                    raise ValueError(f"model.batched=on is not supported for model.arch={cfg.model.arch}")
+                self.speed["batched"] = False
+            else:
+                self.model = BatchedMultiBranchNet(self.model)
         if cfg.model.sync_bn and self.world_size > 1:
             self.model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
         if self.speed["channels_last"]:
@@ -171,8 +187,6 @@ class Trainer:
         self.method = build_method(cfg, self.taskset.num_tasks, self.taskset.names).to(self.device)
         if hasattr(self.method, "seed_offset"):
             self.method.seed_offset = self.rank << 40
-        if cfg.train.init_from and not resume:
-            self._init_from(cfg.train.init_from)
         self.optimizer = build_optimizer(cfg, list(self.model.parameters()) + list(self.method.parameters()),
                                          self.device, capturable=self.speed["cuda_graph"])
         self.scheduler = build_scheduler(cfg, self.optimizer)
@@ -409,7 +423,8 @@ class Trainer:
         names = self.taskset.names
         test = evaluate(self.model, self.taskset, self.data, "test", cfg.train.eval_batch_size, self.device,
                         self.method.assignment(), self.amp, self.progress)
-        grouped = GroupedNet.from_multibranch(self.model, assignment)
+        per_branch = self.model.to_multibranch() if isinstance(self.model, BatchedMultiBranchNet) else self.model
+        grouped = GroupedNet.from_multibranch(per_branch, assignment)
         from .export import save_grouped
         save_grouped(self.run_dir, grouped, cfg, names, self.data.image_size)
         res = {

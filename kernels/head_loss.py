@@ -40,7 +40,9 @@ import triton.language as tl
 # Tunables (benchmarks/kernels.py --sweep overrides them before timing). Defaults are the
 # winners of the H100 sweeps (benchmarks/results/h100_2026-11-23_kernels.md):
 # masked_l1 is flat between 2048 and 4096 px / 4 warps (107 us fwd+bwd at K=5, B=32).
-# ce_ignore (2026-11-24): see SEG_CANDIDATES and docs/kernels.md.
+# ce_ignore (second sweep, same day): forward 512 px / 8 warps, 2048 px per program, unroll 2
+# (153 us at K=5, B=32; 256-px blocks 168-174 us); backward 512 / 8 / 2048 (fwd+bwd 425 us,
+# 256 / 4 / 1024 426 us, the others 433-445 us).
 CONFIG = {
     "l1_block": 4096,  # pixels per program (masked_l1)
     "l1_warps": 4,
@@ -424,12 +426,13 @@ def _ce_ignore_fwd_kernel(
     # thread-local (no cross-warp reductions, C = 18 not padded to 32). Pass 1 takes the max
     # over classes, pass 2 sum(exp) and the target logit; pass 2's loads are merged with pass
     # 1's by the compiler (one DRAM read, one exp per element).
-    # Why this shape (H100 sweep 2026-11-24, docs/kernels.md): per-pixel losses accumulate in a
+    # Why this shape (H100, 2026-11-23, docs/kernels.md): per-pixel losses accumulate in a
     # register vector over the block loop and are reduced ONCE per program, so the loop has no
     # barrier and the loads of UNROLL blocks are issued back to back; HW is a constexpr so the
     # class offsets c*HW are immediates of the load instruction instead of 18 live 64-bit
-    # addresses (125 -> 32-64 registers: 4-8 programs per SM instead of 2). The K heads of a
-    # pixel block are adjacent programs, so the target's re-reads (one per head) hit L2.
+    # addresses (125 -> 32-64 registers: 4-8 programs per SM instead of 2; the price is one
+    # compile per image size). The K heads of a pixel block are adjacent programs, so the
+    # target's re-reads (one per head) hit L2.
     k = tl.program_id(0)
     ch = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)

@@ -20,14 +20,19 @@ BACKENDS = ("gpu-cache", "ffcv", "dali", "torch")
 DEFAULT_FLIP = {"celeba": False, "taskonomy": True}
 
 
-def backend_status(name: str) -> tuple[bool, str]:
-    """(usable, reason) — whether a backend's packages import here, and why not."""
+def backend_status(name: str, deep: bool = True) -> tuple[bool, str]:
+    """(usable, reason) — whether a backend's packages are there, and why not. ``deep=False`` only
+    looks for the packages without importing them (importing ffcv costs seconds of numba JIT)."""
+    import importlib.util
     if name in ("gpu-cache", "torch"):
         return True, "built in"
     if name == "ffcv":
         try:
-            import ffcv  # noqa: F401
-            import ffcv.loader  # noqa: F401
+            if deep:
+                import ffcv.loader  # noqa: F401
+                import cv2  # noqa: F401   (opencv needs libGL.so.1 / libglib at import)
+            elif importlib.util.find_spec("ffcv") is None or importlib.util.find_spec("cv2") is None:
+                raise ImportError("No module named 'ffcv'")
         except Exception as e:   # ImportError, or opencv's missing libGL (OSError)
             return False, (f"ffcv is not importable ({type(e).__name__}: {e}); install with "
                            "`bash .ci/install-pipelines.sh VENV` or `pip install fastdmtg[ffcv]` after the "
@@ -35,7 +40,10 @@ def backend_status(name: str) -> tuple[bool, str]:
         return True, "installed"
     if name == "dali":
         try:
-            import nvidia.dali  # noqa: F401
+            if deep:
+                import nvidia.dali  # noqa: F401
+            elif importlib.util.find_spec("nvidia") is None or importlib.util.find_spec("nvidia.dali") is None:
+                raise ImportError("No module named 'nvidia.dali'")
         except Exception as e:
             return False, (f"nvidia-dali is not importable ({type(e).__name__}: {e}); install with "
                            "`pip install fastdmtg[dali]` (nvidia-dali-cuda130 or -cuda120)")

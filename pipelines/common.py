@@ -9,19 +9,25 @@ any backend sees exactly the batches of the existing sources.
 
 DDP sharding (``world`` ranks, per-rank ``batch_size`` = B): the epoch order is cut into *global
 batches* of G = B·world consecutive positions; rank r takes positions r, r + world, r + 2·world …
-of each global batch. A full global batch gives every rank exactly B samples. The last, partial
-global batch of R = n mod G samples gives rank r ⌈(R − r) / world⌉ samples (sizes differ by at
-most one between ranks) and is
+of each global batch — i.e. batch b of rank r is ``order[r::world][b·B:(b+1)·B]``, the rule of
+``fastdmtg.distributed.shard`` + ``fastdmtg.data`` that the trainer's ``memory`` source follows, so
+every backend gives the same batches under DDP too. A full global batch gives every rank exactly B
+samples. The last, partial global batch (R = n mod G samples) is
 
-* **train** (``train=True``): kept when every rank gets at least 2 samples (R ≥ 2·world), dropped
-  otherwise — BatchNorm cannot normalise a batch of one, and every rank must run the same number
-  of steps or DDP's gradient all-reduce hangs. So every rank has the same number of batches, no
-  sample is repeated (no padding), and at most 2·world − 1 samples (the tail of this epoch's
-  permutation: different samples every epoch) are skipped. With world = 1 this is exactly the
-  rule of ``fastdmtg.data.num_batches`` (only a single leftover sample is dropped).
-* **eval** (``train=False``): always kept — every sample is seen exactly once across ranks, which
-  metrics need. When 0 < R < world, ranks r ≥ R have one batch fewer than the others: evaluation
-  must not run a collective per batch (sum the meters across ranks once at the end).
+* **train** (``train=True``): every rank takes R // world samples (the ``n mod world`` left over sit
+  out — equal per-rank batch sizes keep DDP's gradient average an average over samples); kept
+  only when that is at least 2 — BatchNorm cannot normalise a batch of one, and every rank must run
+  the same number of steps or DDP's gradient all-reduce hangs. So every rank has the same number of
+  batches, no sample is repeated (**no padding**), and at most 2·world − 1 samples (the tail of this
+  epoch's permutation: different samples every epoch) are **dropped**. With world = 1 this is
+  exactly ``fastdmtg.data.num_batches`` (only a single leftover sample is dropped).
+* **eval** (``train=False``) with an explicit rank/world: always kept, rank r taking
+  ⌈(R − r) / world⌉ of it — every sample is seen exactly once across ranks, which metrics need.
+  When 0 < R < world, ranks r ≥ R have one batch fewer than the others: evaluation must not run a
+  collective per batch (sum the meters across ranks once at the end).
+* rank/world taken implicitly from an initialised torch.distributed shard **training only**:
+  evaluation then covers the whole split on every rank, as the trainer expects (rank 0 evaluates,
+  the others wait at a barrier — ``fastdmtg.distributed``).
 
 Flips (``flip=True``, Taskonomy's train augmentation): ``fastdmtg.data.taskonomy.flip_flags(n,
 seed, epoch)[j]`` decides for epoch *position* j, so the flips do not depend on the backend, the
@@ -84,8 +90,13 @@ def shard_positions(n: int, batch_size: int, train: bool, rank: int, world: int)
     full, rem = divmod(n, g)
     out = [np.arange(b * g + rank, (b + 1) * g, world, dtype=np.int64) for b in range(full)]
     if rem:
-        last = np.arange(full * g + rank, n, world, dtype=np.int64)
-        keep = rem >= 2 * world if train else len(last) > 0
+        if train:
+            per_rank = rem // world                    # equal shares; the rem % world left over sit out
+            last = full * g + rank + world * np.arange(per_rank, dtype=np.int64)
+            keep = per_rank >= 2
+        else:
+            last = np.arange(full * g + rank, n, world, dtype=np.int64)
+            keep = len(last) > 0
         if keep:
             out.append(last)
     return out
@@ -94,7 +105,7 @@ def shard_positions(n: int, batch_size: int, train: bool, rank: int, world: int)
 def shard_num_batches(n: int, batch_size: int, train: bool, rank: int = 0, world: int = 1) -> int:
     g = batch_size * world
     full, rem = divmod(n, g)
-    if rem and (rem >= 2 * world if train else rem > rank):
+    if rem and (rem // world >= 2 if train else rem > rank):
         full += 1
     return full
 
@@ -135,15 +146,19 @@ class ShardedSource(DataSource):
         self._rank, self._world = rank, world_size
         self.flip = flip
 
-    def shard(self, rank=None, world_size=None) -> tuple[int, int]:
-        return resolve_shard(self._rank if rank is None else rank, self._world if world_size is None else world_size)
+    def shard(self, rank=None, world_size=None, train: bool = True) -> tuple[int, int]:
+        rank = self._rank if rank is None else rank
+        world_size = self._world if world_size is None else world_size
+        if rank is None and world_size is None and not train:
+            return 0, 1      # implicit (torch.distributed) sharding is for training only: see the module doc
+        return resolve_shard(rank, world_size)
 
     def num_batches(self, split: str, batch_size: int, train: bool = False, *, rank=None, world_size=None) -> int:
-        r, w = self.shard(rank, world_size)
+        r, w = self.shard(rank, world_size, train)
         return shard_num_batches(self.num_samples(split), batch_size, train, r, w)
 
     def plan(self, split, batch_size, *, shuffle, seed, epoch, skip, train, rank=None, world_size=None):
-        r, w = self.shard(rank, world_size)
+        r, w = self.shard(rank, world_size, train)
         return plan_epoch(self.num_samples(split), batch_size, shuffle=shuffle, seed=seed, epoch=epoch,
                           train=train, skip=skip, rank=r, world=w, flip=self.flip and train)
 
@@ -177,8 +192,9 @@ def _flags_on(plan_flip: np.ndarray | None, device: torch.device) -> torch.Tenso
 
 def celeba_batch(image_u8: torch.Tensor, labels: torch.Tensor, flip: np.ndarray | None) -> dict:
     """(B, 3, S, S) uint8 + (B, N) integer labels on the device → the CelebA batch dict. Always
-    returns new tensors (FFCV/DALI reuse their output buffers)."""
-    image = image_u8.to(torch.float32).div_(255.0)
+    returns new, contiguous NCHW tensors (FFCV/DALI reuse their output buffers; a permuted NHWC
+    view would make the model's convolutions pick other algorithms and round differently)."""
+    image = image_u8.contiguous().to(torch.float32).div_(255.0)
     flags = _flags_on(flip, image.device)
     if flags is not None:
         image = flip_rows(image, flags)
@@ -187,6 +203,7 @@ def celeba_batch(image_u8: torch.Tensor, labels: torch.Tensor, flip: np.ndarray 
 
 def taskonomy_batch(raw: dict[str, torch.Tensor], task_names: list[str], flip: np.ndarray | None) -> dict:
     from fastdmtg.data.taskonomy import make_batch
+    raw = {d: x.contiguous() for d, x in raw.items()}   # NCHW, as every other source gives
     dev = next(iter(raw.values())).device
     return make_batch(raw, task_names, _flags_on(flip, dev))
 

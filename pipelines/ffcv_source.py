@@ -253,13 +253,15 @@ def ensure_beton(spec, split: str, *, image_mode: str = "raw", jpeg_quality: int
 
 
 def prepare_ffcv_main(argv: list[str] | None = None) -> int:
-    """``fastdmtg prepare --format ffcv --dataset celeba|taskonomy ROOT [OUT] [options]``: write
-    the .beton files of every split (decoding / preparing first when needed)."""
+    """``fastdmtg prepare --format ffcv celeba|taskonomy ROOT [OUT] [options]``: write the .beton
+    files of every split (decoding / preparing first when needed). ``--format ffcv`` may be passed
+    through or left out. Returns the exit status (2 on a data or argument error)."""
     from fastdmtg.config import DataConfig
     from .datasets import build_spec
     ap = argparse.ArgumentParser(prog="fastdmtg prepare --format ffcv",
                                  description="Write FFCV .beton files of a dataset (for data.backend=ffcv).")
-    ap.add_argument("--dataset", choices=("celeba", "taskonomy"), required=True)
+    ap.add_argument("--format", choices=("ffcv",), default="ffcv", help=argparse.SUPPRESS)
+    ap.add_argument("dataset", choices=("celeba", "taskonomy"))
     ap.add_argument("root", help="dataset root (CelebA official layout; Taskonomy raw root or prepared folder)")
     ap.add_argument("out", nargs="?", default=None,
                     help="folder for the .beton files (default: CACHE_DIR/ffcv, where data.backend=ffcv looks)")

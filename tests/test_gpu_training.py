@@ -10,17 +10,23 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GP
 
 def _params(step_fn_info):
     model = step_fn_info["runner"].eager_fn.model
+    if hasattr(model, "to_multibranch"):
+        model = model.to_multibranch()
     method = step_fn_info["runner"].eager_fn.method
     return [p.detach().clone() for p in list(model.parameters()) + list(method.parameters())], method
 
 
 @cuda
-@pytest.mark.parametrize("kernels", ["reference", "triton"])
-def test_graph_steps_equal_eager_steps(kernels):
+@pytest.mark.parametrize("kernels,batched", [("reference", "off"), ("triton", "off"), ("triton", "on")])
+def test_graph_steps_equal_eager_steps(kernels, batched):
     from fastdmtg.bench import build_stepper
     dev = torch.device("cuda")
+    # deterministic convolutions and no TF32: the two runs must differ only by graph vs eager
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
     base = apply_overrides(get_recipe("celeba9_k3"), ["train.batch_size=64", "train.amp=off",
-                                                      f"train.kernels={kernels}", "train.compile=off"])
+                                                      f"train.kernels={kernels}", "train.compile=off", f"model.batched={batched}",
+                                                      "train.channels_last=off"])
     results = {}
     for mode in ("off", "on"):
         cfg = apply_overrides(base, [f"train.cuda_graph={mode}"])
@@ -57,6 +63,7 @@ def test_full_run_on_gpu(tmp_path):
     from fastdmtg.train import train
     cfg = apply_overrides(get_recipe("synthetic_k3"), ["train.tensorboard=false", "train.progress=false"])
     res = train(cfg, tmp_path / "run")
-    assert res["speed"]["cuda_graph"] and res["speed"]["graph_captures"] == 1
+    assert res["speed"]["cuda_graph"] and res["speed"]["compile"] and res["speed"]["channels_last"]
+    assert res["speed"]["graph_captures"] == 1
     assert res["env"]["kernels"] == "triton"
     assert sorted(i for g in res["groups"] for i in g) == sorted(res["tasks"])

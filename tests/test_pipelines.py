@@ -45,7 +45,7 @@ IN_PROCESS = ["gpu-cache", "torch", "dali"]
 
 
 def _installed(name):
-    ok, why = P.backend_status(name)
+    ok, why = P.backend_status(name, deep=False)   # cheap: no ffcv import (numba JIT) in this process
     return pytest.param(name, marks=pytest.mark.skipif(not ok, reason=why))
 
 
@@ -98,6 +98,7 @@ def tx_reference(d):
 
 def assert_same_batch(a: dict, b: dict, what=""):
     assert torch.equal(a["image"], b["image"]), f"{what}: images differ"
+    assert a["image"].is_contiguous(), f"{what}: image not contiguous NCHW"
     if "labels" in b:
         assert torch.equal(a["labels"], b["labels"]) and a["labels"].dtype == torch.int64, f"{what}: labels"
     else:
@@ -198,6 +199,22 @@ def check_determinism_and_skip(d, backend, dataset):
     assert list(b_src.batches("train", 3, shuffle=True, seed=4, epoch=2, train=True, skip=len(a))) == []
 
 
+def check_training_identical(d, backend, tmp: Path):
+    """A short DMTG run through the Trainer (fastdmtg.data.build_data → build_source) gives exactly
+    the losses and validation results of the same run on the memory backend."""
+    from fastdmtg.config import Config, ModelConfig, TrainConfig
+    from fastdmtg.train import train
+
+    def run(be):
+        cfg = Config(data=celeba_cfg(d, be), model=ModelConfig(width=4, branches=2),
+                     train=TrainConfig(epochs=2, batch_size=6, eval_batch_size=8, device="cpu", progress=False,
+                                       tensorboard=False))
+        out = tmp / f"run-{be}"
+        train(cfg, out)
+        return [(h["train_loss"], h["val"]) for h in json.loads((out / "history.json").read_text())]
+    assert run(backend) == run("memory")
+
+
 # ------------------------------------------------------------------------------------------------
 # fixtures
 # ------------------------------------------------------------------------------------------------
@@ -233,6 +250,11 @@ def test_plan_sharding_rules():
                     assert len(ev[r]) == C.shard_num_batches(n, bs, False, r, world)
                 tr = [C.shard_positions(n, bs, True, r, world) for r in range(world)]
                 assert len({len(p) for p in tr}) == 1                     # train: same number of steps
+                for r in range(world):                                    # = fastdmtg.distributed.shard + num_batches
+                    mine = np.arange(n)[r::world][: n // world]
+                    want = [mine[b * bs:(b + 1) * bs] for b in range(num_batches(len(mine), bs, True))]
+                    assert [p.tolist() for p in tr[r]] == [w.tolist() for w in want]
+                    assert len(tr[r]) == C.shard_num_batches(n, bs, True, r, world)
                 used = np.concatenate([np.concatenate(p) for p in tr if p]) if tr[0] else np.zeros(0, int)
                 assert len(np.unique(used)) == len(used)                  # no padding
                 assert n - len(used) <= 2 * world - 1
@@ -250,6 +272,24 @@ def test_resolve_shard(monkeypatch):
     monkeypatch.setattr(dist, "get_rank", lambda: 2)
     monkeypatch.setattr(dist, "get_world_size", lambda: 3)
     assert C.resolve_shard() == (2, 3)
+
+
+def test_implicit_ddp_matches_memory_source_and_leaves_eval_whole(data, monkeypatch):
+    """Under torch.distributed (faked: rank 1 of 2) training batches equal the trainer's memory
+    source's for that rank, and evaluation is not sharded (rank 0 evaluates the whole split)."""
+    import torch.distributed as dist
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_rank", lambda: 1)
+    monkeypatch.setattr(dist, "get_world_size", lambda: 2)
+    src, ref = P.build_source(celeba_cfg(data, "gpu-cache"), progress=False), celeba_reference(data)
+    for bs in (3, 4, 9):
+        got = list(src.batches("train", bs, shuffle=True, seed=2, epoch=1, train=True))
+        want = list(ref.batches("train", bs, shuffle=True, seed=2, epoch=1, train=True))
+        assert len(got) == len(want) == src.num_batches("train", bs, True) == ref.num_batches("train", bs, True)
+        for a, b in zip(got, want):
+            assert_same_batch(a, b, f"ddp rank 1 bs {bs}")
+    ev = list(src.batches("train", 4, shuffle=False))
+    assert sum(len(b["image"]) for b in ev) == src.num_samples("train") and src.num_batches("train", 4) == len(ev)
 
 
 def test_unknown_backend_and_dataset(data):
@@ -285,6 +325,11 @@ def test_sharding_covers_each_sample_once(data, backend, dataset):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_determinism_and_skip(data, backend, dataset):
     check_determinism_and_skip(data, backend, dataset)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_training_identical_to_memory_backend(data, backend, tmp_path):
+    check_training_identical(data, backend, tmp_path)
 
 
 def test_taskonomy_defaults_to_flips_celeba_does_not(data):
@@ -358,7 +403,7 @@ def test_corrupt_png_is_named(tmp_path, backend, case):
 # FFCV, in a child process
 # ------------------------------------------------------------------------------------------------
 FFCV_CASES = [f"{c}/{ds}" for c in ("matches_reference", "flip_consistency", "sharding", "determinism_and_skip")
-              for ds in ("celeba", "taskonomy")] + ["write_beton", "corrupt_beton", "jpeg_mode", "prepare_cli"]
+              for ds in ("celeba", "taskonomy")] + ["training", "write_beton", "corrupt_beton", "jpeg_mode", "prepare_cli"]
 
 
 def _ffcv_case(d: dict, case: str, tmp: Path):
@@ -367,7 +412,9 @@ def _ffcv_case(d: dict, case: str, tmp: Path):
         return {"matches_reference": check_matches_reference, "flip_consistency": check_flip_consistency,
                 "sharding": check_sharding, "determinism_and_skip": check_determinism_and_skip}[name](d, "ffcv", ds)
     from fastdmtg.pipelines import ffcv_source as F
-    if name == "write_beton":
+    if name == "training":
+        check_training_identical(d, "ffcv", tmp)
+    elif name == "write_beton":
         x = np.random.default_rng(0).integers(0, 256, (6, 3, 8, 8), dtype=np.uint8)
         y = np.arange(12, dtype=np.int16).reshape(6, 2)
         with pytest.raises(ValueError, match="dtype"):
@@ -420,11 +467,11 @@ def _ffcv_case(d: dict, case: str, tmp: Path):
             assert (a["image"] - b["image"]).abs().mean() < 0.06
     elif name == "prepare_cli":
         out = tmp / "betons"
-        rc = F.prepare_ffcv_main(["--dataset", "taskonomy", d["tx_root"], str(out), "--image-size", str(TX_SIZE),
+        rc = F.prepare_ffcv_main(["--format", "ffcv", "taskonomy", d["tx_root"], str(out), "--image-size", str(TX_SIZE),
                                   "--split-file", d["tx_split"], "--cache-dir", d["cache"], "--no-progress",
                                   "--splits", "val"])
         assert rc == 0 and len(list(out.glob("taskonomy_val_*.beton"))) == 1
-        assert F.prepare_ffcv_main(["--dataset", "celeba", str(tmp / "missing"), "--no-progress"]) == 2
+        assert F.prepare_ffcv_main(["celeba", str(tmp / "missing"), "--no-progress"]) == 2
 
 
 def _ffcv_child(spec_json: str):
@@ -447,7 +494,7 @@ def _ffcv_child(spec_json: str):
 
 @pytest.fixture(scope="module")
 def _ffcv_results(data, tmp_path_factory):
-    ok, why = P.backend_status("ffcv")
+    ok, why = P.backend_status("ffcv", deep=False)
     if not ok:
         pytest.skip(why)
     tmp = tmp_path_factory.mktemp("ffcv")
