@@ -157,9 +157,7 @@ class Comparison:
                          f"({cfg.grouping.method}, K={cfg.model.branches}, {cfg.train.epochs} epochs)", flush=True)
                 t0 = time.perf_counter()
                 res = train(cfg, run_dir, resume=resume)
-                err = f", total error {res['total_error']:.2f}" if res.get("total_error") is not None else ""
-                self.log(f"    done in {time.perf_counter() - t0:.0f} s: test total loss {res['total_loss']:.4f}{err}",
-                         flush=True)
+                self.log(f"    done in {time.perf_counter() - t0:.0f} s: {_summary(res)}", flush=True)
             self._by_config[ident] = key
         res["_dir"], res["_key"] = str(run_dir), key
         self._cost[key] = (res["num_branches"] * res["epochs"] * cost_factor, float(res["train_time_s"]))
@@ -394,6 +392,17 @@ class Comparison:
                 rows.append(Row(m, None, [], error=str(e)))
         _add_flops(rows, self)
         return rows, failed
+
+
+def _summary(res: dict) -> str:
+    """One-line test summary; a partial run (``networks`` with untrained tasks) over its tasks only."""
+    skip = set(res.get("untrained_tasks") or [])
+    tasks = [t for i, t in enumerate(res["tasks"]) if i not in skip]
+    loss = sum(res["test"]["loss"][t] for t in tasks)
+    text = f"test total loss {loss:.4f}"
+    if res.get("total_error") is not None:
+        text += f", total error {sum(res['test']['error'][t] for t in tasks):.2f}"
+    return text + (f" (over its {len(tasks)} trained tasks)" if skip else "")
 
 
 def _best_val_losses(res: dict, task_sets: list[list[int]]) -> list[list[float]]:

@@ -135,6 +135,7 @@ class BatchedMultiBranchNet(nn.Module):
         self.in_features, self.out_features = h0.in_features, h0.out_features
         self.head_weight = nn.Parameter(torch.stack([h.weight.detach() for h in model.heads]).clone())  # (K, N, C, F)
         self.head_bias = nn.Parameter(torch.stack([h.bias.detach() for h in model.heads]).clone())      # (K, N, C)
+        self.to(self.head_weight.device)   # the new batched layers were created on the CPU
 
     @property
     def num_branches(self) -> int:
