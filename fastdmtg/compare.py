@@ -47,9 +47,12 @@ from .config import Config, ConfigError, apply_overrides, get_recipe
 
 ALL_METHODS = ["naive", "stl", "rg", "tag", "hoa", "bmtn", "dmtg", "dmtg-two-shot"]
 ALIASES = {"naive-mtl": "naive", "two-shot": "dmtg-two-shot"}
-# config keys that may differ between invocations without invalidating a finished run
+# config keys that may differ between invocations without invalidating a finished run: display,
+# paths, and speed switches that do not change what is computed
 _VOLATILE = {("train", "progress"), ("train", "tensorboard"), ("train", "device"), ("data", "root"),
-             ("data", "cache_dir"), ("data", "num_workers"), ("train", "kernels")}
+             ("data", "cache_dir"), ("data", "num_workers"), ("data", "backend"), ("train", "kernels"),
+             ("train", "compile"), ("train", "cuda_graph"), ("train", "channels_last"), ("model", "batched"),
+             ("optim", "fused")}
 
 
 def _comparable(cfg_dict: dict) -> dict:
@@ -58,6 +61,20 @@ def _comparable(cfg_dict: dict) -> dict:
     for sec, key in _VOLATILE:
         d.get(sec, {}).pop(key, None)
     return d
+
+
+def _same_config(old: dict, new: dict) -> bool:
+    """Equal up to volatile keys; a key the old run's config does not have (added to the config
+    since) counts as equal."""
+    a, b = _comparable(old), _comparable(new)
+    for sec, vals in b.items():
+        if isinstance(vals, dict):
+            prev = a.get(sec, {})
+            if any(k in prev and prev[k] != v for k, v in vals.items()):
+                return False
+        elif sec in a and a[sec] != vals:
+            return False
+    return True
 
 
 def random_partition(n: int, k: int, seed: int) -> list[list[int]]:
@@ -144,7 +161,7 @@ class Comparison:
             cfg_path = run_dir / "config.json"
             if cfg_path.exists():
                 old = json.loads(cfg_path.read_text())
-                if json.dumps(_comparable(old), sort_keys=True) != ident:
+                if not _same_config(old, cfg.to_dict()):
                     raise ValueError(f"{run_dir} holds a run with another configuration (the recipe, --set or "
                                      "--k changed?); delete the folder or use another --out")
             res_path = run_dir / "results.json"
@@ -298,7 +315,7 @@ class Comparison:
         """Single-task and pair validation losses, each network at its own best epoch."""
         def go():
             stl = self.stl()
-            single = np.array(_best_val_losses(stl, [[t] for t in range(self.n)])[0])
+            single = np.array([v[0] for v in _best_val_losses(stl, [[t] for t in range(self.n)])])
             pair = np.full((self.n, self.n), np.nan)
             runs = []
             for a in range(self.n):
@@ -515,7 +532,7 @@ def build_tables(rows: list[Row], names: list[str], naive: dict) -> dict:
                  _fmt(m["normgain_error"], m["normgain_error_std"], m["n"], 2, True) if row.method != "naive" else "—",
                  f"{m['rel_encoder_cost']:.2f}", f"{m['hours']:.3g}", str(m["runs"])]
         if has_flops:
-            cells.append("—" if row.flops is None else f"{row.flops:.3f}")
+            cells.append("—" if row.flops is None else f"{row.flops:.3g}")
         cells.append(groups)
         md.append("| " + " | ".join(cells) + " |")
         rec = {"method": row.method, "K": row.k, **m, "gflops_per_image": row.flops,
@@ -633,8 +650,6 @@ def _parser() -> argparse.ArgumentParser:
 
 def compare_main(argv: list[str]) -> int:
     from .train import NonFiniteLoss, TrainingInterrupted
-    if argv and argv[0] == "--":          # `fastdmtg compare -- ARGS` (see fastdmtg/cli.py)
-        argv = argv[1:]
     args = _parser().parse_args(argv)
     methods = []
     for m in (x.strip() for x in args.methods.split(",") if x.strip()):

@@ -92,19 +92,33 @@ def mean_partner_values(pairwise: np.ndarray, single: np.ndarray, sets) -> np.nd
 
     ``pairwise[u, t]`` is the value contributed to task t by partner u; v(S, t) is the mean over
     the partners u ∈ S∖t, or ``single[t]`` when S = {t}."""
-    W = np.asarray(pairwise, dtype=np.float64)
+    W, single = check_value_model(pairwise, single)
     n = W.shape[0]
     sets = list(sets)
     M = np.zeros((len(sets), n))
     for r, s in enumerate(sets):
         M[r, list(s)] = 1.0
-    sums = M @ W                                        # Σ_{u ∈ S} W[u, t]
-    sums -= M * np.diag(W)[None, :]                     # drop u = t
+    sums = M @ W                                        # Σ_{u ∈ S, u ≠ t} W[u, t] (zero diagonal)
     size = M.sum(1, keepdims=True)
     with np.errstate(divide="ignore", invalid="ignore"):
         V = sums / (size - 1)
-    V = np.where(size == 1, np.broadcast_to(np.asarray(single, dtype=np.float64)[None, :], V.shape), V)
+    V = np.where(size == 1, np.broadcast_to(single[None, :], V.shape), V)
     return np.where(M > 0, V, INF)
+
+
+def check_value_model(pairwise, single) -> tuple[np.ndarray, np.ndarray]:
+    """Validate (N, N) pairwise values and (N,) singles; the diagonal is ignored (set to 0)."""
+    W = np.array(pairwise, dtype=np.float64)
+    s = np.asarray(single, dtype=np.float64)
+    if W.ndim != 2 or W.shape[0] != W.shape[1]:
+        raise ValueError(f"pairwise values must be a square (N, N) matrix, got shape {W.shape}")
+    n = W.shape[0]
+    if s.shape != (n,):
+        raise ValueError(f"single values must have shape ({n},), got {s.shape}")
+    np.fill_diagonal(W, 0.0)
+    if not (np.isfinite(W).all() and np.isfinite(s).all()):
+        raise ValueError("pairwise/single values must be finite (a missing pair or single result?)")
+    return W, s
 
 
 def tag_value_model(Z: np.ndarray):
@@ -307,7 +321,7 @@ def _submasks_with_lowbit(mask: int) -> np.ndarray:
 
 def select_dp(pairwise: np.ndarray, single: np.ndarray, budget: int) -> Selection:
     """Exact selection over all 2^N − 1 networks for the mean-over-partners value model."""
-    W = np.asarray(pairwise, dtype=np.float64)
+    W, single = check_value_model(pairwise, single)
     n = W.shape[0]
     _check_inputs(n, budget)
     if n > 16:
@@ -405,7 +419,7 @@ def select_networks(pairwise: np.ndarray, single: np.ndarray, budget: int, exact
                     max_nodes: int = 300_000) -> Selection:
     """Exact DP over all subsets for N ≤ exact_max_n; otherwise branch and bound over the
     restricted candidate family (anytime, node-limited; ``optimal`` tells whether it finished)."""
-    W = np.asarray(pairwise, dtype=np.float64)
+    W, single = check_value_model(pairwise, single)
     n = W.shape[0]
     if n <= exact_max_n:
         return select_dp(W, single, budget)

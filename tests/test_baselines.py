@@ -151,6 +151,15 @@ def test_hoa_selection_by_hand():
     s3 = gs.hoa_select(single, pair, 3)
     assert s3.objective == pytest.approx(0.5 + 0.5 + 0.6 + 0.1)
     assert _sorted_groups(s3.partition()) == [[0, 1], [2], [3]]
+    # the diagonal of the pair table is meaningless and ignored (compare leaves it NaN)
+    pair_nan = pair.copy()
+    np.fill_diagonal(pair_nan, np.nan)
+    assert gs.hoa_select(single, pair_nan, 3).objective == pytest.approx(s3.objective)
+    pair_nan[0, 2] = np.nan                              # a missing pair result is an error
+    with pytest.raises(ValueError, match="finite"):
+        gs.hoa_select(single, pair_nan, 3)
+    with pytest.raises(ValueError, match="shape"):
+        gs.hoa_select(single[:1], pair, 3)
 
 
 def test_bnb_node_limit_is_anytime():
@@ -254,7 +263,9 @@ def _tiny_cfg(extra=()):
 def _manual_affinity(model, optimizer, batch, taskset):
     """Z[i, j] by brute force: a copy of the model per task i, a real optimizer step (with the
     optimizer's state) on the encoder only, losses before/after in train mode."""
-    names = [n for n, _ in model.named_parameters() if n.startswith(("shared.", "branches.0."))]
+    from fastdmtg.methods.tag import encoder_param_names
+    names = encoder_param_names(model)
+    assert names and not any("head" in n for n in names)
     params = dict(model.named_parameters())
     state_by_name = {n: optimizer.state[params[n]] for n in names}
     hyper = {k: v for k, v in optimizer.param_groups[0].items() if k != "params"}
@@ -281,14 +292,17 @@ def _manual_affinity(model, optimizer, batch, taskset):
     return Z
 
 
-@pytest.mark.parametrize("optim", ["adam", "sgd"])
-def test_tag_affinity_matches_direct_computation(optim):
+@pytest.mark.parametrize("optim,batched", [("adam", False), ("sgd", False), ("adam", True)])
+def test_tag_affinity_matches_direct_computation(optim, batched):
     cfg = _tiny_cfg(["grouping.method=tag-affinity", "model.branches=1", "grouping.affinity_every=2",
                      f"optim.name={optim}", "optim.lr=0.05", "optim.momentum=0.9"])
     torch.manual_seed(0)
     data = build_data(cfg.data, progress=False)
     ts = data.taskset
     model = build_multibranch(cfg.model, ts.specs, data.image_size)
+    if batched:                                             # the trainer's model.batched=on form
+        from fastdmtg.models.batched import BatchedMultiBranchNet
+        model = BatchedMultiBranchNet(model)
     method = TagAffinity.from_config(cfg, ts.num_tasks)
     opt = build_optimizer(cfg, list(model.parameters()), torch.device("cpu"))
     trainer = types.SimpleNamespace(model=model, optimizer=opt, taskset=ts, global_step=0, epoch=0)
@@ -383,11 +397,11 @@ def test_compare_planted_groups_dmtg_and_tag_beat_naive(tmp_path, capsys):
         assert min(inside) > max(across), t
     md = (out / "comparison.md").read_text()
     assert "Total error" in md and "Groupings" in md and "| tag | 3 |" in md
-    assert "training" in first and first.count("—") >= 4
+    assert first.count("— training (") == 4
     # resumable: a second invocation trains nothing
     assert compare_main(args) == 0
     again = capsys.readouterr().out
-    assert "training" not in again and again.count("reused") == 4
+    assert "— training (" not in again and again.count("finished earlier, reused") == 4
 
 
 def test_compare_all_methods_tiny(tmp_path, capsys):
@@ -411,6 +425,14 @@ def test_compare_all_methods_tiny(tmp_path, capsys):
     assert rows[("stl", None)]["rel_encoder_cost"] == pytest.approx(4)
     assert len(list((out / "hoa").glob("pair_*"))) == math.comb(4, 2)
     assert rows[("hoa", 2)]["runs"] == 1 + 6 + 1
+    details = json.loads((out / "comparison.json").read_text())["details"]
+    hoa = details["hoa_selection_k2"]
+    assert math.isfinite(hoa["objective"]) and sorted(t for p in hoa["partition"] for t in p) == [0, 1, 2, 3]
+    assert len(details["hoa_losses"]["single"]) == 4
+    singles = details["hoa_losses"]["single"]
+    stl_hist = json.loads((out / "stl" / "history.json").read_text())
+    assert singles[1] == pytest.approx(min(h["val"]["loss"]["g0_t1"] for h in stl_hist))
+    assert math.isfinite(details["tag_selection_k2"]["objective"])
     assert rows[("rg", 2)]["n"] == 2 and rows[("rg", 2)]["total_loss_std"] is not None
     bmtn_cfg = json.loads((out / "bmtn" / "k2" / "config.json").read_text())
     assert bmtn_cfg["model"]["shared"] in ("none", "stem")

@@ -61,31 +61,26 @@ def branch_features(branch, images: torch.Tensor) -> list[np.ndarray]:
 
 
 def stl_rsa_affinity(run_dir, num_images: int = 256, device: str = "cpu") -> dict:
-    """RSA affinity (D, N, N) from a finished STL run (``fixed`` groups 0|1|...|N−1, shared=none)."""
-    import json
-    from pathlib import Path
+    """RSA affinity (D, N, N) from a finished STL run (``fixed`` groups 0|1|...|N−1, shared=none).
 
-    from .. import checkpoint as ckpt
+    Reads the run's exported per-branch model (grouped_model.*), which has the same layout whatever
+    form (batched or not) the run trained in."""
+    from .. import load_grouped
     from ..config import Config
     from ..data import build_data
     from ..grouping_search import rdm, rsa_affinity
-    from ..models import build_multibranch
-    run_dir = Path(run_dir)
-    cfg = Config.load(run_dir / "config.json")
-    res = json.loads((run_dir / "results.json").read_text())
-    n = len(res["tasks"])
+    model, meta = load_grouped(run_dir, device)
+    cfg = Config.from_dict(meta["config"])
+    n = len(meta["tasks"])
     if cfg.model.arch != "resnet_celeba" or cfg.model.shared != "none":
         raise ValueError(f"{run_dir}: BMTN needs an STL run of the ResNet variant with nothing shared")
-    if res["assignment"] != list(range(n)):
-        raise ValueError(f"{run_dir}: not an STL run (assignment {res['assignment']}, expected task k on branch k)")
+    if sorted(meta["groups"]) != [[t] for t in range(n)]:
+        raise ValueError(f"{run_dir}: not an STL run (groups {meta['groups']}, expected one task per branch)")
     data = build_data(cfg.data, progress=False)
-    model = build_multibranch(cfg.model, data.taskset.specs, data.image_size)
-    model.load_state_dict(ckpt.load_checkpoint(run_dir / "checkpoints" / "best.pt", map_location="cpu")["model"])
-    model.to(device).eval()
     m = min(num_images, data.num_samples("val"))
     images = next(iter(data.batches("val", m, shuffle=False, device=device)))["image"]
     rdms = np.empty((len(LOCATIONS), n, m, m))
-    for k in range(n):
-        for d, feats in enumerate(branch_features(model.branches[k], images)):
-            rdms[d, k] = rdm(feats)
+    for branch, (task,) in zip(model.branches, meta["groups"]):
+        for d, feats in enumerate(branch_features(branch, images)):
+            rdms[d, task] = rdm(feats)
     return {"locations": list(LOCATIONS), "num_images": m, "affinity": rsa_affinity(rdms)}

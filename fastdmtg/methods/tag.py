@@ -4,7 +4,7 @@ r"""TAG inter-task affinity (Fifty et al., NeurIPS 2021), first stage: train all
 
     Z_{i→j} = 1 − L_j(X, θ_s − Δ_i, θ_j) / L_j(X, θ_s, θ_j)
 
-θ_s = the encoder (``model.shared`` + ``model.branches[0]``), θ_j = task j's head (unchanged by
+θ_s = the encoder (``model.shared`` + ``model.branches[0]``: every parameter but the heads), θ_j = task j's head (unchanged by
 the lookahead), X = the step's batch, Δ_i = the update the configured optimizer would apply to θ_s
 if the gradient were ∇_{θ_s} L_i alone, *with its current state* (Z is not divided by the learning
 rate, unlike the reference code — the paper's definition). Δ_i follows torch.optim's update rules
@@ -46,10 +46,12 @@ from . import GroupingMethod
 
 
 def encoder_param_names(model) -> list[str]:
-    """The shared parameters θ_s of a one-branch model: trunk + branch 0 (not the heads)."""
+    """The shared parameters θ_s of a one-branch model: every parameter but the heads' (trunk +
+    branch 0 of a MultiBranchNet: ``shared.*``, ``branches.0.*``; ``shared.*``, ``branch.*`` of its
+    batched form)."""
     if model.num_branches != 1:
         raise ValueError(f"TAG measures affinity on a one-encoder model; got K={model.num_branches}")
-    return [n for n, _ in model.named_parameters() if n.startswith("shared.") or n.startswith("branches.0.")]
+    return [n for n, _ in model.named_parameters() if not n.startswith(("heads.", "head_"))]
 
 
 def optimizer_kind(optimizer) -> str:

@@ -152,7 +152,10 @@ class BatchedMultiBranchNet(nn.Module):
         h = self.branch(f)                                                    # (B, K·C', H', W')
         h = h.reshape(h.shape[0], self.k, -1)                                  # (B, K, F)
         # all K·N heads in one batched matmul: (K, N, B, C)
-        return torch.einsum("bkf,kncf->knbc", h, self.head_weight) + self.head_bias[:, :, None, :]
+        out = torch.einsum("bkf,kncf->knbc", h, self.head_weight) + self.head_bias[:, :, None, :]
+        # a contiguous (K, N, B, C) layout: inductor may pick other strides for the einsum output,
+        # and the fused loss op is traced with the contiguous layout
+        return out.contiguous()
 
     @staticmethod
     def from_multibranch(model: MultiBranchNet) -> "BatchedMultiBranchNet":
