@@ -38,8 +38,11 @@ setup(
     extras_require={
         "dev": ["pytest>=7", "pytest-timeout>=2", "fvcore>=0.1.5"],
         "triton": ["triton>=3.0"],
-        "dali": ["nvidia-dali-cuda120>=1.30"],
-        "ffcv": ["ffcv>=1.0.2", "numba>=0.57", "opencv-python-headless>=4"],
+        # DALI: the CUDA-13 wheel (smaller); CUDA-12 users: pip install nvidia-dali-cuda120==2.4.0
+        "dali": ["nvidia-dali-cuda130==2.4.0"],
+        # FFCV is an sdist: needs Debian pkg-config libopencv-dev libturbojpeg0-dev libgl1 libglib2.0-0
+        # (it already requires opencv-python; a second cv2 distribution would clash)
+        "ffcv": ["ffcv==1.0.2", "numba>=0.57"],
     },
     entry_points={"console_scripts": ["fastdmtg=fastdmtg.cli:main"]},
 )

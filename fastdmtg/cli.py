@@ -158,7 +158,8 @@ def main(argv: list[str] | None = None) -> int:
         sp.add_argument("rest", nargs=argparse.REMAINDER)
         sp.set_defaults(module=mod)
     pp = sub.add_parser("prepare", help="convert a dataset to the fast on-disk format")
-    pp.add_argument("dataset", choices=["taskonomy"])
+    pp.add_argument("dataset", choices=["taskonomy", "celeba"],
+                    help="taskonomy ROOT OUT: fast .npy format; add --format ffcv for .beton files (celeba or taskonomy)")
     pp.add_argument("rest", nargs=argparse.REMAINDER, help="ROOT OUT [options]")
     args = ap.parse_args(argv)
     try:
@@ -176,6 +177,18 @@ def main(argv: list[str] | None = None) -> int:
             mod = importlib.import_module(f"fastdmtg.{args.module}")
             return getattr(mod, f"{args.cmd}_main")(args.rest)
         if args.cmd == "prepare":
+            if "--format" in args.rest:
+                i = args.rest.index("--format")
+                fmt = args.rest[i + 1] if i + 1 < len(args.rest) else ""
+                if fmt != "ffcv":
+                    print(f"error: --format: expected ffcv, got {fmt!r}", file=sys.stderr)
+                    return 2
+                from .pipelines import prepare_ffcv_main
+                return prepare_ffcv_main([args.dataset] + args.rest)
+            if args.dataset != "taskonomy":
+                print("error: `prepare celeba` only makes FFCV files (--format ffcv); the default CelebA "
+                      "cache is built automatically on first use", file=sys.stderr)
+                return 2
             from .data import taskonomy
             return taskonomy.prepare_main(args.rest)
     except (ConfigError, FileNotFoundError, FileExistsError, ValueError) as e:

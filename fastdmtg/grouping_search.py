@@ -30,7 +30,8 @@ Value models (mean-over-partners of a pairwise matrix, singles separately):
 (for |S| = 2 the mean is the measured pair value itself, as in both papers).
 
 BMTN (Vandenhende et al.) task clustering: ``bmtn_select`` over RSA affinity matrices at D
-locations, with the clustering cost Σ_d mean_{clusters} max_{i,j ∈ cluster} (1 − A[d, i, j]).
+locations, with the clustering cost Σ_d mean_{tasks t} max_{u in t's cluster} (1 − A[d, t, u])
+(``cluster_cost`` explains this reading of the paper and the alternative).
 """
 from __future__ import annotations
 
@@ -508,25 +509,41 @@ def rsa_affinity(rdms: np.ndarray) -> np.ndarray:
     return A
 
 
-def cluster_cost(partition, dissim: np.ndarray) -> float:
-    """BMTN clustering cost at one location: the mean over clusters of the maximum pairwise
-    dissimilarity inside the cluster (a singleton costs 0)."""
-    tot = 0.0
+def cluster_cost(partition, dissim: np.ndarray, reduce: str = "task") -> float:
+    """BMTN clustering cost at one location from the maximum dissimilarity inside clusters.
+
+    The paper: "averaging the maximum distance between the dissimilarity scores of the elements in
+    every cluster" — ambiguous about what is averaged:
+      reduce="task"    (default) mean over tasks of the task's largest dissimilarity to a member of
+                       its cluster (a singleton: 0);
+      reduce="cluster" mean over clusters of the cluster's largest pairwise dissimilarity.
+    The cluster mean is degenerate: K − 1 singletons (free) plus one cluster of all other tasks
+    costs (that cluster's max)/K, which beats a balanced clustering whenever the mean of its
+    within-cluster maxima exceeds that — as on the planted synthetic data. The task mean weighs a
+    cluster by its size and has no such optimum."""
+    if reduce == "cluster":
+        return sum(float(dissim[np.ix_(c, c)].max()) if len(c) > 1 else 0.0 for c in partition) / len(partition)
+    if reduce != "task":
+        raise ValueError(f"reduce: expected task|cluster, got {reduce!r}")
+    tot, n = 0.0, 0
     for c in partition:
-        if len(c) > 1:
-            tot += float(dissim[np.ix_(c, c)].max())
-    return tot / len(partition)
+        for t in c:
+            others = [u for u in c if u != t]
+            tot += float(dissim[t, others].max()) if others else 0.0
+            n += 1
+    return tot / n
 
 
-def bmtn_tree_cost(partition, A: np.ndarray, shared_locations: int) -> float:
+def bmtn_tree_cost(partition, A: np.ndarray, shared_locations: int, reduce: str = "task") -> float:
     """Σ over locations d of the clustering cost; the first ``shared_locations`` locations lie in
     the shared trunk, where all tasks form one cluster."""
     D, N, _ = A.shape
     everyone = [list(range(N))]
-    return sum(cluster_cost(everyone if d < shared_locations else partition, 1.0 - A[d]) for d in range(D))
+    return sum(cluster_cost(everyone if d < shared_locations else partition, 1.0 - A[d], reduce)
+               for d in range(D))
 
 
-def _best_partition(A, shared_locations, groups, exhaustive_limit):
+def _best_partition(A, shared_locations, groups, exhaustive_limit, reduce="task"):
     """Min-cost partition into exactly ``groups`` clusters: exhaustive when the number of
     partitions is small, else complete-linkage agglomeration (it greedily minimises the
     max-distance cost) refined by single-task moves."""
@@ -534,7 +551,7 @@ def _best_partition(A, shared_locations, groups, exhaustive_limit):
     if stirling2(N, groups) <= exhaustive_limit:
         best, best_p = INF, None
         for p in set_partitions(N, groups, groups):
-            c = bmtn_tree_cost(p, A, shared_locations)
+            c = bmtn_tree_cost(p, A, shared_locations, reduce)
             if c < best - 1e-12:
                 best, best_p = c, p
         return best_p, best, True
@@ -549,7 +566,7 @@ def _best_partition(A, shared_locations, groups, exhaustive_limit):
                     best, pair = d, (a, b)
         a, b = pair
         clusters = [c for i, c in enumerate(clusters) if i not in (a, b)] + [sorted(clusters[a] + clusters[b])]
-    cost = bmtn_tree_cost(clusters, A, shared_locations)
+    cost = bmtn_tree_cost(clusters, A, shared_locations, reduce)
     improved = True
     while improved:
         improved = False
@@ -563,7 +580,7 @@ def _best_partition(A, shared_locations, groups, exhaustive_limit):
                 trial = [list(c) for c in clusters]
                 trial[src].remove(t)
                 trial[dst] = sorted(trial[dst] + [t])
-                c = bmtn_tree_cost(trial, A, shared_locations)
+                c = bmtn_tree_cost(trial, A, shared_locations, reduce)
                 if c < cost - 1e-12:
                     clusters, cost, improved = trial, c, True
                     break
@@ -571,7 +588,7 @@ def _best_partition(A, shared_locations, groups, exhaustive_limit):
 
 
 def bmtn_select(A: np.ndarray, max_groups: int, splits: dict, budget: float | None = None,
-                exhaustive_limit: int = 200_000) -> dict:
+                exhaustive_limit: int = 200_000, reduce: str = "task") -> dict:
     """Choose the split point and the task clustering of a one-split branched network.
 
     A: (D, N, N) RSA affinities at D locations in encoder order. ``splits``: name →
@@ -588,7 +605,7 @@ def bmtn_select(A: np.ndarray, max_groups: int, splits: dict, budget: float | No
             params = s["shared_params"] + g * s["branch_params"]
             if budget is not None and params > budget:
                 continue
-            part, cost, exact = _best_partition(A, s["shared_locations"], g, exhaustive_limit)
+            part, cost, exact = _best_partition(A, s["shared_locations"], g, exhaustive_limit, reduce)
             results.append({"split": name, "num_groups": g, "groups": part, "cost": cost, "params": params,
                             "optimal": exact})
     if not results:

@@ -75,7 +75,7 @@ def build_optimizer(cfg: Config, params, device: torch.device, capturable: bool 
 
 
 # whether model.batched=auto turns batched branches on for CUDA (decided by measurement, docs/LOG.md)
-BATCHED_AUTO = False
+BATCHED_AUTO = True
 
 
 def resolve_speed(cfg: Config, device: torch.device, world_size: int) -> dict:
@@ -279,6 +279,10 @@ class Trainer:
         dist_utils.barrier()
 
     # ------------------------------------------------------------------ loop
+    def current_lr(self) -> float:
+        # a float, also when the LR is a device tensor (capturable optimizer under CUDA graphs)
+        return float(self.optimizer.param_groups[0]["lr"])
+
     def _on_signal(self, signum, frame):
         self._stop_signal = signum
 
@@ -313,7 +317,7 @@ class Trainer:
                     bar.close()
                     raise NonFiniteLoss(
                         f"non-finite training loss at epoch {self.epoch + 1}, step {self.global_step} "
-                        f"(lr {self.optimizer.param_groups[0]['lr']:.3g}); the run stopped and "
+                        f"(lr {self.current_lr():.3g}); the run stopped and "
                         f"{self.ckpt_dir / 'last.pt'} still holds the last good state")
                 self.epoch_loss_sum += value
                 self.epoch_samples += running_n
@@ -321,7 +325,7 @@ class Trainer:
                 bar.set_postfix(loss=f"{value / max(running_n, 1):.4f}", img_s=f"{seen / max(dt, 1e-9):.0f}")
                 if self.writer is not None:
                     self.writer.add_scalar("train/loss", value / max(running_n, 1), self.global_step)
-                    self.writer.add_scalar("train/lr", self.optimizer.param_groups[0]["lr"], self.global_step)
+                    self.writer.add_scalar("train/lr", self.current_lr(), self.global_step)
                     for k, v in self.method.log_scalars().items():
                         self.writer.add_scalar(k, v, self.global_step)
                 running.zero_()
@@ -341,7 +345,7 @@ class Trainer:
     def end_epoch(self) -> dict:
         cfg = self.cfg
         train_loss = self.epoch_loss_sum / max(self.epoch_samples, 1)
-        rec = {"epoch": self.epoch, "train_loss": train_loss, "lr": self.optimizer.param_groups[0]["lr"],
+        rec = {"epoch": self.epoch, "train_loss": train_loss, "lr": self.current_lr(),
                "global_step": self.global_step, "train_time_s": self.train_time}
         rec.update({k.split("/")[-1]: v for k, v in self.method.log_scalars().items()})
         probs = self.method.probabilities()

@@ -135,6 +135,7 @@ def load_image(path: str | Path, size: int) -> np.ndarray:
 
 def _load_many(args):
     paths, size = args
+    torch.set_num_threads(1)   # one decode process per core: no nested intra-op thread pools
     return np.stack([load_image(p, size) for p in paths])
 
 
