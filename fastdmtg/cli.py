@@ -168,9 +168,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.cmd == "eval":
             return cmd_eval(args)
         if args.cmd == "recipes":
+            print(f"{'recipe':18s} {'dataset':10s} {'tasks':10s} {'arch':14s} {'K':>2s}  {'method':9s} epochs")
             for name in sorted(RECIPES):
-                doc = (RECIPES[name].__doc__ or "").strip().split("\n")[0]
-                print(f"{name:18s} {doc}")
+                c = RECIPES[name]()
+                tasks = c.data.tasks if isinstance(c.data.tasks, str) else f"{len(c.data.tasks)} tasks"
+                print(f"{name:18s} {c.data.dataset:10s} {tasks:10s} {c.model.arch:14s} {c.model.branches:2d}  "
+                      f"{c.grouping.method:9s} {c.train.epochs}")
             return 0
         if args.cmd in ("compare", "bench", "profile"):
             import importlib

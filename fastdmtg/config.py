@@ -45,7 +45,9 @@ class DataConfig:
     root: str = ""                      # dataset folder (official layout); unused for synthetic
     tasks: list[str] | str = "all"      # task names, or a preset name (celeba9, celeba40, taskonomy5), or "all"
     image_size: int = 64                # CelebA: 64 (reference); synthetic: any multiple of 4 >= 16
-    backend: str = "memory"             # memory (decoded uint8 cache, moved to the device once) | gpu-cache | ffcv | dali | torch
+    # auto: gpu-cache for CelebA/Taskonomy (falls back, with a log line, when the data does not fit in
+    # device memory), memory for the synthetic set. memory = decoded uint8 tensors moved to the device once.
+    backend: str = "auto"               # auto | memory | gpu-cache | ffcv | dali | torch
     num_workers: int = 2                # loader worker processes (torch backend, Taskonomy prepared arrays)
     cache_dir: str = ""                 # where decoded caches go; default: ROOT/.fastdmtg_cache or ~/.cache/fastdmtg
     limit_train: int = 0                # >0: use only the first n training samples (quick runs)
@@ -64,8 +66,8 @@ class DataConfig:
     def __post_init__(self):
         _check(self.dataset in ("synthetic", "celeba", "taskonomy"),
                f"data.dataset: expected synthetic|celeba|taskonomy, got {self.dataset!r}")
-        _check(self.backend in ("memory", "gpu-cache", "ffcv", "dali", "torch"),
-               f"data.backend: expected memory|gpu-cache|ffcv|dali|torch, got {self.backend!r}")
+        _check(self.backend in ("auto", "memory", "gpu-cache", "ffcv", "dali", "torch"),
+               f"data.backend: expected auto|memory|gpu-cache|ffcv|dali|torch, got {self.backend!r}")
         _check(self.image_size >= 16 and self.image_size % 4 == 0,
                f"data.image_size: expected a multiple of 4 >= 16, got {self.image_size}")
         _check(self.limit_train >= 0 and self.limit_eval >= 0, "data.limit_train/limit_eval must be >= 0")
@@ -123,12 +125,19 @@ class GroupingConfig:
     hard: bool = False                  # straight-through one-hot samples (reference: soft)
     groups: str = ""                    # method "fixed": the partition, e.g. "0,1,2|3,4|5" (task indices or names)
     affinity_every: int = 10            # TAG: steps between lookahead affinity measurements
+    prune_eps: float = 0.0              # DMTG head pruning (docs/pruning.md): drop head (i,k) once its
+    prune_patience: int = 100           # probability stayed < prune_eps for prune_patience steps; 0 = off
 
     def __post_init__(self):
         from .methods import METHODS
         _check(self.method in METHODS, f"grouping.method: expected one of {'|'.join(sorted(METHODS))}, "
                                        f"got {self.method!r}")
         _check(self.affinity_every >= 1, "grouping.affinity_every must be >= 1")
+        _check(0.0 <= self.prune_eps < 1.0, f"grouping.prune_eps must be in [0, 1), got {self.prune_eps}")
+        _check(self.prune_patience >= 1, f"grouping.prune_patience must be >= 1, got {self.prune_patience}")
+        if self.prune_eps > 0:
+            _check(self.method == "dmtg", "grouping.prune_eps > 0 needs grouping.method=dmtg")
+            _check(not self.hard, "grouping.prune_eps > 0 is not supported with grouping.hard=true")
         _check(self.tau > 0, f"grouping.tau must be > 0, got {self.tau}")
         _check(self.tau_schedule in ("constant", "anneal"),
                f"grouping.tau_schedule: expected constant|anneal, got {self.tau_schedule!r}")

@@ -17,6 +17,8 @@ included) and torch.compile sees one graph:
   a device tensor incremented inside the graph, so every replay draws new noise. The first
   ``warmup`` steps run eagerly on a side stream (real steps, as capture requires), the next is
   captured and replayed; a batch of another shape (the last partial batch) runs eagerly.
+  ``invalidate()`` drops the graph when the step itself changes (head pruning: the set of active
+  heads is static within one graph); the next step warms up and re-captures.
 """
 from __future__ import annotations
 
@@ -41,7 +43,16 @@ class StepModule(nn.Module):
             image = image.contiguous(memory_format=torch.channels_last)
         with self._autocast():
             outputs = self.model(image)
-        return self.taskset.head_losses(outputs, batch, z)
+        task_branches = getattr(self.model, "task_branches", None)
+        if task_branches is None:
+            return self.taskset.head_losses(outputs, batch, z)
+        # head pruning (docs/pruning.md): only the active heads were computed; L is 0 at dropped heads
+        if isinstance(outputs, torch.Tensor):                                  # stacked: same layout
+            total, L = self.taskset.head_losses(outputs, batch, z)
+        else:
+            total, L = self.taskset.head_losses(outputs, batch, z, active=task_branches)
+        mask = self.method.head_mask() if hasattr(self.method, "head_mask") else None
+        return total, (L * mask if mask is not None else L)
 
 
 def _clone_static(batch):
@@ -76,6 +87,13 @@ class StepRunner:
         self.static_batch = self.static_out = None
         self.eager_steps = 0
         self.captures = 0
+
+    def invalidate(self) -> None:
+        """Forget the captured graph (e.g. the set of active heads changed): the next steps warm up
+        eagerly again and a new graph is captured. Each call costs ``warmup`` eager steps + 1 capture."""
+        self.graph = None
+        self.static_batch = self.static_out = None
+        self.eager_steps = 0
 
     def _eager_step(self, fn, batch):
         self.optimizer.zero_grad(set_to_none=True)

@@ -166,6 +166,12 @@ class Trainer:
         self.progress = (cfg.train.progress if progress is None else progress) and self.is_main
         self.device = ddp_device if ddp_device is not None else resolve_device(cfg.train.device)
         self.speed = resolve_speed(cfg, self.device, self.world_size)
+        self.pruning = cfg.grouping.prune_eps > 0
+        if self.pruning and self.speed["batched"]:
+            # head pruning runs on per-branch modules (docs/pruning.md): batched branches are off
+            if cfg.model.batched == "on":
+                raise ValueError("model.batched=on is not supported with grouping.prune_eps > 0")
+            self.speed["batched"] = False
         ops.set_backend(cfg.train.kernels)
         torch.manual_seed(cfg.train.seed)
         self.data = build_data(cfg.data, progress=self.progress)
@@ -203,8 +209,9 @@ class Trainer:
                 # broadcast_buffers=False is what we mean: rank-local BN statistics and Gumbel seed
                 # offsets (its successor option still syncs buffers at init)
                 warnings.simplefilter("ignore", FutureWarning)
+                # head pruning: dropped heads/branches take no part in the step (the same on all ranks)
                 step_module = DDP(step_module, device_ids=[self.device.index] if self.device.type == "cuda" else None,
-                                  broadcast_buffers=False)
+                                  broadcast_buffers=False, find_unused_parameters=self.pruning)
         mode = "+".join(m for m, on in (("compile", self.speed["compile"]), ("graph", self.speed["cuda_graph"])) if on)
         self.runner = StepRunner(step_module, self.optimizer, mode or "eager")
         self.epoch, self.step_in_epoch, self.global_step = 0, 0, 0
@@ -216,6 +223,7 @@ class Trainer:
         self.ckpt_dir = self.run_dir / "checkpoints"
         if resume:
             self._load(self.ckpt_dir / "last.pt")
+            self._apply_head_mask()
         else:
             if (self.ckpt_dir / "last.pt").exists():
                 raise FileExistsError(f"{self.run_dir} already holds a run; use --resume to continue it "
@@ -272,6 +280,41 @@ class Trainer:
         if hist.exists():
             import json
             self.history = [h for h in json.loads(hist.read_text()) if h["epoch"] < self.epoch]
+
+    # ------------------------------------------------------------------ head pruning
+    def _apply_head_mask(self) -> None:
+        if self.pruning and hasattr(self.method, "head_mask"):
+            self.model.set_active(self.method.head_mask())
+
+    def on_heads_pruned(self, events: list[dict]) -> None:
+        """Called by the method when heads were dropped after an optimizer step: compute only the
+        remaining heads from the next step on and re-capture the CUDA graph."""
+        self._apply_head_mask()
+        self.runner.invalidate()
+        names = self.taskset.names
+        for e in events:
+            e = dict(e, task_name=names[e["task"]])
+            if self.is_main and self.progress:
+                print(f"pruning: step {e['step']}: dropped head (task {e['task_name']}, branch {e['branch']}), "
+                      f"p={e['probability']:.3g} < eps={self.cfg.grouping.prune_eps:g} for "
+                      f"{self.cfg.grouping.prune_patience} steps", flush=True)
+        mask = self.method.head_mask()
+        if mask is not None and self.is_main and self.progress:
+            dead = [k for k in range(mask.shape[1]) if not bool(mask[:, k].any())]
+            if dead:
+                print(f"pruning: branches no longer computed: {dead}", flush=True)
+
+    def pruning_summary(self) -> dict:
+        from .pruning import branch_steps, head_steps
+        st = self.method.prune_step
+        names = self.taskset.names
+        ev = [dict(e, task_name=names[e["task"]]) for e in self.method.prune_events()]
+        hs = head_steps(st, self.global_step)
+        return {"eps": self.cfg.grouping.prune_eps, "patience": self.cfg.grouping.prune_patience,
+                "events": ev, "active": self.method.prune_active.cpu().tolist(),
+                "total_steps": self.global_step, "head_steps": hs.tolist(),
+                "branch_steps": branch_steps(st, self.global_step).tolist(),
+                "head_step_fraction": float(hs.sum()) / max(hs.numel() * self.global_step, 1)}
 
     def save_last(self) -> None:
         if self.is_main:
@@ -352,6 +395,13 @@ class Trainer:
         if probs is not None:
             rec["probabilities"] = probs.cpu().tolist()
         rec["assignment"] = self.method.assignment().cpu().tolist()
+        if self.pruning:
+            # from the saved state (exact across resume): the heads dropped during this epoch
+            prev = self.history[-1]["global_step"] if self.history else 0
+            names = self.taskset.names
+            rec["pruned"] = [dict(e, task_name=names[e["task"]]) for e in self.method.prune_events()
+                             if prev < e["step"] <= self.global_step]
+            rec["active_heads"] = int(self.method.prune_active.sum())
         if self.is_main and ((self.epoch + 1) % cfg.train.val_every == 0 or self.epoch + 1 == cfg.train.epochs):
             val = evaluate(self.model, self.taskset, self.data, "val", cfg.train.eval_batch_size, self.device,
                            self.method.assignment(), self.amp, self.progress)
@@ -420,6 +470,7 @@ class Trainer:
         if not self.is_main:
             dist_utils.barrier()
             return {}
+        prune_res = self.pruning_summary() if self.pruning else None      # the whole schedule, before best.pt
         best = ckpt.load_checkpoint(self.ckpt_dir / "best.pt", map_location=self.device)
         self.model.load_state_dict(best["model"])
         self.method.load_state_dict(best["method"])
@@ -446,6 +497,8 @@ class Trainer:
         if probs is not None:
             res["probabilities"] = probs.cpu().tolist()
         res.update(self.method.extra_results())
+        if prune_res is not None:
+            res["pruning"] = prune_res
         if cfg.train.reference:
             res.update(compare_to_reference(cfg.train.reference, test))
         ckpt.atomic_write_json(self.run_dir / "results.json", res)

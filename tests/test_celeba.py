@@ -100,7 +100,8 @@ def test_build_data_splits_and_tasks(tmp_path, backend):
 
 def test_memory_cache_is_reused(tmp_path):
     write_celeba(tmp_path / "celeba", n=8)
-    cfg = DataConfig(dataset="celeba", root=str(tmp_path / "celeba"), image_size=32, cache_dir=str(tmp_path / "c"))
+    cfg = DataConfig(dataset="celeba", root=str(tmp_path / "celeba"), image_size=32, cache_dir=str(tmp_path / "c"),
+                     backend="memory")
     a = build_data(cfg, progress=False)
     caches = sorted((tmp_path / "c").glob("*.npy"))
     assert len(caches) == 3

@@ -142,6 +142,9 @@ def default_cache_dir(cfg) -> Path:
 def build_data(cfg, progress: bool = True) -> DataSource:
     """Build the DataSource described by a DataConfig."""
     from ..tasks.attributes import AttributeTaskSet
+    if cfg.backend == "auto":
+        import dataclasses
+        cfg = dataclasses.replace(cfg, backend="memory" if cfg.dataset == "synthetic" else "gpu-cache")
     if cfg.backend in ("gpu-cache", "ffcv", "dali"):
         from ..pipelines import build_source   # fastdmtg.pipelines (the repo's pipelines/ folder)
         return build_source(cfg, progress=progress)

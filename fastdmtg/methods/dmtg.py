@@ -38,6 +38,16 @@ class DMTG(GroupingMethod):
         self.register_buffer("seed", torch.tensor(int(seed) * 7_919 + 17, dtype=torch.long))
         self.register_buffer("tau", torch.tensor(self.tau_at(0), dtype=torch.float32))
         self.seed_offset = 0   # DDP: rank r draws from seed + r·2^40 (its own noise, one shared seed state)
+        # head pruning (fastdmtg/pruning.py, docs/pruning.md): state buffers exist only when it is on,
+        # so runs without it keep the same state dict as before
+        self.pruning = float(getattr(gcfg, "prune_eps", 0.0)) > 0
+        self._all_active = True
+        if self.pruning:
+            n, k = num_tasks, num_branches
+            self.register_buffer("prune_active", torch.ones(n, k, dtype=torch.bool))
+            self.register_buffer("prune_below", torch.zeros(n, k, dtype=torch.long))
+            self.register_buffer("prune_step", torch.full((n, k), -1, dtype=torch.long))
+            self.register_buffer("prune_prob", torch.full((n, k), float("nan"), dtype=torch.float64))
 
     @classmethod
     def from_config(cls, cfg, num_tasks: int, task_names=None) -> "DMTG":
@@ -55,12 +65,65 @@ class DMTG(GroupingMethod):
     def weights(self, step: int) -> torch.Tensor:
         from .. import ops
         seed = self.seed + self.seed_offset if self.seed_offset else self.seed
-        z = ops.gumbel_softmax_mask(self.logits, self.tau, seed, hard=self.gcfg.hard)        # (N, K)
+        if self._all_active:
+            z = ops.gumbel_softmax_mask(self.logits, self.tau, seed, hard=self.gcfg.hard)    # (N, K)
+        else:
+            # the same sample restricted to the active heads and renormalised; dropped logits get
+            # no gradient (docs/pruning.md for why not "z over all K, term removed")
+            a = self.prune_active
+            S = torch.where(a, self.logits, self.logits.detach())
+            z = ops.gumbel_softmax_mask(S, self.tau, seed, hard=False) * a
+            z = z / z.sum(dim=1, keepdim=True).clamp_min(1e-30)
         self.seed.add_(1)   # in place, on device: the next step (or graph replay) draws new noise
         return z
 
     def assignment(self) -> torch.Tensor:
+        if self.pruning and not self._all_active:                             # argmax over active heads
+            return self.logits.detach().masked_fill(~self.prune_active, float("-inf")).argmax(dim=1)
         return self.logits.detach().argmax(dim=1)                             # (N,)
+
+    # ------------------------------------------------------------------ head pruning
+    def head_mask(self) -> torch.Tensor | None:
+        """(N, K) bool of the heads still computed, or None when all are (pruning off or nothing dropped)."""
+        return None if self._all_active else self.prune_active
+
+    def _refresh(self) -> None:
+        self._all_active = (not self.pruning) or bool(self.prune_active.all())
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        out = super().load_state_dict(state_dict, strict=strict, assign=assign)
+        self._refresh()
+        return out
+
+    def observe_step(self, trainer, batch: dict) -> None:
+        """The pruning rule, after every optimizer step, from S and τ only (identical on all DDP ranks)."""
+        if not self.pruning:
+            return
+        from ..pruning import active_probabilities, prune_update
+        g = self.gcfg
+        probs = active_probabilities(self.logits, float(self.tau), self.prune_active)
+        active, below, events = prune_update(probs, self.prune_active, self.prune_below, g.prune_eps,
+                                             g.prune_patience)
+        self.prune_below.copy_(below.to(self.prune_below.device))
+        if not events:
+            return
+        step = int(trainer.global_step) + 1 if trainer is not None else -1   # optimizer steps done
+        self.prune_active.copy_(active.to(self.prune_active.device))
+        for i, k, p in events:
+            self.prune_step[i, k] = step
+            self.prune_prob[i, k] = p
+        self._refresh()
+        if trainer is not None and hasattr(trainer, "on_heads_pruned"):
+            trainer.on_heads_pruned([{"task": i, "branch": k, "step": step, "probability": p}
+                                     for i, k, p in events])
+
+    def prune_events(self) -> list[dict]:
+        if not self.pruning:
+            return []
+        st, pr = self.prune_step.cpu(), self.prune_prob.cpu()
+        ev = [{"task": i, "branch": k, "step": int(st[i, k]), "probability": float(pr[i, k])}
+              for i in range(st.shape[0]) for k in range(st.shape[1]) if int(st[i, k]) >= 0]
+        return sorted(ev, key=lambda e: (e["step"], e["task"], e["branch"]))
 
     def probabilities(self) -> torch.Tensor:
         """softmax(S) over K (N, K), the noiseless assignment probabilities that are logged."""

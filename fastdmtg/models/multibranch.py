@@ -127,6 +127,47 @@ class MultiBranchNet(nn.Module):
         self.heads = nn.ModuleList([copy.deepcopy(heads) for _ in range(num_branches)])
         self.branch_grad_scale = branch_grad_scale
         self.head_grad_scale = head_grad_scale
+        self._active = None         # head pruning: None = all heads; else per branch, its active task indices
+        self.task_branches = None   # ... and per task, its active branch indices (the order of its outputs)
+
+    def set_active(self, mask: torch.Tensor | None) -> None:
+        """Compute only the heads (i, k) with mask[i, k] (N, K) in *training* mode; a branch with no
+        active head is skipped. Evaluation mode always computes every head (same layout as before).
+
+        Training outputs with some head inactive: stacked heads → (K, N, B, C) as before, every head
+        of an active branch computed (they are cheap) and zeros for skipped branches; list heads →
+        N tensors (K_i, B, ...) holding only task i's active heads, in ``task_branches[i]`` order."""
+        if mask is None or bool(mask.all()):
+            self._active = self.task_branches = None
+            return
+        m = mask.detach().cpu().bool()
+        n, k = self.num_tasks, self.num_branches
+        if tuple(m.shape) != (n, k):
+            raise ValueError(f"active mask must be (N, K)=({n}, {k}), got {tuple(m.shape)}")
+        if not bool(m.any(1).all()):
+            raise ValueError("every task needs at least one active head")
+        self._active = tuple(tuple(i for i in range(n) if m[i, b]) for b in range(k))
+        self.task_branches = tuple(tuple(b for b in range(k) if m[i, b]) for i in range(n))
+
+    def _forward_active(self, x: torch.Tensor):
+        f = self.shared(x)
+        act = self._active
+        if self.stacked:
+            outs = [None] * self.num_branches
+            for b, (branch, heads) in enumerate(zip(self.branches, self.heads)):
+                if act[b]:
+                    h = branch(grad_scale(f, self.branch_grad_scale))
+                    outs[b] = heads(grad_scale(h, self.head_grad_scale))
+            ref = next(o for o in outs if o is not None)
+            return torch.stack([o if o is not None else torch.zeros_like(ref) for o in outs], 0)
+        per_task = [[] for _ in range(self.num_tasks)]
+        for b, (branch, heads) in enumerate(zip(self.branches, self.heads)):
+            if not act[b]:
+                continue
+            h = grad_scale(branch(grad_scale(f, self.branch_grad_scale)), self.head_grad_scale)
+            for i in act[b]:
+                per_task[i].append(heads.heads[i](h))
+        return [torch.stack(p, 0) for p in per_task]                        # N x (K_i, B, ...)
 
     @property
     def num_branches(self) -> int:
@@ -149,6 +190,8 @@ class MultiBranchNet(nn.Module):
         return outs
 
     def forward(self, x: torch.Tensor):
+        if self._active is not None and self.training:
+            return self._forward_active(x)
         outs = self.branch_outputs(x)
         if self.stacked:
             return torch.stack(outs, 0)                                       # (K, N, B, C)

@@ -1,0 +1,260 @@
+"""Progressive head pruning (issue 8, docs/pruning.md): the decision rule on scripted probability
+trajectories, exactness of the loss/forward with dropped heads, no compute for dropped heads,
+ε = 0 ≡ no pruning, resume, the planted groups with a small ε."""
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from fastdmtg import ops
+from fastdmtg.config import ConfigError, GroupingConfig, apply_overrides, get_recipe
+from fastdmtg.data.synthetic import planted_groups, task_names
+from fastdmtg.methods.dmtg import DMTG
+from fastdmtg.models.multibranch import ModuleHeads, MultiBranchNet
+from fastdmtg.pruning import active_probabilities, branch_alive, prune_update, training_flops
+from fastdmtg.step import StepModule, StepRunner
+from fastdmtg.tasks.taskonomy import TaskonomyTaskSet
+from fastdmtg.train import TrainingInterrupted, train
+
+FAST = ["train.tensorboard=false", "train.progress=false"]
+
+
+def run_rule(S_over_tau, eps, patience, active=None):
+    """Feed a sequence of S/τ (N, K) through the rule; return {(i, k): step} and the final state."""
+    n, k = S_over_tau[0].shape
+    active = torch.ones(n, k, dtype=torch.bool) if active is None else active
+    below = torch.zeros(n, k, dtype=torch.long)
+    dropped = {}
+    for t, x in enumerate(S_over_tau, start=1):
+        p = active_probabilities(torch.as_tensor(x, dtype=torch.float64), 1.0, active)
+        active, below, events = prune_update(p, active, below, eps, patience)
+        for i, j, prob in events:
+            assert prob < eps
+            dropped[(i, j)] = t
+    return dropped, active, below
+
+
+def logits_for(p_rows):
+    """S/τ giving exactly these probabilities (log p)."""
+    return torch.tensor(p_rows, dtype=torch.float64).log()
+
+
+def test_rule_drops_after_patience_and_resets_when_probability_rises():
+    lo, hi = [0.05, 0.475, 0.475], [0.2, 0.4, 0.4]
+    # task 0: below ε at steps 1,2 then above (reset) then below at 4,5,6 -> dropped at 6
+    # task 1: below ε from step 1 -> dropped at step 3
+    traj = [logits_for([lo, lo]), logits_for([lo, lo]), logits_for([hi, lo]),
+            logits_for([lo, lo]), logits_for([lo, lo]), logits_for([lo, lo]), logits_for([lo, lo])]
+    dropped, active, _ = run_rule(traj, eps=0.1, patience=3)
+    assert dropped == {(1, 0): 3, (0, 0): 6}
+    assert active.tolist() == [[False, True, True], [False, True, True]]
+    assert branch_alive(active).tolist() == [False, True, True]          # nobody can choose branch 0
+
+
+def test_probabilities_renormalise_over_active_heads():
+    S = torch.tensor([[0.0, 1.0, 2.0]])
+    a = torch.tensor([[False, True, True]])
+    p = active_probabilities(S, 2.0, a)
+    assert p[0, 0] == 0 and torch.allclose(p[0, 1:], torch.softmax(S[0, 1:].double() / 2.0, 0))
+    full = active_probabilities(S, 2.0, torch.ones_like(a))
+    assert torch.allclose(full, torch.softmax(S.double() / 2.0, 1))
+
+
+def test_rule_never_drops_the_last_head_of_a_task():
+    # ε above 1/K: every head of the task is below ε -> the most probable one (lowest k on ties) stays
+    traj = [logits_for([[0.45, 0.55]])] * 4
+    dropped, active, _ = run_rule(traj, eps=0.6, patience=2)
+    assert dropped == {(0, 0): 2} and active.tolist() == [[False, True]]
+    traj = [logits_for([[0.5, 0.5]])] * 3
+    dropped, active, _ = run_rule(traj, eps=0.6, patience=1)
+    assert dropped == {(0, 1): 1} and active.tolist() == [[True, False]]
+    # a single remaining head has p = 1 and is never dropped, whatever its logit
+    dropped, active, _ = run_rule([logits_for([[1e-9, 1.0]])] * 5, eps=0.5, patience=1,
+                                  active=torch.tensor([[True, False]]))
+    assert dropped == {} and active.tolist() == [[True, False]]
+
+
+def test_branch_dropped_once_no_task_can_choose_it():
+    # two tasks, K=3: both move away from branch 2, at different times
+    a = [0.5, 0.45, 0.05]
+    b = [0.45, 0.5, 0.05]
+    mid = [0.4, 0.4, 0.2]
+    traj = [logits_for([a, mid]), logits_for([a, mid]), logits_for([a, b]), logits_for([a, b])]
+    dropped, active, _ = run_rule(traj, eps=0.1, patience=2)
+    assert dropped == {(0, 2): 2, (1, 2): 4}
+    assert branch_alive(active).tolist() == [True, True, False]
+
+
+def test_config_validation():
+    with pytest.raises(ConfigError):
+        GroupingConfig(prune_eps=1.5)
+    with pytest.raises(ConfigError):
+        GroupingConfig(prune_eps=0.1, prune_patience=0)
+    with pytest.raises(ConfigError):
+        GroupingConfig(prune_eps=0.1, method="naive-mtl")
+    with pytest.raises(ConfigError):
+        GroupingConfig(prune_eps=0.1, hard=True)
+
+
+# ------------------------------------------------------------------ model/loss with dropped heads
+class Counting(nn.Module):
+    def __init__(self, m):
+        super().__init__()
+        self.m, self.calls = m, 0
+
+    def forward(self, x):
+        self.calls += 1
+        return self.m(x)
+
+
+TX = ["segment_semantic", "depth_zbuffer", "keypoints2d"]
+
+
+def tiny_taskonomy(k=3):
+    torch.manual_seed(0)
+    ts = TaskonomyTaskSet(TX)
+    heads = ModuleHeads([Counting(nn.Conv2d(4, s.out_channels, 1)) for s in ts.specs])
+    model = MultiBranchNet(nn.Conv2d(3, 4, 3, padding=1), Counting(nn.Conv2d(4, 4, 3, padding=1)), heads, k)
+    b, h = 2, 8
+    batch = {"image": torch.randn(b, 3, h, h),
+             "targets": {"segment_semantic": torch.randint(0, 18, (b, h, h)),
+                         "depth_zbuffer": torch.randn(b, 1, h, h), "keypoints2d": torch.randn(b, 1, h, h)},
+             "mask": torch.rand(b, 1, h, h) > 0.3}
+    return ts, model, batch
+
+
+def test_dropped_heads_get_no_compute_and_no_gradient():
+    ops.set_backend("reference")
+    ts, model, batch = tiny_taskonomy()
+    mask = torch.tensor([[True, False, False], [True, True, False], [False, True, False]])   # branch 2 dead
+    model.set_active(mask)
+    model.train()
+    out = model(batch["image"])
+    assert [o.shape[0] for o in out] == [1, 2, 1]
+    calls = [[model.heads[k].heads[i].calls for k in range(3)] for i in range(3)]
+    assert calls == mask.int().tolist()                                   # each active head once, no other
+    assert [model.branches[k].calls for k in range(3)] == [1, 1, 0]
+    z = torch.softmax(torch.randn(3, 3), 1) * mask
+    z = z / z.sum(1, keepdim=True)
+    total, L = ts.head_losses(out, batch, z, active=model.task_branches)
+    total.backward()
+    assert all(p.grad is None for p in model.branches[2].parameters())
+    assert all(p.grad is None for p in model.heads[1].heads[0].parameters())
+    # exact: the same losses as the full K·N forward at the active heads
+    model.set_active(None)
+    with torch.no_grad():
+        full_total, full_L = ts.head_losses(model(batch["image"]), batch, z)
+    assert torch.allclose(total.detach(), full_total, rtol=1e-6)
+    assert torch.allclose(L, full_L * mask, rtol=1e-6)
+    # evaluation mode computes every head (the argmax model reads any branch)
+    model.set_active(mask)
+    model.eval()
+    assert all(o.shape[0] == 3 for o in model(batch["image"]))
+
+
+def test_weights_restricted_to_active_heads_and_dropped_logits_frozen():
+    ops.set_backend("reference")
+    g = GroupingConfig(tau=2.0, prune_eps=0.1, prune_patience=1)
+    m = DMTG(2, 3, g)
+    with torch.no_grad():
+        m.logits.copy_(torch.tensor([[0.0, 5.0, 4.0], [5.0, 0.0, 1.0]]))
+    ref = DMTG(2, 3, g)
+    ref.load_state_dict(m.state_dict())
+    z_full = ref.weights(0)
+    m.observe_step(None, {})                    # S/τ → p(0,0) ≈ 0.02 < 0.1: dropped at once
+    assert m.prune_active.tolist() == [[False, True, True], [True, False, True]]
+    z = m.weights(0)                            # the same noise (seed state) as z_full
+    a = m.prune_active
+    assert torch.allclose(z, z_full * a / (z_full * a).sum(1, keepdim=True), atol=1e-6)
+    (z * torch.tensor([[1.0, 2.0, 3.0], [1.0, 2.0, 3.0]])).sum().backward()
+    assert torch.all(m.logits.grad[~a] == 0) and torch.any(m.logits.grad[a] != 0)
+    assert m.assignment().tolist() == [1, 0]
+    # the mask is saved state
+    m2 = DMTG(2, 3, g)
+    m2.load_state_dict(m.state_dict())
+    assert m2.head_mask().tolist() == a.tolist() and m2.prune_events() == m.prune_events()
+
+
+def test_step_runner_invalidate_and_stacked_layout():
+    ops.set_backend("reference")
+    from fastdmtg.models.multibranch import LinearHeads
+    from fastdmtg.tasks.attributes import AttributeTaskSet
+    ts = AttributeTaskSet(["a", "b"])
+    model = MultiBranchNet(nn.Identity(), nn.Flatten(), LinearHeads(2, 12, 2), 3)
+    g = GroupingConfig(prune_eps=0.1, prune_patience=1)
+    m = DMTG(2, 3, g)
+    with torch.no_grad():
+        m.prune_active.copy_(torch.tensor([[True, True, False], [True, True, False]]))
+    m._refresh()
+    model.set_active(m.head_mask())
+    sm = StepModule(model, m, ts, autocast=lambda: torch.autocast("cpu", enabled=False))
+    opt = torch.optim.SGD(list(model.parameters()) + list(m.parameters()), lr=0.1)
+    runner = StepRunner(sm, opt)
+    batch = {"image": torch.randn(4, 3, 2, 2), "labels": torch.randint(0, 2, (4, 2))}
+    total, L = runner(batch)
+    assert torch.all(L[:, 2] == 0) and torch.all(L[:, :2] > 0)
+    assert all(p.grad is None for p in model.heads[2].parameters())
+    runner.graph, runner.eager_steps = object(), 5
+    runner.invalidate()
+    assert runner.graph is None and runner.eager_steps == 0
+
+
+# ------------------------------------------------------------------ whole runs
+def small_cfg(extra=()):
+    return apply_overrides(get_recipe("synthetic_k3"), FAST + [
+        "data.synthetic_train=600", "data.synthetic_val=200", "data.synthetic_test=200",
+        "train.epochs=3", "train.batch_size=64", "model.width=4", *extra])
+
+
+def test_pruning_on_but_never_triggered_equals_no_pruning(tmp_path):
+    """ε = 0 is off (the same code path); a positive ε that never triggers gives the same run."""
+    ops.set_backend("reference")
+    off = train(small_cfg(["train.epochs=2"]), tmp_path / "off")
+    on = train(small_cfg(["train.epochs=2", "grouping.prune_eps=1e-30", "grouping.prune_patience=5"]),
+               tmp_path / "on")
+    assert on["pruning"]["events"] == [] and on["pruning"]["head_step_fraction"] == 1.0
+    assert on["assignment"] == off["assignment"] and on["probabilities"] == off["probabilities"]
+    assert on["test"]["loss"] == off["test"]["loss"]
+
+
+def test_resume_with_pruning_is_exact(tmp_path):
+    ops.set_backend("reference")
+    extra = ["grouping.tau=0.05", "grouping.prune_eps=0.2", "grouping.prune_patience=3"]
+    full = train(small_cfg(extra), tmp_path / "full")
+    assert full["pruning"]["events"], "the settings are meant to prune"
+    with pytest.raises(TrainingInterrupted):
+        train(small_cfg(extra), tmp_path / "cut", stop_after_steps=13)
+    resumed = train(small_cfg(extra), tmp_path / "cut", resume=True)
+    assert resumed["pruning"] == full["pruning"]
+    assert resumed["assignment"] == full["assignment"]
+    for t in full["test"]["loss"]:
+        assert resumed["test"]["loss"][t] == pytest.approx(full["test"]["loss"][t], rel=1e-5)
+    hist = json.loads((tmp_path / "full" / "history.json").read_text())
+    logged = [e for h in hist for e in h["pruned"]]
+    assert [(e["task"], e["branch"], e["step"]) for e in logged] == \
+        [(e["task"], e["branch"], e["step"]) for e in full["pruning"]["events"]]
+    # the kept head of every task is still active, and every task keeps at least one head
+    act = torch.tensor(full["pruning"]["active"])
+    assert act.any(1).all()
+    assert all(act[i, a] for i, a in enumerate(full["assignment"]))
+
+
+def test_default_recipe_with_small_eps_finds_planted_groups(tmp_path):
+    """The embedded default recipe with ε = 1e-3, patience 20: still the planted groups, fewer head-steps."""
+    res = train(apply_overrides(get_recipe("synthetic_k3"), FAST + ["grouping.prune_eps=1e-3",
+                                                                     "grouping.prune_patience=20"]), tmp_path / "r")
+    names = task_names(3, 3)
+    planted = sorted(sorted(names[i] for i in g) for g in planted_groups(3, 3))
+    assert sorted(sorted(g) for g in res["groups"]) == planted
+    assert res["pruning"]["head_step_fraction"] < 1.0
+
+
+def test_training_flops_accounting():
+    parts = {"shared": 10.0, "branch": 100.0, "heads": [50.0, 50.0]}
+    never = torch.full((2, 2), -1)
+    r = training_flops(parts, never, total_steps=10, batch_size=1, backward_factor=1.0)
+    assert r["ratio"] == 1.0 and r["full"] == (10 + 200 + 200) * 10
+    st = torch.tensor([[-1, 5], [-1, 5]])                                   # branch 1 dead after step 5
+    r = training_flops(parts, st, total_steps=10, batch_size=1, backward_factor=1.0)
+    assert r["pruned"] == 10 * 10 + 100 * (10 + 5) + 50 * (10 + 5 + 10 + 5)
