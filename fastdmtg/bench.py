@@ -19,9 +19,7 @@ official 178×218 format (written to a temporary folder), as the reference pipel
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
-import os
 import statistics
 import sys
 import tempfile
@@ -413,4 +411,4 @@ def profile_main(argv: list[str]) -> int:
     return 0
 
 
-__all__ = ["bench_main", "profile_main", "count_flops", "measure_step", "contextlib", "os"]
+__all__ = ["bench_main", "profile_main", "count_flops", "measure_step", "build_stepper"]

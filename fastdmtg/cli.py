@@ -104,8 +104,6 @@ def format_results(res: dict) -> str:
 
 
 def cmd_eval(args) -> int:
-    import torch
-
     from .checkpoint import atomic_write_json
     from .data import build_data
     from .export import load_grouped
@@ -126,7 +124,6 @@ def cmd_eval(args) -> int:
     atomic_write_json(run_dir / f"eval_{args.split}.json", res)
     print(json.dumps({k: res[k] for k in ("split", "total_loss", "total_error", "loss", "error") if k in res},
                      indent=2))
-    del torch
     return 0
 
 

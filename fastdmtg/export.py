@@ -32,7 +32,6 @@ def save_grouped(run_dir: str | Path, model: GroupedNet, cfg: Config, task_names
 
 def load_grouped(run_dir: str | Path, device: str | torch.device = "cpu") -> tuple[GroupedNet, dict]:
     """Load a pruned model → (GroupedNet in eval mode, metadata)."""
-    from .tasks.attributes import AttributeTaskSet
     run_dir = Path(run_dir)
     meta_path = run_dir / "grouped_model.json"
     if not meta_path.exists():

@@ -3,7 +3,6 @@
 direct computation with real optimizer steps, the ``networks`` method, and end-to-end comparisons
 on the planted-group synthetic data."""
 import copy
-import itertools
 import json
 import math
 import types

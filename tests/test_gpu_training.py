@@ -51,7 +51,7 @@ def test_replays_draw_fresh_noise():
     step, info = build_stepper(cfg, torch.device("cuda"), n_batches=4)
     for _ in range(4):
         step()
-    L_prev, seen = None, []
+    seen = []
     for _ in range(3):
         total, L = step()
         seen.append(float(total))

@@ -88,7 +88,6 @@ def test_refuses_to_overwrite_a_run(tmp_path):
 
 def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
     t = Trainer(small_cfg(["train.log_every=1"]), tmp_path / "nan")
-    t.fit(stop_after_steps=None) if False else None
     real = t.taskset.head_losses
     calls = {"n": 0}
 

@@ -18,7 +18,6 @@ which is dropped because BatchNorm cannot normalise a batch of one.
 """
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Iterator
 
@@ -188,4 +187,4 @@ def build_data(cfg, progress: bool = True) -> DataSource:
     raise ValueError(f"data.dataset: unknown dataset {cfg.dataset!r}")
 
 
-__all__ = ["DataSource", "MemorySource", "LoaderSource", "build_data", "epoch_permutation", "num_batches", "math"]
+__all__ = ["DataSource", "MemorySource", "LoaderSource", "build_data", "epoch_permutation", "num_batches"]

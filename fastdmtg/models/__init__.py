@@ -6,7 +6,6 @@ file with such a function and registering it here (``register_backbone``).
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Callable
 
@@ -79,4 +78,4 @@ def build_grouped(cfg, task_specs, image_size: int, groups: list[list[int]]) -> 
 
 
 __all__ = ["Parts", "register_backbone", "build_parts", "build_multibranch", "build_grouped",
-           "MultiBranchNet", "GroupedNet", "HeadSet", "LinearHeads", "ModuleHeads", "grad_scale", "math"]
+           "MultiBranchNet", "GroupedNet", "HeadSet", "LinearHeads", "ModuleHeads", "grad_scale"]
