@@ -161,9 +161,9 @@ def build_stepper(cfg: Config, device: torch.device, *, loader: str = "memory", 
     from .data import LoaderSource, MemorySource
     from .methods import build_method
     from .models import build_multibranch
-    from .step import StepModule, StepRunner, autocast_factory
+    from .step import StepRunner
     from .tasks.attributes import AttributeTaskSet
-    from .train import build_optimizer, resolve_speed
+    from .train import build_optimizer, build_step_module, prepare_model, resolve_speed, step_mode
     torch.manual_seed(0)
     ops.set_backend(cfg.train.kernels)
     specs = _task_specs(cfg)
@@ -179,20 +179,13 @@ def build_stepper(cfg: Config, device: torch.device, *, loader: str = "memory", 
         src = MemorySource({"train": _synthetic_celeba(bs * n_batches, len(names), cfg.data.image_size)}, taskset,
                            cfg.data.image_size)
     speed = resolve_speed(cfg, device, 1)
-    model = build_multibranch(cfg.model, specs, cfg.data.image_size).to(device)
-    if speed["batched"]:
-        from .models.batched import BatchedMultiBranchNet
-        model = BatchedMultiBranchNet(model)
-    if speed["channels_last"]:
-        model = model.to(memory_format=torch.channels_last)
+    # the same model preparation and step construction as the Trainer (fastdmtg.train)
+    model = prepare_model(build_multibranch(cfg.model, specs, cfg.data.image_size).to(device), cfg, speed)
     method = build_method(cfg, len(names), names).to(device)
     opt = build_optimizer(cfg, list(model.parameters()) + list(method.parameters()), device,
                           capturable=speed["cuda_graph"])
-    use_amp = cfg.train.amp == "bf16" or (cfg.train.amp == "auto" and device.type == "cuda")
-    sm = StepModule(model, method, taskset, autocast_factory(use_amp, device, speed["cuda_graph"]),
-                    speed["channels_last"])
-    mode = "+".join(m for m, on in (("compile", speed["compile"]), ("graph", speed["cuda_graph"])) if on) or "eager"
-    runner = StepRunner(sm, opt, mode)
+    mode = step_mode(speed)
+    runner = StepRunner(build_step_module(model, method, taskset, cfg, device, speed), opt, mode)
 
     def batches():
         epoch = 0

@@ -375,25 +375,32 @@ def select_dp(pairwise: np.ndarray, single: np.ndarray, budget: int) -> Selectio
 
 # ----------------------------------------------------------------------------- TAG / HOA front ends
 
-def linkage_partition(pairwise: np.ndarray, groups: int) -> tuple[list[tuple[int, ...]], list[tuple[int, ...]]]:
-    """Average-linkage agglomeration on the symmetrised values (lower = closer), stopped at
-    ``groups`` clusters → (those clusters: a cheap feasible partition, the B&B incumbent for large
-    N; every cluster formed on the way)."""
-    W = np.asarray(pairwise, dtype=np.float64)
-    sym = (W + W.T) / 2
-    clusters = [[t] for t in range(W.shape[0])]
+def agglomerate(dist: np.ndarray, groups: int, linkage) -> tuple[list[list[int]], list[tuple[int, ...]]]:
+    """Greedy agglomerative clustering of tasks 0..N−1: repeatedly merge the two clusters whose
+    ``linkage(dist[block])`` is smallest (first pair wins ties) until ``groups`` clusters remain →
+    (clusters, every merged cluster in merge order)."""
+    clusters = [[t] for t in range(dist.shape[0])]
     merges = []
     while len(clusters) > max(groups, 1):
         best, pair = INF, None
         for a in range(len(clusters)):
             for b in range(a + 1, len(clusters)):
-                d = sym[np.ix_(clusters[a], clusters[b])].mean()
+                d = linkage(dist[np.ix_(clusters[a], clusters[b])])
                 if d < best:
                     best, pair = d, (a, b)
         a, b = pair
         merged = sorted(clusters[a] + clusters[b])
         merges.append(tuple(merged))
         clusters = [c for i, c in enumerate(clusters) if i not in (a, b)] + [merged]
+    return clusters, merges
+
+
+def linkage_partition(pairwise: np.ndarray, groups: int) -> tuple[list[tuple[int, ...]], list[tuple[int, ...]]]:
+    """Average-linkage agglomeration on the symmetrised values (lower = closer), stopped at
+    ``groups`` clusters → (those clusters: a cheap feasible partition, the B&B incumbent for large
+    N; every cluster formed on the way)."""
+    W = np.asarray(pairwise, dtype=np.float64)
+    clusters, merges = agglomerate((W + W.T) / 2, groups, np.mean)
     return [tuple(c) for c in clusters], merges
 
 
@@ -556,16 +563,7 @@ def _best_partition(A, shared_locations, groups, exhaustive_limit, reduce="task"
                 best, best_p = c, p
         return best_p, best, True
     dis = (1.0 - A[shared_locations:]).sum(0) if shared_locations < D else (1.0 - A).sum(0)
-    clusters = [[t] for t in range(N)]
-    while len(clusters) > groups:
-        best, pair = INF, None
-        for a in range(len(clusters)):
-            for b in range(a + 1, len(clusters)):
-                d = dis[np.ix_(clusters[a], clusters[b])].max()
-                if d < best:
-                    best, pair = d, (a, b)
-        a, b = pair
-        clusters = [c for i, c in enumerate(clusters) if i not in (a, b)] + [sorted(clusters[a] + clusters[b])]
+    clusters, _ = agglomerate(dis, groups, np.max)        # complete linkage
     cost = bmtn_tree_cost(clusters, A, shared_locations, reduce)
     improved = True
     while improved:

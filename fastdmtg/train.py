@@ -51,11 +51,41 @@ def resolve_device(name: str) -> torch.device:
     return dev
 
 
+def use_bf16(cfg: Config, device: torch.device) -> bool:
+    """train.amp: bf16 autocast when asked, or by default on CUDA."""
+    return cfg.train.amp == "bf16" or (cfg.train.amp == "auto" and device.type == "cuda")
+
+
 def autocast_ctx(cfg: Config, device: torch.device):
-    use = cfg.train.amp == "bf16" or (cfg.train.amp == "auto" and device.type == "cuda")
-    if use:
+    if use_bf16(cfg, device):
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+def prepare_model(model: MultiBranchNet, cfg: Config, speed: dict, world_size: int = 1):
+    """Apply the model-side speed switches: batched branches (when the architecture supports them;
+    ``speed["batched"]`` is updated to what was done), SyncBatchNorm under DDP, channels_last."""
+    if speed["batched"]:
+        if not supports_batching(model):
+            if cfg.model.batched == "on":
+                raise ValueError(f"model.batched=on is not supported for model.arch={cfg.model.arch}")
+            speed["batched"] = False
+        else:
+            model = BatchedMultiBranchNet(model)
+    if cfg.model.sync_bn and world_size > 1:
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    if speed["channels_last"]:
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+def step_mode(speed: dict) -> str:
+    return "+".join(m for m, on in (("compile", speed["compile"]), ("graph", speed["cuda_graph"])) if on) or "eager"
+
+
+def build_step_module(model, method, taskset, cfg: Config, device: torch.device, speed: dict) -> StepModule:
+    return StepModule(model, method, taskset, autocast_factory(use_bf16(cfg, device), device, speed["cuda_graph"]),
+                      speed["channels_last"])
 
 
 def build_optimizer(cfg: Config, params, device: torch.device, capturable: bool = False) -> torch.optim.Optimizer:
@@ -179,17 +209,7 @@ class Trainer:
         self.model = build_multibranch(cfg.model, self.taskset.specs, self.data.image_size).to(self.device)
         if cfg.train.init_from and not resume:
             self._init_from(cfg.train.init_from)
-        if self.speed["batched"]:
-            if not supports_batching(self.model):
-                if cfg.model.batched == "on":
-                    raise ValueError(f"model.batched=on is not supported for model.arch={cfg.model.arch}")
-                self.speed["batched"] = False
-            else:
-                self.model = BatchedMultiBranchNet(self.model)
-        if cfg.model.sync_bn and self.world_size > 1:
-            self.model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
-        if self.speed["channels_last"]:
-            self.model = self.model.to(memory_format=torch.channels_last)
+        self.model = prepare_model(self.model, cfg, self.speed, self.world_size)
         self.method = build_method(cfg, self.taskset.num_tasks, self.taskset.names).to(self.device)
         if hasattr(self.method, "seed_offset"):
             self.method.seed_offset = self.rank << 40
@@ -197,10 +217,7 @@ class Trainer:
                                          self.device, capturable=self.speed["cuda_graph"])
         self.scheduler = build_scheduler(cfg, self.optimizer)
         self.amp = autocast_ctx(cfg, self.device)
-        use_amp = cfg.train.amp == "bf16" or (cfg.train.amp == "auto" and self.device.type == "cuda")
-        step_module = StepModule(self.model, self.method, self.taskset,
-                                 autocast_factory(use_amp, self.device, self.speed["cuda_graph"]),
-                                 self.speed["channels_last"])
+        step_module = build_step_module(self.model, self.method, self.taskset, cfg, self.device, self.speed)
         if self.world_size > 1:
             import warnings
 
@@ -212,8 +229,7 @@ class Trainer:
                 # head pruning: dropped heads/branches take no part in the step (the same on all ranks)
                 step_module = DDP(step_module, device_ids=[self.device.index] if self.device.type == "cuda" else None,
                                   broadcast_buffers=False, find_unused_parameters=self.pruning)
-        mode = "+".join(m for m, on in (("compile", self.speed["compile"]), ("graph", self.speed["cuda_graph"])) if on)
-        self.runner = StepRunner(step_module, self.optimizer, mode or "eager")
+        self.runner = StepRunner(step_module, self.optimizer, step_mode(self.speed))
         self.epoch, self.step_in_epoch, self.global_step = 0, 0, 0
         self.best_val, self.best_epoch = math.inf, -1
         self.history: list[dict] = []
