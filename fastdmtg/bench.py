@@ -1,20 +1,53 @@
 """Benchmarks: FLOPs per sample, training-step throughput, and a profiler summary.
 
     fastdmtg bench flops [--taskonomy] [--out FILE]
-    fastdmtg bench step  [--recipe celeba9_k3] [--steps 50] [--out FILE] [--scaling]
-    fastdmtg profile     [--recipe celeba9_k3] [--steps 10] [--out DIR]
+    fastdmtg bench step  [--recipe celeba9_k3] [--set KEY=VALUE ...] [--steps 50] [--out FILE] [--scaling]
+    fastdmtg profile     [--recipe celeba9_k3] [--set KEY=VALUE ...] [--steps 10] [--out DIR]
+
+``bench step`` and ``profile`` take any recipe: CelebA-shaped ones (celeba*, synthetic*) and the
+Taskonomy ones (taskonomy5_k3/k4/k5, taskonomy5_vit_k3, taskonomy5_naive). ``--set`` (repeatable)
+applies ``fastdmtg.config.apply_overrides`` to the recipe first, e.g. to shrink it
+(``--set data.image_size=32 --set train.batch_size=4 --set model.branches=2``); ``bench step``'s rows
+then set the speed switches (train.amp/kernels/cuda_graph/compile/channels_last, model.batched)
+themselves.
 
 FLOP conventions: fvcore counts 1 FLOP per multiply-add (and also counts BN/pooling);
 torch.utils.flop_counter counts 2 per multiply-add for conv/linear/matmul only. Both are reported;
-counts are of the eager training network (all K·N heads), batch 1, forward only. A training step
-costs about 3× the forward (backward ≈ 2× forward); MFU below uses 3 × 2 × fvcore-MACs per sample
-against the GPU's dense bf16 peak.
+counts are of the eager training network (all K·N heads), batch 1, forward only (fvcore gets a
+handle for scaled_dot_product_attention, which it does not know: the ViT's attention matmuls). A
+training step costs about 3× the forward (backward ≈ 2× forward); MFU below uses 3 × 2 × fvcore-MACs
+per sample (torch.utils.flop_counter / 2 when fvcore is not installed) against the GPU's dense bf16
+peak (989 TFLOP/s for H100 SXM and H200; H100 PCIe 756, NVL parts 835, A100 312; the H100 SXM
+figure when the GPU is not recognised, and on CPU).
 
-Timing (``bench step``): synthetic CelebA-shaped data (uint8 64×64 images, random ±1 labels) —
-the speed of a step does not depend on the pixel values. Warm-up steps first (they pay compile and
-graph capture), then CUDA events around ``--steps`` steps, median of ``--repeats`` repeats.
-The "reference style" row is eager fp32 fed by a torch DataLoader decoding JPEG files of the
-official 178×218 format (written to a temporary folder), as the reference pipeline does.
+Timing (``bench step``): synthetic data in memory — the speed of a step does not depend on the
+values, only on shapes, dtypes and layout, which are exactly those of the real sources:
+
+* CelebA-shaped recipes: uint8 S×S images and random 0/1 labels in a ``MemorySource`` (batches
+  {"image": (B, 3, S, S) float32, "labels": (B, N) int64}).
+* Taskonomy: random raw maps in the prepared format's dtypes (rgb/normal uint8, segmentation uint8
+  ids 0..17, depth/keypoints/edges uint16 with plausible ranges and "no depth" pixels) served by
+  the trainer's default Taskonomy source, ``pipelines.gpu_cache.GpuCacheTaskonomy`` (resident on
+  the device, gathered, normalised and flipped there by ``data.taskonomy.make_batch``): batches
+  {"image": (B, 3, S, S) float32, "targets": {task: (B, C, S, S) float32 | segmentation (B, S, S)
+  int64}, "mask": (B, 1, S, S) bool}.
+
+Warm-up steps first (they pay compile and graph capture), then CUDA events around ``--steps``
+steps, median of ``--repeats`` repeats. The "reference style" row is eager fp32 fed by a torch
+DataLoader over raw files written to a temporary folder, as the reference pipeline does: CelebA
+JPEGs of the official 178×218 format; for Taskonomy an official-format root
+(ROOT/<domain>/<building>/point_<p>_view_<v>_domain_<suffix>.png with the real PNG bit depths, at
+2× the training size as the official 512² → 256²; ``write_taskonomy_raw``) read by the torch
+backend (``pipelines.torch_files.TorchTaskonomy``: PNG decode + resize in the workers). The files
+sit in the page cache, so this row does not pay disk reads.
+
+Projected hours = epochs × training-set size / throughput (steps only): CelebA 162,770, the
+synthetic set its ``data.synthetic_train``; for Taskonomy the tiny split's training size is not
+recorded in this repository (the papers' figures disagree), so the hours are left out unless
+``--train-images N`` gives it (e.g. the train count of a prepared folder's index.json).
+
+``--scaling`` (CUDA only): CelebA recipes K=2..5 and N=9 vs 40; for a Taskonomy recipe, the same
+recipe at K=3/4/5 with the reference per-GPU batch of taskonomy5_k3/k4/k5 (24/16/12).
 """
 from __future__ import annotations
 
@@ -24,6 +57,7 @@ import statistics
 import sys
 import tempfile
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -32,16 +66,34 @@ from .config import Config, apply_overrides, get_recipe
 
 # DMTG paper Table A1 (one RTX 4090): (GFLOPs, hours) — see ../shared/reference-notes.md
 PAPER_A1 = {"celeba9_k2": (0.15, 0.99), "celeba9_k3": (0.22, 1.27), "celeba9_k4": (0.29, 1.55),
-            "celeba40_k5": (None, 2.9), "celeba9_k5": (None, 1.7)}
+            "celeba40_k5": (None, 2.9), "celeba9_k5": (None, 1.7),
+            "taskonomy5_k3": (38.90, 158.56), "taskonomy5_k4": (50.68, 243.50), "taskonomy5_k5": (62.47, 328.67),
+            "taskonomy5_vit_k3": (141.00, 220.00)}
 H100_BF16_DENSE_TFLOPS = 989.0   # datasheet (SXM); the device notes measured ~798 on 8192³ bf16 GEMM
+# dense bf16 peaks (datasheets), matched on the device name in order; first match wins
+_BF16_PEAKS = (("H100 PCIe", 756.0, "H100 PCIe datasheet"), ("NVL", 835.0, "NVL datasheet"),
+               ("H200", 989.0, "H200 datasheet"), ("H100", H100_BF16_DENSE_TFLOPS, "H100 SXM datasheet"),
+               ("A100", 312.0, "A100 datasheet"))
+CELEBA_TRAIN_IMAGES = 162_770
+# the reference per-GPU batch of Taskonomy-5 at K (recipes taskonomy5_k3/k4/k5)
+TASKONOMY_SCALING = {3: "taskonomy5_k3", 4: "taskonomy5_k4", 5: "taskonomy5_k5"}
+
+
+def peak_bf16_tflops(gpu_name: str) -> tuple[float, str]:
+    """(dense bf16 TFLOP/s, where the figure comes from) for a device name; the H100 SXM figure
+    when the name is not recognised (and for "cpu")."""
+    for key, tflops, label in _BF16_PEAKS:
+        if key.lower() in gpu_name.lower():
+            return tflops, label
+    return H100_BF16_DENSE_TFLOPS, "H100 SXM datasheet" + ("" if gpu_name == "cpu" else "; GPU not recognised")
 
 
 def _task_specs(cfg: Config):
     from .config import CELEBA_40, TASK_PRESETS
     from .tasks.attributes import AttributeTaskSet
     if cfg.data.dataset == "taskonomy":
-        from .tasks.taskonomy import taskonomy_specs
-        return taskonomy_specs(cfg.data.task_names() or TASK_PRESETS["taskonomy5"])
+        from .tasks.taskonomy import TaskonomyTaskSet
+        return TaskonomyTaskSet(cfg.data.task_names() or TASK_PRESETS["taskonomy5"]).specs
     if cfg.data.dataset == "synthetic":
         from .data.synthetic import task_names
         return AttributeTaskSet(task_names(cfg.data.synthetic_groups, cfg.data.synthetic_tasks_per_group)).specs
@@ -65,12 +117,24 @@ def count_flops(cfg: Config) -> dict:
             warnings.simplefilter("ignore")
             from fvcore.nn import FlopCountAnalysis
             fa = FlopCountAnalysis(model, x)
+            fa.set_op_handle("aten::scaled_dot_product_attention", _sdpa_macs)   # ViT attention
             fa.unsupported_ops_warnings(False)
             fa.uncalled_modules_warnings(False)
             out["fvcore_1_per_mac"] = fa.total()
     except ImportError:
         out["fvcore_1_per_mac"] = None
     return out
+
+
+def _sdpa_macs(inputs, outputs) -> int:
+    """fvcore handle for scaled_dot_product_attention: QKᵀ and AV, B·H·Lq·Lk·d multiply-adds each
+    (as benchmarks/flops_taskonomy.py)."""
+    from fvcore.nn.jit_handles import get_shape
+    q, k = get_shape(inputs[0]), get_shape(inputs[1])
+    n = 1
+    for v in q[:-2]:
+        n *= v
+    return 2 * n * q[-2] * k[-2] * q[-1]
 
 
 def flops_main(argv: list[str]) -> int:
@@ -132,6 +196,118 @@ def _write_jpegs(root: Path, n: int, n_tasks_total: int = 40):
     (root / "list_eval_partition.txt").write_text("".join(f"{f} 0\n" for f in files))
 
 
+# ------------------------------------------------------------------------------------- Taskonomy
+#: plausible raw value ranges [lo, hi] of the stored maps (see fastdmtg/data/taskonomy.py); depth
+#: also gets "no depth" pixels (65535, left out by the mask) — the values do not change a step's speed
+_TX_RANGE = {"rgb": (0, 255), "depth_zbuffer": (0, 12000), "normal": (0, 255), "segment_semantic": (0, 17),
+             "keypoints2d": (0, 300), "edge_texture": (0, 4000)}
+_NO_DEPTH = 65535
+_TX_TRAIN_BUILDING, _TX_HELDOUT_BUILDING = "benchtrain", "benchheldout"
+TASKONOMY_SPLIT_FILE = "split.json"      # written inside the raw root by write_taskonomy_raw
+
+
+def _taskonomy_maps(rng, domain: str, n: int, size: int):
+    """(n, C, size, size) random raw maps of one domain, in its stored dtype and plausible range."""
+    import numpy as np
+
+    from .data import taskonomy as tx
+    lo, hi = _TX_RANGE[domain]
+    a = rng.integers(lo, hi + 1, size=(n, tx.CHANNELS[domain], size, size), dtype=tx.DTYPE[domain])
+    if domain == "depth_zbuffer":
+        a[rng.random(a.shape, dtype=np.float32) < 0.1] = _NO_DEPTH
+    return a
+
+
+class SyntheticTaskonomySpec:
+    """What the Taskonomy pipeline sources read from a ``pipelines.datasets.TaskonomySpec``
+    (``taskset``, ``task_names``, ``domains``, ``image_size``, ``num_samples``, ``arrays``), backed by
+    ``n`` random samples in memory instead of a prepared folder: {domain: (n, C, S, S) uint8 | uint16},
+    the same arrays for every split. ``GpuCacheTaskonomy(spec)`` then serves exactly the batches the
+    trainer gets from a prepared folder (values aside)."""
+    kind = "taskonomy"
+
+    def __init__(self, cfg: Config, n: int, seed: int = 0):
+        import numpy as np
+
+        from .config import TASKONOMY_5
+        from .data import taskonomy as tx
+        from .tasks.taskonomy import TaskonomyTaskSet
+        d = cfg.data
+        self.task_names = d.task_names() or list(TASKONOMY_5)
+        self.taskset = TaskonomyTaskSet(self.task_names, rotate_loss=bool(d.taskonomy_rotate_loss))
+        self.domains = tx.needed_domains(self.task_names)
+        self.image_size, self.seg_resize, self.n = d.image_size, d.taskonomy_seg_resize, n
+        self.folder = Path("<synthetic Taskonomy arrays in memory>")     # named in gpu-cache log lines only
+        rng = np.random.default_rng(seed)
+        self._arrays = {dom: _taskonomy_maps(rng, dom, n, self.image_size) for dom in self.domains}
+
+    def num_samples(self, split: str) -> int:
+        return self.n
+
+    def arrays(self, split: str):
+        return self._arrays
+
+
+def _smooth_map(rng, domain: str, side: int):
+    """One photo-like raw map (C, side, side): a smooth random field plus 2 % noise (so the PNGs
+    compress and decode like real images, not like white noise); depth with "no depth" holes."""
+    import numpy as np
+    import torch.nn.functional as F
+
+    from .data import taskonomy as tx
+    lo, hi = _TX_RANGE[domain]
+    c = tx.CHANNELS[domain]
+
+    def field(ch):
+        low = torch.from_numpy(rng.random((1, ch, 16, 16), dtype=np.float32))
+        return F.interpolate(low, size=(side, side), mode="bilinear", align_corners=False)[0].numpy()
+    v = lo + (hi - lo) * field(c) + rng.normal(0.0, 0.02 * (hi - lo), (c, side, side))
+    a = np.clip(np.rint(v), lo, hi).astype(tx.DTYPE[domain])
+    if domain == "depth_zbuffer":
+        a[field(1) < 0.1] = _NO_DEPTH
+    return a
+
+
+def write_taskonomy_raw(root: str | Path, n: int, side: int, *, variants: int = 8, seed: int = 0) -> Path:
+    """A Taskonomy root in the official format (``ROOT/<domain>/<building>/point_<p>_view_0_domain_
+    <suffix>.png``, every domain of ``data.taskonomy.DOMAINS`` at its real PNG bit depth: rgb/normal
+    8-bit RGB, segmentation 8-bit grayscale ids 0..17, depth/keypoints/edges 16-bit grayscale), with
+    ``n`` training samples in one building and one held-out sample (val = test) in another, all
+    side×side, plus ``ROOT/split.json`` naming the two buildings (``data.taskonomy_split_file``).
+    Returns the split file. ``variants`` distinct maps per domain are encoded and reused cyclically
+    (decode cost does not depend on which file it is; encoding thousands of 512² PNGs would dominate
+    the benchmark)."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from .data import taskonomy as tx
+    root = Path(root)
+    rng = np.random.default_rng(seed)
+    count = {_TX_TRAIN_BUILDING: n, _TX_HELDOUT_BUILDING: 1}
+    for domain in tx.DOMAINS:
+        blobs = []
+        for _ in range(min(variants, n + 1)):
+            a = _smooth_map(rng, domain, side)
+            a = a[0] if a.shape[0] == 1 else a.transpose(1, 2, 0)     # (H, W) gray or (H, W, 3) RGB
+            buf = io.BytesIO()
+            Image.fromarray(np.ascontiguousarray(a)).save(buf, format="PNG")  # uint16 2-D -> 16-bit gray
+            blobs.append(buf.getvalue())
+        j = 0
+        for building, m in count.items():
+            folder = tx.domain_dir(root, tx.LAYOUT_DOMAIN_FIRST, domain, building)
+            folder.mkdir(parents=True, exist_ok=True)
+            for p in range(m):
+                (folder / tx.file_name(domain, p, 0)).write_bytes(blobs[j % len(blobs)])
+                j += 1
+    split = root / TASKONOMY_SPLIT_FILE
+    split.write_text(json.dumps({"train": [_TX_TRAIN_BUILDING], "val": [_TX_HELDOUT_BUILDING],
+                                 "test": [_TX_HELDOUT_BUILDING]}))
+    return split
+
+
+# ------------------------------------------------------------------------------------------ timing
 class _Timer:
     def __init__(self, device):
         self.cuda = device.type == "cuda"
@@ -153,31 +329,57 @@ class _Timer:
             self.ms = (time.perf_counter() - self.t) * 1e3
 
 
-def build_stepper(cfg: Config, device: torch.device, *, loader: str = "memory", jpeg_root: Path | None = None,
-                  num_workers: int = 8, n_batches: int = 64):
-    """Build model, method, optimizer and step runner for a config; returns (step_fn, info) where
-    step_fn() runs one full-batch training step."""
-    from . import ops
+def _source(cfg: Config, loader: str, raw_root: Path | None, num_workers: int, n_batches: int | None):
+    """The training DataSource of a bench run (see the module doc)."""
     from .data import LoaderSource, MemorySource
+    bs = cfg.train.batch_size
+    if cfg.data.dataset == "taskonomy":
+        if loader == "torch":
+            # exactly the trainer's path for data.backend=torch on a raw root (build_data -> TorchTaskonomy)
+            from .data import build_data
+            if raw_root is None:
+                raise ValueError("loader='torch' needs raw_root (a folder written by write_taskonomy_raw)")
+            over = [f"data.root={raw_root}", "data.backend=torch", f"data.num_workers={num_workers}",
+                    f"data.taskonomy_split_file={Path(raw_root) / TASKONOMY_SPLIT_FILE}"]
+            return build_data(apply_overrides(cfg, over).data, progress=False)
+        from .pipelines import DEFAULT_FLIP
+        from .pipelines.gpu_cache import GpuCacheTaskonomy
+        spec = SyntheticTaskonomySpec(cfg, bs * (n_batches or 16))
+        return GpuCacheTaskonomy(spec, flip=DEFAULT_FLIP["taskonomy"], num_workers=num_workers)
+    from .tasks.attributes import AttributeTaskSet
+    names = [s.name for s in _task_specs(cfg)]
+    taskset = AttributeTaskSet(names)
+    if loader == "torch":
+        from .data.celeba import CelebAFiles, CelebAIndex
+        index = CelebAIndex(raw_root, names)
+        return LoaderSource({"train": CelebAFiles(index, "train", cfg.data.image_size)}, taskset,
+                            cfg.data.image_size, num_workers)
+    return MemorySource({"train": _synthetic_celeba(bs * (n_batches or 64), len(names), cfg.data.image_size)},
+                        taskset, cfg.data.image_size)
+
+
+def build_stepper(cfg: Config, device: torch.device, *, loader: str = "memory", jpeg_root: Path | None = None,
+                  num_workers: int = 8, n_batches: int | None = None, raw_root: Path | None = None):
+    """Build data, model, method, optimizer and step runner for a config; returns (step_fn, info)
+    where step_fn() runs one full-batch training step and returns (total loss, L (N, K)).
+
+    ``loader``: "memory" (synthetic in-memory data, ``n_batches`` batches: default 64 CelebA-shaped,
+    16 Taskonomy) or "torch" (a DataLoader over the raw files under ``raw_root`` — CelebA JPEGs
+    (``_write_jpegs``; ``jpeg_root`` is the older name) or a Taskonomy root (``write_taskonomy_raw``)).
+    ``info``: mode, kernels, runner, batch (size), taskset, source, and last_batch (the batch dict
+    the latest step consumed)."""
+    from . import ops
     from .methods import build_method
     from .models import build_multibranch
     from .step import StepRunner
-    from .tasks.attributes import AttributeTaskSet
     from .train import build_optimizer, build_step_module, prepare_model, resolve_speed, step_mode
     torch.manual_seed(0)
     ops.set_backend(cfg.train.kernels)
     specs = _task_specs(cfg)
     names = [s.name for s in specs]
-    taskset = AttributeTaskSet(names)
     bs = cfg.train.batch_size
-    if loader == "torch":
-        from .data.celeba import CelebAFiles, CelebAIndex
-        index = CelebAIndex(jpeg_root, names)
-        src = LoaderSource({"train": CelebAFiles(index, "train", cfg.data.image_size)}, taskset,
-                           cfg.data.image_size, num_workers)
-    else:
-        src = MemorySource({"train": _synthetic_celeba(bs * n_batches, len(names), cfg.data.image_size)}, taskset,
-                           cfg.data.image_size)
+    src = _source(cfg, loader, raw_root if raw_root is not None else jpeg_root, num_workers, n_batches)
+    taskset = src.taskset
     speed = resolve_speed(cfg, device, 1)
     # the same model preparation and step construction as the Trainer (fastdmtg.train)
     model = prepare_model(build_multibranch(cfg.model, specs, cfg.data.image_size).to(device), cfg, speed)
@@ -195,16 +397,23 @@ def build_stepper(cfg: Config, device: torch.device, *, loader: str = "memory", 
                     yield b
             epoch += 1
     it = batches()
+    info = {"mode": mode, "kernels": ops.get_backend(device), "runner": runner, "batch": bs, "taskset": taskset,
+            "source": src, "last_batch": None}
 
     def step():
-        return runner(next(it))
-    return step, {"mode": mode, "kernels": ops.get_backend(device), "runner": runner, "batch": bs}
+        batch = next(it)
+        info["last_batch"] = batch
+        return runner(batch)
+    return step, info
 
 
 def measure_step(cfg: Config, device: torch.device, *, steps: int, repeats: int, warmup: int,
-                 loader: str = "memory", jpeg_root: Path | None = None, num_workers: int = 8) -> dict:
-    """Median time of `steps` training steps (after warm-up) for a config; returns ms/step and img/s."""
-    step, info = build_stepper(cfg, device, loader=loader, jpeg_root=jpeg_root, num_workers=num_workers)
+                 loader: str = "memory", jpeg_root: Path | None = None, num_workers: int = 8,
+                 raw_root: Path | None = None, n_batches: int | None = None) -> dict:
+    """Median time of `steps` training steps (after warm-up) for a config; returns ms/step and img/s
+    (and the last step's loss, ``loss``)."""
+    step, info = build_stepper(cfg, device, loader=loader, jpeg_root=jpeg_root, num_workers=num_workers,
+                               raw_root=raw_root, n_batches=n_batches)
     t0 = time.perf_counter()
     for _ in range(warmup):
         step()
@@ -212,45 +421,117 @@ def measure_step(cfg: Config, device: torch.device, *, steps: int, repeats: int,
         torch.cuda.synchronize()
     warm_s = time.perf_counter() - t0
     times = []
+    total = None
     for _ in range(repeats):
         with _Timer(device) as tm:
             for _ in range(steps):
-                step()
+                total, _L = step()
         times.append(tm.ms / steps)
     ms = statistics.median(times)
     return {"ms_per_step": ms, "img_per_s": info["batch"] * 1e3 / ms, "spread_ms": (min(times), max(times)),
-            "warmup_s": warm_s, "mode": info["mode"], "kernels": info["kernels"], "captures": info["runner"].captures}
+            "warmup_s": warm_s, "mode": info["mode"], "kernels": info["kernels"], "captures": info["runner"].captures,
+            "loss": float(total) if total is not None else None}
 
 
 def _variant(cfg: Config, over: list[str]) -> Config:
     return apply_overrides(cfg, over)
 
 
+# the switches each bench step row sets itself (a --set of one of them is replaced by the row's value)
+_SPEED_KEYS = ("train.cuda_graph", "train.compile", "train.kernels", "train.amp", "train.channels_last",
+               "model.batched")
+_SPEED_OFF = ["train.cuda_graph=off", "train.compile=off", "train.kernels=reference", "train.amp=off",
+              "train.channels_last=off", "model.batched=off"]
+
+
+def _batching_support(cfg: Config) -> tuple[bool, str]:
+    """Whether model.batched=on can run for this architecture (built on the meta device: no memory)."""
+    from .models import build_multibranch
+    from .models.batched import supports_batching
+    try:
+        with torch.device("meta"):
+            model = build_multibranch(cfg.model, _task_specs(cfg), cfg.data.image_size)
+    except Exception:          # a builder that cannot run on meta tensors: build it for real
+        model = build_multibranch(cfg.model, _task_specs(cfg), cfg.data.image_size)
+    if supports_batching(model):
+        return True, ""
+    return False, f"model.batched=on is not supported for model.arch={cfg.model.arch}"
+
+
+def _train_images(cfg: Config, given: int) -> tuple[int | None, str]:
+    """(training-set size, how the header states it) for the projected hours; None: unknown."""
+    epochs = cfg.train.epochs
+    if given:
+        return given, f"{epochs} epochs × {given:,} train images (--train-images) / throughput (training steps only)"
+    if cfg.data.dataset == "celeba":
+        n = cfg.data.limit_train or CELEBA_TRAIN_IMAGES
+        return n, f"{epochs} epochs × {n:,} CelebA train images / throughput (training steps only)"
+    if cfg.data.dataset == "synthetic":
+        n = cfg.data.limit_train or cfg.data.synthetic_train
+        return n, f"{epochs} epochs × {n:,} synthetic train images / throughput (training steps only)"
+    return None, ("not computed: the Taskonomy tiny split's training-set size is not recorded in this "
+                  "repository (the DMTG paper says ≈300k images for train+val+test, the BMTN paper 275k train + "
+                  "52k val + 54k test); give it with --train-images N (a prepared folder's index.json has the "
+                  "count)")
+
+
+def _scaling_configs(base_recipe: Config, recipe: str, overrides: list[str], best: list[str]
+                     ) -> list[tuple[str, Config]]:
+    """(label, config) of the scaling table's rows: CelebA K=2..5 and N=40; Taskonomy the given
+    recipe at K=3/4/5 with the reference per-GPU batch of taskonomy5_k<K>. ``overrides`` (--set)
+    apply to every row, before ``best``."""
+    if base_recipe.data.dataset == "taskonomy":
+        out = []
+        for k, ref in TASKONOMY_SCALING.items():
+            b = get_recipe(ref).train.batch_size
+            cfg = apply_overrides(get_recipe(recipe), [f"model.branches={k}", f"train.batch_size={b}"]
+                                  + overrides + best)
+            out.append((f"{recipe} K={k} (batch {cfg.train.batch_size})", cfg))
+        return out
+    return [(name, apply_overrides(get_recipe(name), overrides + best))
+            for name in ("celeba9_k2", "celeba9_k3", "celeba9_k4", "celeba9_k5", "celeba40_k5")]
+
+
 def step_main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(prog="fastdmtg bench step")
     ap.add_argument("--recipe", default="celeba9_k3")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a recipe field before the rows (repeatable), e.g. --set data.image_size=32")
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=15)
-    ap.add_argument("--jpegs", type=int, default=8192, help="JPEG files for the DataLoader row (0: skip the row)")
+    ap.add_argument("--jpegs", type=int, default=8192, help="JPEG files for the CelebA DataLoader row (0: skip the row)")
+    ap.add_argument("--raw-samples", type=int, default=-1,
+                    help="Taskonomy samples (6 PNGs each) for the DataLoader row (default: enough for the row's "
+                         "steps in one epoch; 0: skip the row)")
     ap.add_argument("--workers", type=int, default=8)
-    ap.add_argument("--scaling", action="store_true", help="also step time vs K (2..5) and N (9 vs 40)")
+    ap.add_argument("--scaling", action="store_true",
+                    help="also step time vs K (2..5) and N (9 vs 40); Taskonomy: K=3/4/5 (CUDA only)")
     ap.add_argument("--only", default="", help="comma-separated row indices to run")
     ap.add_argument("--scaling-set", action="append", default=[], help="extra overrides for the scaling table")
+    ap.add_argument("--train-images", type=int, default=0,
+                    help="training-set size for the projected hours (default: CelebA 162,770; Taskonomy: none)")
     ap.add_argument("--out", help="write the Markdown report here too")
     ap.add_argument("--device", default="auto")
     args = ap.parse_args(argv)
     from .train import resolve_device
     device = resolve_device(args.device)
-    base = get_recipe(args.recipe)
-    base = apply_overrides(base, ["train.cuda_graph=off", "train.compile=off", "train.kernels=reference",
-                                  "train.amp=off", "train.channels_last=off", "model.batched=off"])
+    replaced = [o for o in args.overrides if o.split("=", 1)[0].strip() in _SPEED_KEYS]
+    if replaced:
+        print(f"note: {' '.join(replaced)}: each row sets the speed switches itself; use --only to pick rows",
+              file=sys.stderr)
+    base = apply_overrides(get_recipe(args.recipe), args.overrides)
+    base = apply_overrides(base, _SPEED_OFF)
+    taskonomy = base.data.dataset == "taskonomy"
     flops = count_flops(base)
     fwd_macs = flops["fvcore_1_per_mac"] or flops["torch_2_per_mac"] / 2
     train_flops_per_sample = 3 * 2 * fwd_macs
+    fvcore_note = "" if flops["fvcore_1_per_mac"] else " (fvcore not installed: MACs = torch.utils.flop_counter / 2)"
     rows = [
-        ("reference style: eager fp32 + torch DataLoader (JPEG decode)", [], "torch"),
-        ("eager fp32, GPU-resident uint8 cache", [], "memory"),
+        ("reference style: eager fp32 + torch DataLoader (JPEG decode)" if not taskonomy else
+         "reference style: eager fp32 + torch DataLoader (PNG decode + resize)", [], "torch"),
+        ("eager fp32, GPU-resident uint8 cache" if not taskonomy else
+         "eager fp32, GPU-resident uint8/uint16 cache", [], "memory"),
         ("+ bf16 autocast", ["train.amp=bf16"], "memory"),
         ("+ Triton kernels", ["train.amp=bf16", "train.kernels=triton"], "memory"),
         ("+ CUDA graph (whole step)", ["train.amp=bf16", "train.kernels=triton", "train.cuda_graph=on"], "memory"),
@@ -271,63 +552,109 @@ def step_main(argv: list[str]) -> int:
     if args.only:
         keep = set(args.only.split(","))
         rows = [r for i, r in enumerate(rows) if str(i) in keep]
-    jpeg_dir = None
+    notes = []
+    if any("model.batched=on" in r[1] for r in rows):
+        ok, why = _batching_support(base)
+        if not ok:
+            skipped = [r[0] for r in rows if "model.batched=on" in r[1]]
+            rows = [r for r in rows if "model.batched=on" not in r[1]]
+            notes.append(f"- not run: {'; '.join(skipped)} — {why}")
+            print(notes[-1], file=sys.stderr)
+    raw_dir = None
     out = []
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    n_train = 162_770
+    peak, peak_label = peak_bf16_tflops(gpu)
+    n_train, hours_text = _train_images(base, args.train_images)
     lines = [f"## bench step — {args.recipe}", "",
              f"- device: {gpu}; torch {torch.__version__}; python {sys.version.split()[0]}",
              f"- command: `fastdmtg bench step {' '.join(argv)}`",
              f"- batch {base.train.batch_size}, {args.steps} timed steps × {args.repeats} repeats (median), "
              f"{args.warmup} warm-up steps; CUDA events",
-             f"- training FLOPs/sample = 3 × 2 × fvcore MACs = {train_flops_per_sample / 1e9:.3f} GFLOP; "
-             f"MFU against {H100_BF16_DENSE_TFLOPS:.0f} TFLOP/s dense bf16 (H100 SXM datasheet)",
-             f"- projected hours: 100 epochs × {n_train:,} CelebA train images / throughput (training steps only)",
-             "", "| configuration | mode | kernels | ms/step | img/s | speed-up | MFU % | 100-epoch hours |",
-             "|---|---|---|---:|---:|---:|---:|---:|"]
+             f"- training FLOPs/sample = 3 × 2 × fvcore MACs = {train_flops_per_sample / 1e9:.3f} GFLOP{fvcore_note}; "
+             f"MFU against {peak:.0f} TFLOP/s dense bf16 ({peak_label})",
+             f"- projected hours: {hours_text}"]
+    if taskonomy:
+        lines.append(f"- data: Taskonomy {base.data.image_size}×{base.data.image_size}, tasks "
+                     f"{', '.join(s.name for s in _task_specs(base))}; synthetic raw maps resident on the device "
+                     f"(gpu-cache source: gather, normalise, flip per batch), rotate loss "
+                     f"{'on' if base.data.taskonomy_rotate_loss else 'off'}")
+    paper = PAPER_A1.get(args.recipe, (None, None))
+    if taskonomy and paper[1] is not None and not args.overrides:
+        lines.append(f"- paper Table A1: {paper[0]} GFLOPs (thop-style count), {paper[1]} h on one RTX 4090")
+    hours_head = f"{base.train.epochs}-epoch hours"
+    lines += ["", f"| configuration | mode | kernels | ms/step | img/s | speed-up | MFU % | {hours_head} |",
+              "|---|---|---|---:|---:|---:|---:|---:|"]
     ref_ips = None
     for name, over, loader in rows:
         cfg = _variant(base, over)
         if loader == "torch":
-            if args.jpegs <= 0:
+            ref_steps = max(5, args.steps // 5)
+            if taskonomy:
+                n_raw = args.raw_samples if args.raw_samples >= 0 else base.train.batch_size * (3 + 3 * ref_steps + 2)
+                if n_raw <= 0:
+                    print(f"{name}: skipped (--raw-samples 0)", file=sys.stderr)
+                    continue
+            elif args.jpegs <= 0:
                 continue
-            if jpeg_dir is None:
-                jpeg_dir = Path(tempfile.mkdtemp(prefix="fastdmtg-jpegs-"))
-                _write_jpegs(jpeg_dir, args.jpegs)
+            if raw_dir is None:
+                raw_dir = Path(tempfile.mkdtemp(prefix="fastdmtg-raw-" if taskonomy else "fastdmtg-jpegs-"))
+                if taskonomy:
+                    side = 2 * base.data.image_size
+                    t0 = time.perf_counter()
+                    write_taskonomy_raw(raw_dir, n_raw, side)
+                    print(f"wrote {n_raw} Taskonomy samples ({side}×{side}, 6 PNGs each) to {raw_dir} in "
+                          f"{time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
+                else:
+                    _write_jpegs(raw_dir, args.jpegs)
             try:
-                r = measure_step(cfg, device, steps=max(5, args.steps // 5), repeats=3, warmup=3, loader="torch",
-                                 jpeg_root=jpeg_dir, num_workers=args.workers)
+                r = measure_step(cfg, device, steps=ref_steps, repeats=3, warmup=3, loader="torch",
+                                 raw_root=raw_dir, num_workers=args.workers)
             except Exception as e:  # report, don't hide
+                traceback.print_exc()
                 print(f"{name}: failed: {e}", file=sys.stderr)
                 continue
         else:
             try:
                 r = measure_step(cfg, device, steps=args.steps, repeats=args.repeats, warmup=args.warmup)
             except Exception as e:
+                traceback.print_exc()
                 print(f"{name}: failed: {type(e).__name__}: {e}", file=sys.stderr)
                 lines.append(f"| {name} | — | — | failed: {type(e).__name__} | | | | |")
                 continue
         ref_ips = ref_ips or r["img_per_s"]
-        mfu = 100 * r["img_per_s"] * train_flops_per_sample / (H100_BF16_DENSE_TFLOPS * 1e12)
-        hours = 100 * n_train / r["img_per_s"] / 3600
+        mfu = 100 * r["img_per_s"] * train_flops_per_sample / (peak * 1e12)
+        hours = f"{base.train.epochs * n_train / r['img_per_s'] / 3600:.3f}" if n_train else "—"
         lines.append(f"| {name} | {r['mode']} | {r['kernels']} | {r['ms_per_step']:.3f} | {r['img_per_s']:,.0f} | "
-                     f"{r['img_per_s'] / ref_ips:.1f}× | {mfu:.2f} | {hours:.3f} |")
-        out.append({"name": name, **r})
+                     f"{r['img_per_s'] / ref_ips:.1f}× | {mfu:.2f} | {hours} |")
+        out.append({"name": name, **r, "mfu_percent": mfu, "train_flops_per_sample": train_flops_per_sample,
+                    "peak_tflops": peak})
         print(lines[-1], flush=True)
+    if notes:
+        lines += [""] + notes
+    if args.scaling and device.type != "cuda":
+        print("--scaling: skipped (its rows use CUDA graphs and Triton kernels)", file=sys.stderr)
     if args.scaling and device.type == "cuda":
         best = ["train.amp=bf16", "train.kernels=triton", "train.cuda_graph=on", "train.compile=on",
                 "train.channels_last=on"] + args.scaling_set
         lines += ["", f"### scaling ({' '.join(best)})", "",
                   "| recipe | K | N | ms/step | img/s |", "|---|---:|---:|---:|---:|"]
-        for name in ("celeba9_k2", "celeba9_k3", "celeba9_k4", "celeba9_k5", "celeba40_k5"):
-            cfg = apply_overrides(get_recipe(name), best)
-            r = measure_step(cfg, device, steps=args.steps, repeats=args.repeats, warmup=args.warmup)
+        for name, cfg in _scaling_configs(base, args.recipe, args.overrides, best):
+            try:
+                r = measure_step(cfg, device, steps=args.steps, repeats=args.repeats, warmup=args.warmup)
+            except Exception as e:
+                traceback.print_exc()
+                lines.append(f"| {name} | {cfg.model.branches} | {len(_task_specs(cfg))} | failed: {type(e).__name__} | |")
+                continue
             lines.append(f"| {name} | {cfg.model.branches} | {len(_task_specs(cfg))} | {r['ms_per_step']:.3f} | "
                          f"{r['img_per_s']:,.0f} |")
             print(lines[-1], flush=True)
+    if raw_dir is not None:
+        import shutil
+        shutil.rmtree(raw_dir, ignore_errors=True)
     report = "\n".join(lines) + "\n"
     print("\n" + report)
     if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(report)
         Path(args.out).with_suffix(".json").write_text(json.dumps(out, indent=2))
     return 0
@@ -344,7 +671,8 @@ def bench_main(argv: list[str]) -> int:
 def profile_main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(prog="fastdmtg profile")
     ap.add_argument("--recipe", default="celeba9_k3")
-    ap.add_argument("--set", dest="overrides", action="append", default=[])
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a recipe field (repeatable), e.g. --set train.batch_size=8")
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=15)
     ap.add_argument("--out", default="profile_out")
@@ -392,6 +720,9 @@ def profile_main(argv: list[str]) -> int:
              f"- device {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}, torch {torch.__version__}",
              f"- mode {r['mode']}, kernels {r['kernels']}; {r['ms_per_step']:.3f} ms/step over {args.steps} steps",
              f"- trace: {trace}"]
+    if cfg.data.dataset == "taskonomy":
+        lines.append(f"- batch {info['batch']} of synthetic Taskonomy {cfg.data.image_size}×{cfg.data.image_size} maps "
+                     f"resident on the device (gpu-cache source), tasks {', '.join(info['taskset'].names)}")
     if device.type == "cuda":
         lines.append(f"- GPU busy (union of kernel intervals): {busy_us / 1e3:.2f} ms of {wall_ms:.2f} ms wall "
                      f"({100 * busy_us / 1e3 / wall_ms:.1f}%); launch gaps / idle: {wall_ms - busy_us / 1e3:.2f} ms")
@@ -404,4 +735,5 @@ def profile_main(argv: list[str]) -> int:
     return 0
 
 
-__all__ = ["bench_main", "profile_main", "count_flops", "measure_step", "build_stepper"]
+__all__ = ["bench_main", "profile_main", "count_flops", "measure_step", "build_stepper", "peak_bf16_tflops",
+           "write_taskonomy_raw", "SyntheticTaskonomySpec"]

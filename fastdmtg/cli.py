@@ -56,7 +56,7 @@ def build_config(args) -> Config:
 
 
 def cmd_train(args) -> int:
-    from .train import NonFiniteLoss, TrainingInterrupted, train
+    from .train import NonFiniteLoss, TrainingInterrupted, exit_code, train
     if args.resume:
         run_dir = Path(args.resume)
         if not (run_dir / "config.json").exists():
@@ -77,12 +77,9 @@ def cmd_train(args) -> int:
         print(f"run folder: {run_dir}", flush=True)
     try:
         res = train(cfg, run_dir, resume=resume, progress=False if args.quiet else None)
-    except TrainingInterrupted as e:
-        print(f"\n{e}", file=sys.stderr)
-        return 130
-    except NonFiniteLoss as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 3
+    except (TrainingInterrupted, NonFiniteLoss) as e:
+        print(f"\n{e}" if isinstance(e, TrainingInterrupted) else f"error: {e}", file=sys.stderr)
+        return exit_code(e)
     if res:  # only rank 0 has results under torchrun
         print(format_results(res))
         print(f"results: {run_dir / 'results.json'}")

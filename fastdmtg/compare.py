@@ -649,7 +649,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def compare_main(argv: list[str]) -> int:
-    from .train import NonFiniteLoss, TrainingInterrupted
+    from .train import NonFiniteLoss, TrainingInterrupted, exit_code
     args = _parser().parse_args(argv)
     methods = []
     for m in (x.strip() for x in args.methods.split(",") if x.strip()):
@@ -678,12 +678,10 @@ def compare_main(argv: list[str]) -> int:
     except (ConfigError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except TrainingInterrupted as e:
-        print(f"\n{e}\ninterrupted: re-run the same command to continue the comparison", file=sys.stderr)
-        return 130
-    except NonFiniteLoss as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 3
+    except (TrainingInterrupted, NonFiniteLoss) as e:
+        print(f"\n{e}\ninterrupted: re-run the same command to continue the comparison"
+              if isinstance(e, TrainingInterrupted) else f"error: {e}", file=sys.stderr)
+        return exit_code(e)
     naive = cmp.naive()
     tables = build_tables(rows, cmp.names, naive)
     from .checkpoint import atomic_write_json, atomic_write_text

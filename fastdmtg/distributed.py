@@ -71,6 +71,18 @@ def all_finite(value: float, device) -> bool:
     return bool(ok.item() > 0)
 
 
+def ranks_differing(t: torch.Tensor) -> list[int]:
+    """The ranks whose copy of ``t`` differs from rank 0's ([] when not distributed). Collective:
+    every rank must call it (rare checks only — it all-gathers the whole tensor)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return []
+    dev = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    x = t.detach().to(dev, torch.float64).contiguous()
+    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, x)
+    return [r for r, p in enumerate(parts) if not torch.equal(p, parts[0])]
+
+
 def shard(order: torch.Tensor) -> torch.Tensor:
     """This rank's part of an epoch's permutation (see module docstring)."""
     rank, size = world()

@@ -52,5 +52,5 @@ def task_specs_for(cfg: Config, names: list[str]):
     if cfg.data.dataset in ("synthetic", "celeba"):
         from .tasks.attributes import AttributeTaskSet
         return AttributeTaskSet(names, cfg.model.num_classes).specs
-    from .tasks.taskonomy import taskonomy_specs
-    return taskonomy_specs(names)
+    from .tasks.taskonomy import TaskonomyTaskSet
+    return TaskonomyTaskSet(names).specs

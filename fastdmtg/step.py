@@ -16,7 +16,9 @@ included) and torch.compile sees one graph:
   tensor) captured once and replayed with the batch copied into static buffers. The Gumbel seed is
   a device tensor incremented inside the graph, so every replay draws new noise. The first
   ``warmup`` steps run eagerly on a side stream (real steps, as capture requires), the next is
-  captured and replayed; a batch of another shape (the last partial batch) runs eagerly.
+  captured and replayed; a batch of another shape (the last partial batch) runs eagerly. With
+  ``full_batch`` set, a partial batch is never warmed up on or captured, and in compile-only mode
+  it runs eagerly too (no dynamic-shape re-compilation).
   ``invalidate()`` drops the graph when the step itself changes (head pruning: the set of active
   heads is static within one graph); the next step warms up and re-captures.
 """
@@ -77,16 +79,20 @@ def _shapes(batch):
 
 class StepRunner:
     def __init__(self, forward: nn.Module, optimizer: torch.optim.Optimizer, mode: str = "eager",
-                 warmup: int = 3):
+                 warmup: int = 3, full_batch: int | None = None):
         if mode not in ("eager", "compile", "graph", "compile+graph"):
             raise ValueError(f"unknown step mode {mode!r}")
         self.optimizer, self.mode, self.warmup = optimizer, mode, warmup
+        self.full_batch = full_batch        # batches of another size run eagerly (compile/graph modes)
         self.eager_fn = forward
         self.fn = torch.compile(forward) if "compile" in mode else forward
         self.graph = None
-        self.static_batch = self.static_out = None
+        self.static_batch = self.static_out = self.static_shapes = None
         self.eager_steps = 0
         self.captures = 0
+
+    def _full(self, batch: dict) -> bool:
+        return self.full_batch is None or batch["image"].shape[0] == self.full_batch
 
     def invalidate(self) -> None:
         """Forget the captured graph (e.g. the set of active heads changed): the next steps warm up
@@ -103,7 +109,14 @@ class StepRunner:
         return total.detach(), L
 
     def __call__(self, batch: dict):
-        if "graph" not in self.mode:
+        if self.mode == "eager":
+            return self._eager_step(self.fn, batch)
+        if not self._full(batch):
+            # the compiled / captured step is specialised to the full batch: a partial batch (the
+            # last of an epoch, or the first after resuming there) runs eagerly instead of being
+            # captured or re-compiled with dynamic shapes (which would make the main graph dynamic)
+            return self._eager_step(self.eager_fn, batch)
+        if self.mode == "compile":
             return self._eager_step(self.fn, batch)
         if self.graph is not None:
             if _shapes(batch) == self.static_shapes:

@@ -42,6 +42,12 @@ class TrainingInterrupted(RuntimeError):
     """Raised after an interruption was handled: last.pt holds the state to resume from."""
 
 
+def exit_code(e: BaseException) -> int:
+    """The command-line exit status for a run that stopped with ``e`` (`fastdmtg train`/`compare`):
+    130 interrupted (resumable, as for SIGINT), 3 non-finite loss."""
+    return 130 if isinstance(e, TrainingInterrupted) else 3
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -197,10 +203,13 @@ class Trainer:
         self.device = ddp_device if ddp_device is not None else resolve_device(cfg.train.device)
         self.speed = resolve_speed(cfg, self.device, self.world_size)
         self.pruning = cfg.grouping.prune_eps > 0
-        if self.pruning and self.speed["batched"]:
-            # head pruning runs on per-branch modules (docs/pruning.md): batched branches are off
+        self.prune_rank_checks = 0      # drop steps whose mask was compared across DDP ranks
+        if self.pruning and self.speed["batched"] and cfg.model.sync_bn and self.world_size > 1:
+            # batched branches skip dead branches through their own BN layers, which SyncBatchNorm
+            # conversion replaces (docs/pruning.md): per-branch modules then
             if cfg.model.batched == "on":
-                raise ValueError("model.batched=on is not supported with grouping.prune_eps > 0")
+                raise ValueError("model.batched=on is not supported with grouping.prune_eps > 0 and "
+                                 "model.sync_bn=true under DDP; use model.batched=off")
             self.speed["batched"] = False
         ops.set_backend(cfg.train.kernels)
         torch.manual_seed(cfg.train.seed)
@@ -229,7 +238,16 @@ class Trainer:
                 # head pruning: dropped heads/branches take no part in the step (the same on all ranks)
                 step_module = DDP(step_module, device_ids=[self.device.index] if self.device.type == "cuda" else None,
                                   broadcast_buffers=False, find_unused_parameters=self.pruning)
-        self.runner = StepRunner(step_module, self.optimizer, step_mode(self.speed))
+        self.runner = StepRunner(step_module, self.optimizer, step_mode(self.speed), full_batch=cfg.train.batch_size)
+        if self.speed["compile"] and self.pruning:
+            # every change of the active head set is a new graph for dynamo: at most one per drop
+            # step (≤ N·(K−1)) — above dynamo's default limit of 8, after which it would silently
+            # fall back to eager for the rest of the run
+            import torch._dynamo.config as dynamo_cfg
+            need = self.taskset.num_tasks * (cfg.model.branches - 1) + 2
+            for name in ("recompile_limit", "cache_size_limit"):
+                if hasattr(dynamo_cfg, name):
+                    setattr(dynamo_cfg, name, max(getattr(dynamo_cfg, name), need))
         self.epoch, self.step_in_epoch, self.global_step = 0, 0, 0
         self.best_val, self.best_epoch = math.inf, -1
         self.history: list[dict] = []
@@ -300,11 +318,24 @@ class Trainer:
     # ------------------------------------------------------------------ head pruning
     def _apply_head_mask(self) -> None:
         if self.pruning and hasattr(self.method, "head_mask"):
-            self.model.set_active(self.method.head_mask())
+            if isinstance(self.model, BatchedMultiBranchNet):
+                # may permute parameter blocks in place: the optimizer's state moves with them
+                self.model.set_active(self.method.head_mask(), optimizer=self.optimizer)
+            else:
+                self.model.set_active(self.method.head_mask())
 
     def on_heads_pruned(self, events: list[dict]) -> None:
         """Called by the method when heads were dropped after an optimizer step: compute only the
         remaining heads from the next step on and re-capture the CUDA graph."""
+        if self.world_size > 1:
+            # the rule reads only all-reduced state (S, τ), so every rank must have dropped the same
+            # heads at this step; checked at each drop (rare), since a mismatch would make the
+            # ranks train different networks silently
+            bad = dist_utils.ranks_differing(self.method.prune_active)
+            if bad:
+                raise RuntimeError(f"head pruning diverged across DDP ranks at step {events[0]['step']}: "
+                                   f"ranks {bad} hold another active-head mask than rank 0")
+            self.prune_rank_checks += 1
         self._apply_head_mask()
         self.runner.invalidate()
         names = self.taskset.names
@@ -327,7 +358,7 @@ class Trainer:
         ev = [dict(e, task_name=names[e["task"]]) for e in self.method.prune_events()]
         hs = head_steps(st, self.global_step)
         return {"eps": self.cfg.grouping.prune_eps, "patience": self.cfg.grouping.prune_patience,
-                "events": ev, "active": self.method.prune_active.cpu().tolist(),
+                "events": ev, "ddp_checked_drop_steps": self.prune_rank_checks, "active": self.method.prune_active.cpu().tolist(),
                 "total_steps": self.global_step, "head_steps": hs.tolist(),
                 "branch_steps": branch_steps(st, self.global_step).tolist(),
                 "head_step_fraction": float(hs.sum()) / max(hs.numel() * self.global_step, 1)}

@@ -50,3 +50,23 @@ def test_torchrun_two_processes_train_and_resume(tmp_path):
     assert p.returncode == 0, p.stderr[-3000:]
     hist = json.loads((run / "history.json").read_text())
     assert [h["global_step"] for h in hist] == [7, 14, 21]
+
+
+@pytest.mark.timeout(600)
+def test_torchrun_two_processes_with_head_pruning_and_batched_branches(tmp_path):
+    """Both ranks drop the same heads at the same steps (compared across ranks at every drop step;
+    a mismatch would stop the run) and the batched net skips the dead branch on both."""
+    run = tmp_path / "ddp_prune"
+    p = torchrun(tmp_path, "--out", str(run), "--set", "train.epochs=4", *ARGS,
+                 "--set", "data.synthetic_groups=2", "--set", "data.synthetic_tasks_per_group=1",
+                 "--set", "model.batched=on", "--set", "grouping.tau=0.05", "--set", "grouping.prune_eps=0.2",
+                 "--set", "grouping.prune_patience=3")
+    assert p.returncode == 0, p.stderr[-3000:]
+    res = json.loads((run / "results.json").read_text())
+    assert res["speed"]["world_size"] == 2 and res["speed"]["batched"]
+    ev = res["pruning"]["events"]
+    assert ev, "the settings are meant to prune"
+    assert res["pruning"]["ddp_checked_drop_steps"] == len({e["step"] for e in ev})
+    act = res["pruning"]["active"]
+    assert all(act[i][a] for i, a in enumerate(res["assignment"]))
+    assert not all(any(r[k] for r in act) for k in range(3))             # a branch died

@@ -67,3 +67,25 @@ def test_full_run_on_gpu(tmp_path):
     assert res["speed"]["graph_captures"] == 1
     assert res["env"]["kernels"] == "triton"
     assert sorted(i for g in res["groups"] for i in g) == sorted(res["tasks"])
+
+
+@cuda
+def test_pruning_with_graph_and_compile_recaptures(tmp_path):
+    """Head pruning under the CUDA defaults (compile + whole-step graph): every change of the active
+    set re-captures once, the run finishes, and it picks the same groups as the eager run with the
+    same pruning settings."""
+    from fastdmtg.train import train
+    base = ["train.tensorboard=false", "train.progress=false",
+            "grouping.prune_eps=0.05", "grouping.prune_patience=50"]
+    fast = train(apply_overrides(get_recipe("synthetic_k3"), base), tmp_path / "fast")
+    eager = train(apply_overrides(get_recipe("synthetic_k3"), base + [
+        "train.compile=off", "train.cuda_graph=off", "train.amp=off"]), tmp_path / "eager")
+    assert fast["speed"]["cuda_graph"] and fast["speed"]["compile"]
+    ev = fast["pruning"]["events"]
+    assert ev, "the settings are meant to prune"
+    assert fast["speed"]["graph_captures"] == 1 + len({e["step"] for e in ev})
+    assert fast["pruning"]["head_step_fraction"] < 1.0
+    act = torch.tensor(fast["pruning"]["active"])
+    assert act.any(1).all() and all(act[i, a] for i, a in enumerate(fast["assignment"]))
+    canon = lambda r: sorted(sorted(g) for g in r["groups"])
+    assert canon(fast) == canon(eager)

@@ -257,3 +257,98 @@ def test_training_flops_accounting():
     st = torch.tensor([[-1, 5], [-1, 5]])                                   # branch 1 dead after step 5
     r = training_flops(parts, st, total_steps=10, batch_size=1, backward_factor=1.0)
     assert r["pruned"] == 10 * 10 + 100 * (10 + 5) + 50 * (10 + 5 + 10 + 5)
+
+
+# ------------------------------------------------------------------ batched branches with dead branches
+def _pair(k=3, n=4, seed=0):
+    from fastdmtg.config import ModelConfig
+    from fastdmtg.models import build_multibranch
+    from fastdmtg.models.batched import BatchedMultiBranchNet
+    from fastdmtg.tasks.attributes import AttributeTaskSet
+    torch.manual_seed(seed)
+    specs = AttributeTaskSet([f"t{i}" for i in range(n)]).specs
+    mb = build_multibranch(ModelConfig(branches=k, width=8, shared="stem"), specs, 32)
+    for p in mb.parameters():                                   # branches must differ for the test to bite
+        p.data.add_(0.1 * torch.randn_like(p))
+    return mb, BatchedMultiBranchNet(mb)
+
+
+def test_batched_live_branches_equal_per_branch_pruned_forward():
+    """A dead branch (here the middle one, so blocks really move) is not computed by the batched net:
+    outputs, gradients, BN statistics and the optimizer (Adam state permuted with the blocks) follow
+    the per-branch pruned model exactly; conversion back and state-dict reload keep the layout."""
+    from fastdmtg.models.batched import BatchedMultiBranchNet, BlockConv2d
+    mb, bt = _pair()
+    x = torch.rand(6, 3, 32, 32)
+    opt_a = torch.optim.Adam(mb.parameters(), lr=1e-2)
+    opt_b = torch.optim.Adam(bt.parameters(), lr=1e-2)
+    g = torch.randn(3, 4, 6, 2)
+    mask = torch.tensor([[True, False, True], [True, False, False], [False, False, True], [True, False, True]])
+    for step in range(4):
+        if step == 2:                                           # branch 1 dies after two full steps
+            mb.set_active(mask)
+            bt.set_active(mask, optimizer=opt_b)
+            assert bt.branch_slot.tolist() == [0, 2, 1] and bt.live == 2
+        live_g = g * (mask.any(0)[:, None, None, None] if step >= 2 else 1)
+        for model, opt in ((mb, opt_a), (bt, opt_b)):
+            opt.zero_grad(set_to_none=True)
+            out = model(x)
+            (out * live_g).sum().backward()
+            opt.step()
+        torch.testing.assert_close(mb(x) * (live_g != 0), bt(x), rtol=1e-4, atol=1e-5)   # training mode
+    # the dead branch's slot is zeros and its convolutions ran on 2 of 3 blocks
+    seen = []
+    conv = next(m for m in bt.branch.modules() if isinstance(m, BlockConv2d))
+    h = conv.register_forward_hook(lambda m, i, o: seen.append(o.shape[1]))
+    assert torch.all(bt(x)[1] == 0)
+    mb(x)                                                       # the same BN-statistics updates on both
+    h.remove()
+    assert seen == [2 * conv.out_channels // 3]
+    # live branches: same parameters and BN running statistics as the per-branch model
+    back = bt.to_multibranch()
+    for k in (0, 2):
+        for (n1, t1), (n2, t2) in zip(mb.branches[k].state_dict().items(), back.branches[k].state_dict().items()):
+            torch.testing.assert_close(t1, t2, rtol=1e-4, atol=1e-5, msg=f"branch {k} {n1}")
+        torch.testing.assert_close(mb.heads[k].weight, back.heads[k].weight, rtol=1e-4, atol=1e-5)
+    # evaluation computes every branch, in logical order, like the per-branch model
+    mb.eval(), bt.eval()
+    torch.testing.assert_close(mb(x)[[0, 2]], bt(x)[[0, 2]], rtol=1e-4, atol=1e-5)
+    # a fresh batched net loads the permuted state (layout included) and predicts the same
+    fresh = BatchedMultiBranchNet(_pair()[0]).eval()
+    fresh.load_state_dict(bt.state_dict())
+    torch.testing.assert_close(fresh(x), bt(x))
+    # re-applying the same mask (resume) moves nothing
+    before = [t.clone() for t in bt.parameters()]
+    bt.train()
+    bt.set_active(mask, optimizer=opt_b)
+    assert all(torch.equal(a, b) for a, b in zip(before, bt.parameters()))
+    # an old checkpoint without the layout buffer loads as the identity layout
+    old = {k: v for k, v in BatchedMultiBranchNet(_pair()[0]).state_dict().items() if k != "branch_slot"}
+    fresh.load_state_dict(old)
+    assert fresh.branch_slot.tolist() == [0, 1, 2] and not fresh._permuted
+
+
+def test_pruning_with_batched_branches_matches_per_branch_run(tmp_path):
+    """model.batched=on composes with pruning: the same drops, groups and test losses as the
+    per-branch run; interrupted after a branch died and resumed, the same result again."""
+    ops.set_backend("reference")
+    # 2 tasks on 3 branches: the middle branch dies mid-run (at step 20 of 30), so blocks move
+    extra = ["grouping.tau=0.05", "grouping.prune_eps=0.2", "grouping.prune_patience=3",
+             "data.synthetic_groups=2", "data.synthetic_tasks_per_group=1"]
+    sep = train(small_cfg(extra + ["model.batched=off"]), tmp_path / "sep")
+    bat = train(small_cfg(extra + ["model.batched=on"]), tmp_path / "bat")
+    assert bat["speed"]["batched"] and not sep["speed"]["batched"]
+    dead = [k for k in range(3) if not any(row[k] for row in bat["pruning"]["active"])]
+    assert dead and min(dead) < 2, "the settings are meant to kill a branch that is not the last block"
+    key = lambda r: [(e["task"], e["branch"], e["step"]) for e in r["pruning"]["events"]]
+    assert key(bat) == key(sep)
+    assert bat["assignment"] == sep["assignment"]
+    for t in sep["test"]["loss"]:
+        assert bat["test"]["loss"][t] == pytest.approx(sep["test"]["loss"][t], rel=1e-3, abs=1e-5)
+    first_death = min(e["step"] for e in bat["pruning"]["events"] if e["branch"] in dead)
+    with pytest.raises(TrainingInterrupted):
+        train(small_cfg(extra + ["model.batched=on"]), tmp_path / "cut", stop_after_steps=first_death + 2)
+    resumed = train(small_cfg(extra + ["model.batched=on"]), tmp_path / "cut", resume=True)
+    assert key(resumed) == key(bat) and resumed["assignment"] == bat["assignment"]
+    for t in bat["test"]["loss"]:
+        assert resumed["test"]["loss"][t] == pytest.approx(bat["test"]["loss"][t], rel=1e-5, abs=1e-6)

@@ -499,3 +499,12 @@ def test_train_entry_point_on_fixture(prepared, tmp_path):
                                    tensorboard=False))
     res = train(cfg, tmp_path / "run", progress=False)
     assert set(res["test"]["loss"]) == set(TASKONOMY_5)
+    # the exported grouped model loads on its own and reproduces the run's test evaluation
+    from fastdmtg import load_grouped
+    from fastdmtg.data import build_data
+    from fastdmtg.train import evaluate
+    model, meta = load_grouped(tmp_path / "run")
+    data = build_data(Config.load(tmp_path / "run" / "config.json").data, progress=False)
+    got = evaluate(model, data.taskset, data, "test", 3, "cpu")
+    for t in TASKONOMY_5:
+        assert got["loss"][t] == pytest.approx(res["test"]["loss"][t], rel=1e-4, abs=1e-6)

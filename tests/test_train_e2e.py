@@ -154,3 +154,22 @@ def test_batched_branches_run_matches_separate_run(tmp_path):
     got = evaluate(model, data.taskset, data, "test", 500, "cpu")
     for t in bat["test"]["loss"]:
         assert got["loss"][t] == pytest.approx(bat["test"]["loss"][t], rel=1e-5, abs=1e-6)
+
+
+def test_cli_exit_codes_for_interruption_and_non_finite_loss(tmp_path, monkeypatch, capsys):
+    """`fastdmtg train` (and `compare`, through the same helper) exits 130 on an interruption
+    (resumable) and 3 on a non-finite loss, with the message on stderr."""
+    from fastdmtg import train as train_mod
+    from fastdmtg.cli import main
+
+    def stop(*a, **k):
+        raise TrainingInterrupted("interrupted at epoch 1, step 3")
+    monkeypatch.setattr(train_mod, "train", stop)
+    assert main(["train", "--out", str(tmp_path / "a"), "--quiet"]) == 130
+    assert "interrupted at epoch 1" in capsys.readouterr().err
+
+    def nan(*a, **k):
+        raise NonFiniteLoss("non-finite training loss at epoch 1, step 2")
+    monkeypatch.setattr(train_mod, "train", nan)
+    assert main(["train", "--out", str(tmp_path / "b"), "--quiet"]) == 3
+    assert "error: non-finite training loss" in capsys.readouterr().err

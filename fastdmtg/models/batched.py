@@ -14,8 +14,19 @@ The K branches are architecturally identical, so layer by layer they can run as 
 * the output (B, K·C, H, W) is viewed as (B, K, C·H·W) and all K·N linear heads run as one einsum.
 
 Parameters are the K branches' parameters concatenated along the output-channel axis, so
-``from_multibranch`` / ``to_multibranch`` convert exactly both ways (pruning, export and init-from
-use the per-branch form). Supported: branches made of Conv2d, BatchNorm2d, ReLU, MaxPool2d,
+``from_multibranch`` / ``to_multibranch`` convert exactly both ways (export and init-from use the
+per-branch form).
+
+Head pruning (docs/pruning.md) — computing only the *live* branches (those some task can still
+choose): every batched tensor (conv weight/bias, BN weight/bias/running stats, head weights) is K
+blocks along dim 0, one per branch. ``set_active`` moves the live branches' blocks to the front
+(an in-place permutation of the parameters, buffers and the optimizer's per-element state, done once
+per branch drop, ≤ K−1 times a run); then a training forward runs every layer on the first K' blocks
+only — *views* (``weight[:K'·C]``), so gradients and BN running-stat updates land in the full tensors
+and parameter identity is kept (the optimizer, DDP and checkpoints see the same tensors). The
+``branch_slot`` buffer (K,) maps logical branch k to its physical block; outputs are always returned
+in logical branch order, zeros in dead branches' slots (their Gumbel weight is 0). Evaluation mode
+computes all K blocks. Supported: branches made of Conv2d, BatchNorm2d, ReLU, MaxPool2d,
 AvgPool2d, Flatten, Sequential and containers whose forward is channel-layout agnostic (the ResNet
 variant's BasicBlock), with stacked linear heads (``LinearHeads``). Whether this is faster than K
 separate branches depends on the GPU and the layer sizes: see docs/LOG.md for the measurement.
@@ -25,6 +36,7 @@ from __future__ import annotations
 import copy
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .multibranch import LinearHeads, MultiBranchNet
@@ -50,23 +62,69 @@ def _first_leaf(module: nn.Module) -> nn.Module:
     return module
 
 
+class BlockConv2d(nn.Conv2d):
+    """A batched convolution: output channels (and, unless ``dense``, input channels and groups) are
+    ``blocks`` per-branch blocks. In training mode only the first ``live`` blocks are computed."""
+
+    def __init__(self, *args, blocks: int, dense: bool, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.blocks, self.dense, self.live = blocks, dense, blocks
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.live == self.blocks:
+            return super().forward(x)
+        n = self.out_channels // self.blocks * self.live
+        w = self.weight[:n]                                          # a view: grads land in the full weight
+        b = self.bias[:n] if self.bias is not None else None
+        groups = self.groups if self.dense else self.groups // self.blocks * self.live
+        if self.padding_mode != "zeros":
+            x = F.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode)
+            return F.conv2d(x, w, b, self.stride, 0, self.dilation, groups)
+        return F.conv2d(x, w, b, self.stride, self.padding, self.dilation, groups)
+
+
+class BlockBatchNorm2d(nn.BatchNorm2d):
+    """A batched BatchNorm (per channel, so per branch); in training mode only the first ``live``
+    blocks of channels are normalised. The running statistics are updated through views."""
+
+    def __init__(self, *args, blocks: int, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.blocks, self.live = blocks, blocks
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.live == self.blocks:
+            return super().forward(x)
+        n = self.num_features // self.blocks * self.live
+        momentum = 0.0 if self.momentum is None else self.momentum
+        if self.track_running_stats:
+            # as nn.BatchNorm2d.forward does in training mode
+            self.num_batches_tracked.add_(1)
+            if self.momentum is None:
+                momentum = 1.0 / float(self.num_batches_tracked)
+        rm = self.running_mean[:n] if self.running_mean is not None else None
+        rv = self.running_var[:n] if self.running_var is not None else None
+        w = self.weight[:n] if self.weight is not None else None
+        b = self.bias[:n] if self.bias is not None else None
+        return F.batch_norm(x, rm, rv, w, b, True, momentum, self.eps)
+
+
 def _batch_module(protos: list[nn.Module], k: int, dense_first: nn.Module | None) -> nn.Module:
     """Batched copy of one module, given its K per-branch instances."""
     p0 = protos[0]
     if isinstance(p0, nn.Conv2d):
         dense = p0 is dense_first
-        conv = nn.Conv2d(p0.in_channels if dense else k * p0.in_channels, k * p0.out_channels, p0.kernel_size,
-                         stride=p0.stride, padding=p0.padding, dilation=p0.dilation,
-                         groups=p0.groups if dense else k * p0.groups, bias=p0.bias is not None,
-                         padding_mode=p0.padding_mode)
+        conv = BlockConv2d(p0.in_channels if dense else k * p0.in_channels, k * p0.out_channels, p0.kernel_size,
+                           stride=p0.stride, padding=p0.padding, dilation=p0.dilation,
+                           groups=p0.groups if dense else k * p0.groups, bias=p0.bias is not None,
+                           padding_mode=p0.padding_mode, blocks=k, dense=dense)
         with torch.no_grad():
             conv.weight.copy_(torch.cat([p.weight for p in protos], 0))
             if p0.bias is not None:
                 conv.bias.copy_(torch.cat([p.bias for p in protos], 0))
         return conv
     if isinstance(p0, nn.BatchNorm2d):
-        bn = nn.BatchNorm2d(k * p0.num_features, eps=p0.eps, momentum=p0.momentum, affine=p0.affine,
-                            track_running_stats=p0.track_running_stats)
+        bn = BlockBatchNorm2d(k * p0.num_features, eps=p0.eps, momentum=p0.momentum, affine=p0.affine,
+                              track_running_stats=p0.track_running_stats, blocks=k)
         with torch.no_grad():
             for name in ("weight", "bias"):
                 if getattr(p0, name) is not None:
@@ -109,6 +167,12 @@ def _unbatch_module(batched: nn.Module, protos: list[nn.Module], k: int) -> None
             _unbatch_module(child, [getattr(p, name) for p in protos], k)
 
 
+def _permute_blocks(t: torch.Tensor, perm: torch.Tensor, k: int) -> None:
+    """In place: block j of t (K equal blocks along dim 0) becomes old block perm[j] (any strides)."""
+    blocks = t.unflatten(0, (k, -1))
+    blocks.copy_(blocks[perm].clone())
+
+
 class BatchedMultiBranchNet(nn.Module):
     """Same function and outputs as the ``MultiBranchNet`` it was made from: (K, N, B, C)."""
 
@@ -135,6 +199,11 @@ class BatchedMultiBranchNet(nn.Module):
         self.in_features, self.out_features = h0.in_features, h0.out_features
         self.head_weight = nn.Parameter(torch.stack([h.weight.detach() for h in model.heads]).clone())  # (K, N, C, F)
         self.head_bias = nn.Parameter(torch.stack([h.bias.detach() for h in model.heads]).clone())      # (K, N, C)
+        # head pruning: logical branch k lives in physical block branch_slot[k] (identity until a drop)
+        self.register_buffer("branch_slot", torch.arange(k))
+        self.live = k                 # physical blocks 0..live-1 are computed in training mode
+        self._permuted = False
+        self.task_branches = None     # not None while some head is inactive (StepModule masks L then)
         self.to(self.head_weight.device)   # the new batched layers were created on the CPU
 
     @property
@@ -146,16 +215,88 @@ class BatchedMultiBranchNet(nn.Module):
         return self.head_weight.shape[1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        kl = self.live if self.training else self.k                           # physical blocks computed
         f = self.shared(x)
         if self.replicate:
-            f = f.repeat(1, self.k, *([1] * (f.dim() - 2)))                  # (B, K·C, H, W)
-        h = self.branch(f)                                                    # (B, K·C', H', W')
-        h = h.reshape(h.shape[0], self.k, -1)                                  # (B, K, F)
-        # all K·N heads in one batched matmul: (K, N, B, C)
-        out = torch.einsum("bkf,kncf->knbc", h, self.head_weight) + self.head_bias[:, :, None, :]
+            f = f.repeat(1, kl, *([1] * (f.dim() - 2)))                       # (B, K'·C, H, W)
+        h = self.branch(f)                                                    # (B, K'·C', H', W')
+        h = h.reshape(h.shape[0], kl, -1)                                      # (B, K', F)
+        hw, hb = (self.head_weight, self.head_bias) if kl == self.k else (self.head_weight[:kl], self.head_bias[:kl])
+        # all K'·N heads in one batched matmul: (K', N, B, C)
+        out = torch.einsum("bkf,kncf->knbc", h, hw) + hb[:, :, None, :]
+        if kl < self.k or self._permuted:
+            # physical blocks -> logical branch order; a dead branch's slot gets zeros (z = 0 there)
+            out = torch.cat([out, out.new_zeros((1,) + out.shape[1:])]) if kl < self.k else out
+            out = out[torch.where(self.branch_slot < kl, self.branch_slot, kl)]
         # a contiguous (K, N, B, C) layout: inductor may pick other strides for the einsum output,
         # and the fused loss op is traced with the contiguous layout
         return out.contiguous()
+
+    # ------------------------------------------------------------------ head pruning
+    def _blocked(self) -> list[torch.Tensor]:
+        """Every tensor made of K per-branch blocks along dim 0 (parameters and buffers)."""
+        out = [self.head_weight, self.head_bias]
+        for m in self.branch.modules():
+            if isinstance(m, (BlockConv2d, BlockBatchNorm2d)):
+                for t in list(m.parameters(recurse=False)) + list(m.buffers(recurse=False)):
+                    if t.dim() > 0:
+                        out.append(t)
+        return out
+
+    def set_active(self, mask: torch.Tensor | None, optimizer: torch.optim.Optimizer | None = None) -> None:
+        """Compute only live branches (some task has an active head there) in training mode.
+
+        ``mask`` (N, K) bool of active heads, or None (all). Live branches are moved to the front
+        blocks in logical order (dead ones after them, also in logical order), permuting the
+        optimizer's per-element state with the parameters when ``optimizer`` is given. Heads of live
+        branches are all computed (stacked linear heads are cheap); the loss masks dropped ones."""
+        k = self.k
+        if mask is None or bool(mask.all()):
+            live = list(range(k))
+            self.task_branches = None
+        else:
+            m = mask.detach().cpu().bool()
+            if tuple(m.shape) != (self.num_tasks, k):
+                raise ValueError(f"active mask must be (N, K)=({self.num_tasks}, {k}), got {tuple(m.shape)}")
+            if not bool(m.any(1).all()):
+                raise ValueError("every task needs at least one active head")
+            live = [b for b in range(k) if bool(m[:, b].any())]
+            self.task_branches = tuple(tuple(b for b in range(k) if m[i, b]) for i in range(self.num_tasks))
+        for mod in self.branch.modules():
+            if isinstance(mod, nn.modules.batchnorm._BatchNorm) and not isinstance(mod, BlockBatchNorm2d) \
+                    and len(live) < k:
+                raise ValueError("computing only live branches needs the batched BatchNorm layers "
+                                 f"(found {type(mod).__name__}, e.g. after SyncBatchNorm conversion)")
+        order = live + [b for b in range(k) if b not in live]                  # logical branch per block
+        slot = self.branch_slot.tolist()
+        src = [slot[b] for b in order]                                         # new block j <- old block src[j]
+        if src != list(range(k)):
+            perm = torch.tensor(src, device=self.head_weight.device)
+            states = optimizer.state if optimizer is not None else {}
+            with torch.no_grad():
+                for t in self._blocked():
+                    _permute_blocks(t, perm, k)
+                    for v in (states.get(t, {}) if isinstance(t, nn.Parameter) else {}).values():
+                        if torch.is_tensor(v) and v.shape == t.shape:
+                            _permute_blocks(v, perm, k)
+                new_slot = torch.empty_like(self.branch_slot)
+                new_slot[torch.tensor(order, device=new_slot.device)] = torch.arange(k, device=new_slot.device)
+                self.branch_slot.copy_(new_slot)
+        self._set_live(len(live))
+
+    def _set_live(self, live: int) -> None:
+        self.live = live
+        for m in self.branch.modules():
+            if isinstance(m, (BlockConv2d, BlockBatchNorm2d)):
+                m.live = live
+        self._permuted = self.branch_slot.tolist() != list(range(self.k))
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        if "branch_slot" not in state_dict:                                    # saved before head pruning existed
+            state_dict = dict(state_dict, branch_slot=torch.arange(self.k))
+        out = super().load_state_dict(state_dict, strict=strict, assign=assign)
+        self._permuted = self.branch_slot.tolist() != list(range(self.k))
+        return out
 
     @staticmethod
     def from_multibranch(model: MultiBranchNet) -> "BatchedMultiBranchNet":
@@ -165,11 +306,13 @@ class BatchedMultiBranchNet(nn.Module):
         """The equivalent per-branch MultiBranchNet with the current values (a copy)."""
         mb = copy.deepcopy(self._proto[0]).to(self.head_weight.device)
         mb.shared.load_state_dict(self.shared.state_dict())
-        _unbatch_module(self.branch, list(mb.branches), self.k)
+        slot = self.branch_slot.tolist()
+        logical_at = [slot.index(j) for j in range(self.k)]                     # block j holds branch logical_at[j]
+        _unbatch_module(self.branch, [mb.branches[b] for b in logical_at], self.k)
         with torch.no_grad():
             for i, h in enumerate(mb.heads):
-                h.weight.copy_(self.head_weight[i])
-                h.bias.copy_(self.head_bias[i])
+                h.weight.copy_(self.head_weight[slot[i]])
+                h.bias.copy_(self.head_bias[slot[i]])
         for p in mb.parameters():
             p.requires_grad_(True)
         return mb
