@@ -110,8 +110,10 @@ def build_optimizer(cfg: Config, params, device: torch.device, capturable: bool 
     return torch.optim.SGD(params, lr=lr, momentum=o.momentum, weight_decay=o.weight_decay, **kw)
 
 
-# whether model.batched=auto turns batched branches on for CUDA (decided by measurement, docs/LOG.md)
-BATCHED_AUTO = True
+# the architectures for which model.batched=auto turns batched branches on for CUDA: decided by
+# measurement (docs/LOG.md). xception can be batched (model.batched=on) but has not been timed on a
+# GPU yet, so auto leaves it off.
+BATCHED_AUTO_ARCHS = ("resnet_celeba",)
 
 
 def resolve_speed(cfg: Config, device: torch.device, world_size: int) -> dict:
@@ -129,7 +131,7 @@ def resolve_speed(cfg: Config, device: torch.device, world_size: int) -> dict:
     out = {"compile": pick("compile", True), "cuda_graph": pick("cuda_graph", True),
            "channels_last": pick("channels_last", True)}
     b = cfg.model.batched
-    out["batched"] = b == "on" or (b == "auto" and cuda and BATCHED_AUTO)
+    out["batched"] = b == "on" or (b == "auto" and cuda and cfg.model.arch in BATCHED_AUTO_ARCHS)
     if out["cuda_graph"] and not cuda:
         raise ValueError("train.cuda_graph=on needs a CUDA device")
     if out["cuda_graph"] and world_size > 1:

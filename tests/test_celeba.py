@@ -109,3 +109,17 @@ def test_memory_cache_is_reused(tmp_path):
     b = build_data(cfg, progress=False)
     assert [c.stat().st_mtime_ns for c in caches] == mtimes
     assert torch.equal(a.data["train"][0], b.data["train"][0])
+
+
+def test_in_process_decode_keeps_the_callers_thread_count(tmp_path):
+    """Decoding a single chunk runs in the calling process: it must not leave torch at 1 thread
+    (training afterwards would run single-threaded on CPU)."""
+    from fastdmtg.data.celeba import decode_split
+    files, _ = write_celeba(tmp_path, n=4)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        out = decode_split(sorted((tmp_path / "img_align_celeba").glob("*.jpg")), 32, workers=1, progress=False)
+        assert out.shape == (4, 3, 32, 32) and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

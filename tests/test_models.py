@@ -95,3 +95,61 @@ def test_batched_branches_equal_separate_branches(shared):
     conv = [m for m in bt.branch.modules() if isinstance(m, torch.nn.Conv2d)][-1]
     per = [[m for m in br.modules() if isinstance(m, torch.nn.Conv2d)][-1] for br in mb.branches]
     torch.testing.assert_close(conv.weight.grad, torch.cat([c.weight.grad for c in per]), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("shared_blocks", [10, 0])
+def test_batched_xception_with_decoders_equals_separate_branches(shared_blocks):
+    """Taskonomy: batched Xception branches (grouped separable convs; at shared_blocks=0 the whole
+    encoder, stem included, with a dense first conv) + the K·N decoders fed from channel blocks, with
+    the reference's 1/√K gradient scaling: same outputs, gradients and BN statistics as K separate
+    branches; with head pruning (a dead middle branch and a dropped head) only the active heads run."""
+    from fastdmtg.models.batched import BatchedMultiBranchNet, supports_batching
+    from fastdmtg.tasks.taskonomy import TaskonomyTaskSet
+    torch.manual_seed(0)
+    specs = TaskonomyTaskSet(["segment_semantic", "depth_zbuffer", "normal"]).specs
+    mb = build_multibranch(ModelConfig(arch="xception", branches=3, shared_blocks=shared_blocks), specs, 32)
+    assert mb.branch_grad_scale != 1.0 and supports_batching(mb)
+    for p in mb.parameters():                                   # branches must differ for the test to bite
+        p.data.add_(0.05 * torch.randn_like(p))
+    bt = BatchedMultiBranchNet(mb)
+    assert n_params(bt) == n_params(mb)
+    x = torch.rand(4, 3, 32, 32, requires_grad=True)
+    outs_a, outs_b = mb(x), bt(x)
+    assert [o.shape for o in outs_a] == [o.shape for o in outs_b] == [(3, 4, 18, 32, 32), (3, 4, 1, 32, 32),
+                                                                     (3, 4, 3, 32, 32)]
+    gs = [torch.randn_like(o) for o in outs_a]
+    sum((o * g).sum() for o, g in zip(outs_a, gs)).backward()
+    ga = x.grad.clone()
+    x.grad = None
+    sum((o * g).sum() for o, g in zip(outs_b, gs)).backward()
+
+    def rel(a, b):
+        return float((a - b).detach().norm() / a.detach().norm())
+    assert max(rel(a, b) for a, b in zip(outs_a, outs_b)) < 1e-4
+    # the input gradient crosses every (scaled) branch and, at shared_blocks=0, the whole encoder:
+    # ~30 train-mode BNs over 2×2 maps amplify float rounding to ~1e-3 there (measured)
+    tol = 1e-4 if shared_blocks else 1e-2
+    assert rel(ga, x.grad) < tol
+    back = bt.to_multibranch()
+    for (n1, t1), (n2, t2) in zip(mb.state_dict().items(), back.state_dict().items()):
+        assert n1 == n2
+        torch.testing.assert_close(t1, t2, rtol=1e-4, atol=1e-5, msg=n1)
+    # parameter gradients: a decoder of branch 2, and the batched last conv vs the per-branch ones
+    assert rel(mb.heads[2].heads[1][0].weight.grad, bt.heads[2].heads[1][0].weight.grad) < tol
+    conv = [m for m in bt.branch.modules() if isinstance(m, torch.nn.Conv2d)][-1]
+    per = [[m for m in br.modules() if isinstance(m, torch.nn.Conv2d)][-1] for br in mb.branches]
+    assert rel(torch.cat([c.weight.grad for c in per]), conv.weight.grad) < tol
+    # pruning: branch 1 dead, task 0 also dropped on branch 2
+    mask = torch.tensor([[True, False, False], [True, False, True], [False, False, True]])
+    mb.set_active(mask)
+    bt.set_active(mask)
+    assert bt.live == 2 and bt.branch_slot.tolist() == [0, 2, 1]
+    calls = []
+    hooks = [h.register_forward_hook(lambda m, i, o, k=k, t=t: calls.append((t, k)))
+             for k in range(3) for t, h in enumerate(bt.heads[k].heads)]
+    outs_a, outs_b = mb(x), bt(x)
+    for h in hooks:
+        h.remove()
+    assert sorted(calls) == sorted((i, k) for i in range(3) for k in range(3) if mask[i, k])
+    for a, b in zip(outs_a, outs_b):
+        assert a.shape == b.shape and rel(a, b) < 1e-4

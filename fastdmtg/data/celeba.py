@@ -135,8 +135,12 @@ def load_image(path: str | Path, size: int) -> np.ndarray:
 
 def _load_many(args):
     paths, size = args
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)   # one decode process per core: no nested intra-op thread pools
-    return np.stack([load_image(p, size) for p in paths])
+    try:
+        return np.stack([load_image(p, size) for p in paths])
+    finally:
+        torch.set_num_threads(threads)   # matters when called in the caller's process (one chunk)
 
 
 class CelebAIndex:

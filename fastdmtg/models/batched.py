@@ -26,10 +26,25 @@ only — *views* (``weight[:K'·C]``), so gradients and BN running-stat updates 
 and parameter identity is kept (the optimizer, DDP and checkpoints see the same tensors). The
 ``branch_slot`` buffer (K,) maps logical branch k to its physical block; outputs are always returned
 in logical branch order, zeros in dead branches' slots (their Gumbel weight is 0). Evaluation mode
-computes all K blocks. Supported: branches made of Conv2d, BatchNorm2d, ReLU, MaxPool2d,
-AvgPool2d, Flatten, Sequential and containers whose forward is channel-layout agnostic (the ResNet
-variant's BasicBlock), with stacked linear heads (``LinearHeads``). Whether this is faster than K
-separate branches depends on the GPU and the layer sizes: see docs/LOG.md for the measurement.
+computes all K blocks.
+
+Supported: branches made of Conv2d, BatchNorm2d, ReLU, MaxPool2d, AvgPool2d, Flatten, Sequential
+and containers whose forward is channel-layout agnostic (the ResNet variant's BasicBlock, the
+Xception blocks and separable convolutions). Heads:
+
+* stacked linear heads (``LinearHeads``, CelebA): all K·N heads as one einsum (above);
+* list heads (``ModuleHeads``, the Taskonomy decoders): kept as K·N separate modules (the same
+  parameters as the per-branch net), each fed its branch's channel block of the batched output
+  ``h[:, k·C:(k+1)·C]``; outputs N tensors (K, B, ...) as ``MultiBranchNet``. With head pruning only
+  the active heads run (N tensors (K_i, B, ...), ``task_branches`` order), as in the per-branch net.
+
+Gradient scaling (the Taskonomy reference's 1/√K) is the same for every branch, so it is applied
+once to the shared features before they are replicated, and to each block of the branch output
+before its heads — the same gradients as per branch.
+
+Whether this is faster than K separate branches depends on the GPU and the layer sizes: see
+docs/LOG.md for the measurement (``model.batched=auto`` turns it on only for the architectures in
+``fastdmtg.train.BATCHED_AUTO_ARCHS``, where it was measured faster).
 """
 from __future__ import annotations
 
@@ -39,18 +54,23 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .multibranch import LinearHeads, MultiBranchNet
+from .multibranch import LinearHeads, ModuleHeads, MultiBranchNet, grad_scale
 
 _CHANNELWISE = (nn.ReLU, nn.MaxPool2d, nn.AvgPool2d, nn.Identity)
 
 
+# containers whose forward only routes tensors through their children (and adds/concatenates
+# along nothing but the channel-blocked layout): safe to batch child by child
+_LAYOUT_AGNOSTIC = ("BasicBlock", "Stem", "Tail", "XceptionBlock", "SeparableConv2d")
+
+
 def supports_batching(model: MultiBranchNet) -> bool:
-    if not isinstance(model.heads[0], LinearHeads) or model.branch_grad_scale != 1.0 or model.head_grad_scale != 1.0:
+    if not isinstance(model.heads[0], (LinearHeads, ModuleHeads)):
         return False
     for m in model.branches[0].modules():
         if isinstance(m, (nn.Conv2d, nn.BatchNorm2d, nn.Flatten, nn.Sequential) + _CHANNELWISE):
             continue
-        if type(m).__name__ in ("BasicBlock", "Stem", "Tail"):
+        if type(m).__name__ in _LAYOUT_AGNOSTIC:
             continue
         return False
     return True
@@ -174,15 +194,14 @@ def _permute_blocks(t: torch.Tensor, perm: torch.Tensor, k: int) -> None:
 
 
 class BatchedMultiBranchNet(nn.Module):
-    """Same function and outputs as the ``MultiBranchNet`` it was made from: (K, N, B, C)."""
-
-    stacked = True
+    """Same function and outputs as the ``MultiBranchNet`` it was made from: (K, N, B, C) for
+    stacked heads, N tensors (K, B, ...) for list heads."""
 
     def __init__(self, model: MultiBranchNet):
         super().__init__()
         if not supports_batching(model):
-            raise ValueError("batched branches support Conv/BN/ReLU/pool branches with linear heads and no "
-                             "gradient scaling (model.batched=off for this architecture)")
+            raise ValueError("batched branches support Conv/BN/ReLU/pool branches (model.batched=off for "
+                             "this architecture)")
         k = model.num_branches
         self.k = k
         self.shared = copy.deepcopy(model.shared)
@@ -195,16 +214,22 @@ class BatchedMultiBranchNet(nn.Module):
             p.requires_grad_(False)
         # a list hides it from .modules()/.parameters()/state_dict (object.__setattr__: not a submodule)
         object.__setattr__(self, "_proto", [proto])
-        h0 = model.heads[0]
-        self.in_features, self.out_features = h0.in_features, h0.out_features
-        self.head_weight = nn.Parameter(torch.stack([h.weight.detach() for h in model.heads]).clone())  # (K, N, C, F)
-        self.head_bias = nn.Parameter(torch.stack([h.bias.detach() for h in model.heads]).clone())      # (K, N, C)
+        self.stacked = model.stacked
+        self.branch_grad_scale, self.head_grad_scale = model.branch_grad_scale, model.head_grad_scale
+        if self.stacked:
+            h0 = model.heads[0]
+            self.in_features, self.out_features = h0.in_features, h0.out_features
+            self.head_weight = nn.Parameter(torch.stack([h.weight.detach() for h in model.heads]).clone())  # (K, N, C, F)
+            self.head_bias = nn.Parameter(torch.stack([h.bias.detach() for h in model.heads]).clone())      # (K, N, C)
+        else:
+            self.heads = copy.deepcopy(model.heads)       # K ModuleHeads, logical branch order
+        self._slots = list(range(k))  # host copy of branch_slot (no device sync in the forward)
         # head pruning: logical branch k lives in physical block branch_slot[k] (identity until a drop)
         self.register_buffer("branch_slot", torch.arange(k))
         self.live = k                 # physical blocks 0..live-1 are computed in training mode
         self._permuted = False
         self.task_branches = None     # not None while some head is inactive (StepModule masks L then)
-        self.to(self.head_weight.device)   # the new batched layers were created on the CPU
+        self.to(next(model.parameters()).device)   # the new batched layers were created on the CPU
 
     @property
     def num_branches(self) -> int:
@@ -212,14 +237,19 @@ class BatchedMultiBranchNet(nn.Module):
 
     @property
     def num_tasks(self) -> int:
-        return self.head_weight.shape[1]
+        return self.head_weight.shape[1] if self.stacked else self.heads[0].num_tasks
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _device(self) -> torch.device:
+        return self.branch_slot.device
+
+    def forward(self, x: torch.Tensor):
         kl = self.live if self.training else self.k                           # physical blocks computed
-        f = self.shared(x)
+        f = grad_scale(self.shared(x), self.branch_grad_scale)
         if self.replicate:
             f = f.repeat(1, kl, *([1] * (f.dim() - 2)))                       # (B, K'·C, H, W)
         h = self.branch(f)                                                    # (B, K'·C', H', W')
+        if not self.stacked:
+            return self._list_heads(h, kl)
         h = h.reshape(h.shape[0], kl, -1)                                      # (B, K', F)
         hw, hb = (self.head_weight, self.head_bias) if kl == self.k else (self.head_weight[:kl], self.head_bias[:kl])
         # all K'·N heads in one batched matmul: (K', N, B, C)
@@ -232,10 +262,28 @@ class BatchedMultiBranchNet(nn.Module):
         # and the fused loss op is traced with the contiguous layout
         return out.contiguous()
 
+    def _list_heads(self, h: torch.Tensor, kl: int) -> list[torch.Tensor]:
+        """Branch k's heads read its channel block of h; N outputs (K, B, ...), or (K_i, B, ...)
+        over task i's active heads while pruning (training mode)."""
+        c = h.shape[1] // kl
+        feats: dict[int, torch.Tensor] = {}
+
+        def feat(k: int) -> torch.Tensor:                                      # logical branch k
+            if k not in feats:
+                j = self._slots[k]
+                feats[k] = grad_scale(h[:, j * c:(j + 1) * c], self.head_grad_scale)
+            return feats[k]
+        pruned = self.training and self.task_branches is not None
+        out = []
+        for i in range(self.num_tasks):
+            ks = self.task_branches[i] if pruned else range(self.k)
+            out.append(torch.stack([self.heads[k].heads[i](feat(k)) for k in ks], 0))
+        return out
+
     # ------------------------------------------------------------------ head pruning
     def _blocked(self) -> list[torch.Tensor]:
         """Every tensor made of K per-branch blocks along dim 0 (parameters and buffers)."""
-        out = [self.head_weight, self.head_bias]
+        out = [self.head_weight, self.head_bias] if self.stacked else []
         for m in self.branch.modules():
             if isinstance(m, (BlockConv2d, BlockBatchNorm2d)):
                 for t in list(m.parameters(recurse=False)) + list(m.buffers(recurse=False)):
@@ -248,8 +296,9 @@ class BatchedMultiBranchNet(nn.Module):
 
         ``mask`` (N, K) bool of active heads, or None (all). Live branches are moved to the front
         blocks in logical order (dead ones after them, also in logical order), permuting the
-        optimizer's per-element state with the parameters when ``optimizer`` is given. Heads of live
-        branches are all computed (stacked linear heads are cheap); the loss masks dropped ones."""
+        optimizer's per-element state with the parameters when ``optimizer`` is given. Stacked heads:
+        every head of a live branch is computed (they are cheap) and the loss masks dropped ones;
+        list heads (decoders): only the active heads run."""
         k = self.k
         if mask is None or bool(mask.all()):
             live = list(range(k))
@@ -271,7 +320,7 @@ class BatchedMultiBranchNet(nn.Module):
         slot = self.branch_slot.tolist()
         src = [slot[b] for b in order]                                         # new block j <- old block src[j]
         if src != list(range(k)):
-            perm = torch.tensor(src, device=self.head_weight.device)
+            perm = torch.tensor(src, device=self._device())
             states = optimizer.state if optimizer is not None else {}
             with torch.no_grad():
                 for t in self._blocked():
@@ -289,13 +338,17 @@ class BatchedMultiBranchNet(nn.Module):
         for m in self.branch.modules():
             if isinstance(m, (BlockConv2d, BlockBatchNorm2d)):
                 m.live = live
-        self._permuted = self.branch_slot.tolist() != list(range(self.k))
+        self._sync_slots()
+
+    def _sync_slots(self) -> None:
+        self._slots = self.branch_slot.tolist()
+        self._permuted = self._slots != list(range(self.k))
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         if "branch_slot" not in state_dict:                                    # saved before head pruning existed
             state_dict = dict(state_dict, branch_slot=torch.arange(self.k))
         out = super().load_state_dict(state_dict, strict=strict, assign=assign)
-        self._permuted = self.branch_slot.tolist() != list(range(self.k))
+        self._sync_slots()
         return out
 
     @staticmethod
@@ -304,15 +357,18 @@ class BatchedMultiBranchNet(nn.Module):
 
     def to_multibranch(self) -> MultiBranchNet:
         """The equivalent per-branch MultiBranchNet with the current values (a copy)."""
-        mb = copy.deepcopy(self._proto[0]).to(self.head_weight.device)
+        mb = copy.deepcopy(self._proto[0]).to(self._device())
         mb.shared.load_state_dict(self.shared.state_dict())
         slot = self.branch_slot.tolist()
         logical_at = [slot.index(j) for j in range(self.k)]                     # block j holds branch logical_at[j]
         _unbatch_module(self.branch, [mb.branches[b] for b in logical_at], self.k)
         with torch.no_grad():
             for i, h in enumerate(mb.heads):
-                h.weight.copy_(self.head_weight[slot[i]])
-                h.bias.copy_(self.head_bias[slot[i]])
+                if self.stacked:
+                    h.weight.copy_(self.head_weight[slot[i]])
+                    h.bias.copy_(self.head_bias[slot[i]])
+                else:
+                    h.load_state_dict(self.heads[i].state_dict())
         for p in mb.parameters():
             p.requires_grad_(True)
         return mb
