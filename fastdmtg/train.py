@@ -166,12 +166,14 @@ def evaluate(model, taskset, data, split: str, batch_size: int, device, assignme
     meter = taskset.meter()
     amp = amp or contextlib.nullcontext()
     nb = data.num_batches(split, batch_size)
+    assign = [int(a) for a in assignment] if assignment is not None else None
     for batch in tqdm(data.batches(split, batch_size, shuffle=False, device=device), total=nb,
                       desc=f"eval {split}", leave=False, disable=not progress):
         with amp:
-            out = model(batch["image"])
-        if isinstance(model, (MultiBranchNet, BatchedMultiBranchNet)):
-            out = MultiBranchNet.select_outputs(out, assignment)
+            if isinstance(model, (MultiBranchNet, BatchedMultiBranchNet)):
+                out = model.predict(batch["image"], assign)                 # only the argmax heads
+            else:
+                out = model(batch["image"])
         meter.update(out, batch)
     model.train(was_training)
     return summarize(meter.compute(), taskset.unified_error)

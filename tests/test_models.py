@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from fastdmtg.config import ModelConfig
-from fastdmtg.models import GroupedNet, build_multibranch
+from fastdmtg.models import GroupedNet, MultiBranchNet, build_multibranch
 from fastdmtg.models.resnet_celeba import feature_dim
 from fastdmtg.tasks.attributes import AttributeTaskSet
 
@@ -153,3 +153,50 @@ def test_batched_xception_with_decoders_equals_separate_branches(shared_blocks):
     assert sorted(calls) == sorted((i, k) for i in range(3) for k in range(3) if mask[i, k])
     for a, b in zip(outs_a, outs_b):
         assert a.shape == b.shape and rel(a, b) < 1e-4
+
+
+@pytest.mark.parametrize("batched", [False, True])
+@pytest.mark.parametrize("kind", ["celeba", "taskonomy"])
+def test_predict_equals_selected_outputs_and_runs_only_assigned_heads(kind, batched):
+    """Evaluation's ``predict(x, assignment)`` gives exactly the argmax model's outputs
+    (``select_outputs(forward(x))``) while computing only the used branches (per-branch form) and,
+    for dense decoders, only each task's assigned head."""
+    from fastdmtg.models.batched import BatchedMultiBranchNet
+    torch.manual_seed(0)
+    if kind == "celeba":
+        specs = AttributeTaskSet([f"t{i}" for i in range(4)]).specs
+        mb = build_multibranch(ModelConfig(branches=3, width=8, shared="stem"), specs, 32)
+    else:
+        from fastdmtg.tasks.taskonomy import TaskonomyTaskSet
+        specs = TaskonomyTaskSet(["segment_semantic", "depth_zbuffer", "normal", "edge_texture"]).specs
+        mb = build_multibranch(ModelConfig(arch="xception", branches=3, shared_blocks=10), specs, 32)
+    for p in mb.parameters():
+        p.data.add_(0.05 * torch.randn_like(p))
+    model = (BatchedMultiBranchNet(mb) if batched else mb).eval()
+    assignment = [2, 0, 2, 2]                                   # branch 1 unused
+    x = torch.rand(2, 3, 32, 32)
+    calls = []
+    hooks = []
+    if not batched:
+        hooks += [br.register_forward_hook(lambda m, i, o, k=k: calls.append(("branch", k)))
+                  for k, br in enumerate(model.branches)]
+    if kind == "taskonomy":
+        hooks += [h.register_forward_hook(lambda m, i, o, k=k, t=t: calls.append(("head", t, k)))
+                  for k in range(3) for t, h in enumerate(model.heads[k].heads)]
+    with torch.no_grad():
+        got = model.predict(x, assignment)
+        n_calls = len(calls)
+        want = MultiBranchNet.select_outputs(model(x), torch.tensor(assignment))
+    for h in hooks:
+        h.remove()
+    if kind == "celeba":
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    else:
+        assert len(got) == len(want) == 4
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+    predicted = calls[:n_calls]
+    if not batched:
+        assert sorted(c for c in predicted if c[0] == "branch") == [("branch", 0), ("branch", 2)]
+    if kind == "taskonomy":
+        assert sorted(c for c in predicted if c[0] == "head") == sorted(("head", i, k) for i, k in enumerate(assignment))

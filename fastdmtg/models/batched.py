@@ -262,6 +262,21 @@ class BatchedMultiBranchNet(nn.Module):
         # and the fused loss op is traced with the contiguous layout
         return out.contiguous()
 
+    def predict(self, x: torch.Tensor, assignment: list[int]):
+        """As ``MultiBranchNet.predict``: stacked heads compute every block (one batched network)
+        and select; list heads run only each task's assigned decoder."""
+        if self.training:
+            raise RuntimeError("predict() is for evaluation mode (model.eval())")
+        if self.stacked:
+            return MultiBranchNet.select_outputs(self(x), torch.as_tensor(assignment))
+        f = grad_scale(self.shared(x), self.branch_grad_scale)
+        if self.replicate:
+            f = f.repeat(1, self.k, *([1] * (f.dim() - 2)))
+        h = self.branch(f)
+        c = h.shape[1] // self.k
+        return [self.heads[k].heads[i](h[:, self._slots[k] * c:(self._slots[k] + 1) * c])
+                for i, k in enumerate(assignment)]
+
     def _list_heads(self, h: torch.Tensor, kl: int) -> list[torch.Tensor]:
         """Branch k's heads read its channel block of h; N outputs (K, B, ...), or (K_i, B, ...)
         over task i's active heads while pruning (training mode)."""

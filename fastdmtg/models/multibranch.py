@@ -197,6 +197,19 @@ class MultiBranchNet(nn.Module):
             return torch.stack(outs, 0)                                       # (K, N, B, C)
         return [torch.stack([o[i] for o in outs], 0) for i in range(self.num_tasks)]  # N x (K, B, ...)
 
+    def predict(self, x: torch.Tensor, assignment: list[int]):
+        """The argmax model's predictions — the same as ``select_outputs(forward(x), assignment)``
+        (evaluation mode), computing only what they need: the branches some task is assigned to,
+        and for list heads only each task's assigned head (N decoders instead of K·N)."""
+        if self.training:
+            raise RuntimeError("predict() is for evaluation mode (model.eval())")
+        f = self.shared(x)
+        feats = {k: self.branches[k](f) for k in sorted(set(assignment))}
+        if self.stacked:
+            outs = {k: self.heads[k](h) for k, h in feats.items()}               # (N, B, C) per used branch
+            return torch.stack([outs[k][i] for i, k in enumerate(assignment)], 0)  # (N, B, C)
+        return [self.heads[k].heads[i](feats[k]) for i, k in enumerate(assignment)]
+
     @staticmethod
     def select_outputs(outputs, assignment: torch.Tensor):
         """Pick, for each task i, the prediction of branch assignment[i] (the argmax model)."""
