@@ -71,9 +71,9 @@ def test_full_run_on_gpu(tmp_path):
 
 @cuda
 def test_pruning_with_graph_and_compile_recaptures(tmp_path):
-    """Head pruning under the CUDA defaults (compile + whole-step graph): every change of the active
-    set re-captures once, the run finishes, and it picks the same groups as the eager run with the
-    same pruning settings."""
+    """Head pruning under the CUDA defaults (compile + whole-step graph + batched branches): changes
+    of the active set re-capture (bounded), the run finishes, and it picks the same groups as the
+    eager run with the same pruning settings."""
     from fastdmtg.train import train
     base = ["train.tensorboard=false", "train.progress=false",
             "grouping.prune_eps=0.05", "grouping.prune_patience=50"]
@@ -83,7 +83,9 @@ def test_pruning_with_graph_and_compile_recaptures(tmp_path):
     assert fast["speed"]["cuda_graph"] and fast["speed"]["compile"]
     ev = fast["pruning"]["events"]
     assert ev, "the settings are meant to prune"
-    assert fast["speed"]["graph_captures"] == 1 + len({e["step"] for e in ev})
+    # one capture at the start, then at most one per drop step (drops closer together than the
+    # warm-up, or in the last steps of the run, share or skip a re-capture)
+    assert 1 < fast["speed"]["graph_captures"] <= 1 + len({e["step"] for e in ev})
     assert fast["pruning"]["head_step_fraction"] < 1.0
     act = torch.tensor(fast["pruning"]["active"])
     assert act.any(1).all() and all(act[i, a] for i, a in enumerate(fast["assignment"]))
