@@ -7,7 +7,7 @@
 # versions are skipped (pip is only called when an import check fails), so a warm CI machine
 # spends a few seconds here (most of it importing torch for the final check). Prints step times.
 #
-# Why these pieces (see /work/shared/install-notes.md and docs/pipelines.md):
+# Why these pieces (see docs/pipelines.md):
 #   * FFCV 1.0.2 is an sdist; its setup.py asks pkg-config for opencv4 and links libturbojpeg,
 #     so the Debian dev packages must exist before pip runs ("Could not find required package:
 #     opencv4" otherwise). opencv-python (pulled by ffcv) needs libGL.so.1 and libglib at import.
