@@ -374,7 +374,7 @@ def build_stepper(cfg: Config, device: torch.device, *, loader: str = "memory", 
     from .step import StepRunner
     from .train import build_optimizer, build_step_module, prepare_model, resolve_speed, step_mode
     torch.manual_seed(0)
-    ops.set_backend(cfg.train.kernels)
+    kernels = ops.resolve_backend(cfg.train.kernels, device)    # what the step's ops will run
     specs = _task_specs(cfg)
     names = [s.name for s in specs]
     bs = cfg.train.batch_size
@@ -397,7 +397,7 @@ def build_stepper(cfg: Config, device: torch.device, *, loader: str = "memory", 
                     yield b
             epoch += 1
     it = batches()
-    info = {"mode": mode, "kernels": ops.get_backend(device), "runner": runner, "batch": bs, "taskset": taskset,
+    info = {"mode": mode, "kernels": kernels, "runner": runner, "batch": bs, "taskset": taskset,
             "source": src, "last_batch": None}
 
     def step():

@@ -31,12 +31,14 @@ from torch import nn
 
 
 class StepModule(nn.Module):
-    def __init__(self, model: nn.Module, method: nn.Module, taskset, autocast, channels_last: bool = False):
+    def __init__(self, model: nn.Module, method: nn.Module, taskset, autocast, channels_last: bool = False,
+                 kernels: str = "auto"):
         super().__init__()
         self.model, self.method = model, method
         self.taskset = taskset
         self._autocast = autocast
         self.channels_last = channels_last
+        self.kernels = kernels          # the fused losses' backend (train.kernels: auto | triton | reference)
 
     def forward(self, batch: dict):
         z = self.method.weights(0)                                            # (N, K)
@@ -47,12 +49,12 @@ class StepModule(nn.Module):
             outputs = self.model(image)
         task_branches = getattr(self.model, "task_branches", None)
         if task_branches is None:
-            return self.taskset.head_losses(outputs, batch, z)
+            return self.taskset.head_losses(outputs, batch, z, kernels=self.kernels)
         # head pruning (docs/pruning.md): only the active heads were computed; L is 0 at dropped heads
         if isinstance(outputs, torch.Tensor):                                  # stacked: same layout
-            total, L = self.taskset.head_losses(outputs, batch, z)
+            total, L = self.taskset.head_losses(outputs, batch, z, kernels=self.kernels)
         else:
-            total, L = self.taskset.head_losses(outputs, batch, z, active=task_branches)
+            total, L = self.taskset.head_losses(outputs, batch, z, active=task_branches, kernels=self.kernels)
         mask = self.method.head_mask() if hasattr(self.method, "head_mask") else None
         return total, (L * mask if mask is not None else L)
 

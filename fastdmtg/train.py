@@ -70,7 +70,8 @@ def autocast_ctx(cfg: Config, device: torch.device):
 
 def prepare_model(model: MultiBranchNet, cfg: Config, speed: dict, world_size: int = 1):
     """Apply the model-side speed switches: batched branches (when the architecture supports them;
-    ``speed["batched"]`` is updated to what was done), SyncBatchNorm under DDP, channels_last."""
+    ``speed["batched"]`` is updated to what was done), SyncBatchNorm under DDP, channels_last, the
+    fused CelebA stem (``speed["fused_stem"]`` likewise)."""
     if speed["batched"]:
         if not supports_batching(model):
             if cfg.model.batched == "on":
@@ -82,6 +83,12 @@ def prepare_model(model: MultiBranchNet, cfg: Config, speed: dict, world_size: i
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     if speed["channels_last"]:
         model = model.to(memory_format=torch.channels_last)
+    if speed["fused_stem"]:
+        from .models.resnet_celeba import set_fused_stem
+        if set_fused_stem(model, cfg.train.kernels) == 0:
+            if cfg.model.fused_stem == "on":
+                raise ValueError(f"model.fused_stem=on: model.arch={cfg.model.arch} has no ResNet-variant stem")
+            speed["fused_stem"] = False
     return model
 
 
@@ -91,7 +98,7 @@ def step_mode(speed: dict) -> str:
 
 def build_step_module(model, method, taskset, cfg: Config, device: torch.device, speed: dict) -> StepModule:
     return StepModule(model, method, taskset, autocast_factory(use_bf16(cfg, device), device, speed["cuda_graph"]),
-                      speed["channels_last"])
+                      speed["channels_last"], kernels=cfg.train.kernels)
 
 
 def build_optimizer(cfg: Config, params, device: torch.device, capturable: bool = False) -> torch.optim.Optimizer:
@@ -114,6 +121,9 @@ def build_optimizer(cfg: Config, params, device: torch.device, capturable: bool 
 # measurement (docs/LOG.md). xception can be batched (model.batched=on) but has not been timed on a
 # GPU yet, so auto leaves it off.
 BATCHED_AUTO_ARCHS = ("resnet_celeba",)
+# model.fused_stem=auto: the fused BN-ReLU-maxpool stem op is tested against the PyTorch reference but
+# not yet timed on a GPU (benchmarks/gpu_check.sh times it), so auto leaves it off everywhere
+FUSED_STEM_AUTO = False
 
 
 def resolve_speed(cfg: Config, device: torch.device, world_size: int) -> dict:
@@ -132,6 +142,8 @@ def resolve_speed(cfg: Config, device: torch.device, world_size: int) -> dict:
            "channels_last": pick("channels_last", True)}
     b = cfg.model.batched
     out["batched"] = b == "on" or (b == "auto" and cuda and cfg.model.arch in BATCHED_AUTO_ARCHS)
+    fs = cfg.model.fused_stem
+    out["fused_stem"] = fs == "on" or (fs == "auto" and cuda and FUSED_STEM_AUTO)
     if out["cuda_graph"] and not cuda:
         raise ValueError("train.cuda_graph=on needs a CUDA device")
     if out["cuda_graph"] and world_size > 1:
@@ -215,7 +227,7 @@ class Trainer:
                 raise ValueError("model.batched=on is not supported with grouping.prune_eps > 0 and "
                                  "model.sync_bn=true under DDP; use model.batched=off")
             self.speed["batched"] = False
-        ops.set_backend(cfg.train.kernels)
+        ops.resolve_backend(cfg.train.kernels, self.device)   # fails here, not mid-step, if triton is missing
         torch.manual_seed(cfg.train.seed)
         self.data = build_data(cfg.data, progress=self.progress)
         self.taskset = self.data.taskset
@@ -542,7 +554,7 @@ class Trainer:
             "speed": dict(self.speed, world_size=self.world_size, graph_captures=self.runner.captures),
             "env": {"device": str(self.device), "gpu": torch.cuda.get_device_name(self.device)
                     if self.device.type == "cuda" else None, "torch": torch.__version__,
-                    "python": platform.python_version(), "kernels": ops.get_backend(self.device)},
+                    "python": platform.python_version(), "kernels": ops.resolve_backend(cfg.train.kernels, self.device)},
         }
         probs = self.method.probabilities()
         if probs is not None:
