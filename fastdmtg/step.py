@@ -21,13 +21,25 @@ included) and torch.compile sees one graph:
   it runs eagerly too (no dynamic-shape re-compilation).
   ``invalidate()`` drops the graph when the step itself changes (head pruning: the set of active
   heads is static within one graph); the next step warms up and re-captures.
+
+Under DDP (``wrap_ddp``) the whole step is captured too, gradient all-reduce included (NCCL >= 2.9.6
+allows collectives in a graph). PyTorch's CUDA-graph notes ("Usage with DistributedDataParallel") list
+three conditions, all met here: DDP is constructed on a side stream, at least 11 DDP-enabled eager
+steps run before capture (``DDP_GRAPH_WARMUP``: DDP rebuilds its buckets and samples timing statistics
+in its first iterations, host work a replay would skip), and NCCL's asynchronous error handling is off
+(``TORCH_NCCL_ASYNC_ERROR_HANDLING=0``, set by the trainer before the process group starts). Every
+rank captures at the same step and replays the same graph, as NCCL requires.
 """
 from __future__ import annotations
 
 import contextlib
+import warnings
 
 import torch
 from torch import nn
+
+# eager DDP steps before a whole-step capture (PyTorch CUDA-graph notes: "at least 11")
+DDP_GRAPH_WARMUP = 11
 
 
 class StepModule(nn.Module):
@@ -150,6 +162,26 @@ class StepRunner:
             self.optimizer.step()
         self.static_out = (total.detach(), L)
         self.captures += 1
+
+
+def wrap_ddp(module: nn.Module, device: torch.device, find_unused_parameters: bool, for_graph: bool) -> nn.Module:
+    """DistributedDataParallel around the step module. ``broadcast_buffers=False``: rank-local BN
+    statistics and Gumbel seed offsets. ``for_graph``: constructed on a side stream, as whole-step
+    capture requires (the runner then warms up ``DDP_GRAPH_WARMUP`` steps)."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    kw = dict(device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False,
+              find_unused_parameters=find_unused_parameters)
+    with warnings.catch_warnings():
+        # broadcast_buffers=False is what we mean (its successor option still syncs buffers at init)
+        warnings.simplefilter("ignore", FutureWarning)
+        if not for_graph:
+            return DDP(module, **kw)
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            ddp = DDP(module, **kw)
+        torch.cuda.current_stream(device).wait_stream(side)
+        return ddp
 
 
 def autocast_factory(enabled: bool, device: torch.device, for_graph: bool):

@@ -31,7 +31,7 @@ from .methods import build_method
 from .metrics import normgain, summarize
 from .models import build_multibranch, GroupedNet, MultiBranchNet
 from .models.batched import BatchedMultiBranchNet, supports_batching
-from .step import StepModule, StepRunner, autocast_factory
+from .step import DDP_GRAPH_WARMUP, StepModule, StepRunner, autocast_factory, wrap_ddp
 
 
 class NonFiniteLoss(RuntimeError):
@@ -147,9 +147,16 @@ def resolve_speed(cfg: Config, device: torch.device, world_size: int) -> dict:
     if out["cuda_graph"] and not cuda:
         raise ValueError("train.cuda_graph=on needs a CUDA device")
     if out["cuda_graph"] and world_size > 1:
-        if t.cuda_graph == "on":
-            raise ValueError("train.cuda_graph=on is not supported with DDP yet; use train.cuda_graph=off")
-        out["cuda_graph"] = False
+        # opt-in only (auto: off) until measured on several GPUs; docs/kernels.md "CUDA graphs under DDP"
+        if t.cuda_graph != "on":
+            out["cuda_graph"] = False
+        elif cfg.grouping.prune_eps > 0:
+            raise ValueError("train.cuda_graph=on under DDP does not combine with head pruning (grouping.prune_eps > 0): "
+                             "DDP then searches unused parameters on the host every step, which a replay skips; "
+                             "use train.cuda_graph=off")
+        elif cfg.model.sync_bn:
+            raise ValueError("train.cuda_graph=on under DDP is not verified with model.sync_bn=true; "
+                             "use train.cuda_graph=off")
     return out
 
 
@@ -212,6 +219,10 @@ def groups_of(assignment: list[int], names: list[str]) -> list[list[str]]:
 class Trainer:
     def __init__(self, cfg: Config, run_dir: str | Path, resume: bool = False, progress: bool | None = None):
         self.cfg, self.run_dir = cfg, Path(run_dir)
+        if cfg.train.cuda_graph == "on" and dist_utils.launched_by_torchrun():
+            # whole-step capture with NCCL collectives (fastdmtg/step.py): set before the process group starts
+            import os
+            os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "0")
         ddp_device = dist_utils.setup(cfg.train.device)
         self.rank, self.world_size = dist_utils.world()
         self.is_main = self.rank == 0
@@ -243,18 +254,13 @@ class Trainer:
         self.scheduler = build_scheduler(cfg, self.optimizer)
         self.amp = autocast_ctx(cfg, self.device)
         step_module = build_step_module(self.model, self.method, self.taskset, cfg, self.device, self.speed)
+        warmup = 3
         if self.world_size > 1:
-            import warnings
-
-            from torch.nn.parallel import DistributedDataParallel as DDP
-            with warnings.catch_warnings():
-                # broadcast_buffers=False is what we mean: rank-local BN statistics and Gumbel seed
-                # offsets (its successor option still syncs buffers at init)
-                warnings.simplefilter("ignore", FutureWarning)
-                # head pruning: dropped heads/branches take no part in the step (the same on all ranks)
-                step_module = DDP(step_module, device_ids=[self.device.index] if self.device.type == "cuda" else None,
-                                  broadcast_buffers=False, find_unused_parameters=self.pruning)
-        self.runner = StepRunner(step_module, self.optimizer, step_mode(self.speed), full_batch=cfg.train.batch_size)
+            # head pruning: dropped heads/branches take no part in the step (the same on all ranks)
+            step_module = wrap_ddp(step_module, self.device, self.pruning, for_graph=self.speed["cuda_graph"])
+            warmup = DDP_GRAPH_WARMUP if self.speed["cuda_graph"] else warmup
+        self.runner = StepRunner(step_module, self.optimizer, step_mode(self.speed), warmup=warmup,
+                                 full_batch=cfg.train.batch_size)
         if self.speed["compile"] and self.pruning:
             # every change of the active head set is a new graph for dynamo: at most one per drop
             # step (≤ N·(K−1)) — above dynamo's default limit of 8, after which it would silently
