@@ -154,3 +154,17 @@ def test_torchrun_ddp_cuda_graph(tmp_path):
     res = json.loads((run / "results.json").read_text())
     assert res["speed"]["world_size"] == 2 and res["speed"]["cuda_graph"] and res["speed"]["graph_captures"] == 1
     assert sorted(i for g in res["groups"] for i in g) == sorted(res["tasks"])
+
+
+def test_cuda_graph_under_ddp_is_opt_in():
+    """(Runs on CPU: only the policy.) train.cuda_graph=auto keeps graphs off under DDP; =on turns them
+    on, except with head pruning or SyncBatchNorm, which are refused with the field named."""
+    from fastdmtg.train import resolve_speed
+    dev = torch.device("cuda")                   # resolve_speed only looks at the device type
+    base = get_recipe("celeba9_k3")
+    assert resolve_speed(base, dev, 1)["cuda_graph"] is True
+    assert resolve_speed(base, dev, 2)["cuda_graph"] is False
+    assert resolve_speed(apply_overrides(base, ["train.cuda_graph=on"]), dev, 2)["cuda_graph"] is True
+    for extra, field in ((["grouping.prune_eps=0.01"], "grouping.prune_eps"), (["model.sync_bn=true"], "model.sync_bn")):
+        with pytest.raises(ValueError, match=field):
+            resolve_speed(apply_overrides(base, ["train.cuda_graph=on"] + extra), dev, 2)

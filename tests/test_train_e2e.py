@@ -90,9 +90,9 @@ def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypat
     real = t.taskset.head_losses
     calls = {"n": 0}
 
-    def poisoned(outputs, batch, z):
+    def poisoned(outputs, batch, z, **kw):
         calls["n"] += 1
-        total, L = real(outputs, batch, z)
+        total, L = real(outputs, batch, z, **kw)
         return (total * float("nan") if calls["n"] > 14 else total), L
     monkeypatch.setattr(t.taskset, "head_losses", poisoned)
     with pytest.raises(NonFiniteLoss, match="non-finite training loss at epoch 2, step 15"):
