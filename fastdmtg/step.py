@@ -169,6 +169,8 @@ def wrap_ddp(module: nn.Module, device: torch.device, find_unused_parameters: bo
     statistics and Gumbel seed offsets. ``for_graph``: constructed on a side stream, as whole-step
     capture requires (the runner then warms up ``DDP_GRAPH_WARMUP`` steps)."""
     from torch.nn.parallel import DistributedDataParallel as DDP
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
     kw = dict(device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False,
               find_unused_parameters=find_unused_parameters)
     with warnings.catch_warnings():

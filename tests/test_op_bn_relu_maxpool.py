@@ -176,3 +176,32 @@ def test_fused_stem_switch():
         prepare_model(torch.nn.Sequential(torch.nn.Linear(2, 2)), on, dict(speed))
     with pytest.raises(ValueError, match="model.fused_stem"):
         apply_overrides(cfg, ["model.fused_stem=yes"])
+
+
+@needs_triton
+def test_fused_stem_under_torch_compile():
+    """The production path: the batched CelebA model with the fused stem traced by torch.compile in one
+    graph (custom op + running-statistics updates), equal to the eager unfused model. aot_eager: dynamo +
+    AOT autograd (the custom op's fake and autograd registration) without inductor's CPU codegen time."""
+    from torch._dynamo.utils import counters
+
+    from fastdmtg.models.resnet_celeba import set_fused_stem
+    op.CONFIG.update(bwd_cw=16, bwd_rows=8, pool_ow=16)
+    torch._dynamo.reset()
+    counters.clear()
+    off = _tiny_model(True)
+    on = copy.deepcopy(off)
+    set_fused_stem(on, "triton")
+    x = torch.rand(2, 3, 9, 9, generator=gen(9)).to(DEVICE)
+    outs = []
+    for m in (off, torch.compile(on, backend="aot_eager")):
+        o = m(x)
+        o.square().sum().backward()
+        outs.append(o.detach())
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-5)
+    for (n, p), (_, q) in zip(off.named_parameters(), on.named_parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-5 * max(p.grad.abs().max().item(), 1e-12),
+                                   msg=lambda m: f"grad {n}: {m}")
+    for (n, p), (_, q) in zip(off.named_buffers(), on.named_buffers()):
+        torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-6, msg=lambda m: f"buffer {n}: {m}")
