@@ -7,14 +7,15 @@
 #   OUT=DIR BUDGET=900 bash benchmarks/gpu_check.sh tests celeba   # some phases, another folder/budget
 #
 # Phases (budget in seconds; the run stops starting phases when BUDGET, default 570, is spent):
-#   tests       140  GPU tests: full train() under the CUDA defaults, CUDA graph == eager (also under
-#                    DDP), pruning with graph re-capture, the fused kernels at real sizes
-#   celeba      150  CelebA-9 K=3 step table: current defaults vs the fused stem op (batched), then the
+#   tests       170  GPU tests: full train() under the CUDA defaults, CUDA graph == eager (also under
+#                    DDP), pruning with graph re-capture, every fused kernel at real sizes
+#   celeba      170  CelebA-9 K=3 step table: current defaults vs the fused stem op (batched), then the
 #                    reference-style row, fused stem with separate branches
-#   taskonomy   140  Taskonomy-5 K=3 at 256²: all features with separate vs batched Xception (MFU;
+#   ratio        70  CelebA-40 vs CelebA-9 step time at K=5 (best configuration)
+#   taskonomy   130  Taskonomy-5 K=3 at 256²: all features with separate vs batched Xception (MFU;
 #                    decides fastdmtg.train.BATCHED_AUTO_ARCHS)
-#   ratio        80  CelebA-40 vs CelebA-9 step time at K=5 (best configuration)
 #   profile      50  profiler summary of the CelebA-9 K=3 step with the fused stem
+#   op_tests    100  the per-op CPU test files on CUDA (tests/test_ops.py, tests/test_op_*.py)
 #   kernels      60  benchmarks/kernels.py for the fused stem op vs eager and compiled PyTorch
 #   tx_profile   70  profiler summary of the Taskonomy-5 K=3 step
 #
@@ -30,11 +31,11 @@ ROOT=$PWD
 PY=${PYTHON:-python3}
 OUT=${OUT:-benchmarks/results}
 BUDGET=${BUDGET:-570}
-ALL=(tests celeba taskonomy ratio profile kernels tx_profile)
+ALL=(tests celeba ratio taskonomy profile op_tests kernels tx_profile)
 PHASES=("$@")
 [ ${#PHASES[@]} -eq 0 ] && PHASES=("${ALL[@]}")
 for p in "${PHASES[@]}"; do
-  case " ${ALL[*]} " in *" $p "*) ;; *) sed -n 2,26p "$0"; echo "unknown phase: $p" >&2; exit 2 ;; esac
+  case " ${ALL[*]} " in *" $p "*) ;; *) sed -n 2,27p "$0"; echo "unknown phase: $p" >&2; exit 2 ;; esac
 done
 START=$(date +%s)
 WORK=$(mktemp -d)
@@ -130,24 +131,30 @@ for phase in "${PHASES[@]}"; do
   case $phase in
     tests)
       xdist=""; $RUN -c "import xdist" 2>/dev/null && xdist="-n 6"
-      run_phase tests 140 gpu_tests $RUN -m pytest -v -p no:cacheprovider --timeout 120 -rfEs $xdist \
-        tests/test_gpu_training.py tests/test_kernels_gpu.py tests/test_ops.py tests/test_op_bn_relu_maxpool.py
+      run_phase tests 170 gpu_tests $RUN -m pytest -v -p no:cacheprovider --timeout 160 -rfEs $xdist \
+        tests/test_gpu_training.py tests/test_kernels_gpu.py
+      ;;
+    op_tests)
+      xdist=""; $RUN -c "import xdist" 2>/dev/null && xdist="-n 6"
+      run_phase op_tests 100 gpu_op_tests $RUN -m pytest -v -p no:cacheprovider --timeout 90 -rfEs $xdist \
+        tests/test_ops.py tests/test_op_gumbel_mask.py tests/test_op_grouped_ce.py tests/test_op_masked_l1.py \
+        tests/test_op_ce_ignore.py tests/test_op_bn_relu_maxpool.py
       ;;
     celeba)
       # rows (fastdmtg bench step): 7 = current defaults (batched), 12 = + fused stem op; then
       # 0 = reference style (eager fp32 + JPEG DataLoader), 13 = fused stem with separate branches
       run_phase celeba_a 100 step_celeba9_k3 $STEP --recipe celeba9_k3 --only 7,12 --steps 20 --repeats 3 \
         --warmup 6 --out "$WORK/celeba_a.md"
-      run_phase celeba_b 80 step_celeba9_k3 $STEP --recipe celeba9_k3 --only 0,13 --steps 20 --repeats 3 \
+      run_phase celeba_b 70 step_celeba9_k3 $STEP --recipe celeba9_k3 --only 0,13 --steps 20 --repeats 3 \
         --warmup 6 --jpegs 2048 --workers 14 --out "$WORK/celeba_b.md"
       ;;
     taskonomy)
       # rows 6 = all features with separate branches, 7 = the same with batched Xception branches
-      run_phase taskonomy 140 step_taskonomy5_k3 $STEP --recipe taskonomy5_k3 --only 6,7 --steps 10 --repeats 3 \
+      run_phase taskonomy 130 step_taskonomy5_k3 $STEP --recipe taskonomy5_k3 --only 6,7 --steps 10 --repeats 3 \
         --warmup 6 --out "$WORK/taskonomy.md"
       ;;
     ratio)
-      run_phase ratio 80 scaling_celeba40_vs_celeba9 $STEP --recipe celeba9_k5 --only none --scaling \
+      run_phase ratio 70 scaling_celeba40_vs_celeba9 $STEP --recipe celeba9_k5 --only none --scaling \
         --scaling-recipes celeba9_k5,celeba40_k5 --scaling-set model.batched=on --steps 20 --repeats 3 \
         --warmup 6 --out "$WORK/ratio.md"
       ;;
