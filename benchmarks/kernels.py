@@ -1,7 +1,8 @@
-"""Benchmark fastdmtg.ops: eager PyTorch reference vs torch.compile'd reference vs Triton.
+"""Benchmark the fused ops (fastdmtg/kernels/<op>.py): eager PyTorch reference vs torch.compile'd
+reference vs Triton. Rows are named after the op (``--only`` matches the op name or the case name).
 
     python benchmarks/kernels.py --out benchmarks/results/h100_2026-11-23_kernels.md [--sweep]
-        [--only seg] [--no-compile]
+        [--only ce_ignore] [--no-compile]
 
 Times are medians of ``triton.testing.do_bench`` (CUDA events, warm-up first, L2 flushed
 between repetitions) for forward, backward (``autograd.grad`` on a retained graph) and
@@ -24,6 +25,7 @@ import time
 import torch
 
 from fastdmtg import ops
+from fastdmtg.kernels import bn_relu_maxpool, ce_ignore, grouped_bce, grouped_ce, gumbel_mask, masked_l1
 
 CUDA = torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") != "1"
 DEV = "cuda" if CUDA else "cpu"
@@ -72,10 +74,14 @@ def es(t: torch.Tensor) -> int:
 # cases: each returns inputs, the three callables and the byte floors
 # ----------------------------------------------------------------------------------------------
 class Case:
-    def __init__(self, name, desc, inputs, diff, call, ref, fwd_bytes, bwd_bytes, compile_ref=True):
-        self.name, self.desc, self.inputs, self.diff = name, desc, inputs, diff
-        self.call, self.ref = call, ref  # call(backend_fn_inputs) -> output tensor to differentiate
+    def __init__(self, op, name, desc, inputs, diff, call, ref, fwd_bytes, bwd_bytes, compile_ref=True):
+        self.op, self.name, self.desc, self.inputs, self.diff = op, name, desc, inputs, diff
+        # call(inputs, backend) -> output tensor to differentiate; ref(**inputs) -> tuple, [0] differentiated
+        self.call, self.ref = call, ref
         self.fwd_bytes, self.bwd_bytes, self.compile_ref = fwd_bytes, bwd_bytes, compile_ref
+
+    def matches(self, only) -> bool:
+        return not only or any(o in self.op or o in self.name for o in only)
 
 
 def _grad_out(out):
@@ -91,9 +97,9 @@ def case_grouped_ce(K, N, B, C=2, dtype=torch.bfloat16):
     fwd = x_bytes + target.numel() * es(target) + small
     bwd = 2 * x_bytes + target.numel() * es(target) + small
     return Case(
-        f"celeba{N}_ce", f"grouped_ce K={K} N={N} B={B} C={C} {str(dtype)[6:]}",
+        "grouped_ce", f"celeba{N}_k{K}", f"K={K} N={N} B={B} C={C} {str(dtype)[6:]}",
         dict(logits=logits, target=target, z=z), ["logits", "z"],
-        lambda i: ops.grouped_ce_loss(**i)[0], ops._ref_grouped_ce, fwd, bwd,
+        lambda i, be: ops.grouped_ce_loss(**i, backend=be)[0], grouped_ce.reference, fwd, bwd,
     )
 
 
@@ -103,14 +109,11 @@ def case_gumbel(N, K):
     tau = torch.tensor(0.5, device=DEV)
     nk = N * K * 4
 
-    def ref(S, seed, tau):
-        return ops._ref_gumbel_mask(S, tau, seed, False)
-
     return Case(
-        f"gumbel{N}x{K}", f"gumbel_softmax_mask N={N} K={K}",
+        "gumbel_mask", f"n{N}_k{K}", f"N={N} K={K}",
         dict(logits=S, seed=seed, tau=tau), ["logits"],
-        lambda i: ops.gumbel_softmax_mask(i["logits"], i["tau"], i["seed"]),
-        lambda logits, seed, tau: (ref(logits, seed, tau),), 2 * nk, 3 * nk,
+        lambda i, be: ops.gumbel_softmax_mask(i["logits"], i["tau"], i["seed"], backend=be),
+        lambda logits, seed, tau: (gumbel_mask.reference(logits, tau, seed, False),), 2 * nk, 3 * nk,
     )
 
 
@@ -122,9 +125,10 @@ def case_masked_l1(K, B, C=3, H=256, W=256):
     p_bytes = pred.numel() * es(pred)
     rest = target.numel() * es(target) + mask.numel() * es(mask)
     return Case(
-        f"normal_k{K}_b{B}", f"masked_l1 K={K} B={B} C={C} {H}x{W} bf16 pred, fp32 target, bool mask",
+        "masked_l1", f"normal_k{K}_b{B}", f"K={K} B={B} C={C} {H}x{W} bf16 pred, fp32 target, bool mask",
         dict(pred=pred, target=target, mask=mask, z=z), ["pred", "z"],
-        lambda i: ops.masked_l1_loss(**i)[0], ops._ref_masked_l1, p_bytes + rest, 2 * p_bytes + rest,
+        lambda i, be: ops.masked_l1_loss(**i, backend=be)[0], masked_l1.reference, p_bytes + rest,
+        2 * p_bytes + rest,
     )
 
 
@@ -135,20 +139,35 @@ def case_ce_ignore(K, B, C=18, H=256, W=256):
     x_bytes = logits.numel() * es(logits)
     t_bytes = target.numel() * es(target)
 
-    def ref(logits, target, z):
-        return ops._ref_ce_ignore(logits, target, z, 0)
-
     return Case(
-        f"seg_k{K}_b{B}", f"ce_ignore K={K} B={B} C={C} {H}x{W} bf16 logits, int64 target",
+        "ce_ignore", f"seg_k{K}_b{B}", f"K={K} B={B} C={C} {H}x{W} bf16 logits, int64 target",
         dict(logits=logits, target=target, z=z), ["logits", "z"],
-        lambda i: ops.ce_ignore_loss(**i)[0], ref, x_bytes + t_bytes, 2 * x_bytes + t_bytes,
+        lambda i, be: ops.ce_ignore_loss(**i, backend=be)[0], ce_ignore.reference, x_bytes + t_bytes,
+        2 * x_bytes + t_bytes,
+    )
+
+
+def case_bn_relu_maxpool(B, C, S=64, dtype=torch.bfloat16):
+    """The CelebA stem after the conv: B images, C channels (64 per branch; 192 = K=3 batched), S×S."""
+    x = (torch.randn(B, C, S, S, device=DEV) * 1.5 + 0.3).to(dtype)
+    x = x.contiguous(memory_format=torch.channels_last).requires_grad_(True)
+    w = (torch.rand(C, device=DEV) + 0.5).requires_grad_(True)
+    b = (torch.randn(C, device=DEV) * 0.2).requires_grad_(True)
+    rm, rv = torch.zeros(C, device=DEV), torch.ones(C, device=DEV)
+    x_bytes = x.numel() * es(x)
+    o_bytes = B * C * ((S - 3) // 2 + 1) ** 2 * es(x)   # the pooled output
+    return Case(
+        "bn_relu_maxpool", f"stem_b{B}_c{C}", f"B={B} C={C} {S}x{S} {str(dtype)[6:]} channels_last",
+        dict(x=x, running_mean=rm, running_var=rv, weight=w, bias=b), ["x", "weight", "bias"],
+        lambda i, be: ops.bn_relu_maxpool(**i, backend=be),
+        lambda **i: (bn_relu_maxpool.reference(**i),), x_bytes + o_bytes, 2 * x_bytes + o_bytes,
     )
 
 
 def make_cases(quick: bool):
     if quick:
         return [case_grouped_ce(2, 5, 16), case_gumbel(9, 3), case_masked_l1(2, 1, H=16, W=16),
-                case_ce_ignore(2, 1, C=5, H=8, W=16)]
+                case_ce_ignore(2, 1, C=5, H=8, W=16), case_bn_relu_maxpool(2, 4, S=9)]
     cs = [
         case_grouped_ce(5, 40, 256),
         case_grouped_ce(3, 9, 256),
@@ -157,8 +176,10 @@ def make_cases(quick: bool):
         case_masked_l1(3, 64),
         case_ce_ignore(5, 32),
         case_ce_ignore(3, 24),
+        case_bn_relu_maxpool(256, 64),
+        case_bn_relu_maxpool(256, 192),
     ]
-    for c in (cs[1], cs[4], cs[6]):
+    for c in (cs[1], cs[4], cs[6], cs[8]):
         c.compile_ref = False  # inductor compiles cost device minutes; primary cases only
     return cs
 
@@ -174,12 +195,10 @@ def impl_fns(case: Case, impl: str):
     inputs = {k: (v.detach().requires_grad_(True) if k in case.diff else v) for k, v in case.inputs.items()}
     diff = [inputs[k] for k in case.diff]
     if impl == "triton":
-        ops.set_backend("triton")
-        run = lambda: case.call(inputs)  # noqa: E731
+        run = lambda: case.call(inputs, "triton")  # noqa: E731
     else:
         ref = case.ref if impl == "eager" else torch.compile(case.ref, dynamic=False)
         run = lambda: ref(**inputs)[0]  # noqa: E731
-        ops.set_backend("reference")
     g = _grad_out(run().detach())
 
     def fwd():
@@ -218,24 +237,23 @@ def sweep(quick: bool, lines: list, only=None):
 
     masked_l1 is timed fwd+bwd; ce_ignore's forward settings are timed on the forward alone
     (the graph of fwd) and its backward settings on fwd+bwd with the forward already chosen.
-    The ce_ignore candidates are ``SEG_CANDIDATES`` (tests/test_kernels_gpu.py checks each one).
+    The ce_ignore candidates are ``ce_ignore.SWEEP`` (tests/test_kernels_gpu.py checks each one).
     """
-    from fastdmtg.kernels import CONFIG
-    from fastdmtg.kernels.head_loss import SEG_CANDIDATES
-
-    ops.set_backend("triton")
     lines.append("\n### Block-size sweep (Triton, CUDA-graph replay, median us)\n")
-    seg_fwd, seg_bwd = list(SEG_CANDIDATES.items())
+    seg_fwd, seg_bwd = list(ce_ignore.SWEEP.items())
     seg = (lambda: case_ce_ignore(5, 32) if not quick else case_ce_ignore(2, 1, C=5, H=8, W=16))
+    stem = (lambda: case_bn_relu_maxpool(256, 192) if not quick else case_bn_relu_maxpool(2, 4, S=9))
     groups = [
-        (lambda: case_masked_l1(5, 32) if not quick else case_masked_l1(2, 1, H=16, W=16),
-         ("l1_block", "l1_warps"), [(2048, 4), (4096, 4), (4096, 8), (8192, 8), (8192, 16)], "fwd+bwd"),
-        (seg, seg_fwd[0], seg_fwd[1], "fwd"),
-        (seg, seg_bwd[0], seg_bwd[1], "fwd+bwd"),
+        (lambda: case_masked_l1(5, 32) if not quick else case_masked_l1(2, 1, H=16, W=16), masked_l1.CONFIG,
+         ("block", "warps"), [(2048, 4), (4096, 4), (4096, 8), (8192, 8), (8192, 16)], "fwd+bwd"),
+        (seg, ce_ignore.CONFIG, seg_fwd[0], seg_fwd[1], "fwd"),
+        (seg, ce_ignore.CONFIG, seg_bwd[0], seg_bwd[1], "fwd+bwd"),
+        (stem, bn_relu_maxpool.CONFIG, ("bwd_cw", "bwd_rows", "warps"),
+         [(16, 8, 4), (8, 8, 4), (16, 4, 4), (32, 8, 8), (8, 16, 4)], "fwd+bwd"),
     ]
-    for make, keys, grid, what in groups:
+    for make, CONFIG, keys, grid, what in groups:
         case = make()
-        if only and not any(o in case.name for o in only):
+        if not case.matches(only):
             continue
         best = None
         for values in grid:
@@ -267,13 +285,11 @@ def main():
     ap.add_argument("--sweep", action="store_true")
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile'd reference")
     ap.add_argument("--only", nargs="+", default=None,
-                    help="run only the cases (and sweeps) whose name contains one of these, e.g. seg")
+                    help="run only the ops (or cases) whose name contains one of these, e.g. ce_ignore")
     args = ap.parse_args()
     torch.manual_seed(0)
 
     import triton
-
-    from fastdmtg.kernels import CONFIG
 
     gpu = torch.cuda.get_device_name() if CUDA else "CPU (TRITON_INTERPRET=1 smoke run)"
     lines = [
@@ -288,7 +304,8 @@ def main():
     print("\n".join(lines), flush=True)
     if args.sweep:
         sweep(args.quick, lines, args.only)
-    lines.append(f"- Triton CONFIG used: {dict(CONFIG)}")
+    for mod in (grouped_ce, grouped_bce, masked_l1, ce_ignore, bn_relu_maxpool):
+        lines.append(f"- Triton CONFIG of {mod.__name__.rsplit('.', 1)[-1]}: {dict(mod.CONFIG)}")
     lines.append("")
     lines.append(
         "graph = one CUDA-graph replay (host overhead removed; what a captured training step sees), "
@@ -297,11 +314,11 @@ def main():
         "bytes (inputs read once, outputs written once) / graph time; %copy = that / measured copy "
         "bandwidth. launches = GPU kernels+memsets+memcpys (torch.profiler), fwd + bwd.\n"
     )
-    lines.append("| case | impl | graph fwd us | graph bwd us | graph fwd+bwd us | fwd GB/s | bwd GB/s | fwd+bwd GB/s | fwd+bwd %copy | eager-dispatch fwd+bwd us | launches fwd + bwd | speedup vs eager (graph) |")
-    lines.append("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    lines.append("| op | case | impl | graph fwd us | graph bwd us | graph fwd+bwd us | fwd GB/s | bwd GB/s | fwd+bwd GB/s | fwd+bwd %copy | eager-dispatch fwd+bwd us | launches fwd + bwd | speedup vs eager (graph) |")
+    lines.append("|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     summary = []
     for case in make_cases(args.quick):
-        if args.only and not any(o in case.name for o in args.only):
+        if not case.matches(args.only):
             continue
         res = {}
         impls = ["eager", "compiled", "triton"]
@@ -324,7 +341,7 @@ def main():
             bt = (case.fwd_bytes + case.bwd_bytes) / (tt * 1e-6) / 1e9
             sp = res["eager"][2] / tt if "eager" in res else float("nan")
             lines.append(
-                f"| {case.desc} | {impl} | {tf:.1f} | {tb:.1f} | {tt:.1f} | {bf:.0f} | {bb:.0f} | {bt:.0f} | "
+                f"| {case.op} | {case.desc} | {impl} | {tf:.1f} | {tb:.1f} | {tt:.1f} | {bf:.0f} | {bb:.0f} | {bt:.0f} | "
                 f"{100 * bt / bw:.0f}% | {et:.1f} | {n} | {sp:.2f}x |"
             )
             print(lines[-1], flush=True)
@@ -335,12 +352,13 @@ def main():
             torch.cuda.empty_cache()
 
     lines.append("\nTargets (graph fwd+bwd; loss reductions >= 70% of copy bandwidth and faster than eager "
-                 "and compiled; Gumbel mask one launch fwd, one bwd):\n")
+                 "and compiled; Gumbel mask one launch fwd, one bwd; the fused stem faster than the compiled "
+                 "reference, which is what the CelebA step runs without it):\n")
     for case, res in summary:
         tt = res["triton"][2]
         gt = (case.fwd_bytes + case.bwd_bytes) / (tt * 1e-6) / 1e9
         faster = all(tt < r[2] for k, r in res.items() if k != "triton")
-        lines.append(f"- {case.desc}: {100 * gt / bw:.0f}% of copy BW, "
+        lines.append(f"- {case.op} {case.desc}: {100 * gt / bw:.0f}% of copy BW, "
                      f"{'faster than all baselines' if faster else 'NOT faster than every baseline'}, "
                      f"launches {res['triton'][4]}")
     text = "\n".join(lines) + "\n"

@@ -8,8 +8,8 @@
 Taskonomy ones (taskonomy5_k3/k4/k5, taskonomy5_vit_k3, taskonomy5_naive). ``--set`` (repeatable)
 applies ``fastdmtg.config.apply_overrides`` to the recipe first, e.g. to shrink it
 (``--set data.image_size=32 --set train.batch_size=4 --set model.branches=2``); ``bench step``'s rows
-then set the speed switches (train.amp/kernels/cuda_graph/compile/channels_last, model.batched)
-themselves.
+then set the speed switches (train.amp/kernels/cuda_graph/compile/channels_last, model.batched,
+model.fused_stem) themselves.
 
 FLOP conventions: fvcore counts 1 FLOP per multiply-add (and also counts BN/pooling);
 torch.utils.flop_counter counts 2 per multiply-add for conv/linear/matmul only. Both are reported;
@@ -374,7 +374,7 @@ def build_stepper(cfg: Config, device: torch.device, *, loader: str = "memory", 
     from .step import StepRunner
     from .train import build_optimizer, build_step_module, prepare_model, resolve_speed, step_mode
     torch.manual_seed(0)
-    ops.set_backend(cfg.train.kernels)
+    kernels = ops.resolve_backend(cfg.train.kernels, device)    # what the step's ops will run
     specs = _task_specs(cfg)
     names = [s.name for s in specs]
     bs = cfg.train.batch_size
@@ -397,7 +397,7 @@ def build_stepper(cfg: Config, device: torch.device, *, loader: str = "memory", 
                     yield b
             epoch += 1
     it = batches()
-    info = {"mode": mode, "kernels": ops.get_backend(device), "runner": runner, "batch": bs, "taskset": taskset,
+    info = {"mode": mode, "kernels": kernels, "runner": runner, "batch": bs, "taskset": taskset,
             "source": src, "last_batch": None}
 
     def step():
@@ -439,9 +439,9 @@ def _variant(cfg: Config, over: list[str]) -> Config:
 
 # the switches each bench step row sets itself (a --set of one of them is replaced by the row's value)
 _SPEED_KEYS = ("train.cuda_graph", "train.compile", "train.kernels", "train.amp", "train.channels_last",
-               "model.batched")
+               "model.batched", "model.fused_stem")
 _SPEED_OFF = ["train.cuda_graph=off", "train.compile=off", "train.kernels=reference", "train.amp=off",
-              "train.channels_last=off", "model.batched=off"]
+              "train.channels_last=off", "model.batched=off", "model.fused_stem=off"]
 
 
 def _batching_support(cfg: Config) -> tuple[bool, str]:
@@ -475,7 +475,8 @@ def _train_images(cfg: Config, given: int) -> tuple[int | None, str]:
                   "count)")
 
 
-def _scaling_configs(base_recipe: Config, recipe: str, overrides: list[str], best: list[str]
+def _scaling_configs(base_recipe: Config, recipe: str, overrides: list[str], best: list[str],
+                     celeba: tuple[str, ...] = ("celeba9_k2", "celeba9_k3", "celeba9_k4", "celeba9_k5", "celeba40_k5")
                      ) -> list[tuple[str, Config]]:
     """(label, config) of the scaling table's rows: CelebA K=2..5 and N=40; Taskonomy the given
     recipe at K=3/4/5 with the reference per-GPU batch of taskonomy5_k<K>. ``overrides`` (--set)
@@ -488,8 +489,7 @@ def _scaling_configs(base_recipe: Config, recipe: str, overrides: list[str], bes
                                   + overrides + best)
             out.append((f"{recipe} K={k} (batch {cfg.train.batch_size})", cfg))
         return out
-    return [(name, apply_overrides(get_recipe(name), overrides + best))
-            for name in ("celeba9_k2", "celeba9_k3", "celeba9_k4", "celeba9_k5", "celeba40_k5")]
+    return [(name, apply_overrides(get_recipe(name), overrides + best)) for name in celeba]
 
 
 def step_main(argv: list[str]) -> int:
@@ -507,8 +507,10 @@ def step_main(argv: list[str]) -> int:
     ap.add_argument("--workers", type=int, default=8)
     ap.add_argument("--scaling", action="store_true",
                     help="also step time vs K (2..5) and N (9 vs 40); Taskonomy: K=3/4/5 (CUDA only)")
-    ap.add_argument("--only", default="", help="comma-separated row indices to run")
+    ap.add_argument("--only", default="", help="comma-separated row indices to run (none: no rows)")
     ap.add_argument("--scaling-set", action="append", default=[], help="extra overrides for the scaling table")
+    ap.add_argument("--scaling-recipes", default="",
+                    help="CelebA recipes of the scaling table (comma-separated; default K=2..5 and celeba40_k5)")
     ap.add_argument("--train-images", type=int, default=0,
                     help="training-set size for the projected hours (default: CelebA 162,770; Taskonomy: none)")
     ap.add_argument("--out", help="write the Markdown report here too")
@@ -547,10 +549,15 @@ def step_main(argv: list[str]) -> int:
         ("bf16 + CUDA graph, reference losses (no Triton)", ["train.amp=bf16", "train.cuda_graph=on"], "memory"),
         ("bf16 + compile (no graph)", ["train.amp=bf16", "train.kernels=triton", "train.compile=on"], "memory"),
     ]
+    if base.model.arch == "resnet_celeba":   # the fused BN-ReLU-maxpool stem op (model.fused_stem)
+        best = ["train.amp=bf16", "train.kernels=triton", "train.cuda_graph=on", "train.compile=on",
+                "train.channels_last=on"]
+        rows += [("+ fused stem op (batched branches)", best + ["model.batched=on", "model.fused_stem=on"], "memory"),
+                 ("+ fused stem op (separate branches)", best + ["model.fused_stem=on"], "memory")]
     if device.type != "cuda":
         rows = [r for r in rows if not any("cuda_graph=on" in o or "kernels=triton" in o for o in r[1])]
     if args.only:
-        keep = set(args.only.split(","))
+        keep = set(args.only.split(","))          # "none": no rows (e.g. only the --scaling table)
         rows = [r for i, r in enumerate(rows) if str(i) in keep]
     notes = []
     if any("model.batched=on" in r[1] for r in rows):
@@ -638,7 +645,9 @@ def step_main(argv: list[str]) -> int:
                 "train.channels_last=on"] + args.scaling_set
         lines += ["", f"### scaling ({' '.join(best)})", "",
                   "| recipe | K | N | ms/step | img/s |", "|---|---:|---:|---:|---:|"]
-        for name, cfg in _scaling_configs(base, args.recipe, args.overrides, best):
+        celeba = tuple(r for r in args.scaling_recipes.split(",") if r) or None
+        for name, cfg in _scaling_configs(base, args.recipe, args.overrides, best,
+                                          **({"celeba": celeba} if celeba else {})):
             try:
                 r = measure_step(cfg, device, steps=args.steps, repeats=args.repeats, warmup=args.warmup)
             except Exception as e:

@@ -101,6 +101,9 @@ class ModelConfig:
     num_classes: int = 2                # classification heads' outputs (CelebA: 2-way cross-entropy)
     sync_bn: bool = False               # DDP: SyncBatchNorm instead of per-rank BatchNorm statistics
     batched: str = "auto"               # run the K branches as one grouped network: auto | on | off
+    # resnet_celeba: BN → ReLU → MaxPool of the stem as one fused op in training (docs/kernels.md);
+    # auto stays off until a GPU measurement decides (fastdmtg.train.FUSED_STEM_AUTO)
+    fused_stem: str = "auto"            # auto | on | off
 
     def __post_init__(self):
         _check(self.branches >= 1, f"model.branches (K) must be >= 1, got {self.branches}")
@@ -109,6 +112,8 @@ class ModelConfig:
         _check(self.shared in ("none", "stem"), f"model.shared: expected none|stem, got {self.shared!r}")
         _check(self.shared_blocks >= 0, f"model.shared_blocks must be >= 0, got {self.shared_blocks}")
         _check(self.batched in ("auto", "on", "off"), f"model.batched: expected auto|on|off, got {self.batched!r}")
+        _check(self.fused_stem in ("auto", "on", "off"),
+               f"model.fused_stem: expected auto|on|off, got {self.fused_stem!r}")
         _check(self.grad_scale in ("reference", "none"),
                f"model.grad_scale: expected reference|none, got {self.grad_scale!r}")
 

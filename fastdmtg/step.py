@@ -21,22 +21,36 @@ included) and torch.compile sees one graph:
   it runs eagerly too (no dynamic-shape re-compilation).
   ``invalidate()`` drops the graph when the step itself changes (head pruning: the set of active
   heads is static within one graph); the next step warms up and re-captures.
+
+Under DDP (``wrap_ddp``) the whole step is captured too, gradient all-reduce included (NCCL >= 2.9.6
+allows collectives in a graph). PyTorch's CUDA-graph notes ("Usage with DistributedDataParallel") list
+three conditions, all met here: DDP is constructed on a side stream, at least 11 DDP-enabled eager
+steps run before capture (``DDP_GRAPH_WARMUP``: DDP rebuilds its buckets and samples timing statistics
+in its first iterations, host work a replay would skip), and NCCL's asynchronous error handling is off
+(``TORCH_NCCL_ASYNC_ERROR_HANDLING=0``, set by the trainer before the process group starts). Every
+rank captures at the same step and replays the same graph, as NCCL requires.
 """
 from __future__ import annotations
 
 import contextlib
+import warnings
 
 import torch
 from torch import nn
 
+# eager DDP steps before a whole-step capture (PyTorch CUDA-graph notes: "at least 11")
+DDP_GRAPH_WARMUP = 11
+
 
 class StepModule(nn.Module):
-    def __init__(self, model: nn.Module, method: nn.Module, taskset, autocast, channels_last: bool = False):
+    def __init__(self, model: nn.Module, method: nn.Module, taskset, autocast, channels_last: bool = False,
+                 kernels: str = "auto"):
         super().__init__()
         self.model, self.method = model, method
         self.taskset = taskset
         self._autocast = autocast
         self.channels_last = channels_last
+        self.kernels = kernels          # the fused losses' backend (train.kernels: auto | triton | reference)
 
     def forward(self, batch: dict):
         z = self.method.weights(0)                                            # (N, K)
@@ -47,12 +61,12 @@ class StepModule(nn.Module):
             outputs = self.model(image)
         task_branches = getattr(self.model, "task_branches", None)
         if task_branches is None:
-            return self.taskset.head_losses(outputs, batch, z)
+            return self.taskset.head_losses(outputs, batch, z, kernels=self.kernels)
         # head pruning (docs/pruning.md): only the active heads were computed; L is 0 at dropped heads
         if isinstance(outputs, torch.Tensor):                                  # stacked: same layout
-            total, L = self.taskset.head_losses(outputs, batch, z)
+            total, L = self.taskset.head_losses(outputs, batch, z, kernels=self.kernels)
         else:
-            total, L = self.taskset.head_losses(outputs, batch, z, active=task_branches)
+            total, L = self.taskset.head_losses(outputs, batch, z, active=task_branches, kernels=self.kernels)
         mask = self.method.head_mask() if hasattr(self.method, "head_mask") else None
         return total, (L * mask if mask is not None else L)
 
@@ -148,6 +162,28 @@ class StepRunner:
             self.optimizer.step()
         self.static_out = (total.detach(), L)
         self.captures += 1
+
+
+def wrap_ddp(module: nn.Module, device: torch.device, find_unused_parameters: bool, for_graph: bool) -> nn.Module:
+    """DistributedDataParallel around the step module. ``broadcast_buffers=False``: rank-local BN
+    statistics and Gumbel seed offsets. ``for_graph``: constructed on a side stream, as whole-step
+    capture requires (the runner then warms up ``DDP_GRAPH_WARMUP`` steps)."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    kw = dict(device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False,
+              find_unused_parameters=find_unused_parameters)
+    with warnings.catch_warnings():
+        # broadcast_buffers=False is what we mean (its successor option still syncs buffers at init)
+        warnings.simplefilter("ignore", FutureWarning)
+        if not for_graph:
+            return DDP(module, **kw)
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            ddp = DDP(module, **kw)
+        torch.cuda.current_stream(device).wait_stream(side)
+        return ddp
 
 
 def autocast_factory(enabled: bool, device: torch.device, for_graph: bool):

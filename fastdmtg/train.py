@@ -31,7 +31,7 @@ from .methods import build_method
 from .metrics import normgain, summarize
 from .models import build_multibranch, GroupedNet, MultiBranchNet
 from .models.batched import BatchedMultiBranchNet, supports_batching
-from .step import StepModule, StepRunner, autocast_factory
+from .step import DDP_GRAPH_WARMUP, StepModule, StepRunner, autocast_factory, wrap_ddp
 
 
 class NonFiniteLoss(RuntimeError):
@@ -70,7 +70,8 @@ def autocast_ctx(cfg: Config, device: torch.device):
 
 def prepare_model(model: MultiBranchNet, cfg: Config, speed: dict, world_size: int = 1):
     """Apply the model-side speed switches: batched branches (when the architecture supports them;
-    ``speed["batched"]`` is updated to what was done), SyncBatchNorm under DDP, channels_last."""
+    ``speed["batched"]`` is updated to what was done), SyncBatchNorm under DDP, channels_last, the
+    fused CelebA stem (``speed["fused_stem"]`` likewise)."""
     if speed["batched"]:
         if not supports_batching(model):
             if cfg.model.batched == "on":
@@ -82,6 +83,12 @@ def prepare_model(model: MultiBranchNet, cfg: Config, speed: dict, world_size: i
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     if speed["channels_last"]:
         model = model.to(memory_format=torch.channels_last)
+    if speed["fused_stem"]:
+        from .models.resnet_celeba import set_fused_stem
+        if set_fused_stem(model, cfg.train.kernels) == 0:
+            if cfg.model.fused_stem == "on":
+                raise ValueError(f"model.fused_stem=on: model.arch={cfg.model.arch} has no ResNet-variant stem")
+            speed["fused_stem"] = False
     return model
 
 
@@ -91,7 +98,7 @@ def step_mode(speed: dict) -> str:
 
 def build_step_module(model, method, taskset, cfg: Config, device: torch.device, speed: dict) -> StepModule:
     return StepModule(model, method, taskset, autocast_factory(use_bf16(cfg, device), device, speed["cuda_graph"]),
-                      speed["channels_last"])
+                      speed["channels_last"], kernels=cfg.train.kernels)
 
 
 def build_optimizer(cfg: Config, params, device: torch.device, capturable: bool = False) -> torch.optim.Optimizer:
@@ -114,6 +121,9 @@ def build_optimizer(cfg: Config, params, device: torch.device, capturable: bool 
 # measurement (docs/LOG.md). xception can be batched (model.batched=on) but has not been timed on a
 # GPU yet, so auto leaves it off.
 BATCHED_AUTO_ARCHS = ("resnet_celeba",)
+# model.fused_stem=auto: the fused BN-ReLU-maxpool stem op is tested against the PyTorch reference but
+# not yet timed on a GPU (benchmarks/gpu_check.sh times it), so auto leaves it off everywhere
+FUSED_STEM_AUTO = False
 
 
 def resolve_speed(cfg: Config, device: torch.device, world_size: int) -> dict:
@@ -132,12 +142,21 @@ def resolve_speed(cfg: Config, device: torch.device, world_size: int) -> dict:
            "channels_last": pick("channels_last", True)}
     b = cfg.model.batched
     out["batched"] = b == "on" or (b == "auto" and cuda and cfg.model.arch in BATCHED_AUTO_ARCHS)
+    fs = cfg.model.fused_stem
+    out["fused_stem"] = fs == "on" or (fs == "auto" and cuda and FUSED_STEM_AUTO)
     if out["cuda_graph"] and not cuda:
         raise ValueError("train.cuda_graph=on needs a CUDA device")
     if out["cuda_graph"] and world_size > 1:
-        if t.cuda_graph == "on":
-            raise ValueError("train.cuda_graph=on is not supported with DDP yet; use train.cuda_graph=off")
-        out["cuda_graph"] = False
+        # opt-in only (auto: off) until measured on several GPUs; docs/kernels.md "CUDA graphs under DDP"
+        if t.cuda_graph != "on":
+            out["cuda_graph"] = False
+        elif cfg.grouping.prune_eps > 0:
+            raise ValueError("train.cuda_graph=on under DDP does not combine with head pruning (grouping.prune_eps > 0): "
+                             "DDP then searches unused parameters on the host every step, which a replay skips; "
+                             "use train.cuda_graph=off")
+        elif cfg.model.sync_bn:
+            raise ValueError("train.cuda_graph=on under DDP is not verified with model.sync_bn=true; "
+                             "use train.cuda_graph=off")
     return out
 
 
@@ -200,6 +219,10 @@ def groups_of(assignment: list[int], names: list[str]) -> list[list[str]]:
 class Trainer:
     def __init__(self, cfg: Config, run_dir: str | Path, resume: bool = False, progress: bool | None = None):
         self.cfg, self.run_dir = cfg, Path(run_dir)
+        if cfg.train.cuda_graph == "on" and dist_utils.launched_by_torchrun():
+            # whole-step capture with NCCL collectives (fastdmtg/step.py): set before the process group starts
+            import os
+            os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "0")
         ddp_device = dist_utils.setup(cfg.train.device)
         self.rank, self.world_size = dist_utils.world()
         self.is_main = self.rank == 0
@@ -215,7 +238,7 @@ class Trainer:
                 raise ValueError("model.batched=on is not supported with grouping.prune_eps > 0 and "
                                  "model.sync_bn=true under DDP; use model.batched=off")
             self.speed["batched"] = False
-        ops.set_backend(cfg.train.kernels)
+        ops.resolve_backend(cfg.train.kernels, self.device)   # fails here, not mid-step, if triton is missing
         torch.manual_seed(cfg.train.seed)
         self.data = build_data(cfg.data, progress=self.progress)
         self.taskset = self.data.taskset
@@ -231,18 +254,13 @@ class Trainer:
         self.scheduler = build_scheduler(cfg, self.optimizer)
         self.amp = autocast_ctx(cfg, self.device)
         step_module = build_step_module(self.model, self.method, self.taskset, cfg, self.device, self.speed)
+        warmup = 3
         if self.world_size > 1:
-            import warnings
-
-            from torch.nn.parallel import DistributedDataParallel as DDP
-            with warnings.catch_warnings():
-                # broadcast_buffers=False is what we mean: rank-local BN statistics and Gumbel seed
-                # offsets (its successor option still syncs buffers at init)
-                warnings.simplefilter("ignore", FutureWarning)
-                # head pruning: dropped heads/branches take no part in the step (the same on all ranks)
-                step_module = DDP(step_module, device_ids=[self.device.index] if self.device.type == "cuda" else None,
-                                  broadcast_buffers=False, find_unused_parameters=self.pruning)
-        self.runner = StepRunner(step_module, self.optimizer, step_mode(self.speed), full_batch=cfg.train.batch_size)
+            # head pruning: dropped heads/branches take no part in the step (the same on all ranks)
+            step_module = wrap_ddp(step_module, self.device, self.pruning, for_graph=self.speed["cuda_graph"])
+            warmup = DDP_GRAPH_WARMUP if self.speed["cuda_graph"] else warmup
+        self.runner = StepRunner(step_module, self.optimizer, step_mode(self.speed), warmup=warmup,
+                                 full_batch=cfg.train.batch_size)
         if self.speed["compile"] and self.pruning:
             # every change of the active head set is a new graph for dynamo: at most one per drop
             # step (≤ N·(K−1)) — above dynamo's default limit of 8, after which it would silently
@@ -542,7 +560,7 @@ class Trainer:
             "speed": dict(self.speed, world_size=self.world_size, graph_captures=self.runner.captures),
             "env": {"device": str(self.device), "gpu": torch.cuda.get_device_name(self.device)
                     if self.device.type == "cuda" else None, "torch": torch.__version__,
-                    "python": platform.python_version(), "kernels": ops.get_backend(self.device)},
+                    "python": platform.python_version(), "kernels": ops.resolve_backend(cfg.train.kernels, self.device)},
         }
         probs = self.method.probabilities()
         if probs is not None:

@@ -1,33 +1,20 @@
-"""Triton kernels behind ``fastdmtg.ops`` (installed as ``fastdmtg.kernels``).
+"""Fused DMTG operators, one file per op (installed as ``fastdmtg.kernels``).
 
-Importing this package imports triton; ``fastdmtg.ops`` imports it lazily and falls back to
-the PyTorch reference when that fails. Call the kernels through ``fastdmtg.ops`` (custom ops
-with autograd), not directly.
+Each op file holds its Triton kernel(s), their launchers, the PyTorch reference and the op's
+registration (``torch.library`` custom ops with fake + autograd, and the eager fast path), generated
+from one description by ``_fused.FusedOp``:
+
+    gumbel_mask.py      Gumbel-softmax grouping mask (shared Philox noise on both backends)
+    grouped_ce.py       cross-entropy of all K·N classification heads (CelebA)
+    grouped_bce.py      BCE-with-logits of all K·N binary heads
+    masked_l1.py        masked L1 of all K heads of a dense regression task (Taskonomy)
+    ce_ignore.py        cross-entropy with ignore_index of all K heads of a segmentation task
+    bn_relu_maxpool.py  BatchNorm (training) + ReLU + MaxPool(3, 2): the CelebA ResNet stem
+
+Shared: ``_common`` (the guarded triton import and backend resolution), ``_fused`` (the op
+description → custom op + autograd.Function generator), ``_partials`` (the deterministic two-stage
+reduction the losses end with). triton is optional: without it everything imports and the
+references run. The public API is ``fastdmtg.ops``.
 """
-from .gumbel import gumbel_mask_bwd, gumbel_mask_fwd, gumbel_uniform
-from .head_loss import (
-    CONFIG,
-    ce_ignore_bwd,
-    ce_ignore_fwd,
-    grouped_bce_bwd,
-    grouped_bce_fwd,
-    grouped_ce_bwd,
-    grouped_ce_fwd,
-    masked_l1_bwd,
-    masked_l1_fwd,
-)
-
-__all__ = [
-    "CONFIG",
-    "gumbel_uniform",
-    "gumbel_mask_fwd",
-    "gumbel_mask_bwd",
-    "grouped_ce_fwd",
-    "grouped_ce_bwd",
-    "grouped_bce_fwd",
-    "grouped_bce_bwd",
-    "masked_l1_fwd",
-    "masked_l1_bwd",
-    "ce_ignore_fwd",
-    "ce_ignore_bwd",
-]
+from . import bn_relu_maxpool, ce_ignore, grouped_bce, grouped_ce, gumbel_mask, masked_l1  # noqa: F401
+from ._common import TRITON_IMPORT_ERROR, resolve_backend, triton_available  # noqa: F401

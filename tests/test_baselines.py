@@ -12,7 +12,6 @@ import pytest
 import torch
 
 from fastdmtg import grouping_search as gs
-from fastdmtg import ops
 from fastdmtg.compare import compare_main, random_partition
 from fastdmtg.config import apply_overrides, get_recipe
 from fastdmtg.data import build_data
@@ -23,13 +22,6 @@ from fastdmtg.models import build_multibranch
 from fastdmtg.train import build_optimizer, train
 
 FAST = ["--set", "train.tensorboard=false", "--set", "train.progress=false"]
-
-
-@pytest.fixture(autouse=True)
-def _reference_backend():
-    ops.set_backend("reference")
-    yield
-    ops.set_backend("auto")
 
 
 def _sorted_groups(groups):

@@ -4,7 +4,6 @@ with batched branches + head pruning + compile finishes with every drop re-trace
 re-compile limit is raised to the bound of the pruning rule)."""
 import torch
 
-from fastdmtg import ops
 from fastdmtg.config import apply_overrides, get_recipe
 from fastdmtg.train import Trainer
 
@@ -22,7 +21,6 @@ def cfg(extra=()):
 
 def test_compiled_step_matches_eager_and_partial_batches_stay_eager(tmp_path):
     from torch._dynamo.utils import counters
-    ops.set_backend("reference")
     eager = Trainer(cfg(), tmp_path / "eager", progress=False)
     comp = Trainer(cfg(["train.compile=on"]), tmp_path / "comp", progress=False)
     assert comp.runner.mode == "compile" and eager.runner.mode == "eager" and comp.speed["batched"]
@@ -45,7 +43,6 @@ def test_compiled_step_matches_eager_and_partial_batches_stay_eager(tmp_path):
 
 def test_pruning_with_batched_branches_under_compile(tmp_path):
     import torch._dynamo.config as dynamo_cfg
-    ops.set_backend("reference")
     # 9 tasks, K=3: up to 18 drop steps, each a new graph — above dynamo's default limit of 8
     Trainer(apply_overrides(get_recipe("synthetic_k3"), FAST + PRUNE + ["train.compile=on"]), tmp_path / "nine",
             progress=False)

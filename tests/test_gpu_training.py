@@ -91,3 +91,81 @@ def test_pruning_with_graph_and_compile_recaptures(tmp_path):
     assert act.any(1).all() and all(act[i, a] for i, a in enumerate(fast["assignment"]))
     canon = lambda r: sorted(sorted(g) for g in r["groups"])
     assert canon(fast) == canon(eager)
+
+
+def _ddp_steps(cfg, dev, graph: bool, steps: int):
+    """``steps`` training steps of the bench stepper's model/method/optimizer wrapped in DDP (one-rank
+    NCCL group), eager or with whole-step CUDA-graph capture; returns (per-branch params, captures)."""
+    from fastdmtg.bench import build_stepper
+    from fastdmtg.step import DDP_GRAPH_WARMUP, StepRunner, wrap_ddp
+    _, info = build_stepper(cfg, dev, n_batches=steps)
+    inner = info["runner"]
+    runner = StepRunner(wrap_ddp(inner.eager_fn, dev, False, for_graph=graph), inner.optimizer,
+                        "graph" if graph else "eager", warmup=DDP_GRAPH_WARMUP)
+    bs = cfg.train.batch_size
+    batches = [b for b in info["source"].batches("train", bs, shuffle=True, seed=0, epoch=0, device=dev, train=True)
+               if b["image"].shape[0] == bs]
+    assert len(batches) >= steps
+    for b in batches[:steps]:
+        runner(b)
+    torch.cuda.synchronize()
+    return _params(info)[0], runner.captures
+
+
+@cuda
+def test_ddp_whole_step_graph_equals_eager(tmp_path, monkeypatch):
+    """train.cuda_graph=on under DDP: the step (gradient all-reduce included) captured after the
+    required eager warm-up replays to the same parameters as eager DDP steps. One-rank NCCL group:
+    the reducer, its side-stream construction and the captured all-reduce are the same code as with
+    G ranks (the multi-GPU run is in test_torchrun_ddp_cuda_graph)."""
+    import torch.distributed as dist
+    from fastdmtg.step import DDP_GRAPH_WARMUP
+    dev = torch.device("cuda")
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    monkeypatch.setenv("TORCH_NCCL_ASYNC_ERROR_HANDLING", "0")   # as the trainer sets it (fastdmtg/step.py)
+    dist.init_process_group("nccl", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    try:
+        cfg = apply_overrides(get_recipe("celeba9_k3"), ["train.batch_size=32", "train.amp=off", "train.kernels=triton",
+                                                         "train.compile=off", "model.batched=on"])
+        steps = DDP_GRAPH_WARMUP + 4                  # warm-up, capture, replays
+        eager, n0 = _ddp_steps(cfg, dev, False, steps)
+        graph, n1 = _ddp_steps(cfg, dev, True, steps)
+    finally:
+        dist.destroy_process_group()
+    assert (n0, n1) == (0, 1)
+    for a, b in zip(eager, graph):
+        torch.testing.assert_close(b, a, rtol=2e-4, atol=2e-5)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")
+def test_torchrun_ddp_cuda_graph(tmp_path):
+    """Two ranks, train.cuda_graph=on: the run finishes, captures once per rank, and its groups cover
+    every task."""
+    import json
+    import os
+    import subprocess
+    import sys
+    run = tmp_path / "ddp_graph"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "fastdmtg",
+           "train", "--recipe", "synthetic_k3", "--out", str(run), "--quiet", "--set", "train.tensorboard=false",
+           "--set", "train.cuda_graph=on", "--set", "train.epochs=2"]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    assert p.returncode == 0, p.stderr[-3000:]
+    res = json.loads((run / "results.json").read_text())
+    assert res["speed"]["world_size"] == 2 and res["speed"]["cuda_graph"] and res["speed"]["graph_captures"] == 1
+    assert sorted(i for g in res["groups"] for i in g) == sorted(res["tasks"])
+
+
+def test_cuda_graph_under_ddp_is_opt_in():
+    """(Runs on CPU: only the policy.) train.cuda_graph=auto keeps graphs off under DDP; =on turns them
+    on, except with head pruning or SyncBatchNorm, which are refused with the field named."""
+    from fastdmtg.train import resolve_speed
+    dev = torch.device("cuda")                   # resolve_speed only looks at the device type
+    base = get_recipe("celeba9_k3")
+    assert resolve_speed(base, dev, 1)["cuda_graph"] is True
+    assert resolve_speed(base, dev, 2)["cuda_graph"] is False
+    assert resolve_speed(apply_overrides(base, ["train.cuda_graph=on"]), dev, 2)["cuda_graph"] is True
+    for extra, field in ((["grouping.prune_eps=0.01"], "grouping.prune_eps"), (["model.sync_bn=true"], "model.sync_bn")):
+        with pytest.raises(ValueError, match=field):
+            resolve_speed(apply_overrides(base, ["train.cuda_graph=on"] + extra), dev, 2)

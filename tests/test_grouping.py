@@ -11,13 +11,6 @@ from fastdmtg.methods.naive import NaiveMTL
 from fastdmtg.tasks.attributes import AttributeTaskSet
 
 
-@pytest.fixture(autouse=True)
-def _reference_backend():
-    ops.set_backend("reference")
-    yield
-    ops.set_backend("auto")
-
-
 def test_gumbel_weights_rows_sum_to_one_and_grad_reaches_S():
     m = DMTG(5, 3, GroupingConfig(tau=2.5))
     z = m.weights(0)

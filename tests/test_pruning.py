@@ -7,7 +7,6 @@ import pytest
 import torch
 from torch import nn
 
-from fastdmtg import ops
 from fastdmtg.config import ConfigError, GroupingConfig, apply_overrides, get_recipe
 from fastdmtg.methods.dmtg import DMTG
 from fastdmtg.models.multibranch import ModuleHeads, MultiBranchNet
@@ -124,7 +123,6 @@ def tiny_taskonomy(k=3):
 
 
 def test_dropped_heads_get_no_compute_and_no_gradient():
-    ops.set_backend("reference")
     ts, model, batch = tiny_taskonomy()
     mask = torch.tensor([[True, False, False], [True, True, False], [False, True, False]])   # branch 2 dead
     model.set_active(mask)
@@ -153,7 +151,6 @@ def test_dropped_heads_get_no_compute_and_no_gradient():
 
 
 def test_weights_restricted_to_active_heads_and_dropped_logits_frozen():
-    ops.set_backend("reference")
     g = GroupingConfig(tau=2.0, prune_eps=0.1, prune_patience=1)
     m = DMTG(2, 3, g)
     with torch.no_grad():
@@ -176,7 +173,6 @@ def test_weights_restricted_to_active_heads_and_dropped_logits_frozen():
 
 
 def test_step_runner_invalidate_and_stacked_layout():
-    ops.set_backend("reference")
     from fastdmtg.models.multibranch import LinearHeads
     from fastdmtg.tasks.attributes import AttributeTaskSet
     ts = AttributeTaskSet(["a", "b"])
@@ -208,7 +204,6 @@ def small_cfg(extra=()):
 
 def test_pruning_on_but_never_triggered_equals_no_pruning(tmp_path):
     """ε = 0 is off (the same code path); a positive ε that never triggers gives the same run."""
-    ops.set_backend("reference")
     off = train(small_cfg(["train.epochs=2"]), tmp_path / "off")
     on = train(small_cfg(["train.epochs=2", "grouping.prune_eps=1e-30", "grouping.prune_patience=5"]),
                tmp_path / "on")
@@ -218,7 +213,6 @@ def test_pruning_on_but_never_triggered_equals_no_pruning(tmp_path):
 
 
 def test_resume_with_pruning_is_exact(tmp_path):
-    ops.set_backend("reference")
     extra = ["grouping.tau=0.05", "grouping.prune_eps=0.2", "grouping.prune_patience=3"]
     full = train(small_cfg(extra), tmp_path / "full")
     assert full["pruning"]["events"], "the settings are meant to prune"
@@ -331,7 +325,6 @@ def test_batched_live_branches_equal_per_branch_pruned_forward():
 def test_pruning_with_batched_branches_matches_per_branch_run(tmp_path):
     """model.batched=on composes with pruning: the same drops, groups and test losses as the
     per-branch run; interrupted after a branch died and resumed, the same result again."""
-    ops.set_backend("reference")
     # 2 tasks on 3 branches: the middle branch dies mid-run (at step 20 of 30), so blocks move
     extra = ["grouping.tau=0.05", "grouping.prune_eps=0.2", "grouping.prune_patience=3",
              "data.synthetic_groups=2", "data.synthetic_tasks_per_group=1"]

@@ -31,9 +31,10 @@ from . import GroupingMethod
 class DMTG(GroupingMethod):
     name = "dmtg"
 
-    def __init__(self, num_tasks: int, num_branches: int, gcfg, seed: int = 0):
+    def __init__(self, num_tasks: int, num_branches: int, gcfg, seed: int = 0, kernels: str = "auto"):
         super().__init__(num_tasks, num_branches)
         self.gcfg = gcfg
+        self.kernels = kernels  # the Gumbel mask's backend (train.kernels: auto | triton | reference)
         self.logits = nn.Parameter(torch.full((num_tasks, num_branches), float(gcfg.init_logit)))  # S (N, K)
         self.register_buffer("seed", torch.tensor(int(seed) * 7_919 + 17, dtype=torch.long))
         self.register_buffer("tau", torch.tensor(self.tau_at(0), dtype=torch.float32))
@@ -51,7 +52,7 @@ class DMTG(GroupingMethod):
 
     @classmethod
     def from_config(cls, cfg, num_tasks: int, task_names=None) -> "DMTG":
-        return cls(num_tasks, cfg.model.branches, cfg.grouping, seed=cfg.train.seed)
+        return cls(num_tasks, cfg.model.branches, cfg.grouping, seed=cfg.train.seed, kernels=cfg.train.kernels)
 
     def tau_at(self, epoch: int) -> float:
         g = self.gcfg
@@ -66,13 +67,13 @@ class DMTG(GroupingMethod):
         from .. import ops
         seed = self.seed + self.seed_offset if self.seed_offset else self.seed
         if self._all_active:
-            z = ops.gumbel_softmax_mask(self.logits, self.tau, seed, hard=self.gcfg.hard)    # (N, K)
+            z = ops.gumbel_softmax_mask(self.logits, self.tau, seed, hard=self.gcfg.hard, backend=self.kernels)  # (N, K)
         else:
             # the same sample restricted to the active heads and renormalised; dropped logits get
             # no gradient (docs/pruning.md for why not "z over all K, term removed")
             a = self.prune_active
             S = torch.where(a, self.logits, self.logits.detach())
-            z = ops.gumbel_softmax_mask(S, self.tau, seed, hard=False) * a
+            z = ops.gumbel_softmax_mask(S, self.tau, seed, hard=False, backend=self.kernels) * a
             z = z / z.sum(dim=1, keepdim=True).clamp_min(1e-30)
         self.seed.add_(1)   # in place, on device: the next step (or graph replay) draws new noise
         return z

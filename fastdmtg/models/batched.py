@@ -114,18 +114,26 @@ class BlockBatchNorm2d(nn.BatchNorm2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.live == self.blocks:
             return super().forward(x)
-        n = self.num_features // self.blocks * self.live
-        momentum = 0.0 if self.momentum is None else self.momentum
-        if self.track_running_stats:
-            # as nn.BatchNorm2d.forward does in training mode
-            self.num_batches_tracked.add_(1)
-            if self.momentum is None:
-                momentum = 1.0 / float(self.num_batches_tracked)
-        rm = self.running_mean[:n] if self.running_mean is not None else None
-        rv = self.running_var[:n] if self.running_var is not None else None
-        w = self.weight[:n] if self.weight is not None else None
-        b = self.bias[:n] if self.bias is not None else None
-        return F.batch_norm(x, rm, rv, w, b, True, momentum, self.eps)
+        return F.batch_norm(x, *batch_norm_train_args(self), self.eps)
+
+
+def batch_norm_train_args(bn: nn.BatchNorm2d) -> tuple:
+    """(running_mean, running_var, weight, bias, True, momentum): what a BatchNorm2d in training mode
+    passes to F.batch_norm, with its bookkeeping done (num_batches_tracked counted, momentum None →
+    cumulative average), restricted to the live blocks of a BlockBatchNorm2d (views: updates land in
+    the full tensors). For code that runs the normalisation itself (the fused CelebA stem)."""
+    n = bn.num_features // bn.blocks * bn.live if isinstance(bn, BlockBatchNorm2d) else bn.num_features
+    momentum = 0.0 if bn.momentum is None else bn.momentum
+    if bn.track_running_stats and bn.num_batches_tracked is not None:
+        bn.num_batches_tracked.add_(1)
+        if bn.momentum is None:
+            momentum = 1.0 / float(bn.num_batches_tracked)
+    track = bn.track_running_stats
+    rm = bn.running_mean[:n] if track and bn.running_mean is not None else None
+    rv = bn.running_var[:n] if track and bn.running_var is not None else None
+    w = bn.weight[:n] if bn.weight is not None else None
+    b = bn.bias[:n] if bn.bias is not None else None
+    return rm, rv, w, b, True, momentum
 
 
 def _batch_module(protos: list[nn.Module], k: int, dense_first: nn.Module | None) -> nn.Module:

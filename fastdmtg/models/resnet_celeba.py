@@ -9,11 +9,16 @@
 Parameters at w = 64: trunk 75,840; each head 28,802. Xavier-uniform conv/linear weights, zero
 linear bias, BN weight 1 / bias 0. The "shared stem" option shares conv+BN+ReLU+maxpool and
 branches at the residual block.
+
+Fused stem (``model.fused_stem``, docs/kernels.md): in training mode BN → ReLU → MaxPool runs as the
+one op ``fastdmtg.ops.bn_relu_maxpool`` (no index tensor, no full-size ReLU output or gradient in
+memory). Same parameters, buffers and state dict as the unfused modules; evaluation mode is unchanged.
 """
 from __future__ import annotations
 
 from torch import nn
 
+from .batched import BlockBatchNorm2d, batch_norm_train_args
 from .multibranch import HeadSet, LinearHeads
 
 
@@ -22,9 +27,32 @@ def _conv3x3(cin: int, cout: int) -> nn.Conv2d:
 
 
 class Stem(nn.Sequential):
+    """conv3x3 → BN → ReLU → MaxPool(3, 2). With ``fused`` set (``set_fused_stem``), training mode
+    runs BN → ReLU → MaxPool as one fused op on the ``kernels`` backend."""
+
     def __init__(self, width: int):
         super().__init__(_conv3x3(3, width), nn.BatchNorm2d(width), nn.ReLU(inplace=True),
                          nn.MaxPool2d(kernel_size=3, stride=2, padding=0))
+        self.fused, self.kernels = False, "auto"
+
+    def forward(self, x):
+        if not (self.fused and self.training):
+            return super().forward(x)
+        from .. import ops
+        bn = self[1]
+        return ops.bn_relu_maxpool(self[0](x), *batch_norm_train_args(bn), bn.eps, backend=self.kernels)
+
+
+def set_fused_stem(model: nn.Module, kernels: str) -> int:
+    """Run every ResNet-variant stem of ``model`` (per-branch or batched) through the fused op on the
+    ``kernels`` backend (train.kernels); returns how many stems there are (0: not this architecture)."""
+    stems = [m for m in model.modules() if isinstance(m, Stem)]
+    for m in stems:
+        if type(m[1]) not in (nn.BatchNorm2d, BlockBatchNorm2d):
+            raise ValueError(f"model.fused_stem=on: the stem's BatchNorm is a {type(m[1]).__name__} (e.g. after "
+                             "model.sync_bn under DDP), which the fused op cannot replace; use model.fused_stem=off")
+        m.fused, m.kernels = True, kernels
+    return len(stems)
 
 
 class BasicBlock(nn.Module):

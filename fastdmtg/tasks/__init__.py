@@ -2,7 +2,8 @@
 the selected (one head per task) predictions are scored.
 
 A ``TaskSet`` bundles the N tasks of a dataset:
-* ``head_losses(outputs, batch, z) -> (total, L)``: training loss of all K·N heads. ``outputs`` is
+* ``head_losses(outputs, batch, z, active=None, kernels="auto") -> (total, L)``: training loss of all
+  K·N heads (``kernels``: the fused ops' backend, train.kernels). ``outputs`` is
   the ``MultiBranchNet`` output (stacked (K, N, B, C) or a list of N tensors (K, B, ...)), ``z`` the
   (N, K) grouping weights; ``L`` (N, K) holds the batch-mean loss of every head (detached) and
   ``total = Σ_{i,k} z[i,k]·L[i,k]`` is differentiable. Implemented with the fused ops of
@@ -44,7 +45,7 @@ class TaskSet:
     def num_tasks(self) -> int:
         return len(self.specs)
 
-    def head_losses(self, outputs, batch, z):
+    def head_losses(self, outputs, batch, z, active=None, kernels: str = "auto"):
         raise NotImplementedError
 
     def meter(self) -> Meter:

@@ -18,11 +18,11 @@ class AttributeTaskSet(TaskSet):
     def __init__(self, names: list[str], num_classes: int = 2):
         self.specs = [TaskSpec(n, "class", num_classes) for n in names]
 
-    def head_losses(self, outputs: torch.Tensor, batch: dict, z: torch.Tensor, active=None):
+    def head_losses(self, outputs: torch.Tensor, batch: dict, z: torch.Tensor, active=None, kernels: str = "auto"):
         from .. import ops
         # outputs (K, N, B, C); labels (B, N); z (N, K). Head pruning keeps this layout (zeros for
         # skipped branches, z = 0 at dropped heads), so ``active`` is not needed here.
-        return ops.grouped_ce_loss(outputs, batch["labels"], z)
+        return ops.grouped_ce_loss(outputs, batch["labels"], z, backend=kernels)
 
     def meter(self) -> "AttributeMeter":
         return AttributeMeter(self.names)

@@ -101,11 +101,13 @@ class TaskonomyTaskSet(TaskSet):
         self.rotate_loss = rotate_loss
         self.f1_thresholds = dict(DEFAULT_F1_THRESHOLDS, **(f1_thresholds or {}))
 
-    def head_losses(self, outputs: list[torch.Tensor], batch: dict, z: torch.Tensor, active=None):
+    def head_losses(self, outputs: list[torch.Tensor], batch: dict, z: torch.Tensor, active=None,
+                    kernels: str = "auto"):
         """outputs: N tensors (K, B, C, H, W); z (N, K) → (Σ_{i,k} z·L, L (N, K) detached).
 
         ``active`` (head pruning): per task, the branch indices its output holds, outputs[i] being
-        (K_i, B, ...); the loss is taken over those heads with z[i, active[i]] and L is 0 elsewhere."""
+        (K_i, B, ...); the loss is taken over those heads with z[i, active[i]] and L is 0 elsewhere.
+        ``kernels``: the fused ops' backend (train.kernels: auto | triton | reference)."""
         from .. import ops
         targets, mask = batch["targets"], batch.get("mask")
         totals, rows = [], []
@@ -113,35 +115,35 @@ class TaskonomyTaskSet(TaskSet):
             pred, t = outputs[i], targets[spec.name]                       # (K, B, C, H, W), target
             if active is not None:
                 idx = torch.tensor(active[i], device=z.device, dtype=torch.long)
-                total, L_sub = self._task_loss(spec, pred, t, mask, z[i].index_select(0, idx))
+                total, L_sub = self._task_loss(spec, pred, t, mask, z[i].index_select(0, idx), kernels)
                 totals.append(total)
                 rows.append(torch.zeros(z.shape[1], device=L_sub.device, dtype=L_sub.dtype).index_copy(0, idx, L_sub))
                 continue
             if spec.kind == "segment":
-                total, L = ops.ce_ignore_loss(pred, t, z[i], ignore_index=IGNORE_CLASS)
+                total, L = ops.ce_ignore_loss(pred, t, z[i], ignore_index=IGNORE_CLASS, backend=kernels)
             elif spec.kind in ("depth", "normal"):
                 if self.rotate_loss:
                     L_grad = rotate_l1(pred, t, mask).mean(dim=1)          # (K,) differentiable
                     total, L = (z[i].float() * L_grad).sum(), L_grad.detach()
                 else:
-                    total, L = ops.masked_l1_loss(pred, t, mask, z[i])
+                    total, L = ops.masked_l1_loss(pred, t, mask, z[i], backend=kernels)
             else:
-                total, L = ops.masked_l1_loss(pred, t, None, z[i])
+                total, L = ops.masked_l1_loss(pred, t, None, z[i], backend=kernels)
             totals.append(total)
             rows.append(L)
         return torch.stack(totals).sum(), torch.stack(rows)               # 0-d, (N, K)
 
-    def _task_loss(self, spec, pred, t, mask, zi):
+    def _task_loss(self, spec, pred, t, mask, zi, kernels: str = "auto"):
         """One task over a (K', B, ...) stack of heads with weights zi (K',): (Σ zi·L, L (K',))."""
         from .. import ops
         if spec.kind == "segment":
-            return ops.ce_ignore_loss(pred, t, zi, ignore_index=IGNORE_CLASS)
+            return ops.ce_ignore_loss(pred, t, zi, ignore_index=IGNORE_CLASS, backend=kernels)
         if spec.kind in ("depth", "normal"):
             if self.rotate_loss:
                 L_grad = rotate_l1(pred, t, mask).mean(dim=1)
                 return (zi.float() * L_grad).sum(), L_grad.detach()
-            return ops.masked_l1_loss(pred, t, mask, zi)
-        return ops.masked_l1_loss(pred, t, None, zi)
+            return ops.masked_l1_loss(pred, t, mask, zi, backend=kernels)
+        return ops.masked_l1_loss(pred, t, None, zi, backend=kernels)
 
     def meter(self) -> "TaskonomyMeter":
         return TaskonomyMeter(self)
