@@ -40,6 +40,16 @@ def _table(report: str) -> dict[str, list[str]]:
     return rows
 
 
+def _check_runs(runs: list[dict], rows: dict, batch: int, n: int) -> None:
+    """The raw measurements behind the table: finite losses, img/s = batch / step time, and the table
+    cells formatted from them. No bound on the speed itself: a loaded 2-core machine may print 0 img/s."""
+    assert len(runs) == n and all(math.isfinite(r["loss"]) for r in runs)
+    for r, (mode, kernels, ms, ips, *_rest) in zip(runs, rows.values()):
+        assert r["ms_per_step"] > 0 and math.isfinite(r["ms_per_step"])
+        assert r["img_per_s"] == pytest.approx(batch * 1e3 / r["ms_per_step"])
+        assert ms == f"{r['ms_per_step']:.3f}" and ips == f"{r['img_per_s']:,.0f}"
+
+
 def _params(info):
     step_module = info["runner"].eager_fn
     return [p.detach().clone() for p in list(step_module.model.parameters()) + list(step_module.method.parameters())]
@@ -59,9 +69,8 @@ def test_step_main_celeba(tmp_path):
     for cells in rows.values():
         mode, kernels, ms, ips, _, mfu, hours = cells
         assert (mode, kernels) == ("eager", "reference")
-        assert float(ms) > 0 and float(ips.replace(",", "")) > 0 and float(mfu) >= 0 and float(hours) > 0
     runs = json.loads(out.with_suffix(".json").read_text())
-    assert len(runs) == 3 and all(math.isfinite(r["loss"]) and r["ms_per_step"] > 0 for r in runs)
+    _check_runs(runs, rows, batch=8, n=3)
 
 
 def test_step_main_taskonomy(tmp_path):
@@ -75,12 +84,10 @@ def test_step_main_taskonomy(tmp_path):
     # row 0 decoded the official-format PNGs written by write_taskonomy_raw through the torch backend
     assert list(rows) == ["reference style: eager fp32 + torch DataLoader (PNG decode + resize)",
                           "eager fp32, GPU-resident uint8/uint16 cache"]
-    for mode, kernels, ms, ips, _, mfu, hours in rows.values():
-        assert float(ms) > 0 and float(ips.replace(",", "")) > 0 and float(hours) > 0
     flops = float(re.search(r"= ([0-9.]+) GFLOP", report).group(1))
     assert flops > 0
     runs = json.loads(out.with_suffix(".json").read_text())
-    assert len(runs) == 2 and all(math.isfinite(r["loss"]) for r in runs)
+    _check_runs(runs, rows, batch=2, n=2)
 
 
 def _layout(batch: dict) -> dict:
