@@ -57,7 +57,7 @@ def test_step_main_celeba(tmp_path):
     assert list(rows) == ["reference style: eager fp32 + torch DataLoader (JPEG decode)",
                           "eager fp32, GPU-resident uint8 cache", "+ bf16 autocast"]
     for cells in rows.values():
-        mode, kernels, ms, ips, _, mfu, hours = cells
+        mode, kernels, ms, ips, _, mfu, hours, data = cells
         assert (mode, kernels) == ("eager", "reference")
         assert float(ms) > 0 and float(ips.replace(",", "")) > 0 and float(mfu) >= 0 and float(hours) > 0
     runs = json.loads(out.with_suffix(".json").read_text())
@@ -75,7 +75,7 @@ def test_step_main_taskonomy(tmp_path):
     # row 0 decoded the official-format PNGs written by write_taskonomy_raw through the torch backend
     assert list(rows) == ["reference style: eager fp32 + torch DataLoader (PNG decode + resize)",
                           "eager fp32, GPU-resident uint8/uint16 cache"]
-    for mode, kernels, ms, ips, _, mfu, hours in rows.values():
+    for mode, kernels, ms, ips, _, mfu, hours, data in rows.values():
         assert float(ms) > 0 and float(ips.replace(",", "")) > 0 and float(hours) > 0
     flops = float(re.search(r"= ([0-9.]+) GFLOP", report).group(1))
     assert flops > 0
@@ -91,7 +91,7 @@ def _layout(batch: dict) -> dict:
 
 
 def test_taskonomy_stepper_layout_loss_and_update(tmp_path):
-    from fastdmtg.data import build_data
+    from fastdmtg.pipelines import build_source
     from fastdmtg.tasks.taskonomy import TaskonomyTaskSet
     cfg = apply_overrides(get_recipe("taskonomy5_k3"), TX_SET + bench._SPEED_OFF)
     step, info = bench.build_stepper(cfg, CPU, n_batches=2)
@@ -112,7 +112,7 @@ def test_taskonomy_stepper_layout_loss_and_update(tmp_path):
 
     # the same layout as the trainer's default source over a real (official-format) folder
     fx = write_fixture(tmp_path / "raw", size=32, samples_per_building=2)
-    real = build_data(DataConfig(dataset="taskonomy", root=str(fx["root"]), tasks="taskonomy5", image_size=32,
+    real = build_source(DataConfig(dataset="taskonomy", root=str(fx["root"]), tasks="taskonomy5", image_size=32,
                                  backend="gpu-cache", cache_dir=str(tmp_path / "cache"), num_workers=0,
                                  taskonomy_split_file=str(fx["split_file"])), progress=False)
     real_batch = next(iter(real.batches("train", 2, shuffle=True, seed=0, epoch=0, device=CPU, train=True)))
