@@ -16,11 +16,13 @@ from __future__ import annotations
 
 import importlib.util
 
+import torch.distributed as dist
+
 from fastdmtg.data import SPLITS, Dataset, open_dataset
 
 from .cache import DecodeCache, default_cache_dir, verify_path
 from .dali_source import DaliSource
-from .ffcv_source import FfcvSource
+from .ffcv_source import FfcvSource, prepare_ffcv_main, write_beton
 from .plan import epoch_permutation, flip_flags, plan_epoch, resolve_shard, shard_num_batches, shard_positions
 from .resident import ResidentSource
 from .source import PipelineError, Source
@@ -101,7 +103,6 @@ def build_source(cfg, progress: bool = True, *, dataset: Dataset | None = None, 
 def validate_source(src: Source, progress: bool = False, device="cpu") -> None:
     """``src.validate`` — under DDP on rank 0 first (it builds the caches), then on the others (they
     open and check them; backends without caches are not checked twice)."""
-    import torch.distributed as dist
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         src.validate(progress, device)
         return
@@ -110,18 +111,6 @@ def validate_source(src: Source, progress: bool = False, device="cpu") -> None:
     dist.barrier()
     if dist.get_rank() != 0 and src.backend in ("gpu-cache", "memory", "ffcv"):
         src.validate(False, device)
-
-
-def write_beton(*args, **kwargs):
-    """See ``fastdmtg.pipelines.ffcv_source.write_beton`` (imported on use: importing FFCV costs seconds)."""
-    from .ffcv_source import write_beton as _w
-    return _w(*args, **kwargs)
-
-
-def prepare_ffcv_main(argv=None) -> int:
-    """``fastdmtg prepare --format ffcv ...`` — see ``ffcv_source.prepare_ffcv_main``."""
-    from .ffcv_source import prepare_ffcv_main as _m
-    return _m(argv)
 
 
 __all__ = ["AUTO", "BACKENDS", "build_source", "validate_source", "backend_status", "Source", "PipelineError",

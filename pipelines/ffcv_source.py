@@ -50,9 +50,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fastdmtg.config import DataConfig
+from fastdmtg.data import FORMATS, open_dataset
 from fastdmtg.data.base import uint16_as_int16
 
-from .cache import file_problem, write_manifest
+from .cache import DecodeCache, default_cache_dir, file_problem, write_manifest
 from .source import PipelineError, Source, log
 
 #: dtypes an NDArray field may have (compact and torch-convertible)
@@ -254,7 +256,7 @@ def ensure_beton(dataset, split: str, cache, out_dir: Path, *, image_mode: str =
     path = beton_path(dataset, split, key, out_dir)
     fields, n = beton_fields(dataset), dataset.num_samples(split)
     if path.exists():
-        why = file_problem(path, key)
+        why = file_problem(path, key, crc=True)
         if why is None:
             try:
                 check_beton(path, fields, n)
@@ -265,6 +267,10 @@ def ensure_beton(dataset, split: str, cache, out_dir: Path, *, image_mode: str =
         path.unlink(missing_ok=True)
     if progress:
         log.warning("ffcv: writing %s", path)
+    if dataset.arrays(split) is None:
+        cache.check(split)            # written from checked data only
+    else:
+        dataset.check(split)
     image = tuple(k for k, v in fields.items() if v == "image")
     write_beton(path, split_arrays(dataset, split, cache), image_fields=image, image_mode=image_mode,
                 jpeg_quality=jpeg_quality, num_workers=num_workers, timeout=timeout, progress=progress)
@@ -277,10 +283,6 @@ def prepare_ffcv_main(argv: list[str] | None = None) -> int:
     """``fastdmtg prepare --format ffcv DATASET ROOT [OUT] [options]``: write the .beton files of
     every split (decoding first when needed). ``--format ffcv`` may be passed through or left out.
     Returns the exit status (2 on a data or argument error)."""
-    from fastdmtg.config import DataConfig
-    from fastdmtg.data import FORMATS, open_dataset
-
-    from .cache import DecodeCache, default_cache_dir
     ap = argparse.ArgumentParser(prog="fastdmtg prepare --format ffcv",
                                  description="Write FFCV .beton files of a dataset (for data.backend=ffcv).")
     ap.add_argument("--format", choices=("ffcv",), default="ffcv", help=argparse.SUPPRESS)

@@ -37,6 +37,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 
 def epoch_permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
@@ -55,7 +56,6 @@ def resolve_shard(rank: int | None = None, world_size: int | None = None) -> tup
     """(rank, world_size): the explicit values when given, else torch.distributed's when it is
     initialised, else (0, 1)."""
     if rank is None or world_size is None:
-        import torch.distributed as dist
         if dist.is_available() and dist.is_initialized():
             rank = dist.get_rank() if rank is None else rank
             world_size = dist.get_world_size() if world_size is None else world_size

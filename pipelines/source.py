@@ -15,12 +15,13 @@ where each split actually lives: ``source.placement``).
 from __future__ import annotations
 
 import logging
+import os
 
 import numpy as np
 import torch
 
 from fastdmtg.data import SPLITS, Dataset
-from fastdmtg.data.base import uint16_as_int16
+from fastdmtg.data.base import decode_parallel, uint16_as_int16
 
 from .plan import PlannedBatch, plan_epoch, resolve_shard, shard_num_batches
 
@@ -101,7 +102,6 @@ def decode_check(dataset, splits, progress: bool) -> None:
     """Decode every file of ``splits`` once with the reference decoder, keeping nothing (the
     validation of the backends that decode files per batch). Arrays need no decoding: opening them
     checked their files' sizes and headers."""
-    from fastdmtg.data.base import decode_parallel
     for s in splits:
         if dataset.arrays(s) is None:
             decode_parallel(dataset.items(s), dataset.decode_one, None, progress=progress,
@@ -117,7 +117,8 @@ def flags_on(plan_flip: np.ndarray | None, device: torch.device) -> torch.Tensor
 
 def to_tensor(a: np.ndarray) -> torch.Tensor:
     """A stored array as a tensor (uint16 as its int16 bit-cast)."""
-    return torch.from_numpy(np.ascontiguousarray(uint16_as_int16(np.asarray(a))))
+    a = np.ascontiguousarray(uint16_as_int16(np.asarray(a)))
+    return torch.from_numpy(a if a.flags.writeable else a.copy())   # rows of a read-only memory map
 
 
 def gather_rows(arrays: dict[str, np.ndarray], idx: np.ndarray) -> dict[str, torch.Tensor]:
@@ -140,7 +141,6 @@ def available_host_bytes() -> int:
     except OSError:
         pass
     try:
-        import os
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError, AttributeError):
         return 1 << 62

@@ -28,6 +28,7 @@ from a ``DataConfig``, which task set its task names make), registered in ``fast
 """
 from __future__ import annotations
 
+import hashlib
 import os
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -36,6 +37,7 @@ from typing import Callable
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 SPLITS = ("train", "val", "test")
 
@@ -93,6 +95,10 @@ class Dataset:
     def load_arrays(self, split: str) -> dict[str, np.ndarray]:
         """``arrays(split)`` read into memory (formats with checksummed files check them here)."""
         return {k: (np.array(v) if isinstance(v, np.memmap) else v) for k, v in self.arrays(split).items()}
+
+    def check(self, split: str) -> None:
+        """Check the checksums of the split's stored arrays (formats that read checksummed files);
+        raise naming a damaged file."""
 
     def table(self, split: str) -> dict[str, np.ndarray]:
         """The fields that need no decoding, {field: (M, …) array} (e.g. labels)."""
@@ -195,7 +201,6 @@ class SampleReader:
 def files_digest(paths: list[str], missing_error: Callable[[str], Exception]) -> str:
     """sha1 over (name, size, mtime_ns) of every file, in order: changes when any file is replaced,
     rewritten, added or removed. A missing file raises ``missing_error(path)``."""
-    import hashlib
     h = hashlib.sha1()
     for p in paths:
         try:
@@ -262,7 +267,6 @@ def decode_parallel(items: list, decode, out: dict | None, workers: int = 0, pro
     """Run ``decode`` over ``items`` in worker processes (``workers``: default min(8, cores)),
     writing row i of each field into ``out`` (.npy paths, filled in place). ``out=None``: decode
     only (validation: the first bad file raises, naming itself)."""
-    from tqdm import tqdm
     if out is None:
         out = {}
     in_memory = any(not isinstance(v, (str, Path)) for v in out.values())

@@ -201,6 +201,16 @@ def open_split(folder: str | Path, split: str, meta: dict, fields: tuple[str, ..
     return out
 
 
+def verify_split(folder: str | Path, split: str, meta: dict) -> None:
+    """Every file of a split against its manifest, CRC included (raises ``Damaged`` naming the file)."""
+    folder = Path(folder)
+    for entry in meta["fields"].values():
+        path, _ = _check_file(folder, entry)
+        c = crc32_file(path)
+        if c != entry["crc32"]:
+            raise Damaged(f"{path}: checksum {c}, the manifest says {entry['crc32']} (the file is damaged)")
+
+
 def verify(folder: str | Path, progress: bool = False) -> list[str]:
     """Check every file of a prepared folder against its manifest, CRC included. Returns the
     problems (empty: all good)."""
@@ -350,4 +360,4 @@ def materialize(dataset, out: str | Path, *, splits: tuple[str, ...] = SPLITS, p
 
 
 __all__ = ["FORMAT", "VERSION", "StoreError", "Damaged", "crc32_file", "read_index", "is_partial", "split_meta",
-           "check_split", "open_split", "verify", "build_split", "materialize"]
+           "check_split", "open_split", "verify_split", "verify", "build_split", "materialize"]

@@ -59,6 +59,7 @@ import os
 import re
 import struct
 import sys
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -544,6 +545,13 @@ class TaskonomyDataset(Dataset):
         n = self._counts[split]
         return {d: a[d][:n] for d in self.domains}
 
+    def check(self, split: str) -> None:
+        if self.mode == "prepared":
+            try:
+                store.verify_split(self.folder, split, self._meta[split])
+            except store.StoreError as e:
+                raise TaskonomyFormatError(f"{e}; re-run `{RERUN}`") from None
+
     def items(self, split):
         if self.mode != "raw":
             return None
@@ -555,14 +563,24 @@ class TaskonomyDataset(Dataset):
                 "decode_version": DECODE_VERSION}
 
     def cache_id(self) -> dict:
-        return {"dataset": self.name, "root": str(self.root), "split": self.split, "params": self.params(),
-                "limits": self.limits}
+        if self.mode == "raw":
+            return {"dataset": self.name, "root": str(self.root), "split": self.split, "params": self.params(),
+                    "limits": self.limits}
+        if self.mode == "prepared":
+            return {"dataset": self.name, "folder": str(self.folder.resolve()), "params": self.params()}
+        return {"dataset": self.name, "params": self.params(), "content": {s: self.split_key(s) for s in SPLITS}}
 
     def split_key(self, split) -> dict:
-        if self.mode != "raw":
-            return super().split_key(split)
-        return {"files": files_digest([p for it in self.items(split) for p in it.values()], self.missing_error),
-                "samples": len(self._samples[split])}
+        n = self._counts[split]
+        if self.mode == "raw":
+            return {"files": files_digest([p for it in self.items(split) for p in it.values()], self.missing_error),
+                    "samples": len(self._samples[split])}
+        if self.mode == "prepared":       # the prepared files' checksums identify their content
+            return {"crc32": {d: self._meta[split]["fields"][d]["crc32"] for d in self.domains}, "count": n}
+        c = 0
+        for d in self.domains:
+            c = zlib.crc32(np.ascontiguousarray(self._arrays[split][d]).reshape(-1).view(np.uint8), c)
+        return {"crc32": f"{c:08x}", "count": n}
 
     def split_info(self, split) -> dict:
         samples = self._samples.get(split, [])
