@@ -121,6 +121,20 @@ def test_damaged_cache_is_never_used(tmp_path, caplog, damage):
     assert "decoding it again" in caplog.text
 
 
+def test_damaged_manifests_are_rewritten(tmp_path, caplog):
+    root, cache = tmp_path / "celeba", tmp_path / "cache"
+    write_celeba(root, n=8, seed=2)
+    P.build_source(celeba_cfg(root, cache), progress=False, validate=True)
+    folder = next(cache.iterdir())
+    (folder / "index.json").write_text("{oops")
+    (folder / "val" / "meta.json").write_text("[1, 2]")
+    with caplog.at_level(logging.WARNING):
+        src = P.build_source(celeba_cfg(root, cache), progress=False, validate=True)
+    assert torch.equal(images(src, "val"), reference_images(root, "val"))
+    assert "index.json: not valid JSON" in caplog.text and "val/meta.json: not a split manifest" in caplog.text
+    assert P.verify_path(folder) == (1, [])
+
+
 def test_data_verify_command(tmp_path, capsys):
     from fastdmtg.cli import main
     root, cache = tmp_path / "celeba", tmp_path / "cache"

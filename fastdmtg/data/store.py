@@ -311,7 +311,11 @@ def materialize(dataset, out: str | Path, *, splits: tuple[str, ...] = SPLITS, p
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     fields = {k: dataset.fields[k] for k in dataset.decoded_fields}
-    old = _read_json(out / INDEX)
+    try:
+        old = _read_json(out / INDEX)
+    except Damaged as e:            # rewritten below; the splits are checked one by one
+        log.warning("%s; writing it again", e)
+        old = None
     index = {"format": FORMAT, "version": VERSION, "dataset": dataset.name, "params": params,
              "info": info or {}, "splits": {}}
     if isinstance(old, dict) and old.get("format") == FORMAT and isinstance(old.get("splits"), dict):
