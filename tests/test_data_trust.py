@@ -62,12 +62,14 @@ def test_same_relative_root_from_two_folders_does_not_share_a_cache(tmp_path, mo
     for i, where in enumerate(("a", "b")):
         write_celeba(tmp_path / where / "data" / "celeba", n=8, seed=10 + i)
     cache = tmp_path / "cache"
-    for where in ("a", "b", "a"):
+    for where, typed in (("a", "data/celeba"), ("b", "data/celeba"), ("a", "data/celeba"),
+                         ("a", str(tmp_path / "a" / "data" / "celeba")), ("a", "./data/../data/celeba")):
         monkeypatch.chdir(tmp_path / where)
         with caplog.at_level(logging.WARNING):
-            src = P.build_source(celeba_cfg("data/celeba", cache), progress=False)
+            src = P.build_source(celeba_cfg(typed, cache), progress=False)
             assert torch.equal(images(src, "train"), reference_images(tmp_path / where / "data" / "celeba", "train"))
-    assert "decoding it again" not in caplog.text
+    assert "decoding it again" not in caplog.text             # one entry per folder, however it is typed
+    assert len(list(cache.iterdir())) == 2
 
 
 def test_image_changed_after_caching_is_decoded_again(tmp_path, caplog):

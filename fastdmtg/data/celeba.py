@@ -224,7 +224,8 @@ class CelebADataset(Dataset):
         return min(n, self.limits[split]) if self.limits[split] else n
 
     def items(self, split):
-        return [{"image": str(p)} for p in self.index.image_paths(split)[:self.num_samples(split)]]
+        # resolved paths: the cache key does not depend on how the folder was typed
+        return [{"image": str(self.root / IMAGE_DIR / f)} for f in self.index.splits[split][0][:self.num_samples(split)]]
 
     def table(self, split):
         return {"labels": self.index.labels(split)[:self.num_samples(split)].astype(np.uint8)}
