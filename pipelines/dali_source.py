@@ -155,8 +155,9 @@ class DaliSource(Source):
 
     def _culprit(self, split, pb, err: Exception):
         """DALI's decode error does not name our file: find it with the reference decoder."""
+        read = self.dataset.sample_reader(split)
         for i in pb.index:
-            self.dataset.sample(split, int(i))      # raises the format's error naming the file
+            read(int(i))                            # raises the format's error naming the file
         raise PipelineError(f"dali: decoding a batch failed ({type(err).__name__}: {err})") from err
 
     def _produce(self, split, plan, device, batch_size):

@@ -97,10 +97,10 @@ def reference_batches(ds, split: str, bs: int, *, shuffle: bool, seed: int, epoc
     order = (plan_mod.epoch_permutation(n, seed, epoch) if shuffle else torch.arange(n)).tolist()
     flags = plan_mod.flip_flags(n, seed, epoch) if (flip and train) else None
     nb = n // bs + (1 if n % bs and not (train and n % bs == 1) else 0)
-    out = []
+    out, read = [], ds.sample_reader(split)
     for b in range(nb):
         pos = list(range(b * bs, min(n, (b + 1) * bs)))
-        rows = [ds.sample(split, order[p]) for p in pos]
+        rows = [read(order[p]) for p in pos]
         raw = {k: to_tensor(np.stack([r[k] for r in rows])) for k in ds.fields}
         f = flags[pos] if flags is not None else None
         out.append(ds.to_batch(raw, f if f is not None and bool(f.any()) else None))
@@ -415,7 +415,8 @@ def ddp_child(spec_json: str) -> None:
             src = P.build_source(cfg, progress=False, flip=False, validate=True)   # flips off: ids from pixels
             ds = src.dataset
             img = next(k for k, f in ds.fields.items() if f.kind == "image")
-            ids = {_image_key(ds.sample("train", i)[img]): i for i in range(ds.num_samples("train"))}
+            read = ds.sample_reader("train")
+            ids = {_image_key(read(i)[img]): i for i in range(ds.num_samples("train"))}
             bs = BATCH[dataset] - 1
 
             def epoch(skip=0):

@@ -144,13 +144,9 @@ class Dataset:
         return DataFormatError(f"{path}: file listed by the dataset is missing")
 
     def sample(self, split: str, i: int) -> dict[str, np.ndarray]:
-        """Every field of sample i, decoded by the reference decoder (or read from the arrays)."""
-        a = self.arrays(split)
-        if a is not None:
-            return {k: np.asarray(v[i]) for k, v in a.items()}
-        out = self.decode_one(self.items(split)[i])
-        out.update({k: v[i] for k, v in self.table(split).items()})
-        return {k: out[k] for k in self.fields}
+        """Every field of sample i, decoded by the reference decoder (or read from the arrays);
+        for many samples, call ``sample_reader(split)`` once."""
+        return self.sample_reader(split)(i)
 
     def sample_reader(self, split: str) -> "SampleReader":
         """A picklable callable i -> {field: array} for DataLoader workers."""
@@ -177,8 +173,6 @@ class Dataset:
         """Stored values on the device → the batch dict; ``flags`` (B,) bool: mirror these samples."""
         raise NotImplementedError
 
-    def describe(self) -> str:
-        return f"{self.name} ({', '.join(f'{s} {self.num_samples(s)}' for s in SPLITS)})"
 
 
 # ------------------------------------------------------------------------------------------------
