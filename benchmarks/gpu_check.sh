@@ -18,6 +18,8 @@
 #   op_tests    100  the per-op CPU test files on CUDA (tests/test_ops.py, tests/test_op_*.py)
 #   kernels      60  benchmarks/kernels.py for the fused stem op vs eager and compiled PyTorch
 #   tx_profile   70  profiler summary of the Taskonomy-5 K=3 step
+#   data         90  every dataset x backend on CUDA (gpu-cache on the device, DALI mixed decode, FFCV
+#                    ToDevice; tests/test_pipelines.py -k on_cuda) + benchmarks/loaders.py
 #
 # Writes one Markdown file per phase, OUT/<gpu>_<date>_<what>.md, each headed by the GPU, driver,
 # versions, date, commit and the exact command, plus OUT/<gpu>_<date>_gpu_check.md (phase status and
@@ -31,11 +33,11 @@ ROOT=$PWD
 PY=${PYTHON:-python3}
 OUT=${OUT:-benchmarks/results}
 BUDGET=${BUDGET:-570}
-ALL=(tests celeba ratio taskonomy profile op_tests kernels tx_profile)
+ALL=(tests celeba ratio taskonomy profile op_tests kernels tx_profile data)
 PHASES=("$@")
 [ ${#PHASES[@]} -eq 0 ] && PHASES=("${ALL[@]}")
 for p in "${PHASES[@]}"; do
-  case " ${ALL[*]} " in *" $p "*) ;; *) sed -n 2,27p "$0"; echo "unknown phase: $p" >&2; exit 2 ;; esac
+  case " ${ALL[*]} " in *" $p "*) ;; *) sed -n 2,29p "$0"; echo "unknown phase: $p" >&2; exit 2 ;; esac
 done
 START=$(date +%s)
 WORK=$(mktemp -d)
@@ -170,6 +172,11 @@ for phase in "${PHASES[@]}"; do
     tx_profile)
       run_phase tx_profile 70 profile_taskonomy5_k3 sh -c "$RUN -m fastdmtg profile --recipe taskonomy5_k3 \
         --steps 10 --warmup 6 --out '$WORK/txprof' && cp '$WORK/txprof/summary.md' '$WORK/tx_profile.md'"
+      ;;
+    data)
+      run_phase data_tests 40 gpu_data_tests $RUN -m pytest -v -p no:cacheprovider --timeout 35 -rfEs \
+        tests/test_pipelines.py -k on_cuda
+      run_phase loaders 50 loaders $RUN benchmarks/loaders.py --workers 14 --out "$WORK/loaders.md"
       ;;
   esac
 done

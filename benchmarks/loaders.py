@@ -1,5 +1,7 @@
 """Benchmark the data pipelines (fastdmtg.pipelines): samples/s and CPU cores per backend, alone and
-while feeding the real DMTG training step, for CelebA-64 and Taskonomy-256.
+while feeding the real DMTG training step, for CelebA-64 and Taskonomy-256. Every row names the
+source that ran (``Source.describe()``: the backend, its class, where the data lived / what it
+decoded), not just the backend that was asked for.
 
     python benchmarks/loaders.py [--out FILE] [--celeba-root DIR] [--taskonomy-root DIR] [--quick]
 
@@ -20,10 +22,13 @@ Per backend and dataset:
   loader + step    the timed epoch again, each batch fed to the step
   fed?             loader alone >= 1.2 × step alone (the loader keeps the GPU busy with headroom)
 Backends whose packages are missing are reported as skipped with the reason.
+
+``--no-step``: loader alone only (on a CPU the Taskonomy step takes minutes per batch).
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import os
@@ -163,7 +168,7 @@ def step_rate(step, batch, iters: int) -> float:
 
 
 def bench_dataset(name: str, cfg: DataConfig, bs: int, arch: str, width: int, max_batches: int, step_iters: int,
-                  backends: list[str]) -> list[dict]:
+                  backends: list[str], with_step: bool = True) -> list[dict]:
     rows, step, step_sps = [], None, None
     for be in backends:
         ok, why = P.backend_status(be)
@@ -171,21 +176,22 @@ def bench_dataset(name: str, cfg: DataConfig, bs: int, arch: str, width: int, ma
             rows.append({"dataset": name, "backend": be, "skip": why})
             print(f"[{name}] {be}: skipped ({why})", flush=True)
             continue
-        cfg.backend = be
+        cfg = dataclasses.replace(cfg, backend=be)
         try:
             t_build = time.perf_counter()
             src = P.build_source(cfg, progress=False)
             n0, w0, _ = run_epoch(src, bs, 0, max_batches)            # warm-up: caches, JIT, pipeline builds
             warm = time.perf_counter() - t_build
             n, wall, cpu = run_epoch(src, bs, 1, max_batches)
-            if step is None:
-                step = make_step(src.taskset, src.image_size, arch, width)
-                batch = next(iter(src.batches("train", bs, shuffle=True, seed=0, epoch=9, device=DEV, train=True)))
-                step_sps = step_rate(step, batch, step_iters)
-            nf, wf, cf = run_epoch(src, bs, 2, max_batches, consume=step)
-            row = {"dataset": name, "backend": be, "samples": n, "loader_sps": n / wall, "cores": cpu / wall,
-                   "warmup_s": warm, "step_sps": step_sps, "fed_sps": nf / wf, "fed_cores": cf / wf,
-                   "fed": n / wall >= 1.2 * step_sps}
+            row = {"dataset": name, "backend": be, "source": src.describe(), "source_class": type(src).__name__,
+                   "ran": src.backend, "samples": n, "loader_sps": n / wall, "cores": cpu / wall, "warmup_s": warm}
+            if with_step:
+                if step is None:
+                    step = make_step(src.taskset, src.image_size, arch, width)
+                    batch = next(iter(src.batches("train", bs, shuffle=True, seed=0, epoch=9, device=DEV, train=True)))
+                    step_sps = step_rate(step, batch, step_iters)
+                nf, wf, cf = run_epoch(src, bs, 2, max_batches, consume=step)
+                row.update(step_sps=step_sps, fed_sps=nf / wf, fed_cores=cf / wf, fed=n / wall >= 1.2 * step_sps)
             print(f"[{name}] {be}: {json.dumps({k: (round(v, 2) if isinstance(v, float) else v) for k, v in row.items()})}",
                   flush=True)
             rows.append(row)
@@ -196,16 +202,20 @@ def bench_dataset(name: str, cfg: DataConfig, bs: int, arch: str, width: int, ma
 
 
 def table(rows: list[dict]) -> str:
-    out = ["| dataset | backend | loader alone (samples/s) | CPU cores | step alone (samples/s) | loader + step "
-           "(samples/s) | CPU cores (fed) | keeps GPU fed (≥ 1.2× step) | warm-up s |",
-           "|---|---|---:|---:|---:|---:|---:|---|---:|"]
+    out = ["| dataset | backend | source that ran | loader alone (samples/s) | CPU cores | step alone (samples/s) "
+           "| loader + step (samples/s) | CPU cores (fed) | keeps GPU fed (≥ 1.2× step) | warm-up s |",
+           "|---|---|---|---:|---:|---:|---:|---:|---|---:|"]
     for r in rows:
         if "skip" in r:
-            out.append(f"| {r['dataset']} | {r['backend']} | – | – | – | – | – | skipped: {r['skip']} | – |")
+            out.append(f"| {r['dataset']} | {r['backend']} | – | – | – | – | – | – | skipped: {r['skip']} | – |")
             continue
-        out.append(f"| {r['dataset']} | {r['backend']} | {r['loader_sps']:.0f} | {r['cores']:.2f} | {r['step_sps']:.0f} "
-                   f"| {r['fed_sps']:.0f} | {r['fed_cores']:.2f} | {'yes' if r['fed'] else 'no'} "
-                   f"({r['loader_sps'] / r['step_sps']:.2f}×) | {r['warmup_s']:.1f} |")
+        if "step_sps" in r:
+            step = (f"{r['step_sps']:.1f} | {r['fed_sps']:.1f} | {r['fed_cores']:.2f} | {'yes' if r['fed'] else 'no'} "
+                    f"({r['loader_sps'] / r['step_sps']:.2f}×)")
+        else:
+            step = "– | – | – | not measured (--no-step)"
+        out.append(f"| {r['dataset']} | {r['backend']} | {r['source']} | {r['loader_sps']:.1f} | {r['cores']:.2f} "
+                   f"| {step} | {r['warmup_s']:.1f} |")
     return "\n".join(out)
 
 
@@ -239,6 +249,7 @@ def main(argv=None) -> int:
                     help="data.num_workers (DataLoader workers, FFCV/DALI threads)")
     ap.add_argument("--max-batches", type=int, default=40, help="timed batches per epoch at most")
     ap.add_argument("--step-iters", type=int, default=20)
+    ap.add_argument("--no-step", action="store_true", help="loader alone only (no training step)")
     ap.add_argument("--quick", action="store_true", help="tiny sizes: a CPU smoke test of the script")
     a = ap.parse_args(argv)
     import tempfile
@@ -258,7 +269,7 @@ def main(argv=None) -> int:
         cfg = DataConfig(dataset="celeba", root=str(root), tasks="celeba9", image_size=cel_size, backend="torch",
                          cache_dir=str(work / "cache"), num_workers=a.workers)
         rows += bench_dataset(f"CelebA-{cel_size}", cfg, a.celeba_batch, "resnet_celeba", width, a.max_batches,
-                              a.step_iters, backends)
+                              a.step_iters, backends, not a.no_step)
     if "taskonomy" in a.datasets:
         if a.taskonomy_root:
             root, split_file = Path(a.taskonomy_root), a.taskonomy_split_file
@@ -269,7 +280,7 @@ def main(argv=None) -> int:
         cfg = DataConfig(dataset="taskonomy", root=str(root), tasks="taskonomy5", image_size=tx_size, backend="torch",
                          cache_dir=str(work / "cache"), num_workers=a.workers, taskonomy_split_file=str(split_file))
         rows += bench_dataset(f"Taskonomy-{tx_size}", cfg, a.taskonomy_batch, "xception", width, a.max_batches,
-                              a.step_iters, backends)
+                              a.step_iters, backends, not a.no_step)
     cmd = "python " + " ".join(shlex.quote(x) for x in [os.path.relpath(__file__, Path.cwd())] + (argv or sys.argv[1:]))
     report = "\n".join([
         f"# Data pipelines benchmark ({datetime.date.today().isoformat()})", "",

@@ -23,14 +23,17 @@ figure when the GPU is not recognised, and on CPU).
 Timing (``bench step``): synthetic data in memory — the speed of a step does not depend on the
 values, only on shapes, dtypes and layout, which are exactly those of the real sources:
 
-* CelebA-shaped recipes: uint8 S×S images and random 0/1 labels in a ``MemorySource`` (batches
+* CelebA-shaped recipes: uint8 S×S images and random 0/1 labels (``synthetic_celeba``; batches
   {"image": (B, 3, S, S) float32, "labels": (B, N) int64}).
 * Taskonomy: random raw maps in the prepared format's dtypes (rgb/normal uint8, segmentation uint8
-  ids 0..17, depth/keypoints/edges uint16 with plausible ranges and "no depth" pixels) served by
-  the trainer's default Taskonomy source, ``pipelines.gpu_cache.GpuCacheTaskonomy`` (resident on
-  the device, gathered, normalised and flipped there by ``data.taskonomy.make_batch``): batches
-  {"image": (B, 3, S, S) float32, "targets": {task: (B, C, S, S) float32 | segmentation (B, S, S)
-  int64}, "mask": (B, 1, S, S) bool}.
+  ids 0..17, depth/keypoints/edges uint16 with plausible ranges and "no depth" pixels;
+  ``synthetic_taskonomy``): batches {"image": (B, 3, S, S) float32, "targets": {task: (B, C, S, S)
+  float32 | segmentation (B, S, S) int64}, "mask": (B, 1, S, S) bool}, normalised and flipped on
+  the device by ``data.taskonomy.make_batch``.
+
+Both are served by the trainer's default source (``fastdmtg.pipelines.build_source``, backend
+gpu-cache: resident on the device, gathered there). Every row names the source that ran (its
+backend, and where the data lived) in its "data" column.
 
 Warm-up steps first (they pay compile and graph capture), then CUDA events around ``--steps``
 steps, median of ``--repeats`` repeats. The "reference style" row is eager fp32 fed by a torch
@@ -38,8 +41,8 @@ DataLoader over raw files written to a temporary folder, as the reference pipeli
 JPEGs of the official 178×218 format; for Taskonomy an official-format root
 (ROOT/<domain>/<building>/point_<p>_view_<v>_domain_<suffix>.png with the real PNG bit depths, at
 2× the training size as the official 512² → 256²; ``write_taskonomy_raw``) read by the torch
-backend (``pipelines.torch_files.TorchTaskonomy``: PNG decode + resize in the workers). The files
-sit in the page cache, so this row does not pay disk reads.
+backend (``pipelines.torch_files.TorchSource``: JPEG/PNG decode + resize in the workers, every
+batch). The files sit in the page cache, so this row does not pay disk reads.
 
 Projected hours = epochs × training-set size / throughput (steps only): CelebA 162,770, the
 synthetic set its ``data.synthetic_train``; for Taskonomy the tiny split's training size is not
@@ -90,14 +93,13 @@ def peak_bf16_tflops(gpu_name: str) -> tuple[float, str]:
 
 def _task_specs(cfg: Config):
     from .config import CELEBA_40, TASK_PRESETS
-    from .tasks.attributes import AttributeTaskSet
-    if cfg.data.dataset == "taskonomy":
-        from .tasks.taskonomy import TaskonomyTaskSet
-        return TaskonomyTaskSet(cfg.data.task_names() or TASK_PRESETS["taskonomy5"]).specs
+    from .data import taskset_for
     if cfg.data.dataset == "synthetic":
         from .data.synthetic import task_names
-        return AttributeTaskSet(task_names(cfg.data.synthetic_groups, cfg.data.synthetic_tasks_per_group)).specs
-    return AttributeTaskSet(cfg.data.task_names() or CELEBA_40).specs
+        names = task_names(cfg.data.synthetic_groups, cfg.data.synthetic_tasks_per_group)
+    else:
+        names = cfg.data.task_names() or (TASK_PRESETS["taskonomy5"] if cfg.data.dataset == "taskonomy" else CELEBA_40)
+    return taskset_for(cfg, names).specs
 
 
 def count_flops(cfg: Config) -> dict:
@@ -193,7 +195,9 @@ def _write_jpegs(root: Path, n: int, n_tasks_total: int = 40):
     lab = rng.choice([-1, 1], size=(n, 40))
     (root / "list_attr_celeba.txt").write_text(
         f"{n}\n{' '.join(CELEBA_40)}\n" + "".join(f + "".join(f"{v:>3d}" for v in r) + "\n" for f, r in zip(files, lab)))
-    (root / "list_eval_partition.txt").write_text("".join(f"{f} 0\n" for f in files))
+    # all training but the last two (one val, one test: a dataset's splits may not be empty)
+    parts = [0] * max(n - 2, 0) + [1, 2][:min(n, 2)]
+    (root / "list_eval_partition.txt").write_text("".join(f"{f} {p}\n" for f, p in zip(files, parts)))
 
 
 # ------------------------------------------------------------------------------------- Taskonomy
@@ -218,34 +222,31 @@ def _taskonomy_maps(rng, domain: str, n: int, size: int):
     return a
 
 
-class SyntheticTaskonomySpec:
-    """What the Taskonomy pipeline sources read from a ``pipelines.datasets.TaskonomySpec``
-    (``taskset``, ``task_names``, ``domains``, ``image_size``, ``num_samples``, ``arrays``), backed by
-    ``n`` random samples in memory instead of a prepared folder: {domain: (n, C, S, S) uint8 | uint16},
-    the same arrays for every split. ``GpuCacheTaskonomy(spec)`` then serves exactly the batches the
-    trainer gets from a prepared folder (values aside)."""
-    kind = "taskonomy"
+def synthetic_taskonomy(cfg: Config, n: int, seed: int = 0):
+    """A ``TaskonomyDataset`` of ``n`` random samples in memory (the same arrays for every split):
+    {domain: (n, C, S, S) uint8 | uint16} in the prepared format's dtypes — served by the trainer's
+    sources exactly like a prepared folder (values aside)."""
+    import numpy as np
 
-    def __init__(self, cfg: Config, n: int, seed: int = 0):
-        import numpy as np
+    from .config import TASKONOMY_5
+    from .data import taskonomy as tx
+    d = cfg.data
+    names = d.task_names() or list(TASKONOMY_5)
+    rng = np.random.default_rng(seed)
+    arrays = {dom: _taskonomy_maps(rng, dom, n, d.image_size) for dom in tx.needed_domains(names)}
+    return tx.TaskonomyDataset.from_arrays({s: arrays for s in ("train", "val", "test")}, names, d.image_size,
+                                           rotate_loss=d.taskonomy_rotate_loss)
 
-        from .config import TASKONOMY_5
-        from .data import taskonomy as tx
-        from .tasks.taskonomy import TaskonomyTaskSet
-        d = cfg.data
-        self.task_names = d.task_names() or list(TASKONOMY_5)
-        self.taskset = TaskonomyTaskSet(self.task_names, rotate_loss=bool(d.taskonomy_rotate_loss))
-        self.domains = tx.needed_domains(self.task_names)
-        self.image_size, self.seg_resize, self.n = d.image_size, d.taskonomy_seg_resize, n
-        self.folder = Path("<synthetic Taskonomy arrays in memory>")     # named in gpu-cache log lines only
-        rng = np.random.default_rng(seed)
-        self._arrays = {dom: _taskonomy_maps(rng, dom, n, self.image_size) for dom in self.domains}
 
-    def num_samples(self, split: str) -> int:
-        return self.n
-
-    def arrays(self, split: str):
-        return self._arrays
+def synthetic_celeba(cfg: Config, n: int, seed: int = 0):
+    """An ``ArrayDataset`` of ``n`` random CelebA-shaped samples (uint8 S×S images, 0/1 labels of the
+    recipe's tasks), the same arrays for every split."""
+    from .data import ArrayDataset, image_label_fields, taskset_for
+    names = [s.name for s in _task_specs(cfg)]
+    x, y = _synthetic_celeba(n, len(names), cfg.data.image_size, seed)
+    arrays = {"image": x.numpy(), "labels": y.to(torch.uint8).numpy()}
+    return ArrayDataset("celeba-shaped", {s: arrays for s in ("train", "val", "test")},
+                        image_label_fields(cfg.data.image_size, len(names)), taskset_for(cfg, names), cfg.data.image_size)
 
 
 def _smooth_map(rng, domain: str, side: int):
@@ -330,44 +331,40 @@ class _Timer:
 
 
 def _source(cfg: Config, loader: str, raw_root: Path | None, num_workers: int, n_batches: int | None):
-    """The training DataSource of a bench run (see the module doc)."""
-    from .data import LoaderSource, MemorySource
+    """The training source of a bench run, built by ``fastdmtg.pipelines.build_source`` as the
+    trainer builds it: ``loader`` is the backend (gpu-cache | memory over random arrays in memory;
+    torch over the raw files under ``raw_root``)."""
+    from .pipelines import build_source
     bs = cfg.train.batch_size
-    if cfg.data.dataset == "taskonomy":
-        if loader == "torch":
-            # exactly the trainer's path for data.backend=torch on a raw root (build_data -> TorchTaskonomy)
-            from .data import build_data
-            if raw_root is None:
-                raise ValueError("loader='torch' needs raw_root (a folder written by write_taskonomy_raw)")
-            over = [f"data.root={raw_root}", "data.backend=torch", f"data.num_workers={num_workers}",
-                    f"data.taskonomy_split_file={Path(raw_root) / TASKONOMY_SPLIT_FILE}"]
-            return build_data(apply_overrides(cfg, over).data, progress=False)
-        from .pipelines import DEFAULT_FLIP
-        from .pipelines.gpu_cache import GpuCacheTaskonomy
-        spec = SyntheticTaskonomySpec(cfg, bs * (n_batches or 16))
-        return GpuCacheTaskonomy(spec, flip=DEFAULT_FLIP["taskonomy"], num_workers=num_workers)
-    from .tasks.attributes import AttributeTaskSet
-    names = [s.name for s in _task_specs(cfg)]
-    taskset = AttributeTaskSet(names)
+    taskonomy = cfg.data.dataset == "taskonomy"
     if loader == "torch":
-        from .data.celeba import CelebAFiles, CelebAIndex
-        index = CelebAIndex(raw_root, names)
-        return LoaderSource({"train": CelebAFiles(index, "train", cfg.data.image_size)}, taskset,
-                            cfg.data.image_size, num_workers)
-    return MemorySource({"train": _synthetic_celeba(bs * (n_batches or 64), len(names), cfg.data.image_size)},
-                        taskset, cfg.data.image_size)
+        if raw_root is None:
+            raise ValueError("loader='torch' needs raw_root (a folder written by write_taskonomy_raw / _write_jpegs)")
+        over = [f"data.root={raw_root}", "data.backend=torch", f"data.num_workers={num_workers}",
+                "data.limit_train=0", "data.limit_eval=0"]
+        if taskonomy:
+            over.append(f"data.taskonomy_split_file={Path(raw_root) / TASKONOMY_SPLIT_FILE}")
+        else:
+            over.append("data.dataset=celeba")
+        return build_source(apply_overrides(cfg, over).data, progress=False)
+    if loader not in ("gpu-cache", "memory"):
+        raise ValueError(f"loader: expected gpu-cache|memory|torch, got {loader!r}")
+    n = bs * (n_batches or (16 if taskonomy else 64))
+    ds = synthetic_taskonomy(cfg, n) if taskonomy else synthetic_celeba(cfg, n)
+    return build_source(apply_overrides(cfg, [f"data.backend={loader}"]).data, progress=False, dataset=ds)
 
 
-def build_stepper(cfg: Config, device: torch.device, *, loader: str = "memory", jpeg_root: Path | None = None,
+def build_stepper(cfg: Config, device: torch.device, *, loader: str = "gpu-cache", jpeg_root: Path | None = None,
                   num_workers: int = 8, n_batches: int | None = None, raw_root: Path | None = None):
     """Build data, model, method, optimizer and step runner for a config; returns (step_fn, info)
     where step_fn() runs one full-batch training step and returns (total loss, L (N, K)).
 
-    ``loader``: "memory" (synthetic in-memory data, ``n_batches`` batches: default 64 CelebA-shaped,
-    16 Taskonomy) or "torch" (a DataLoader over the raw files under ``raw_root`` — CelebA JPEGs
-    (``_write_jpegs``; ``jpeg_root`` is the older name) or a Taskonomy root (``write_taskonomy_raw``)).
-    ``info``: mode, kernels, runner, batch (size), taskset, source, and last_batch (the batch dict
-    the latest step consumed)."""
+    ``loader``: the backend — "gpu-cache" or "memory" (random data in memory, ``n_batches`` batches:
+    default 64 CelebA-shaped, 16 Taskonomy) or "torch" (a DataLoader decoding the raw files under
+    ``raw_root`` — CelebA JPEGs (``_write_jpegs``; ``jpeg_root`` is the older name) or a Taskonomy
+    root (``write_taskonomy_raw``)). ``info``: mode, kernels, runner, batch (size), taskset, source
+    (the ``fastdmtg.pipelines.Source`` that runs), and last_batch (the batch dict the latest step
+    consumed)."""
     from . import ops
     from .methods import build_method
     from .models import build_multibranch
@@ -408,7 +405,7 @@ def build_stepper(cfg: Config, device: torch.device, *, loader: str = "memory", 
 
 
 def measure_step(cfg: Config, device: torch.device, *, steps: int, repeats: int, warmup: int,
-                 loader: str = "memory", jpeg_root: Path | None = None, num_workers: int = 8,
+                 loader: str = "gpu-cache", jpeg_root: Path | None = None, num_workers: int = 8,
                  raw_root: Path | None = None, n_batches: int | None = None) -> dict:
     """Median time of `steps` training steps (after warm-up) for a config; returns ms/step and img/s
     (and the last step's loss, ``loss``)."""
@@ -429,6 +426,7 @@ def measure_step(cfg: Config, device: torch.device, *, steps: int, repeats: int,
         times.append(tm.ms / steps)
     ms = statistics.median(times)
     return {"ms_per_step": ms, "img_per_s": info["batch"] * 1e3 / ms, "spread_ms": (min(times), max(times)),
+            "data": info["source"].describe(),
             "warmup_s": warm_s, "mode": info["mode"], "kernels": info["kernels"], "captures": info["runner"].captures,
             "loss": float(total) if total is not None else None}
 
@@ -533,21 +531,21 @@ def step_main(argv: list[str]) -> int:
         ("reference style: eager fp32 + torch DataLoader (JPEG decode)" if not taskonomy else
          "reference style: eager fp32 + torch DataLoader (PNG decode + resize)", [], "torch"),
         ("eager fp32, GPU-resident uint8 cache" if not taskonomy else
-         "eager fp32, GPU-resident uint8/uint16 cache", [], "memory"),
-        ("+ bf16 autocast", ["train.amp=bf16"], "memory"),
-        ("+ Triton kernels", ["train.amp=bf16", "train.kernels=triton"], "memory"),
-        ("+ CUDA graph (whole step)", ["train.amp=bf16", "train.kernels=triton", "train.cuda_graph=on"], "memory"),
-        ("+ torch.compile", ["train.amp=bf16", "train.kernels=triton", "train.cuda_graph=on", "train.compile=on"], "memory"),
+         "eager fp32, GPU-resident uint8/uint16 cache", [], "gpu-cache"),
+        ("+ bf16 autocast", ["train.amp=bf16"], "gpu-cache"),
+        ("+ Triton kernels", ["train.amp=bf16", "train.kernels=triton"], "gpu-cache"),
+        ("+ CUDA graph (whole step)", ["train.amp=bf16", "train.kernels=triton", "train.cuda_graph=on"], "gpu-cache"),
+        ("+ torch.compile", ["train.amp=bf16", "train.kernels=triton", "train.cuda_graph=on", "train.compile=on"], "gpu-cache"),
         ("+ channels_last", ["train.amp=bf16", "train.kernels=triton", "train.cuda_graph=on", "train.compile=on",
-                             "train.channels_last=on"], "memory"),
+                             "train.channels_last=on"], "gpu-cache"),
         ("+ batched branches (grouped conv)", ["train.amp=bf16", "train.kernels=triton", "train.cuda_graph=on",
-                                               "train.compile=on", "train.channels_last=on", "model.batched=on"], "memory"),
+                                               "train.compile=on", "train.channels_last=on", "model.batched=on"], "gpu-cache"),
         ("batched, no compile (bf16 + Triton + graph)", ["train.amp=bf16", "train.kernels=triton", "train.cuda_graph=on",
-                                                         "model.batched=on"], "memory"),
+                                                         "model.batched=on"], "gpu-cache"),
         ("batched + compile, no channels_last", ["train.amp=bf16", "train.kernels=triton", "train.cuda_graph=on",
-                                                 "train.compile=on", "model.batched=on"], "memory"),
-        ("bf16 + CUDA graph, reference losses (no Triton)", ["train.amp=bf16", "train.cuda_graph=on"], "memory"),
-        ("bf16 + compile (no graph)", ["train.amp=bf16", "train.kernels=triton", "train.compile=on"], "memory"),
+                                                 "train.compile=on", "model.batched=on"], "gpu-cache"),
+        ("bf16 + CUDA graph, reference losses (no Triton)", ["train.amp=bf16", "train.cuda_graph=on"], "gpu-cache"),
+        ("bf16 + compile (no graph)", ["train.amp=bf16", "train.kernels=triton", "train.compile=on"], "gpu-cache"),
     ]
     if base.model.arch == "resnet_celeba":   # the fused BN-ReLU-maxpool stem op (model.fused_stem)
         best = ["train.amp=bf16", "train.kernels=triton", "train.cuda_graph=on", "train.compile=on",
@@ -589,8 +587,8 @@ def step_main(argv: list[str]) -> int:
     if taskonomy and paper[1] is not None and not args.overrides:
         lines.append(f"- paper Table A1: {paper[0]} GFLOPs (thop-style count), {paper[1]} h on one RTX 4090")
     hours_head = f"{base.train.epochs}-epoch hours"
-    lines += ["", f"| configuration | mode | kernels | ms/step | img/s | speed-up | MFU % | {hours_head} |",
-              "|---|---|---|---:|---:|---:|---:|---:|"]
+    lines += ["", f"| configuration | mode | kernels | ms/step | img/s | speed-up | MFU % | {hours_head} | data (source that ran) |",
+              "|---|---|---|---:|---:|---:|---:|---:|---|"]
     ref_ips = None
     for name, over, loader in rows:
         cfg = _variant(base, over)
@@ -626,13 +624,13 @@ def step_main(argv: list[str]) -> int:
             except Exception as e:
                 traceback.print_exc()
                 print(f"{name}: failed: {type(e).__name__}: {e}", file=sys.stderr)
-                lines.append(f"| {name} | — | — | failed: {type(e).__name__} | | | | |")
+                lines.append(f"| {name} | — | — | failed: {type(e).__name__} | | | | | |")
                 continue
         ref_ips = ref_ips or r["img_per_s"]
         mfu = 100 * r["img_per_s"] * train_flops_per_sample / (peak * 1e12)
         hours = f"{base.train.epochs * n_train / r['img_per_s'] / 3600:.3f}" if n_train else "—"
         lines.append(f"| {name} | {r['mode']} | {r['kernels']} | {r['ms_per_step']:.3f} | {r['img_per_s']:,.0f} | "
-                     f"{r['img_per_s'] / ref_ips:.1f}× | {mfu:.2f} | {hours} |")
+                     f"{r['img_per_s'] / ref_ips:.1f}× | {mfu:.2f} | {hours} | {r['data']} |")
         out.append({"name": name, **r, "mfu_percent": mfu, "train_flops_per_sample": train_flops_per_sample,
                     "peak_tflops": peak})
         print(lines[-1], flush=True)
@@ -745,4 +743,4 @@ def profile_main(argv: list[str]) -> int:
 
 
 __all__ = ["bench_main", "profile_main", "count_flops", "measure_step", "build_stepper", "peak_bf16_tflops",
-           "write_taskonomy_raw", "SyntheticTaskonomySpec"]
+           "write_taskonomy_raw", "synthetic_taskonomy", "synthetic_celeba"]

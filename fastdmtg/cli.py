@@ -5,6 +5,7 @@
     fastdmtg eval RUN_DIR [--split test] [--data-root PATH]
     fastdmtg recipes
     fastdmtg prepare taskonomy ROOT OUT [...]
+    fastdmtg data verify PATH [...]
     fastdmtg compare ... | fastdmtg bench flops|step ... | fastdmtg profile ...
 """
 from __future__ import annotations
@@ -102,8 +103,8 @@ def format_results(res: dict) -> str:
 
 def cmd_eval(args) -> int:
     from .checkpoint import atomic_write_json
-    from .data import build_data
     from .export import load_grouped
+    from .pipelines import build_source
     from .train import evaluate, resolve_device
     run_dir = Path(args.run_dir)
     device = resolve_device(args.device)
@@ -111,7 +112,7 @@ def cmd_eval(args) -> int:
     cfg = Config.from_dict(meta["config"])
     if args.data_root:
         cfg = apply_overrides(cfg, [f"data.root={args.data_root}"])
-    data = build_data(cfg.data, progress=not args.quiet)
+    data = build_source(cfg.data, progress=not args.quiet)
     if data.taskset.names != meta["tasks"]:
         print(f"error: the dataset's tasks {data.taskset.names} differ from the model's {meta['tasks']}",
               file=sys.stderr)
@@ -151,6 +152,9 @@ def main(argv: list[str] | None = None) -> int:
         sp = sub.add_parser(name, help=hlp, add_help=False)
         sp.add_argument("rest", nargs=argparse.REMAINDER)
         sp.set_defaults(module=mod)
+    pd = sub.add_parser("data", help="data verify PATH...: check the checksums of prepared folders, decode caches "
+                                     "and .beton files (exit 1 when something is damaged)")
+    pd.add_argument("rest", nargs=argparse.REMAINDER, help="verify PATH...")
     pp = sub.add_parser("prepare", help="convert a dataset to the fast on-disk format")
     pp.add_argument("dataset", choices=["taskonomy", "celeba"],
                     help="taskonomy ROOT OUT: fast .npy format; add --format ffcv for .beton files (celeba or taskonomy)")
@@ -173,6 +177,12 @@ def main(argv: list[str] | None = None) -> int:
             import importlib
             mod = importlib.import_module(f"fastdmtg.{args.module}")
             return getattr(mod, f"{args.cmd}_main")(args.rest)
+        if args.cmd == "data":
+            if args.rest[:1] != ["verify"]:
+                print("usage: fastdmtg data verify PATH [PATH ...]", file=sys.stderr)
+                return 2
+            from .pipelines.cache import verify_main
+            return verify_main(args.rest[1:])
         if args.cmd == "prepare":
             if "--format" in args.rest:
                 i = args.rest.index("--format")

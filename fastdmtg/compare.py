@@ -123,11 +123,11 @@ class Comparison:
     def __init__(self, base: Config, out: Path, ks: list[int], seeds: int = 3, overlap: str = "train",
                  rsa_images: int = 256, naive_cfg: Config | None = None, progress: bool = False,
                  flops: bool = True, log=print):
-        from .data import build_data
+        from .pipelines import build_source
         self.base, self.out, self.ks, self.seeds = base, Path(out), ks, seeds
         self.overlap, self.rsa_images, self.progress, self.log = overlap, rsa_images, progress, log
         self.flops = flops
-        data = build_data(base.data, progress=False)
+        data = build_source(base.data, progress=False)
         self.names = data.taskset.names
         self.specs = data.taskset.specs
         self.image_size = data.image_size

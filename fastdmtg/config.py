@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .data.registry import FORMATS
+
 CELEBA_40 = [
     "5_o_Clock_Shadow", "Arched_Eyebrows", "Attractive", "Bags_Under_Eyes", "Bald", "Bangs",
     "Big_Lips", "Big_Nose", "Black_Hair", "Blond_Hair", "Blurry", "Brown_Hair", "Bushy_Eyebrows",
@@ -41,15 +43,18 @@ def _check(cond: bool, msg: str) -> None:
 
 @dataclass
 class DataConfig:
-    dataset: str = "synthetic"          # synthetic | celeba | taskonomy
+    dataset: str = "synthetic"          # a name of fastdmtg.data.FORMATS: synthetic | celeba | taskonomy
     root: str = ""                      # dataset folder (official layout); unused for synthetic
     tasks: list[str] | str = "all"      # task names, or a preset name (celeba9, celeba40, taskonomy5), or "all"
     image_size: int = 64                # CelebA: 64 (reference); synthetic: any multiple of 4 >= 16
-    # auto: gpu-cache for CelebA/Taskonomy (falls back, with a log line, when the data does not fit in
-    # device memory), memory for the synthetic set. memory = decoded uint8 tensors moved to the device once.
-    backend: str = "auto"               # auto | memory | gpu-cache | ffcv | dali | torch
-    num_workers: int = 2                # loader worker processes (torch backend, Taskonomy prepared arrays)
-    cache_dir: str = ""                 # where decoded caches go; default: ROOT/.fastdmtg_cache or ~/.cache/fastdmtg
+    # the loader (fastdmtg.pipelines, docs/pipelines.md). auto = gpu-cache: the decoded data held on the
+    # training device (a split that does not fit moves to host memory, then to streaming, with a log
+    # line); memory = held in host memory; torch = a DataLoader decoding the files of every batch;
+    # ffcv = .beton files; dali = NVIDIA DALI decoding the files
+    backend: str = "auto"               # auto | gpu-cache | memory | torch | ffcv | dali
+    num_workers: int = 2                # loader worker processes / threads (torch, ffcv, dali, streamed splits)
+    cache_dir: str = ""                 # where decode caches go; default: ROOT/.fastdmtg_cache (Taskonomy) or ~/.cache/fastdmtg
+    validate: bool = True               # before the first step: decode every split (or check its cache)
     limit_train: int = 0                # >0: use only the first n training samples (quick runs)
     limit_eval: int = 0                 # >0: same for val/test
     # synthetic (planted groups) dataset; see fastdmtg/data/synthetic.py
@@ -64,10 +69,10 @@ class DataConfig:
     taskonomy_rotate_loss: bool = False    # reference "rotate" loss for depth/normal (min over 9 one-pixel shifts)
 
     def __post_init__(self):
-        _check(self.dataset in ("synthetic", "celeba", "taskonomy"),
-               f"data.dataset: expected synthetic|celeba|taskonomy, got {self.dataset!r}")
-        _check(self.backend in ("auto", "memory", "gpu-cache", "ffcv", "dali", "torch"),
-               f"data.backend: expected auto|memory|gpu-cache|ffcv|dali|torch, got {self.backend!r}")
+        _check(self.dataset in FORMATS, f"data.dataset: expected {'|'.join(FORMATS)}, got {self.dataset!r}")
+        _check(self.backend in ("auto", "gpu-cache", "memory", "torch", "ffcv", "dali"),
+               f"data.backend: expected auto|gpu-cache|memory|torch|ffcv|dali, got {self.backend!r}")
+        _check(self.num_workers >= 0, f"data.num_workers must be >= 0, got {self.num_workers}")
         _check(self.image_size >= 16 and self.image_size % 4 == 0,
                f"data.image_size: expected a multiple of 4 >= 16, got {self.image_size}")
         _check(self.limit_train >= 0 and self.limit_eval >= 0, "data.limit_train/limit_eval must be >= 0")

@@ -7,10 +7,9 @@ CUDA, gloo on CPU) and pins each rank to ``cuda:LOCAL_RANK``. Semantics:
 
 * ``train.batch_size`` is per rank (the global batch is G × batch_size, as in the reference's
   "24 per GPU × 2 GPUs").
-* Every epoch all ranks draw the same permutation (seeded by (seed, epoch)) and rank r takes
-  ``order[r::G]``, truncated to the shortest shard: each sample is used at most once per epoch and
-  every rank runs the same number of steps (at most G − 1 samples, different ones each epoch, sit
-  out an epoch).
+* Every epoch all ranks draw the same permutation (seeded by (seed, epoch)) and rank r takes its
+  shard of it (``fastdmtg.pipelines.plan``: batch b of rank r is ``order[r::G][b·B:(b+1)·B]``): each
+  sample is used at most once per epoch and every rank runs the same number of steps.
 * Each rank draws its own Gumbel sample (the seed tensor is shared; rank r offsets it by
   r · 2^40), and the gradient of the grouping logits S is all-reduced like any parameter.
 * Buffers (BatchNorm running statistics) are not broadcast: each rank keeps its own, rank 0's are
@@ -82,11 +81,3 @@ def ranks_differing(t: torch.Tensor) -> list[int]:
     dist.all_gather(parts, x)
     return [r for r, p in enumerate(parts) if not torch.equal(p, parts[0])]
 
-
-def shard(order: torch.Tensor) -> torch.Tensor:
-    """This rank's part of an epoch's permutation (see module docstring)."""
-    rank, size = world()
-    if size == 1:
-        return order
-    n = order.numel() // size
-    return order[rank::size][:n]

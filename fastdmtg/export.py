@@ -16,6 +16,7 @@ import torch
 
 from . import checkpoint as ckpt
 from .config import Config
+from .data import taskset_for
 from .models import GroupedNet, build_grouped
 
 FORMAT = 1
@@ -48,9 +49,5 @@ def load_grouped(run_dir: str | Path, device: str | torch.device = "cpu") -> tup
 
 
 def task_specs_for(cfg: Config, names: list[str]):
-    """Task specs of a saved run (the dataset's TaskSet decides the head shapes)."""
-    if cfg.data.dataset in ("synthetic", "celeba"):
-        from .tasks.attributes import AttributeTaskSet
-        return AttributeTaskSet(names, cfg.model.num_classes).specs
-    from .tasks.taskonomy import TaskonomyTaskSet
-    return TaskonomyTaskSet(names).specs
+    """Task specs of a saved run (the dataset format's task set decides the head shapes)."""
+    return taskset_for(cfg, names).specs

@@ -26,7 +26,7 @@ from . import checkpoint as ckpt
 from . import distributed as dist_utils
 from . import ops
 from .config import Config
-from .data import build_data
+from .pipelines import build_source
 from .methods import build_method
 from .metrics import normgain, summarize
 from .models import build_multibranch, GroupedNet, MultiBranchNet
@@ -240,7 +240,9 @@ class Trainer:
             self.speed["batched"] = False
         ops.resolve_backend(cfg.train.kernels, self.device)   # fails here, not mid-step, if triton is missing
         torch.manual_seed(cfg.train.seed)
-        self.data = build_data(cfg.data, progress=self.progress)
+        # every split decoded (or its cache checked) before the first step: a bad val/test file stops
+        # the run now, naming itself, not after epochs of training
+        self.data = build_source(cfg.data, progress=self.progress, validate=cfg.data.validate, device=self.device)
         self.taskset = self.data.taskset
         self.model = build_multibranch(cfg.model, self.taskset.specs, self.data.image_size).to(self.device)
         if cfg.train.init_from and not resume:

@@ -1,30 +1,42 @@
-"""fastdmtg.pipelines: one loader interface, four backends, chosen by ``data.backend``.
+"""fastdmtg.pipelines: every runtime loader, for every dataset format of ``fastdmtg.data``.
 
-    gpu-cache   decoded uint8 arrays resident in device memory; gather/flip/convert on the device
-    ffcv        .beton files (``write_beton``), FFCV's compiled decode pipeline, then the device
-    dali        NVIDIA DALI: JPEG/PNG decode on the GPU (``mixed``) or CPU (``device_id=None``)
-    torch       a DataLoader over the raw files (the reference-style baseline)
+    plan.py         the ONE epoch plan: order (seed, epoch), last-batch rule, DDP shards, resume skip, flips
+    source.py       the ``Source`` base class the trainer iterates
+    cache.py        decode caches and .beton files keyed by content and checked before use;
+                    ``fastdmtg data verify``
+    resident.py     gpu-cache (device memory) and memory (host memory)
+    torch_files.py  torch: a DataLoader decoding the raw files of every batch
+    ffcv_source.py  ffcv: .beton files, FFCV's compiled readers
+    dali_source.py  dali: NVIDIA DALI decodes the raw files (GPU or CPU)
 
-``build_source(cfg, progress)`` returns a ``fastdmtg.data.DataSource`` whose ``batches(...)`` yields
-the same batch layout for every backend (see ``pipelines/common.py``: order, last-batch rule,
-DDP sharding, flips) and accepts two extra keywords, ``rank`` and ``world_size`` (default:
-torch.distributed's when it is initialised, else a single process). See docs/pipelines.md.
+``build_source(cfg)`` returns the ``Source`` a ``DataConfig`` asks for; every backend yields the same
+batches in the same order for every dataset. See docs/pipelines.md.
 """
 from __future__ import annotations
 
-from .common import PipelineError, plan_epoch, resolve_shard, shard_num_batches, shard_positions
+import importlib.util
 
-BACKENDS = ("gpu-cache", "ffcv", "dali", "torch")
+import torch.distributed as dist
 
-#: flip augmentation on by default: Taskonomy yes (reference), CelebA no (reference)
-DEFAULT_FLIP = {"celeba": False, "taskonomy": True}
+from fastdmtg.data import SPLITS, Dataset, open_dataset
+
+from .cache import DecodeCache, default_cache_dir, verify_path
+from .dali_source import DaliSource
+from .ffcv_source import FfcvSource, prepare_ffcv_main, write_beton
+from .plan import epoch_permutation, flip_flags, plan_epoch, resolve_shard, shard_num_batches, shard_positions
+from .resident import ResidentSource
+from .source import PipelineError, Source
+from .torch_files import TorchSource
+
+#: what data.backend=auto runs (on a CPU it holds the data in host memory: the same as memory)
+AUTO = "gpu-cache"
+BACKENDS = ("gpu-cache", "memory", "torch", "ffcv", "dali")
 
 
 def backend_status(name: str, deep: bool = True) -> tuple[bool, str]:
     """(usable, reason) — whether a backend's packages are there, and why not. ``deep=False`` only
     looks for the packages without importing them (importing ffcv costs seconds of numba JIT)."""
-    import importlib.util
-    if name in ("gpu-cache", "torch"):
+    if name in ("gpu-cache", "memory", "torch"):
         return True, "built in"
     if name == "ffcv":
         try:
@@ -34,7 +46,7 @@ def backend_status(name: str, deep: bool = True) -> tuple[bool, str]:
             elif importlib.util.find_spec("ffcv") is None or importlib.util.find_spec("cv2") is None:
                 raise ImportError("No module named 'ffcv'")
         except Exception as e:   # ImportError, or opencv's missing libGL (OSError)
-            return False, (f"ffcv is not importable ({type(e).__name__}: {e}); install with "
+            return False, (f"ffcv is not importable ({type(e).__name__}: {e}); install it with "
                            "`bash .ci/install-pipelines.sh VENV` or `pip install fastdmtg[ffcv]` after the "
                            "Debian packages pkg-config libopencv-dev libturbojpeg0-dev libgl1 libglib2.0-0")
         return True, "installed"
@@ -45,57 +57,63 @@ def backend_status(name: str, deep: bool = True) -> tuple[bool, str]:
             elif importlib.util.find_spec("nvidia") is None or importlib.util.find_spec("nvidia.dali") is None:
                 raise ImportError("No module named 'nvidia.dali'")
         except Exception as e:
-            return False, (f"nvidia-dali is not importable ({type(e).__name__}: {e}); install with "
+            return False, (f"nvidia-dali is not importable ({type(e).__name__}: {e}); install it with "
                            "`pip install fastdmtg[dali]` (nvidia-dali-cuda130 or -cuda120)")
         return True, "installed"
-    raise ValueError(f"unknown backend {name!r}; known: {', '.join(BACKENDS)}")
+    raise ValueError(f"data.backend: unknown backend {name!r}; known: auto, {', '.join(BACKENDS)}")
 
 
-def build_source(cfg, progress: bool = True, *, rank: int | None = None, world_size: int | None = None,
-                 flip: bool | None = None, device_fraction: float = 0.5):
-    """The DataSource for a DataConfig whose ``backend`` is one of ``BACKENDS``.
+#: backend name → how to build its source from (dataset, decode cache, DataConfig, common keywords, fraction)
+_BUILD = {
+    "gpu-cache": lambda ds, cache, cfg, kw, frac: ResidentSource(ds, placement="device", cache=cache, fraction=frac, **kw),
+    "memory": lambda ds, cache, cfg, kw, frac: ResidentSource(ds, placement="host", cache=cache, fraction=frac, **kw),
+    "torch": lambda ds, cache, cfg, kw, frac: TorchSource(ds, **kw),
+    "ffcv": lambda ds, cache, cfg, kw, frac: FfcvSource(ds, cache=cache, **kw,
+                                                        beton_dir=default_cache_dir(cfg.cache_dir, ds) / "ffcv"),
+    "dali": lambda ds, cache, cfg, kw, frac: DaliSource(ds, **kw),
+}
 
-    ``flip``: train-time horizontal flips (default ``DEFAULT_FLIP[dataset]``). ``device_fraction``:
-    the share of free device memory gpu-cache may take before it falls back (a log line says so)."""
-    from .datasets import build_spec
-    backend = cfg.backend
-    if backend not in BACKENDS:
-        raise ValueError(f"data.backend: expected {'|'.join(BACKENDS)} here, got {backend!r}")
+
+def build_source(cfg, progress: bool = True, *, dataset: Dataset | None = None, rank: int | None = None,
+                 world_size: int | None = None, flip: bool | None = None, device_fraction: float = 0.5,
+                 validate: bool = False, device="cpu") -> Source:
+    """The ``Source`` for a ``DataConfig``: ``cfg.dataset`` picks the format (``fastdmtg.data``),
+    ``cfg.backend`` the loader (``auto`` = gpu-cache).
+
+    ``dataset``: an already opened ``Dataset`` (default: ``open_dataset(cfg)``). ``flip``: train-time
+    horizontal flips (default: the dataset's reference choice). ``device_fraction``: the share of free
+    device (host) memory gpu-cache (memory) may take per split before it moves the split down (a log
+    line says so). ``validate``: decode every split — or check its cache — now, placing it for
+    ``device`` (under DDP rank 0 first, so caches are built once)."""
+    backend = AUTO if cfg.backend == "auto" else cfg.backend
     ok, why = backend_status(backend)
     if not ok:
-        raise PipelineError(f"data.backend={backend}: {why}")
-    spec = build_spec(cfg, progress)
-    flip = DEFAULT_FLIP[spec.kind] if flip is None else flip
-    common = dict(rank=rank, world_size=world_size, flip=flip)
-    workers = int(getattr(cfg, "num_workers", 2))
-    if backend == "gpu-cache":
-        from .gpu_cache import GpuCacheCeleba, GpuCacheTaskonomy
-        if spec.kind == "celeba":
-            return GpuCacheCeleba(spec, fraction=device_fraction, **common)
-        return GpuCacheTaskonomy(spec, fraction=device_fraction, num_workers=workers, **common)
-    if backend == "torch":
-        from .torch_files import TorchCeleba, TorchTaskonomy
-        if spec.kind == "celeba":
-            return TorchCeleba(spec, num_workers=workers, **common)
-        return TorchTaskonomy(spec, num_workers=workers, **common)
-    if backend == "ffcv":
-        from .ffcv_source import FfcvSource
-        return FfcvSource(spec, num_workers=workers, progress=progress, **common)
-    from .dali_source import DaliSource
-    return DaliSource(spec, num_threads=max(1, workers), **common)
+        raise PipelineError(f"data.backend={backend}: {why}; or use data.backend=gpu-cache|memory|torch")
+    ds = dataset if dataset is not None else open_dataset(cfg, progress)
+    cache = None
+    if any(ds.arrays(s) is None for s in SPLITS):     # something to decode: a decode cache
+        cache = DecodeCache(ds, default_cache_dir(cfg.cache_dir, ds), workers=0, progress=progress)
+    common = dict(rank=rank, world_size=world_size, flip=flip, num_workers=cfg.num_workers, progress=progress)
+    src = _BUILD[backend](ds, cache, cfg, common, device_fraction)
+    if validate:
+        validate_source(src, progress, device)
+    return src
 
 
-def write_beton(*args, **kwargs):
-    """See ``fastdmtg.pipelines.ffcv_source.write_beton`` (imported lazily: FFCV is optional)."""
-    from .ffcv_source import write_beton as _w
-    return _w(*args, **kwargs)
+def validate_source(src: Source, progress: bool = False, device="cpu") -> None:
+    """``src.validate`` — under DDP on rank 0 first (it builds the caches), then on the others (they
+    open and check them; backends without caches are not checked twice)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        src.validate(progress, device)
+        return
+    if dist.get_rank() == 0:
+        src.validate(progress, device)
+    dist.barrier()
+    if dist.get_rank() != 0 and src.backend in ("gpu-cache", "memory", "ffcv"):
+        src.validate(False, device)
 
 
-def prepare_ffcv_main(argv=None) -> int:
-    """``fastdmtg prepare --format ffcv ...`` — see ``ffcv_source.prepare_ffcv_main``."""
-    from .ffcv_source import prepare_ffcv_main as _m
-    return _m(argv)
-
-
-__all__ = ["BACKENDS", "DEFAULT_FLIP", "build_source", "backend_status", "write_beton", "prepare_ffcv_main",
-           "PipelineError", "resolve_shard", "shard_positions", "shard_num_batches", "plan_epoch"]
+__all__ = ["AUTO", "BACKENDS", "build_source", "validate_source", "backend_status", "Source", "PipelineError",
+           "ResidentSource", "TorchSource", "FfcvSource", "DaliSource",
+           "DecodeCache", "default_cache_dir", "verify_path", "write_beton", "prepare_ffcv_main", "epoch_permutation",
+           "flip_flags", "plan_epoch", "resolve_shard", "shard_num_batches", "shard_positions"]

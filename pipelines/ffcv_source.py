@@ -1,15 +1,20 @@
 """ffcv: .beton files read by FFCV's compiled (numba) decode pipeline, then moved to the device.
 
-Writing (``write_beton``; ``fastdmtg prepare --format ffcv`` → ``prepare_ffcv_main``):
+Writing (``write_beton``; ``fastdmtg prepare --format ffcv`` → ``prepare_ffcv_main``): one .beton
+per split from the dataset's decoded arrays (its decode cache, a prepared folder, or arrays in
+memory), one FFCV field per dataset field, in the dataset's order:
 
-    CelebA      from the decoded cache (M, 3, S, S) uint8 and the labels:
-                image   RGBImageField  raw (exact) or jpg (JPEG at ``jpeg_quality``, lossy)
-                labels  NDArrayField   (N,) uint8
-    Taskonomy   from the prepared folder's arrays:
-                rgb                     RGBImageField raw | jpg
-                normal, segment_semantic NDArrayField (C, S, S) uint8
-                depth_zbuffer, keypoints2d, edge_texture  NDArrayField (1, S, S) int16 — the
-                lossless bit-cast of the uint16 values (torch has no usable uint16)
+    the image field (kind "image", (3, S, S) uint8)   RGBImageField raw (exact) or jpg (lossy)
+    every other field                                 NDArrayField of its stored dtype and shape;
+                                                      uint16 as its lossless int16 bit-cast (torch
+                                                      has no usable uint16)
+
+    e.g. CelebA: image (RGB), labels (N,) uint8; Taskonomy: rgb (RGB), normal/segment_semantic
+    (C, S, S) uint8, depth_zbuffer/keypoints2d/edge_texture (1, S, S) int16
+
+Each .beton gets a manifest (``cache.write_manifest``: its key, size, CRC-32) written after it; a
+.beton whose manifest is missing or disagrees, or whose allocation table points past its end, is
+written again (a log line names it).
 
 Every array is validated (dtype, shape, contiguity) before FFCV sees it: FFCV's writer does not
 check dtypes, and an exception in one of its worker processes leaves the parent waiting forever.
@@ -20,12 +25,11 @@ temporary name and renamed, so a crash never leaves a half-written .beton under 
 Reading (``FfcvSource``), per batch:
 
     FFCV (host, numba threads)   image: SimpleRGBImageDecoder → (B, S, S, 3) uint8 → ToTensor
-                                 maps:  NDArrayDecoder → (B, C, S, S) uint8 | int16 → ToTensor
+                                 others: NDArrayDecoder → (B, …) → ToTensor
                                  [CUDA: ToDevice(non_blocking) on FFCV's own streams]
-    device                       image permuted to (B, 3, S, S); then the common conversion
-                                 (float / 255, flips with the normal-x negation, label dtypes)
+    device                       image permuted to (B, 3, S, S); then ``dataset.to_batch``
 
-The order is the plan's (``common.plan_epoch``): one Loader per (split, batch size, device, number
+The order is the plan's (``plan.plan_epoch``): one Loader per (split, batch size, device, number
 of samples) with ``OrderOption.SEQUENTIAL`` and its indices replaced by this epoch's shard before
 each pass — FFCV's own ``distributed``/``RANDOM`` orders would differ from every other backend.
 FFCV reuses its output buffers, so the conversion always produces new tensors.
@@ -40,17 +44,22 @@ import os
 import sys
 import threading
 import time
+import zlib
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from .common import PipelineError, ShardedSource, celeba_batch, log, taskonomy_batch
-from .datasets import as_int16
+from fastdmtg.config import DataConfig
+from fastdmtg.data import FORMATS, open_dataset
+from fastdmtg.data.base import uint16_as_int16
+
+from .cache import DecodeCache, default_cache_dir, file_problem, write_manifest
+from .source import PipelineError, Source, log
 
 #: dtypes an NDArray field may have (compact and torch-convertible)
 ND_DTYPES = (np.uint8, np.int8, np.int16, np.uint16, np.int32, np.int64, np.float16, np.float32)
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 
 # ------------------------------------------------------------------------------------------------
@@ -211,57 +220,73 @@ def check_beton(path: str | Path, fields: dict[str, str] | None = None, num_samp
 # ------------------------------------------------------------------------------------------------
 # dataset → .beton files
 # ------------------------------------------------------------------------------------------------
-def _beton_dir(spec) -> Path:
-    from fastdmtg.data import default_cache_dir
-    return default_cache_dir(spec.cfg) / "ffcv"
+def beton_fields(dataset) -> dict[str, str]:
+    return {k: ("image" if f.kind == "image" else "ndarray") for k, f in dataset.fields.items()}
 
 
-def beton_path(spec, split: str, image_mode: str, jpeg_quality: int, out_dir: Path | None = None) -> Path:
-    """Where the .beton of ``split`` goes; the name carries a key of everything its content depends on."""
-    if spec.kind == "celeba":
-        src = {"paths": [str(p) for p in spec.paths(split)], "size": spec.image_size, "tasks": spec.taskset.names}
-    else:
-        idx = json.loads((spec.folder / "index.json").read_text())
-        src = {"folder": str(spec.folder.resolve()), "samples": idx["splits"][split]["samples"][:spec.num_samples(split)],
-               "domains": list(spec.domains), "size": spec.image_size, "seg": idx["seg_resize"]}
-    src.update(mode=image_mode, q=jpeg_quality if image_mode == "jpg" else None, v=FORMAT_VERSION)
-    key = hashlib.sha1(json.dumps(src, sort_keys=True).encode()).hexdigest()[:16]
-    return (out_dir or _beton_dir(spec)) / f"{spec.kind}_{split}_{spec.image_size}_{image_mode}_{key}.beton"
+def split_arrays(dataset, split: str, cache) -> dict[str, np.ndarray]:
+    """{field: (M, …) array} of ``split`` in field order (16-bit maps as their int16 bit-cast)."""
+    a = dataset.arrays(split)
+    if a is None:
+        dec, table = cache.arrays(split, load=False), dataset.table(split)
+        a = {k: dec[k] if k in dec else table[k] for k in dataset.fields}
+    return {k: uint16_as_int16(a[k]) for k in dataset.fields}
 
 
-def beton_fields(spec) -> dict[str, str]:
-    if spec.kind == "celeba":
-        return {"image": "image", "labels": "ndarray"}
-    return {d: ("image" if d == "rgb" else "ndarray") for d in spec.domains}
+def beton_key(dataset, split: str, image_mode: str, jpeg_quality: int) -> dict:
+    """Everything a .beton's content depends on."""
+    table = {}
+    if dataset.arrays(split) is None:
+        table = {k: f"{zlib.crc32(np.ascontiguousarray(v).reshape(-1).view(np.uint8)):08x}"
+                 for k, v in dataset.table(split).items()}
+    return {"v": FORMAT_VERSION, "dataset": dataset.cache_id(), "split": split, "source": dataset.split_key(split),
+            "table": table, "fields": {k: [f.dtype.str, list(f.shape), f.kind] for k, f in dataset.fields.items()},
+            "mode": image_mode, "q": jpeg_quality if image_mode == "jpg" else None}
 
 
-def split_arrays(spec, split: str) -> dict[str, np.ndarray]:
-    if spec.kind == "celeba":
-        return {"image": spec.decoded(split), "labels": spec.labels(split).astype(np.uint8)}
-    return {d: as_int16(a) for d, a in spec.arrays(split).items()}
+def beton_path(dataset, split: str, key: dict, out_dir: Path) -> Path:
+    digest = hashlib.sha1(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return Path(out_dir) / f"{dataset.name}_{split}_{dataset.image_size}_{key['mode']}_{digest}.beton"
 
 
-def ensure_beton(spec, split: str, *, image_mode: str = "raw", jpeg_quality: int = 90, out_dir: Path | None = None,
+def ensure_beton(dataset, split: str, cache, out_dir: Path, *, image_mode: str = "raw", jpeg_quality: int = 90,
                  num_workers: int = 0, progress: bool = True, timeout: float | None = None) -> Path:
-    path = beton_path(spec, split, image_mode, jpeg_quality, out_dir)
-    if not path.exists():
-        if progress:
-            log.warning("ffcv: writing %s", path)
-        write_beton(path, split_arrays(spec, split), image_fields=("image", "rgb"), image_mode=image_mode,
-                    jpeg_quality=jpeg_quality, num_workers=num_workers, timeout=timeout, progress=progress)
+    """The checked .beton of ``split`` (written, or written again when missing, stale or damaged)."""
+    key = beton_key(dataset, split, image_mode, jpeg_quality)
+    path = beton_path(dataset, split, key, out_dir)
+    fields, n = beton_fields(dataset), dataset.num_samples(split)
+    if path.exists():
+        why = file_problem(path, key, crc=True)
+        if why is None:
+            try:
+                check_beton(path, fields, n)
+                return path
+            except PipelineError as e:
+                why = str(e)
+        log.warning("ffcv: %s; writing it again", why)
+        path.unlink(missing_ok=True)
+    if progress:
+        log.warning("ffcv: writing %s", path)
+    if dataset.arrays(split) is None:
+        cache.check(split)            # written from checked data only
+    else:
+        dataset.check(split)
+    image = tuple(k for k, v in fields.items() if v == "image")
+    write_beton(path, split_arrays(dataset, split, cache), image_fields=image, image_mode=image_mode,
+                jpeg_quality=jpeg_quality, num_workers=num_workers, timeout=timeout, progress=progress)
+    write_manifest(path, key)
+    check_beton(path, fields, n)
     return path
 
 
 def prepare_ffcv_main(argv: list[str] | None = None) -> int:
-    """``fastdmtg prepare --format ffcv celeba|taskonomy ROOT [OUT] [options]``: write the .beton
-    files of every split (decoding / preparing first when needed). ``--format ffcv`` may be passed
-    through or left out. Returns the exit status (2 on a data or argument error)."""
-    from fastdmtg.config import DataConfig
-    from .datasets import build_spec
+    """``fastdmtg prepare --format ffcv DATASET ROOT [OUT] [options]``: write the .beton files of
+    every split (decoding first when needed). ``--format ffcv`` may be passed through or left out.
+    Returns the exit status (2 on a data or argument error)."""
     ap = argparse.ArgumentParser(prog="fastdmtg prepare --format ffcv",
                                  description="Write FFCV .beton files of a dataset (for data.backend=ffcv).")
     ap.add_argument("--format", choices=("ffcv",), default="ffcv", help=argparse.SUPPRESS)
-    ap.add_argument("dataset", choices=("celeba", "taskonomy"))
+    ap.add_argument("dataset", choices=tuple(d for d in FORMATS if d != "synthetic"))
     ap.add_argument("root", help="dataset root (CelebA official layout; Taskonomy raw root or prepared folder)")
     ap.add_argument("out", nargs="?", default=None,
                     help="folder for the .beton files (default: CACHE_DIR/ffcv, where data.backend=ffcv looks)")
@@ -280,10 +305,12 @@ def prepare_ffcv_main(argv: list[str] | None = None) -> int:
     try:
         cfg = DataConfig(dataset=a.dataset, root=a.root, tasks=a.tasks, image_size=size, cache_dir=a.cache_dir,
                          taskonomy_split_file=a.split_file, taskonomy_seg_resize=a.seg_resize)
-        spec = build_spec(cfg, progress=not a.no_progress)
+        ds = open_dataset(cfg, progress=not a.no_progress)
+        base = default_cache_dir(cfg.cache_dir, ds)
+        cache = DecodeCache(ds, base, workers=a.workers, progress=not a.no_progress)
         for s in [x for x in a.splits.split(",") if x]:
-            p = ensure_beton(spec, s, image_mode=a.image_mode, jpeg_quality=a.jpeg_quality,
-                             out_dir=Path(a.out) if a.out else None, num_workers=a.workers, progress=not a.no_progress)
+            p = ensure_beton(ds, s, cache, Path(a.out) if a.out else base / "ffcv", image_mode=a.image_mode,
+                             jpeg_quality=a.jpeg_quality, num_workers=a.workers, progress=not a.no_progress)
             print(p)
     except (ValueError, PipelineError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -294,31 +321,28 @@ def prepare_ffcv_main(argv: list[str] | None = None) -> int:
 # ------------------------------------------------------------------------------------------------
 # reading
 # ------------------------------------------------------------------------------------------------
-class FfcvSource(ShardedSource):
+class FfcvSource(Source):
     backend = "ffcv"
 
-    def __init__(self, spec, *, image_mode: str = "raw", jpeg_quality: int = 90, num_workers: int = 2,
-                 beton_dir: str | Path | None = None, progress: bool = True, rank=None, world_size=None,
-                 flip: bool = False, batches_ahead: int = 3):
-        super().__init__(rank=rank, world_size=world_size, flip=flip)
-        self.spec, self.taskset, self.image_size = spec, spec.taskset, spec.image_size
-        self.kind = spec.kind
-        self.image_mode, self.jpeg_quality = image_mode, jpeg_quality
-        self.num_workers, self.progress, self.batches_ahead = max(1, num_workers), progress, batches_ahead
-        self.beton_dir = Path(beton_dir) if beton_dir else None
+    def __init__(self, dataset, *, cache=None, beton_dir: str | Path, image_mode: str = "raw", jpeg_quality: int = 90,
+                 batches_ahead: int = 3, **kw):
+        super().__init__(dataset, **kw)
+        self.cache, self.beton_dir = cache, Path(beton_dir)
+        self.image_mode, self.jpeg_quality, self.batches_ahead = image_mode, jpeg_quality, batches_ahead
+        self.num_workers = max(1, self.num_workers)
         self._loaders: dict[tuple, object] = {}
         self._paths: dict[str, Path] = {}
 
-    def num_samples(self, split):
-        return self.spec.num_samples(split)
-
     def beton(self, split: str) -> Path:
         if split not in self._paths:
-            p = ensure_beton(self.spec, split, image_mode=self.image_mode, jpeg_quality=self.jpeg_quality,
-                             out_dir=self.beton_dir, num_workers=self.num_workers, progress=self.progress)
-            check_beton(p, beton_fields(self.spec), self.num_samples(split))
-            self._paths[split] = p
+            self._paths[split] = ensure_beton(self.dataset, split, self.cache, self.beton_dir,
+                                              image_mode=self.image_mode, jpeg_quality=self.jpeg_quality,
+                                              num_workers=self.num_workers, progress=self.progress)
         return self._paths[split]
+
+    def validate(self, progress: bool = False, device="cpu") -> None:
+        for s in self.splits:
+            self.beton(s)
 
     def _loader(self, split: str, batch_size: int, device: torch.device, indices: np.ndarray):
         from ffcv.fields.decoders import NDArrayDecoder, SimpleRGBImageDecoder
@@ -328,7 +352,7 @@ class FfcvSource(ShardedSource):
         if key not in self._loaders:
             move = [ToDevice(device, non_blocking=True)] if device.type == "cuda" else []
             pipes = {}
-            for name, kind in beton_fields(self.spec).items():
+            for name, kind in beton_fields(self.dataset).items():
                 dec = SimpleRGBImageDecoder() if kind == "image" else NDArrayDecoder()
                 pipes[name] = [dec, ToTensor(), *move]
             self._loaders[key] = Loader(str(self.beton(split)), batch_size=batch_size, num_workers=self.num_workers,
@@ -345,18 +369,15 @@ class FfcvSource(ShardedSource):
         indices = np.concatenate([p.index for p in plan]).astype(np.uint64)
         loader = self._loader(split, batch_size, device, indices)
         names = list(loader.reader.handlers)
+        images = [k for k, f in self.dataset.fields.items() if f.kind == "image"]
         n_out = 0
         for pb, out in zip(plan, loader):
             if out[0].shape[0] != len(pb.index):
                 raise PipelineError(f"ffcv: batch of {out[0].shape[0]} samples, the plan has {len(pb.index)}")
             n_out += 1
-            fields = dict(zip(names, out))
-            if self.kind == "celeba":
-                img = fields["image"].to(device, non_blocking=True).permute(0, 3, 1, 2)   # (B, 3, S, S) uint8
-                yield celeba_batch(img, fields["labels"].to(device, non_blocking=True), pb.flip)
-            else:
-                raw = {d: x.to(device, non_blocking=True) for d, x in fields.items()}
-                raw["rgb"] = raw["rgb"].permute(0, 3, 1, 2)
-                yield taskonomy_batch(raw, self.spec.task_names, pb.flip)
+            raw = {k: t.to(device, non_blocking=True) for k, t in zip(names, out)}
+            for k in images:
+                raw[k] = raw[k].permute(0, 3, 1, 2)                         # (B, 3, S, S) uint8
+            yield self._batch(raw, pb.flip)
         if n_out != len(plan):
             raise PipelineError(f"ffcv: loader gave {n_out} batches, the plan has {len(plan)}")

@@ -14,7 +14,7 @@ import torch
 from fastdmtg import grouping_search as gs
 from fastdmtg.compare import compare_main, random_partition
 from fastdmtg.config import apply_overrides, get_recipe
-from fastdmtg.data import build_data
+from fastdmtg.pipelines import build_source
 from fastdmtg.data.synthetic import planted_groups
 from fastdmtg.methods.networks import NetworkGroups, format_networks, parse_networks
 from fastdmtg.methods.tag import TagAffinity, update_direction
@@ -304,7 +304,7 @@ def test_tag_affinity_matches_direct_computation(optim, batched):
     cfg = _tiny_cfg(["grouping.method=tag-affinity", "model.branches=1", "grouping.affinity_every=2",
                      f"optim.name={optim}", "optim.lr=0.05", "optim.momentum=0.9"])
     torch.manual_seed(0)
-    data = build_data(cfg.data, progress=False)
+    data = build_source(cfg.data, progress=False)
     ts = data.taskset
     model = build_multibranch(cfg.model, ts.specs, data.image_size)
     if batched:                                             # the trainer's model.batched=on form

@@ -67,7 +67,7 @@ def test_step_main_celeba(tmp_path):
     assert list(rows) == ["reference style: eager fp32 + torch DataLoader (JPEG decode)",
                           "eager fp32, GPU-resident uint8 cache", "+ bf16 autocast"]
     for cells in rows.values():
-        mode, kernels, ms, ips, _, mfu, hours = cells
+        mode, kernels, ms, ips, _, mfu, hours, data = cells
         assert (mode, kernels) == ("eager", "reference")
     runs = json.loads(out.with_suffix(".json").read_text())
     _check_runs(runs, rows, batch=8, n=3)
@@ -98,7 +98,7 @@ def _layout(batch: dict) -> dict:
 
 
 def test_taskonomy_stepper_layout_loss_and_update(tmp_path):
-    from fastdmtg.data import build_data
+    from fastdmtg.pipelines import build_source
     from fastdmtg.tasks.taskonomy import TaskonomyTaskSet
     cfg = apply_overrides(get_recipe("taskonomy5_k3"), TX_SET + bench._SPEED_OFF)
     step, info = bench.build_stepper(cfg, CPU, n_batches=2)
@@ -119,7 +119,7 @@ def test_taskonomy_stepper_layout_loss_and_update(tmp_path):
 
     # the same layout as the trainer's default source over a real (official-format) folder
     fx = write_fixture(tmp_path / "raw", size=32, samples_per_building=2)
-    real = build_data(DataConfig(dataset="taskonomy", root=str(fx["root"]), tasks="taskonomy5", image_size=32,
+    real = build_source(DataConfig(dataset="taskonomy", root=str(fx["root"]), tasks="taskonomy5", image_size=32,
                                  backend="gpu-cache", cache_dir=str(tmp_path / "cache"), num_workers=0,
                                  taskonomy_split_file=str(fx["split_file"])), progress=False)
     real_batch = next(iter(real.batches("train", 2, shuffle=True, seed=0, epoch=0, device=CPU, train=True)))

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from fastdmtg.config import CELEBA_9, CELEBA_40, DataConfig
-from fastdmtg.data import build_data
 from fastdmtg.data.celeba import CelebAFormatError, CelebAIndex, load_image, parse_attributes, parse_partition
+from fastdmtg.pipelines import build_source
 
 from celeba_fixture import write_celeba
 
@@ -29,7 +29,7 @@ def test_parse_handwritten_rows(tmp_path):
 @pytest.mark.parametrize("text,match", [
     ("x\nA B\n", "image count"),
     ("3\nA B\nf1.jpg 1 1\nf2.jpg 1 -1\n", "says 3 images but the file has 2 rows"),
-    ("1\nA B\nf1.jpg 1\n", r"list_attr_celeba.txt:3: expected a file name and 2 values, got 2 fields"),
+    ("1\nA B\nf1.jpg 1\n", r"list_attr_celeba.txt:3: f1.jpg: 1 value, expected 2 \(one per attribute on line 2\)"),
     ("1\nA B\nf1.jpg 1 0\n", r":3: attribute 'B' of f1.jpg: expected 1 or -1, got '0'"),
     ("2\nA B\nf1.jpg 1 1\nf1.jpg 1 1\n", "duplicate image"),
     ("0\n\n", "expected attribute names"),
@@ -39,6 +39,42 @@ def test_attribute_file_errors(tmp_path, text, match):
     p.write_text(text)
     with pytest.raises(CelebAFormatError, match=match):
         parse_attributes(p)
+
+
+def test_attribute_row_with_one_value_missing_gives_exact_counts(tmp_path):
+    """A 40-attribute file whose row has 39 values: the message counts values, not fields."""
+    write_celeba(tmp_path, n=3)
+    p = tmp_path / "list_attr_celeba.txt"
+    lines = p.read_text().splitlines()
+    lines[3] = lines[3].rsplit(" ", 1)[0].rstrip()          # drop the last value of row 2 (line 4)
+    p.write_text("\n".join(lines) + "\n")
+    with pytest.raises(CelebAFormatError, match=r"list_attr_celeba.txt:4: 000002.jpg: 39 values, expected 40 "):
+        parse_attributes(p)
+
+
+@pytest.mark.parametrize("which", ["list_attr_celeba.txt", "list_eval_partition.txt"])
+def test_utf8_byte_order_mark_is_ignored(tmp_path, which):
+    """Editors on some systems save with a UTF-8 BOM; it must not become part of the first field."""
+    files, labels = write_celeba(tmp_path, n=8)
+    p = tmp_path / which
+    p.write_bytes(b"\xef\xbb\xbf" + p.read_bytes())
+    idx = CelebAIndex(tmp_path, None)
+    assert [f for s in ("train", "val", "test") for f in idx.splits[s][0]] == files
+    assert np.array_equal(idx.labels("train"), (labels[:4] > 0).astype(np.int64))
+
+
+def test_non_utf8_byte_names_file_and_line(tmp_path):
+    write_celeba(tmp_path, n=4)
+    p = tmp_path / "list_attr_celeba.txt"
+    lines = p.read_bytes().split(b"\n")
+    lines[4] = lines[4].replace(b".jpg", b"\xff.jpg")       # line 5: the third image row
+    p.write_bytes(b"\n".join(lines))
+    with pytest.raises(CelebAFormatError, match=r"list_attr_celeba.txt:5: byte 0xff at column 7 is not UTF-8"):
+        parse_attributes(p)
+    q = tmp_path / "list_eval_partition.txt"
+    q.write_bytes(b"000001.jpg 0\n\xe9\n")
+    with pytest.raises(CelebAFormatError, match=r"list_eval_partition.txt:2: byte 0xe9 at column 1 is not UTF-8"):
+        parse_partition(q)
 
 
 def test_partition_errors(tmp_path):
@@ -83,11 +119,11 @@ def test_image_decode_and_errors(tmp_path):
 
 
 @pytest.mark.parametrize("backend", ["memory", "torch"])
-def test_build_data_splits_and_tasks(tmp_path, backend):
+def test_build_source_splits_and_tasks(tmp_path, backend):
     files, labels = write_celeba(tmp_path / "celeba", n=16)
     cfg = DataConfig(dataset="celeba", root=str(tmp_path / "celeba"), tasks="celeba9", image_size=64,
                      backend=backend, num_workers=0, cache_dir=str(tmp_path / "cache"))
-    src = build_data(cfg, progress=False)
+    src = build_source(cfg, progress=False)
     assert src.taskset.names == CELEBA_9
     assert [src.num_samples(s) for s in ("train", "val", "test")] == [8, 4, 4]
     cols = [CELEBA_40.index(n) for n in CELEBA_9]
@@ -98,28 +134,32 @@ def test_build_data_splits_and_tasks(tmp_path, backend):
     assert 0.0 <= b["image"].min() and b["image"].max() <= 1.0
 
 
-def test_memory_cache_is_reused(tmp_path):
+def test_decode_cache_is_reused(tmp_path):
     write_celeba(tmp_path / "celeba", n=8)
     cfg = DataConfig(dataset="celeba", root=str(tmp_path / "celeba"), image_size=32, cache_dir=str(tmp_path / "c"),
                      backend="memory")
-    a = build_data(cfg, progress=False)
-    caches = sorted((tmp_path / "c").glob("*.npy"))
-    assert len(caches) == 3
+    a = build_source(cfg, progress=False, validate=True)
+    caches = sorted((tmp_path / "c").rglob("*.npy"))
+    assert [c.name for c in caches] == ["image.npy"] * 3               # one per split; labels are parsed
     mtimes = [c.stat().st_mtime_ns for c in caches]
-    b = build_data(cfg, progress=False)
+    b = build_source(cfg, progress=False, validate=True)
     assert [c.stat().st_mtime_ns for c in caches] == mtimes
-    assert torch.equal(a.data["train"][0], b.data["train"][0])
+    assert torch.equal(next(iter(a.batches("train", 4, shuffle=False)))["image"],
+                       next(iter(b.batches("train", 4, shuffle=False)))["image"])
 
 
 def test_in_process_decode_keeps_the_callers_thread_count(tmp_path):
     """Decoding a single chunk runs in the calling process: it must not leave torch at 1 thread
     (training afterwards would run single-threaded on CPU)."""
-    from fastdmtg.data.celeba import decode_split
-    files, _ = write_celeba(tmp_path, n=4)
+    from fastdmtg.data.base import decode_parallel
+    from fastdmtg.data.celeba import CelebADataset
+    write_celeba(tmp_path, n=8)
+    ds = CelebADataset(tmp_path, None, 32)
     before = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        out = decode_split(sorted((tmp_path / "img_align_celeba").glob("*.jpg")), 32, workers=1, progress=False)
-        assert out.shape == (4, 3, 32, 32) and torch.get_num_threads() == 2
+        out = {"image": np.zeros((4, 3, 32, 32), np.uint8)}
+        decode_parallel(ds.items("train"), ds.decode_one, out, workers=1, progress=False)
+        assert out["image"].any() and torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)

@@ -6,9 +6,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
-
-from fastdmtg.distributed import shard
 
 ARGS = ["--quiet", "--set", "train.tensorboard=false", "--set", "data.synthetic_train=400",
         "--set", "data.synthetic_val=100", "--set", "data.synthetic_test=100", "--set", "train.batch_size=32",
@@ -20,18 +17,6 @@ def torchrun(tmp_path: Path, *args: str, timeout: int = 300) -> subprocess.Compl
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            "-m", "fastdmtg", "train", *args]
     return subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=timeout)
-
-
-def test_shard_covers_each_sample_once(monkeypatch):
-    order = torch.randperm(103, generator=torch.Generator().manual_seed(0))
-    parts = []
-    for r in range(4):
-        monkeypatch.setattr("fastdmtg.distributed.world", lambda r=r: (r, 4))
-        parts.append(shard(order))
-    assert all(len(p) == 25 for p in parts)                     # equal steps on every rank
-    flat = torch.cat(parts)
-    assert len(set(flat.tolist())) == 100                       # disjoint: no sample twice
-    assert set(flat.tolist()) <= set(order.tolist())
 
 
 @pytest.mark.timeout(600)

@@ -1,20 +1,23 @@
-"""fastdmtg.pipelines: every backend against the reference decoders, on tiny official-format
-datasets written here (tests/celeba_fixture.py, tests/taskonomy_fixture.py).
+"""fastdmtg.pipelines: every dataset × backend against the reference decoding, on tiny data written here
+(the synthetic generator; tests/celeba_fixture.py; tests/taskonomy_fixture.py as a raw root and as a
+prepared folder).
 
-Checked per backend: exactly the reference samples and labels in exactly the reference order
-(``MemorySource`` over ``celeba.load_image`` decodes; ``TaskonomySource`` over ``taskonomy.prepare``),
-flips consistent between the image and every map (normal x negated), DDP shards covering each
-sample once per epoch with equal batch counts in training, determinism given a seed, resume
-``skip``, and errors naming corrupt files.
+Checked per pair: exactly the reference samples, labels and flips in exactly the reference order
+(the reference: the format's own decoder on each sample — ``celeba.load_image``, Taskonomy's
+``decode_sample``, the prepared or generated arrays — batched by the plan's rules written out here
+by hand), ``num_batches`` = what is yielded, resume ``skip``, val/test splits, the source class that
+ran. DDP (2 gloo processes under torchrun, one launch for every pair): see ``test_ddp_*``.
 
-FFCV's checks run in ONE child process (``_ffcv_results``): several FFCV Loaders in one process can
-raise a numba finalizer KeyError at garbage collection, which pytest would attribute to whatever
-test happens to be running; in a child it cannot touch another test, and a hung FFCV writer is
-killed by the timeout. Backends that are installed are never skipped; one that is not installed
-is skipped with the reason (CI installs both: .ci/install-pipelines.sh).
+FFCV runs in child processes (``_ffcv_results``, and the DDP launch): several FFCV Loaders in one
+process can raise a numba finalizer KeyError at garbage collection, which pytest would attribute to
+whatever test happens to be running; every FFCV case has its own time limit
+(``faulthandler.dump_traceback_later``: a hang dumps the stacks and ends the child, and the test
+names the case). Backends that are installed are never skipped; one that is not installed is
+skipped with the reason (CI installs both: .ci/install-pipelines.sh).
 """
 from __future__ import annotations
 
+import faulthandler
 import hashlib
 import json
 import os
@@ -28,11 +31,12 @@ import pytest
 import torch
 
 from fastdmtg.config import DataConfig
-from fastdmtg.data import MemorySource, epoch_permutation, num_batches
+from fastdmtg.data import open_dataset
 from fastdmtg.data import celeba as cb
 from fastdmtg.data import taskonomy as tx
 from fastdmtg import pipelines as P
-from fastdmtg.pipelines import common as C
+from fastdmtg.pipelines import plan as plan_mod
+from fastdmtg.pipelines.source import to_tensor
 
 sys.path.insert(0, str(Path(__file__).parent))
 from celeba_fixture import write_celeba  # noqa: E402
@@ -41,7 +45,11 @@ from taskonomy_fixture import write_fixture  # noqa: E402
 CELEBA_N = 40          # 20 train / 10 val / 10 test
 CELEBA_SIZE = 32
 TX_RAW, TX_SIZE = 32, 16
-IN_PROCESS = ["gpu-cache", "torch", "dali"]
+DATASETS = ["synthetic", "celeba", "taskonomy", "taskonomy-prepared"]
+IN_PROCESS = ["gpu-cache", "memory", "torch", "dali"]
+CLASS = {"gpu-cache": P.ResidentSource, "memory": P.ResidentSource, "torch": P.TorchSource, "ffcv": P.FfcvSource,
+         "dali": P.DaliSource}
+BATCH = {"synthetic": 4, "celeba": 7, "taskonomy": 3, "taskonomy-prepared": 3}
 
 
 def _installed(name):
@@ -53,52 +61,56 @@ BACKENDS = [_installed(b) for b in IN_PROCESS]
 
 
 # ------------------------------------------------------------------------------------------------
-# data + references (shared with the FFCV child process through a JSON of paths)
+# data + references (shared with the child processes through a JSON of paths)
 # ------------------------------------------------------------------------------------------------
 def make_data(base: Path) -> dict:
     base.mkdir(parents=True, exist_ok=True)
     cel = base / "celeba"
     write_celeba(cel, n=CELEBA_N, seed=1)
     fx = write_fixture(base / "txraw", layout="domain", size=TX_RAW, samples_per_building=4, seed=2)
-    return {"celeba": str(cel), "tx_root": str(fx["root"]), "tx_split": str(fx["split_file"]),
+    prep = base / "txprep"
+    tx.prepare(fx["root"], prep, TX_SIZE, split_file=fx["split_file"], domains=tx.needed_domains(tx.TASK_DOMAIN),
+               workers=1, progress=False)
+    return {"celeba": str(cel), "tx_root": str(fx["root"]), "tx_split": str(fx["split_file"]), "tx_prep": str(prep),
             "cache": str(base / "cache")}
 
 
-def celeba_cfg(d, backend, **kw):
-    c = DataConfig(dataset="celeba", root=d["celeba"], tasks="celeba9", image_size=CELEBA_SIZE, backend="torch",
-                   cache_dir=d["cache"], num_workers=0)
-    c.backend = backend        # set after validation: DataConfig may not list the pipeline backends yet
-    for k, v in kw.items():
-        setattr(c, k, v)
-    return c
+def cfg_for(d: dict, dataset: str, backend: str, **kw) -> DataConfig:
+    common = dict(backend=backend, cache_dir=d["cache"], num_workers=0)
+    if dataset == "synthetic":
+        c = dict(dataset="synthetic", image_size=16, synthetic_groups=2, synthetic_tasks_per_group=2,
+                 synthetic_train=21, synthetic_val=7, synthetic_test=6)
+    elif dataset == "celeba":
+        c = dict(dataset="celeba", root=d["celeba"], tasks="celeba9", image_size=CELEBA_SIZE)
+    else:
+        c = dict(dataset="taskonomy", root=d["tx_root"] if dataset == "taskonomy" else d["tx_prep"],
+                 image_size=TX_SIZE, tasks="taskonomy5", taskonomy_split_file=d["tx_split"])
+    return DataConfig(**{**c, **common, **kw})
 
 
-def tx_cfg(d, backend, **kw):
-    c = DataConfig(dataset="taskonomy", root=d["tx_root"], image_size=TX_SIZE, tasks="taskonomy5", backend="torch",
-                   cache_dir=d["cache"], num_workers=0, taskonomy_split_file=d["tx_split"])
-    c.backend = backend
-    for k, v in kw.items():
-        setattr(c, k, v)
-    return c
-
-
-def celeba_reference(d, split="train") -> MemorySource:
-    """The reference decoding: celeba.load_image of every file, in a MemorySource."""
-    idx = cb.CelebAIndex(d["celeba"], DataConfig(tasks="celeba9").task_names())
-    x = np.stack([cb.load_image(p, CELEBA_SIZE) for p in idx.image_paths(split)])
-    from fastdmtg.tasks.attributes import AttributeTaskSet
-    return MemorySource({split: (torch.from_numpy(x), torch.from_numpy(idx.labels(split)))},
-                        AttributeTaskSet(idx.task_names), CELEBA_SIZE)
-
-
-def tx_reference(d):
-    """The reference: taskonomy.prepare's arrays read by TaskonomySource (flips included)."""
-    return tx.build_source(tx_cfg(d, "torch"), progress=False)
+def reference_batches(ds, split: str, bs: int, *, shuffle: bool, seed: int, epoch: int, train: bool,
+                      flip: bool) -> list[dict]:
+    """The reference: every sample decoded on its own by the format's decoder (``ds.sample``), in the
+    order and batches of the single-process rule — order = the (seed, epoch) permutation, batches of
+    ``bs`` consecutive positions, in training a last batch of one sample dropped."""
+    n = ds.num_samples(split)
+    order = (plan_mod.epoch_permutation(n, seed, epoch) if shuffle else torch.arange(n)).tolist()
+    flags = plan_mod.flip_flags(n, seed, epoch) if (flip and train) else None
+    nb = n // bs + (1 if n % bs and not (train and n % bs == 1) else 0)
+    out, read = [], ds.sample_reader(split)
+    for b in range(nb):
+        pos = list(range(b * bs, min(n, (b + 1) * bs)))
+        rows = [read(order[p]) for p in pos]
+        raw = {k: to_tensor(np.stack([r[k] for r in rows])) for k in ds.fields}
+        f = flags[pos] if flags is not None else None
+        out.append(ds.to_batch(raw, f if f is not None and bool(f.any()) else None))
+    return out
 
 
 def assert_same_batch(a: dict, b: dict, what=""):
+    assert a.keys() == b.keys(), what
     assert torch.equal(a["image"], b["image"]), f"{what}: images differ"
-    assert a["image"].is_contiguous(), f"{what}: image not contiguous NCHW"
+    assert a["image"].is_contiguous() and a["image"].dtype == torch.float32, f"{what}: image not contiguous float"
     if "labels" in b:
         assert torch.equal(a["labels"], b["labels"]) and a["labels"].dtype == torch.int64, f"{what}: labels"
     else:
@@ -109,110 +121,40 @@ def assert_same_batch(a: dict, b: dict, what=""):
             assert torch.equal(a["targets"][k], b["targets"][k]), f"{what}: target {k} differs"
 
 
-def sample_key(batch: dict, j: int) -> str:
-    """Identity of sample j of a batch (its un-flipped image bytes: the fixtures' images are random)."""
-    return hashlib.sha1(batch["image"][j].numpy().tobytes()).hexdigest()
-
-
 # ------------------------------------------------------------------------------------------------
 # checks, used in-process and by the FFCV child
 # ------------------------------------------------------------------------------------------------
-def check_matches_reference(d, backend, dataset):
-    src = P.build_source(celeba_cfg(d, backend) if dataset == "celeba" else tx_cfg(d, backend), progress=False)
-    ref = celeba_reference(d) if dataset == "celeba" else tx_reference(d)
-    bs = 7 if dataset == "celeba" else 3
-    for epoch in (0, 1):
-        for train, shuffle in ((True, True), (False, True), (False, False)):
-            got = list(src.batches("train", bs, shuffle=shuffle, seed=5, epoch=epoch, train=train))
-            want = list(ref.batches("train", bs, shuffle=shuffle, seed=5, epoch=epoch, train=train))
-            assert len(got) == len(want) == src.num_batches("train", bs, train), (len(got), len(want))
-            for i, (a, b) in enumerate(zip(got, want)):
-                assert_same_batch(a, b, f"{backend}/{dataset} epoch {epoch} train={train} batch {i}")
-    # val / test splits too (no shuffling)
-    for split in ("val", "test"):
-        got = [b["image"].shape[0] for b in src.batches(split, 4, shuffle=False)]
-        assert sum(got) == src.num_samples(split)
-
-
-def check_flip_consistency(d, backend, dataset):
-    kw = {"flip": True}
-    cfg = celeba_cfg(d, backend) if dataset == "celeba" else tx_cfg(d, backend)
-    src = P.build_source(cfg, progress=False, **kw)
-    n = src.num_samples("train")
-    flips = tx.flip_flags(n, 9, 0).numpy()
-    assert flips.any() and not flips.all()
-    # same order (shuffle, seed 9) with and without the train augmentation
-    aug = list(src.batches("train", n, shuffle=True, seed=9, epoch=0, train=True))[0]
-    plain = list(src.batches("train", n, shuffle=True, seed=9, epoch=0, train=False))[0]
-    for j in range(n):
-        f = (lambda x: x.flip(-1)) if flips[j] else (lambda x: x)
-        assert torch.equal(aug["image"][j], f(plain["image"][j]))
-        if dataset == "celeba":
-            assert torch.equal(aug["labels"][j], plain["labels"][j])
-            continue
-        assert torch.equal(aug["mask"][j], f(plain["mask"][j]))
-        for t, v in plain["targets"].items():
-            want = f(v[j])
-            if t == "normal" and flips[j]:
-                want = want.clone()
-                want[0] = -want[0]
-            assert torch.equal(aug["targets"][t][j], want), (t, j)
-
-
-def check_sharding(d, backend, dataset):
-    cfg = celeba_cfg(d, backend) if dataset == "celeba" else tx_cfg(d, backend)
-    src = P.build_source(cfg, progress=False, flip=False)
-    n = src.num_samples("train")
-    everything = sorted(sample_key(b, j) for b in src.batches("train", n, shuffle=False) for j in range(len(b["image"])))
-    assert len(set(everything)) == n
-    for world, bs in ((2, 3), (3, 2)):
-        for epoch in (0, 1):
-            seen_eval, seen_train, counts = [], [], []
-            for r in range(world):
-                ev = list(src.batches("train", bs, shuffle=True, seed=1, epoch=epoch, rank=r, world_size=world))
-                tr = list(src.batches("train", bs, shuffle=True, seed=1, epoch=epoch, train=True, rank=r,
-                                      world_size=world))
-                assert len(tr) == src.num_batches("train", bs, True, rank=r, world_size=world)
-                assert all(len(b["image"]) <= bs for b in ev + tr) and all(len(b["image"]) >= 2 for b in tr)
-                seen_eval += [sample_key(b, j) for b in ev for j in range(len(b["image"]))]
-                seen_train += [sample_key(b, j) for b in tr for j in range(len(b["image"]))]
-                counts.append(len(tr))
-            assert sorted(seen_eval) == everything                         # eval: each sample exactly once
-            assert len(set(counts)) == 1                                   # train: same number of steps per rank
-            assert len(set(seen_train)) == len(seen_train)                 # train: no repeats (no padding) ...
-            assert n - len(seen_train) <= 2 * world - 1                    # ... and at most 2W-1 left out
-
-
-def check_determinism_and_skip(d, backend, dataset):
-    cfg = celeba_cfg(d, backend) if dataset == "celeba" else tx_cfg(d, backend)
-    a = list(P.build_source(cfg, progress=False).batches("train", 3, shuffle=True, seed=4, epoch=2, train=True))
-    b_src = P.build_source(cfg, progress=False)
-    b = list(b_src.batches("train", 3, shuffle=True, seed=4, epoch=2, train=True))
-    for x, y in zip(a, b):
-        assert_same_batch(x, y, "same seed")
-    c = list(b_src.batches("train", 3, shuffle=True, seed=5, epoch=2, train=True))
-    assert any(not torch.equal(x["image"], y["image"]) for x, y in zip(a, c)), "another seed, another order"
-    resumed = list(b_src.batches("train", 3, shuffle=True, seed=4, epoch=2, train=True, skip=2))
-    assert len(resumed) == len(a) - 2
-    for x, y in zip(resumed, a[2:]):
-        assert_same_batch(x, y, "skip")
-    assert list(b_src.batches("train", 3, shuffle=True, seed=4, epoch=2, train=True, skip=len(a))) == []
-
-
-def check_training_identical(d, backend, tmp: Path):
-    """A short DMTG run through the Trainer (fastdmtg.data.build_data → build_source) gives exactly
-    the losses and validation results of the same run on the memory backend."""
-    from fastdmtg.config import Config, ModelConfig, TrainConfig
-    from fastdmtg.train import train
-
-    def run(be):
-        cfg = Config(data=celeba_cfg(d, be), model=ModelConfig(width=4, branches=2),
-                     train=TrainConfig(epochs=2, batch_size=6, eval_batch_size=8, device="cpu", progress=False,
-                                       tensorboard=False))
-        out = tmp / f"run-{be}"
-        train(cfg, out)
-        return [(h["train_loss"], h["val"]) for h in json.loads((out / "history.json").read_text())]
-    assert run(backend) == run("memory")
+def check_pair(d: dict, dataset: str, backend: str, light: bool = False):
+    """Same batches as the reference (values, order, flips) for train/eval, two epochs; val/test;
+    num_batches = yielded; resume skip; the source class that ran. ``light``: fewer passes (FFCV
+    compiles a loader per batch size and sample count)."""
+    src = P.build_source(cfg_for(d, dataset, backend), progress=False, validate=True)
+    assert type(src) is CLASS[backend] and src.backend == backend, (type(src), src.backend)
+    ds = open_dataset(cfg_for(d, dataset, backend), progress=False)          # opened independently
+    bs = BATCH[dataset]
+    assert src.flip == ds.default_flip == (dataset.startswith("taskonomy"))   # the references' choices
+    modes = ((0, True, True), (1, False, False)) if light else ((0, True, True), (1, True, True), (1, False, True),
+                                                                 (0, False, False))
+    for epoch, train, shuffle in modes:
+        got = list(src.batches("train", bs, shuffle=shuffle, seed=5, epoch=epoch, train=train))
+        want = reference_batches(ds, "train", bs, shuffle=shuffle, seed=5, epoch=epoch, train=train,
+                                 flip=src.flip)
+        assert len(got) == len(want) == src.num_batches("train", bs, train), (len(got), len(want))
+        for i, (a, b) in enumerate(zip(got, want)):
+            assert_same_batch(a, b, f"{backend}/{dataset} epoch {epoch} train={train} batch {i}")
+    for split in ("val",) if light else ("val", "test"):
+        got = list(src.batches(split, 4, shuffle=False))
+        want = reference_batches(ds, split, 4, shuffle=False, seed=0, epoch=0, train=False, flip=False)
+        assert len(got) == len(want) == src.num_batches(split, 4)
+        for i, (a, b) in enumerate(zip(got, want)):
+            assert_same_batch(a, b, f"{backend}/{dataset} {split} batch {i}")
+    # resume: skip=k gives exactly the rest of the uninterrupted epoch
+    full = list(src.batches("train", 2, shuffle=True, seed=4, epoch=2, train=True))
+    rest = list(src.batches("train", 2, shuffle=True, seed=4, epoch=2, train=True, skip=3))
+    assert len(rest) == len(full) - 3
+    for a, b in zip(rest, full[3:]):
+        assert_same_batch(a, b, f"{backend}/{dataset} skip")
+    assert list(src.batches("train", 2, shuffle=True, seed=4, epoch=2, train=True, skip=len(full))) == []
 
 
 # ------------------------------------------------------------------------------------------------
@@ -224,37 +166,42 @@ def data(tmp_path_factory):
 
 
 # ------------------------------------------------------------------------------------------------
-# the plan (pure functions)
+# the plan (pure functions) against the rules written out by hand
 # ------------------------------------------------------------------------------------------------
-def test_plan_single_process_equals_fastdmtg_data():
+def test_plan_single_process():
     for n in range(1, 30):
         for bs in (1, 2, 3, 7, 32):
             for train in (False, True):
-                pos = C.shard_positions(n, bs, train, 0, 1)
-                assert len(pos) == num_batches(n, bs, train) == C.shard_num_batches(n, bs, train)
+                pos = plan_mod.shard_positions(n, bs, train, 0, 1)
+                want = n // bs + (1 if n % bs and not (train and n % bs == 1) else 0)
+                assert len(pos) == want == plan_mod.shard_num_batches(n, bs, train)
                 flat = np.concatenate(pos) if pos else np.zeros(0, int)
                 assert (flat == np.arange(len(flat))).all()          # contiguous batches, epoch order
-    plan = C.plan_epoch(10, 3, shuffle=True, seed=2, epoch=1, train=False, skip=0, rank=0, world=1, flip=False)
-    assert (np.concatenate([p.index for p in plan]) == epoch_permutation(10, 2, 1).numpy()).all()
+    p = plan_mod.plan_epoch(10, 3, shuffle=True, seed=2, epoch=1, train=False, skip=0, rank=0, world=1, flip=False)
+    assert (np.concatenate([b.index for b in p]) == plan_mod.epoch_permutation(10, 2, 1).numpy()).all()
+    g = torch.Generator().manual_seed(2 * 1_000_003 + 1)                    # order = f(seed, epoch) only
+    assert torch.equal(plan_mod.epoch_permutation(10, 2, 1), torch.randperm(10, generator=g))
 
 
 def test_plan_sharding_rules():
     for n in range(1, 60):
         for bs in (1, 2, 3, 8):
             for world in (1, 2, 3, 4):
-                ev = [C.shard_positions(n, bs, False, r, world) for r in range(world)]
+                ev = [plan_mod.shard_positions(n, bs, False, r, world) for r in range(world)]
                 flat = np.sort(np.concatenate([np.concatenate(p) for p in ev if p]))
                 assert (flat == np.arange(n)).all()                       # eval: exactly once
                 assert max(map(len, ev)) - min(map(len, ev)) <= 1
                 for r in range(world):
-                    assert len(ev[r]) == C.shard_num_batches(n, bs, False, r, world)
-                tr = [C.shard_positions(n, bs, True, r, world) for r in range(world)]
+                    assert len(ev[r]) == plan_mod.shard_num_batches(n, bs, False, r, world)
+                tr = [plan_mod.shard_positions(n, bs, True, r, world) for r in range(world)]
                 assert len({len(p) for p in tr}) == 1                     # train: same number of steps
-                for r in range(world):                                    # = fastdmtg.distributed.shard + num_batches
+                for r in range(world):                                    # order[r::W][:n//W], in batches
                     mine = np.arange(n)[r::world][: n // world]
-                    want = [mine[b * bs:(b + 1) * bs] for b in range(num_batches(len(mine), bs, True))]
+                    m = len(mine)
+                    nb = m // bs + (1 if m % bs and not m % bs == 1 else 0)
+                    want = [mine[b * bs:(b + 1) * bs] for b in range(nb)]
                     assert [p.tolist() for p in tr[r]] == [w.tolist() for w in want]
-                    assert len(tr[r]) == C.shard_num_batches(n, bs, True, r, world)
+                    assert len(tr[r]) == plan_mod.shard_num_batches(n, bs, True, r, world)
                 used = np.concatenate([np.concatenate(p) for p in tr if p]) if tr[0] else np.zeros(0, int)
                 assert len(np.unique(used)) == len(used)                  # no padding
                 assert n - len(used) <= 2 * world - 1
@@ -263,129 +210,151 @@ def test_plan_sharding_rules():
 
 
 def test_resolve_shard(monkeypatch):
-    assert C.resolve_shard() == (0, 1)
-    assert C.resolve_shard(1, 4) == (1, 4)
+    assert plan_mod.resolve_shard() == (0, 1)
+    assert plan_mod.resolve_shard(1, 4) == (1, 4)
     with pytest.raises(ValueError):
-        C.resolve_shard(4, 4)
+        plan_mod.resolve_shard(4, 4)
     import torch.distributed as dist
     monkeypatch.setattr(dist, "is_initialized", lambda: True)
     monkeypatch.setattr(dist, "get_rank", lambda: 2)
     monkeypatch.setattr(dist, "get_world_size", lambda: 3)
-    assert C.resolve_shard() == (2, 3)
+    assert plan_mod.resolve_shard() == (2, 3)
 
 
-def test_implicit_ddp_matches_memory_source_and_leaves_eval_whole(data, monkeypatch):
-    """Under torch.distributed (faked: rank 1 of 2) training batches equal the trainer's memory
-    source's for that rank, and evaluation is not sharded (rank 0 evaluates the whole split)."""
+def test_implicit_ddp_leaves_eval_whole(data, monkeypatch):
+    """Under torch.distributed (faked: rank 1 of 2) training batches are this rank's shard, and
+    evaluation is not sharded (rank 0 evaluates the whole split)."""
     import torch.distributed as dist
+    src = P.build_source(cfg_for(data, "celeba", "memory"), progress=False)
+    explicit = [b["labels"] for b in src.batches("train", 3, shuffle=True, seed=2, epoch=1, train=True,
+                                                 rank=1, world_size=2)]
     monkeypatch.setattr(dist, "is_initialized", lambda: True)
     monkeypatch.setattr(dist, "get_rank", lambda: 1)
     monkeypatch.setattr(dist, "get_world_size", lambda: 2)
-    src, ref = P.build_source(celeba_cfg(data, "gpu-cache"), progress=False), celeba_reference(data)
-    for bs in (3, 4, 9):
-        got = list(src.batches("train", bs, shuffle=True, seed=2, epoch=1, train=True))
-        want = list(ref.batches("train", bs, shuffle=True, seed=2, epoch=1, train=True))
-        assert len(got) == len(want) == src.num_batches("train", bs, True) == ref.num_batches("train", bs, True)
-        for a, b in zip(got, want):
-            assert_same_batch(a, b, f"ddp rank 1 bs {bs}")
+    got = [b["labels"] for b in src.batches("train", 3, shuffle=True, seed=2, epoch=1, train=True)]
+    assert len(got) == len(explicit) == src.num_batches("train", 3, True) == 3      # 20 // 2 = 10 → 3+3+3(+1 dropped)
+    assert all(torch.equal(a, b) for a, b in zip(got, explicit))
     ev = list(src.batches("train", 4, shuffle=False))
     assert sum(len(b["image"]) for b in ev) == src.num_samples("train") and src.num_batches("train", 4) == len(ev)
 
 
 def test_unknown_backend_and_dataset(data):
     with pytest.raises(ValueError, match="data.backend"):
-        P.build_source(celeba_cfg(data, "nope"), progress=False)
-    with pytest.raises(ValueError, match="memory"):
-        P.build_source(DataConfig(dataset="synthetic", backend="torch"), progress=False)
-    assert P.backend_status("torch") == (True, "built in")
+        DataConfig(backend="nope")
+    with pytest.raises(ValueError, match="data.dataset: expected synthetic|celeba|taskonomy"):
+        DataConfig(dataset="mydata")
+    assert P.backend_status("torch") == (True, "built in") and P.backend_status("memory")[0]
+
+
+def test_missing_package_is_a_clear_error(data, monkeypatch):
+    monkeypatch.setattr(P, "backend_status", lambda name, deep=True: (False, "ffcv is not importable (test)"))
+    with pytest.raises(P.PipelineError, match=r"data.backend=ffcv: ffcv is not importable \(test\); or use "
+                                              r"data.backend=gpu-cache\|memory\|torch"):
+        P.build_source(cfg_for(data, "celeba", "ffcv"), progress=False)
 
 
 # ------------------------------------------------------------------------------------------------
-# in-process backends (gpu-cache, torch, dali)
+# every dataset × in-process backend
 # ------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("dataset", ["celeba", "taskonomy"])
+@pytest.mark.parametrize("dataset", DATASETS)
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_matches_reference(data, backend, dataset):
-    check_matches_reference(data, backend, dataset)
+def test_pair_matches_reference(data, backend, dataset):
+    check_pair(data, dataset, backend)
 
 
-@pytest.mark.parametrize("dataset", ["celeba", "taskonomy"])
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dataset", DATASETS)
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_flip_consistency(data, backend, dataset):
-    check_flip_consistency(data, backend, dataset)
+def test_pair_on_cuda(data, backend, dataset):
+    """On the GPU: gpu-cache holds the data on the device, every backend's batches land on it and
+    equal the CPU reference — exactly, except DALI's GPU JPEG decoder (nvJPEG), whose IDCT may round
+    differently from libjpeg: within 2/255 there, labels and order exact."""
+    dev = torch.device("cuda")
+    src = P.build_source(cfg_for(data, dataset, backend), progress=False, validate=True, device=dev)
+    ds = open_dataset(cfg_for(data, dataset, backend), progress=False)
+    got = list(src.batches("train", BATCH[dataset], shuffle=True, seed=5, epoch=1, device=dev, train=True))
+    want = reference_batches(ds, "train", BATCH[dataset], shuffle=True, seed=5, epoch=1, train=True, flip=src.flip)
+    assert len(got) == len(want) == src.num_batches("train", BATCH[dataset], True)
+    if backend == "gpu-cache":
+        assert src.placement["train"] == "device"
+    for i, (a, b) in enumerate(zip(got, want)):
+        assert a["image"].device.type == "cuda"
+        a = {k: (v.cpu() if torch.is_tensor(v) else {t: x.cpu() for t, x in v.items()}) for k, v in a.items()}
+        if backend == "dali" and dataset == "celeba":
+            assert torch.equal(a["labels"], b["labels"])
+            assert (a["image"] - b["image"]).abs().max() <= 2 / 255 + 1e-6, f"batch {i}"
+        else:
+            assert_same_batch(a, b, f"{backend}/{dataset} cuda batch {i}")
 
 
-@pytest.mark.parametrize("dataset", ["celeba", "taskonomy"])
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_sharding_covers_each_sample_once(data, backend, dataset):
-    check_sharding(data, backend, dataset)
+def test_auto_is_gpu_cache(data):
+    src = P.build_source(cfg_for(data, "synthetic", "auto"), progress=False)
+    assert type(src) is P.ResidentSource and src.backend == "gpu-cache"
 
 
-@pytest.mark.parametrize("dataset", ["celeba", "taskonomy"])
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_determinism_and_skip(data, backend, dataset):
-    check_determinism_and_skip(data, backend, dataset)
+def test_torch_backend_decodes_the_files_of_every_batch(data, tmp_path):
+    """data.backend=torch on a raw root reads the raw files at every batch (a file changed between two
+    epochs shows up), and writes no cache; on a prepared folder it reads its rows."""
+    import shutil
+    root = tmp_path / "raw"
+    shutil.copytree(data["tx_root"], root)
+    cfg = cfg_for(data, "taskonomy", "torch", root=str(root), cache_dir=str(tmp_path / "cache"))
+    src = P.build_source(cfg, progress=False)
+    assert type(src) is P.TorchSource and src.decodes_files("train")
+    before = next(iter(src.batches("train", 1, shuffle=False)))["image"]
+    ds = src.dataset
+    first = Path(ds.items("train")[0]["rgb"])
+    from taskonomy_fixture import write_png
+    write_png(first, np.zeros((TX_RAW, TX_RAW, 3), np.uint8))
+    after = next(iter(src.batches("train", 1, shuffle=False)))["image"]
+    assert before.abs().sum() > 0 and after.abs().sum() == 0
+    assert not (tmp_path / "cache").exists() and not (root / ".fastdmtg_cache").exists()
+    prep = P.build_source(cfg_for(data, "taskonomy-prepared", "torch"), progress=False)
+    assert not prep.decodes_files("train") and "reads rows" in prep.describe()
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_training_identical_to_memory_backend(data, backend, tmp_path):
-    check_training_identical(data, backend, tmp_path)
-
-
-def test_taskonomy_defaults_to_flips_celeba_does_not(data):
-    assert P.build_source(tx_cfg(data, "gpu-cache"), progress=False).flip is True
-    assert P.build_source(celeba_cfg(data, "gpu-cache"), progress=False).flip is False
-
-
-@pytest.mark.parametrize("backend", ["torch", _installed("dali")])
-def test_taskonomy_from_prepared_folder(data, backend):
-    """data.root = a prepared folder: torch reads its arrays; dali feeds their rows."""
-    ref = tx_reference(data)
-    src = P.build_source(tx_cfg(data, backend, root=str(ref.folder)), progress=False)
-    for a, b in zip(src.batches("train", 4, shuffle=True, seed=3, train=True),
-                    ref.batches("train", 4, shuffle=True, seed=3, train=True)):
-        assert_same_batch(a, b, f"{backend} prepared")
-
-
-def test_gpu_cache_falls_back_when_it_does_not_fit(data, monkeypatch, caplog):
+def test_resident_moves_down_when_it_does_not_fit(data, monkeypatch, caplog):
+    """gpu-cache: a split that does not fit on the device is held in host memory, one that does not
+    fit there either is streamed from the memory-mapped cache — each with a log line — and the
+    batches stay the reference's."""
     import logging
+    from fastdmtg.pipelines import resident, source
+    assert source.fits(10 << 20, torch.device("cpu"), 0.5, "x")
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (1 << 20, 8 << 30))
     with caplog.at_level(logging.WARNING, logger="fastdmtg.pipelines"):
-        assert not C.fits_on_device(10 << 20, torch.device("cuda"), 0.5, "celeba/train")
-    assert "pinned host memory" in caplog.text and "celeba/train" in caplog.text
-    assert C.fits_on_device(10 << 20, torch.device("cpu"), 0.5, "x")
-    # the fallback paths give the same batches
-    from fastdmtg.pipelines import gpu_cache
-    monkeypatch.setattr(gpu_cache, "fits_on_device", lambda *a, **k: False)
-    for cfg, ref in ((celeba_cfg(data, "gpu-cache"), celeba_reference(data)),
-                     (tx_cfg(data, "gpu-cache"), tx_reference(data))):
-        src = P.build_source(cfg, progress=False)
-        for a, b in zip(src.batches("train", 3, shuffle=True, seed=1, train=True),
-                        ref.batches("train", 3, shuffle=True, seed=1, train=True)):
-            assert_same_batch(a, b, "fallback")
+        assert not source.fits(10 << 20, torch.device("cuda"), 0.5, "celeba/train")
+    assert "celeba/train needs 0.01 GiB" in caplog.text
+    for dataset in ("celeba", "taskonomy"):
+        ds = open_dataset(cfg_for(data, dataset, "gpu-cache"), progress=False)
+        monkeypatch.setattr(resident, "fits", lambda *a, **k: False)
+        src = P.build_source(cfg_for(data, dataset, "gpu-cache", num_workers=1), progress=False)
+        got = list(src.batches("train", 3, shuffle=True, seed=1, train=True))
+        assert src.placement["train"] == "stream" and "streamed" in src.describe()
+        for a, b in zip(got, reference_batches(ds, "train", 3, shuffle=True, seed=1, epoch=0, train=True,
+                                               flip=src.flip)):
+            assert_same_batch(a, b, f"{dataset} streamed")
 
 
 def _corrupt_celeba(base: Path) -> Path:
     root = base / "celeba_bad"
     write_celeba(root, n=8, seed=3)
-    p = root / "img_align_celeba" / "000002.jpg"          # partition 0: train
+    p = root / "img_align_celeba" / "000006.jpg"          # partition 1: val
     p.write_bytes(p.read_bytes()[:300])                   # truncated JPEG
     return root
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_corrupt_jpeg_is_named(tmp_path, backend):
+def test_corrupt_jpeg_in_val_is_named_before_any_batch(tmp_path, backend):
     root = _corrupt_celeba(tmp_path)
-    cfg = celeba_cfg({"celeba": str(root), "cache": str(tmp_path / "c")}, backend)
-    with pytest.raises(cb.CelebAFormatError, match="000002.jpg"):
-        src = P.build_source(cfg, progress=False)
-        for _ in src.batches("train", 4, shuffle=False):
-            pass
+    cfg = cfg_for({"celeba": str(root), "cache": str(tmp_path / "c")}, "celeba", backend)
+    with pytest.raises(cb.CelebAFormatError, match="000006.jpg: unreadable or truncated"):
+        P.build_source(cfg, progress=False, validate=True)
 
 
 @pytest.mark.parametrize("backend", ["torch", _installed("dali")])
 @pytest.mark.parametrize("case", ["truncated", "eight_bit_depth"])
-def test_corrupt_png_is_named(tmp_path, backend, case):
+def test_corrupt_png_is_named_by_the_batch_that_reads_it(tmp_path, backend, case):
+    """Without validation (data.validate=false) the backends that decode per batch name the file too."""
     fx = write_fixture(tmp_path / "raw", size=TX_RAW, samples_per_building=2, seed=4)
     bad = fx["root"] / "depth_zbuffer" / "alpha" / "point_1_view_0_domain_depth_zbuffer.png"
     if case == "truncated":
@@ -395,22 +364,138 @@ def test_corrupt_png_is_named(tmp_path, backend, case):
         Image.fromarray(np.zeros((TX_RAW, TX_RAW), np.uint8)).save(bad)
     d = {"tx_root": str(fx["root"]), "tx_split": str(fx["split_file"]), "cache": str(tmp_path / "c")}
     with pytest.raises(tx.TaskonomyFormatError, match="point_1_view_0_domain_depth_zbuffer.png"):
-        for _ in P.build_source(tx_cfg(d, backend), progress=False).batches("train", 4, shuffle=False):
+        for _ in P.build_source(cfg_for(d, "taskonomy", backend), progress=False).batches("train", 4, shuffle=False):
             pass
 
 
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b.values[0] != "memory"])
+def test_training_identical_to_memory_backend(data, backend, tmp_path):
+    """A short DMTG run through the Trainer gives exactly the losses and validation results of the
+    same run on the memory backend."""
+    check_training_identical(data, backend, tmp_path)
+
+
+def check_training_identical(d, backend, tmp: Path):
+    from fastdmtg.config import Config, ModelConfig, TrainConfig
+    from fastdmtg.train import train
+
+    def run(be):
+        cfg = Config(data=cfg_for(d, "celeba", be), model=ModelConfig(width=4, branches=2),
+                     train=TrainConfig(epochs=2, batch_size=6, eval_batch_size=8, device="cpu", progress=False,
+                                       tensorboard=False))
+        out = tmp / f"run-{be}"
+        train(cfg, out)
+        return [(h["train_loss"], h["val"]) for h in json.loads((out / "history.json").read_text())]
+    assert run(backend) == run("memory")
+
+
 # ------------------------------------------------------------------------------------------------
-# FFCV, in a child process
+# DDP: 2 gloo processes, every pair, one torchrun launch
 # ------------------------------------------------------------------------------------------------
-FFCV_CASES = [f"{c}/{ds}" for c in ("matches_reference", "flip_consistency", "sharding", "determinism_and_skip")
-              for ds in ("celeba", "taskonomy")] + ["training", "write_beton", "corrupt_beton", "jpeg_mode", "prepare_cli"]
+def _image_key(img_u8: np.ndarray) -> str:
+    return hashlib.sha1(np.ascontiguousarray(img_u8).tobytes()).hexdigest()[:16]
+
+
+def ddp_child(spec_json: str) -> None:
+    """One rank (under torchrun): for every pair, the training epoch's sample ids per batch,
+    ``num_batches``, and the same after a resume skip; written after every pair. Each pair has a
+    time limit: a hang dumps the stacks and ends the process."""
+    import torch.distributed as dist
+    spec = json.loads(spec_json)
+    d, out = spec["data"], Path(spec["out"])
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    torch.set_num_threads(1)
+    res = {}
+    for pair in spec["pairs"]:
+        dataset, backend = pair.split("/")
+        faulthandler.dump_traceback_later(spec["limit"], exit=True)
+        try:
+            cfg = cfg_for(d, dataset, backend)
+            src = P.build_source(cfg, progress=False, flip=False, validate=True)   # flips off: ids from pixels
+            ds = src.dataset
+            img = next(k for k, f in ds.fields.items() if f.kind == "image")
+            read = ds.sample_reader("train")
+            ids = {_image_key(read(i)[img]): i for i in range(ds.num_samples("train"))}
+            bs = BATCH[dataset] - 1
+
+            def epoch(skip=0):
+                return [[ids[_image_key((b["image"][j] * 255).round().to(torch.uint8).numpy())]
+                         for j in range(len(b["image"]))]
+                        for b in src.batches("train", bs, shuffle=True, seed=3, epoch=1, train=True, skip=skip)]
+            res[pair] = {"batches": epoch(), "resumed": epoch(skip=1), "num_batches": src.num_batches("train", bs, True),
+                         "n": ds.num_samples("train"), "bs": bs, "class": type(src).__name__}
+        except BaseException:
+            res[pair] = {"error": traceback.format_exc()}
+        faulthandler.cancel_dump_traceback_later()
+        Path(out / f"rank{rank}.json").write_text(json.dumps(res))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def _torchrun_pairs(data, tmp: Path, pairs: list[str], limit: int, timeout: int):
+    spec = json.dumps({"data": data, "out": str(tmp), "pairs": pairs, "limit": limit})
+    code = "import sys; sys.path.insert(0, sys.argv[1]); import test_pipelines as t; t.ddp_child(sys.argv[2])"
+    script = tmp / "child.py"
+    script.write_text(code)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
+           str(Path(__file__).parent), spec]
+    try:
+        p = subprocess.run(cmd, cwd=tmp, env=env, capture_output=True, text=True, timeout=timeout)
+        tail = (p.stdout + p.stderr)[-4000:]
+    except subprocess.TimeoutExpired as e:
+        tail = f"torchrun timed out after {timeout} s: {(e.stderr or b'')[-3000:]!r}"
+    ranks = [json.loads((tmp / f"rank{r}.json").read_text()) if (tmp / f"rank{r}.json").exists() else {}
+             for r in (0, 1)]
+    return ranks, tail
+
+
+def check_ddp(ranks, tail, pair):
+    """Shards disjoint, their union the epoch (at most 2·world − 1 left out, as the plan says), the
+    same number of steps on both ranks, num_batches = yielded, resume = the rest of the epoch."""
+    for r in (0, 1):
+        assert pair in ranks[r], f"rank {r} did not finish {pair} (time limit or crash):\n{tail}"
+        assert "error" not in ranks[r][pair], ranks[r][pair].get("error")
+    a, b = ranks[0][pair], ranks[1][pair]
+    assert a["class"] == b["class"] == CLASS[pair.split("/")[1]].__name__
+    n, bs = a["n"], a["bs"]
+    for x in (a, b):
+        assert len(x["batches"]) == x["num_batches"] and x["resumed"] == x["batches"][1:]
+        assert all(2 <= len(bt) <= bs for bt in x["batches"])
+    assert a["num_batches"] == b["num_batches"]
+    sa, sb = [i for bt in a["batches"] for i in bt], [i for bt in b["batches"] for i in bt]
+    assert not set(sa) & set(sb) and len(set(sa)) == len(sa) and len(set(sb)) == len(sb)
+    order = plan_mod.epoch_permutation(n, 3, 1).tolist()
+    assert sorted(sa + sb) == sorted(order[:len(sa) + len(sb)]) and n - len(sa) - len(sb) <= 3
+    assert sa == order[0::2][:len(sa)] and sb == order[1::2][:len(sb)]
+
+
+@pytest.fixture(scope="module")
+def _ddp_in_process(data, tmp_path_factory):
+    pairs = [f"{ds}/{be}" for ds in DATASETS for be in IN_PROCESS if P.backend_status(be, deep=False)[0]]
+    return _torchrun_pairs(data, tmp_path_factory.mktemp("ddp"), pairs, limit=120, timeout=420)
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("dataset", DATASETS)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_ddp_two_processes(_ddp_in_process, dataset, backend):
+    check_ddp(*_ddp_in_process, f"{dataset}/{backend}")
+
+
+# ------------------------------------------------------------------------------------------------
+# FFCV, in child processes
+# ------------------------------------------------------------------------------------------------
+FFCV_CASES = [f"pair/{ds}" for ds in DATASETS] + ["training", "write_beton", "corrupt_beton", "jpeg_mode",
+                                                   "prepare_cli"]
+FFCV_LIMIT = 90        # seconds per case
 
 
 def _ffcv_case(d: dict, case: str, tmp: Path):
     name, _, ds = case.partition("/")
     if ds:
-        return {"matches_reference": check_matches_reference, "flip_consistency": check_flip_consistency,
-                "sharding": check_sharding, "determinism_and_skip": check_determinism_and_skip}[name](d, "ffcv", ds)
+        return check_pair(d, ds, "ffcv", light=True)
     from fastdmtg.pipelines import ffcv_source as F
     if name == "training":
         check_training_identical(d, "ffcv", tmp)
@@ -442,8 +527,11 @@ def _ffcv_case(d: dict, case: str, tmp: Path):
         r = F.check_beton(p, {"image": "image", "labels": "ndarray"}, 6)
         assert r.num_samples == 6
     elif name == "corrupt_beton":
-        src = P.build_source(celeba_cfg(d, "ffcv"), progress=False)
+        import logging
+        cfg = cfg_for(d, "celeba", "ffcv", cache_dir=str(tmp / "cache"))
+        src = P.build_source(cfg, progress=False)
         path = src.beton("val")
+        want = [b["image"] for b in src.batches("val", 4, shuffle=False)]
         bad = tmp / "bad.beton"
         bad.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
         with pytest.raises(P.PipelineError, match="bad.beton"):
@@ -451,18 +539,40 @@ def _ffcv_case(d: dict, case: str, tmp: Path):
         bad.write_bytes(b"\0" * 10)
         with pytest.raises(P.PipelineError, match="bad.beton"):
             F.check_beton(bad)
-        # a corrupt cached .beton is reported, naming it, before FFCV reads it
-        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
-        fresh = P.build_source(celeba_cfg(d, "ffcv"), progress=False)
-        with pytest.raises(P.PipelineError, match=path.name):
-            list(fresh.batches("val", 4, shuffle=False))
-        path.unlink()                                        # rewritten on next use
+        # a truncated, garbled or manifest-less cached .beton is never read: written again, a log line names it
+        records = []
+        handler = logging.Handler()
+        handler.emit = records.append
+        logging.getLogger("fastdmtg.pipelines").addHandler(handler)
+        try:
+            for damage in ("truncate", "garble", "manifest"):
+                if damage == "truncate":
+                    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+                elif damage == "garble":
+                    b = bytearray(path.read_bytes())
+                    b[len(b) // 2:len(b) // 2 + 64] = bytes(x ^ 0xFF for x in b[len(b) // 2:len(b) // 2 + 64])
+                    path.write_bytes(bytes(b))
+                    assert P.verify_path(path)[1], "verify must report the garbled .beton"
+                else:
+                    (path.parent / (path.name + ".json")).unlink()
+                records.clear()
+                fresh = P.build_source(cfg, progress=False)
+                got = [b["image"] for b in fresh.batches("val", 4, shuffle=False)]
+                assert all(torch.equal(a, b) for a, b in zip(got, want)) and len(got) == len(want)
+                assert any(path.name in r.getMessage() for r in records), damage
+        finally:
+            logging.getLogger("fastdmtg.pipelines").removeHandler(handler)
+        assert P.verify_path(path) == (1, [])
     elif name == "jpeg_mode":
         # JPEG storage is lossy: same labels and order, images close to the reference
-        spec = P.build_source(celeba_cfg(d, "ffcv"), progress=False).spec
-        src = F.FfcvSource(spec, image_mode="jpg", jpeg_quality=95, num_workers=1, progress=False)
-        ref = celeba_reference(d)
-        for a, b in zip(src.batches("train", 8, shuffle=True, seed=1), ref.batches("train", 8, shuffle=True, seed=1)):
+        cfg = cfg_for(d, "celeba", "ffcv")
+        ds = open_dataset(cfg, progress=False)
+        src = F.FfcvSource(ds, cache=P.DecodeCache(ds, Path(d["cache"])), beton_dir=tmp, image_mode="jpg",
+                           jpeg_quality=95, num_workers=1, progress=False)
+        ref = reference_batches(ds, "train", 8, shuffle=True, seed=1, epoch=0, train=False, flip=False)
+        got = list(src.batches("train", 8, shuffle=True, seed=1))
+        assert len(got) == len(ref)
+        for a, b in zip(got, ref):
             assert torch.equal(a["labels"], b["labels"])
             assert (a["image"] - b["image"]).abs().mean() < 0.06
     elif name == "prepare_cli":
@@ -471,6 +581,7 @@ def _ffcv_case(d: dict, case: str, tmp: Path):
                                   "--split-file", d["tx_split"], "--cache-dir", d["cache"], "--no-progress",
                                   "--splits", "val"])
         assert rc == 0 and len(list(out.glob("taskonomy_val_*.beton"))) == 1
+        assert P.verify_path(out)[1] == []
         assert F.prepare_ffcv_main(["celeba", str(tmp / "missing"), "--no-progress"]) == 2
 
 
@@ -480,16 +591,20 @@ def _ffcv_child(spec_json: str):
     d, out, tmp = spec["data"], Path(spec["out"]), Path(spec["tmp"])
     torch.set_num_threads(1)
     results = {}
+    import time
     for case in FFCV_CASES:
         t = tmp / case.replace("/", "_")
         t.mkdir(parents=True, exist_ok=True)
+        faulthandler.dump_traceback_later(FFCV_LIMIT, exit=True)    # a hung case ends the child, stacks dumped
+        t0 = time.perf_counter()
         try:
             _ffcv_case(d, case, t)
             results[case] = None
         except BaseException:
             results[case] = traceback.format_exc()
-        out.write_text(json.dumps(results))   # after every case: a timeout still reports the finished ones
-    out.write_text(json.dumps(results))
+        faulthandler.cancel_dump_traceback_later()
+        print(f"ffcv case {case}: {time.perf_counter() - t0:.1f} s", flush=True)
+        out.write_text(json.dumps(results))   # after every case: a time-out still reports the finished ones
 
 
 @pytest.fixture(scope="module")
@@ -504,17 +619,32 @@ def _ffcv_results(data, tmp_path_factory):
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     try:
         proc = subprocess.run([sys.executable, "-c", code, str(Path(__file__).parent), spec], env=env,
-                              capture_output=True, text=True, timeout=240)
+                              capture_output=True, text=True, timeout=FFCV_LIMIT * len(FFCV_CASES))
         tail = (proc.stdout + proc.stderr)[-4000:]
     except subprocess.TimeoutExpired as e:
-        tail = f"the FFCV child timed out after 240 s\n{(e.stdout or b'')[-2000:]!r}"
+        tail = f"the FFCV child timed out: {(e.stdout or b'')[-2000:]!r}"
     results = json.loads(out.read_text()) if out.exists() else {}
     return results, tail
 
 
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(FFCV_LIMIT * len(FFCV_CASES) + 60)
 @pytest.mark.parametrize("case", FFCV_CASES)
 def test_ffcv(_ffcv_results, case):
     results, tail = _ffcv_results
-    assert case in results, f"FFCV child did not run {case}:\n{tail}"
+    assert case in results, f"the FFCV child did not finish {case} (its time limit is {FFCV_LIMIT} s):\n{tail}"
     assert results[case] is None, results[case]
+
+
+@pytest.fixture(scope="module")
+def _ddp_ffcv(data, tmp_path_factory):
+    ok, why = P.backend_status("ffcv", deep=False)
+    if not ok:
+        pytest.skip(why)
+    return _torchrun_pairs(data, tmp_path_factory.mktemp("ddp_ffcv"), [f"{ds}/ffcv" for ds in DATASETS],
+                           limit=FFCV_LIMIT, timeout=FFCV_LIMIT * len(DATASETS) + 60)
+
+
+@pytest.mark.timeout(FFCV_LIMIT * len(DATASETS) + 120)
+@pytest.mark.parametrize("dataset", DATASETS)
+def test_ddp_two_processes_ffcv(_ddp_ffcv, dataset):
+    check_ddp(*_ddp_ffcv, f"{dataset}/ffcv")

@@ -234,10 +234,10 @@ def test_resume_with_pruning_is_exact(tmp_path):
     # the exported pruned model (argmax over active heads) reproduces the run's test evaluation
     from fastdmtg import load_grouped
     from fastdmtg.config import Config
-    from fastdmtg.data import build_data
+    from fastdmtg.pipelines import build_source
     from fastdmtg.train import evaluate
     model, _ = load_grouped(tmp_path / "full")
-    data = build_data(Config.load(tmp_path / "full" / "config.json").data, progress=False)
+    data = build_source(Config.load(tmp_path / "full" / "config.json").data, progress=False)
     got = evaluate(model, data.taskset, data, "test", 500, "cpu")
     for t in full["test"]["loss"]:
         assert got["loss"][t] == pytest.approx(full["test"]["loss"][t], rel=1e-5, abs=1e-6)

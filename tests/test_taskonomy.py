@@ -16,6 +16,7 @@ from fastdmtg.data import taskonomy as tx
 from fastdmtg.data.taskonomy import TaskonomyFormatError
 from fastdmtg.models import build_multibranch, build_parts
 from fastdmtg.models import xception as X
+from fastdmtg.pipelines import build_source, flip_flags
 from fastdmtg.tasks.taskonomy import TaskonomyTaskSet, rotate_l1
 
 from taskonomy_fixture import path_of, write_fixture, write_png
@@ -43,7 +44,7 @@ def prepared(raw, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def source(prepared):
-    return tx.build_source(_cfg(prepared), progress=False)
+    return build_source(_cfg(prepared, backend="memory"), progress=False)
 
 
 # ------------------------------------------------------------------------------------------ layout
@@ -54,9 +55,9 @@ def test_layouts_detected_and_equivalent(raw, prepared, tmp_path):
     out = tx.prepare(other["root"], tmp_path / "prep_b", SIZE, split_file=other["split_file"], workers=1,
                      progress=False)
     ia, ib = tx.read_index(prepared), tx.read_index(out)
-    assert ia["layout"] == "domain/building" and ib["layout"] == "building/domain"
+    assert ia["info"]["layout"] == "domain/building" and ib["info"]["layout"] == "building/domain"
     for s in tx.SPLITS:
-        assert ia["splits"][s]["samples"] == ib["splits"][s]["samples"]
+        assert ia["splits"][s]["info"]["samples"] == ib["splits"][s]["info"]["samples"]
         for d in tx.DOMAINS:
             assert np.array_equal(np.load(prepared / s / f"{d}.npy"), np.load(out / s / f"{d}.npy"))
 
@@ -74,7 +75,7 @@ def test_mixed_and_unknown_layout(raw, tmp_path):
 
 
 def test_sample_order_is_numeric(raw, source):
-    ids = source.sample_ids("train")
+    ids = source.dataset.sample_ids("train")
     assert ids == sorted(ids) and ids[0] == ("alpha", 1, 0) and len(ids) == 6
     assert source.num_samples("val") == 3 and source.num_samples("test") == 3
 
@@ -107,7 +108,7 @@ def test_missing_building_named(raw, tmp_path):
 # ------------------------------------------------------------------------------------------ decoding
 def test_decoded_values_match_reference_normalisation(raw, source):
     batch = next(source.batches("train", 6, shuffle=False, train=False))
-    ids = source.sample_ids("train")
+    ids = source.dataset.sample_ids("train")
     for j, key in enumerate(ids):
         a = raw["arrays"][key]
         d = a["depth_zbuffer"].astype(np.float64)
@@ -162,8 +163,10 @@ def test_prepare_downsamples_and_records_settings(raw, tmp_path):
     out = tx.prepare(raw["root"], tmp_path / "p16", 16, split_file=raw["split_file"], seg_resize="bilinear",
                      domains=("rgb", "segment_semantic"), splits=("val",), workers=1, progress=False)
     idx = tx.read_index(out)
-    assert idx["image_size"] == 16 and idx["seg_resize"] == "bilinear" and idx["domains"] == ["rgb", "segment_semantic"]
-    assert idx["splits"]["val"]["source_side"] == SIZE and idx["format"] == "fastdmtg-taskonomy"
+    p = idx["params"]
+    assert p["image_size"] == 16 and p["seg_resize"] == "bilinear" and p["domains"] == ["rgb", "segment_semantic"]
+    assert idx["splits"]["val"]["info"]["source_side"] == SIZE and idx["format"] == "fastdmtg-arrays"
+    assert idx["dataset"] == "taskonomy" and list(idx["splits"]) == ["val"]
     rgb = np.load(out / "val" / "rgb.npy", mmap_mode="r")
     assert rgb.shape == (3, 3, 16, 16) and rgb.dtype == np.uint8
     first = raw["arrays"][("charlie", 1, 0)]["rgb"].transpose(2, 0, 1)
@@ -222,23 +225,24 @@ def test_rerun_skips_done_splits_and_refuses_other_settings(raw, prepared, monke
 
     def boom(job):
         raise AssertionError("a finished split was converted again")
-    monkeypatch.setattr(tx, "_convert_chunk", boom)
+    from fastdmtg.data import base
+    monkeypatch.setattr(base, "_decode_chunk", boom)
     tx.prepare(raw["root"], prepared, SIZE, split_file=raw["split_file"], workers=1, progress=False)
     assert (prepared / "train" / "rgb.npy").stat().st_mtime_ns == before
     with pytest.raises(TaskonomyFormatError, match="image_size=32"):
         tx.prepare(raw["root"], prepared, 16, split_file=raw["split_file"], progress=False)
     with pytest.raises(TaskonomyFormatError, match="prepared at image_size 32"):
-        tx.build_source(_cfg(prepared, image_size=64), progress=False)
+        build_source(_cfg(prepared, image_size=64), progress=False)
     with pytest.raises(TaskonomyFormatError, match="taskonomy_seg_resize"):
-        tx.build_source(_cfg(prepared, taskonomy_seg_resize="bilinear"), progress=False)
+        build_source(_cfg(prepared, taskonomy_seg_resize="bilinear"), progress=False)
 
 
 def test_build_source_from_raw_root_prepares_into_cache(raw, tmp_path):
     cfg = _cfg(raw["root"], taskonomy_split_file=str(raw["split_file"]), cache_dir=str(tmp_path / "cache"),
                tasks="segment_semantic,normal", limit_train=4, limit_eval=2)
-    src = tx.build_source(cfg, progress=False)
+    src = build_source(cfg, progress=False, validate=True)
     assert src.num_samples("train") == 4 and src.num_samples("test") == 2
-    assert src.domains == ("rgb", "depth_zbuffer", "normal", "segment_semantic")   # depth for the mask
+    assert src.dataset.domains == ("rgb", "depth_zbuffer", "normal", "segment_semantic")   # depth for the mask
     folder = next((tmp_path / "cache").iterdir())
     assert (folder / "index.json").is_file() and not (folder / "train" / "edge_texture.npy").exists()
     b = next(src.batches("val", 2, shuffle=False))
@@ -265,7 +269,7 @@ def test_order_deterministic_and_skip_resumes_exactly(source):
 
 def test_flip_flips_every_map_and_negates_normal_x(source):
     n = source.num_samples("train")
-    flags = tx.flip_flags(n, 5, 0)
+    flags = flip_flags(n, 5, 0)
     assert 0 < int(flags.sum()) < n           # the fixture's seed flips some samples, not all
     plain = next(source.batches("train", n, shuffle=False, train=False))
     aug = next(source.batches("train", n, shuffle=False, seed=5, epoch=0, train=True))
@@ -282,9 +286,11 @@ def test_flip_flips_every_map_and_negates_normal_x(source):
 
 
 def test_worker_processes_give_the_same_batches(prepared, source):
-    src2 = tx.TaskonomySource(prepared, source.taskset, SIZE, num_workers=2)
+    """Streamed from the memory-mapped files (nothing may be held: fraction 0) by 2 worker processes."""
+    src2 = build_source(_cfg(prepared, backend="memory", num_workers=2), progress=False, device_fraction=0.0)
     a = _collect(source, shuffle=True, seed=1, epoch=0, train=True)
     b = _collect(src2, shuffle=True, seed=1, epoch=0, train=True)
+    assert src2.placement["train"] == "stream" and len(a) == len(b)
     assert all(torch.equal(x[k], y[k]) for x, y in zip(a, b) for k in x)
 
 
@@ -501,10 +507,9 @@ def test_train_entry_point_on_fixture(prepared, tmp_path):
     assert set(res["test"]["loss"]) == set(TASKONOMY_5)
     # the exported grouped model loads on its own and reproduces the run's test evaluation
     from fastdmtg import load_grouped
-    from fastdmtg.data import build_data
     from fastdmtg.train import evaluate
     model, meta = load_grouped(tmp_path / "run")
-    data = build_data(Config.load(tmp_path / "run" / "config.json").data, progress=False)
+    data = build_source(Config.load(tmp_path / "run" / "config.json").data, progress=False)
     got = evaluate(model, data.taskset, data, "test", 3, "cpu")
     for t in TASKONOMY_5:
         assert got["loss"][t] == pytest.approx(res["test"]["loss"][t], rel=1e-4, abs=1e-6)

@@ -7,7 +7,7 @@ import torch
 
 from fastdmtg import load_grouped
 from fastdmtg.config import apply_overrides, get_recipe
-from fastdmtg.data import build_data
+from fastdmtg.pipelines import build_source
 from fastdmtg.data.synthetic import planted_groups, task_names
 from fastdmtg.train import NonFiniteLoss, Trainer, TrainingInterrupted, evaluate, train
 
@@ -55,7 +55,7 @@ def test_pruned_model_reproduces_argmax_model(default_run):
     assert len(model.branches) == len(res["groups"])
     from fastdmtg.config import Config
     cfg = Config.load(run_dir / "config.json")
-    data = build_data(cfg.data, progress=False)
+    data = build_source(cfg.data, progress=False)
     got = evaluate(model, data.taskset, data, "test", 500, "cpu")
     for t in res["test"]["loss"]:
         assert got["loss"][t] == pytest.approx(res["test"]["loss"][t], rel=1e-5, abs=1e-6)
@@ -148,7 +148,7 @@ def test_batched_branches_run_matches_separate_run(tmp_path):
     model, _ = load_grouped(tmp_path / "bat")
     from fastdmtg.config import Config
     cfg = Config.load(tmp_path / "bat" / "config.json")
-    data = build_data(cfg.data, progress=False)
+    data = build_source(cfg.data, progress=False)
     got = evaluate(model, data.taskset, data, "test", 500, "cpu")
     for t in bat["test"]["loss"]:
         assert got["loss"][t] == pytest.approx(bat["test"]["loss"][t], rel=1e-5, abs=1e-6)

@@ -11,18 +11,23 @@ the TF `tf.image.resize` default the reference pipeline used) to S×S ignoring t
 stored as uint8; the model sees x / 255 in [0, 1] with no mean/std normalisation. Labels: +1 → 1,
 -1 → 0.
 
-Every malformed input raises ``CelebAFormatError`` naming the file, the line and what was expected.
+Annotation files are UTF-8 (a byte-order mark is ignored). Every malformed input raises
+``CelebAFormatError`` naming the file, the line and what was expected.
+
+``CelebADataset`` fields: ``image`` (3, S, S) uint8 decoded from the JPEG, ``labels`` (N,) uint8 from
+the attribute file; batch {"image": (B, 3, S, S) float32 in [0, 1], "labels": (B, N) int64}.
 """
 from __future__ import annotations
 
-import hashlib
-import os
-from concurrent.futures import ProcessPoolExecutor
+import functools
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from ..tasks.attributes import AttributeTaskSet
+from .base import SPLITS, DataFormatError, Dataset, DatasetFormat, Field, image_labels_batch
 
 ATTR_FILE = "list_attr_celeba.txt"
 PARTITION_FILE = "list_eval_partition.txt"
@@ -30,7 +35,11 @@ IMAGE_DIR = "img_align_celeba"
 SPLIT_IDS = {"train": 0, "val": 1, "test": 2}
 
 
-class CelebAFormatError(ValueError):
+#: bump when ``load_image`` changes what it computes: decoded caches made before are then rebuilt
+DECODE_VERSION = 1
+
+
+class CelebAFormatError(DataFormatError):
     """A CelebA file is missing or not in the official format."""
 
 
@@ -41,11 +50,25 @@ def _require(path: Path, what: str) -> Path:
     return path
 
 
+def _read_text(path: Path) -> list[str]:
+    """The lines of an annotation file: UTF-8, a leading byte-order mark ignored (some editors add
+    one); a byte that is not UTF-8 is reported with its line."""
+    data = path.read_bytes()
+    if data.startswith(b"\xef\xbb\xbf"):
+        data = data[3:]
+    try:
+        return data.decode("utf-8").splitlines()
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        col = e.start - (data.rfind(b"\n", 0, e.start) + 1) + 1
+        raise CelebAFormatError(f"{path}:{line}: byte 0x{data[e.start]:02x} at column {col} is not UTF-8 text "
+                                "(expected the official ASCII annotation file)") from None
+
+
 def parse_attributes(path: str | Path) -> tuple[list[str], list[str], np.ndarray]:
     """Parse list_attr_celeba.txt → (attribute names, file names, labels (M, A) int8 in {0, 1})."""
     path = _require(Path(path), "attribute annotations")
-    with open(path, "r", encoding="utf-8", errors="strict") as f:
-        lines = f.read().splitlines()
+    lines = _read_text(path)
     if len(lines) < 2:
         raise CelebAFormatError(f"{path}: expected a count line and a names line, file has {len(lines)} line(s)")
     try:
@@ -65,8 +88,9 @@ def parse_attributes(path: str | Path) -> tuple[list[str], list[str], np.ndarray
     for r, (lineno, ln) in enumerate(rows):
         parts = ln.split()
         if len(parts) != len(names) + 1:
-            raise CelebAFormatError(f"{path}:{lineno}: expected a file name and {len(names)} values, "
-                                    f"got {len(parts)} fields")
+            got = len(parts) - 1
+            raise CelebAFormatError(f"{path}:{lineno}: {parts[0]}: {got} value{'s' if got != 1 else ''}, "
+                                    f"expected {len(names)} (one per attribute on line 2)")
         fname = parts[0]
         if fname in seen:
             raise CelebAFormatError(f"{path}:{lineno}: duplicate image {fname!r}")
@@ -87,19 +111,18 @@ def parse_partition(path: str | Path) -> dict[str, int]:
     """Parse list_eval_partition.txt → {file name: 0 | 1 | 2}."""
     path = _require(Path(path), "train/val/test partition")
     out: dict[str, int] = {}
-    with open(path, "r", encoding="utf-8") as f:
-        for lineno, ln in enumerate(f, 1):
-            if not ln.strip():
-                continue
-            parts = ln.split()
-            if len(parts) != 2:
-                raise CelebAFormatError(f"{path}:{lineno}: expected `file partition`, got {ln.rstrip()!r}")
-            if parts[1] not in ("0", "1", "2"):
-                raise CelebAFormatError(f"{path}:{lineno}: partition of {parts[0]} must be 0, 1 or 2, "
-                                        f"got {parts[1]!r}")
-            if parts[0] in out:
-                raise CelebAFormatError(f"{path}:{lineno}: duplicate image {parts[0]!r}")
-            out[parts[0]] = int(parts[1])
+    for lineno, ln in enumerate(_read_text(path), 1):
+        if not ln.strip():
+            continue
+        parts = ln.split()
+        if len(parts) != 2:
+            raise CelebAFormatError(f"{path}:{lineno}: expected `file partition`, got {ln.rstrip()!r}")
+        if parts[1] not in ("0", "1", "2"):
+            raise CelebAFormatError(f"{path}:{lineno}: partition of {parts[0]} must be 0, 1 or 2, "
+                                    f"got {parts[1]!r}")
+        if parts[0] in out:
+            raise CelebAFormatError(f"{path}:{lineno}: duplicate image {parts[0]!r}")
+        out[parts[0]] = int(parts[1])
     return out
 
 
@@ -128,19 +151,7 @@ def load_image(path: str | Path, size: int) -> np.ndarray:
             arr = np.asarray(im.convert("RGB"), dtype=np.uint8)
     except (UnidentifiedImageError, OSError, SyntaxError) as e:
         raise CelebAFormatError(f"{path}: unreadable or truncated image ({e})") from None
-    x = torch.from_numpy(arr.copy()).permute(2, 0, 1)[None].float()
-    y = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=False)
-    return y[0].round().clamp(0, 255).to(torch.uint8).numpy()
-
-
-def _load_many(args):
-    paths, size = args
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)   # one decode process per core: no nested intra-op thread pools
-    try:
-        return np.stack([load_image(p, size) for p in paths])
-    finally:
-        torch.set_num_threads(threads)   # matters when called in the caller's process (one chunk)
+    return resize_like_reference(torch.from_numpy(arr.copy()).permute(2, 0, 1)[None], size)[0].numpy()
 
 
 class CelebAIndex:
@@ -172,63 +183,80 @@ class CelebAIndex:
         return self.splits[split][1]
 
 
-def decode_split(paths: list[Path], size: int, workers: int = 0, progress: bool = True,
-                 desc: str = "decode") -> np.ndarray:
-    """Decode a list of images to (M, 3, size, size) uint8, in parallel processes, with a progress bar."""
-    from tqdm import tqdm
-    out = np.empty((len(paths), 3, size, size), dtype=np.uint8)
-    chunk = 256
-    jobs = [(paths[i:i + chunk], size) for i in range(0, len(paths), chunk)]
-    workers = workers or min(8, os.cpu_count() or 1)
-    bar = tqdm(total=len(paths), desc=desc, unit="img", disable=not progress)
-    pos = 0
-    if workers <= 1 or len(jobs) <= 1:
-        results = map(_load_many, jobs)
-        for arr in results:
-            out[pos:pos + len(arr)] = arr
-            pos += len(arr)
-            bar.update(len(arr))
-    else:
-        with ProcessPoolExecutor(workers) as ex:
-            for arr in ex.map(_load_many, jobs):
-                out[pos:pos + len(arr)] = arr
-                pos += len(arr)
-                bar.update(len(arr))
-    bar.close()
-    return out
+def decode_item(item: dict, size: int) -> dict[str, np.ndarray]:
+    """The reference decoder of one sample: {"image": (3, size, size) uint8}."""
+    return {"image": load_image(item["image"], size)}
 
 
-def cached_split(index: CelebAIndex, split: str, size: int, cache_dir: Path, workers: int = 0,
-                 progress: bool = True) -> np.ndarray:
-    """Decoded uint8 images of a split, cached as .npy keyed by the file list and size (atomic write)."""
-    paths = index.image_paths(split)
-    key = hashlib.sha1(("\n".join(str(p) for p in paths) + f"|{size}").encode()).hexdigest()[:16]
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    cache = cache_dir / f"celeba_{split}_{size}_{key}.npy"
-    if cache.exists():
-        arr = np.load(cache, mmap_mode="r")
-        if arr.shape == (len(paths), 3, size, size) and arr.dtype == np.uint8:
-            return np.array(arr)  # a writable in-memory copy
-    arr = decode_split(paths, size, workers, progress, desc=f"decode celeba/{split}")
-    tmp = cache.with_suffix(f".tmp{os.getpid()}.npy")
-    np.save(tmp, arr)
-    os.replace(tmp, cache)
-    return arr
+def resize_like_reference(x: torch.Tensor, size: int) -> torch.Tensor:
+    """``load_image``'s resize, batched (on any device): (B, 3, H, W) uint8 → (B, 3, size, size)
+    uint8, bilinear, half-pixel centres, no antialias, rounded."""
+    if x.shape[-2:] == (size, size):
+        return x
+    y = F.interpolate(x.to(torch.float32), size=(size, size), mode="bilinear", align_corners=False, antialias=False)
+    return y.round_().clamp_(0, 255).to(torch.uint8)
 
 
-class CelebAFiles(torch.utils.data.Dataset):
-    """Map-style dataset over the raw JPEGs (the `torch` backend: reference-style DataLoader)."""
+class CelebADataset(Dataset):
+    """The parsed official release: labels in memory, images decoded on demand (or from a cache)."""
 
-    def __init__(self, index: CelebAIndex, split: str, size: int, limit: int = 0):
-        self.paths = index.image_paths(split)
-        self.labels = index.labels(split)
-        if limit:
-            self.paths, self.labels = self.paths[:limit], self.labels[:limit]
-        self.size = size
+    name = "celeba"
+    table_fields = ("labels",)
+    default_flip = False          # the reference trains CelebA without augmentation
 
-    def __len__(self) -> int:
-        return len(self.paths)
+    def __init__(self, root: str | Path, tasks: list[str] | None, image_size: int,
+                 limits: dict[str, int] | None = None):
+        self.index = CelebAIndex(root, tasks)
+        self.root = self.index.root.resolve()
+        self.image_size = image_size
+        self.taskset = AttributeTaskSet(self.index.task_names)
+        n_tasks = len(self.index.task_names)
+        self.fields = {"image": Field(np.uint8, (3, image_size, image_size), "image", "jpeg"),
+                       "labels": Field(np.uint8, (n_tasks,), "value")}
+        self.decode_one = functools.partial(decode_item, size=image_size)
+        self.limits = {s: int((limits or {}).get(s, 0)) for s in SPLITS}
+        for s in SPLITS:
+            if self.num_samples(s) == 0:
+                raise CelebAFormatError(f"{self.index.root / PARTITION_FILE}: split {s!r} is empty")
 
-    def __getitem__(self, i: int) -> dict:
-        return {"image": torch.from_numpy(load_image(self.paths[i], self.size)),
-                "labels": torch.from_numpy(self.labels[i])}
+    def num_samples(self, split: str) -> int:
+        n = len(self.index.splits[split][0])
+        return min(n, self.limits[split]) if self.limits[split] else n
+
+    def items(self, split):
+        # resolved paths: the cache key does not depend on how the folder was typed
+        return [{"image": str(self.root / IMAGE_DIR / f)} for f in self.index.splits[split][0][:self.num_samples(split)]]
+
+    def table(self, split):
+        return {"labels": self.index.labels(split)[:self.num_samples(split)].astype(np.uint8)}
+
+    def cache_id(self) -> dict:
+        return {"dataset": self.name, "root": str(self.root), "params": self.params(),
+                "limits": {s: v for s, v in self.limits.items() if v}}
+
+    def params(self) -> dict:
+        return {"image_size": self.image_size, "decode_version": DECODE_VERSION}
+
+    def missing_error(self, path: str) -> CelebAFormatError:
+        return CelebAFormatError(f"{path}: image listed in the annotations is missing")
+
+    def resize(self, field, x):
+        return resize_like_reference(x, self.image_size)
+
+    def to_batch(self, raw, flags):
+        return image_labels_batch(raw, flags)
+
+
+def open_celeba(cfg, progress: bool = True) -> CelebADataset:
+    if not cfg.root:
+        raise CelebAFormatError("data.root: the celeba dataset needs its folder (--data-root PATH)")
+    return CelebADataset(cfg.root, cfg.task_names(), cfg.image_size,
+                         {"train": cfg.limit_train, "val": cfg.limit_eval, "test": cfg.limit_eval})
+
+
+def celeba_taskset(cfg, names: list[str]) -> AttributeTaskSet:
+    return AttributeTaskSet(names, cfg.model.num_classes)
+
+
+FORMAT = DatasetFormat("celeba", open_celeba, celeba_taskset,
+                       "CelebA official release: img_align_celeba/, list_attr_celeba.txt, list_eval_partition.txt")

@@ -16,11 +16,16 @@ synthetic recipe uses a 1-channel ResNet variant: every pixel carries the same c
 trade them off (negative transfer). The unique optimum with K = G branches is one planted group per
 branch, and a naive-MTL model (one branch) can only solve one group.
 
-Stored as uint8 (like a decoded image cache); labels as int64 {0, 1}.
+Stored as uint8 (like a decoded image cache); labels {0, 1}. ``open_synthetic(cfg)`` returns it as
+an ``ArrayDataset`` (fields ``image`` (3, S, S) uint8, ``labels`` (G·T,) uint8).
 """
 from __future__ import annotations
 
 import torch
+
+from ..tasks.attributes import AttributeTaskSet
+from .arrays import ArrayDataset, image_label_fields
+from .base import DatasetFormat
 
 ALPHA, SIGMA = 0.2, 0.1
 ENV_PEAK = 1.2
@@ -72,3 +77,23 @@ def make_splits(cfg) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         out[split] = generate(n, cfg.image_size, cfg.synthetic_groups, cfg.synthetic_tasks_per_group,
                               cfg.synthetic_seed * 1000 + i)
     return out
+
+
+def open_synthetic(cfg, progress: bool = True) -> ArrayDataset:
+    names = task_names(cfg.synthetic_groups, cfg.synthetic_tasks_per_group)
+    wanted = cfg.task_names()
+    if wanted is not None:
+        raise ValueError(f"data.tasks: the synthetic dataset always has its planted tasks {names}; "
+                         f"leave data.tasks=all (got {wanted})")
+    splits = {s: {"image": x.numpy(), "labels": y.to(torch.uint8).numpy()} for s, (x, y) in make_splits(cfg).items()}
+    return ArrayDataset("synthetic", splits, image_label_fields(cfg.image_size, len(names)), AttributeTaskSet(names),
+                        cfg.image_size, limits={"train": cfg.limit_train, "val": cfg.limit_eval,
+                                                "test": cfg.limit_eval})
+
+
+def synthetic_taskset(cfg, names: list[str]) -> AttributeTaskSet:
+    return AttributeTaskSet(names, cfg.model.num_classes)
+
+
+FORMAT = DatasetFormat("synthetic", open_synthetic, synthetic_taskset,
+                       "planted-group synthetic images, generated from data.synthetic_* (no files)")

@@ -53,25 +53,27 @@ x-channel negated after normalisation (a mirrored surface faces the other way al
 from __future__ import annotations
 
 import argparse
-import hashlib
+import functools
 import json
 import os
 import re
-import shutil
 import struct
 import sys
-from concurrent.futures import ProcessPoolExecutor
+import zlib
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import DataSource, epoch_permutation, num_batches
+from ..config import TASKONOMY_5
+from ..tasks.taskonomy import TaskonomyTaskSet
+from . import store
+from .base import SPLITS, DataFormatError, Dataset, DatasetFormat, Field, files_digest, flip_rows, u16
 
-FORMAT = "fastdmtg-taskonomy"
-FORMAT_VERSION = 1
+#: bump when decoding/resizing changes what it computes: prepared folders made before are refused
+#: (user folders: re-run prepare) or decoded again (caches)
+DECODE_VERSION = 1
 
 DOMAINS = ("rgb", "depth_zbuffer", "normal", "segment_semantic", "keypoints2d", "edge_texture")
 FILE_SUFFIX = {d: d for d in DOMAINS} | {"segment_semantic": "segmentsemantic"}
@@ -88,7 +90,6 @@ DEPTH_VALID_BELOW = 8192          # raw depth < 2^13 is a valid pixel (reference
 
 LAYOUT_DOMAIN_FIRST = "domain/building"
 LAYOUT_BUILDING_FIRST = "building/domain"
-SPLITS = ("train", "val", "test")
 
 TINY_SPLIT = {
     "train": ["hanson", "merom", "klickitat", "onaga", "leonardo", "marstons", "newfields", "pinesdale",
@@ -108,7 +109,7 @@ NORM_16BIT = {"depth_zbuffer": (1500.0, 1000.0), "keypoints2d": (50.0, 100.0), "
 _RGB_NAME = re.compile(r"^point_(\d+)_view_(\d+)_domain_rgb\.png$")
 
 
-class TaskonomyFormatError(ValueError):
+class TaskonomyFormatError(DataFormatError):
     """A Taskonomy file or folder is missing or not in the expected format (the message names it)."""
 
 
@@ -275,181 +276,358 @@ def load_domain(path: str | Path, domain: str, expected_side: int | None = None)
     return np.ascontiguousarray(arr)
 
 
-def resize_map(arr: np.ndarray, size: int, mode: str) -> np.ndarray:
-    """(C, H, W) uint8/uint16 → (C, size, size), same dtype.
-
-    bilinear: antialiased (PIL-style triangle filter, what the reference's PIL resize did),
-    computed in float32 and rounded half-to-even; nearest: the source pixel under the output
-    pixel's centre (class ids stay class ids)."""
-    if arr.shape[-1] == size and arr.shape[-2] == size:
-        return arr
-    x = torch.from_numpy(arr.astype(np.float32))[None]              # (1, C, H, W)
+def _resample(x: torch.Tensor, size: int, mode: str, bits: int) -> torch.Tensor:
+    """(B, C, H, W) float32 → (B, C, size, size) float32, rounded half-to-even and clamped to the
+    source bit depth. bilinear: antialiased (PIL-style triangle filter, what the reference's PIL
+    resize did); nearest: the source pixel under the output pixel's centre (class ids stay ids)."""
     if mode == "bilinear":
         y = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
     elif mode == "nearest":
         y = F.interpolate(x, size=(size, size), mode="nearest-exact")
     else:
         raise ValueError(f"resize mode must be bilinear|nearest, got {mode!r}")
-    hi = float(np.iinfo(arr.dtype).max)
-    return y[0].round().clamp_(0, hi).numpy().astype(arr.dtype)
+    return y.round_().clamp_(0, (1 << bits) - 1)
+
+
+def resize_map(arr: np.ndarray, size: int, mode: str) -> np.ndarray:
+    """One map: (C, H, W) uint8/uint16 → (C, size, size), same dtype (``_resample`` in float32)."""
+    if arr.shape[-1] == size and arr.shape[-2] == size:
+        return arr
+    bits = 8 * arr.dtype.itemsize
+    y = _resample(torch.from_numpy(arr.astype(np.float32))[None], size, mode, bits)
+    return y[0].numpy().astype(arr.dtype)
+
+
+def resize_batch(x: torch.Tensor, size: int, mode: str, bits: int) -> torch.Tensor:
+    """``resize_map`` batched, on any device: (B, C, H, W) integer (uint8; 16-bit maps as their int16
+    bit-cast or int32) → (B, C, size, size) uint8 | int16 bit-cast."""
+    if x.shape[-2:] != (size, size):
+        xf = u16(x) if bits == 16 else x.to(torch.float32)
+        y = _resample(xf, size, mode, bits)
+    elif bits == 16 and x.dtype == torch.int16:
+        return x
+    else:
+        y = u16(x) if bits == 16 else x
+    if bits == 16:   # back to the int16 bit-cast of the uint16 value (explicit: no reliance on wrap-around)
+        v = y.to(torch.int32)
+        return torch.where(v >= 32768, v - 65536, v).to(torch.int16)
+    return y.to(torch.uint8)
 
 
 def resize_mode(domain: str, seg_resize: str) -> str:
     return seg_resize if domain == "segment_semantic" else "bilinear"
 
 
+def check_png_bytes(buf, path: str, domain: str, side: int | None) -> None:
+    """The IHDR checks of ``load_domain`` on encoded bytes (for decoders that read files themselves)."""
+    head = bytes(buf[:29])
+    if len(head) < 29 or head[:8] != b"\x89PNG\r\n\x1a\n" or head[12:16] != b"IHDR":
+        raise TaskonomyFormatError(f"{path}: not a PNG file")
+    w, h, depth, colour = struct.unpack(">IIBB", head[16:26])
+    want = PNG_TYPE[domain]
+    if (depth, colour) != want:
+        raise TaskonomyFormatError(f"{path}: expected a {want[0]}-bit {_PNG_COLOUR[want[1]]} PNG for {domain}, "
+                                   f"found {depth}-bit {_PNG_COLOUR.get(colour, f'colour type {colour}')}")
+    if side is not None and (w != side or h != side):
+        raise TaskonomyFormatError(f"{path}: image is {w}x{h}, expected {side}x{side}")
+
+
+def decode_sample(item: dict[str, str], side: int, size: int, seg_resize: str) -> dict[str, np.ndarray]:
+    """The reference decoder of one sample: {domain: (C, size, size) stored dtype}."""
+    return {d: resize_map(load_domain(p, d, side), size, resize_mode(d, seg_resize)) for d, p in item.items()}
+
+
 # ----------------------------------------------------------------------------------------------
-# prepare: raw PNGs → memory-mappable .npy per split
+# Batches
 # ----------------------------------------------------------------------------------------------
-def _convert_chunk(job) -> int:
-    """Worker: decode + resize samples [start, start + len(paths)) into the split's .npy files."""
-    tmp, start, paths, side, size, seg_resize, domains = job
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)   # the pool is the parallelism; avoid oversubscribing cores
-    try:
-        arrays = {d: np.load(Path(tmp) / f"{d}.npy", mmap_mode="r+") for d in domains}
-        for j, sample in enumerate(paths):
-            for d in domains:
-                a = load_domain(sample[d], d, side)
-                arrays[d][start + j] = resize_map(a, size, resize_mode(d, seg_resize))
-        for a in arrays.values():
-            a.flush()
-    finally:
-        torch.set_num_threads(threads)   # matters when called in the caller's process (workers=1)
-    return len(paths)
+def make_batch(raw: dict[str, torch.Tensor], task_names: list[str], flags: torch.Tensor | None) -> dict:
+    """Raw stored maps (on the device) → the normalised batch dict; ``flags`` (B,) bool on the
+    same device, which samples to flip (None: no flips — the caller decides on the host, so
+    there is no device sync here)."""
+    raw = {d: x.contiguous() for d, x in raw.items()}                   # NCHW, whatever the loader gave
+    if flags is not None:
+        raw = {d: flip_rows(x, flags) for d, x in raw.items()}        # flips commute with the pointwise maps
+    image = raw["rgb"].to(torch.float32).div_(255.0)                     # (B, 3, S, S)
+    b, _, s, _ = image.shape
+    if "depth_zbuffer" in raw:
+        depth_raw = u16(raw["depth_zbuffer"])                              # (B, 1, S, S)
+        mask = depth_raw < DEPTH_VALID_BELOW
+    else:
+        depth_raw, mask = None, torch.ones(b, 1, s, s, dtype=torch.bool, device=image.device)
+    targets = {}
+    for t in task_names:
+        if t == "depth_zbuffer":
+            off, sc = NORM_16BIT[t]
+            targets[t] = (depth_raw - off) / sc                            # (B, 1, S, S)
+        elif t in ("keypoints2d", "edge_texture"):
+            off, sc = NORM_16BIT[t]
+            targets[t] = (u16(raw[t]) - off) / sc                          # (B, 1, S, S)
+        elif t == "normal":
+            n = (raw[t].to(torch.float32) / 255.0 - 0.5) * 2.0            # (B, 3, S, S)
+            if flags is not None:
+                sign = torch.ones(b, 3, 1, 1, device=n.device)
+                sign[:, 0] = torch.where(flags, -1.0, 1.0).view(b, 1, 1)   # mirrored: x component flips
+                n = n * sign
+            targets[t] = n
+        elif t == "segment_semantic":
+            targets[t] = raw[t][:, 0].to(torch.int64)                       # (B, S, S)
+        else:
+            raise ValueError(f"unknown Taskonomy task {t!r}")
+    return {"image": image, "targets": targets, "mask": mask}
 
 
-def _samples_digest(samples) -> str:
-    return hashlib.sha1(json.dumps(samples).encode()).hexdigest()
+def needed_domains(task_names: list[str]) -> tuple[str, ...]:
+    """rgb + each task's domain + depth when a masked loss (depth or normal) needs its mask."""
+    need = {"rgb"} | {TASK_DOMAIN[t] for t in task_names}
+    if need & {"depth_zbuffer", "normal"}:
+        need.add("depth_zbuffer")
+    return tuple(d for d in DOMAINS if d in need)
 
 
-def _atomic_write_json(path: Path, obj) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=1) + "\n")
-    os.replace(tmp, path)
+def domain_fields(domains: tuple[str, ...], size: int) -> dict[str, Field]:
+    return {d: Field(DTYPE[d], (CHANNELS[d], size, size), "image" if d == "rgb" else "map", "png") for d in domains}
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+# ----------------------------------------------------------------------------------------------
+# The dataset: a raw root, a prepared folder, or arrays in memory
+# ----------------------------------------------------------------------------------------------
+class TaskonomyDataset(Dataset):
+    """Fields: one per domain (``domain_fields``); batch: ``make_batch`` for ``task_names``.
 
+    Made by ``from_raw`` (the PNGs, decoded by ``decode_sample``), ``from_prepared`` (a folder
+    written by ``prepare``: memory-mapped arrays) or ``from_arrays`` (in memory, e.g. benchmarks)."""
 
-def _remove_stale_tmp(out: Path, split: str) -> None:
-    """Delete ``.<split>.tmp-<pid>`` folders left by interrupted runs (never a live process's)."""
-    for p in out.glob(f".{split}.tmp-*"):
+    name = "taskonomy"
+    default_flip = True           # the reference flips Taskonomy samples in training
+
+    def __init__(self, task_names: list[str], image_size: int, domains: tuple[str, ...], *, rotate_loss: bool = False,
+                 seg_resize: str = "nearest"):
+        self.task_names = list(task_names)
+        unknown = [t for t in self.task_names if t not in TASK_DOMAIN]
+        if unknown:
+            raise ValueError(f"data.tasks: unknown Taskonomy task(s) {unknown}; known: {', '.join(TASK_DOMAIN)}")
+        self.taskset = TaskonomyTaskSet(self.task_names, rotate_loss=rotate_loss)
+        self.image_size, self.seg_resize = image_size, seg_resize
+        self.domains = tuple(d for d in DOMAINS if d in set(domains) | set(needed_domains(self.task_names)))
+        self.fields = domain_fields(self.domains, image_size)
+        self.mode = "?"
+        self._arrays: dict[str, dict[str, np.ndarray]] | None = None
+        self._samples: dict[str, list[tuple[str, int, int]]] = {}
+        self._mapped: dict[str, dict[str, np.ndarray]] = {}
+        self._counts: dict[str, int] = {}
+        self.folder: Path | None = None
+        self.root: Path | None = None
+
+    # -- constructors ---------------------------------------------------------------------------
+    @classmethod
+    def from_raw(cls, root: str | Path, task_names: list[str], image_size: int, *, split_file=None,
+                 seg_resize: str = "nearest", domains: tuple[str, ...] = (), limits: dict[str, int] | None = None,
+                 rotate_loss: bool = False, splits: tuple[str, ...] = SPLITS) -> "TaskonomyDataset":
+        if image_size < 16 or image_size % 16:
+            raise ValueError(f"image_size must be a multiple of 16 (the networks downsample 16x), got {image_size}")
+        if seg_resize not in ("nearest", "bilinear"):
+            raise ValueError(f"seg_resize must be nearest|bilinear, got {seg_resize!r}")
+        bad = set(domains) - set(DOMAINS)
+        if bad:
+            raise ValueError(f"unknown domain(s) {sorted(bad)}; known: {', '.join(DOMAINS)}")
+        ds = cls(task_names, image_size, tuple(domains), rotate_loss=rotate_loss, seg_resize=seg_resize)
+        ds.mode, ds.root = "raw", Path(root).resolve()
+        root = Path(root)
+        if store.is_partial(root):
+            raise TaskonomyFormatError(f"{root}: prepare did not finish (no index.json): re-run `{RERUN}`")
+        ds.layout = detect_layout(root)
+        ds.split = load_split(split_file)
+        ds.split_source = str(Path(split_file).resolve()) if split_file else "tiny"
+        limits = limits or {}
+        for s in splits:
+            samples = index_samples(root, ds.layout, ds.split[s], ds.domains)
+            if limits.get(s):
+                samples = samples[:limits[s]]
+            ds._samples[s] = samples
+            ds._counts[s] = len(samples)
+        first = next(iter(ds._samples.values()))[0]
+        rgb0 = domain_dir(root, ds.layout, "rgb", first[0]) / file_name("rgb", first[1], first[2])
+        w0, h0, _, _ = png_header(rgb0)
+        if w0 != h0:
+            raise TaskonomyFormatError(f"{rgb0}: image is {w0}x{h0}; Taskonomy images are square")
+        if w0 < image_size:
+            raise TaskonomyFormatError(f"{rgb0}: source images are {w0}x{h0}, smaller than image_size {image_size}")
+        ds.side = w0
+        ds.limits = {s: int(v) for s, v in limits.items() if v}
+        ds.decode_one = functools.partial(decode_sample, side=w0, size=image_size, seg_resize=seg_resize)
+        return ds
+
+    @classmethod
+    def from_prepared(cls, folder: str | Path, task_names: list[str], image_size: int | None = None, *,
+                      seg_resize: str | None = None, limits: dict[str, int] | None = None,
+                      rotate_loss: bool = False) -> "TaskonomyDataset":
+        folder = Path(folder)
+        rerun = RERUN
+        index = read_index(folder)
+        ipath = folder / store.INDEX
+        p = index["params"]
+        if p.get("decode_version") != DECODE_VERSION:
+            raise TaskonomyFormatError(f"{ipath}: decoded by an older fastdmtg (decode version "
+                                       f"{p.get('decode_version')}): re-run `{rerun}`")
+        if image_size is not None and image_size != p["image_size"]:
+            raise TaskonomyFormatError(f"{ipath}: prepared at image_size {p['image_size']}, the config asks for "
+                                       f"{image_size} (data.image_size); prepare again at that size")
+        if seg_resize is not None and seg_resize != p["seg_resize"]:
+            raise TaskonomyFormatError(f"{ipath}: segmentation resized with {p['seg_resize']!r}, the config asks "
+                                       f"for {seg_resize!r} (data.taskonomy_seg_resize); prepare again")
+        need = needed_domains(task_names)
+        missing = [d for d in need if d not in p["domains"]]
+        if missing:
+            raise TaskonomyFormatError(f"{ipath}: prepared without domain(s) {missing} that tasks {list(task_names)} "
+                                       "need; prepare them too")
+        ds = cls(task_names, int(p["image_size"]), need, rotate_loss=rotate_loss, seg_resize=p["seg_resize"])
+        ds.mode, ds.folder, ds.index = "prepared", folder, index
+        ds.limits = {s: int(v) for s, v in (limits or {}).items() if v}
+        ds._meta = {}
+        for s in SPLITS:
+            if s not in index["splits"]:
+                raise TaskonomyFormatError(f"{ipath}: split {s!r} was not prepared")
+            try:
+                meta = store.split_meta(folder, s)
+                if meta is None:
+                    raise store.Damaged(f"{folder / s / store.META}: missing: prepare did not finish: re-run `{rerun}`")
+                if meta != index["splits"][s]:
+                    raise store.Damaged(f"{folder / s / store.META}: disagrees with {ipath}: re-run `{rerun}`")
+                store.check_split(folder, s, meta)
+            except store.StoreError as e:
+                raise TaskonomyFormatError(f"{e}; re-run `{rerun}`" if "re-run" not in str(e) else str(e)) from None
+            ds._meta[s] = meta
+            n = int(meta["count"])
+            ds._counts[s] = min(n, ds.limits[s]) if ds.limits.get(s) else n
+            ds._samples[s] = [tuple(x) for x in meta["info"].get("samples", [])][:ds._counts[s]]
+        return ds
+
+    @classmethod
+    def from_arrays(cls, arrays: dict[str, dict[str, np.ndarray]], task_names: list[str], image_size: int, *,
+                    rotate_loss: bool = False) -> "TaskonomyDataset":
+        """In-memory arrays {split: {domain: (M, C, S, S) stored dtype}} (benchmarks, tests)."""
+        ds = cls(task_names, image_size, tuple(next(iter(arrays.values()))), rotate_loss=rotate_loss)
+        ds.mode, ds.limits = "arrays", {}
+        ds._arrays = {s: {d: arrays[s][d] for d in ds.domains} for s in SPLITS}
+        ds._counts = {s: len(arrays[s]["rgb"]) for s in SPLITS}
+        return ds
+
+    # -- the Dataset interface ----------------------------------------------------------------
+    def num_samples(self, split):
+        return self._counts[split]
+
+    def sample_ids(self, split: str) -> list[tuple[str, int, int]]:
+        """(building, point, view) of each sample of ``split``, in order (raw roots and prepared folders)."""
+        return list(self._samples.get(split, []))
+
+    def arrays(self, split):
+        if self.mode == "arrays":
+            return self._arrays[split]
+        if self.mode == "prepared":
+            if split not in self._mapped:
+                try:
+                    a = store.open_split(self.folder, split, self._meta[split], self.domains)
+                except store.StoreError as e:
+                    raise TaskonomyFormatError(f"{e}; re-run `{RERUN}`") from None
+                n = self._counts[split]
+                self._mapped[split] = {d: a[d][:n] for d in self.domains}
+            return self._mapped[split]
+        return None
+
+    def load_arrays(self, split: str) -> dict[str, np.ndarray]:
+        """The arrays read into memory, checksums checked (prepared folders)."""
+        if self.mode != "prepared":
+            return {k: np.asarray(v) for k, v in self.arrays(split).items()}
         try:
-            pid = int(p.name.rsplit("-", 1)[1])
-        except ValueError:
-            continue
-        if pid != os.getpid() and not _pid_alive(pid):
-            shutil.rmtree(p, ignore_errors=True)
+            a = store.open_split(self.folder, split, self._meta[split], self.domains, load=True)
+        except store.StoreError as e:
+            raise TaskonomyFormatError(f"{e}; re-run `{RERUN}`") from None
+        n = self._counts[split]
+        return {d: a[d][:n] for d in self.domains}
+
+    def check(self, split: str) -> None:
+        if self.mode == "prepared":
+            try:
+                store.verify_split(self.folder, split, self._meta[split])
+            except store.StoreError as e:
+                raise TaskonomyFormatError(f"{e}; re-run `{RERUN}`") from None
+
+    def items(self, split):
+        if self.mode != "raw":
+            return None
+        return [{d: str(domain_dir(self.root, self.layout, d, b) / file_name(d, p, v)) for d in self.domains}
+                for b, p, v in self._samples[split]]
+
+    def params(self) -> dict:
+        return {"image_size": self.image_size, "seg_resize": self.seg_resize, "domains": list(self.domains),
+                "decode_version": DECODE_VERSION}
+
+    def cache_id(self) -> dict:
+        if self.mode == "raw":
+            return {"dataset": self.name, "root": str(self.root), "split": self.split, "params": self.params(),
+                    "limits": self.limits}
+        if self.mode == "prepared":
+            return {"dataset": self.name, "folder": str(self.folder.resolve()), "params": self.params()}
+        return {"dataset": self.name, "params": self.params(), "content": {s: self.split_key(s) for s in SPLITS}}
+
+    def split_key(self, split) -> dict:
+        n = self._counts[split]
+        if self.mode == "raw":
+            return {"files": files_digest([p for it in self.items(split) for p in it.values()], self.missing_error),
+                    "samples": len(self._samples[split])}
+        if self.mode == "prepared":       # the prepared files' checksums identify their content
+            return {"crc32": {d: self._meta[split]["fields"][d]["crc32"] for d in self.domains}, "count": n}
+        c = 0
+        for d in self.domains:
+            c = zlib.crc32(np.ascontiguousarray(self._arrays[split][d]).reshape(-1).view(np.uint8), c)
+        return {"crc32": f"{c:08x}", "count": n}
+
+    def split_info(self, split) -> dict:
+        samples = self._samples.get(split, [])
+        return {"buildings": sorted({b for b, _, _ in samples}), "source_side": getattr(self, "side", None),
+                "samples": [list(x) for x in samples]}
+
+    def info(self) -> dict:
+        return {"layout": getattr(self, "layout", None), "source_root": str(self.root),
+                "split_source": getattr(self, "split_source", None)}
+
+    def missing_error(self, path: str) -> TaskonomyFormatError:
+        return TaskonomyFormatError(f"{path}: missing")
+
+    def check_encoded(self, field, buf, path):
+        check_png_bytes(buf, path, field, getattr(self, "side", None))
+
+    def resize(self, field, x):
+        bits = 16 if DTYPE[field] == np.uint16 else 8
+        return resize_batch(x, self.image_size, resize_mode(field, self.seg_resize), bits)
+
+    def to_batch(self, raw, flags):
+        return make_batch(raw, self.task_names, flags)
 
 
+# ----------------------------------------------------------------------------------------------
+# prepare: raw PNGs → a prepared folder (fastdmtg.data.store)
+# ----------------------------------------------------------------------------------------------
 def prepare(root: str | Path, out: str | Path, image_size: int = 256, *, split_file: str | Path | None = None,
             seg_resize: str = "nearest", domains: tuple[str, ...] | list[str] = DOMAINS,
             splits: tuple[str, ...] = SPLITS, limits: dict[str, int] | None = None, workers: int = 0,
             progress: bool = True) -> Path:
-    """Convert a raw Taskonomy root into the prepared format at ``out`` (see the module doc).
+    """Convert a raw Taskonomy root into a prepared folder at ``out`` (``fastdmtg.data.store``):
+    per split ``<domain>.npy`` (M, C, S, S) arrays + checksummed manifests, index.json last.
 
-    Each split is written into ``OUT/.<split>.tmp-<pid>/`` and renamed to ``OUT/<split>/`` when
-    complete, so an interrupted run leaves no half-written split; a re-run skips the splits
-    already done (and refuses, naming the setting, to reuse a split prepared differently).
-    ``limits[split] = n`` keeps only the first n samples (sorted by building, point, view) — for
-    quick runs. Returns ``out``."""
-    from tqdm import tqdm
-    root, out = Path(root), Path(out)
-    if image_size < 16 or image_size % 16:
-        raise ValueError(f"image_size must be a multiple of 16 (the networks downsample 16x), got {image_size}")
-    if seg_resize not in ("nearest", "bilinear"):
-        raise ValueError(f"seg_resize must be nearest|bilinear, got {seg_resize!r}")
-    bad = set(domains) - set(DOMAINS)
-    if bad:
-        raise ValueError(f"unknown domain(s) {sorted(bad)}; known: {', '.join(DOMAINS)}")
-    domains = tuple(d for d in DOMAINS if d in set(domains) | {"rgb"})   # canonical order, rgb always
-    limits = limits or {}
-    split = load_split(split_file)
-    layout = detect_layout(root)
-    out.mkdir(parents=True, exist_ok=True)
-    settings = {"format": FORMAT, "version": FORMAT_VERSION, "layout": layout, "image_size": image_size,
-                "seg_resize": seg_resize, "domains": list(domains)}
-    index = dict(settings, source_root=str(root.resolve()),
-                 split_source=str(Path(split_file).resolve()) if split_file else "tiny", splits={})
-    for s in splits:
-        samples = index_samples(root, layout, split[s], domains)
-        if limits.get(s):
-            samples = samples[:limits[s]]
-        sample_list = [[b, p, v] for b, p, v in samples]
-        digest = _samples_digest(sample_list)
-        final = out / s
-        meta_path = final / "meta.json"
-        if meta_path.exists():
-            meta = json.loads(meta_path.read_text())
-            for key in ("format", "version", "image_size", "seg_resize", "domains"):
-                if meta.get(key) != settings[key]:
-                    raise TaskonomyFormatError(
-                        f"{meta_path}: split {s!r} was prepared with {key}={meta.get(key)!r}, this run asks for "
-                        f"{settings[key]!r}; prepare into another folder (or delete {final})")
-            if meta.get("samples_sha1") != digest:
-                raise TaskonomyFormatError(
-                    f"{meta_path}: split {s!r} was prepared from a different list of samples "
-                    f"({meta.get('count')} then, {len(samples)} now: files added/removed, or another "
-                    f"split file / limit); prepare into another folder (or delete {final})")
-            index["splits"][s] = {"count": meta["count"], "buildings": meta["buildings"],
-                                  "source_side": meta["source_side"], "samples": meta["samples"]}
-            continue
-        if final.exists():
-            raise TaskonomyFormatError(f"{final}: exists without meta.json (not written by prepare); "
-                                       "remove it or prepare into another folder")
-        _remove_stale_tmp(out, s)
-        # the first rgb file fixes the source resolution; every other file must match it
-        b0, p0, v0 = samples[0]
-        w0, h0, _, _ = png_header(domain_dir(root, layout, "rgb", b0) / file_name("rgb", p0, v0))
-        if w0 != h0:
-            raise TaskonomyFormatError(f"{domain_dir(root, layout, 'rgb', b0) / file_name('rgb', p0, v0)}: "
-                                       f"image is {w0}x{h0}; Taskonomy images are square")
-        if w0 < image_size:
-            raise TaskonomyFormatError(f"{domain_dir(root, layout, 'rgb', b0) / file_name('rgb', p0, v0)}: "
-                                       f"source images are {w0}x{h0}, smaller than image_size {image_size}")
-        tmp = out / f".{s}.tmp-{os.getpid()}"
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir()
-        m = len(samples)
-        for d in domains:   # allocate the full arrays up front; workers fill disjoint rows
-            np.lib.format.open_memmap(tmp / f"{d}.npy", mode="w+", dtype=DTYPE[d],
-                                      shape=(m, CHANNELS[d], image_size, image_size)).flush()
-        paths = [{d: str(domain_dir(root, layout, d, b) / file_name(d, p, v)) for d in domains}
-                 for b, p, v in samples]
-        chunk = 64
-        jobs = [(str(tmp), i, paths[i:i + chunk], w0, image_size, seg_resize, domains)
-                for i in range(0, m, chunk)]
-        n_workers = workers or min(8, os.cpu_count() or 1)
-        bar = tqdm(total=m, desc=f"prepare taskonomy/{s} -> {out}", unit="img", disable=not progress)
-        try:
-            if n_workers <= 1 or len(jobs) <= 1:
-                for job in jobs:
-                    bar.update(_convert_chunk(job))
-            else:
-                with ProcessPoolExecutor(n_workers) as ex:
-                    for n in ex.map(_convert_chunk, jobs):
-                        bar.update(n)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)   # a partial split can be very large: don't leave it
-            raise
-        finally:
-            bar.close()
-        meta = dict(settings, split=s, count=m, buildings=sorted({b for b, _, _ in samples}),
-                    source_side=w0, samples_sha1=digest, samples=sample_list)
-        _atomic_write_json(tmp / "meta.json", meta)
-        os.replace(tmp, final)   # the split appears complete or not at all
-        index["splits"][s] = {"count": m, "buildings": meta["buildings"], "source_side": w0, "samples": sample_list}
-    _atomic_write_json(out / "index.json", index)
-    return out
+    An interrupted run leaves no half-written split; a re-run keeps the splits already done and
+    sound, decodes stale (source files changed) or damaged ones again, and refuses, naming the
+    setting, to mix in a split prepared with other settings. ``limits[split] = n`` keeps only the
+    first n samples (sorted by building, point, view) — for quick runs. Returns ``out``."""
+    domains = tuple(domains) or DOMAINS
+    ds = TaskonomyDataset.from_raw(root, [], image_size, split_file=split_file, seg_resize=seg_resize,
+                                   domains=tuple(set(domains) | {"rgb"}), limits=limits, splits=tuple(splits))
+    try:
+        store.materialize(ds, out, splits=tuple(splits), params=ds.params(), info=ds.info(), workers=workers,
+                          progress=progress)
+    except store.StoreError as e:
+        raise TaskonomyFormatError(str(e)) from None
+    return Path(out)
 
 
 def prepare_main(argv: list[str] | None = None) -> int:
@@ -480,246 +658,46 @@ def prepare_main(argv: list[str] | None = None) -> int:
     return 0
 
 
-# ----------------------------------------------------------------------------------------------
-# Reading a prepared folder
-# ----------------------------------------------------------------------------------------------
+RERUN = "fastdmtg prepare taskonomy ROOT OUT"
+
+
 def read_index(folder: str | Path) -> dict:
-    path = Path(folder) / "index.json"
+    """The index.json of a complete prepared Taskonomy folder (``fastdmtg.data.store``)."""
+    folder = Path(folder)
     try:
-        index = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise TaskonomyFormatError(f"{path}: missing (not a prepared Taskonomy folder)") from None
-    except json.JSONDecodeError as e:
-        raise TaskonomyFormatError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
-    if index.get("format") != FORMAT:
-        raise TaskonomyFormatError(f"{path}: format {index.get('format')!r}, expected {FORMAT!r}")
-    if index.get("version") != FORMAT_VERSION:
-        raise TaskonomyFormatError(f"{path}: format version {index.get('version')}, this fastdmtg reads "
-                                   f"version {FORMAT_VERSION}; re-run prepare")
+        index = store.read_index(folder, "prepared Taskonomy folder", RERUN)
+    except store.StoreError as e:
+        raise TaskonomyFormatError(str(e)) from None
+    if index.get("dataset") != "taskonomy":
+        raise TaskonomyFormatError(f"{folder / store.INDEX}: a prepared {index.get('dataset')!r} folder, not Taskonomy")
     return index
 
 
-def flip_flags(n: int, seed: int, epoch: int) -> torch.Tensor:
-    """(n,) bool: whether the sample at epoch position j is flipped. A generator of its own keyed
-    by (seed, epoch), so a resumed epoch (skip) sees the same flips as an uninterrupted one."""
-    key = int.from_bytes(hashlib.sha256(f"taskonomy-flip:{seed}:{epoch}".encode()).digest()[:8], "little")
-    g = torch.Generator().manual_seed(key & ((1 << 63) - 1))
-    return torch.rand(n, generator=g) < 0.5
-
-
-class _SplitArrays:
-    """The .npy files of one split, memory-mapped lazily (in each DataLoader worker separately:
-    a pickled np.memmap would copy the data)."""
-
-    def __init__(self, folder: Path, domains: tuple[str, ...], count: int):
-        self.folder, self.domains, self.count = folder, domains, count
-        self._arrays: dict[str, np.ndarray] | None = None
-
-    def __getstate__(self):
-        return {"folder": self.folder, "domains": self.domains, "count": self.count, "_arrays": None}
-
-    def arrays(self) -> dict[str, np.ndarray]:
-        if self._arrays is None:
-            arrs = {}
-            for d in self.domains:
-                p = self.folder / f"{d}.npy"
-                try:
-                    a = np.load(p, mmap_mode="r")
-                except FileNotFoundError:
-                    raise TaskonomyFormatError(f"{p}: missing (prepared folder incomplete)") from None
-                if a.dtype != DTYPE[d] or a.ndim != 4 or a.shape[1] != CHANNELS[d] or a.shape[0] < self.count:
-                    raise TaskonomyFormatError(f"{p}: shape {a.shape} {a.dtype}, expected "
-                                               f"({self.count}, {CHANNELS[d]}, S, S) {np.dtype(DTYPE[d])}")
-                arrs[d] = a
-            self._arrays = arrs
-        return self._arrays
-
-    def gather(self, idx: np.ndarray) -> dict[str, torch.Tensor]:
-        """Rows ``idx`` of every domain as CPU tensors (16-bit maps bit-cast to int16: torch moves
-        and converts int16 everywhere; the device code undoes the sign)."""
-        order = np.argsort(idx, kind="stable")
-        srt = idx[order]                       # ascending reads: friendlier to the page cache
-        inv = np.empty_like(order)
-        inv[order] = np.arange(len(order))
-        out = {}
-        for d, a in self.arrays().items():
-            rows = np.ascontiguousarray(a[srt][inv])
-            if rows.dtype == np.uint16:
-                rows = rows.view(np.int16)
-            out[d] = torch.from_numpy(rows)
-        return out
-
-
-class _BatchReader(torch.utils.data.Dataset):
-    """Map-style dataset whose item b is the whole batch b (DataLoader with batch_size=None)."""
-
-    def __init__(self, arrays: _SplitArrays, batches: list[np.ndarray]):
-        self.arrays, self.batches = arrays, batches
-
-    def __len__(self) -> int:
-        return len(self.batches)
-
-    def __getitem__(self, b: int) -> dict[str, torch.Tensor]:
-        return self.arrays.gather(self.batches[b])
-
-
-def _flip(x: torch.Tensor, flags: torch.Tensor) -> torch.Tensor:
-    f = flags.view(-1, *([1] * (x.dim() - 1)))
-    return torch.where(f, x.flip(-1), x)
-
-
-def _u16(x: torch.Tensor) -> torch.Tensor:
-    """int16 bit-cast of uint16 → the uint16 value as float32."""
-    return (x.to(torch.int32) & 0xFFFF).to(torch.float32)
-
-
-def make_batch(raw: dict[str, torch.Tensor], task_names: list[str], flags: torch.Tensor | None) -> dict:
-    """Raw stored maps (on the device) → the normalised batch dict; ``flags`` (B,) bool on the
-    same device, which samples to flip (None: no flips — the caller decides on the host, so
-    there is no device sync here)."""
-    if flags is not None:
-        raw = {d: _flip(x, flags) for d, x in raw.items()}           # flips commute with the pointwise maps
-    image = raw["rgb"].to(torch.float32).div_(255.0)                     # (B, 3, S, S)
-    b, _, s, _ = image.shape
-    if "depth_zbuffer" in raw:
-        depth_raw = _u16(raw["depth_zbuffer"])                             # (B, 1, S, S)
-        mask = depth_raw < DEPTH_VALID_BELOW
-    else:
-        depth_raw, mask = None, torch.ones(b, 1, s, s, dtype=torch.bool, device=image.device)
-    targets = {}
-    for t in task_names:
-        if t == "depth_zbuffer":
-            off, sc = NORM_16BIT[t]
-            targets[t] = (depth_raw - off) / sc                            # (B, 1, S, S)
-        elif t in ("keypoints2d", "edge_texture"):
-            off, sc = NORM_16BIT[t]
-            targets[t] = (_u16(raw[t]) - off) / sc                         # (B, 1, S, S)
-        elif t == "normal":
-            n = (raw[t].to(torch.float32) / 255.0 - 0.5) * 2.0            # (B, 3, S, S)
-            if flags is not None:
-                sign = torch.ones(b, 3, 1, 1, device=n.device)
-                sign[:, 0] = torch.where(flags, -1.0, 1.0).view(b, 1, 1)   # mirrored: x component flips
-                n = n * sign
-            targets[t] = n
-        elif t == "segment_semantic":
-            targets[t] = raw[t][:, 0].to(torch.int64)                       # (B, S, S)
-        else:
-            raise ValueError(f"unknown Taskonomy task {t!r}")
-    return {"image": image, "targets": targets, "mask": mask}
-
-
-class TaskonomySource(DataSource):
-    """Batches from a prepared folder: memory-mapped reads (optionally in DataLoader worker
-    processes), transfer of the compact raw maps, normalisation + flip on the device."""
-
-    def __init__(self, folder: str | Path, taskset, image_size: int | None = None,
-                 limits: dict[str, int] | None = None, num_workers: int = 0, seg_resize: str | None = None):
-        self.folder = Path(folder)
-        self.index = read_index(self.folder)
-        self.taskset = taskset
-        self.image_size = int(self.index["image_size"])
-        if image_size is not None and image_size != self.image_size:
-            raise TaskonomyFormatError(f"{self.folder / 'index.json'}: prepared at image_size {self.image_size}, "
-                                       f"the config asks for {image_size} (data.image_size); prepare again at that size")
-        if seg_resize is not None and seg_resize != self.index["seg_resize"]:
-            raise TaskonomyFormatError(f"{self.folder / 'index.json'}: segmentation resized with "
-                                       f"{self.index['seg_resize']!r}, the config asks for {seg_resize!r} "
-                                       "(data.taskonomy_seg_resize); prepare again")
-        self.task_names = list(taskset.names)
-        need = needed_domains(self.task_names)
-        missing = [d for d in need if d not in self.index["domains"]]
-        if missing:
-            raise TaskonomyFormatError(f"{self.folder / 'index.json'}: prepared without domain(s) {missing} "
-                                       f"that tasks {self.task_names} need; prepare them too")
-        self.domains = need
-        limits = limits or {}
-        self.num_workers = num_workers
-        self._splits: dict[str, _SplitArrays] = {}
-        for s in SPLITS:
-            if s not in self.index["splits"]:
-                raise TaskonomyFormatError(f"{self.folder / 'index.json'}: split {s!r} was not prepared")
-            count = int(self.index["splits"][s]["count"])
-            if limits.get(s):
-                count = min(count, int(limits[s]))
-            self._splits[s] = _SplitArrays(self.folder / s, need, count)
-
-    def num_samples(self, split: str) -> int:
-        return self._splits[split].count
-
-    def sample_ids(self, split: str) -> list[tuple[str, int, int]]:
-        """(building, point, view) of each sample of ``split``, in index order."""
-        return [tuple(x) for x in self.index["splits"][split]["samples"][:self.num_samples(split)]]
-
-    def batches(self, split, batch_size, *, shuffle, seed=0, epoch=0, device="cpu", skip=0, train=False
-                ) -> Iterator[dict]:
-        device = torch.device(device)
-        arrays = self._splits[split]
-        n = arrays.count
-        order = (epoch_permutation(n, seed, epoch) if shuffle else torch.arange(n)).numpy()
-        flips = flip_flags(n, seed, epoch) if train else None
-        nb = num_batches(n, batch_size, train)
-        spans = [(b * batch_size, min(n, (b + 1) * batch_size)) for b in range(skip, nb)]
-        reader = _BatchReader(arrays, [order[a:z] for a, z in spans])
-        if self.num_workers > 0 and len(reader) > 1:
-            it = iter(torch.utils.data.DataLoader(reader, batch_size=None, shuffle=False,
-                                                  num_workers=self.num_workers,
-                                                  pin_memory=device.type == "cuda", prefetch_factor=4))
-        else:
-            it = (reader[i] for i in range(len(reader)))
-        for (a, z), raw in zip(spans, it):
-            raw = {d: x.to(device, non_blocking=True) for d, x in raw.items()}
-            f = flips[a:z] if flips is not None else None                 # host-side flags: no sync
-            flags = f.to(device, non_blocking=True) if f is not None and bool(f.any()) else None
-            yield make_batch(raw, self.task_names, flags)
-
-
-def needed_domains(task_names: list[str]) -> tuple[str, ...]:
-    """rgb + each task's domain + depth when a masked loss (depth or normal) needs its mask."""
-    need = {"rgb"} | {TASK_DOMAIN[t] for t in task_names}
-    if need & {"depth_zbuffer", "normal"}:
-        need.add("depth_zbuffer")
-    return tuple(d for d in DOMAINS if d in need)
-
-
-def _cache_folder(cfg, root: Path, domains: tuple[str, ...], limits: dict[str, int]) -> Path:
-    key_src = json.dumps({"root": str(root.resolve()), "split": load_split(cfg.taskonomy_split_file),
-                          "size": cfg.image_size, "seg": cfg.taskonomy_seg_resize, "domains": domains,
-                          "limits": limits}, sort_keys=True)
-    key = hashlib.sha1(key_src.encode()).hexdigest()[:16]
-    if cfg.cache_dir:
-        base = Path(cfg.cache_dir)
-    elif os.access(root, os.W_OK):
-        base = root / ".fastdmtg_cache"           # next to the data: a full prepare is large
-    else:
-        base = Path.home() / ".cache" / "fastdmtg"
-    return base / f"taskonomy_{cfg.image_size}_{key}"
-
-
-def build_source(cfg, progress: bool = True) -> TaskonomySource:
-    """DataSource for ``cfg`` (a DataConfig). ``cfg.root`` is either a prepared folder (has
-    index.json) or a raw Taskonomy root, which is prepared into a cache folder first (once)."""
-    from ..config import TASKONOMY_5
-    from ..tasks.taskonomy import TaskonomyTaskSet
+def open_taskonomy(cfg, progress: bool = True) -> TaskonomyDataset:
+    """``cfg.root``: a prepared folder (has index.json) or a raw Taskonomy root."""
     if not cfg.root:
-        raise ValueError("data.root: the taskonomy dataset needs its folder (--data-root PATH): a raw "
-                         "Taskonomy root or a folder made by `fastdmtg prepare taskonomy`")
+        raise TaskonomyFormatError("data.root: the taskonomy dataset needs its folder (--data-root PATH): a raw "
+                                   "Taskonomy root or a folder made by `fastdmtg prepare taskonomy`")
     names = cfg.task_names() or list(TASKONOMY_5)
-    taskset = TaskonomyTaskSet(names, rotate_loss=bool(getattr(cfg, "taskonomy_rotate_loss", False)))
     limits = {"train": cfg.limit_train, "val": cfg.limit_eval, "test": cfg.limit_eval}
     root = Path(cfg.root)
-    if (root / "index.json").is_file():
-        folder = root
-    else:
-        domains = needed_domains(names)
-        # a limited quick run prepares only what it uses (its own cache folder)
-        folder = _cache_folder(cfg, root, domains, {k: v for k, v in limits.items() if v})
-        if not (folder / "index.json").is_file() or any(not (folder / s / "meta.json").is_file() for s in SPLITS):
-            prepare(root, folder, cfg.image_size, split_file=cfg.taskonomy_split_file or None,
-                    seg_resize=cfg.taskonomy_seg_resize, domains=domains, limits=limits, progress=progress)
-    return TaskonomySource(folder, taskset, cfg.image_size, limits,
-                           num_workers=int(getattr(cfg, "num_workers", 0)), seg_resize=cfg.taskonomy_seg_resize)
+    if (root / store.INDEX).is_file():
+        return TaskonomyDataset.from_prepared(root, names, cfg.image_size, seg_resize=cfg.taskonomy_seg_resize,
+                                              limits=limits, rotate_loss=cfg.taskonomy_rotate_loss)
+    return TaskonomyDataset.from_raw(root, names, cfg.image_size, split_file=cfg.taskonomy_split_file or None,
+                                     seg_resize=cfg.taskonomy_seg_resize, limits=limits,
+                                     rotate_loss=cfg.taskonomy_rotate_loss)
 
 
-__all__ = ["prepare", "prepare_main", "build_source", "TaskonomySource", "TaskonomyFormatError", "load_domain",
-           "resize_map", "detect_layout", "index_samples", "load_split", "flip_flags", "make_batch",
-           "needed_domains", "read_index", "TINY_SPLIT", "DOMAINS"]
+def taskonomy_taskset(cfg, names: list[str]) -> TaskonomyTaskSet:
+    return TaskonomyTaskSet(names, rotate_loss=cfg.data.taskonomy_rotate_loss)
+
+
+FORMAT = DatasetFormat("taskonomy", open_taskonomy, taskonomy_taskset,
+                       "Taskonomy: a raw root (ROOT/<domain>/<building>/*.png or ROOT/<building>/<domain>/) "
+                       "or a folder made by `fastdmtg prepare taskonomy`")
+
+
+__all__ = ["prepare", "prepare_main", "open_taskonomy", "TaskonomyDataset", "TaskonomyFormatError", "load_domain",
+           "resize_map", "resize_batch", "detect_layout", "index_samples", "load_split", "make_batch",
+           "needed_domains", "read_index", "TINY_SPLIT", "DOMAINS", "SPLITS"]

@@ -67,7 +67,7 @@ def stl_rsa_affinity(run_dir, num_images: int = 256, device: str = "cpu") -> dic
     form (batched or not) the run trained in."""
     from .. import load_grouped
     from ..config import Config
-    from ..data import build_data
+    from ..pipelines import build_source
     from ..grouping_search import rdm, rsa_affinity
     model, meta = load_grouped(run_dir, device)
     cfg = Config.from_dict(meta["config"])
@@ -76,7 +76,7 @@ def stl_rsa_affinity(run_dir, num_images: int = 256, device: str = "cpu") -> dic
         raise ValueError(f"{run_dir}: BMTN needs an STL run of the ResNet variant with nothing shared")
     if sorted(meta["groups"]) != [[t] for t in range(n)]:
         raise ValueError(f"{run_dir}: not an STL run (groups {meta['groups']}, expected one task per branch)")
-    data = build_data(cfg.data, progress=False)
+    data = build_source(cfg.data, progress=False)
     m = min(num_images, data.num_samples("val"))
     images = next(iter(data.batches("val", m, shuffle=False, device=device)))["image"]
     rdms = np.empty((len(LOCATIONS), n, m, m))
