@@ -322,11 +322,9 @@ def _typed(where: str, typ: Any, v: Any) -> Any:
         ok = isinstance(v, bool)
     elif typ is int:
         ok = isinstance(v, int) and not isinstance(v, bool)
-    elif typ is float:
+    elif typ is float:                      # (finiteness: _check_finite, for every way a config is built)
         ok = isinstance(v, (int, float)) and not isinstance(v, bool)
-        if ok:
-            v = float(v)
-            _check(math.isfinite(v), f"{where}: expected a finite number, got {v}")
+        v = float(v) if ok else v
     elif typ is str:
         ok = isinstance(v, str)
     else:                                   # list[str] | str
