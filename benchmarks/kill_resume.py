@@ -8,16 +8,18 @@
    per epoch, ``--epochs`` epochs). Measured on it: T, its working life (from the moment it holds
    the run folder's lock — RUN/.lock names its pid — to the moment results.json appears), and E, the
    time between two checkpoints (an epoch with its validation).
-2. The same command into another folder, SIGKILLed; then ``fastdmtg train --resume`` of the folder
-   (or the command again, when the kill came before the first checkpoint), killed the same way;
-   ``--points`` kills in all; then one last ``--resume`` to the end. The kill moment:
+2. Kills, ``--points`` of them, then resumes (``fastdmtg train --resume``; or the command again when the
+   kill came before the first checkpoint):
 
-   * ``--when anywhere``: uniform in (0, T) after the process claimed the folder — building data,
-     mid-epoch, while a checkpoint, history.json or results.json is written, during the final
-     evaluation, or after the run finished (the process had exited: reported as such);
-   * ``--when training``: uniform in (0, E) after the process wrote its first checkpoint, i.e. in
-     the middle of the next epoch or its checkpoint write: every kill is followed by a resume from
-     a mid-run checkpoint (at most epochs − 1 kills).
+   * ``--when anywhere``: ``--points`` independent trials. Each starts the command into a fresh
+     folder and SIGKILLs it at a moment uniform in (0, T) after it claimed the folder — building
+     data, mid-epoch, while a checkpoint, history.json or results.json is written, during the final
+     evaluation, or after the run finished (the process had exited: reported as such) — then
+     resumes it to the end and compares.
+   * ``--when training``: one run, a chain of kills. Each process is SIGKILLed at a moment uniform
+     in (0, E) after it wrote its first checkpoint, i.e. in the middle of the next epoch or its
+     checkpoint write, so every kill is followed by a resume from a mid-run checkpoint (epochs =
+     max(--epochs, points + 1)). One final resume to the end, then the comparison.
 3. The final outputs must equal the reference's bit for bit: results.json and history.json
    (without the wall-clock field ``train_time_s``), config.json, grouped_model.json and the bytes of
    grouped_model.safetensors; and no temporary file may be left in the folder.
@@ -146,39 +148,68 @@ def kill_resume(work: str | Path, points: int = 20, seed: int = 0, epochs: int =
         flush=True)
 
     rng = random.Random(seed)
-    kills = []
-    for i in range(points):
-        args = ["train", "--resume", str(run), "--quiet"] if _resumable(run) else ["train", "--out", str(run), *run_args]
-        before = _ckpt_mtime(run)
-        p, t0 = _start(args, run)
-        if when == "training":
+    if when == "anywhere":
+        # independent trials (a run killed anywhere once per trial; killed late, a chain would be done)
+        kills, diffs = [], []
+        for i in range(points):
+            trial = work / f"killed{i + 1}"
+            p, t0 = _start(["train", "--out", str(trial), *run_args], trial)
+            delay = rng.uniform(0, T)
+            time.sleep(max(0.0, delay - (time.perf_counter() - t0)))
+            alive = p.poll() is None
+            p.send_signal(signal.SIGKILL)
+            rc, err = _finish(p)
+            if not alive and rc != 0:
+                raise RuntimeError(f"run exited with {rc} before its kill: {err[-2000:]}")
+            state = _state(trial)
+            _complete(trial, run_args)
+            same = _differences(ref, trial)
+            diffs += [f"trial {i + 1}: {d}" for d in same]
+            kills.append({"n": i + 1, "delay_s": round(delay, 2), "killed": alive, "then": state,
+                          "identical": not same})
+            log(f"trial {i + 1}/{points}: killed at {delay:.2f} s ({'running' if alive else 'had exited'}), "
+                f"folder: {state}; after resume: {'identical' if not same else same}", flush=True)
+    else:
+        kills = []
+        for i in range(points):
+            args = (["train", "--resume", str(run), "--quiet"] if _resumable(run) else
+                    ["train", "--out", str(run), *run_args])
+            before = _ckpt_mtime(run)
+            p, _ = _start(args, run)
             t0 = _wait_new_checkpoint(p, run, before)
             delay = rng.uniform(0, E)
-        else:
-            delay = rng.uniform(0, T)
-        time.sleep(max(0.0, delay - (time.perf_counter() - t0)))
-        alive = p.poll() is None
-        p.send_signal(signal.SIGKILL)
-        rc, err = _finish(p)
-        if not alive and rc != 0:
-            raise RuntimeError(f"run exited with {rc} before its kill: {err[-2000:]}")
-        state = _state(run)
-        kills.append({"n": i + 1, "delay_s": round(delay, 2), "killed": alive, "then": state})
-        log(f"kill {i + 1}/{points}: {delay:.2f} s, {'killed' if alive else 'had exited (0)'}, folder: {state}",
-            flush=True)
-        if not alive and when == "training":
-            break                                  # the run finished before a further kill point
+            time.sleep(max(0.0, delay - (time.perf_counter() - t0)))
+            alive = p.poll() is None
+            p.send_signal(signal.SIGKILL)
+            rc, err = _finish(p)
+            if not alive and rc != 0:
+                raise RuntimeError(f"run exited with {rc} before its kill: {err[-2000:]}")
+            state = _state(run)
+            kills.append({"n": i + 1, "delay_s": round(delay, 2), "killed": alive, "then": state})
+            log(f"kill {i + 1}/{points}: {delay:.2f} s after a checkpoint, {'killed' if alive else 'had exited'}, "
+                f"folder: {state}", flush=True)
+            if not alive:
+                break                              # the run finished before a further kill point
+        _complete(run, run_args)
+        diffs = _differences(ref, run)
+    return {"kills": sum(k["killed"] for k in kills), "identical": not diffs, "differences": diffs,
+            "reference_s": T, "epoch_s": E, "epochs": epochs, "when": when, "points": kills,
+            "reference_train_s": json.loads((ref / "results.json").read_text())["train_time_s"]}
+
+
+def _complete(run: Path, run_args: list[str]) -> None:
+    """Resume the killed run to its end (start it again when it had no checkpoint yet)."""
     p, _ = _start(["train", "--resume", str(run), "--quiet"] if _resumable(run) else
                   ["train", "--out", str(run), *run_args], run)
     rc, err = _finish(p)
     if rc != 0:
-        raise RuntimeError(f"final resume failed ({rc}): {err[-2000:]}")
+        raise RuntimeError(f"resuming {run} failed ({rc}): {err[-2000:]}")
+
+
+def _differences(ref: Path, run: Path) -> list[str]:
     a, b = outputs(ref), outputs(run)
-    diffs = [k for k in a if a[k] != b[k]]
     left = [str(x) for x in run.rglob("*") if ".tmp" in x.name]   # a killed writer's temp files: removed
-    return {"kills": sum(k["killed"] for k in kills), "identical": not diffs and not left,
-            "differences": diffs + left, "reference_s": T, "epoch_s": E, "epochs": epochs, "when": when,
-            "points": kills, "reference_train_s": json.loads((ref / "results.json").read_text())["train_time_s"]}
+    return [k for k in a if a[k] != b[k]] + left
 
 
 def report(reps: list[dict], args) -> str:
@@ -195,17 +226,21 @@ def report(reps: list[dict], args) -> str:
            "grouped_model.json, the bytes of grouped_model.safetensors; no temporary file may be left.\n"]
     for rep in reps:
         rows = "\n".join(f"| {k['n']} | {k['delay_s']:.2f} | {'yes' if k['killed'] else 'no: the run had finished'} "
-                         f"| {k['then']} |" for k in rep["points"])
-        start = ("after the process claimed the folder, uniform in (0, T)" if rep["when"] == "anywhere" else
-                 "after the process wrote its first checkpoint, uniform in (0, E)")
+                         f"| {k['then']} |" + ("" if "identical" not in k else
+                                               f" {'yes' if k['identical'] else 'NO'} |") for k in rep["points"])
+        start = ("after the process claimed the folder, uniform in (0, T); one independent trial per kill "
+                 "(fresh run, one kill, resumed to the end, compared)" if rep["when"] == "anywhere" else
+                 "after the process wrote its first checkpoint, uniform in (0, E); one run, a chain of kills "
+                 "and resumes")
+        head = ("| trial | moment (s) | process still running | what the folder held after the kill | identical |\n"
+                "|---|---|---|---|---|" if rep["when"] == "anywhere" else
+                "| kill | moment (s) | process still running | what the folder held after the kill |\n|---|---|---|---|")
         out.append(f"## --when {rep['when']}, {rep['epochs']} epochs\n\n"
                    f"Reference: T = {rep['reference_s']:.1f} s from claiming its folder to results.json "
                    f"({rep['reference_train_s']:.1f} s of it in optimizer steps), E = {rep['epoch_s']:.2f} s between "
                    f"checkpoints. Kill moment {start}.\n\n"
                    f"Result: **{'bit-identical' if rep['identical'] else 'DIFFERENT: ' + ', '.join(rep['differences'])}**"
-                   f" after {rep['kills']} kills and a final resume.\n\n"
-                   f"| kill | moment (s) | process still running | what the folder held after the kill |\n"
-                   f"|---|---|---|---|\n{rows}\n")
+                   f" after {rep['kills']} kills (each followed by a resume).\n\n{head}\n{rows}\n")
     return "\n".join(out)
 
 

@@ -331,7 +331,7 @@ class Trainer:
         self.initial_loss: float | None = None      # the first step's loss: the divergence rule's yardstick
         self.divergence: dict | None = None          # set once the rule fired
         self.config_changes: list[dict] = []         # resume changes not yet in a history.json record
-        self.saved_last: tuple[int, int, int] | None = None   # (epoch, step_in_epoch, global_step) in last.pt
+        self.saved_last: tuple | None = None   # (file, epoch, step_in_epoch, global_step): the state to go back to
         if resume:
             self._load(resume_state)
             self._apply_head_mask()
@@ -506,7 +506,7 @@ class Trainer:
         _set_rng_state(st["rng"], self.device)
         self.initial_loss, self.divergence = st.get("initial_loss"), st.get("divergence")
         self.config_changes = list(st.get("config_changes", []))
-        self.saved_last = (self.epoch, self.step_in_epoch, self.global_step)
+        self.saved_last = (Path(st["_path"]), self.epoch, self.step_in_epoch, self.global_step)
         hist = self.run_dir / "history.json"
         if hist.exists():
             h = ckpt.read_json(hist)

@@ -245,6 +245,12 @@ def test_nonfinite_weights_are_never_checkpointed(tmp_path):
         t.fit(stop_after_steps=6)
     st = torch.load(tmp_path / "b" / "checkpoints" / "last.pt", weights_only=True)
     assert st["global_step"] == 4 and all(torch.isfinite(v).all() for v in st["model"].values() if v.is_floating_point())
+    # a resumed run knows which checkpoint it came from
+    t = Trainer(tiny(["train.val_every=2"]), tmp_path / "b", resume=True)
+    _poison_after(t, 8, next(t.model.parameters()))
+    with pytest.raises(NonFiniteLoss, match=f"{tmp_path / 'b' / 'checkpoints' / 'last.pt'} holds the state at "
+                                            "the end of epoch 1 \\(step 4\\)"):
+        t.fit()
     # best.pt: a NaN grouping logit leaves the validation loss finite (argmax picks some branch)
     t = Trainer(tiny(), tmp_path / "c")
     _poison_after(t, 4, next(t.method.parameters()))
