@@ -11,15 +11,16 @@
 2. Kills, ``--points`` of them, then resumes (``fastdmtg train --resume``; or the command again when the
    kill came before the first checkpoint):
 
-   * ``--when anywhere``: ``--points`` independent trials. Each starts the command into a fresh
-     folder and SIGKILLs it at a moment uniform in (0, T) after it claimed the folder — building
-     data, mid-epoch, while a checkpoint, history.json or results.json is written, during the final
-     evaluation, or after the run finished (the process had exited: reported as such) — then
-     resumes it to the end and compares.
+   * ``--when anywhere``: independent trials until ``--points`` processes were killed. Each starts
+     the command into a fresh folder and SIGKILLs it at a moment uniform in (0, T) after it claimed
+     the folder — building data, mid-epoch, while a checkpoint, history.json or results.json is
+     written, during the final evaluation, while exiting — then resumes it to the end and compares.
+     A trial whose process had already exited at its moment is reported and not counted.
    * ``--when training``: one run, a chain of kills. Each process is SIGKILLed at a moment uniform
      in (0, E) after it wrote its first checkpoint, i.e. in the middle of the next epoch or its
-     checkpoint write, so every kill is followed by a resume from a mid-run checkpoint (epochs =
-     max(--epochs, points + 1)). One final resume to the end, then the comparison.
+     checkpoint write (or, on a machine running faster than measured, right when the next checkpoint
+     appears), so every kill is followed by a resume from a mid-run checkpoint (epochs =
+     max(--epochs, points + 2)). One final resume to the end, then the comparison.
 3. The final outputs must equal the reference's bit for bit: results.json and history.json
    (without the wall-clock field ``train_time_s``), config.json, grouped_model.json and the bytes of
    grouped_model.safetensors; and no temporary file may be left in the folder.
@@ -127,7 +128,7 @@ def kill_resume(work: str | Path, points: int = 20, seed: int = 0, epochs: int =
     run_args = [*ARGS, "--set", f"train.epochs={epochs}"]
     work.mkdir(parents=True, exist_ok=True)
     ref, run = work / "reference", work / "killed"
-    for d in (ref, run):
+    for d in (ref, run, *work.glob("killed*")):          # the folders of an earlier invocation
         if d.exists():
             shutil.rmtree(d)
     # reference: working life T and checkpoint interval E
@@ -150,8 +151,9 @@ def kill_resume(work: str | Path, points: int = 20, seed: int = 0, epochs: int =
     rng = random.Random(seed)
     if when == "anywhere":
         # independent trials (a run killed anywhere once per trial; killed late, a chain would be done)
-        kills, diffs = [], []
-        for i in range(points):
+        kills, diffs, i = [], [], 0
+        while sum(k["killed"] for k in kills) < points and i < 3 * points:
+            # a trial whose process had already exited is reported and does not count: draw again
             trial = work / f"killed{i + 1}"
             p, t0 = _start(["train", "--out", str(trial), *run_args], trial)
             delay = rng.uniform(0, T)
@@ -167,8 +169,9 @@ def kill_resume(work: str | Path, points: int = 20, seed: int = 0, epochs: int =
             diffs += [f"trial {i + 1}: {d}" for d in same]
             kills.append({"n": i + 1, "delay_s": round(delay, 2), "killed": alive, "then": state,
                           "identical": not same})
-            log(f"trial {i + 1}/{points}: killed at {delay:.2f} s ({'running' if alive else 'had exited'}), "
+            log(f"trial {i + 1}: killed at {delay:.2f} s ({'running' if alive else 'had exited'}), "
                 f"folder: {state}; after resume: {'identical' if not same else same}", flush=True)
+            i += 1
     else:
         kills = []
         for i in range(points):
@@ -178,7 +181,12 @@ def kill_resume(work: str | Path, points: int = 20, seed: int = 0, epochs: int =
             p, _ = _start(args, run)
             t0 = _wait_new_checkpoint(p, run, before)
             delay = rng.uniform(0, E)
-            time.sleep(max(0.0, delay - (time.perf_counter() - t0)))
+            first = _ckpt_mtime(run)
+            # until the moment — or the next checkpoint, if the machine runs faster than measured: one
+            # epoch per process at most, so that every kill point is used
+            while p.poll() is None and time.perf_counter() - t0 < delay and _ckpt_mtime(run) == first:
+                time.sleep(0.002)
+            delay = min(delay, time.perf_counter() - t0)
             alive = p.poll() is None
             p.send_signal(signal.SIGKILL)
             rc, err = _finish(p)
@@ -228,8 +236,8 @@ def report(reps: list[dict], args) -> str:
         rows = "\n".join(f"| {k['n']} | {k['delay_s']:.2f} | {'yes' if k['killed'] else 'no: the run had finished'} "
                          f"| {k['then']} |" + ("" if "identical" not in k else
                                                f" {'yes' if k['identical'] else 'NO'} |") for k in rep["points"])
-        start = ("after the process claimed the folder, uniform in (0, T); one independent trial per kill "
-                 "(fresh run, one kill, resumed to the end, compared)" if rep["when"] == "anywhere" else
+        start = ("after the process claimed the folder, uniform in (0, T); independent trials (fresh run, one "
+                 "kill, resumed to the end, compared) until that many processes were killed" if rep["when"] == "anywhere" else
                  "after the process wrote its first checkpoint, uniform in (0, E); one run, a chain of kills "
                  "and resumes")
         head = ("| trial | moment (s) | process still running | what the folder held after the kill | identical |\n"
@@ -255,7 +263,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     reps = []
     for when in (("anywhere", "training") if args.when == "both" else (args.when,)):
-        epochs = max(args.epochs, args.points + 1) if when == "training" else args.epochs
+        epochs = max(args.epochs, args.points + 2) if when == "training" else args.epochs
         reps.append(kill_resume(Path(args.work) / when, args.points, args.seed, epochs, when))
         r = reps[-1]
         print(f"{when}: {'bit-identical' if r['identical'] else 'DIFFERENT'} after {r['kills']} kills "
