@@ -93,9 +93,10 @@ def cmd_train(args) -> int:
     if main_rank:
         print(f"run folder: {run_dir}", flush=True)
     from .checkpoint import WriteFailed, has_checkpoint
+    from .distributed import cleanup
     from .train import Diverged, RunStopped, TrainingInterrupted, exit_code, train
     try:
-        res = train(cfg, run_dir, resume=resume, progress=False if args.quiet else None)
+        res = _train_in_process_group(train, cleanup, cfg, run_dir, resume, progress=False if args.quiet else None)
     except KeyboardInterrupt:      # Ctrl-C outside the training loop (start-up, final evaluation)
         if main_rank:
             then = (f"continue with: fastdmtg train --resume {run_dir}" if has_checkpoint(run_dir)
@@ -119,6 +120,16 @@ def cmd_train(args) -> int:
         print(format_results(res))
         print(f"results: {run_dir / 'results.json'}")
     return 0
+
+
+def _train_in_process_group(train, cleanup, *args, **kw) -> dict:
+    """train(); then leave the DDP process group (if torchrun started one) however it ended: a rank
+    that exits with the group alive may abort in gloo's teardown ("terminate called without an
+    active exception", exit -6) instead of returning its status."""
+    try:
+        return train(*args, **kw)
+    finally:
+        cleanup()
 
 
 def format_results(res: dict) -> str:
