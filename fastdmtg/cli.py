@@ -39,11 +39,8 @@ def _train_parser(sub):
     p.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
 
 
-def build_config(args) -> Config:
-    recipe = args.recipe or ("celeba9_k3" if args.data_root else "synthetic_k3")
-    if args.method == "naive-mtl" and recipe in NAIVE_OF:
-        recipe = NAIVE_OF[recipe]
-    cfg = get_recipe(recipe)
+def _flag_overrides(args) -> list[str]:
+    """--data-root / --method / --init-from / --reference and --set, as overrides (in that order)."""
     over = list(args.overrides)
     if args.data_root:
         over.insert(0, f"data.root={args.data_root}")
@@ -53,17 +50,39 @@ def build_config(args) -> Config:
         over.append(f"train.init_from={args.init_from}")
     if args.reference:
         over.append(f"train.reference={args.reference}")
-    return apply_overrides(cfg, over)
+    return over
+
+
+def build_config(args) -> Config:
+    recipe = args.recipe or ("celeba9_k3" if args.data_root else "synthetic_k3")
+    if args.method == "naive-mtl" and recipe in NAIVE_OF:
+        recipe = NAIVE_OF[recipe]
+    return apply_overrides(get_recipe(recipe), _flag_overrides(args))
+
+
+def resume_config(args) -> Config:
+    """The config a `train --resume RUN ...` command line asks for: RUN/config.json (or, with
+    --recipe, that recipe) with the flags and --set applied. The trainer compares it with the config
+    stored in the run's last.pt: resume-safe changes are applied, any other one is refused."""
+    run_dir = Path(args.resume)
+    if not run_dir.is_dir():
+        raise FileNotFoundError(f"{run_dir}: no such run folder (--resume)")
+    if args.out and Path(args.out).resolve() != run_dir.resolve():
+        raise ConfigError(f"--out {args.out}: a resumed run stays in its folder ({run_dir}); drop --out, or "
+                          "start a new run with --out alone")
+    if args.recipe:
+        return build_config(args)
+    if not (run_dir / "config.json").exists():
+        raise FileNotFoundError(f"{run_dir}/config.json not found: not a fastdmtg run folder")
+    return apply_overrides(Config.load(run_dir / "config.json"), _flag_overrides(args))
 
 
 def cmd_train(args) -> int:
-    from .train import NonFiniteLoss, TrainingInterrupted, exit_code, train
+    import os
+    main_rank = os.environ.get("RANK", "0") == "0"
     if args.resume:
         run_dir = Path(args.resume)
-        if not (run_dir / "config.json").exists():
-            print(f"error: {run_dir}/config.json not found: not a fastdmtg run folder", file=sys.stderr)
-            return 2
-        cfg = apply_overrides(Config.load(run_dir / "config.json"), args.overrides)
+        cfg = resume_config(args)
         resume = True
     else:
         cfg = build_config(args)
@@ -72,19 +91,46 @@ def cmd_train(args) -> int:
     if args.dry_run:
         print(json.dumps(cfg.to_dict(), indent=2))
         return 0
-    import os
-    main_rank = os.environ.get("RANK", "0") == "0"
     if main_rank:
         print(f"run folder: {run_dir}", flush=True)
+    from .checkpoint import WriteFailed, has_checkpoint
+    from .distributed import cleanup
+    from .train import Diverged, RunStopped, TrainingInterrupted, exit_code, train
     try:
-        res = train(cfg, run_dir, resume=resume, progress=False if args.quiet else None)
-    except (TrainingInterrupted, NonFiniteLoss) as e:
-        print(f"\n{e}" if isinstance(e, TrainingInterrupted) else f"error: {e}", file=sys.stderr)
+        res = _train_in_process_group(train, cleanup, cfg, run_dir, resume, progress=False if args.quiet else None)
+    except KeyboardInterrupt:      # Ctrl-C outside the training loop (start-up, final evaluation)
+        if main_rank:
+            then = (f"continue with: fastdmtg train --resume {run_dir}" if has_checkpoint(run_dir)
+                    else "no checkpoint was written")
+            print(f"\ninterrupted; {then}", file=sys.stderr)
+        return 130
+    except WriteFailed as e:       # before training started (config.json, the lock file)
+        print(f"error: {e}", file=sys.stderr)
+        return 5
+    except RunStopped as e:
+        if isinstance(e, Diverged) and e.results:
+            print(format_results(e.results))
+        if main_rank:
+            print(f"\n{e}" if isinstance(e, TrainingInterrupted) else f"error: {e}", file=sys.stderr)
         return exit_code(e)
+    except (ConfigError, FileNotFoundError, FileExistsError, ValueError) as e:
+        if main_rank:             # under torchrun every rank stops with the same message: say it once
+            print(f"error: {e}", file=sys.stderr)
+        return 2
     if res:  # only rank 0 has results under torchrun
         print(format_results(res))
         print(f"results: {run_dir / 'results.json'}")
     return 0
+
+
+def _train_in_process_group(train, cleanup, *args, **kw) -> dict:
+    """train(); then leave the DDP process group (if torchrun started one) however it ended: a rank
+    that exits with the group alive may abort in gloo's teardown ("terminate called without an
+    active exception", exit -6) instead of returning its status."""
+    try:
+        return train(*args, **kw)
+    finally:
+        cleanup()
 
 
 def format_results(res: dict) -> str:
@@ -102,11 +148,16 @@ def format_results(res: dict) -> str:
 
 
 def cmd_eval(args) -> int:
-    from .checkpoint import atomic_write_json
+    from .checkpoint import atomic_write_json, has_checkpoint
     from .export import load_grouped
     from .pipelines import build_source
     from .train import evaluate, resolve_device
     run_dir = Path(args.run_dir)
+    if not run_dir.is_dir():
+        raise FileNotFoundError(f"{run_dir}: no such run folder")
+    if not (run_dir / "grouped_model.json").exists() and has_checkpoint(run_dir):
+        raise FileNotFoundError(f"{run_dir}: the run has not finished (no grouped_model.json yet); "
+                                f"continue it with: fastdmtg train --resume {run_dir}")
     device = resolve_device(args.device)
     model, meta = load_grouped(run_dir, device)
     cfg = Config.from_dict(meta["config"])
@@ -126,6 +177,14 @@ def cmd_eval(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:      # Ctrl-C at any moment (imports, start-up): no traceback
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+
+
+def _main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] in ("compare", "bench", "profile"):
         # these parse their own options (argparse's REMAINDER cannot pass a leading --option through)
@@ -133,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
         mod = importlib.import_module(f"fastdmtg.{'compare' if argv[0] == 'compare' else 'bench'}")
         try:
             return getattr(mod, f"{argv[0]}_main")(argv[1:])
-        except (ConfigError, FileNotFoundError, ValueError) as e:
+        except (ConfigError, FileNotFoundError, FileExistsError, ValueError) as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
     ap = argparse.ArgumentParser(prog="fastdmtg", description=__doc__.split("\n\n")[0])

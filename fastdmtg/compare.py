@@ -146,6 +146,7 @@ class Comparison:
 
     def run(self, key: str, cfg: Config, label: str, cost_factor: float = 1.0) -> dict:
         """Train (or reuse) the run in OUT/key; returns its results with '_dir' and '_key'."""
+        from .checkpoint import has_checkpoint, read_json
         from .train import train
         self.count += 1
         run_dir = self.out / key
@@ -154,22 +155,23 @@ class Comparison:
         tag = f"[{self.count}] {label}: {key}"
         same = self._by_config.get(ident)
         if same is not None and same != key and (self.out / same / "results.json").exists():
-            res = json.loads((self.out / same / "results.json").read_text())
+            res = read_json(self.out / same / "results.json")
             self.log(f"{tag} — identical to {same}, reused", flush=True)
             run_dir, key = self.out / same, same
         else:
             cfg_path = run_dir / "config.json"
             if cfg_path.exists():
-                old = json.loads(cfg_path.read_text())
+                old = read_json(cfg_path)
                 if not _same_config(old, cfg.to_dict()):
                     raise ValueError(f"{run_dir} holds a run with another configuration (the recipe, --set or "
                                      "--k changed?); delete the folder or use another --out")
             res_path = run_dir / "results.json"
             if res_path.exists():
-                res = json.loads(res_path.read_text())
+                res = read_json(res_path)
                 self.log(f"{tag} — finished earlier, reused", flush=True)
+                _refuse_diverged(res, cfg, run_dir)
             else:
-                resume = (run_dir / "checkpoints" / "last.pt").exists()
+                resume = has_checkpoint(run_dir)
                 self.log(f"{tag} — {'resuming' if resume else 'training'} "
                          f"({cfg.grouping.method}, K={cfg.model.branches}, {cfg.train.epochs} epochs)", flush=True)
                 t0 = time.perf_counter()
@@ -394,14 +396,14 @@ class Comparison:
         return rows
 
     def run_methods(self, methods: list[str]) -> tuple[list[Row], int]:
-        from .train import TrainingInterrupted
+        from .train import TrainingInterrupted, WriteStopped
         rows, failed = [], 0
         self.naive()                                   # the reference of every NormGain
         for m in methods:
             fn = getattr(self, "m_" + m.replace("-", "_"))
             try:
                 rows.extend(fn())
-            except TrainingInterrupted:
+            except (TrainingInterrupted, WriteStopped):       # stop the comparison: resumable / disk full
                 raise
             except (ValueError, NotImplementedError, RuntimeError, FileNotFoundError) as e:
                 failed += 1
@@ -409,6 +411,14 @@ class Comparison:
                 rows.append(Row(m, None, [], error=str(e)))
         _add_flops(rows, self)
         return rows, failed
+
+
+def _refuse_diverged(res: dict, cfg: Config, run_dir: Path) -> None:
+    """A reused run that diverged fails again (as it did when it ran) unless train.on_divergence=warn."""
+    from .train import Diverged
+    if res.get("diverged") and cfg.train.on_divergence == "error":
+        rule = (res.get("divergence") or {}).get("rule", "")
+        raise Diverged(f"{run_dir}: training diverged ({rule}); results.json says \"diverged\": true", res)
 
 
 def _summary(res: dict) -> str:
@@ -426,7 +436,8 @@ def _best_val_losses(res: dict, task_sets: list[list[int]]) -> list[list[float]]
     """For each task set: the per-task validation losses at the epoch where the set's summed val
     loss is lowest (a network's own best epoch; the trainer's best epoch would also count
     untrained tasks of a partial run). Single tasks each get their own best epoch."""
-    hist = json.loads((Path(res["_dir"]) / "history.json").read_text())
+    from .checkpoint import read_json
+    hist = read_json(Path(res["_dir"]) / "history.json")
     names = res["tasks"]
     vals = [h["val"]["loss"] for h in hist if "val" in h]
     if not vals:
@@ -649,7 +660,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def compare_main(argv: list[str]) -> int:
-    from .train import NonFiniteLoss, TrainingInterrupted, exit_code
+    from .checkpoint import WriteFailed
+    from .train import RunStopped, TrainingInterrupted, exit_code
     args = _parser().parse_args(argv)
     methods = []
     for m in (x.strip() for x in args.methods.split(",") if x.strip()):
@@ -675,10 +687,13 @@ def compare_main(argv: list[str]) -> int:
                          naive_cfg=naive_cfg, progress=args.progress, flops=not args.no_flops)
         print(f"comparison of {', '.join(methods)} on {args.recipe} ({cmp.n} tasks), K ∈ {ks}, in {out}", flush=True)
         rows, failed = cmp.run_methods(methods)
-    except (ConfigError, ValueError, FileNotFoundError) as e:
+    except WriteFailed as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 5
+    except (ConfigError, ValueError, FileNotFoundError, FileExistsError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except (TrainingInterrupted, NonFiniteLoss) as e:
+    except RunStopped as e:
         print(f"\n{e}\ninterrupted: re-run the same command to continue the comparison"
               if isinstance(e, TrainingInterrupted) else f"error: {e}", file=sys.stderr)
         return exit_code(e)

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import os
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -200,6 +202,11 @@ class TrainConfig:
     compile: str = "auto"               # torch.compile the step's forward: auto | on | off
     cuda_graph: str = "auto"            # capture the whole training step in a CUDA graph: auto | on | off
     channels_last: str = "auto"         # channels_last activations: auto | on | off
+    # divergence rule (README "Outputs"): an epoch whose mean training loss exceeds divergence_factor ×
+    # the loss of the run's first step has diverged; error = stop there, evaluate, flag results.json,
+    # exit 4 — warn = flag it and go on (exit 0)
+    divergence_factor: float = 10.0
+    on_divergence: str = "error"        # error | warn
 
     def __post_init__(self):
         _check(self.epochs >= 1, f"train.epochs must be >= 1, got {self.epochs}")
@@ -211,6 +218,9 @@ class TrainConfig:
             val = getattr(self, key)
             _check(val in ("auto", "on", "off"), f"train.{key}: expected auto|on|off, got {val!r}")
         _check(self.val_every >= 1 and self.log_every >= 1, "train.val_every/log_every must be >= 1")
+        _check(self.divergence_factor > 1, f"train.divergence_factor must be > 1, got {self.divergence_factor}")
+        _check(self.on_divergence in ("error", "warn"),
+               f"train.on_divergence: expected error|warn, got {self.on_divergence!r}")
 
 
 @dataclass
@@ -223,6 +233,8 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def __post_init__(self):
+        _check_finite(self)
+        _resolve_paths(self)
         if self.grouping.method == "naive-mtl" and self.model.branches != 1:
             # naive MTL is by definition one encoder for all tasks
             self.model.branches = 1
@@ -236,31 +248,143 @@ class Config:
 
     @classmethod
     def from_dict(cls, d: dict) -> "Config":
+        """Build from a dict (config.json, a checkpoint's stored config, ``--set``); a value of the
+        wrong JSON type raises ConfigError naming the field (no TypeError further down)."""
+        _check(isinstance(d, dict), f"a config must be a JSON object, got {_json(d)}")
+        top = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - top
+        _check(not unknown, f"config: unknown keys {sorted(unknown)}; expected {sorted(top)}")
         kw = {}
         for f in dataclasses.fields(cls):
             if f.name not in d:
                 continue
             sub = _SECTIONS.get(f.name)
             if sub is None:
-                kw[f.name] = d[f.name]
+                kw[f.name] = _typed(f.name, str, d[f.name])
             else:
-                known = {x.name for x in dataclasses.fields(sub)}
-                unknown = set(d[f.name]) - known
+                _check(isinstance(d[f.name], dict), f"{f.name}: expected a JSON object, got {_json(d[f.name])}")
+                hints = typing.get_type_hints(sub)
+                unknown = set(d[f.name]) - set(hints)
                 _check(not unknown, f"config section {f.name!r}: unknown keys {sorted(unknown)}")
-                kw[f.name] = sub(**d[f.name])
+                kw[f.name] = sub(**{k: _typed(f"{f.name}.{k}", hints[k], v) for k, v in d[f.name].items()})
         return cls(**kw)
 
     def save(self, path: str | Path) -> None:
-        from .checkpoint import atomic_write_text
-        atomic_write_text(path, json.dumps(self.to_dict(), indent=2) + "\n")
+        from .checkpoint import atomic_write_json
+        atomic_write_json(path, self.to_dict())
 
     @classmethod
     def load(cls, path: str | Path) -> "Config":
-        return cls.from_dict(json.loads(Path(path).read_text()))
+        """Read a config.json; every problem (missing, invalid JSON, a wrong field) is one line naming
+        the file."""
+        from .checkpoint import read_json
+        d = read_json(path)
+        try:
+            return cls.from_dict(d)
+        except ConfigError as e:
+            raise ConfigError(f"{path}: {e}") from None
 
 
 _SECTIONS = {"data": DataConfig, "model": ModelConfig, "grouping": GroupingConfig,
              "optim": OptimConfig, "train": TrainConfig}
+
+# Paths in the config, stored absolute (resolved against the working folder where they were typed),
+# so that eval / --resume / --init-from work from any working folder. Symlinks are kept as typed.
+PATH_FIELDS = (("data", "root"), ("data", "cache_dir"), ("data", "taskonomy_split_file"),
+               ("train", "init_from"), ("train", "reference"))
+
+# The fields a run may change when it is resumed (`fastdmtg train --resume RUN --set KEY=VALUE`, or an
+# edit of RUN/config.json): they change how long it runs, what it logs and how fast it computes, never
+# what a step computes. Any other difference from the config stored in checkpoints/last.pt stops the
+# resume (exit 2) with the list of fields, old → new. The speed switches compute the same function with
+# another float rounding: a run resumed with one of them changed is not bit-identical to an
+# uninterrupted run. Not here, on purpose: train.device and train.amp (numerics), model.batched (another
+# parameter layout), data.backend (another image decoder), data.root (another dataset).
+RESUME_SAFE: dict[str, str] = {
+    "name": "the run's label",
+    "train.epochs": "the run's length (not below the epochs already trained)",
+    "train.val_every": "validation cadence",
+    "train.log_every": "steps between loss checks and TensorBoard scalars",
+    "train.progress": "progress bars",
+    "train.tensorboard": "TensorBoard scalars",
+    "train.eval_batch_size": "evaluation batch size (the same predictions)",
+    "train.divergence_factor": "divergence rule",
+    "train.on_divergence": "what a divergence does",
+    "train.kernels": "kernel backend (speed)",
+    "train.compile": "torch.compile (speed)",
+    "train.cuda_graph": "CUDA graphs (speed)",
+    "train.channels_last": "memory layout (speed)",
+    "optim.fused": "fused optimizer kernels (speed)",
+    "data.num_workers": "loader processes (speed)",
+    "data.cache_dir": "where decoded caches live",
+}
+
+_EXPECT = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+
+
+def _json(v: Any) -> str:
+    return json.dumps(v, default=repr)
+
+
+def _typed(where: str, typ: Any, v: Any) -> Any:
+    """``v`` checked against the field's type (a JSON int is accepted for a float field)."""
+    if typ is bool:
+        ok = isinstance(v, bool)
+    elif typ is int:
+        ok = isinstance(v, int) and not isinstance(v, bool)
+    elif typ is float:                      # (finiteness: _check_finite, for every way a config is built)
+        ok = isinstance(v, (int, float)) and not isinstance(v, bool)
+        v = float(v) if ok else v
+    elif typ is str:
+        ok = isinstance(v, str)
+    else:                                   # list[str] | str
+        ok = isinstance(v, str) or (isinstance(v, list) and all(isinstance(x, str) for x in v))
+        _check(ok, f"{where}: expected a string or a list of strings, got {_json(v)}")
+    _check(ok, f"{where}: expected {_EXPECT.get(typ, typ)}, got {_json(v)}")
+    return v
+
+
+def _check_finite(cfg: "Config") -> None:
+    """Every float field is finite (covers configs built in Python, not only parsed ones)."""
+    for section in _SECTIONS:
+        sec = getattr(cfg, section)
+        for f in dataclasses.fields(sec):
+            v = getattr(sec, f.name)
+            if isinstance(v, float):
+                _check(math.isfinite(v), f"{section}.{f.name}: expected a finite number, got {v}")
+
+
+def _resolve_paths(cfg: "Config") -> None:
+    for section, name in PATH_FIELDS:
+        sec = getattr(cfg, section)
+        v = getattr(sec, name)
+        if isinstance(v, str) and v:
+            setattr(sec, name, os.path.abspath(os.path.expanduser(v)))
+
+
+def config_diff(old: "Config", new: "Config") -> list[tuple[str, Any, Any]]:
+    """(dotted field, old value, new value) for every field that differs, in declaration order."""
+    a, b = old.to_dict(), new.to_dict()
+    out = []
+    for key, v in b.items():
+        if isinstance(v, dict):
+            out += [(f"{key}.{k}", a[key].get(k), x) for k, x in v.items() if a[key].get(k) != x]
+        elif a.get(key) != v:
+            out.append((key, a.get(key), v))
+    return out
+
+
+def resume_changes(old: "Config", new: "Config", epochs_done: int) -> list[tuple[str, Any, Any]]:
+    """The changes a resume may apply (fields of RESUME_SAFE); any other change raises ConfigError
+    listing each changed field, old → new."""
+    diff = config_diff(old, new)
+    bad = [f"{k}: {_json(o)} → {_json(n)}" for k, o, n in diff if k not in RESUME_SAFE]
+    if new.train.epochs < epochs_done:
+        bad.append(f"train.epochs: {new.train.epochs} is below the {epochs_done} epochs already trained")
+    if bad:
+        raise ConfigError("cannot resume with these changes to the run's config (old → new):\n  " + "\n  ".join(bad) +
+                          "\nstart a new run (--out) for them; a resume may change only: " + ", ".join(RESUME_SAFE))
+    return diff
 
 
 def _parse_value(text: str, typ: Any, key: str) -> Any:

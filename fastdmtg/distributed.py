@@ -61,6 +61,17 @@ def cleanup() -> None:
         dist.destroy_process_group()
 
 
+def broadcast_from_main(obj):
+    """Rank 0's ``obj`` on every rank (``obj`` itself when not distributed). Collective: every rank
+    must call it; used where rank 0 alone decides (run-folder lock, checkpoint writes, validation)
+    so that the other ranks stop with it instead of waiting at the next collective."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def all_finite(value: float, device) -> bool:
     """True on every rank iff the value is finite on every rank (a NaN on one rank stops all)."""
     import math

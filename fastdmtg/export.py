@@ -9,7 +9,6 @@ Files in the run folder:
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -32,19 +31,40 @@ def save_grouped(run_dir: str | Path, model: GroupedNet, cfg: Config, task_names
 
 
 def load_grouped(run_dir: str | Path, device: str | torch.device = "cpu") -> tuple[GroupedNet, dict]:
-    """Load a pruned model → (GroupedNet in eval mode, metadata)."""
+    """Load a pruned model → (GroupedNet in eval mode, metadata). A missing folder or file, invalid
+    JSON, a corrupt or mismatched weights file: one-line errors naming the file."""
+    from .config import ConfigError
     run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise FileNotFoundError(f"{run_dir}: no such run folder")
     meta_path = run_dir / "grouped_model.json"
     if not meta_path.exists():
-        raise FileNotFoundError(f"{meta_path}: no pruned model in this run folder (did training finish?)")
-    meta = json.loads(meta_path.read_text())
+        raise FileNotFoundError(f"{meta_path}: no pruned model in this run folder (it is written when a run "
+                                "finishes)")
+    meta = ckpt.read_json(meta_path)
+    if not isinstance(meta, dict):
+        raise ckpt.RunFileError(f"{meta_path}: expected a JSON object")
     if meta.get("format") != FORMAT:
         raise ValueError(f"{meta_path}: unsupported format {meta.get('format')!r} (expected {FORMAT})")
-    cfg = Config.from_dict(meta["config"])
-    specs = task_specs_for(cfg, meta["tasks"])
-    model = build_grouped(cfg.model, specs, meta["image_size"], meta["groups"])
-    state = ckpt.load_safetensors(run_dir / "grouped_model.safetensors")
-    model.load_state_dict(state)
+    missing = [k for k in ("config", "tasks", "groups", "image_size") if k not in meta]
+    if missing:
+        raise ckpt.RunFileError(f"{meta_path}: missing {', '.join(missing)}")
+    try:
+        cfg = Config.from_dict(meta["config"])
+        specs = task_specs_for(cfg, meta["tasks"])
+        model = build_grouped(cfg.model, specs, meta["image_size"], meta["groups"])
+    except ConfigError as e:
+        raise ConfigError(f"{meta_path}: {e}") from None
+    except (TypeError, KeyError, IndexError, ValueError) as e:      # hand-edited tasks/groups
+        raise ckpt.RunFileError(f"{meta_path}: tasks/groups/image_size do not describe a model "
+                                f"({ckpt._reason(e)})") from None
+    weights = run_dir / "grouped_model.safetensors"
+    state = ckpt.load_safetensors(weights)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        raise ckpt.RunFileError(f"{weights}: does not fit the model of {meta_path} "
+                                f"({ckpt._reason(e).split('. ')[0]})") from None
     return model.to(device).eval(), meta
 
 

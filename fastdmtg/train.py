@@ -6,17 +6,25 @@ One step (DMTG):  z = method.weights(step)            # (N, K) Gumbel-softmax sa
                   total.backward(); optimizer.step()
 
 Reliability: the run folder holds config.json (the resolved config), checkpoints/last.pt (written
-atomically at every epoch end and on interruption), checkpoints/best.pt (best validation loss),
-history.json, results.json. ``train(cfg, run_dir, resume=True)`` continues exactly where last.pt
-stopped — optimizer, scheduler, Gumbel seed, data order and position within the epoch.
-A non-finite loss stops the run (NonFiniteLoss) without overwriting the last good checkpoint.
+atomically at every epoch end and on interruption; its predecessor kept as last.prev.pt),
+checkpoints/best.pt (best validation loss), history.json, results.json (written last: the mark of a
+finished run). One process writes a folder at a time (RUN/.lock, held by rank 0). ``train(cfg,
+run_dir, resume=True)`` continues exactly where last.pt stopped — optimizer, scheduler, Gumbel seed,
+data order and position within the epoch; last.pt stores the config, and a resume may change only
+the fields of ``config.RESUME_SAFE`` (applied, written to config.json, recorded in history.json).
+Before every checkpoint write the parameters are checked finite; a non-finite training or
+validation loss or parameter stops the run (NonFiniteLoss) without overwriting the last good
+checkpoint. Divergence (an epoch's training loss > train.divergence_factor × the first step's loss)
+is flagged in results.json and stops the run (Diverged) unless train.on_divergence=warn.
 """
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import platform
 import signal
+import sys
 import time
 from pathlib import Path
 
@@ -25,7 +33,7 @@ import torch
 from . import checkpoint as ckpt
 from . import distributed as dist_utils
 from . import ops
-from .config import Config
+from .config import Config, ConfigError, resume_changes
 from .pipelines import build_source
 from .methods import build_method
 from .metrics import normgain, summarize
@@ -34,18 +42,44 @@ from .models.batched import BatchedMultiBranchNet, supports_batching
 from .step import DDP_GRAPH_WARMUP, StepModule, StepRunner, autocast_factory, wrap_ddp
 
 
-class NonFiniteLoss(RuntimeError):
-    pass
+class RunStopped(RuntimeError):
+    """A run stopped before its end for a reason the message states (with what the folder holds)."""
+    exit_code = 1
 
 
-class TrainingInterrupted(RuntimeError):
+class NonFiniteLoss(RunStopped):
+    """A training/validation loss or a parameter became NaN/inf; no checkpoint holds it."""
+    exit_code = 3
+
+
+class Diverged(RunStopped):
+    """The divergence rule fired under train.on_divergence=error; results.json says "diverged": true.
+    ``results``: the results dict written (empty on ranks other than 0)."""
+    exit_code = 4
+
+    def __init__(self, msg: str, results: dict | None = None):
+        super().__init__(msg)
+        self.results = results or {}
+
+    def __reduce__(self):      # picklable with its results (shared across DDP ranks)
+        return (type(self), (str(self), self.results))
+
+
+class WriteStopped(RunStopped):
+    """Writing the run folder failed (disk full, I/O error); the message says what was kept."""
+    exit_code = 5
+
+
+class TrainingInterrupted(RunStopped):
     """Raised after an interruption was handled: last.pt holds the state to resume from."""
+    exit_code = 130
 
 
 def exit_code(e: BaseException) -> int:
     """The command-line exit status for a run that stopped with ``e`` (`fastdmtg train`/`compare`):
-    130 interrupted (resumable, as for SIGINT), 3 non-finite loss."""
-    return 130 if isinstance(e, TrainingInterrupted) else 3
+    130 interrupted (resumable, as for SIGINT), 3 non-finite loss or parameters, 4 diverged
+    (results.json written and flagged), 5 a write failed (disk full)."""
+    return getattr(e, "exit_code", 1)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -211,6 +245,20 @@ def _set_rng_state(st: dict, device: torch.device) -> None:
         torch.cuda.set_rng_state(st["cuda"], device)
 
 
+# entries a checkpoint must hold to be resumed from
+RESUME_KEYS = ("model", "method", "optimizer", "scheduler", "epoch", "step_in_epoch", "global_step", "best_val",
+               "best_epoch", "epoch_loss_sum", "epoch_samples", "train_time", "rng")
+
+
+def _warn(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _divergence_text(d: dict) -> str:
+    return (f"epoch {d['epoch'] + 1} training loss {d['train_loss']:.4g} > {d['factor']:g} × the first step's "
+            f"loss {d['initial_loss']:.4g} (train.divergence_factor)")
+
+
 def groups_of(assignment: list[int], names: list[str]) -> list[list[str]]:
     used = sorted(set(assignment))
     return [[names[i] for i, a in enumerate(assignment) if a == k] for k in used]
@@ -218,6 +266,20 @@ def groups_of(assignment: list[int], names: list[str]) -> list[list[str]]:
 
 class Trainer:
     def __init__(self, cfg: Config, run_dir: str | Path, resume: bool = False, progress: bool | None = None):
+        self._lock, self.finished_results, self.divergence, self.saved_last = None, None, None, None
+        try:
+            self._setup(cfg, run_dir, resume, progress)
+        except BaseException:
+            self.close()                  # release the run folder (also on Ctrl-C during start-up)
+            raise
+
+    def close(self) -> None:
+        """Release the run folder's lock (fit() does it when it returns or raises)."""
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
+
+    def _setup(self, cfg: Config, run_dir: str | Path, resume: bool, progress: bool | None) -> None:
         self.cfg, self.run_dir = cfg, Path(run_dir)
         if cfg.train.cuda_graph == "on" and dist_utils.launched_by_torchrun():
             # whole-step capture with NCCL collectives (fastdmtg/step.py): set before the process group starts
@@ -226,6 +288,14 @@ class Trainer:
         ddp_device = dist_utils.setup(cfg.train.device)
         self.rank, self.world_size = dist_utils.world()
         self.is_main = self.rank == 0
+        self.ckpt_dir = self.run_dir / "checkpoints"
+        resume_state, config_changes = self._claim_run_folder(resume)
+        if resume_state is not None and not config_changes and resume_state["epoch"] >= cfg.train.epochs \
+                and (self.run_dir / "results.json").exists():
+            # a finished run resumed without changes: nothing to do, results.json stays as it is
+            self.finished_results = ckpt.read_json(self.run_dir / "results.json") if self.is_main else {}
+            self.divergence = dist_utils.broadcast_from_main(self.finished_results.get("divergence"))
+            return
         self.progress = (cfg.train.progress if progress is None else progress) and self.is_main
         self.device = ddp_device if ddp_device is not None else resolve_device(cfg.train.device)
         self.speed = resolve_speed(cfg, self.device, self.world_size)
@@ -278,17 +348,16 @@ class Trainer:
         self.epoch_loss_sum, self.epoch_samples = 0.0, 0
         self.train_time = 0.0
         self._stop_signal = None
-        self.ckpt_dir = self.run_dir / "checkpoints"
+        self.initial_loss: float | None = None      # the first step's loss: the divergence rule's yardstick
+        self.divergence: dict | None = None          # set once the rule fired
+        self.config_changes: list[dict] = []         # resume changes not yet in a history.json record
+        self.saved_last: tuple | None = None   # (file, epoch, step_in_epoch, global_step): the state to go back to
         if resume:
-            self._load(self.ckpt_dir / "last.pt")
+            self._load(resume_state)
             self._apply_head_mask()
-        else:
-            if (self.ckpt_dir / "last.pt").exists():
-                raise FileExistsError(f"{self.run_dir} already holds a run; use --resume to continue it "
-                                      "or choose another --out")
-            if self.is_main:
-                self.run_dir.mkdir(parents=True, exist_ok=True)
-                cfg.save(self.run_dir / "config.json")
+            self._apply_resume_changes(config_changes)
+        elif self.is_main:
+            cfg.save(self.run_dir / "config.json")
         self.writer = None
         if cfg.train.tensorboard and self.is_main:
             try:
@@ -296,6 +365,122 @@ class Trainer:
                 self.writer = SummaryWriter(str(self.run_dir / "tb"))
             except ImportError:  # tensorboard is a dependency, but stay usable without it
                 self.writer = None
+
+    # ------------------------------------------------------------------ run folder
+    def _claim_run_folder(self, resume: bool) -> tuple[dict | None, list]:
+        """Rank 0 locks RUN (one writer at a time), removes a killed writer's temporary files and
+        checks that the folder may be written; on resume it picks the checkpoint (last.pt, else
+        last.prev.pt). The outcome goes to every rank so that all stop together (no rank left waiting
+        at a collective). Then every rank reads that checkpoint and checks the config against the one
+        stored in it → (state or None, the resume-safe changes to apply)."""
+        err, path, st = None, None, None
+        if self.is_main:
+            try:
+                try:
+                    self.run_dir.mkdir(parents=True, exist_ok=True)
+                except OSError as e:
+                    raise ckpt.WriteFailed(f"cannot create {self.run_dir}: {e.strerror or e}") from None
+                self._lock = ckpt.RunLock(self.run_dir)
+                ckpt.remove_temp_files(self.run_dir)
+                if resume:
+                    path, st = ckpt.load_resume_checkpoint(self.ckpt_dir, "cpu", RESUME_KEYS, warn=_warn)
+                else:
+                    ckpt.check_new_run_folder(self.run_dir)
+            except (OSError, ValueError) as e:
+                err = e
+        err, path = dist_utils.broadcast_from_main((err, path))
+        if err is not None:
+            raise err
+        if not resume:
+            return None, []
+        if st is None:
+            st = ckpt.load_checkpoint(path, "cpu", RESUME_KEYS)
+        st["_path"] = path
+        try:
+            # checkpoints written before the config was stored in them: compare with config.json
+            old = Config.from_dict(st["config"]) if "config" in st else Config.load(self.run_dir / "config.json")
+        except ConfigError as e:
+            raise ConfigError(f"{path}: the run's stored config: {e}") from None
+        try:
+            return st, resume_changes(old, self.cfg, st["epoch"])
+        except ConfigError as e:
+            raise ConfigError(f"{self.run_dir}: {e}") from None
+
+    def _apply_resume_changes(self, changes: list) -> None:
+        """Record the resume-safe changes (history.json gets them in the record of the epoch they take
+        effect in; last.pt carries them until then) and write the config in force to config.json."""
+        if not changes:
+            return
+        at = {"epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "global_step": self.global_step}
+        self.config_changes += [dict(field=k, old=o, new=n, **at) for k, o, n in changes]
+        if self.is_main:
+            self.cfg.save(self.run_dir / "config.json")
+            for k, o, n in changes:
+                print(f"resume: {k}: {json.dumps(o)} → {json.dumps(n)}", flush=True)
+
+    def _nonfinite_state(self) -> str | None:
+        """The first parameter or buffer of the model or the method that holds a NaN/inf, or None."""
+        named = ([(f"parameter {n}", t) for n, t in self.model.named_parameters()] +
+                 [(f"buffer {n}", t) for n, t in self.model.named_buffers()] +
+                 [(f"grouping parameter {n}", t) for n, t in self.method.named_parameters()])
+        named = [(n, t) for n, t in named if t.is_floating_point() and t.numel()]
+        if not named:
+            return None
+        ok = torch.stack([torch.isfinite(t.detach()).all() for _, t in named])   # one sync for all
+        if bool(ok.all()):
+            return None
+        return next(n for (n, _), good in zip(named, ok.tolist()) if not good)
+
+    def _check_state_finite(self, what: str) -> None:
+        """Stop (NonFiniteLoss, on every rank) instead of writing ``what`` with NaN/inf weights."""
+        bad = self._nonfinite_state()
+        if not dist_utils.all_finite(0.0 if bad is None else math.nan, self.device):
+            raise NonFiniteLoss(f"non-finite {bad or 'parameter on another rank'} after step {self.global_step} "
+                                f"(lr {self.current_lr():.3g}); {what} was not written; {self._kept()}")
+
+    def _kept(self) -> str:
+        """What the run folder holds to go back to, for the messages of a stopped run."""
+        if self.saved_last is None:
+            kept = "no checkpoint was written (the run stopped before the end of its first epoch)"
+        else:
+            path, e, s, g = self.saved_last
+            where = f"the end of epoch {e}" if s == 0 else f"epoch {e + 1}, step {g}"
+            kept = f"{path} holds the state at {where} (step {g})"
+        if getattr(self, "best_epoch", -1) >= 0 and (self.ckpt_dir / ckpt.BEST).exists():
+            kept += f"; {self.ckpt_dir / ckpt.BEST} holds epoch {self.best_epoch + 1} (best validation loss)"
+        return kept
+
+    def _save_best(self, state: dict) -> BaseException | None:
+        """Write best.pt (rank 0) unless the weights are not finite → the error to raise on every rank."""
+        bad = self._nonfinite_state()
+        if bad is not None:
+            return NonFiniteLoss(f"non-finite {bad} after step {self.global_step} (lr {self.current_lr():.3g}); "
+                                 f"best.pt was not written; {self._kept()}")
+        try:
+            ckpt.save_checkpoint(self.ckpt_dir / ckpt.BEST, state)
+        except ckpt.WriteFailed as e:
+            return e
+        return None
+
+    def _check_divergence(self, train_loss: float) -> None:
+        """The divergence rule: this epoch's mean training loss > train.divergence_factor × the loss of
+        the run's first step. Rank 0 decides, every rank follows. Fires once per run."""
+        hit = None
+        t = self.cfg.train
+        if self.is_main and self.divergence is None and self.initial_loss is not None \
+                and train_loss > t.divergence_factor * self.initial_loss:
+            hit = {"epoch": self.epoch, "train_loss": train_loss, "initial_loss": self.initial_loss,
+                   "factor": t.divergence_factor}
+        hit = dist_utils.broadcast_from_main(hit)
+        if hit is not None:
+            self.divergence = hit
+            if self.is_main:
+                then = ("the run stops after this epoch's validation (train.on_divergence=error)"
+                        if t.on_divergence == "error" else "training goes on (train.on_divergence=warn)")
+                print(f"warning: training diverged: {_divergence_text(hit)}; {then}", file=sys.stderr, flush=True)
+
+    def _stopping_for_divergence(self) -> bool:
+        return self.divergence is not None and self.cfg.train.on_divergence == "error"
 
     # ------------------------------------------------------------------ state
     def _init_from(self, path: str) -> None:
@@ -314,13 +499,18 @@ class Trainer:
             "best_val": self.best_val, "best_epoch": self.best_epoch,
             "epoch_loss_sum": self.epoch_loss_sum, "epoch_samples": self.epoch_samples,
             "train_time": self.train_time, "rng": _rng_state(self.device),
+            "config": self.cfg.to_dict(), "initial_loss": self.initial_loss, "divergence": self.divergence,
+            "config_changes": self.config_changes,
         }
 
-    def _load(self, path: Path) -> None:
-        st = ckpt.load_checkpoint(path, map_location=self.device)
-        self.model.load_state_dict(st["model"])
-        self.method.load_state_dict(st["method"])
-        self.optimizer.load_state_dict(st["optimizer"])
+    def _load(self, st: dict) -> None:
+        try:
+            self.model.load_state_dict(st["model"])
+            self.method.load_state_dict(st["method"])
+            self.optimizer.load_state_dict(st["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as e:      # a checkpoint of another model
+            raise ckpt.RunFileError(f"{st['_path']}: does not fit the model of {self.run_dir / 'config.json'} "
+                                    f"({ckpt._reason(e).split('. ')[0]})") from None
         capturable = self.speed["cuda_graph"]
         for g in self.optimizer.param_groups:   # a run may resume with CUDA graphs switched on or off
             if capturable and not torch.is_tensor(g["lr"]):
@@ -334,10 +524,15 @@ class Trainer:
         self.epoch_loss_sum, self.epoch_samples = st["epoch_loss_sum"], st["epoch_samples"]
         self.train_time = st["train_time"]
         _set_rng_state(st["rng"], self.device)
+        self.initial_loss, self.divergence = st.get("initial_loss"), st.get("divergence")
+        self.config_changes = list(st.get("config_changes", []))
+        self.saved_last = (Path(st["_path"]), self.epoch, self.step_in_epoch, self.global_step)
         hist = self.run_dir / "history.json"
         if hist.exists():
-            import json
-            self.history = [h for h in json.loads(hist.read_text()) if h["epoch"] < self.epoch]
+            h = ckpt.read_json(hist)
+            if not (isinstance(h, list) and all(isinstance(r, dict) and isinstance(r.get("epoch"), int) for r in h)):
+                raise ckpt.RunFileError(f"{hist}: expected a list of per-epoch records with an integer \"epoch\"")
+            self.history = [r for r in h if r["epoch"] < self.epoch]
 
     # ------------------------------------------------------------------ head pruning
     def _apply_head_mask(self) -> None:
@@ -388,9 +583,17 @@ class Trainer:
                 "head_step_fraction": float(hs.sum()) / max(hs.numel() * self.global_step, 1)}
 
     def save_last(self) -> None:
+        self._check_state_finite(str(self.ckpt_dir / ckpt.LAST))
+        err = None
         if self.is_main:
-            ckpt.save_checkpoint(self.ckpt_dir / "last.pt", self._state())
-        dist_utils.barrier()
+            try:
+                ckpt.save_checkpoint(self.ckpt_dir / ckpt.LAST, self._state(), keep_previous=True)
+            except ckpt.WriteFailed as e:
+                err = e
+        err = dist_utils.broadcast_from_main(err)          # also the barrier: every rank waits for the write
+        if err is not None:
+            raise err
+        self.saved_last = (self.ckpt_dir / ckpt.LAST, self.epoch, self.step_in_epoch, self.global_step)
 
     # ------------------------------------------------------------------ loop
     def current_lr(self) -> float:
@@ -415,6 +618,8 @@ class Trainer:
         for batch in data.batches("train", bs, shuffle=True, seed=cfg.train.seed, epoch=self.epoch,
                                   device=self.device, skip=self.step_in_epoch, train=True):
             total, L = self.runner(batch)                                     # fwd + bwd + optimizer step
+            if self.initial_loss is None:
+                self.initial_loss = float(total.detach())                     # one sync, once per run
             self.method.observe_step(self, batch)
             b = batch["image"].shape[0]
             running += total.detach().float() * b
@@ -431,8 +636,7 @@ class Trainer:
                     bar.close()
                     raise NonFiniteLoss(
                         f"non-finite training loss at epoch {self.epoch + 1}, step {self.global_step} "
-                        f"(lr {self.current_lr():.3g}); the run stopped and "
-                        f"{self.ckpt_dir / 'last.pt'} still holds the last good state")
+                        f"(lr {self.current_lr():.3g}); the run stopped; {self._kept()}")
                 self.epoch_loss_sum += value
                 self.epoch_samples += running_n
                 dt = time.perf_counter() - t0
@@ -459,6 +663,7 @@ class Trainer:
     def end_epoch(self) -> dict:
         cfg = self.cfg
         train_loss = self.epoch_loss_sum / max(self.epoch_samples, 1)
+        self._check_divergence(train_loss)
         rec = {"epoch": self.epoch, "train_loss": train_loss, "lr": self.current_lr(),
                "global_step": self.global_step, "train_time_s": self.train_time}
         rec.update({k.split("/")[-1]: v for k, v in self.method.log_scalars().items()})
@@ -466,6 +671,8 @@ class Trainer:
         if probs is not None:
             rec["probabilities"] = probs.cpu().tolist()
         rec["assignment"] = self.method.assignment().cpu().tolist()
+        if self.config_changes:                   # resume-safe changes that took effect in this epoch
+            rec["config_changes"], self.config_changes = self.config_changes, []
         if self.pruning:
             # from the saved state (exact across resume): the heads dropped during this epoch
             prev = self.history[-1]["global_step"] if self.history else 0
@@ -473,7 +680,9 @@ class Trainer:
             rec["pruned"] = [dict(e, task_name=names[e["task"]]) for e in self.method.prune_events()
                              if prev < e["step"] <= self.global_step]
             rec["active_heads"] = int(self.method.prune_active.sum())
-        if self.is_main and ((self.epoch + 1) % cfg.train.val_every == 0 or self.epoch + 1 == cfg.train.epochs):
+        stop = None                               # rank 0's reason to stop, raised on every rank below
+        if self.is_main and ((self.epoch + 1) % cfg.train.val_every == 0 or self.epoch + 1 == cfg.train.epochs
+                             or self._stopping_for_divergence()):
             val = evaluate(self.model, self.taskset, self.data, "val", cfg.train.eval_batch_size, self.device,
                            self.method.assignment(), self.amp, self.progress)
             rec["val"] = val
@@ -481,11 +690,16 @@ class Trainer:
                 self.writer.add_scalar("val/total_loss", val["total_loss"], self.global_step)
                 if "total_error" in val:
                     self.writer.add_scalar("val/total_error", val["total_error"], self.global_step)
-            if val["total_loss"] < self.best_val:
+            if not math.isfinite(val["total_loss"]):
+                stop = NonFiniteLoss(f"non-finite validation loss ({val['total_loss']}) at epoch {self.epoch + 1}; "
+                                     f"the run stopped; {self._kept()}")
+            elif val["total_loss"] < self.best_val:
                 self.best_val, self.best_epoch = val["total_loss"], self.epoch
-                ckpt.save_checkpoint(self.ckpt_dir / "best.pt",
-                                     {"model": self.model.state_dict(), "method": self.method.state_dict(),
-                                      "epoch": self.epoch, "val_total_loss": val["total_loss"]})
+                stop = self._save_best({"model": self.model.state_dict(), "method": self.method.state_dict(),
+                                        "epoch": self.epoch, "val_total_loss": val["total_loss"]})
+        stop = dist_utils.broadcast_from_main(stop)
+        if stop is not None:
+            raise stop
         if self.scheduler is not None:
             if isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
                 self.scheduler.step(train_loss)
@@ -500,6 +714,28 @@ class Trainer:
         return rec
 
     def fit(self, stop_after_steps: int | None = None) -> dict:
+        """Train to the end (continuing a resumed run) and evaluate; returns the results, also in
+        RUN/results.json. Releases the run folder however it ends."""
+        try:
+            if self.finished_results is not None:
+                res = self.finished_results
+                if self.is_main:
+                    print(f"{self.run_dir}: the run finished earlier; nothing to resume (results.json unchanged)",
+                          flush=True)
+            else:
+                res = self._fit(stop_after_steps)
+        except ckpt.WriteFailed as e:
+            raise WriteStopped(f"{e}; the run stopped; {self._kept()}; free space, then continue with: "
+                               f"fastdmtg train --resume {self.run_dir}") from None
+        finally:
+            self.close()
+        if self._stopping_for_divergence():
+            raise Diverged(f"training diverged: {_divergence_text(self.divergence)}; the run stopped after "
+                           f"epoch {self.divergence['epoch'] + 1} and was evaluated; results.json says "
+                           '"diverged": true (--set train.on_divergence=warn to only warn)', res)
+        return res
+
+    def _fit(self, stop_after_steps: int | None = None) -> dict:
         old = {}
         for sig in (signal.SIGINT, signal.SIGTERM):
             try:
@@ -507,13 +743,14 @@ class Trainer:
             except ValueError:  # not in the main thread: no signal handling
                 pass
         try:
-            while self.epoch < self.cfg.train.epochs:
+            while self.epoch < self.cfg.train.epochs and not self._stopping_for_divergence():
                 self.train_epoch(stop_after_steps)
                 rec = self.end_epoch()
                 self._print_epoch(rec)
                 if self._stop_signal is not None or (stop_after_steps is not None
                                                      and self.global_step >= stop_after_steps
-                                                     and self.epoch < self.cfg.train.epochs):
+                                                     and self.epoch < self.cfg.train.epochs
+                                                     and not self._stopping_for_divergence()):
                     raise TrainingInterrupted(
                         f"interrupted after epoch {self.epoch}; continue with: fastdmtg train --resume {self.run_dir}")
         finally:
@@ -572,24 +809,29 @@ class Trainer:
             res["pruning"] = prune_res
         if cfg.train.reference:
             res.update(compare_to_reference(cfg.train.reference, test))
-        ckpt.atomic_write_json(self.run_dir / "results.json", res)
+        res["diverged"] = self.divergence is not None
+        if self.divergence is not None:
+            res["divergence"] = dict(self.divergence, rule=_divergence_text(self.divergence))
+        res["config_changes"] = [c for h in self.history for c in h.get("config_changes", [])] + self.config_changes
         try:
             from .plots import grouping_heatmap
             grouping_heatmap(self.history, names, self.run_dir / "grouping.png")
         except ImportError:
             pass
+        ckpt.atomic_write_json(self.run_dir / "results.json", res)      # last: the mark of a finished run
         dist_utils.barrier()
         return res
 
 
 def compare_to_reference(reference_path: str, test: dict) -> dict:
-    import json
     p = Path(reference_path)
     if p.is_dir():
         p = p / "results.json"
     if not p.exists():
         raise FileNotFoundError(f"{p}: naive-MTL reference results not found (train.reference)")
-    ref = json.loads(p.read_text())
+    ref = ckpt.read_json(p)
+    if not (isinstance(ref, dict) and isinstance(ref.get("test"), dict) and isinstance(ref["test"].get("loss"), dict)):
+        raise ckpt.RunFileError(f"{p}: not a fastdmtg results.json (no test.loss) (train.reference)")
     out = {"reference": str(p), "normgain_loss": normgain(ref["test"]["loss"], test["loss"])}
     if test.get("error") is not None and ref["test"].get("error") is not None:
         out["normgain_error"] = normgain(ref["test"]["error"], test["error"])
