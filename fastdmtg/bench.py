@@ -234,7 +234,7 @@ class SyntheticTaskonomySpec:
         from .tasks.taskonomy import TaskonomyTaskSet
         d = cfg.data
         self.task_names = d.task_names() or list(TASKONOMY_5)
-        self.taskset = TaskonomyTaskSet(self.task_names, rotate_loss=bool(d.taskonomy_rotate_loss))
+        self.taskset = TaskonomyTaskSet.from_config(self.task_names, d)
         self.domains = tx.needed_domains(self.task_names)
         self.image_size, self.seg_resize, self.n = d.image_size, d.taskonomy_seg_resize, n
         self.folder = Path("<synthetic Taskonomy arrays in memory>")     # named in gpu-cache log lines only

@@ -73,8 +73,7 @@ class TaskonomySpec:
                              "Taskonomy root or a folder made by `fastdmtg prepare taskonomy`")
         self.cfg, self.progress = cfg, progress
         self.task_names = cfg.task_names() or list(TASKONOMY_5)
-        self.taskset = TaskonomyTaskSet(self.task_names,
-                                        rotate_loss=bool(getattr(cfg, "taskonomy_rotate_loss", False)))
+        self.taskset = TaskonomyTaskSet.from_config(self.task_names, cfg)
         self.domains = tx.needed_domains(self.task_names)
         self.image_size = cfg.image_size
         self.seg_resize = cfg.taskonomy_seg_resize

@@ -704,7 +704,7 @@ def build_source(cfg, progress: bool = True) -> TaskonomySource:
         raise ValueError("data.root: the taskonomy dataset needs its folder (--data-root PATH): a raw "
                          "Taskonomy root or a folder made by `fastdmtg prepare taskonomy`")
     names = cfg.task_names() or list(TASKONOMY_5)
-    taskset = TaskonomyTaskSet(names, rotate_loss=bool(getattr(cfg, "taskonomy_rotate_loss", False)))
+    taskset = TaskonomyTaskSet.from_config(names, cfg)
     limits = {"train": cfg.limit_train, "val": cfg.limit_eval, "test": cfg.limit_eval}
     root = Path(cfg.root)
     if (root / "index.json").is_file():
