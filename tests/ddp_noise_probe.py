@@ -33,7 +33,15 @@ def main(out: Path) -> None:
         res["sync_bn_error"] = ""
     except ValueError as e:
         res["sync_bn_error"] = str(e)
-    if dist.get_rank() == 0:
+    from fastdmtg.distributed import broadcast_float, global_mean
+    r = dist.get_rank()
+    gathered = [None] * dist.get_world_size()
+    # rank 0 saw 1 sample with loss sum 3, rank 1 3 samples with sum 5: the mean over all is 8/4 = 2
+    dist.all_gather_object(gathered, (global_mean([3.0, 5.0][r], [1, 3][r], "cpu"),
+                                      broadcast_float(7.0 if r == 0 else None, "cpu")))
+    res["global_mean"] = [g[0] for g in gathered]
+    res["broadcast"] = [g[1] for g in gathered]
+    if r == 0:
         (out / "probe.json").write_text(json.dumps(res))
     dist.barrier()
     dist.destroy_process_group()

@@ -41,6 +41,7 @@ def test_torchrun_two_processes_train_and_resume(tmp_path):
     assert p.returncode == 0, p.stderr[-3000:]
     res = json.loads((run / "results.json").read_text())
     assert res["speed"]["world_size"] == 2
+    assert res["batch"] == {"per_rank": 32, "world_size": 2, "global": 64}
     assert sorted(i for g in res["groups"] for i in g) == sorted(res["tasks"])
     hist = json.loads((run / "history.json").read_text())
     # 400 samples / 2 ranks / 32 per rank → 7 steps per epoch on each rank

@@ -200,7 +200,7 @@ def test_dmtg_recipes_paper_vs_reference():
         assert ("reference" in doc or "release" in doc) if follows == "reference" else doc, name
 
 
-def test_naive_init_is_an_explicit_error(tmp_path):
+def test_naive_init_is_an_explicit_error(tmp_path, capsys):
     cfg = get_recipe("celeba9_k3")
     with pytest.raises(ConfigError, match=r"train\.init=naive.*init-from.*train\.init=scratch"):
         check_init(cfg)
@@ -211,6 +211,8 @@ def test_naive_init_is_an_explicit_error(tmp_path):
     from fastdmtg.cli import main
     assert main(["train", "--recipe", "celeba9_k3", "--data-root", str(tmp_path / "nowhere"),
                  "--out", str(tmp_path / "r"), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: train.init=naive")
     assert not (tmp_path / "r").exists()
 
 
@@ -227,7 +229,7 @@ def test_precision_policy_keeps_output_layers_and_losses_fp32(amp):
     from fastdmtg.models.xception import OutputConv2d
     from fastdmtg.step import StepModule, autocast_factory, set_output_precision
     model, ts = _tiny_taskonomy_model()
-    assert set_output_precision(model, keep_fp32=amp != "bf16") == 2 * 5      # one per decoder
+    assert set_output_precision(model, keep_fp32=False) == 2 * 5               # one per decoder
     seen = {}
     outs = [m for m in model.modules() if isinstance(m, OutputConv2d)]
     enc_conv = model.branches[0][0].rep[1][1]                                   # a pointwise conv of the encoder
@@ -250,6 +252,11 @@ def test_precision_policy_keeps_output_layers_and_losses_fp32(amp):
                          "keypoints2d": torch.randn(2, 1, 32, 32, generator=g),
                          "edge_texture": torch.full((2, 1, 32, 32), -0.671)},
              "mask": torch.ones(2, 1, 32, 32, dtype=torch.bool)}
+    # the trainer's own wiring: prepare_model sets the output layers from train.amp
+    from fastdmtg.train import prepare_model
+    cfg = apply_overrides(get_recipe("taskonomy5_k3"), [f"train.amp={amp}", "model.batched=off"])
+    model = prepare_model(model, cfg, {"batched": False, "channels_last": False}, world_size=1)
+    assert all(m.keep_fp32 == (amp == "mixed") for m in outs)
     step = StepModule(model, Const(), ts, autocast_factory(True, torch.device("cpu"), False))
     total, L = step(batch)
     assert seen["encoder"] == {torch.bfloat16}                                 # the encoder runs in bf16
@@ -267,11 +274,24 @@ def test_precision_policy_keeps_output_layers_and_losses_fp32(amp):
             conv.bias.fill_(-0.671)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             y = conv(torch.rand(1, conv.in_channels, 4, 4, dtype=torch.bfloat16))
-        assert float((y + 0.671).abs().max()) < 1e-7
+        assert float((y.detach() + 0.671).abs().max()) < 1e-7
         conv.keep_fp32 = False
         with torch.autocast("cpu", dtype=torch.bfloat16):
             y = conv(torch.rand(1, conv.in_channels, 4, 4, dtype=torch.bfloat16))
-        assert float((y.float() + 0.671).abs().min()) > 8e-4
+        assert float((y.detach().float() + 0.671).abs().min()) > 8e-4
+
+
+def test_output_layer_policy_traces_under_torch_compile():
+    """The CUDA default compiles the step: dynamo must keep the fp32 island (fullgraph, no break)."""
+    from fastdmtg.models.xception import OutputConv2d
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(torch.nn.ConvTranspose2d(8, 4, 2, stride=2), torch.nn.ReLU(),
+                            OutputConv2d(4, 1, 3, padding=1))
+    x = torch.rand(2, 8, 4, 4)
+    comp = torch.compile(m, backend="aot_eager", fullgraph=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ye, yc = m(x), comp(x)
+    assert ye.dtype == yc.dtype == torch.float32 and torch.equal(ye, yc)
 
 
 def test_evaluation_runs_in_fp32_unless_plain_bf16():
@@ -308,3 +328,5 @@ def test_two_gloo_ranks_share_or_split_the_gumbel_noise(tmp_path):
     assert not torch.allclose(torch.tensor(per_rank["z"][0]), torch.tensor(per_rank["z"][1]), atol=1e-3)
     assert shared["z"][0] == per_rank["z"][0]                    # rank 0 keeps the base seed either way
     assert "SyncBatchNorm runs on CUDA only" in res["sync_bn_error"]
+    # the epoch's training loss is the mean over both ranks' samples; the validation loss is rank 0's
+    assert res["global_mean"] == [2.0, 2.0] and res["broadcast"] == [7.0, 7.0]
