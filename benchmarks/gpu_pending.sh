@@ -11,10 +11,12 @@
 #   bash benchmarks/gpu_pending.sh taskonomy   # Taskonomy-5 K=3: reference row, eager, all features (MFU),
 #                                              # + batched Xception branches (decides its auto default)
 #   bash benchmarks/gpu_pending.sh profile     # profiler summary of the Taskonomy-5 K=3 step
+#   bash benchmarks/gpu_pending.sh precision   # Taskonomy loss floors fp32 / mixed policy / bf16 on CUDA
+#                                              # (the CPU measurement's twin, docs/fidelity.md)
 set -euo pipefail
 PY=${PYTHON:-python3}
 OUT=${OUT:-benchmarks/results}
-case "${1:-}" in tests|celeba|taskonomy|profile) ;; *) sed -n 2,13p "$0"; exit 2 ;; esac
+case "${1:-}" in tests|celeba|taskonomy|profile|precision) ;; *) sed -n 2,15p "$0"; exit 2 ;; esac
 mkdir -p "$OUT"
 gpu=$($PY -c "import torch; n=torch.cuda.get_device_name(0).lower(); print('h200' if 'h200' in n else 'h100' if 'h100' in n else n.split()[-1])")
 tag="${gpu}_$(date +%Y-%m-%d)"
@@ -30,6 +32,9 @@ case "${1:-}" in
         --out "$OUT/${tag}_step_taskonomy5_k3.md" ;;
   profile)
     $PY -m fastdmtg profile --recipe taskonomy5_k3 --out "$OUT/${tag}_profile_taskonomy5_k3" ;;
+  precision)
+    $PY benchmarks/precision.py taskonomy --device cuda --size 64 --images 8 --steps 600 --lr 2e-3 --log-every 50 \
+        --out "$(mktemp -d)" --report "$OUT/${tag}_precision_taskonomy.md" ;;
   *)
-    sed -n 2,13p "$0"; exit 2 ;;
+    sed -n 2,15p "$0"; exit 2 ;;
 esac

@@ -18,7 +18,8 @@ as the recipes) then overfits the training images, all in one batch without flip
 cosine learning rate to ~0, once per precision mode with the same seed and initialisation. The floor
 of a task is its lowest training loss over the run, as that mode computes it. Also reported: the
 *representation floor* of a bf16 prediction, mean |t − bf16(t)| over the (masked) targets — the loss
-a bf16 output layer cannot go below even when the network is otherwise perfect.
+a bf16 output layer cannot go below even when the network is otherwise perfect. Modes already in
+OUT/taskonomy.json are kept (delete an entry to measure it again).
 
 **celeba — test error over seeds.** The CelebA ResNet variant (width 64, the real network; K = 3,
 2-way heads, cross-entropy, DMTG with τ 2.5) on fastdmtg's planted-group synthetic attribute data at
@@ -115,7 +116,7 @@ def write_root(root: Path, n_train: int, side: int, seed: int) -> Path:
 
 
 # ----------------------------------------------------------------------------------------- taskonomy
-def taskonomy_cfg(prep: Path, size: int, amp: str, lr: float, seed: int) -> Config:
+def taskonomy_cfg(prep: Path, size: int, amp: str, lr: float, seed: int, device: str = "cpu") -> Config:
     return Config(
         name="precision_floor",
         data=DataConfig(dataset="taskonomy", root=str(prep), image_size=size, tasks="taskonomy5", num_workers=0,
@@ -123,7 +124,7 @@ def taskonomy_cfg(prep: Path, size: int, amp: str, lr: float, seed: int) -> Conf
         model=ModelConfig(arch="xception", branches=1, shared_blocks=4, sync_bn=False, batched="off"),
         grouping=GroupingConfig(method="naive-mtl"),
         optim=OptimConfig(name="adam", lr=lr, schedule="none", fused="on"),
-        train=TrainConfig(device="cpu", amp=amp, seed=seed, compile="off", cuda_graph="off", channels_last="off",
+        train=TrainConfig(device=device, amp=amp, seed=seed, compile="off", cuda_graph="off", channels_last="off",
                           kernels="reference", tensorboard=False, progress=False))
 
 
@@ -146,15 +147,15 @@ def overfit(cfg: Config, steps: int, log_every: int) -> dict:
     from fastdmtg.models import build_multibranch
     from fastdmtg.step import StepRunner
     from fastdmtg.train import build_optimizer, build_step_module, prepare_model, resolve_speed
-    dev = torch.device("cpu")
+    dev = torch.device(cfg.train.device)
     ops.set_backend("reference")
     data = build_data(cfg.data, progress=False)
     n = data.num_samples("train")
     batch = next(data.batches("train", n, shuffle=False, device=dev, train=False))   # every image, no flips
     torch.manual_seed(cfg.train.seed)
     speed = resolve_speed(cfg, dev, 1)
-    model = prepare_model(build_multibranch(cfg.model, data.taskset.specs, cfg.data.image_size), cfg, speed)
-    method = build_method(cfg, data.taskset.num_tasks, data.taskset.names)
+    model = prepare_model(build_multibranch(cfg.model, data.taskset.specs, cfg.data.image_size).to(dev), cfg, speed)
+    method = build_method(cfg, data.taskset.num_tasks, data.taskset.names).to(dev)
     opt = build_optimizer(cfg, list(model.parameters()) + list(method.parameters()), dev)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps, eta_min=cfg.optim.lr * 1e-4)
     runner = StepRunner(build_step_module(model, method, data.taskset, cfg, dev, speed), opt, "eager")
@@ -181,12 +182,22 @@ def run_taskonomy(args) -> dict:
     if not (prep / "index.json").exists():
         split_file = write_root(raw, args.images, 2 * args.size, args.seed)
         tx.prepare(raw, prep, args.size, split_file=split_file, workers=1, progress=False)
-    res = {}
+    path = out / "taskonomy.json"
+    res = json.loads(path.read_text()) if path.exists() else {}     # modes already measured are kept
     for mode in args.modes.split(","):
+        if mode in res:
+            continue
         print(f"mode {mode}", flush=True)
-        res[mode] = overfit(taskonomy_cfg(prep, args.size, mode, args.lr, args.seed), args.steps, args.log_every)
-        (out / "taskonomy.json").write_text(json.dumps(res, indent=1))
+        res[mode] = overfit(taskonomy_cfg(prep, args.size, mode, args.lr, args.seed, args.device), args.steps,
+                            args.log_every)
+        path.write_text(json.dumps(res, indent=1))
     return res
+
+
+def _machine(args) -> str:
+    if getattr(args, "device", "cpu").startswith("cuda"):
+        return torch.cuda.get_device_name(0)
+    return "2-core CPU (shared)"
 
 
 def taskonomy_report(args, res: dict, cmd: str) -> str:
@@ -196,7 +207,7 @@ def taskonomy_report(args, res: dict, cmd: str) -> str:
     lines = [
         "# Precision policy: Taskonomy loss floors (CPU)",
         "",
-        f"Machine: 2-core CPU (shared), torch {torch.__version__}, Python {platform.python_version()}, "
+        f"Machine: {_machine(args)}, torch {torch.__version__}, Python {platform.python_version()}, "
         f"{time.strftime('%Y-%m-%d')}. Command:",
         "",
         f"    {cmd}",
@@ -205,8 +216,8 @@ def taskonomy_report(args, res: dict, cmd: str) -> str:
         f"(official-format PNGs at {2 * args.size}², prepared by `fastdmtg.data.taskonomy.prepare`), one full batch "
         f"without flips, Adam lr {args.lr:g} → cosine to {args.lr * 1e-4:g} over {args.steps} steps, seed {args.seed}; "
         "the same initialisation in every mode. Floor = the lowest training loss of the run, as the mode computes "
-        "it (off = fp32; mixed = the policy: bf16 autocast except the decoders' output layer, fp32 losses; "
-        "bf16 = plain autocast, output layers included). bf16 repr. = mean |t − bf16(t)| of the targets "
+        "it (off = fp32; mixed = the policy: bf16 encoder, fp32 decoders and losses; bf16 = plain autocast, "
+        "decoders included). bf16 repr. = mean |t − bf16(t)| of the targets "
         "(masked like the loss): what a bf16 output cannot go below.",
         "",
         "| task | off (fp32) | mixed (policy) | bf16 | bf16 repr. | paper's smallest (Table 2) |",
@@ -217,6 +228,10 @@ def taskonomy_report(args, res: dict, cmd: str) -> str:
         r = f"{rep[t]:.3g}" if t in rep else "–"
         p, who = PAPER_MIN[t]
         lines.append(f"| {t} | " + " | ".join(cells) + f" | {r} | {p:.3g} ({who}) |")
+    lines += ["", "Training loss of the overfit runs every few steps (mode: per task):", ""]
+    for m in modes:
+        for c in res[m]["curve"]:
+            lines.append(f"- {m} step {c['step']}: " + ", ".join(f"{t} {c['loss'][t]:.3g}" for t in TASKS))
     lines += ["", "Wall time per mode (s): " + ", ".join(f"{m} {res[m]['seconds']:.0f}" for m in modes), ""]
     return "\n".join(lines)
 
@@ -297,6 +312,7 @@ def main(argv=None) -> int:
     ap.add_argument("--lr", type=float, default=None, help="default: taskonomy 1e-3, celeba 8e-4")
     ap.add_argument("--seed", type=int, default=0, help="taskonomy: data and initialisation seed")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--device", default="cpu", help="taskonomy: cpu or cuda (bf16 autocast on either)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.lr is None:

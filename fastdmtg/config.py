@@ -194,10 +194,10 @@ class TrainConfig:
     eval_batch_size: int = 512
     seed: int = 0
     device: str = "auto"                # auto | cpu | cuda | cuda:N
-    # precision (docs/fidelity.md): mixed = bf16 autocast for the network except each task's output layer,
-    # losses and evaluation in fp32 (measured not to move the results); bf16 = autocast everywhere,
-    # evaluation included (faster, moves Taskonomy's smallest losses); off = fp32 (the release);
-    # auto = mixed on CUDA, off on CPU
+    # precision (docs/fidelity.md): mixed = bf16 autocast for the encoders, the task heads (decoders,
+    # linear heads), losses and evaluation in fp32 (measured not to move the results); bf16 = autocast
+    # everywhere, evaluation included (faster, moves Taskonomy's smallest losses); off = fp32 (the
+    # release); auto = mixed on CUDA, off on CPU
     amp: str = "auto"                   # auto | mixed | bf16 | off
     kernels: str = "auto"               # auto (Triton on CUDA) | triton | reference
     val_every: int = 1                  # epochs between validations (the last epoch always validates)

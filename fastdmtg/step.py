@@ -9,9 +9,9 @@ included) and torch.compile sees one graph:
                                    total, L = taskset.head_losses(outputs, batch, z)
 
 Precision policy (``train.amp``; measured in benchmarks/results/cpu_2026-11-30_precision_*.md):
-``mixed`` (the CUDA default) runs the network under bf16 autocast except each dense task's output
-layer (fp32, ``set_output_precision``); the losses are computed in fp32 outside autocast (the ops
-upcast their inputs and accumulate in fp32); evaluation runs without autocast. ``bf16`` is plain
+``mixed`` (the CUDA default) runs the encoders under bf16 autocast and the task heads (decoders,
+linear heads) in fp32 (``set_output_precision``); the losses are computed in fp32 outside autocast
+(the ops upcast their inputs and accumulate in fp32); evaluation runs without autocast. ``bf16`` is plain
 autocast everywhere (evaluation included), ``off`` is fp32.
 
 ``StepRunner`` runs forward + backward + optimizer step in one of three ways:
@@ -157,10 +157,10 @@ class StepRunner:
 
 
 def set_output_precision(model: nn.Module, keep_fp32: bool) -> int:
-    """The precision policy's switch (``train.amp``): every task output layer that declares
-    ``keep_fp32`` (``fastdmtg.models.xception.OutputConv2d``, the dense decoders' last conv) runs in fp32
-    under bf16 autocast when ``keep_fp32`` (train.amp=mixed/auto), in bf16 otherwise (train.amp=bf16).
-    Returns the number of layers set."""
+    """The precision policy's switch (``train.amp``): every task head that declares ``keep_fp32`` (the
+    dense decoders, ``LinearHeads``, the batched net's stacked heads) runs in fp32 under bf16 autocast
+    when ``keep_fp32`` (train.amp=mixed/auto), in bf16 otherwise (train.amp=bf16). Returns the number
+    of modules set."""
     n = 0
     for m in model.modules():
         if hasattr(type(m), "keep_fp32"):

@@ -72,8 +72,7 @@ def eval_autocast(cfg: Config, device: torch.device):
 def prepare_model(model: MultiBranchNet, cfg: Config, speed: dict, world_size: int = 1):
     """Apply the model-side switches: batched branches (when the architecture supports them;
     ``speed["batched"]`` is updated to what was done), SyncBatchNorm under DDP, channels_last, and
-    the precision of the task output layers (train.amp, fastdmtg.step.set_output_precision)."""
-    set_output_precision(model, keep_fp32=cfg.train.amp != "bf16")
+    the precision of the task heads (train.amp, fastdmtg.step.set_output_precision)."""
     if speed["batched"]:
         if not supports_batching(model):
             if cfg.model.batched == "on":
@@ -88,6 +87,7 @@ def prepare_model(model: MultiBranchNet, cfg: Config, speed: dict, world_size: i
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     if speed["channels_last"]:
         model = model.to(memory_format=torch.channels_last)
+    set_output_precision(model, keep_fp32=cfg.train.amp != "bf16")     # after the conversions above
     return model
 
 

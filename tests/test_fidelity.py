@@ -224,22 +224,26 @@ def _tiny_taskonomy_model():
     return build_multibranch(ModelConfig(arch="xception", branches=2, shared_blocks=10), ts.specs, 32), ts
 
 
+def _record(seen: dict, key: str):
+    def hook(m, i, o):
+        outs = o if isinstance(o, (list, tuple)) else [o]
+        seen.setdefault(key, set()).update(t.dtype for t in outs)              # returns None: output kept
+    return hook
+
+
 @pytest.mark.parametrize("amp", ["mixed", "bf16"])
-def test_precision_policy_keeps_output_layers_and_losses_fp32(amp):
-    from fastdmtg.models.xception import OutputConv2d
+def test_precision_policy_keeps_decoders_and_losses_fp32(amp):
+    from fastdmtg.models.xception import Decoder
     from fastdmtg.step import StepModule, autocast_factory, set_output_precision
+    from fastdmtg.train import prepare_model
     model, ts = _tiny_taskonomy_model()
-    assert set_output_precision(model, keep_fp32=False) == 2 * 5               # one per decoder
+    decoders = [m for m in model.modules() if isinstance(m, Decoder)]
+    assert set_output_precision(model, keep_fp32=False) == 2 * 5               # K·N decoders
     seen = {}
-    outs = [m for m in model.modules() if isinstance(m, OutputConv2d)]
-    enc_conv = model.branches[0][0].rep[1][1]                                   # a pointwise conv of the encoder
-    def record(key):
-        def hook(m, i, o):
-            seen.setdefault(key, set()).add(o.dtype)                            # returns None: output kept
-        return hook
-    enc_conv.register_forward_hook(record("encoder"))
-    for m in outs:
-        m.register_forward_hook(record("out"))
+    model.branches[0][0].rep[1][1].register_forward_hook(_record(seen, "encoder"))   # an encoder conv
+    for d in decoders:
+        d[0].register_forward_hook(_record(seen, "decoder first"))                  # ConvTranspose
+        d[-1].register_forward_hook(_record(seen, "decoder last"))                  # the output conv
 
     class Const(torch.nn.Module):
         def weights(self, step):
@@ -252,42 +256,72 @@ def test_precision_policy_keeps_output_layers_and_losses_fp32(amp):
                          "keypoints2d": torch.randn(2, 1, 32, 32, generator=g),
                          "edge_texture": torch.full((2, 1, 32, 32), -0.671)},
              "mask": torch.ones(2, 1, 32, 32, dtype=torch.bool)}
-    # the trainer's own wiring: prepare_model sets the output layers from train.amp
-    from fastdmtg.train import prepare_model
+    # the trainer's own wiring: prepare_model sets the heads from train.amp
     cfg = apply_overrides(get_recipe("taskonomy5_k3"), [f"train.amp={amp}", "model.batched=off"])
     model = prepare_model(model, cfg, {"batched": False, "channels_last": False}, world_size=1)
-    assert all(m.keep_fp32 == (amp == "mixed") for m in outs)
-    step = StepModule(model, Const(), ts, autocast_factory(True, torch.device("cpu"), False))
-    total, L = step(batch)
-    assert seen["encoder"] == {torch.bfloat16}                                 # the encoder runs in bf16
+    assert all(d.keep_fp32 == (amp == "mixed") for d in decoders)
+    total, L = StepModule(model, Const(), ts, autocast_factory(True, torch.device("cpu"), False))(batch)
     want = torch.float32 if amp == "mixed" else torch.bfloat16
-    assert seen["out"] == {want}                                               # the output layers
+    assert seen == {"encoder": {torch.bfloat16}, "decoder first": {want}, "decoder last": {want}}
     assert total.dtype == torch.float32 and L.dtype == torch.float32           # losses in fp32
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        preds = model(batch["image"])
-    assert all(p.dtype == want for p in preds)
+    # an fp32 decoder can hit the edge background exactly; a bf16 one stays at least 8.45e-4 away
+    d = decoders[0]
+    with torch.no_grad():
+        d[-1].weight.zero_()
+        d[-1].bias.fill_(-0.671)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = d(torch.rand(1, 512, 2, 2)).float()
     if amp == "mixed":
-        # an fp32 prediction can hit the edge background exactly; a bf16 one is at least 8.45e-4 away
-        conv = outs[0]
-        with torch.no_grad():
-            conv.weight.zero_()
-            conv.bias.fill_(-0.671)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            y = conv(torch.rand(1, conv.in_channels, 4, 4, dtype=torch.bfloat16))
-        assert float((y.detach() + 0.671).abs().max()) < 1e-7
-        conv.keep_fp32 = False
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            y = conv(torch.rand(1, conv.in_channels, 4, 4, dtype=torch.bfloat16))
-        assert float((y.detach().float() + 0.671).abs().min()) > 8e-4
+        assert float((y + 0.671).abs().max()) < 1e-7
+    else:
+        assert float((y + 0.671).abs().min()) > 8e-4
 
 
-def test_output_layer_policy_traces_under_torch_compile():
-    """The CUDA default compiles the step: dynamo must keep the fp32 island (fullgraph, no break)."""
-    from fastdmtg.models.xception import OutputConv2d
+@pytest.mark.parametrize("batched", [False, True])
+def test_precision_policy_keeps_linear_heads_fp32(batched, monkeypatch):
+    """CelebA: the stacked linear heads (and the batched net's einsum over all K·N heads) in fp32."""
+    import fastdmtg.models.batched as B
+    import fastdmtg.models.multibranch as MB
+    calls, real = [], MB.fp32_heads
+    spy = lambda fn, *xs: calls.append(1) or real(fn, *xs)                      # noqa: E731
+    monkeypatch.setattr(B if batched else MB, "fp32_heads", spy)
+    from fastdmtg.models import build_multibranch
+    from fastdmtg.models.batched import BatchedMultiBranchNet
+    from fastdmtg.step import set_output_precision
+    from fastdmtg.tasks import TaskSpec
+    from fastdmtg.train import prepare_model
     torch.manual_seed(0)
-    m = torch.nn.Sequential(torch.nn.ConvTranspose2d(8, 4, 2, stride=2), torch.nn.ReLU(),
-                            OutputConv2d(4, 1, 3, padding=1))
-    x = torch.rand(2, 8, 4, 4)
+    specs = [TaskSpec(f"t{i}", "class", 2) for i in range(3)]
+    x = torch.rand(4, 3, 32, 32)
+    got = {}
+    for amp in ("mixed", "bf16"):
+        net = build_multibranch(ModelConfig(arch="resnet_celeba", branches=2, width=4), specs, 32)
+        cfg = apply_overrides(get_recipe("synthetic_k3"), [f"train.amp={amp}"])
+        net = prepare_model(net, cfg, {"batched": batched, "channels_last": False})
+        assert isinstance(net, BatchedMultiBranchNet) == batched
+        seen = {}
+        first = next(m for m in net.modules() if isinstance(m, torch.nn.Conv2d))
+        first.register_forward_hook(_record(seen, "encoder"))
+        calls.clear()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got[amp] = net(x)                                                    # (K, N, B, C)
+        assert seen["encoder"] == {torch.bfloat16}
+        # the heads' fp32 island: once per branch's LinearHeads, or once for the batched einsum
+        assert len(calls) == ((1 if batched else 2) if amp == "mixed" else 0)
+    assert got["mixed"].dtype == torch.float32
+    # (the fp32 bias, zero at init, promotes a bf16 einsum's result to fp32: compare values, not
+    # dtypes; CPU autocast runs the batched net's 4-d einsum in fp32 anyway, so only per-branch here)
+    bf16_valued = {a: bool((o == o.to(torch.bfloat16).float()).all()) for a, o in got.items()}
+    assert bf16_valued["mixed"] is False and (batched or bf16_valued["bf16"])
+    assert set_output_precision(net, keep_fp32=True) >= 1
+
+
+def test_head_policy_traces_under_torch_compile():
+    """The CUDA default compiles the step: dynamo must keep the fp32 island (fullgraph, no break)."""
+    from fastdmtg.models.xception import Decoder
+    torch.manual_seed(0)
+    m = Decoder(1, in_channels=8, widths=(4, 4, 4, 4))
+    x = torch.rand(2, 8, 2, 2)
     comp = torch.compile(m, backend="aot_eager", fullgraph=True)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         ye, yc = m(x), comp(x)

@@ -4,8 +4,8 @@ Targets come normalised from ``fastdmtg.data.taskonomy`` (see there); the batch 
 ``targets[task]`` and ``mask`` (B, 1, H, W), True where the raw depth is < 8192.
 
 Precision: the losses are computed outside autocast, in fp32 (the ops upcast their inputs; the
-rotate loss casts to fp32), and under the precision policy the predictions themselves come from an
-fp32 output layer (fastdmtg.models.xception.OutputConv2d); evaluation runs in fp32.
+rotate loss casts to fp32), and under the precision policy the predictions themselves come from
+fp32 decoders (fastdmtg.models.xception.Decoder); evaluation runs in fp32.
 
 Training losses (per head, batch means, as the DMTG reference):
 
