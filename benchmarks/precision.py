@@ -253,7 +253,8 @@ def run_celeba(args) -> dict:
                 continue
             cfg = apply_overrides(base, [f"train.amp={mode}", f"train.seed={seed}"])
             t0 = time.perf_counter()
-            r = train(cfg, out / mode / str(seed), progress=False)
+            run = out / mode / str(seed)
+            r = train(cfg, run, resume=(run / "checkpoints" / "last.pt").exists(), progress=False)
             res[key] = {"total_error": r["total_error"], "total_loss": r["total_loss"], "groups": r["groups"],
                         "best_epoch": r["best_epoch"], "seconds": time.perf_counter() - t0}
             print(f"  {key}: total error {r['total_error']:.3f}, loss {r['total_loss']:.4f}", flush=True)
