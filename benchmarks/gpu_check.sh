@@ -20,6 +20,8 @@
 #   tx_profile   70  profiler summary of the Taskonomy-5 K=3 step
 #   data         90  every dataset x backend on CUDA (gpu-cache on the device, DALI mixed decode, FFCV
 #                    ToDevice; tests/test_pipelines.py -k on_cuda) + benchmarks/loaders.py
+#   precision   100  Taskonomy loss floors under fp32 / the mixed policy / bf16 on CUDA
+#                    (benchmarks/precision.py; the CPU measurement's twin, docs/fidelity.md)
 #
 # Writes one Markdown file per phase, OUT/<gpu>_<date>_<what>.md, each headed by the GPU, driver,
 # versions, date, commit and the exact command, plus OUT/<gpu>_<date>_gpu_check.md (phase status and
@@ -33,11 +35,11 @@ ROOT=$PWD
 PY=${PYTHON:-python3}
 OUT=${OUT:-benchmarks/results}
 BUDGET=${BUDGET:-570}
-ALL=(tests celeba ratio taskonomy profile op_tests kernels tx_profile data)
+ALL=(tests celeba ratio taskonomy profile op_tests kernels tx_profile data precision)
 PHASES=("$@")
 [ ${#PHASES[@]} -eq 0 ] && PHASES=("${ALL[@]}")
 for p in "${PHASES[@]}"; do
-  case " ${ALL[*]} " in *" $p "*) ;; *) sed -n 2,29p "$0"; echo "unknown phase: $p" >&2; exit 2 ;; esac
+  case " ${ALL[*]} " in *" $p "*) ;; *) sed -n 2,31p "$0"; echo "unknown phase: $p" >&2; exit 2 ;; esac
 done
 START=$(date +%s)
 WORK=$(mktemp -d)
@@ -177,6 +179,10 @@ for phase in "${PHASES[@]}"; do
       run_phase data_tests 40 gpu_data_tests $RUN -m pytest -v -p no:cacheprovider --timeout 35 -rfEs \
         tests/test_pipelines.py -k on_cuda
       run_phase loaders 50 loaders $RUN benchmarks/loaders.py --workers 14 --out "$WORK/loaders.md"
+      ;;
+    precision)
+      run_phase precision 100 precision_taskonomy $RUN benchmarks/precision.py taskonomy --device cuda --size 64 \
+        --images 8 --steps 600 --lr 2e-3 --log-every 50 --out "$WORK/precision" --report "$WORK/precision.md"
       ;;
   esac
 done

@@ -235,7 +235,7 @@ def synthetic_taskonomy(cfg: Config, n: int, seed: int = 0):
     rng = np.random.default_rng(seed)
     arrays = {dom: _taskonomy_maps(rng, dom, n, d.image_size) for dom in tx.needed_domains(names)}
     return tx.TaskonomyDataset.from_arrays({s: arrays for s in ("train", "val", "test")}, names, d.image_size,
-                                           rotate_loss=d.taskonomy_rotate_loss)
+                                           rotate_loss=d.taskonomy_rotate_loss, miou=d.taskonomy_miou)
 
 
 def synthetic_celeba(cfg: Config, n: int, seed: int = 0):

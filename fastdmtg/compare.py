@@ -229,8 +229,10 @@ class Comparison:
         return self.once("stl", go)
 
     def dmtg_run(self, k: int) -> dict:
-        return self.once(f"dmtg{k}", lambda: self.run(
-            f"dmtg/k{k}", self.cfg(["grouping.method=dmtg", f"model.branches={k}"]), f"dmtg K={k}"))
+        over = ["grouping.method=dmtg", f"model.branches={k}"]
+        if self.base.train.init == "naive" and not self.base.train.init_from:
+            over.append(f"train.init_from={self.naive()['_dir']}")     # the paper's recipes start from it
+        return self.once(f"dmtg{k}", lambda: self.run(f"dmtg/k{k}", self.cfg(over), f"dmtg K={k}"))
 
     def train_selection(self, key: str, label: str, sel) -> dict:
         """Train a TAG/HOA selection: overlapping networks as such (``networks`` method: a task is

@@ -10,10 +10,18 @@ CUDA, gloo on CPU) and pins each rank to ``cuda:LOCAL_RANK``. Semantics:
 * Every epoch all ranks draw the same permutation (seeded by (seed, epoch)) and rank r takes its
   shard of it (``fastdmtg.pipelines.plan``: batch b of rank r is ``order[r::G][b·B:(b+1)·B]``): each
   sample is used at most once per epoch and every rank runs the same number of steps.
-* Each rank draws its own Gumbel sample (the seed tensor is shared; rank r offsets it by
-  r · 2^40), and the gradient of the grouping logits S is all-reduced like any parameter.
-* Buffers (BatchNorm running statistics) are not broadcast: each rank keeps its own, rank 0's are
-  saved; ``model.sync_bn=true`` converts BatchNorm to SyncBatchNorm instead.
+* ``grouping.ddp_noise=shared`` (default, the release: all its ranks are seeded alike): every rank
+  draws the *same* Gumbel sample — one draw per global step, so G ranks × batch b train exactly like
+  one process with batch G·b (with SyncBatchNorm). ``per_rank``: rank r offsets the shared seed
+  tensor by r · 2^40 and draws its own. Either way the gradient of the grouping logits S is
+  all-reduced like any parameter.
+* ``model.sync_bn=true`` (default, the release converts every model) converts BatchNorm to
+  SyncBatchNorm under DDP — CUDA only: a CPU (gloo) run with it stops with an error and needs
+  ``model.sync_bn=false``, where each rank keeps its own BatchNorm statistics (buffers are not
+  broadcast; rank 0's are saved).
+* The epoch's training loss (plateau schedule, best-checkpoint rule, history) is the mean over all
+  ranks' samples; rank 0 validates and broadcasts the validation loss to the other ranks' schedulers.
+* The global batch (G × batch_size) is printed at start and written to results.json (``batch``).
 * Rank 0 evaluates, logs and writes checkpoints; other ranks wait at a barrier. Resume loads the
   same last.pt on every rank.
 """
@@ -79,6 +87,23 @@ def all_finite(value: float, device) -> bool:
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(ok, op=dist.ReduceOp.MIN)
     return bool(ok.item() > 0)
+
+
+def global_mean(total: float, count: int, device) -> float:
+    """Σ total / Σ count over all ranks (this rank's numbers when not distributed)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return total / max(count, 1)
+    t = torch.tensor([float(total), float(count)], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return float(t[0]) / max(float(t[1]), 1.0)
+
+
+def broadcast_float(value: float | None, device) -> float:
+    """Rank 0's ``value`` on every rank (collective: every rank calls it)."""
+    t = torch.tensor([float(value) if value is not None else float("nan")], dtype=torch.float64, device=device)
+    if dist.is_available() and dist.is_initialized():
+        dist.broadcast(t, src=0)
+    return float(t[0])
 
 
 def ranks_differing(t: torch.Tensor) -> list[int]:

@@ -8,6 +8,12 @@ included) and torch.compile sees one graph:
                                    outputs = model(image)        # under bf16 autocast on CUDA
                                    total, L = taskset.head_losses(outputs, batch, z)
 
+Precision policy (``train.amp``; measured in benchmarks/results/cpu_2026-11-30_precision_*.md):
+``mixed`` (the CUDA default) runs the encoders under bf16 autocast and the task heads (decoders,
+linear heads) in fp32 (``set_output_precision``); the losses are computed in fp32 outside autocast
+(the ops upcast their inputs and accumulate in fp32); evaluation runs without autocast. ``bf16`` is plain
+autocast everywhere (evaluation included), ``off`` is fp32.
+
 ``StepRunner`` runs forward + backward + optimizer step in one of three ways:
 
 * eager;
@@ -184,6 +190,19 @@ def wrap_ddp(module: nn.Module, device: torch.device, find_unused_parameters: bo
             ddp = DDP(module, **kw)
         torch.cuda.current_stream(device).wait_stream(side)
         return ddp
+
+
+def set_output_precision(model: nn.Module, keep_fp32: bool) -> int:
+    """The precision policy's switch (``train.amp``): every task head that declares ``keep_fp32`` (the
+    dense decoders, ``LinearHeads``, the batched net's stacked heads) runs in fp32 under bf16 autocast
+    when ``keep_fp32`` (train.amp=mixed/auto), in bf16 otherwise (train.amp=bf16). Returns the number
+    of modules set."""
+    n = 0
+    for m in model.modules():
+        if hasattr(type(m), "keep_fp32"):
+            m.keep_fp32 = bool(keep_fp32)
+            n += 1
+    return n
 
 
 def autocast_factory(enabled: bool, device: torch.device, for_graph: bool):

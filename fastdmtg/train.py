@@ -33,13 +33,13 @@ import torch
 from . import checkpoint as ckpt
 from . import distributed as dist_utils
 from . import ops
-from .config import Config, ConfigError, resume_changes
+from .config import Config, ConfigError, check_init, resume_changes
 from .pipelines import build_source
 from .methods import build_method
 from .metrics import normgain, summarize
 from .models import build_multibranch, GroupedNet, MultiBranchNet
 from .models.batched import BatchedMultiBranchNet, supports_batching
-from .step import DDP_GRAPH_WARMUP, StepModule, StepRunner, autocast_factory, wrap_ddp
+from .step import DDP_GRAPH_WARMUP, StepModule, StepRunner, autocast_factory, set_output_precision, wrap_ddp
 
 
 class RunStopped(RuntimeError):
@@ -92,20 +92,22 @@ def resolve_device(name: str) -> torch.device:
 
 
 def use_bf16(cfg: Config, device: torch.device) -> bool:
-    """train.amp: bf16 autocast when asked, or by default on CUDA."""
-    return cfg.train.amp == "bf16" or (cfg.train.amp == "auto" and device.type == "cuda")
+    """train.amp: bf16 autocast in the training forward for mixed / bf16, and by default (auto) on CUDA."""
+    return cfg.train.amp in ("mixed", "bf16") or (cfg.train.amp == "auto" and device.type == "cuda")
 
 
-def autocast_ctx(cfg: Config, device: torch.device):
-    if use_bf16(cfg, device):
+def eval_autocast(cfg: Config, device: torch.device):
+    """Evaluation precision: fp32 (the precision policy), except under plain train.amp=bf16."""
+    if cfg.train.amp == "bf16":
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
 
 def prepare_model(model: MultiBranchNet, cfg: Config, speed: dict, world_size: int = 1):
-    """Apply the model-side speed switches: batched branches (when the architecture supports them;
+    """Apply the model-side switches: batched branches (when the architecture supports them;
     ``speed["batched"]`` is updated to what was done), SyncBatchNorm under DDP, channels_last, the
-    fused CelebA stem (``speed["fused_stem"]`` likewise)."""
+    fused CelebA stem (``speed["fused_stem"]`` likewise), and the precision of the task heads
+    (train.amp, fastdmtg.step.set_output_precision)."""
     if speed["batched"]:
         if not supports_batching(model):
             if cfg.model.batched == "on":
@@ -114,6 +116,9 @@ def prepare_model(model: MultiBranchNet, cfg: Config, speed: dict, world_size: i
         else:
             model = BatchedMultiBranchNet(model)
     if cfg.model.sync_bn and world_size > 1:
+        if next(model.parameters()).device.type != "cuda":
+            raise ValueError("model.sync_bn=true: SyncBatchNorm runs on CUDA only; set model.sync_bn=false "
+                             "for a CPU (gloo) DDP run (per-rank BatchNorm statistics)")
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     if speed["channels_last"]:
         model = model.to(memory_format=torch.channels_last)
@@ -123,6 +128,7 @@ def prepare_model(model: MultiBranchNet, cfg: Config, speed: dict, world_size: i
             if cfg.model.fused_stem == "on":
                 raise ValueError(f"model.fused_stem=on: model.arch={cfg.model.arch} has no ResNet-variant stem")
             speed["fused_stem"] = False
+    set_output_precision(model, keep_fp32=cfg.train.amp != "bf16")     # after the conversions above
     return model
 
 
@@ -199,11 +205,51 @@ def build_scheduler(cfg: Config, opt):
     if o.schedule == "step":
         return torch.optim.lr_scheduler.StepLR(opt, step_size=o.step_epochs, gamma=o.gamma)
     if o.schedule == "plateau":
-        # reference: stepped on the *train* loss once per epoch, relative threshold 0.1
+        # stepped once per epoch on the training loss (optim.plateau_on=train, the release) or after
+        # each validation on the validation loss (val, the paper): plateau_step
         return torch.optim.lr_scheduler.ReduceLROnPlateau(
             opt, mode="min", factor=o.gamma, patience=o.plateau_patience, threshold=o.plateau_threshold,
             threshold_mode="rel", min_lr=o.min_lr)
     return None
+
+
+def validation_due(cfg: Config, epoch: int) -> bool:
+    """Validate after (0-based) ``epoch``: every train.val_every epochs, after the first epoch when
+    train.val_first_epoch (the release), and after the last."""
+    t = cfg.train
+    return (epoch + 1) % t.val_every == 0 or epoch + 1 == t.epochs or (t.val_first_epoch and epoch == 0)
+
+
+def best_criterion(cfg: Config, val: dict) -> float:
+    """The validation number best.pt is chosen on: train.best_rule=reference takes the total error when
+    every task has a comparable error (classification; the release's ``error``) and the total loss
+    otherwise; val_loss takes the total loss."""
+    if cfg.train.best_rule == "reference" and val.get("total_error") is not None:
+        return float(val["total_error"])
+    return float(val["total_loss"])
+
+
+def improves_best(rule: str, val: float, train_loss: float, best_val: float, best_train: float) -> bool:
+    """train.best_rule: val_loss → val < best_val; reference → val < best_val AND train_loss <
+    best_train, where both bests are the values at the last save (they are updated together, only when
+    a checkpoint is written — the release's train.py:304-307)."""
+    if rule == "reference":
+        return val < best_val and train_loss < best_train
+    return val < best_val
+
+
+def plateau_step(scheduler, cfg: Config, train_loss: float, val_loss: float | None) -> None:
+    """One end-of-epoch scheduler step: ReduceLROnPlateau on the training loss every epoch
+    (optim.plateau_on=train) or on the validation loss after a validation (val: epochs without one
+    leave it alone); other schedules step every epoch."""
+    if scheduler is None:
+        return
+    if not isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+        scheduler.step()
+    elif cfg.optim.plateau_on == "train":
+        scheduler.step(train_loss)
+    elif val_loss is not None:
+        scheduler.step(val_loss)
 
 
 @torch.no_grad()
@@ -285,6 +331,8 @@ class Trainer:
             # whole-step capture with NCCL collectives (fastdmtg/step.py): set before the process group starts
             import os
             os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "0")
+        if not resume:
+            check_init(cfg)                   # train.init=naive without a naive-MTL model: a clear error
         ddp_device = dist_utils.setup(cfg.train.device)
         self.rank, self.world_size = dist_utils.world()
         self.is_main = self.rank == 0
@@ -319,12 +367,16 @@ class Trainer:
             self._init_from(cfg.train.init_from)
         self.model = prepare_model(self.model, cfg, self.speed, self.world_size)
         self.method = build_method(cfg, self.taskset.num_tasks, self.taskset.names).to(self.device)
-        if hasattr(self.method, "seed_offset"):
-            self.method.seed_offset = self.rank << 40
+        if hasattr(self.method, "set_rank"):
+            self.method.set_rank(self.rank)   # grouping.ddp_noise: one shared draw per step, or per rank
         self.optimizer = build_optimizer(cfg, list(self.model.parameters()) + list(self.method.parameters()),
                                          self.device, capturable=self.speed["cuda_graph"])
         self.scheduler = build_scheduler(cfg, self.optimizer)
-        self.amp = autocast_ctx(cfg, self.device)
+        self.amp = eval_autocast(cfg, self.device)        # evaluation precision (fp32 unless amp=bf16)
+        self.global_batch = cfg.train.batch_size * self.world_size
+        if self.is_main and self.progress and self.world_size > 1:
+            print(f"DDP: {self.world_size} ranks × batch {cfg.train.batch_size} = global batch "
+                  f"{self.global_batch}", flush=True)
         step_module = build_step_module(self.model, self.method, self.taskset, cfg, self.device, self.speed)
         warmup = 3
         if self.world_size > 1:
@@ -344,6 +396,7 @@ class Trainer:
                     setattr(dynamo_cfg, name, max(getattr(dynamo_cfg, name), need))
         self.epoch, self.step_in_epoch, self.global_step = 0, 0, 0
         self.best_val, self.best_epoch = math.inf, -1
+        self.best_train = math.inf            # train.best_rule=reference: the training loss at the last save
         self.history: list[dict] = []
         self.epoch_loss_sum, self.epoch_samples = 0.0, 0
         self.train_time = 0.0
@@ -496,7 +549,7 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict() if self.scheduler is not None else {},
             "epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "global_step": self.global_step,
-            "best_val": self.best_val, "best_epoch": self.best_epoch,
+            "best_val": self.best_val, "best_epoch": self.best_epoch, "best_train": self.best_train,
             "epoch_loss_sum": self.epoch_loss_sum, "epoch_samples": self.epoch_samples,
             "train_time": self.train_time, "rng": _rng_state(self.device),
             "config": self.cfg.to_dict(), "initial_loss": self.initial_loss, "divergence": self.divergence,
@@ -521,6 +574,7 @@ class Trainer:
             self.scheduler.load_state_dict(st["scheduler"])
         self.epoch, self.step_in_epoch, self.global_step = st["epoch"], st["step_in_epoch"], st["global_step"]
         self.best_val, self.best_epoch = st["best_val"], st["best_epoch"]
+        self.best_train = st.get("best_train", math.inf)      # absent in checkpoints of older versions
         self.epoch_loss_sum, self.epoch_samples = st["epoch_loss_sum"], st["epoch_samples"]
         self.train_time = st["train_time"]
         _set_rng_state(st["rng"], self.device)
@@ -662,7 +716,8 @@ class Trainer:
 
     def end_epoch(self) -> dict:
         cfg = self.cfg
-        train_loss = self.epoch_loss_sum / max(self.epoch_samples, 1)
+        # the mean over all ranks' samples (each rank summed its own): every rank's scheduler sees the same
+        train_loss = dist_utils.global_mean(self.epoch_loss_sum, self.epoch_samples, self.device)
         self._check_divergence(train_loss)
         rec = {"epoch": self.epoch, "train_loss": train_loss, "lr": self.current_lr(),
                "global_step": self.global_step, "train_time_s": self.train_time}
@@ -681,11 +736,13 @@ class Trainer:
                              if prev < e["step"] <= self.global_step]
             rec["active_heads"] = int(self.method.prune_active.sum())
         stop = None                               # rank 0's reason to stop, raised on every rank below
-        if self.is_main and ((self.epoch + 1) % cfg.train.val_every == 0 or self.epoch + 1 == cfg.train.epochs
-                             or self._stopping_for_divergence()):
+        due = validation_due(cfg, self.epoch) or self._stopping_for_divergence()
+        val_loss = None
+        if self.is_main and due:
             val = evaluate(self.model, self.taskset, self.data, "val", cfg.train.eval_batch_size, self.device,
                            self.method.assignment(), self.amp, self.progress)
             rec["val"] = val
+            val_loss = val["total_loss"]
             if self.writer is not None:
                 self.writer.add_scalar("val/total_loss", val["total_loss"], self.global_step)
                 if "total_error" in val:
@@ -693,18 +750,20 @@ class Trainer:
             if not math.isfinite(val["total_loss"]):
                 stop = NonFiniteLoss(f"non-finite validation loss ({val['total_loss']}) at epoch {self.epoch + 1}; "
                                      f"the run stopped; {self._kept()}")
-            elif val["total_loss"] < self.best_val:
-                self.best_val, self.best_epoch = val["total_loss"], self.epoch
-                stop = self._save_best({"model": self.model.state_dict(), "method": self.method.state_dict(),
-                                        "epoch": self.epoch, "val_total_loss": val["total_loss"]})
+            else:
+                crit = best_criterion(cfg, val)
+                if improves_best(cfg.train.best_rule, crit, train_loss, self.best_val, self.best_train):
+                    self.best_val, self.best_train, self.best_epoch = crit, train_loss, self.epoch
+                    stop = self._save_best({"model": self.model.state_dict(), "method": self.method.state_dict(),
+                                            "epoch": self.epoch, "val_total_loss": val["total_loss"],
+                                            "best_rule": cfg.train.best_rule, "criterion": crit,
+                                            "train_loss": train_loss})
         stop = dist_utils.broadcast_from_main(stop)
         if stop is not None:
             raise stop
-        if self.scheduler is not None:
-            if isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
-                self.scheduler.step(train_loss)
-            else:
-                self.scheduler.step()
+        if due and self.world_size > 1:
+            val_loss = dist_utils.broadcast_float(val_loss, self.device)   # rank 0 validated; all step alike
+        plateau_step(self.scheduler, cfg, train_loss, val_loss)
         self.history.append(rec)
         self.epoch += 1
         self.step_in_epoch, self.epoch_loss_sum, self.epoch_samples = 0, 0.0, 0
@@ -793,7 +852,10 @@ class Trainer:
         res = {
             "name": cfg.name, "method": cfg.grouping.method, "dataset": cfg.data.dataset, "tasks": names,
             "num_branches": cfg.model.branches, "assignment": assignment, "groups": groups_of(assignment, names),
-            "best_epoch": self.best_epoch, "epochs": cfg.train.epochs,
+            "best_epoch": self.best_epoch, "best_rule": cfg.train.best_rule, "epochs": cfg.train.epochs,
+            "batch": {"per_rank": cfg.train.batch_size, "world_size": self.world_size, "global": self.global_batch},
+            "precision": {"amp": cfg.train.amp, "training_bf16": use_bf16(cfg, self.device),
+                          "evaluation_bf16": cfg.train.amp == "bf16"},
             "test": test, "total_loss": test["total_loss"], "total_error": test.get("total_error"),
             "train_time_s": self.train_time,
             "speed": dict(self.speed, world_size=self.world_size, graph_captures=self.runner.captures),

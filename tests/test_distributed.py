@@ -26,6 +26,7 @@ def test_torchrun_two_processes_train_and_resume(tmp_path):
     assert p.returncode == 0, p.stderr[-3000:]
     res = json.loads((run / "results.json").read_text())
     assert res["speed"]["world_size"] == 2
+    assert res["batch"] == {"per_rank": 32, "world_size": 2, "global": 64}
     assert sorted(i for g in res["groups"] for i in g) == sorted(res["tasks"])
     hist = json.loads((run / "history.json").read_text())
     # 400 samples / 2 ranks / 32 per rank → 7 steps per epoch on each rank
@@ -45,7 +46,7 @@ def test_torchrun_two_processes_with_head_pruning_and_batched_branches(tmp_path)
     p = torchrun(tmp_path, "--out", str(run), "--set", "train.epochs=4", *ARGS,
                  "--set", "data.synthetic_groups=2", "--set", "data.synthetic_tasks_per_group=1",
                  "--set", "model.batched=on", "--set", "grouping.tau=0.05", "--set", "grouping.prune_eps=0.2",
-                 "--set", "grouping.prune_patience=3")
+                 "--set", "grouping.prune_patience=3", "--set", "grouping.ddp_noise=per_rank")
     assert p.returncode == 0, p.stderr[-3000:]
     res = json.loads((run / "results.json").read_text())
     assert res["speed"]["world_size"] == 2 and res["speed"]["batched"]

@@ -433,12 +433,14 @@ def test_metrics_hand_computed():
     meter.update([seg_logits, depth_p, nrm_p, kp_p, edge_p], batch)
     r = meter.compute()
     m, e = r["metrics"], r["error"]
-    assert m["segment_semantic"]["miou"] == pytest.approx(50.0) and m["segment_semantic"]["classes"] == 2
+    # the reference definition (default): Σ IoU over classes in the target / 18; the mean one: 50 %
+    assert m["segment_semantic"]["miou"] == pytest.approx(100 / 18) and m["segment_semantic"]["classes"] == 2
+    assert m["segment_semantic"]["miou_mean"] == pytest.approx(50.0)
     assert m["depth_zbuffer"]["rmse"] == pytest.approx(math.sqrt(1 / 3))
     assert m["normal"]["acc30"] == pytest.approx(200 / 3)    # 10° and 29° of the 3 valid pixels
     assert m["normal"]["mean_angle"] == pytest.approx((10 + 29 + 31) / 3, rel=1e-4)
     assert m["keypoints2d"]["f1"] == pytest.approx(50.0) and m["edge_texture"]["f1"] == 100.0
-    assert e == pytest.approx({"segment_semantic": 50.0, "depth_zbuffer": math.sqrt(1 / 3),
+    assert e == pytest.approx({"segment_semantic": 100 - 100 / 18, "depth_zbuffer": math.sqrt(1 / 3),
                                "normal": 100 - 200 / 3, "keypoints2d": 50.0, "edge_texture": 0.0})
     assert r["loss"]["depth_zbuffer"] == pytest.approx(1 / 4)   # masked L1 over all 4 pixels
     assert r["loss"]["keypoints2d"] == pytest.approx(1.0)

@@ -132,7 +132,8 @@ def test_cli_train_eval_and_errors(tmp_path, capsys):
     assert "K" in capsys.readouterr().err
     assert main(["train", "--set", "train.nope=1"]) == 2
     assert "unknown key" in capsys.readouterr().err
-    assert main(["train", "--data-root", str(tmp_path / "missing")]) == 2
+    # (the default celeba9_k3 follows the paper: it needs --init-from first, tests/test_fidelity.py)
+    assert main(["train", "--data-root", str(tmp_path / "missing"), "--set", "train.init=scratch"]) == 2
     assert "CelebA folder not found" in capsys.readouterr().err
 
 

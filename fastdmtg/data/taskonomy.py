@@ -401,12 +401,12 @@ class TaskonomyDataset(Dataset):
     default_flip = True           # the reference flips Taskonomy samples in training
 
     def __init__(self, task_names: list[str], image_size: int, domains: tuple[str, ...], *, rotate_loss: bool = False,
-                 seg_resize: str = "nearest"):
+                 miou: str = "reference", seg_resize: str = "nearest"):
         self.task_names = list(task_names)
         unknown = [t for t in self.task_names if t not in TASK_DOMAIN]
         if unknown:
             raise ValueError(f"data.tasks: unknown Taskonomy task(s) {unknown}; known: {', '.join(TASK_DOMAIN)}")
-        self.taskset = TaskonomyTaskSet(self.task_names, rotate_loss=rotate_loss)
+        self.taskset = TaskonomyTaskSet(self.task_names, rotate_loss=rotate_loss, miou=miou)
         self.image_size, self.seg_resize = image_size, seg_resize
         self.domains = tuple(d for d in DOMAINS if d in set(domains) | set(needed_domains(self.task_names)))
         self.fields = domain_fields(self.domains, image_size)
@@ -422,7 +422,8 @@ class TaskonomyDataset(Dataset):
     @classmethod
     def from_raw(cls, root: str | Path, task_names: list[str], image_size: int, *, split_file=None,
                  seg_resize: str = "nearest", domains: tuple[str, ...] = (), limits: dict[str, int] | None = None,
-                 rotate_loss: bool = False, splits: tuple[str, ...] = SPLITS) -> "TaskonomyDataset":
+                 rotate_loss: bool = False, miou: str = "reference",
+                 splits: tuple[str, ...] = SPLITS) -> "TaskonomyDataset":
         if image_size < 16 or image_size % 16:
             raise ValueError(f"image_size must be a multiple of 16 (the networks downsample 16x), got {image_size}")
         if seg_resize not in ("nearest", "bilinear"):
@@ -430,7 +431,7 @@ class TaskonomyDataset(Dataset):
         bad = set(domains) - set(DOMAINS)
         if bad:
             raise ValueError(f"unknown domain(s) {sorted(bad)}; known: {', '.join(DOMAINS)}")
-        ds = cls(task_names, image_size, tuple(domains), rotate_loss=rotate_loss, seg_resize=seg_resize)
+        ds = cls(task_names, image_size, tuple(domains), rotate_loss=rotate_loss, miou=miou, seg_resize=seg_resize)
         ds.mode, ds.root = "raw", Path(root).resolve()
         root = Path(root)
         if store.is_partial(root):
@@ -460,7 +461,7 @@ class TaskonomyDataset(Dataset):
     @classmethod
     def from_prepared(cls, folder: str | Path, task_names: list[str], image_size: int | None = None, *,
                       seg_resize: str | None = None, limits: dict[str, int] | None = None,
-                      rotate_loss: bool = False) -> "TaskonomyDataset":
+                      rotate_loss: bool = False, miou: str = "reference") -> "TaskonomyDataset":
         folder = Path(folder)
         rerun = RERUN
         index = read_index(folder)
@@ -480,7 +481,8 @@ class TaskonomyDataset(Dataset):
         if missing:
             raise TaskonomyFormatError(f"{ipath}: prepared without domain(s) {missing} that tasks {list(task_names)} "
                                        "need; prepare them too")
-        ds = cls(task_names, int(p["image_size"]), need, rotate_loss=rotate_loss, seg_resize=p["seg_resize"])
+        ds = cls(task_names, int(p["image_size"]), need, rotate_loss=rotate_loss, miou=miou,
+                 seg_resize=p["seg_resize"])
         ds.mode, ds.folder, ds.index = "prepared", folder, index
         ds.limits = {s: int(v) for s, v in (limits or {}).items() if v}
         ds._meta = {}
@@ -504,9 +506,9 @@ class TaskonomyDataset(Dataset):
 
     @classmethod
     def from_arrays(cls, arrays: dict[str, dict[str, np.ndarray]], task_names: list[str], image_size: int, *,
-                    rotate_loss: bool = False) -> "TaskonomyDataset":
+                    rotate_loss: bool = False, miou: str = "reference") -> "TaskonomyDataset":
         """In-memory arrays {split: {domain: (M, C, S, S) stored dtype}} (benchmarks, tests)."""
-        ds = cls(task_names, image_size, tuple(next(iter(arrays.values()))), rotate_loss=rotate_loss)
+        ds = cls(task_names, image_size, tuple(next(iter(arrays.values()))), rotate_loss=rotate_loss, miou=miou)
         ds.mode, ds.limits = "arrays", {}
         ds._arrays = {s: {d: arrays[s][d] for d in ds.domains} for s in SPLITS}
         ds._counts = {s: len(arrays[s]["rgb"]) for s in SPLITS}
@@ -683,14 +685,15 @@ def open_taskonomy(cfg, progress: bool = True) -> TaskonomyDataset:
     root = Path(cfg.root)
     if (root / store.INDEX).is_file():
         return TaskonomyDataset.from_prepared(root, names, cfg.image_size, seg_resize=cfg.taskonomy_seg_resize,
-                                              limits=limits, rotate_loss=cfg.taskonomy_rotate_loss)
+                                              limits=limits, rotate_loss=cfg.taskonomy_rotate_loss,
+                                              miou=cfg.taskonomy_miou)
     return TaskonomyDataset.from_raw(root, names, cfg.image_size, split_file=cfg.taskonomy_split_file or None,
                                      seg_resize=cfg.taskonomy_seg_resize, limits=limits,
-                                     rotate_loss=cfg.taskonomy_rotate_loss)
+                                     rotate_loss=cfg.taskonomy_rotate_loss, miou=cfg.taskonomy_miou)
 
 
 def taskonomy_taskset(cfg, names: list[str]) -> TaskonomyTaskSet:
-    return TaskonomyTaskSet(names, rotate_loss=cfg.data.taskonomy_rotate_loss)
+    return TaskonomyTaskSet.from_config(names, cfg.data)
 
 
 FORMAT = DatasetFormat("taskonomy", open_taskonomy, taskonomy_taskset,

@@ -18,7 +18,8 @@ so each task's logits move towards the branch where its loss is below its curren
 
 Evaluation and the final grouping use the one-hot argmax of S (no noise); the noise is drawn from a
 device-side seed tensor incremented in place every step, so CUDA-graph replays get fresh noise and a
-resumed run continues the exact noise sequence.
+resumed run continues the exact noise sequence. Under DDP every rank draws the same sample by default
+(``grouping.ddp_noise=shared``, the release), or its own (``per_rank``): ``set_rank``.
 """
 from __future__ import annotations
 
@@ -38,7 +39,7 @@ class DMTG(GroupingMethod):
         self.logits = nn.Parameter(torch.full((num_tasks, num_branches), float(gcfg.init_logit)))  # S (N, K)
         self.register_buffer("seed", torch.tensor(int(seed) * 7_919 + 17, dtype=torch.long))
         self.register_buffer("tau", torch.tensor(self.tau_at(0), dtype=torch.float32))
-        self.seed_offset = 0   # DDP: rank r draws from seed + r·2^40 (its own noise, one shared seed state)
+        self.seed_offset = 0   # DDP, grouping.ddp_noise=per_rank: rank r draws from seed + r·2^40 (set_rank)
         # head pruning (fastdmtg/pruning.py, docs/pruning.md): state buffers exist only when it is on,
         # so runs without it keep the same state dict as before
         self.pruning = float(getattr(gcfg, "prune_eps", 0.0)) > 0
@@ -53,6 +54,13 @@ class DMTG(GroupingMethod):
     @classmethod
     def from_config(cls, cfg, num_tasks: int, task_names=None) -> "DMTG":
         return cls(num_tasks, cfg.model.branches, cfg.grouping, seed=cfg.train.seed, kernels=cfg.train.kernels)
+
+    def set_rank(self, rank: int) -> None:
+        """DDP (grouping.ddp_noise): ``shared`` — every rank keeps the same seed, so all ranks draw the same
+        sample each step (one draw per global step, as the release, whose ranks are all seeded alike);
+        ``per_rank`` — rank r offsets the seed by r·2^40 and draws its own sample."""
+        per_rank = getattr(self.gcfg, "ddp_noise", "shared") == "per_rank"
+        self.seed_offset = (int(rank) << 40) if per_rank else 0
 
     def tau_at(self, epoch: int) -> float:
         g = self.gcfg

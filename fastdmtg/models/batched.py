@@ -54,7 +54,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .multibranch import LinearHeads, ModuleHeads, MultiBranchNet, grad_scale
+from .multibranch import LinearHeads, ModuleHeads, MultiBranchNet, fp32_heads, grad_scale
 
 _CHANNELWISE = (nn.ReLU, nn.MaxPool2d, nn.AvgPool2d, nn.Identity)
 
@@ -205,6 +205,8 @@ class BatchedMultiBranchNet(nn.Module):
     """Same function and outputs as the ``MultiBranchNet`` it was made from: (K, N, B, C) for
     stacked heads, N tensors (K, B, ...) for list heads."""
 
+    keep_fp32 = True     # the stacked heads' einsum in fp32 under autocast (multibranch.fp32_heads)
+
     def __init__(self, model: MultiBranchNet):
         super().__init__()
         if not supports_batching(model):
@@ -261,7 +263,8 @@ class BatchedMultiBranchNet(nn.Module):
         h = h.reshape(h.shape[0], kl, -1)                                      # (B, K', F)
         hw, hb = (self.head_weight, self.head_bias) if kl == self.k else (self.head_weight[:kl], self.head_bias[:kl])
         # all K'·N heads in one batched matmul: (K', N, B, C)
-        out = torch.einsum("bkf,kncf->knbc", h, hw) + hb[:, :, None, :]
+        heads = lambda h, hw, hb: torch.einsum("bkf,kncf->knbc", h, hw) + hb[:, :, None, :]  # noqa: E731
+        out = fp32_heads(heads, h, hw, hb) if self.keep_fp32 else heads(h, hw, hb)
         if kl < self.k or self._permuted:
             # physical blocks -> logical branch order; a dead branch's slot gets zeros (z = 0 there)
             out = torch.cat([out, out.new_zeros((1,) + out.shape[1:])]) if kl < self.k else out

@@ -15,6 +15,11 @@ Head sets come in two forms:
 
 Optional gradient scaling (Taskonomy reference): identity forward, gradient × s backward, applied
 to the shared features before each branch and to each branch's features before its heads.
+
+Precision (``train.amp=mixed``, docs/fidelity.md): task heads — ``LinearHeads`` here, the dense
+decoders in ``xception``, the batched heads in ``batched`` — declare ``keep_fp32``; under bf16
+autocast they run in fp32 on fp32-cast features (``fp32_heads``), the encoders in bf16.
+``fastdmtg.step.set_output_precision`` switches them (off for ``train.amp=bf16``).
 """
 from __future__ import annotations
 
@@ -34,6 +39,16 @@ class _GradScale(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         return g * ctx.scale, None
+
+
+def fp32_heads(fn, *xs: torch.Tensor):
+    """``fn(*xs)`` in fp32: outside autocast, on fp32-cast inputs, when autocast is on (the task
+    heads of the precision policy); a plain call otherwise."""
+    dev = xs[0].device.type
+    if not torch.is_autocast_enabled(dev):
+        return fn(*xs)
+    with torch.autocast(device_type=dev, enabled=False):
+        return fn(*[x.float() for x in xs])
 
 
 def grad_scale(x: torch.Tensor, scale: float) -> torch.Tensor:
@@ -64,6 +79,7 @@ class LinearHeads(HeadSet):
     own fan-in/fan-out and a zero bias, as the reference does."""
 
     stacked = True
+    keep_fp32 = True         # precision policy (module doc); an instance attribute when switched off
 
     def __init__(self, num_tasks: int, in_features: int, out_features: int):
         super().__init__()
@@ -78,6 +94,9 @@ class LinearHeads(HeadSet):
         return self.weight.shape[0]
 
     def forward(self, feats: torch.Tensor) -> torch.Tensor:
+        return fp32_heads(self._forward, feats) if self.keep_fp32 else self._forward(feats)
+
+    def _forward(self, feats: torch.Tensor) -> torch.Tensor:
         feats = feats.flatten(1)                                              # (B, F)
         # (N, B, C) = (B, F) x (N, C, F)^T  + bias; one batched matmul for all N heads
         return torch.einsum("bf,ncf->nbc", feats, self.weight) + self.bias[:, None, :]

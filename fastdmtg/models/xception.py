@@ -32,6 +32,15 @@ Decoder per task (reference "small" decoder, ≈0.52 M parameters):
 layer. With one the count would be 0.53 M, not the reference's 0.52 M.) Convolutions and
 transposed convolutions have biases (PyTorch default).
 
+Precision (``train.amp=mixed``, the CUDA default; docs/fidelity.md): under bf16 autocast each
+decoder runs in fp32 on its fp32-cast input (``Decoder.keep_fp32``, multibranch.fp32_heads); the
+encoder runs in bf16. Measured (benchmarks/results/cpu_2026-11-30_precision_taskonomy.md): with
+bf16 decoders, or with only their output layer in fp32, the smallest reachable losses stall near
+bf16's resolution (~1e−3: its spacing is 2^−8 in [0.5, 1), the edge target's background −0.671 is
+stored as −0.671875, and the decoders' weights are rounded to 8 significand bits in every forward);
+with fp32 decoders they follow fp32 training. ``train.amp=bf16`` switches this off
+(``keep_fp32 = False``, set by ``fastdmtg.step.set_output_precision``).
+
 Init: encoder Conv2d weights N(0, √(2 / (k_h·k_w·out_channels))), BatchNorm weight 1 / bias 0,
 conv biases (the learned down-sampling convs) PyTorch default; decoders keep PyTorch's default
 init — the reference applies its N(0, ·) init to the encoders only.
@@ -44,10 +53,11 @@ from __future__ import annotations
 
 import math
 
+import torch
 from torch import nn
 
 from . import Parts
-from .multibranch import ModuleHeads
+from .multibranch import ModuleHeads, fp32_heads
 
 WIDTHS = (128, 256, 728) + (728,) * 8     # output channels of blocks 1..11
 NUM_BLOCKS = len(WIDTHS)
@@ -131,7 +141,10 @@ def split_encoder(shared_blocks: int) -> tuple[nn.Module, nn.Module]:
 
 
 class Decoder(nn.Sequential):
-    """(B, 512, s, s) → (B, C_out, 16s, 16s); no final activation."""
+    """(B, 512, s, s) → (B, C_out, 16s, 16s); no final activation. In fp32 under autocast unless
+    switched off (the precision policy, see the module doc)."""
+
+    keep_fp32 = True         # an instance attribute when switched off (fastdmtg.step.set_output_precision)
 
     def __init__(self, out_channels: int, in_channels: int = FEATURES, widths=DECODER_WIDTHS):
         layers: list[nn.Module] = []
@@ -143,6 +156,9 @@ class Decoder(nn.Sequential):
             c = w
         layers.append(nn.Conv2d(c, out_channels, 3, padding=1))
         super().__init__(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return fp32_heads(super().forward, x) if self.keep_fp32 else super().forward(x)   # (B, C_out, H, W)
 
 
 def dense_heads(task_specs) -> ModuleHeads:

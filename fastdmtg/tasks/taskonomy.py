@@ -3,6 +3,10 @@
 Targets come normalised from ``fastdmtg.data.taskonomy`` (see there); the batch carries
 ``targets[task]`` and ``mask`` (B, 1, H, W), True where the raw depth is < 8192.
 
+Precision: the losses are computed outside autocast, in fp32 (the ops upcast their inputs; the
+rotate loss casts to fp32), and under the precision policy the predictions themselves come from
+fp32 decoders (fastdmtg.models.xception.Decoder); evaluation runs in fp32.
+
 Training losses (per head, batch means, as the DMTG reference):
 
     depth_zbuffer     masked L1 = Σ |pred − t|·mask / (B·C·H·W)   (divided by ALL elements, not the mask count)
@@ -29,9 +33,14 @@ never averaged per batch):
              (d − 1500)/1000 space; no per-image least-squares scale fit.
     normal   acc30: % of mask pixels whose predicted and target vectors are < 30° apart
              (cosine > cos 30°; a zero-length prediction counts as a miss). Also mean_angle (°).
-    segment  miou: % mean IoU over classes 1..17 from a set-wide confusion matrix on pixels with
-             target != 0 (predicting 0 there is a miss); classes absent from both the target
-             and the prediction are left out of the mean (NaN if no class is present).
+    segment  miou: % from a set-wide confusion matrix C (rows target, columns prediction) of the
+             pixels with target != 0 (predicting 0 there is a miss); IoU_c = C_cc / (row_c + col_c − C_cc):
+               reference (``miou="reference"``, default; the release's IoU meter, whose numbers the
+                 paper's Table A2 reports): Σ IoU_c over the classes c ∈ 1..17 present in the
+                 target, divided by 18 (class 0 counts in the divisor: at most 17/18 = 94.4 %);
+               mean (``miou="mean"``): the mean of IoU_c over classes 1..17 present in the target or
+                 the prediction (NaN if none).
+             Both are reported (miou_reference, miou_mean); ``miou`` and the error use the chosen one.
     kp/edge  f1: % F1 of the binarised maps, positive = raw value > threshold in raw 16-bit
              units — by default the normalisation offset (keypoints2d 50, edge_texture 718),
              i.e. normalised value > 0; F1 = 2TP/(2TP+FP+FN), 100 when there is nothing to
@@ -63,8 +72,28 @@ TASKS = {
 _NORM = {"keypoints2d": (50.0, 100.0), "edge_texture": (718.0, 1070.0)}
 DEFAULT_F1_THRESHOLDS = {"keypoints2d": 50.0, "edge_texture": 718.0}
 IGNORE_CLASS = 0
+NUM_SEG_CLASSES = 18
+MIOU_DEFINITIONS = ("reference", "mean")
 _COS30 = math.cos(math.radians(30.0))
 _DEPTH_UNIT_M = 1000.0 / 512.0           # one normalised depth unit in metres (raw unit = 1/512 m)
+
+
+def miou_from_confusion(conf: torch.Tensor, definition: str = "reference") -> tuple[float, int]:
+    """(mIoU in %, number of classes it averages) from a (C, C) confusion matrix (rows target, columns
+    prediction) of the pixels whose target is not the ignore class 0 (see the module doc)."""
+    if definition not in MIOU_DEFINITIONS:
+        raise ValueError(f"data.taskonomy_miou: expected {'|'.join(MIOU_DEFINITIONS)}, got {definition!r}")
+    conf = conf.to(torch.float64)
+    inter = conf.diag()
+    union = conf.sum(0) + conf.sum(1) - inter
+    cls = torch.arange(conf.shape[0]) != IGNORE_CLASS
+    if definition == "reference":
+        present = cls & (conf.sum(1) > 0)                                   # in the target
+        return 100.0 * float((inter[present] / union[present]).sum()) / conf.shape[0], int(present.sum())
+    present = cls & (union > 0)                                             # in target or prediction
+    if not bool(present.any()):
+        return float("nan"), 0
+    return 100.0 * float((inter[present] / union[present]).mean()), int(present.sum())
 
 
 def rotate_l1(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -91,7 +120,9 @@ class TaskonomyTaskSet(TaskSet):
     unified_error = False
 
     def __init__(self, names: list[str], rotate_loss: bool = False,
-                 f1_thresholds: dict[str, float] | None = None):
+                 f1_thresholds: dict[str, float] | None = None, miou: str = "reference"):
+        if miou not in MIOU_DEFINITIONS:
+            raise ValueError(f"data.taskonomy_miou: expected {'|'.join(MIOU_DEFINITIONS)}, got {miou!r}")
         unknown = [n for n in names if n not in TASKS]
         if unknown:
             raise ValueError(f"data.tasks: unknown Taskonomy task(s) {unknown}; known: {', '.join(TASKS)}")
@@ -99,7 +130,15 @@ class TaskonomyTaskSet(TaskSet):
             raise ValueError(f"data.tasks: duplicate task names in {names}")
         self.specs = [TaskSpec(n, TASKS[n][0], TASKS[n][1]) for n in names]
         self.rotate_loss = rotate_loss
+        self.miou = miou
         self.f1_thresholds = dict(DEFAULT_F1_THRESHOLDS, **(f1_thresholds or {}))
+
+    @classmethod
+    def from_config(cls, names: list[str], dcfg) -> "TaskonomyTaskSet":
+        """The task set a ``DataConfig`` asks for (rotate loss, mIoU definition): the one place data
+        sources build it from a config."""
+        return cls(names, rotate_loss=bool(getattr(dcfg, "taskonomy_rotate_loss", False)),
+                   miou=getattr(dcfg, "taskonomy_miou", "reference"))
 
     def head_losses(self, outputs: list[torch.Tensor], batch: dict, z: torch.Tensor, active=None,
                     kernels: str = "auto"):
@@ -231,12 +270,10 @@ class TaskonomyMeter(Meter):
                 error[name] = 100.0 - acc
             elif spec.kind == "segment":
                 conf = a["confusion"]
-                inter = conf.diag()
-                union = conf.sum(0) + conf.sum(1) - inter
-                cls = torch.arange(conf.shape[0]) != IGNORE_CLASS
-                present = cls & (union > 0)
-                miou = 100.0 * float((inter[present] / union[present]).mean()) if present.any() else float("nan")
-                metrics[name] = {"miou": miou, "classes": int(present.sum())}
+                both = {d: miou_from_confusion(conf, d) for d in MIOU_DEFINITIONS}
+                miou, classes = both[self.ts.miou]
+                metrics[name] = {"miou": miou, "miou_definition": self.ts.miou, "classes": classes,
+                                 **{f"miou_{d}": v[0] for d, v in both.items()}}
                 error[name] = 100.0 - miou
             else:
                 tp, fp, fn = float(a["tp"]), float(a["fp"]), float(a["fn"])
