@@ -313,7 +313,7 @@ def test_ddp_taskonomy_memory_backend_shards_the_epoch(tx_raw, tmp_path):
     run = tmp_path / "ddp"
     sets = ["data.image_size=32", "train.batch_size=2", "train.eval_batch_size=2", "model.branches=2",
             "model.shared_blocks=11", "train.epochs=2", "train.tensorboard=false", "data.backend=memory",
-            "data.num_workers=0"]
+            "data.num_workers=0", "train.init=scratch", "model.sync_bn=false"]   # CPU gloo: no SyncBN
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "fastdmtg",
            "train", "--recipe", "taskonomy5_k3", "--data-root", str(prep), "--out", str(run), "--quiet",
            *[a for s in sets for a in ("--set", s)]]

@@ -232,21 +232,22 @@ def _poison_after(t: Trainer, step: int, param) -> None:
 
 def test_nonfinite_weights_are_never_checkpointed(tmp_path):
     # the weights become NaN at epoch 1's last step; no validation that epoch → the last.pt guard
-    t = Trainer(tiny(["train.val_every=2"]), tmp_path / "a")
+    no_val = ["train.val_every=2", "train.val_first_epoch=false"]
+    t = Trainer(tiny(no_val), tmp_path / "a")
     _poison_after(t, 4, next(t.model.parameters()))
     with pytest.raises(NonFiniteLoss, match="non-finite parameter .* after step 4.*last.pt was not written; "
                                             "no checkpoint was written"):
         t.fit()
     assert not (tmp_path / "a" / "checkpoints" / "last.pt").exists()
     # on interruption: the state saved on Ctrl-C is checked too; the epoch-1 last.pt stays
-    t = Trainer(tiny(["train.val_every=2"]), tmp_path / "b")
+    t = Trainer(tiny(no_val), tmp_path / "b")
     _poison_after(t, 6, next(t.model.parameters()))
     with pytest.raises(NonFiniteLoss, match="holds the state at the end of epoch 1"):
         t.fit(stop_after_steps=6)
     st = torch.load(tmp_path / "b" / "checkpoints" / "last.pt", weights_only=True)
     assert st["global_step"] == 4 and all(torch.isfinite(v).all() for v in st["model"].values() if v.is_floating_point())
     # a resumed run knows which checkpoint it came from
-    t = Trainer(tiny(["train.val_every=2"]), tmp_path / "b", resume=True)
+    t = Trainer(tiny(no_val), tmp_path / "b", resume=True)
     _poison_after(t, 8, next(t.model.parameters()))
     with pytest.raises(NonFiniteLoss, match=f"{tmp_path / 'b' / 'checkpoints' / 'last.pt'} holds the state at "
                                             "the end of epoch 1 \\(step 4\\)"):
@@ -446,7 +447,7 @@ def test_paths_are_stored_absolute_eval_and_resume_work_from_elsewhere(tmp_path,
     monkeypatch.chdir(work)
     args = ["--set", "data.image_size=32", "--set", "model.width=2", "--set", "train.batch_size=6",
             "--set", "data.backend=memory", "--set", "data.num_workers=0", "--set", "data.cache_dir=cache",
-            "--set", "train.tensorboard=false"]
+            "--set", "train.tensorboard=false", "--set", "train.init=scratch"]
     rc, _, err = cli(capsys, "train", "--out", "run", "--data-root", "celeba", "--quiet", "--set", "train.epochs=1",
                      *args)
     assert rc == 0, err

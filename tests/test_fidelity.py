@@ -258,7 +258,7 @@ def test_precision_policy_keeps_decoders_and_losses_fp32(amp):
              "mask": torch.ones(2, 1, 32, 32, dtype=torch.bool)}
     # the trainer's own wiring: prepare_model sets the heads from train.amp
     cfg = apply_overrides(get_recipe("taskonomy5_k3"), [f"train.amp={amp}", "model.batched=off"])
-    model = prepare_model(model, cfg, {"batched": False, "channels_last": False}, world_size=1)
+    model = prepare_model(model, cfg, {"batched": False, "channels_last": False, "fused_stem": False}, world_size=1)
     assert all(d.keep_fp32 == (amp == "mixed") for d in decoders)
     total, L = StepModule(model, Const(), ts, autocast_factory(True, torch.device("cpu"), False))(batch)
     want = torch.float32 if amp == "mixed" else torch.bfloat16
@@ -297,7 +297,7 @@ def test_precision_policy_keeps_linear_heads_fp32(batched, monkeypatch):
     for amp in ("mixed", "bf16"):
         net = build_multibranch(ModelConfig(arch="resnet_celeba", branches=2, width=4), specs, 32)
         cfg = apply_overrides(get_recipe("synthetic_k3"), [f"train.amp={amp}"])
-        net = prepare_model(net, cfg, {"batched": batched, "channels_last": False})
+        net = prepare_model(net, cfg, {"batched": batched, "channels_last": False, "fused_stem": False})
         assert isinstance(net, BatchedMultiBranchNet) == batched
         seen = {}
         first = next(m for m in net.modules() if isinstance(m, torch.nn.Conv2d))

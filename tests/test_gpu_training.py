@@ -162,7 +162,7 @@ def test_cuda_graph_under_ddp_is_opt_in():
     on, except with head pruning or SyncBatchNorm, which are refused with the field named."""
     from fastdmtg.train import resolve_speed
     dev = torch.device("cuda")                   # resolve_speed only looks at the device type
-    base = get_recipe("celeba9_k3")
+    base = apply_overrides(get_recipe("celeba9_k3"), ["model.sync_bn=false"])   # SyncBN is the default under DDP
     assert resolve_speed(base, dev, 1)["cuda_graph"] is True
     assert resolve_speed(base, dev, 2)["cuda_graph"] is False
     assert resolve_speed(apply_overrides(base, ["train.cuda_graph=on"]), dev, 2)["cuda_graph"] is True
