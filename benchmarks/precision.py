@@ -47,8 +47,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from fastdmtg.config import (Config, DataConfig, GroupingConfig, ModelConfig, OptimConfig,  # noqa: E402
                              TrainConfig, apply_overrides, get_recipe)
-from fastdmtg.data import build_data  # noqa: E402
 from fastdmtg.data import taskonomy as tx  # noqa: E402
+from fastdmtg.pipelines import build_source  # noqa: E402
 from taskonomy_fixture import path_of, write_png  # noqa: E402
 
 TASKS = ["segment_semantic", "depth_zbuffer", "normal", "keypoints2d", "edge_texture"]
@@ -142,14 +142,12 @@ def bf16_representation_floor(batch: dict) -> dict[str, float]:
 
 
 def overfit(cfg: Config, steps: int, log_every: int) -> dict:
-    from fastdmtg import ops
     from fastdmtg.methods import build_method
     from fastdmtg.models import build_multibranch
     from fastdmtg.step import StepRunner
     from fastdmtg.train import build_optimizer, build_step_module, prepare_model, resolve_speed
     dev = torch.device(cfg.train.device)
-    ops.set_backend("reference")
-    data = build_data(cfg.data, progress=False)
+    data = build_source(cfg.data, progress=False)      # the fused ops' backend: train.kernels=reference
     n = data.num_samples("train")
     batch = next(data.batches("train", n, shuffle=False, device=dev, train=False))   # every image, no flips
     torch.manual_seed(cfg.train.seed)
