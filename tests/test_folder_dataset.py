@@ -353,3 +353,91 @@ def test_planted_groups_found_by_dmtg(tmp_path):
     m = res["test"]["metrics"]
     assert m["g0_bin"]["accuracy"] > 0.7 and m["g2_bin"]["accuracy"] > 0.7 and m["g0_cls"]["accuracy"] > 0.5
     assert res["test"]["loss"]["g1_reg"] < 0.8 and res["test"]["loss"]["g2_reg"] < 0.8   # standardised MSE < 1
+
+
+# ------------------------------------------------------------------------------------------------
+# loaders, methods, pruning, resume on a folder
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("backend", ["gpu-cache", "memory", "torch"])
+def test_backends_give_the_reference_batches(tmp_path, backend):
+    """Every CPU backend yields the reference decoder's batches (images, targets with NaN where a cell is
+    empty), in the plan's order; the decode cache is keyed and reused."""
+    import fastdmtg.pipelines as P
+    from fastdmtg.pipelines import plan as plan_mod
+    from fastdmtg.pipelines.source import to_tensor
+    root = mixed_folder(tmp_path / "d", n=14, size=11)       # 11×11 files: resized to 16×16
+    cfg = apply_overrides(get_recipe("folder_k3"), [f"data.root={root}", "data.image_size=16",
+                                                    f"data.cache_dir={tmp_path / 'c'}", f"data.backend={backend}",
+                                                    "data.num_workers=0"]).data
+    src = P.build_source(cfg, progress=False, validate=True)
+    ds = FolderDataset(root, None, 16)
+    for split, shuffle, train in (("train", True, True), ("val", False, False), ("test", False, False)):
+        got = list(src.batches(split, 3, shuffle=shuffle, seed=3, epoch=1, train=train))
+        n = ds.num_samples(split)
+        order = (plan_mod.epoch_permutation(n, 3, 1) if shuffle else torch.arange(n)).tolist()
+        read = ds.sample_reader(split)
+        want_n = sum(len(b["image"]) for b in got)
+        assert want_n == n - (1 if train and n % 3 == 1 else 0)
+        pos = 0
+        for b in got:
+            rows = [read(order[p]) for p in range(pos, pos + len(b["image"]))]
+            pos += len(b["image"])
+            ref = ds.to_batch({k: to_tensor(np.stack([r[k] for r in rows])) for k in ds.fields}, None)
+            assert torch.equal(b["image"], ref["image"])
+            torch.testing.assert_close(b["targets"], ref["targets"], rtol=0, atol=0, equal_nan=True)
+    assert any(torch.isnan(b["targets"]).any() for b in src.batches("train", 3, shuffle=False))
+    if backend != "torch":                                    # the decode cache was written
+        assert any((tmp_path / "c").rglob("*.npy"))
+
+
+def test_pruning_and_resume_on_a_folder(tmp_path):
+    from fastdmtg.train import TrainingInterrupted, train
+    torch.set_num_threads(1)
+    root = mixed_folder(tmp_path / "d", n=40, size=8)
+    base = [f"data.root={root}", f"data.cache_dir={tmp_path / 'c'}", "data.image_size=16", "model.width=2",
+            "train.epochs=3", "train.batch_size=4", "train.progress=false", "train.tensorboard=false"]
+    # head pruning: with a high ε every task keeps one head; the list-head loss sees (K_i, B, C) outputs
+    res = train(apply_overrides(get_recipe("folder_k3"), base + ["grouping.prune_eps=0.4", "grouping.prune_patience=1",
+                                                                  "grouping.tau=0.5"]), tmp_path / "pruned")
+    assert res["pruning"]["events"], res["pruning"]
+    assert res["pruning"]["head_step_fraction"] < 1.0
+    # resume mid-epoch reproduces the uninterrupted run
+    full = train(apply_overrides(get_recipe("folder_k3"), base), tmp_path / "full")
+    with pytest.raises(TrainingInterrupted):
+        train(apply_overrides(get_recipe("folder_k3"), base), tmp_path / "cut", stop_after_steps=7)
+    cfg = Config.load(tmp_path / "cut" / "config.json")             # what --resume reads
+    assert cfg.data.folder_tasks == full_cfg_tasks(tmp_path / "full")
+    resumed = train(cfg, tmp_path / "cut", resume=True)
+    assert resumed["assignment"] == full["assignment"]
+    for t in full["test"]["loss"]:
+        assert resumed["test"]["loss"][t] == pytest.approx(full["test"]["loss"][t], rel=1e-5)
+    assert resumed["test"]["metrics"]["age"]["mae"] == pytest.approx(full["test"]["metrics"]["age"]["mae"], rel=1e-5)
+
+
+def full_cfg_tasks(run: Path) -> dict:
+    return json.loads((run / "config.json").read_text())["data"]["folder_tasks"]
+
+
+def test_compare_every_method_on_a_folder(tmp_path):
+    """Every grouping method runs on a folder with mixed task types; the tables carry NormGain_E over the
+    tasks with an error and the per-task error / MAE / RMSE."""
+    from fastdmtg.compare import compare_main
+    torch.set_num_threads(1)
+    root = mixed_folder(tmp_path / "d", n=16, size=8)
+    out = tmp_path / "cmp"
+    rc = compare_main(["--data-root", str(root), "--methods", "naive,stl,rg,tag,hoa,bmtn,dmtg,dmtg-two-shot",
+                       "--k", "2", "--seeds", "1", "--out", str(out), "--rsa-images", "4", "--no-flops",
+                       "--set", "data.image_size=16", "--set", "model.width=2", "--set", "train.epochs=1",
+                       "--set", "train.batch_size=4", "--set", "grouping.affinity_every=1",
+                       "--set", f"data.cache_dir={tmp_path / 'c'}"])
+    assert rc == 0
+    rows = json.loads((out / "comparison.json").read_text())["rows"]
+    methods = {r["method"] for r in rows}
+    assert {"naive", "stl", "rg", "tag", "hoa", "bmtn", "dmtg"} <= methods
+    assert all(not r.get("error") for r in rows), [r.get("error") for r in rows]
+    dm = next(r for r in rows if r["method"] == "dmtg")
+    assert dm["normgain_error"] is not None and dm["total_error"] is None
+    md = (out / "comparison.md").read_text()
+    assert "## Per task: test error (%) or MAE / RMSE" in md
+    per_task = (out / "per_task.csv").read_text().splitlines()[0]
+    assert "error:smile" in per_task and "mae:age" in per_task and "rmse:age" in per_task
