@@ -441,3 +441,53 @@ def test_compare_every_method_on_a_folder(tmp_path):
     assert "## Per task: test error (%) or MAE / RMSE" in md
     per_task = (out / "per_task.csv").read_text().splitlines()[0]
     assert "error:smile" in per_task and "mae:age" in per_task and "rmse:age" in per_task
+
+
+# ------------------------------------------------------------------------------------------------
+# Python API
+# ------------------------------------------------------------------------------------------------
+def _tensor_split(m, seed):
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randint(0, 256, (m, 3, 12, 12), dtype=torch.uint8, generator=g)
+    smile = (torch.arange(m) % 2).float()
+    smile[::5] = float("nan")                                  # missing labels
+    hair = (torch.arange(m) % 3).tolist()
+    age = (20 + torch.rand(m, generator=g) * 30).tolist()
+    age[3] = None
+    return images, {"smile": smile, "hair": hair, "age": age}
+
+
+def test_python_api_trains_evaluates_predicts(tmp_path):
+    import fastdmtg
+    import fastdmtg.api as api
+    torch.set_num_threads(1)
+    tr, va, te = _tensor_split(24, 0), _tensor_split(8, 1), _tensor_split(8, 2)
+    res = api.train_tensors(tr, va, te, tasks={"age": {"type": "regression", "weight": 0.5}}, out=tmp_path / "run",
+                            overrides=["data.image_size=16", "model.width=2", "train.epochs=2", "train.batch_size=8",
+                                       "train.progress=false", "train.tensorboard=false"], progress=False)
+    cfg = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert cfg["data"]["dataset"] == "tensors" and cfg["model"]["branches"] == 3
+    ft = cfg["data"]["folder_tasks"]
+    assert (ft["smile"]["type"], ft["smile"]["labels"]) == ("binary", ["0", "1"])
+    assert (ft["hair"]["type"], ft["hair"]["classes"]) == ("multiclass", 3)
+    ages = np.array([a for a in tr[1]["age"] if a is not None])
+    assert ft["age"]["weight"] == 0.5 and ft["age"]["mean"] == pytest.approx(ages.mean(), rel=1e-6)
+    assert set(res["test"]["error"]) == {"smile", "hair"} and res["test"]["metrics"]["age"]["count"] == 7   # one missing
+    # evaluating the exported model on the test tensors gives the run's test numbers
+    ev = api.evaluate_tensors(tmp_path / "run", *te)
+    for t in ("smile", "hair", "age"):
+        assert ev["loss"][t] == pytest.approx(res["test"]["loss"][t], rel=1e-5)
+    assert ev["metrics"]["age"]["mae"] == pytest.approx(res["test"]["metrics"]["age"]["mae"], rel=1e-5)
+    # predictions in the data's units, from the run folder, match the model's outputs
+    p = api.predict(tmp_path / "run", te[0])
+    model, meta = fastdmtg.load_grouped(tmp_path / "run")
+    x = torch.from_numpy(api.prepare_images(te[0], 16)).float() / 255
+    with torch.no_grad():
+        out = model(x)
+    torch.testing.assert_close(p["hair"]["probabilities"], out[1].softmax(-1))
+    torch.testing.assert_close(p["age"]["value"], out[2][:, 0] * ft["age"]["std"] + ft["age"]["mean"])
+    assert p["smile"]["label"] == [["0", "1"][int(c)] for c in p["smile"]["class"]]
+    # a value that contradicts the declared type is named
+    bad = dict(te[1], hair=[0, 1, 2, 7, 0, 1, 2, 0])
+    with pytest.raises(FolderFormatError, match=r"eval targets\['hair'\]\[3\]: task 'hair' is multiclass"):
+        api.evaluate_tensors(tmp_path / "run", te[0], bad)
