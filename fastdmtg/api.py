@@ -40,7 +40,7 @@ def prepare_images(images, size: int) -> np.ndarray:
     """(M, 3, H, W) uint8 or float in [0, 1] (tensor or array) → (M, 3, size, size) uint8, as the
     folder format stores decoded images."""
     from .data.celeba import resize_like_reference
-    x = torch.as_tensor(np.asarray(images) if not isinstance(images, torch.Tensor) else images).detach().cpu()
+    x = images.detach().cpu() if isinstance(images, torch.Tensor) else torch.from_numpy(np.array(images))
     if x.dim() != 4 or x.shape[1] != 3:
         raise ValueError(f"images: expected (M, 3, H, W), got {tuple(x.shape)}")
     if x.dtype != torch.uint8:

@@ -146,6 +146,9 @@ def format_results(res: dict) -> str:
     t = res["test"]
     lines.append(f"test total loss {t['total_loss']:.4f}" +
                  (f", total error {t['total_error']:.2f}" if t.get("total_error") is not None else ""))
+    reg = {k: v for k, v in (t.get("metrics") or {}).items() if "mae" in v}
+    if reg:       # your own regression tasks: MAE / RMSE in the data's units (the errors are in results.json)
+        lines.append("test MAE / RMSE: " + ", ".join(f"{k} {v['mae']:.4g} / {v['rmse']:.4g}" for k, v in reg.items()))
     for key in ("normgain_loss", "normgain_error"):
         if key in res:
             lines.append(f"{key}: {res[key]['value']:+.2f}%")

@@ -56,32 +56,11 @@ def mixed_folder(root: Path, n: int = 12, size: int = 8, seed: int = 0, tasks_js
                         tasks_json=tasks_json)
 
 
-def planted_folder(root: Path, n_train: int = 1200, n_eval: int = 200, size: int = 16, seed: int = 0) -> Path:
-    """A folder whose 6 tasks form 3 planted groups (as the embedded synthetic set: latent a_g lives in
-    colour channel g): group 0 = binary g0_bin + multiclass g0_cls, group 1 = binary g1_bin + regression
-    g1_reg, group 2 = regression g2_reg + binary g2_bin. Some cells empty. Images as PNG (lossless)."""
-    import torch
-
-    from fastdmtg.data.synthetic import ALPHA, SIGMA, envelope
-    gen = torch.Generator().manual_seed(seed)
-    n = n_train + 2 * n_eval
-    a = torch.randn(n, 3, generator=gen)
-    x = (0.5 + ALPHA * a[:, :, None, None] * envelope(size) + SIGMA * torch.randn(n, 3, size, size, generator=gen))
-    imgs = (x.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
-    a = a.numpy()
-    header = ["image", "split", "g0_bin", "g1_bin", "g2_reg", "g0_cls", "g1_reg", "g2_bin"]
-    rows, images = [], {}
-    miss = np.random.default_rng(seed).random((n, 6)) < 0.05
-    for i in range(n):
-        split = "train" if i < n_train else ("val" if i < n_train + n_eval else "test")
-        cls = int(np.digitize(a[i, 0], [-0.5, 0.5]))
-        cells = [int(a[i, 0] > 0), int(a[i, 1] > 0.2), f"{a[i, 2]:.4f}", cls, f"{2 * a[i, 1] + 5:.4f}",
-                 ["low", "high"][int(a[i, 2] > -0.2)]]
-        cells = [None if miss[i, j] else c for j, c in enumerate(cells)]
-        name = f"im/{i:05d}.png"
-        images[name] = imgs[i]
-        rows.append([name, split] + cells)
-    return write_folder(root, header, rows, images=images)
+def planted_folder(root: Path, n_train: int = 1200, n_eval: int = 150, size: int = 16, seed: int = 1) -> Path:
+    """The demo folder of the README (``fastdmtg.data.folder.write_demo``): 6 tasks of mixed types in
+    3 planted groups, some cells empty."""
+    from fastdmtg.data.folder import write_demo
+    return write_demo(root, n_train=n_train, n_eval=n_eval, size=size, seed=seed)
 
 
-PLANTED_GROUPS = [{"g0_bin", "g0_cls"}, {"g1_bin", "g1_reg"}, {"g2_reg", "g2_bin"}]
+from fastdmtg.data.folder import DEMO_GROUPS as PLANTED_GROUPS  # noqa: E402,F401

@@ -341,7 +341,7 @@ def test_planted_groups_found_by_dmtg(tmp_path):
     groups on one branch, which DMTG allows: docs/LOG.md. Seed 1 is one of the two.)"""
     from fastdmtg.train import train
     torch.set_num_threads(1)          # tiny convolutions: one thread is several times faster on a shared CPU
-    root = planted_folder(tmp_path / "d", n_train=1200, n_eval=150, size=16, seed=1)
+    root = planted_folder(tmp_path / "d")                  # the README demo folder
     cfg = apply_overrides(get_recipe("folder_k3"), [
         f"data.root={root}", f"data.cache_dir={tmp_path / 'c'}", "data.image_size=16", "model.width=1",
         "train.epochs=6", "train.batch_size=32", "optim.lr=1e-2", "optim.schedule=none", "train.progress=false",

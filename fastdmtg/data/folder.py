@@ -531,3 +531,41 @@ def default_branches(cfg, overrides: list[str] = ()):
     if cfg.grouping.method not in ("fixed", "naive-mtl") and cfg.model.branches > n:
         cfg.model.branches = n
     return cfg
+
+
+#: the planted groups of ``write_demo``'s tasks
+DEMO_GROUPS = [{"g0_bin", "g0_cls"}, {"g1_bin", "g1_reg"}, {"g2_reg", "g2_bin"}]
+
+
+def write_demo(root: str | Path, n_train: int = 1200, n_eval: int = 150, size: int = 16, seed: int = 1) -> Path:
+    """Write a demo folder (README "Your own tasks"): PNG images and labels.csv with 6 tasks of mixed
+    types in 3 planted groups, 5 % of the cells empty. As the embedded synthetic set
+    (``fastdmtg/data/synthetic.py``), latent a_g ~ N(0, 1) shifts colour channel g; group 0 = binary
+    g0_bin (a_0 > 0) + multiclass g0_cls (a_0 cut at ±0.5 into 3 classes), group 1 = binary g1_bin
+    (a_1 > 0.2) + regression g1_reg (2·a_1 + 5), group 2 = regression g2_reg (a_2) + binary g2_bin
+    (low/high at a_2 = −0.2). Splits: n_train / n_eval / n_eval images."""
+    import csv as _csv
+
+    from PIL import Image
+
+    from .synthetic import ALPHA, SIGMA, envelope
+    root = Path(root)
+    gen = torch.Generator().manual_seed(seed)
+    n = n_train + 2 * n_eval
+    a = torch.randn(n, 3, generator=gen)                                              # (n, 3) latents
+    x = 0.5 + ALPHA * a[:, :, None, None] * envelope(size) + SIGMA * torch.randn(n, 3, size, size, generator=gen)
+    imgs = (x.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()   # (n, S, S, 3)
+    a = a.numpy()
+    miss = np.random.default_rng(seed).random((n, 6)) < 0.05
+    (root / "im").mkdir(parents=True, exist_ok=True)
+    with open(root / LABELS_FILE, "w", newline="") as f:
+        w = _csv.writer(f)
+        w.writerow(["image", "split", "g0_bin", "g1_bin", "g2_reg", "g0_cls", "g1_reg", "g2_bin"])
+        for i in range(n):
+            split = "train" if i < n_train else ("val" if i < n_train + n_eval else "test")
+            cells = [int(a[i, 0] > 0), int(a[i, 1] > 0.2), f"{a[i, 2]:.4f}", int(np.digitize(a[i, 0], [-0.5, 0.5])),
+                     f"{2 * a[i, 1] + 5:.4f}", ["low", "high"][int(a[i, 2] > -0.2)]]
+            name = f"im/{i:05d}.png"
+            Image.fromarray(imgs[i]).save(root / name)
+            w.writerow([name, split] + ["" if miss[i, j] else c for j, c in enumerate(cells)])
+    return root
