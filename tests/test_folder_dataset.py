@@ -491,3 +491,28 @@ def test_python_api_trains_evaluates_predicts(tmp_path):
     bad = dict(te[1], hair=[0, 1, 2, 7, 0, 1, 2, 0])
     with pytest.raises(FolderFormatError, match=r"eval targets\['hair'\]\[3\]: task 'hair' is multiclass"):
         api.evaluate_tensors(tmp_path / "run", te[0], bad)
+
+
+def test_tasks_json_class_names_and_binary_labels(tmp_path):
+    rows = [[f"{i}.png", s, c, b] for i, (s, c, b) in enumerate(
+        [("train", "red", "T"), ("train", "blue", "F"), ("train", "red", "T"), ("val", "green", "F"),
+         ("test", "blue", "T")])]
+    spec = {"colour": {"type": "multiclass", "labels": ["red", "green", "blue"]},
+            "flag": {"type": "binary", "labels": ["F", "T"]}}
+    ds = FolderDataset(write_folder(tmp_path, ["image", "split", "colour", "flag"], rows, tasks_json=spec), None, 16)
+    c, f = ds.decls
+    assert (c.classes, c.labels, f.labels) == (3, ("red", "green", "blue"), ("F", "T"))
+    assert ds.table("train")["targets"].tolist() == [[0, 1], [2, 0], [0, 1]]
+    assert ds.table("val")["targets"].tolist() == [[1, 0]]
+
+
+def test_folder_tasks_in_the_config_are_checked():
+    from fastdmtg.config import ConfigError
+    with pytest.raises(ConfigError, match="task 'a': type must be one of binary|multiclass|regression"):
+        apply_overrides(get_recipe("folder_k3"), ['data.folder_tasks={"a": {"type": "ordinal"}}'])
+    with pytest.raises(ConfigError, match="data.folder_tasks: expected a JSON object"):
+        apply_overrides(get_recipe("folder_k3"), ["data.folder_tasks={nope"])
+    with pytest.raises(ConfigError, match="regression normalisation needs a finite mean and std > 0"):
+        Config.from_dict({"data": {"dataset": "folder", "folder_tasks": {"r": {"type": "regression", "std": 0}}}})
+    with pytest.raises(ConfigError, match=r"data.folder_tasks: expected a JSON object, got \[\]"):
+        Config.from_dict({"data": {"folder_tasks": []}})
