@@ -45,7 +45,7 @@ def _check(cond: bool, msg: str) -> None:
 
 @dataclass
 class DataConfig:
-    dataset: str = "synthetic"          # a name of fastdmtg.data.FORMATS: synthetic | celeba | taskonomy
+    dataset: str = "synthetic"          # a name of fastdmtg.data.FORMATS: synthetic | celeba | taskonomy | folder | tensors
     root: str = ""                      # dataset folder (official layout); unused for synthetic
     tasks: list[str] | str = "all"      # task names, or a preset name (celeba9, celeba40, taskonomy5), or "all"
     image_size: int = 64                # CelebA: 64 (reference); synthetic: any multiple of 4 >= 16
