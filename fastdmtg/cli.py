@@ -21,7 +21,8 @@ from .config import RECIPE_FOLLOWS, RECIPES, Config, ConfigError, apply_override
 NAIVE_OF = {"taskonomy5_k3": "taskonomy5_naive", "taskonomy5_k4": "taskonomy5_naive",
             "taskonomy5_k5": "taskonomy5_naive", "taskonomy5_vit_k3": "taskonomy5_vit_naive",
             "synthetic_k3": "synthetic_naive", "celeba9_k2": "celeba9_naive", "celeba9_k3": "celeba9_naive",
-            "celeba9_k4": "celeba9_naive", "celeba9_k5": "celeba9_naive", "celeba40_k5": "celeba40_naive"}
+            "celeba9_k4": "celeba9_naive", "celeba9_k5": "celeba9_naive", "celeba40_k5": "celeba40_naive",
+            "folder_k3": "folder_naive"}
 NAIVE_OF.update({f"{k}_reference": f"{v}_reference" for k, v in NAIVE_OF.items() if f"{v}_reference" in RECIPES})
 
 
@@ -29,7 +30,8 @@ def _train_parser(sub):
     p = sub.add_parser("train", help="train a grouping run (default: DMTG on the embedded synthetic data)")
     p.add_argument("--recipe", help=f"named recipe ({', '.join(sorted(RECIPES))}); default synthetic_k3, "
                                     "or celeba9_k3 when --data-root is given")
-    p.add_argument("--data-root", help="dataset folder in its official layout (CelebA: img_align_celeba/ ...)")
+    p.add_argument("--data-root", help="dataset folder in its official layout (CelebA: img_align_celeba/ ...), or "
+                                       "your own DIR/labels.csv (README: Your own tasks)")
     p.add_argument("--method", choices=["dmtg", "naive-mtl"], help="grouping method (naive-mtl: K=1 reference)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field, e.g. --set train.epochs=5 (repeatable)")
@@ -56,10 +58,12 @@ def _flag_overrides(args) -> list[str]:
 
 
 def build_config(args) -> Config:
-    recipe = args.recipe or ("celeba9_k3" if args.data_root else "synthetic_k3")
+    from .data.folder import default_branches, is_folder_dataset
+    recipe = args.recipe or (("folder_k3" if is_folder_dataset(args.data_root) else "celeba9_k3") if args.data_root
+                             else "synthetic_k3")
     if args.method == "naive-mtl" and recipe in NAIVE_OF:
         recipe = NAIVE_OF[recipe]
-    return apply_overrides(get_recipe(recipe), _flag_overrides(args))
+    return default_branches(apply_overrides(get_recipe(recipe), _flag_overrides(args)), args.overrides)
 
 
 def resume_config(args) -> Config:
@@ -142,6 +146,9 @@ def format_results(res: dict) -> str:
     t = res["test"]
     lines.append(f"test total loss {t['total_loss']:.4f}" +
                  (f", total error {t['total_error']:.2f}" if t.get("total_error") is not None else ""))
+    reg = {k: v for k, v in (t.get("metrics") or {}).items() if "mae" in v}
+    if reg:       # your own regression tasks: MAE / RMSE in the data's units (the errors are in results.json)
+        lines.append("test MAE / RMSE: " + ", ".join(f"{k} {v['mae']:.4g} / {v['rmse']:.4g}" for k, v in reg.items()))
     for key in ("normgain_loss", "normgain_error"):
         if key in res:
             lines.append(f"{key}: {res[key]['value']:+.2f}%")
@@ -173,7 +180,7 @@ def cmd_eval(args) -> int:
     res = evaluate(model, data.taskset, data, args.split, cfg.train.eval_batch_size, device, progress=not args.quiet)
     res["split"], res["groups"] = args.split, [[meta["tasks"][i] for i in g] for g in meta["groups"]]
     atomic_write_json(run_dir / f"eval_{args.split}.json", res)
-    print(json.dumps({k: res[k] for k in ("split", "total_loss", "total_error", "loss", "error") if k in res},
+    print(json.dumps({k: res[k] for k in ("split", "total_loss", "total_error", "loss", "error", "metrics") if k in res},
                      indent=2))
     return 0
 

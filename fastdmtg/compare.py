@@ -496,8 +496,10 @@ def row_metrics(row: Row, naive: dict) -> dict:
     tl = [r["total_loss"] for r in row.results]
     te = [r.get("total_error") for r in row.results]
     ngl = [normgain(naive["test"]["loss"], r["test"]["loss"])["value"] for r in row.results]
+    # NormGain_E over the tasks that have an error (all of them for CelebA; the classification tasks
+    # of a folder dataset with regression tasks too)
     nge = [normgain(naive["test"]["error"], r["test"]["error"])["value"]
-           if r.get("total_error") is not None and naive.get("total_error") is not None else None
+           if r["test"].get("error") and naive["test"].get("error") else None
            for r in row.results]
     naive_units = naive["epochs"]
     # RG: one row holds S independent partitions; its cost is that of one of them (mean)
@@ -508,6 +510,22 @@ def row_metrics(row: Row, naive: dict) -> dict:
     for name, vals in (("total_loss", tl), ("total_error", te), ("normgain_loss", ngl), ("normgain_error", nge)):
         out[name], out[name + "_std"] = _ms(vals)
     out.update(rel_encoder_cost=cost, hours=hours, runs=len(row.cost_runs), n=len(row.results))
+    return out
+
+
+def _task_metrics(results: list[dict], names: list[str]) -> dict:
+    """Per task, the mean over ``results`` of its test error (when it has one) and of its MAE / RMSE
+    (regression tasks): {"error:<task>": …, "mae:<task>": …, "rmse:<task>": …}."""
+    out = {}
+    for t in names:
+        errs = [r["test"]["error"][t] for r in results if (r["test"].get("error") or {}).get(t) is not None]
+        if errs:
+            out[f"error:{t}"] = float(np.mean(errs))
+        for key in ("mae", "rmse"):
+            v = [r["test"]["metrics"][t][key] for r in results
+                 if key in ((r["test"].get("metrics") or {}).get(t) or {})]
+            if v:
+                out[f"{key}:{t}"] = float(np.mean(v))
     return out
 
 
@@ -585,7 +603,18 @@ def build_tables(rows: list[Row], names: list[str], naive: dict) -> dict:
         md.append(f"| {row.method} | {k} | " + " | ".join(
             f"{v:.3e}" + ("" if row.method == "naive" else f" ({g:+.1f})") for v, g in zip(per, gain)) + " |")
         pt_rows.append({"method": row.method, "K": row.k, **{f"loss:{t}": v for t, v in zip(names, per)},
-                        **{f"gain:{t}": g for t, g in zip(names, gain)}})
+                        **{f"gain:{t}": g for t, g in zip(names, gain)}, **_task_metrics(row.results, names)})
+
+    # per-task metric table: the error where a task has one, MAE / RMSE for regression tasks (your own tasks)
+    md += ["", "## Per task: test error (%) or MAE / RMSE", "",
+           "| Method | K | " + " | ".join(names) + " |", "|" + "---|" * (len(names) + 2)]
+    for row in rows:
+        if row.error or not row.results:
+            continue
+        m = _task_metrics(row.results, names)
+        cells = [f"{m[f'error:{t}']:.2f}" if f"error:{t}" in m else
+                 (f"{m[f'mae:{t}']:.4g} / {m[f'rmse:{t}']:.4g}" if f"mae:{t}" in m else "—") for t in names]
+        md.append(f"| {row.method} | {'—' if row.k is None else row.k} | " + " | ".join(cells) + " |")
 
     # two-shot ablation (Table 4 shape)
     ts = [r for r in rows if r.method.startswith("dmtg") and not r.error]
@@ -642,13 +671,14 @@ def build_tables(rows: list[Row], names: list[str], naive: dict) -> dict:
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fastdmtg compare", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--recipe", default="synthetic_k3", help="named recipe (fastdmtg recipes); default synthetic_k3")
+    p.add_argument("--recipe", default=None, help="named recipe (fastdmtg recipes); default synthetic_k3, or "
+                                                  "folder_k3 when --data-root holds labels.csv")
     p.add_argument("--methods", default=",".join(ALL_METHODS), help=f"comma list of {','.join(ALL_METHODS)}")
     p.add_argument("--k", default=None, help="comma list of K values (default: the recipe's model.branches)")
     p.add_argument("--out", required=True, help="comparison folder (one subfolder per run; re-run to resume)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field for every run, e.g. --set train.epochs=5 (repeatable)")
-    p.add_argument("--data-root", help="dataset folder (CelebA / Taskonomy)")
+    p.add_argument("--data-root", help="dataset folder (CelebA / Taskonomy / your own DIR/labels.csv)")
     p.add_argument("--seeds", type=int, default=3, help="RG: number of random partitions per K (default 3)")
     p.add_argument("--overlap", choices=["train", "partition"], default="train",
                    help="TAG/HOA overlapping selections: train every chosen network (default) or only the "
@@ -676,9 +706,12 @@ def compare_main(argv: list[str]) -> int:
     if args.seeds < 1:
         print("error: --seeds must be >= 1", file=sys.stderr)
         return 2
+    from .data.folder import default_branches, is_folder_dataset
+    if args.recipe is None:
+        args.recipe = "folder_k3" if args.data_root and is_folder_dataset(args.data_root) else "synthetic_k3"
     try:
         over = ([f"data.root={args.data_root}"] if args.data_root else []) + list(args.overrides)
-        base = apply_overrides(get_recipe(args.recipe), over)
+        base = default_branches(apply_overrides(get_recipe(args.recipe), over), args.overrides)
         naive_cfg = apply_overrides(get_recipe(args.naive_recipe), over) if args.naive_recipe else None
         ks = [int(x) for x in args.k.split(",")] if args.k else [base.model.branches]
         if any(k < 1 for k in ks):

@@ -45,7 +45,7 @@ def _check(cond: bool, msg: str) -> None:
 
 @dataclass
 class DataConfig:
-    dataset: str = "synthetic"          # a name of fastdmtg.data.FORMATS: synthetic | celeba | taskonomy
+    dataset: str = "synthetic"          # a name of fastdmtg.data.FORMATS: synthetic | celeba | taskonomy | folder | tensors
     root: str = ""                      # dataset folder (official layout); unused for synthetic
     tasks: list[str] | str = "all"      # task names, or a preset name (celeba9, celeba40, taskonomy5), or "all"
     image_size: int = 64                # CelebA: 64 (reference); synthetic: any multiple of 4 >= 16
@@ -73,6 +73,10 @@ class DataConfig:
     # (the release's IoU meter; the paper's Table A2); mean = mean IoU over classes 1..17 present in the
     # target or the prediction
     taskonomy_miou: str = "reference"      # reference | mean
+    # folder / tensors datasets (your own tasks, fastdmtg/data/folder.py): the resolved task declarations
+    # {task: {type, classes, labels, weight, mean, std}}; empty = read tasks.json / infer from the training
+    # split, then filled in when the data is opened, so the run's config.json makes a rerun exact
+    folder_tasks: dict = field(default_factory=dict)
 
     def __post_init__(self):
         _check(self.dataset in FORMATS, f"data.dataset: expected {'|'.join(FORMATS)}, got {self.dataset!r}")
@@ -91,6 +95,12 @@ class DataConfig:
                f"data.taskonomy_seg_resize: expected nearest|bilinear, got {self.taskonomy_seg_resize!r}")
         _check(self.taskonomy_miou in ("reference", "mean"),
                f"data.taskonomy_miou: expected reference|mean, got {self.taskonomy_miou!r}")
+        if self.folder_tasks:
+            from .tasks.generic import decls_from_config
+            try:
+                decls_from_config(self.folder_tasks)
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
 
     def task_names(self) -> list[str] | None:
         """Explicit task list, or None for 'all tasks the dataset has'."""
@@ -353,7 +363,7 @@ RESUME_SAFE: dict[str, str] = {
     "data.cache_dir": "where decoded caches live",
 }
 
-_EXPECT = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+_EXPECT = {bool: "true or false", int: "an integer", float: "a number", str: "a string", dict: "a JSON object"}
 
 
 def _json(v: Any) -> str:
@@ -371,6 +381,8 @@ def _typed(where: str, typ: Any, v: Any) -> Any:
         v = float(v) if ok else v
     elif typ is str:
         ok = isinstance(v, str)
+    elif typ is dict:                       # data.folder_tasks (checked by its section)
+        ok = isinstance(v, dict)
     else:                                   # list[str] | str
         ok = isinstance(v, str) or (isinstance(v, list) and all(isinstance(x, str) for x in v))
         _check(ok, f"{where}: expected a string or a list of strings, got {_json(v)}")
@@ -442,6 +454,11 @@ def _parse_value(text: str, typ: Any, key: str) -> Any:
             raise ConfigError(f"--set {key}: expected a number, got {text!r}") from None
     if typ is str:
         return text
+    if typ is dict:
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"--set {key}: expected a JSON object, got {text!r} ({e.msg})") from None
     if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
         return text  # list[str] | str: keep the string form, DataConfig.task_names() splits commas
     return text
@@ -630,6 +647,31 @@ taskonomy5_vit_naive = _doc(lambda: _taskonomy_naive("taskonomy5_vit_naive", arc
                                           "values)", "_taskonomy_naive"))
 
 
+def folder_k3() -> Config:
+    """Ours — your own tasks (DIR/labels.csv, fastdmtg/data/folder.py): DMTG with the CelebA ResNet variant
+    (width 64) at data.image_size 64, per-task heads of each task's size, K = 3 (the CLI lowers it to N
+    when the folder has fewer tasks), from scratch. Optimiser as the CelebA paper recipe (Adam 8e-4,
+    plateau ×0.5 on the validation loss); 30 epochs."""
+    return Config(
+        name="folder_k3",
+        data=DataConfig(dataset="folder", tasks="all", image_size=64),
+        model=ModelConfig(arch="resnet_celeba", branches=3, width=64),
+        grouping=GroupingConfig(tau=2.5),
+        optim=OptimConfig(name="adam", lr=8e-4, schedule="plateau", gamma=0.5, plateau_patience=3,
+                          plateau_threshold=0.1, min_lr=3e-5, plateau_on="val"),
+        train=TrainConfig(epochs=30, batch_size=256, init="scratch"),
+    )
+
+
+def folder_naive() -> Config:
+    """Ours — naive MTL (K = 1) on your own tasks: the NormGain reference of folder_k3."""
+    cfg = folder_k3()
+    cfg.name = "folder_naive"
+    cfg.grouping.method = "naive-mtl"
+    cfg.model.branches = 1
+    return cfg
+
+
 RECIPES: dict[str, typing.Callable[[], Config]] = {}
 RECIPE_FOLLOWS: dict[str, str] = {}       # recipe -> paper | reference | ours
 
@@ -666,6 +708,8 @@ def _register_builtin() -> None:
         register_recipe(name + "_reference", _reference_of(name, fn), "reference")
     register_recipe("synthetic_k3", synthetic_k3, "ours")
     register_recipe("synthetic_naive", synthetic_naive, "ours")
+    register_recipe("folder_k3", folder_k3, "ours")
+    register_recipe("folder_naive", folder_naive, "ours")
 
 
 def register_recipe(name: str, fn: typing.Callable[[], Config], follows: str = "ours") -> None:

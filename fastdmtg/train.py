@@ -311,7 +311,10 @@ def groups_of(assignment: list[int], names: list[str]) -> list[list[str]]:
 
 
 class Trainer:
-    def __init__(self, cfg: Config, run_dir: str | Path, resume: bool = False, progress: bool | None = None):
+    def __init__(self, cfg: Config, run_dir: str | Path, resume: bool = False, progress: bool | None = None,
+                 dataset=None):
+        # dataset: an opened fastdmtg.data.Dataset to train on instead of opening cfg.data (fastdmtg.api)
+        self._dataset = dataset
         self._lock, self.finished_results, self.divergence, self.saved_last = None, None, None, None
         try:
             self._setup(cfg, run_dir, resume, progress)
@@ -360,7 +363,8 @@ class Trainer:
         torch.manual_seed(cfg.train.seed)
         # every split decoded (or its cache checked) before the first step: a bad val/test file stops
         # the run now, naming itself, not after epochs of training
-        self.data = build_source(cfg.data, progress=self.progress, validate=cfg.data.validate, device=self.device)
+        self.data = build_source(cfg.data, progress=self.progress, validate=cfg.data.validate, device=self.device,
+                                 dataset=self._dataset)
         self.taskset = self.data.taskset
         self.model = build_multibranch(cfg.model, self.taskset.specs, self.data.image_size).to(self.device)
         if cfg.train.init_from and not resume:
@@ -901,6 +905,6 @@ def compare_to_reference(reference_path: str, test: dict) -> dict:
 
 
 def train(cfg: Config, run_dir: str | Path, resume: bool = False, progress: bool | None = None,
-          stop_after_steps: int | None = None) -> dict:
+          stop_after_steps: int | None = None, *, dataset=None) -> dict:
     """Train (or resume) a run; returns the results dict also written to RUN_DIR/results.json."""
-    return Trainer(cfg, run_dir, resume=resume, progress=progress).fit(stop_after_steps)
+    return Trainer(cfg, run_dir, resume=resume, progress=progress, dataset=dataset).fit(stop_after_steps)

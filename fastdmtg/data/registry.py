@@ -12,6 +12,8 @@ FORMATS = {
     "synthetic": "fastdmtg.data.synthetic",
     "celeba": "fastdmtg.data.celeba",
     "taskonomy": "fastdmtg.data.taskonomy",
+    "folder": "fastdmtg.data.folder",
+    "tensors": "fastdmtg.data.tensors",
 }
 
 

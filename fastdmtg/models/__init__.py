@@ -30,8 +30,16 @@ def register_backbone(name: str, fn: Callable) -> None:
     _BACKBONES[name] = fn
 
 
+GENERIC_KINDS = ("binary", "multiclass", "regression")     # your own tasks (fastdmtg/tasks/generic.py)
+
+
 def _resnet_celeba(cfg, task_specs, image_size) -> Parts:
     from . import resnet_celeba
+    if task_specs and all(t.kind in GENERIC_KINDS for t in task_specs):
+        # per-task heads of each task's own size (binary 2, multiclass C, regression 1)
+        from .task_heads import task_heads
+        shared, branch, _ = resnet_celeba.build(cfg.width, image_size, len(task_specs), cfg.num_classes, cfg.shared)
+        return Parts(shared, branch, task_heads(task_specs, resnet_celeba.feature_dim(cfg.width, image_size)))
     for t in task_specs:
         if t.kind != "class":
             raise ValueError(f"resnet_celeba has classification heads only; task {t.name!r} is {t.kind!r}")

@@ -1,0 +1,216 @@
+"""Python API for your own tasks: train on tensors, evaluate, predict per task.
+
+    import fastdmtg.api as api
+    res = api.train_tensors(
+        train=(images, {"smile": y_smile, "age": y_age}),      # images (M, 3, H, W) uint8 (or float in [0, 1])
+        val=(images_val, targets_val), test=(images_test, targets_test),
+        tasks={"smile": "binary", "age": {"type": "regression", "weight": 0.5}},   # optional: inferred
+        out="runs/mine", overrides=["train.epochs=20"])
+    model, meta = fastdmtg.load_grouped("runs/mine")
+    preds = api.predict("runs/mine", new_images)               # {task: {"class", "probabilities"} | {"value"}}
+
+Targets: per task one value per image (a tensor, array or list), NaN (or None) where the label is
+missing. binary: two distinct values (class ids in sorted order); multiclass: class ids 0..C−1;
+regression: numbers. ``tasks`` entries are a type name or a tasks.json entry (``type``, ``classes``,
+``labels``, ``weight``, ``normalize``); tasks not given are inferred from the training split with the
+folder format's rule (fastdmtg/data/folder.py). The same trainer, methods and outputs as the CLI;
+the resolved declarations go into the run's config (``data.folder_tasks``, ``data.dataset=tensors``).
+
+Images of another size than ``data.image_size`` (default 64) are resized with the folder format's
+decoder resize (bilinear, half-pixel centres, no antialias), float images are rounded to uint8 as
+image files would be.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .config import Config, apply_overrides, get_recipe
+from .data.base import SPLITS
+from .data.folder import FolderFormatError, encode_cell, infer_decl
+from .tasks.generic import TYPES, GenericTaskSet
+
+__all__ = ["train_tensors", "evaluate_tensors", "predict", "predictions", "prepare_images", "tensor_config"]
+
+
+def prepare_images(images, size: int) -> np.ndarray:
+    """(M, 3, H, W) uint8 or float in [0, 1] (tensor or array) → (M, 3, size, size) uint8, as the
+    folder format stores decoded images."""
+    from .data.celeba import resize_like_reference
+    x = images.detach().cpu() if isinstance(images, torch.Tensor) else torch.from_numpy(np.array(images))
+    if x.dim() != 4 or x.shape[1] != 3:
+        raise ValueError(f"images: expected (M, 3, H, W), got {tuple(x.shape)}")
+    if x.dtype != torch.uint8:
+        if not x.is_floating_point():
+            raise ValueError(f"images: expected uint8 or float in [0, 1], got {x.dtype}")
+        if not bool(torch.isfinite(x).all()) or float(x.min()) < 0 or float(x.max()) > 1:
+            raise ValueError("images: float images must be finite and in [0, 1]")
+        x = (x.float() * 255).round().to(torch.uint8)
+    out = [resize_like_reference(x[i:i + 256], size) for i in range(0, len(x), 256)]
+    return torch.cat(out).numpy() if out else np.zeros((0, 3, size, size), np.uint8)
+
+
+def _cell(v) -> str:
+    if v is None:
+        return ""
+    v = float(v)
+    if math.isnan(v):
+        return ""
+    return str(int(v)) if v.is_integer() and abs(v) < 2 ** 53 else repr(v)
+
+
+class _ValueTable:
+    """The training targets in the shape ``fastdmtg.data.folder.infer_decl`` reads (one inference rule)."""
+
+    def __init__(self, targets: dict[str, list[str]]):
+        self.path = Path("train targets")
+        self.tasks = list(targets)
+        self.col = {"split": 0, **{t: j + 1 for j, t in enumerate(targets)}}
+        m = len(next(iter(targets.values())))
+        self.rows = [(i, ["train"] + [targets[t][i] for t in targets]) for i in range(m)]
+
+    def where(self, line: int, column: str) -> str:
+        return f"train targets[{column!r}][{line}]"
+
+
+def _split_cells(split: str, targets: dict, names: list[str], m: int) -> dict[str, list[str]]:
+    if not isinstance(targets, dict):
+        raise ValueError(f"{split}: targets must be a dict {{task: values}}, got {type(targets).__name__}")
+    if list(targets) != names:
+        raise ValueError(f"{split}: targets have tasks {list(targets)}, the training split has {names}")
+    out = {}
+    for t, v in targets.items():
+        vals = v.detach().cpu().tolist() if isinstance(v, torch.Tensor) else list(np.asarray(v, dtype=object).ravel())
+        if len(vals) != m:
+            raise ValueError(f"{split}: targets[{t!r}] has {len(vals)} values for {m} images")
+        try:
+            out[t] = [_cell(x) for x in vals]
+        except (TypeError, ValueError):
+            raise ValueError(f"{split}: targets[{t!r}] must be numbers (NaN or None = missing)") from None
+    return out
+
+
+def tensor_config(splits: dict, tasks: dict | None = None, recipe: str = "folder_k3",
+                  overrides: list[str] = ()) -> tuple[Config, "object"]:
+    """(config, dataset) for ``train_tensors``: the recipe with ``data.dataset=tensors``, the resolved
+    declarations in ``data.folder_tasks``, K = min(K, N) unless ``model.branches`` is overridden."""
+    from .data.tensors import tensor_dataset
+    cfg = apply_overrides(get_recipe(recipe), ["data.dataset=tensors", *overrides])
+    for s in SPLITS:
+        if s not in splits:
+            raise ValueError(f"{s}: missing; give train, val and test as (images, targets)")
+    images = {s: prepare_images(splits[s][0], cfg.data.image_size) for s in SPLITS}
+    names = list(splits["train"][1])
+    if not names:
+        raise ValueError("train: targets name no task")
+    cells = {s: _split_cells(s, splits[s][1], names, len(images[s])) for s in SPLITS}
+    table = _ValueTable(cells["train"])
+    tasks = dict(tasks or {})
+    unknown = [t for t in tasks if t not in names]
+    if unknown:
+        raise ValueError(f"tasks: {unknown} are not tasks of the targets ({names})")
+    decls = []
+    for t in names:
+        entry = tasks.get(t)
+        if isinstance(entry, str):
+            entry = {"type": entry}
+        if entry is not None and (not isinstance(entry, dict) or entry.get("type") not in TYPES):
+            raise ValueError(f"tasks[{t!r}]: expected one of {'|'.join(TYPES)} or {{\"type\": ...}}, got {entry!r}")
+        decls.append(infer_decl(table, t, entry)[0])
+    folder_tasks = {d.name: d.to_dict() for d in decls}
+    cfg = apply_overrides(cfg, [f"data.folder_tasks={_json(folder_tasks)}"])
+    if not any(o.split("=", 1)[0].strip() == "model.branches" for o in overrides) \
+            and cfg.grouping.method not in ("fixed", "naive-mtl"):
+        cfg.model.branches = min(cfg.model.branches, len(names))
+    data = {}
+    for s in SPLITS:
+        y = np.empty((len(images[s]), len(names)), np.float32)
+        for j, d in enumerate(decls):
+            for i, c in enumerate(cells[s][d.name]):
+                y[i, j] = encode_cell(d, c, f"{s} targets[{d.name!r}][{i}]")
+            if s != "train" and np.isnan(y[:, j]).all():
+                raise FolderFormatError(f"{s} targets[{d.name!r}]: no label in the {s} split")
+        data[s] = {"image": images[s], "targets": y}
+    ds = tensor_dataset(data, GenericTaskSet(decls), cfg.data.image_size,
+                        limits={"train": cfg.data.limit_train, "val": cfg.data.limit_eval, "test": cfg.data.limit_eval})
+    return cfg, ds
+
+
+def _json(d) -> str:
+    import json
+    return json.dumps(d)
+
+
+def train_tensors(train, val, test, tasks: dict | None = None, out: str | Path | None = None,
+                  recipe: str = "folder_k3", overrides: list[str] = (), progress: bool | None = None) -> dict:
+    """Train on tensors through the trainer (module doc); returns results.json's dict. ``out``: the run
+    folder (default runs/<recipe>-<time>)."""
+    import time
+
+    from .train import train as _train
+    cfg, ds = tensor_config({"train": train, "val": val, "test": test}, tasks, recipe, list(overrides))
+    run_dir = Path(out) if out else Path("runs") / f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    return _train(cfg, run_dir, progress=progress, dataset=ds)
+
+
+def evaluate_tensors(run_dir, images, targets: dict, device="cpu", batch_size: int = 512) -> dict:
+    """The pruned model of ``run_dir`` on (images, targets) → the metrics dict of ``fastdmtg eval``."""
+    from .data.tensors import tensor_dataset
+    from .export import load_grouped
+    from .pipelines import build_source
+    from .train import evaluate
+    model, meta = load_grouped(run_dir, device)
+    cfg = Config.from_dict(meta["config"])
+    ts = GenericTaskSet.from_config(cfg.data.folder_tasks, meta["tasks"])
+    x = prepare_images(images, meta["image_size"])
+    cells = _split_cells("eval", targets, meta["tasks"], len(x))
+    y = np.empty((len(x), len(ts.decls)), np.float32)
+    for j, d in enumerate(ts.decls):
+        for i, c in enumerate(cells[d.name]):
+            y[i, j] = encode_cell(d, c, f"eval targets[{d.name!r}][{i}]")
+    arrays = {"image": x, "targets": y}
+    ds = tensor_dataset({s: arrays for s in SPLITS}, ts, meta["image_size"])
+    src = build_source(cfg.data, progress=False, dataset=ds)
+    return evaluate(model, ts, src, "test", batch_size, torch.device(device))
+
+
+def predictions(outputs, taskset) -> dict:
+    """One-head-per-task model outputs → per-task predictions: {task: {"class": (B,) int64,
+    "probabilities": (B, C), ["label": values as written]}} for classification tasks, {task: {"value":
+    (B,) in the data's units}} for regression. ``outputs``: a ``GroupedNet``'s output — a list of N
+    (B, C_i) tensors (your own tasks) or one (N, B, C) tensor (CelebA / synthetic attributes)."""
+    if hasattr(taskset, "predictions"):
+        return taskset.predictions(outputs)
+    if isinstance(outputs, torch.Tensor) and outputs.dim() == 3:             # (N, B, C) attribute logits
+        p = outputs.detach().float().softmax(-1).cpu()
+        return {t: {"class": p[i].argmax(-1), "probabilities": p[i]} for i, t in enumerate(taskset.names)}
+    raise ValueError(f"per-task predictions are defined for classification and regression tasks, not for "
+                     f"{type(taskset).__name__}")
+
+
+@torch.no_grad()
+def predict(run, images, device="cpu", batch_size: int = 512) -> dict:
+    """Per-task predictions of a finished run's pruned model on images ((M, 3, H, W) uint8 or float in
+    [0, 1], any H×W: resized as the training data). ``run``: a run folder, or ``(model, meta)`` from
+    ``load_grouped``. Returns ``predictions``' dict over all M images."""
+    from .data import taskset_for
+    from .export import load_grouped
+    model, meta = load_grouped(run, device) if isinstance(run, (str, Path)) else run
+    ts = taskset_for(Config.from_dict(meta["config"]), meta["tasks"])
+    x = prepare_images(images, meta["image_size"])
+    parts = []
+    for i in range(0, len(x), batch_size):
+        xb = torch.from_numpy(x[i:i + batch_size]).to(device).float().div_(255.0)
+        parts.append(predictions(model(xb), ts))
+    if not parts:
+        raise ValueError("predict: no images")
+    out = {}
+    for t in parts[0]:
+        out[t] = {}
+        for k in parts[0][t]:
+            vals = [p[t][k] for p in parts]
+            out[t][k] = torch.cat(vals) if isinstance(vals[0], torch.Tensor) else [v for vs in vals for v in vs]
+    return out

@@ -1,0 +1,571 @@
+"""Your own tasks: a folder of images and one CSV table (``data.dataset=folder``).
+
+    DIR/labels.csv     header + one row per image (UTF-8, a byte-order mark ignored; RFC 4180 quoting):
+                         image   path of the image file, relative to DIR (any format Pillow reads, any size)
+                         split   train | val | test
+                         <task>  every other column is a task named by its header; an empty cell = the
+                                 label is missing (the sample counts in neither the loss nor the metrics
+                                 of that task)
+    DIR/tasks.json     optional: {"<task>": {"type": "binary" | "multiclass" | "regression",
+                                             "classes": C (multiclass), "labels": [names of the class ids],
+                                             "weight": w (loss weight, default 1),
+                                             "normalize": "standard" | "none" | {"mean": m, "std": s}}}
+                       (regression; "standard" = the training split's mean and std, the default)
+
+Task types not declared are inferred from the non-empty cells of the training split:
+    2 distinct values                                           → binary (class ids in sorted order:
+                                                                  numeric when both are numbers)
+    non-negative integers < 20 (more than 2 distinct)           → multiclass, classes = max + 1
+    other numbers                                               → regression
+    1 distinct value, or > 2 distinct values that are not all numbers → an error naming the column
+The resolved declarations (inferred or declared, with the regression mean/std) are printed when some
+are inferred, and always stored in the run's config (``data.folder_tasks``): a rerun, ``--resume``,
+``eval`` and ``load_grouped`` use exactly them, whatever tasks.json or the data say later.
+
+Images: decoded, converted to RGB and bilinearly resized (half-pixel centres, no antialias — the
+CelebA decoder) to S×S (``data.image_size``, default 64) ignoring the aspect ratio, stored as uint8;
+the model sees x / 255. Targets: (N,) float32 per sample — the class id, or the regression value in
+the data's units — NaN where the cell is empty (``fastdmtg/tasks/generic.py`` masks them).
+
+Every problem raises ``FolderFormatError`` naming the file, the line and the column: a malformed CSV
+(unterminated quote, wrong number of cells, empty or duplicate header names, no image/split column),
+an unknown split value, a missing or unreadable image, a task column with a single value, values that
+contradict the declared (or inferred) type, a tasks.json that is not valid JSON or names an unknown
+column or key, a split without rows, a task without any label in a split.
+"""
+from __future__ import annotations
+
+import csv
+import functools
+import json
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..tasks.generic import TYPES, GenericTaskSet, TaskDecl
+from .base import SPLITS, DataFormatError, Dataset, DatasetFormat, Field, flip_rows
+
+LABELS_FILE = "labels.csv"
+TASKS_FILE = "tasks.json"
+RESERVED = ("image", "split")
+#: inference: non-negative integers below this (and more than two distinct) make a multiclass task
+MAX_INFERRED_CLASSES = 20
+#: tasks.json keys of one task
+TASKS_JSON_KEYS = {"type", "classes", "labels", "weight", "normalize"}
+#: bump when ``load_image`` changes what it computes: decoded caches made before are then rebuilt
+DECODE_VERSION = 1
+
+
+class FolderFormatError(DataFormatError):
+    """labels.csv, tasks.json or an image of a folder dataset is missing or malformed."""
+
+
+def is_folder_dataset(root: str | Path) -> bool:
+    """Whether ``root`` holds a folder dataset (what ``--data-root`` detects)."""
+    return bool(root) and (Path(root) / LABELS_FILE).is_file()
+
+
+# ------------------------------------------------------------------------------------------------
+# labels.csv
+# ------------------------------------------------------------------------------------------------
+class LabelTable:
+    """The parsed labels.csv: header, and per row its line number and cells (strings, stripped)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        data = path.read_bytes()
+        if data.startswith(b"\xef\xbb\xbf"):
+            data = data[3:]
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as e:
+            line = data.count(b"\n", 0, e.start) + 1
+            col = e.start - (data.rfind(b"\n", 0, e.start) + 1) + 1
+            raise FolderFormatError(f"{path}:{line}:{col}: byte 0x{data[e.start]:02x} is not UTF-8 text") from None
+        reader = csv.reader(text.splitlines(keepends=True), strict=True)
+        rows: list[tuple[int, list[str]]] = []
+        try:
+            for cells in reader:
+                if cells and any(c.strip() for c in cells):
+                    rows.append((reader.line_num, [c.strip() for c in cells]))
+        except csv.Error as e:
+            raise FolderFormatError(f"{path}:{reader.line_num}: malformed CSV ({e})") from None
+        if not rows:
+            raise FolderFormatError(f"{path}: empty; expected a header line `image,split,<task>,...` and one row "
+                                    "per image")
+        hline, header = rows[0]
+        for j, h in enumerate(header):
+            if not h:
+                raise FolderFormatError(f"{path}:{hline}:{j + 1}: empty column name in the header")
+            if h in header[:j]:
+                raise FolderFormatError(f"{path}:{hline}:{j + 1}: duplicate column name {h!r}")
+        for need in RESERVED:
+            if need not in header:
+                raise FolderFormatError(f"{path}:{hline}: no {need!r} column in the header {header}; expected "
+                                        "`image,split,<task>,...`")
+        self.header = header
+        self.tasks = [h for h in header if h not in RESERVED]
+        if not self.tasks:
+            raise FolderFormatError(f"{path}:{hline}: no task column (every column other than image and split "
+                                    "is a task)")
+        self.col = {h: j for j, h in enumerate(header)}
+        for line, cells in rows[1:]:
+            if len(cells) != len(header):
+                raise FolderFormatError(f"{path}:{line}: {len(cells)} cells, the header has {len(header)} columns")
+        self.rows = rows[1:]
+        if not self.rows:
+            raise FolderFormatError(f"{path}: no rows after the header")
+
+    def where(self, line: int, column: str) -> str:
+        """``file:line:col (column NAME)`` of a cell."""
+        return f"{self.path}:{line}:{self.col[column] + 1} (column {column!r})"
+
+
+def _number(s: str) -> float | None:
+    try:
+        v = float(s)
+    except ValueError:
+        return None
+    return v if math.isfinite(v) else None
+
+
+def _is_class_id(v: float | None) -> bool:
+    return v is not None and v >= 0 and float(v).is_integer()
+
+
+# ------------------------------------------------------------------------------------------------
+# task declarations: tasks.json, inference, the stored config
+# ------------------------------------------------------------------------------------------------
+def read_tasks_json(path: Path, columns: list[str]) -> dict:
+    """tasks.json → {task: entry}, checked against the task columns of labels.csv."""
+    try:
+        d = json.loads(path.read_text(encoding="utf-8-sig"))
+    except UnicodeDecodeError as e:
+        raise FolderFormatError(f"{path}: not UTF-8 text ({e})") from None
+    except json.JSONDecodeError as e:
+        raise FolderFormatError(f"{path}:{e.lineno}:{e.colno}: invalid JSON ({e.msg})") from None
+    if not isinstance(d, dict):
+        raise FolderFormatError(f"{path}: expected a JSON object {{\"<task>\": {{\"type\": ...}}}}")
+    for name, entry in d.items():
+        if name not in columns:
+            raise FolderFormatError(f"{path}: task {name!r} is not a column of {LABELS_FILE} "
+                                    f"(its task columns: {', '.join(columns)})")
+        if not isinstance(entry, dict):
+            raise FolderFormatError(f"{path}: task {name!r}: expected an object like {{\"type\": \"binary\"}}, "
+                                    f"got {json.dumps(entry)}")
+        unknown = set(entry) - TASKS_JSON_KEYS
+        if unknown:
+            raise FolderFormatError(f"{path}: task {name!r}: unknown key(s) {sorted(unknown)}; expected "
+                                    f"{sorted(TASKS_JSON_KEYS)}")
+        if entry.get("type") not in TYPES:
+            raise FolderFormatError(f"{path}: task {name!r}: \"type\" must be one of {'|'.join(TYPES)}, got "
+                                    f"{json.dumps(entry.get('type'))}")
+        if "classes" in entry and (not isinstance(entry["classes"], int) or isinstance(entry["classes"], bool)
+                                   or entry["classes"] < 2):
+            raise FolderFormatError(f"{path}: task {name!r}: \"classes\" must be an integer >= 2, got "
+                                    f"{json.dumps(entry['classes'])}")
+        if "labels" in entry and not (isinstance(entry["labels"], list)
+                                      and all(isinstance(x, str) for x in entry["labels"])):
+            raise FolderFormatError(f"{path}: task {name!r}: \"labels\" must be a list of strings")
+        w = entry.get("weight", 1.0)
+        if not isinstance(w, (int, float)) or isinstance(w, bool) or not math.isfinite(w) or w < 0:
+            raise FolderFormatError(f"{path}: task {name!r}: \"weight\" must be a number >= 0, got {json.dumps(w)}")
+        norm = entry.get("normalize", "standard")
+        ok = norm in ("standard", "none") or (isinstance(norm, dict) and set(norm) == {"mean", "std"} and all(
+            isinstance(norm[k], (int, float)) and not isinstance(norm[k], bool) and math.isfinite(norm[k])
+            for k in norm) and norm["std"] > 0)
+        if not ok:
+            raise FolderFormatError(f"{path}: task {name!r}: \"normalize\" must be \"standard\", \"none\" or "
+                                    f"{{\"mean\": m, \"std\": s > 0}}, got {json.dumps(norm)}")
+        if "normalize" in entry and entry["type"] != "regression":
+            raise FolderFormatError(f"{path}: task {name!r}: \"normalize\" applies to regression tasks only")
+    return d
+
+
+def _train_values(table: LabelTable, task: str) -> list[tuple[int, str]]:
+    j, s = table.col[task], table.col["split"]
+    return [(line, cells[j]) for line, cells in table.rows if cells[s] == "train" and cells[j] != ""]
+
+
+def infer_decl(table: LabelTable, task: str, entry: dict | None = None) -> tuple[TaskDecl, bool]:
+    """The declaration of ``task``: the tasks.json ``entry`` completed from the training split, or
+    inferred from it (module doc). Returns (declaration, inferred?)."""
+    vals = _train_values(table, task)
+    where = f"{table.path}: column {task!r} (column {table.col[task] + 1})"
+    if not vals:
+        raise FolderFormatError(f"{where}: no label in the training split (every cell is empty)")
+    distinct = sorted({v for _, v in vals})
+    nums = {v: _number(v) for v in distinct}
+    numeric = all(x is not None for x in nums.values())
+    if numeric:
+        # "1" and "1.0" are one value
+        by_value: dict[float, str] = {}
+        for v in distinct:
+            by_value.setdefault(nums[v], v)
+        distinct_n = len(by_value)
+    else:
+        distinct_n = len(distinct)
+    if distinct_n == 1:
+        raise FolderFormatError(f"{where}: a single value ({distinct[0]!r}) in the training split — a task needs "
+                                "at least two (drop the column, or label more samples)")
+    typ = entry.get("type") if entry else None
+    weight = float(entry.get("weight", 1.0)) if entry else 1.0
+    if typ is None:
+        if distinct_n == 2:
+            typ = "binary"
+        elif numeric and all(_is_class_id(x) for x in nums.values()) and max(nums.values()) < MAX_INFERRED_CLASSES:
+            typ = "multiclass"
+        elif numeric:
+            typ = "regression"
+        else:
+            bad = next(v for v in distinct if nums[v] is None)
+            line = next(ln for ln, v in vals if v == bad)
+            raise FolderFormatError(f"{table.where(line, task)}: {bad!r} is not a number and the column has "
+                                    f"{distinct_n} distinct values: a task is binary (2 values), multiclass "
+                                    f"(class ids 0..C-1, or names listed in {TASKS_FILE}) or regression (numbers)")
+    if typ == "binary":
+        labels = entry.get("labels") if entry else None
+        if labels is None:
+            if distinct_n != 2:
+                raise FolderFormatError(f"{where}: declared binary but the training split has {distinct_n} "
+                                        f"distinct values {distinct[:6]}")
+            labels = ([by_value[x] for x in sorted(by_value)] if numeric else distinct)
+        if len(labels) != 2:
+            raise FolderFormatError(f"{table.path.parent / TASKS_FILE}: task {task!r}: a binary task has 2 labels, "
+                                    f"got {labels}")
+        return TaskDecl(task, "binary", 2, tuple(labels), weight), entry is None
+    if typ == "multiclass":
+        labels = tuple(entry.get("labels", ())) if entry else ()
+        classes = entry.get("classes") if entry else None
+        if classes is None:
+            if labels:
+                classes = len(labels)
+            else:
+                ids = [nums[v] for v in distinct]
+                if not all(_is_class_id(x) for x in ids):
+                    bad = next(v for v in distinct if not _is_class_id(nums[v]))
+                    line = next(ln for ln, v in vals if v == bad)
+                    raise FolderFormatError(f"{table.where(line, task)}: multiclass values are class ids 0..C-1, "
+                                            f"got {bad!r}")
+                classes = int(max(ids)) + 1
+        if labels and len(labels) != classes:
+            raise FolderFormatError(f"{table.path.parent / TASKS_FILE}: task {task!r}: {len(labels)} labels for "
+                                    f"{classes} classes")
+        return TaskDecl(task, "multiclass", int(classes), labels, weight), entry is None
+    # regression
+    if not numeric:
+        bad = next(v for v in distinct if nums[v] is None)
+        line = next(ln for ln, v in vals if v == bad)
+        raise FolderFormatError(f"{table.where(line, task)}: regression values are finite numbers, got {bad!r}")
+    norm = entry.get("normalize", "standard") if entry else "standard"
+    if norm == "standard":
+        y = np.array([nums[v] for _, v in vals], dtype=np.float64)
+        mean, std = float(y.mean()), float(y.std())
+    elif norm == "none":
+        mean, std = 0.0, 1.0
+    else:
+        mean, std = float(norm["mean"]), float(norm["std"])
+    return TaskDecl(task, "regression", 0, (), weight, mean, std), entry is None
+
+
+def encode_cell(decl: TaskDecl, cell: str, where: str) -> float:
+    """One cell → its stored target (class id, or value); NaN when empty. Raises on a value that
+    contradicts the declaration."""
+    if cell == "":
+        return math.nan
+    if decl.type == "regression":
+        v = _number(cell)
+        if v is None:
+            raise FolderFormatError(f"{where}: task {decl.name!r} is regression: expected a finite number, "
+                                    f"got {cell!r}")
+        return v
+    if decl.type == "binary":
+        a, b = decl.labels
+        if cell in (a, b):
+            return float(decl.labels.index(cell))
+        v, na, nb = _number(cell), _number(a), _number(b)
+        if v is not None and na is not None and nb is not None and v in (na, nb):
+            return 0.0 if v == na else 1.0
+        raise FolderFormatError(f"{where}: task {decl.name!r} is binary with values {a!r} and {b!r}, "
+                                f"got {cell!r}")
+    if decl.labels and cell in decl.labels:
+        return float(decl.labels.index(cell))
+    v = _number(cell)
+    if not (_is_class_id(v) and v < decl.classes):
+        named = f" or one of {list(decl.labels)}" if decl.labels else ""
+        raise FolderFormatError(f"{where}: task {decl.name!r} is multiclass with {decl.classes} classes: expected "
+                                f"a class id 0..{decl.classes - 1}{named}, got {cell!r}")
+    return float(v)
+
+
+def resolve_decls(table: LabelTable, tasks: list[str], stored: dict, tasks_json: Path) -> tuple[list[TaskDecl], list[str]]:
+    """The declarations of ``tasks``: from the run's config (``stored``, when it has them), else from
+    tasks.json and inference. Returns (declarations, names of the inferred ones)."""
+    if stored:
+        from ..tasks.generic import decls_from_config
+        try:
+            return decls_from_config(stored, tasks), []
+        except ValueError as e:
+            raise FolderFormatError(str(e)) from None
+    declared = read_tasks_json(tasks_json, table.tasks) if tasks_json.exists() else {}
+    decls, inferred = [], []
+    for t in tasks:
+        d, was_inferred = infer_decl(table, t, declared.get(t))
+        decls.append(d)
+        if was_inferred:
+            inferred.append(t)
+    return decls, inferred
+
+
+def describe_decl(d: TaskDecl) -> str:
+    if d.type == "binary":
+        text = f"binary {list(d.labels)}"
+    elif d.type == "multiclass":
+        text = f"multiclass, {d.classes} classes"
+    else:
+        text = f"regression, standardised with mean {d.mean:.6g}, std {d.std:.6g}"
+    return text + (f", loss weight {d.weight:g}" if d.weight != 1.0 else "")
+
+
+# ------------------------------------------------------------------------------------------------
+# images
+# ------------------------------------------------------------------------------------------------
+def _line_of(csv_path: str, image: str) -> str:
+    """Where labels.csv lists ``image`` (an absolute path): ``labels.csv:LINE:COL: `` — looked up only
+    when an error is reported."""
+    try:
+        table = LabelTable(Path(csv_path))
+        root = Path(csv_path).parent.resolve()
+        j = table.col["image"]
+        for line, cells in table.rows:
+            if str(root / cells[j]) == image:
+                return f"{csv_path}:{line}:{j + 1}: "
+    except (DataFormatError, OSError):
+        pass
+    return ""
+
+
+def load_image(path: str, size: int, csv_path: str = "") -> np.ndarray:
+    """Decode one image → (3, size, size) uint8, bilinear (half-pixel, no antialias)."""
+    from PIL import Image, UnidentifiedImageError
+
+    from .celeba import resize_like_reference
+    try:
+        with Image.open(path) as im:
+            im.load()              # a full decode: truncated files fail here
+            arr = np.asarray(im.convert("RGB"), dtype=np.uint8)
+    except FileNotFoundError:
+        raise FolderFormatError(f"{_line_of(csv_path, path)}image {path} is missing") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise FolderFormatError(f"{_line_of(csv_path, path)}image {path} is unreadable or truncated ({e})") from None
+    return resize_like_reference(torch.from_numpy(arr.copy()).permute(2, 0, 1)[None], size)[0].numpy()
+
+
+def decode_item(item: dict, size: int, csv_path: str = "") -> dict[str, np.ndarray]:
+    """The reference decoder of one sample: {"image": (3, size, size) uint8}."""
+    return {"image": load_image(item["image"], size, csv_path)}
+
+
+# ------------------------------------------------------------------------------------------------
+# the dataset
+# ------------------------------------------------------------------------------------------------
+class FolderDataset(Dataset):
+    """A parsed folder: targets in memory, images decoded on demand (or from a decode cache)."""
+
+    name = "folder"
+    table_fields = ("targets",)
+    default_flip = False
+
+    def __init__(self, root: str | Path, tasks: list[str] | None, image_size: int, stored: dict | None = None,
+                 limits: dict[str, int] | None = None):
+        root = Path(root)
+        if not root.is_dir():
+            raise FolderFormatError(f"{root}: dataset folder not found (data.root / --data-root)")
+        csv_path = root / LABELS_FILE
+        if not csv_path.is_file():
+            raise FolderFormatError(f"{csv_path}: missing; a folder dataset has {LABELS_FILE} with columns "
+                                    "image, split and one per task")
+        self.root = root.resolve()
+        self.csv_path = self.root / LABELS_FILE
+        table = LabelTable(self.csv_path)
+        if tasks is None:
+            tasks = table.tasks
+        for t in tasks:
+            if t not in table.tasks:
+                raise FolderFormatError(f"data.tasks: {t!r} is not a task column of {self.csv_path} (its tasks: "
+                                        f"{', '.join(table.tasks)})")
+        if len(set(tasks)) != len(tasks):
+            raise FolderFormatError(f"data.tasks: duplicate task names in {tasks}")
+        # splits and image files
+        si, ii = table.col["split"], table.col["image"]
+        rows: dict[str, list] = {s: [] for s in SPLITS}
+        for line, cells in table.rows:
+            s = cells[si]
+            if s not in rows:
+                raise FolderFormatError(f"{table.where(line, 'split')}: unknown split {s!r}; expected train, val "
+                                        "or test")
+            if not cells[ii]:
+                raise FolderFormatError(f"{table.where(line, 'image')}: empty image path")
+            p = self.root / cells[ii]
+            if not p.is_file():
+                raise FolderFormatError(f"{table.where(line, 'image')}: image {cells[ii]!r} not found ({p})")
+            rows[s].append((line, cells))
+        self.limits = {s: int((limits or {}).get(s, 0)) for s in SPLITS}
+        for s in SPLITS:
+            if not rows[s]:
+                raise FolderFormatError(f"{self.csv_path}: no row of split {s!r} (every split needs at least one "
+                                        "image)")
+            if self.limits[s]:
+                rows[s] = rows[s][:self.limits[s]]
+        self.decls, inferred = resolve_decls(table, tasks, stored or {}, self.root / TASKS_FILE)
+        self.inferred = inferred
+        self.taskset = GenericTaskSet(self.decls)
+        self.task_names = list(tasks)
+        # targets, every cell checked against its declaration
+        self._files: dict[str, list[str]] = {}
+        self._targets: dict[str, np.ndarray] = {}
+        cols = [table.col[t] for t in tasks]
+        for s in SPLITS:
+            y = np.empty((len(rows[s]), len(tasks)), dtype=np.float32)
+            for r, (line, cells) in enumerate(rows[s]):
+                for c, (d, j) in enumerate(zip(self.decls, cols)):
+                    y[r, c] = encode_cell(d, cells[j], f"{self.csv_path}:{line}:{j + 1}")
+            for c, t in enumerate(tasks):
+                if s != "train" and np.isnan(y[:, c]).all():
+                    raise FolderFormatError(f"{self.csv_path}: column {t!r} (column {cols[c] + 1}) has no label in "
+                                            f"the {s} split: its metrics would be undefined")
+            self._targets[s] = y
+            self._files[s] = [str(self.root / cells[ii]) for _, cells in rows[s]]
+        self.image_size = image_size
+        self.fields = {"image": Field(np.uint8, (3, image_size, image_size), "image", None),
+                       "targets": Field(np.float32, (len(tasks),), "value")}
+        self.decode_one = functools.partial(decode_item, size=image_size, csv_path=str(self.csv_path))
+
+    def resolved(self) -> dict:
+        """The declarations as stored in the run's config (``data.folder_tasks``)."""
+        return {d.name: d.to_dict() for d in self.decls}
+
+    def num_samples(self, split):
+        return len(self._files[split])
+
+    def items(self, split):
+        return [{"image": p} for p in self._files[split]]
+
+    def table(self, split):
+        return {"targets": self._targets[split]}
+
+    def cache_id(self) -> dict:
+        return {"dataset": self.name, "root": str(self.root), "params": self.params(),
+                "limits": {s: v for s, v in self.limits.items() if v}}
+
+    def params(self) -> dict:
+        return {"image_size": self.image_size, "decode_version": DECODE_VERSION}
+
+    def missing_error(self, path: str) -> FolderFormatError:
+        return FolderFormatError(f"{_line_of(str(self.csv_path), path)}image {path} is missing")
+
+    def resize(self, field, x):
+        from .celeba import resize_like_reference
+        return resize_like_reference(x, self.image_size)
+
+    def to_batch(self, raw, flags):
+        return targets_batch(raw, flags)
+
+
+def targets_batch(raw, flags) -> dict:
+    """Stored {"image": (B, 3, S, S) uint8, "targets": (B, N) float32} on the device → {"image":
+    (B, 3, S, S) float32 in [0, 1], "targets": (B, N) float32 (NaN = missing)}; new tensors."""
+    image = raw["image"].contiguous().to(torch.float32).div_(255.0)
+    if flags is not None:
+        image = flip_rows(image, flags)
+    return {"image": image, "targets": raw["targets"].to(torch.float32, copy=True)}
+
+
+def open_folder(cfg, progress: bool = True) -> FolderDataset:
+    """Open ``data.root`` as a folder dataset; store the resolved task declarations in ``cfg``
+    (``data.folder_tasks``) so the run's config.json makes a rerun exact."""
+    if not cfg.root:
+        raise FolderFormatError("data.root: the folder dataset needs its folder (--data-root DIR)")
+    ds = FolderDataset(cfg.root, cfg.task_names(), cfg.image_size, cfg.folder_tasks,
+                       {"train": cfg.limit_train, "val": cfg.limit_eval, "test": cfg.limit_eval})
+    if ds.inferred:         # always said (also with --quiet): it decides the heads and the losses
+        print(f"{ds.csv_path}: task types inferred from the training split (declare them in {TASKS_FILE} to "
+              "change them; the run's config.json records them as data.folder_tasks):", file=sys.stderr)
+        for d in ds.decls:
+            mark = "inferred" if d.name in ds.inferred else "declared"
+            print(f"  {d.name}: {describe_decl(d)} ({mark})", file=sys.stderr)
+    if not cfg.folder_tasks:
+        cfg.folder_tasks = ds.resolved()
+    return ds
+
+
+def folder_taskset(cfg, names: list[str]) -> GenericTaskSet:
+    """The task set of a saved run, from its config's ``data.folder_tasks`` (no data needed)."""
+    if not cfg.data.folder_tasks:
+        raise ValueError("data.folder_tasks is empty: the run's config does not record its task declarations")
+    return GenericTaskSet.from_config(cfg.data.folder_tasks, names)
+
+
+def count_tasks(root: str | Path, tasks: list[str] | None = None) -> int:
+    """N, from the header of DIR/labels.csv (for K = min(3, N) before the data is opened)."""
+    if tasks is not None:
+        return len(tasks)
+    return len(LabelTable(Path(root) / LABELS_FILE).tasks)
+
+
+FORMAT = DatasetFormat("folder", open_folder, folder_taskset,
+                       "your own tasks: DIR/labels.csv (image, split, one column per task) + optional tasks.json")
+
+
+def default_branches(cfg, overrides: list[str] = ()):
+    """K = min(K, N) for a folder dataset whose K was not set explicitly (``--set model.branches``):
+    the folder recipes' K = 3 on a folder of fewer tasks. Returns ``cfg``."""
+    if cfg.data.dataset != "folder" or not cfg.data.root or not is_folder_dataset(cfg.data.root):
+        return cfg
+    if any(o.split("=", 1)[0].strip() == "model.branches" for o in overrides):
+        return cfg
+    n = count_tasks(cfg.data.root, cfg.data.task_names())
+    if cfg.grouping.method not in ("fixed", "naive-mtl") and cfg.model.branches > n:
+        cfg.model.branches = n
+    return cfg
+
+
+#: the planted groups of ``write_demo``'s tasks
+DEMO_GROUPS = [{"g0_bin", "g0_cls"}, {"g1_bin", "g1_reg"}, {"g2_reg", "g2_bin"}]
+
+
+def write_demo(root: str | Path, n_train: int = 1200, n_eval: int = 150, size: int = 16, seed: int = 1) -> Path:
+    """Write a demo folder (README "Your own tasks"): PNG images and labels.csv with 6 tasks of mixed
+    types in 3 planted groups, 5 % of the cells empty. As the embedded synthetic set
+    (``fastdmtg/data/synthetic.py``), latent a_g ~ N(0, 1) shifts colour channel g; group 0 = binary
+    g0_bin (a_0 > 0) + multiclass g0_cls (a_0 cut at ±0.5 into 3 classes), group 1 = binary g1_bin
+    (a_1 > 0.2) + regression g1_reg (2·a_1 + 5), group 2 = regression g2_reg (a_2) + binary g2_bin
+    (low/high at a_2 = −0.2). Splits: n_train / n_eval / n_eval images."""
+    import csv as _csv
+
+    from PIL import Image
+
+    from .synthetic import ALPHA, SIGMA, envelope
+    root = Path(root)
+    gen = torch.Generator().manual_seed(seed)
+    n = n_train + 2 * n_eval
+    a = torch.randn(n, 3, generator=gen)                                              # (n, 3) latents
+    x = 0.5 + ALPHA * a[:, :, None, None] * envelope(size) + SIGMA * torch.randn(n, 3, size, size, generator=gen)
+    imgs = (x.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()   # (n, S, S, 3)
+    a = a.numpy()
+    miss = np.random.default_rng(seed).random((n, 6)) < 0.05
+    (root / "im").mkdir(parents=True, exist_ok=True)
+    with open(root / LABELS_FILE, "w", newline="") as f:
+        w = _csv.writer(f)
+        w.writerow(["image", "split", "g0_bin", "g1_bin", "g2_reg", "g0_cls", "g1_reg", "g2_bin"])
+        for i in range(n):
+            split = "train" if i < n_train else ("val" if i < n_train + n_eval else "test")
+            cells = [int(a[i, 0] > 0), int(a[i, 1] > 0.2), f"{a[i, 2]:.4f}", int(np.digitize(a[i, 0], [-0.5, 0.5])),
+                     f"{2 * a[i, 1] + 5:.4f}", ["low", "high"][int(a[i, 2] > -0.2)]]
+            name = f"im/{i:05d}.png"
+            Image.fromarray(imgs[i]).save(root / name)
+            w.writerow([name, split] + ["" if miss[i, j] else c for j, c in enumerate(cells)])
+    return root
