@@ -44,6 +44,14 @@ from pathlib import Path
 import numpy as np
 
 from .config import Config, ConfigError, apply_overrides, get_recipe
+from .log import add_output_flags, get_logger, progress_flag
+from .log import setup as setup_logging
+
+_log = get_logger("fastdmtg.compare")
+
+
+def _info(msg: str, flush: bool = True) -> None:
+    _log.info(msg)
 
 ALL_METHODS = ["naive", "stl", "rg", "tag", "hoa", "bmtn", "dmtg", "dmtg-two-shot"]
 ALIASES = {"naive-mtl": "naive", "two-shot": "dmtg-two-shot"}
@@ -121,8 +129,8 @@ class Row:
 
 class Comparison:
     def __init__(self, base: Config, out: Path, ks: list[int], seeds: int = 3, overlap: str = "train",
-                 rsa_images: int = 256, naive_cfg: Config | None = None, progress: bool = False,
-                 flops: bool = True, log=print):
+                 rsa_images: int = 256, naive_cfg: Config | None = None, progress: bool | None = False,
+                 flops: bool = True, log=_info):
         from .pipelines import build_source
         self.base, self.out, self.ks, self.seeds = base, Path(out), ks, seeds
         self.overlap, self.rsa_images, self.progress, self.log = overlap, rsa_images, progress, log
@@ -142,7 +150,7 @@ class Comparison:
 
     # ------------------------------------------------------------------ runs
     def cfg(self, overrides: list[str], base: Config | None = None) -> Config:
-        return apply_overrides(base or self.base, [f"train.progress={str(self.progress).lower()}", *overrides])
+        return apply_overrides(base or self.base, [f"train.progress={str(self.progress is not False).lower()}", *overrides])
 
     def run(self, key: str, cfg: Config, label: str, cost_factor: float = 1.0) -> dict:
         """Train (or reuse) the run in OUT/key; returns its results with '_dir' and '_key'."""
@@ -175,7 +183,7 @@ class Comparison:
                 self.log(f"{tag} — {'resuming' if resume else 'training'} "
                          f"({cfg.grouping.method}, K={cfg.model.branches}, {cfg.train.epochs} epochs)", flush=True)
                 t0 = time.perf_counter()
-                res = train(cfg, run_dir, resume=resume)
+                res = train(cfg, run_dir, resume=resume, progress=self.progress)
                 self.log(f"    done in {time.perf_counter() - t0:.0f} s: {_summary(res)}", flush=True)
             self._by_config[ident] = key
         res["_dir"], res["_key"] = str(run_dir), key
@@ -656,7 +664,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--naive-recipe", help="recipe of the naive-MTL reference (default: the recipe itself with "
                                           "grouping.method=naive-mtl, i.e. the same optimizer as every method)")
     p.add_argument("--rsa-images", type=int, default=256, help="BMTN: images for the RDMs (default 256)")
-    p.add_argument("--progress", action="store_true", help="show the trainer's progress bars")
+    add_output_flags(p, "the trainer's progress bars")
     p.add_argument("--no-flops", action="store_true", help="skip the FLOPs column (fastdmtg.bench.count_flops)")
     return p
 
@@ -665,6 +673,7 @@ def compare_main(argv: list[str]) -> int:
     from .checkpoint import WriteFailed
     from .train import RunStopped, TrainingInterrupted, exit_code
     args = _parser().parse_args(argv)
+    setup_logging(args.log_level)
     methods = []
     for m in (x.strip() for x in args.methods.split(",") if x.strip()):
         m = ALIASES.get(m, m)
@@ -686,8 +695,8 @@ def compare_main(argv: list[str]) -> int:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         cmp = Comparison(base, out, ks, seeds=args.seeds, overlap=args.overlap, rsa_images=args.rsa_images,
-                         naive_cfg=naive_cfg, progress=args.progress, flops=not args.no_flops)
-        print(f"comparison of {', '.join(methods)} on {args.recipe} ({cmp.n} tasks), K ∈ {ks}, in {out}", flush=True)
+                         naive_cfg=naive_cfg, progress=progress_flag(args), flops=not args.no_flops)
+        _log.info(f"comparison of {', '.join(methods)} on {args.recipe} ({cmp.n} tasks), K ∈ {ks}, in {out}")
         rows, failed = cmp.run_methods(methods)
     except WriteFailed as e:
         print(f"error: {e}", file=sys.stderr)
