@@ -202,6 +202,7 @@ def cmd_eval(args) -> int:
     res = evaluate(model, data.taskset, data, args.split, cfg.train.eval_batch_size, device, progress=bars)
     res["split"], res["groups"] = args.split, [[meta["tasks"][i] for i in g] for g in meta["groups"]]
     atomic_write_json(run_dir / f"eval_{args.split}.json", res)
+    log.info(f"per-task metrics written to {run_dir / f'eval_{args.split}.json'}")
     print(json.dumps({k: res[k] for k in ("split", "total_loss", "total_error", "loss", "error") if k in res},
                      indent=2))
     return 0
@@ -231,7 +232,8 @@ def _main(argv: list[str] | None = None) -> int:
     ap.add_argument("--version", action="version", version=f"fastdmtg {__version__}")
     sub = ap.add_subparsers(dest="cmd", required=True)
     _train_parser(sub)
-    pe = sub.add_parser("eval", help="evaluate the pruned grouped model of a run on a split")
+    pe = sub.add_parser("eval", help="evaluate the pruned grouped model of a run on a split; prints the totals and "
+                                     "writes RUN_DIR/eval_<split>.json (per-task metrics)")
     pe.add_argument("run_dir")
     pe.add_argument("--split", default="test", choices=["train", "val", "test"])
     pe.add_argument("--data-root", help="dataset folder, if it moved since training")

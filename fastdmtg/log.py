@@ -60,10 +60,10 @@ def get_logger(name: str = LOGGER) -> logging.Logger:
 
 
 def setup(level: str | None = None) -> logging.Logger:
-    """Set the package's log level (--log-level); returns the package logger."""
+    """Set the package's log level for a command (--log-level; INFO when not given); returns the
+    package logger."""
     log = get_logger()
-    if level:
-        log.setLevel(level.upper())
+    log.setLevel(level.upper() if level else logging.INFO)
     return log
 
 
