@@ -165,7 +165,7 @@ def format_results(res: dict) -> str:
     lines = [f"method {res['method']}, K={res['num_branches']}, best epoch {res['best_epoch']} of {res['epochs']}"]
     used = sorted(set(res["assignment"]))      # groups = the branches in use, in branch order (1..K)
     for i, g in enumerate(res["groups"]):
-        lines.append(f"  group {i + 1} (branch {used[i] + 1}): {', '.join(g)}")
+        lines.append(f"  group {i + 1}: {', '.join(g)}  (branch {used[i] + 1} of {res['num_branches']})")
     t = res["test"]
     lines.append(f"test total loss {t['total_loss']:.4f}" +
                  (f", total error {t['total_error']:.2f}" if t.get("total_error") is not None else ""))

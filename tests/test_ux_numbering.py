@@ -46,10 +46,10 @@ def test_console_results_history_and_plot_agree(tmp_path, capsys, monkeypatch):
     assert np.allclose(rec["probabilities"], res["probabilities"])
     # best.pt keeps its internal 0-based index
     assert torch.load(run / "checkpoints" / "best.pt", weights_only=True)["epoch"] == best - 1
-    # groups are named with the branch they are: "group i (branch k)" for the used branches, 1-based
+    # groups are the used branches in branch order, each line naming its branch (1-based)
     used = sorted(set(res["assignment"]))
-    for i, k in enumerate(used):
-        assert f"group {i + 1} (branch {k + 1}):" in out
+    for i, (k, g) in enumerate(zip(used, res["groups"])):
+        assert f"group {i + 1}: {', '.join(g)}  (branch {k + 1} of 3)" in out
     assert (run / "train.log").read_text().count("epoch 3/3:") == 1
 
 
