@@ -91,3 +91,26 @@ def test_resume_from_a_checkpoint_written_before_1_based_epochs(tmp_path):
     hist = json.loads(hist_path.read_text())
     assert [h["epoch"] for h in hist] == [1, 2, 3]
     assert 1 <= res["best_epoch"] <= 3
+
+
+def test_tensorboard_has_per_task_val_probabilities_figure_and_hparams(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    cfg = apply_overrides(get_recipe("synthetic_k3"), ["train.progress=false", *TINY, "train.epochs=2"])
+    res = train(cfg, tmp_path / "run")
+    hist = json.loads((tmp_path / "run" / "history.json").read_text())
+    ev = EventAccumulator(str(tmp_path / "run" / "tb"), size_guidance={"scalars": 0, "images": 0})
+    ev.Reload()
+    tags = ev.Tags()
+    names = res["tasks"]
+    for t in names:
+        got = [e.value for e in ev.Scalars(f"val/loss/{t}")]
+        assert got == pytest.approx([h["val"]["loss"][t] for h in hist])
+        assert len(ev.Scalars(f"val/error/{t}")) == 2
+    p = [e.value for e in ev.Scalars(f"grouping/p/{names[0]}/branch2")]
+    assert p == pytest.approx([h["probabilities"][0][1] for h in hist])
+    assert [e.value for e in ev.Scalars("train/epoch")] == [1, 2]
+    assert "grouping/selected_epoch" in tags["images"]
+    hp = EventAccumulator(str(tmp_path / "run" / "tb" / "hparams"))
+    hp.Reload()
+    assert hp.Scalars("test/total_loss")[0].value == pytest.approx(res["total_loss"])
