@@ -150,3 +150,15 @@ def test_version(capsys):
     with pytest.raises(SystemExit) as e:
         main(["--version"])
     assert e.value.code == 0 and capsys.readouterr().out.strip() == f"fastdmtg {__version__}"
+
+
+def test_errors_say_the_fix(piped_run, capsys):
+    from fastdmtg.data.celeba import CelebAFormatError, select_tasks
+    with pytest.raises(CelebAFormatError, match=r"unknown attribute '5_o_Clock_Shadow' \(data.tasks\); the file "
+                                                r"has: Smiling, Young; to train on all of them: --set data.tasks=all"):
+        select_tasks(["Smiling", "Young"], ["5_o_Clock_Shadow"], "list_attr_celeba.txt")
+    # eval names the file it writes
+    run = piped_run[0]
+    assert main(["eval", str(run), "--split", "val"]) == 0
+    out = capsys.readouterr().out
+    assert f"per-task metrics written to {run / 'eval_val.json'}" in out and (run / "eval_val.json").exists()
