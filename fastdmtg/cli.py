@@ -7,6 +7,9 @@
     fastdmtg prepare taskonomy ROOT OUT [...]
     fastdmtg data verify PATH [...]
     fastdmtg compare ... | fastdmtg bench flops|step ... | fastdmtg profile ...
+    fastdmtg predict RUN_DIR IMAGE... [--out preds.csv]
+    fastdmtg --version
+    train/eval/compare/bench/profile: --progress/--no-progress, --quiet, --log-level (fastdmtg/log.py)
 """
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """Comparison of grouping methods on one recipe: the DMTG paper's Tables 1–4 and A4/A5.
 
     fastdmtg compare --recipe synthetic_k3 --methods naive,stl,rg,tag,hoa,bmtn,dmtg,dmtg-two-shot \\
-                     --k 2,3 --out DIR [--set KEY=VALUE ...] [--seeds 3] [--data-root PATH]
+                     --k 2,3 --out DIR [--set KEY=VALUE ...] [--seeds N] [--rg-partitions 3] [--data-root PATH]
 
 Every method is a grouping method of the same trainer on the same models, data and metrics; this
 module only decides which runs a method needs (each in its own folder under DIR, trained by
@@ -12,7 +12,7 @@ an interrupted comparison. One progress line per run.
 Methods (docs/baselines.md has the details and the deviations from the papers):
     naive          naive MTL, one encoder (the NormGain reference)
     stl            one network per task: ``fixed`` groups 0|1|...|N−1 with nothing shared
-    rg             random partition into K groups, mean ± std over --seeds partitions
+    rg             random partition into K groups, mean ± std over --rg-partitions partitions
     tag            TAG: affinity run (tag-affinity) → tag_select → train the chosen networks
     hoa            HOA: all pair networks + the STL singles → hoa_select → train the chosen networks
     bmtn           BMTN: RSA affinity from the STL networks → split point + clustering → train
@@ -21,7 +21,8 @@ Methods (docs/baselines.md has the details and the deviations from the papers):
 
 Outputs in DIR: comparison.md (all tables), comparison.csv (one row per method × K),
 groupings.csv (Table A4/A5 shape), per_task.csv, comparison.json (everything, including the
-affinity matrices and the selections).
+affinity matrices and the selections), comparison.tex (booktabs) and, with --seeds N ≥ 2, the DMTG
+grouping-stability matrices (fastdmtg/seeds.py).
 
 Relative encoder cost = Σ over the runs a method needed of (encoder branches × epochs), divided by
 naive MTL's (1 × epochs). A TAG affinity run counts 1 + N/affinity_every (each measurement costs
