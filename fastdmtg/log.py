@@ -55,7 +55,7 @@ def get_logger(name: str = LOGGER) -> logging.Logger:
         root.addHandler(h)
         if root.level == logging.NOTSET:
             root.setLevel(logging.INFO)
-        root.propagate = False                 # one copy of each line, also under an app's root handler
+        # records still propagate to the root logger: an application's (or pytest's) handlers see them
     return logging.getLogger(name)
 
 
