@@ -2,8 +2,8 @@
 
 Messages go through stdlib ``logging`` under the ``fastdmtg`` logger: INFO to stdout (the epoch
 lines, run summaries), WARNING and above to stderr with a ``warning:`` / ``error:`` prefix. A run
-also appends its messages to RUN_DIR/train.log (``run_log``). ``fastdmtg.epochs`` carries the
-per-epoch lines so a caller that trains many runs (``compare``) can mute them on their own.
+also appends its messages to RUN_DIR/train.log (``RunLog``). ``fastdmtg.epochs`` carries the
+per-epoch lines (a caller can raise that logger's level to mute them alone).
 
 Progress bars (tqdm, on stderr) are drawn only on a terminal: piped to a file, a run writes its
 epoch lines and no ``\\r`` updates. ``--progress`` forces them on, ``--no-progress`` / ``--quiet``
@@ -12,7 +12,6 @@ off (``--quiet`` keeps the epoch lines; ``--log-level WARNING`` drops them).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import logging
 import sys
 from pathlib import Path
@@ -81,19 +80,6 @@ def bars_on(flag: bool | None, default: bool = True) -> bool:
     if flag is not None:
         return bool(flag)
     return bool(default) and is_tty()
-
-
-@contextlib.contextmanager
-def epoch_lines(on: bool):
-    """Mute (on=False) the per-epoch lines for the duration, e.g. while compare trains its runs."""
-    lg = get_logger(EPOCHS)
-    old = lg.level
-    if not on:
-        lg.setLevel(logging.WARNING)
-    try:
-        yield
-    finally:
-        lg.setLevel(old)
 
 
 class RunLog:
