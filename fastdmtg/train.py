@@ -42,7 +42,7 @@ from .models.batched import BatchedMultiBranchNet, supports_batching
 from .step import DDP_GRAPH_WARMUP, StepModule, StepRunner, autocast_factory, set_output_precision, wrap_ddp
 
 log = get_logger("fastdmtg.train")
-epoch_log = get_logger(EPOCHS)        # the per-epoch lines (compare mutes them)
+epoch_log = get_logger(EPOCHS)        # the per-epoch lines (a logger of their own: can be muted alone)
 # Epoch numbering: every file and message a person reads counts epochs from 1 (history.json "epoch",
 # results.json "best_epoch", divergence/config_changes "epoch", plots, TensorBoard "train/epoch");
 # the checkpoints' counters (last.pt "epoch" = epochs completed, best.pt "epoch" = 0-based index) are
@@ -644,13 +644,13 @@ class Trainer:
         names = self.taskset.names
         for e in events:
             e = dict(e, task_name=names[e["task"]])
-            if self.is_main and self.progress:
+            if self.is_main:
                 log.info(f"pruning: step {e['step']}: dropped head (task {e['task_name']}, branch "
                          f"{e['branch'] + 1} of {self.cfg.model.branches}), "
                          f"p={e['probability']:.3g} < eps={self.cfg.grouping.prune_eps:g} for "
                          f"{self.cfg.grouping.prune_patience} steps")
         mask = self.method.head_mask()
-        if mask is not None and self.is_main and self.progress:
+        if mask is not None and self.is_main:
             dead = [k + 1 for k in range(mask.shape[1]) if not bool(mask[:, k].any())]
             if dead:
                 log.info(f"pruning: branches no longer computed (numbered 1..K): {dead}")
