@@ -116,11 +116,12 @@ def cmd_train(args) -> int:
         if args.save_config:
             from .checkpoint import atomic_write_json
             atomic_write_json(args.save_config, resolved.to_dict())
-            log.info(f"config written to {args.save_config} (start from it with --config {args.save_config})")
+            print(f"config written to {args.save_config} (start from it with --config {args.save_config})",
+                  file=sys.stderr)          # stderr: stdout holds only the JSON of --dry-run
         if args.dry_run:
             print(json.dumps(resolved.to_dict(), indent=2))
             if auto:
-                log.info(f"auto resolved for this machine: {', '.join(auto)}")
+                print(f"auto resolved for this machine: {', '.join(auto)}", file=sys.stderr)
             return 0
     if main_rank:
         log.info(f"run folder: {run_dir}")
