@@ -301,7 +301,7 @@ def run_one(a, prep: Path, out: Path, name: str, method: str, k: int, eps: float
     row = {"name": name, "method": method, "K": k, "eps": eps, "patience": patience if eps > 0 else None,
            "wall_s": wall, "train_time_s": res["train_time_s"], "groups": res["groups"],
            "planted_recovered": partition(res["groups"]) == partition(PLANTED),
-           "best_epoch": res["best_epoch"] + 1, "test_loss": res["test"]["loss"], "test_error": res["test"]["error"],
+           "best_epoch": res["best_epoch"], "test_loss": res["test"]["loss"], "test_error": res["test"]["error"],
            "test_metrics": res["test"].get("metrics"),
            "softmax_S_final": hist[-1].get("probabilities"),
            "assignment_per_epoch": [h["assignment"] for h in hist],

@@ -35,8 +35,10 @@ Both are served by the trainer's default source (``fastdmtg.pipelines.build_sour
 gpu-cache: resident on the device, gathered there). Every row names the source that ran (its
 backend, and where the data lived) in its "data" column.
 
-Warm-up steps first (they pay compile and graph capture), then CUDA events around ``--steps``
-steps, median of ``--repeats`` repeats. The "reference style" row is eager fp32 fed by a torch
+Warm-up steps first (they pay compile and graph capture), then CUDA events (on CPU: the wall
+clock; no MFU is reported there) around ``--steps`` steps, median of ``--repeats`` repeats — every
+row, the reference-style one included. A row that fails is a "failed" row of the table and makes
+the command exit 1 (``--log-level DEBUG`` prints its traceback). The "reference style" row is eager fp32 fed by a torch
 DataLoader over raw files written to a temporary folder, as the reference pipeline does: CelebA
 JPEGs of the official 178×218 format; for Taskonomy an official-format root
 (ROOT/<domain>/<building>/point_<p>_view_<v>_domain_<suffix>.png with the real PNG bit depths, at
@@ -60,7 +62,6 @@ import statistics
 import sys
 import tempfile
 import time
-import traceback
 from pathlib import Path
 
 import torch
@@ -141,10 +142,13 @@ def _sdpa_macs(inputs, outputs) -> int:
 
 def flops_main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(prog="fastdmtg bench flops")
-    ap.add_argument("--recipes", default="celeba9_k2,celeba9_k3,celeba9_k4,celeba9_k5,celeba40_k5")
+    ap.add_argument("--recipes", default="celeba9_k2,celeba9_k3,celeba9_k4,celeba9_k5,celeba40_k5",
+                    help="comma-separated recipes, one table row each (default: the CelebA ones)")
     ap.add_argument("--taskonomy", action="store_true", help="also the Taskonomy rows (slow on CPU: minutes)")
     ap.add_argument("--out", help="write the Markdown table here too")
+    _output_flags(ap)
     args = ap.parse_args(argv)
+    _setup_logging(args)
     rows = ["| recipe | K | N | params | fvcore GFLOPs (1/MAC) | torch GFLOPs (2/MAC) | paper GFLOPs (Table A1) |",
             "|---|---:|---:|---:|---:|---:|---:|"]
     for name in args.recipes.split(","):
@@ -154,7 +158,7 @@ def flops_main(argv: list[str]) -> int:
         rows.append(f"| {name} | {cfg.model.branches} | {len(_task_specs(cfg))} | {f['params']:,} | "
                     f"{(f['fvcore_1_per_mac'] or float('nan')) / 1e9:.3f} | {f['torch_2_per_mac'] / 1e9:.3f} | "
                     f"{paper if paper is not None else '—'} |")
-        print(rows[-1], flush=True)
+        print(f"counted {name}", file=sys.stderr, flush=True)       # progress; the table prints once, below
     text = "\n".join(rows)
     if args.taskonomy:
         import runpy
@@ -492,28 +496,32 @@ def _scaling_configs(base_recipe: Config, recipe: str, overrides: list[str], bes
 
 def step_main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(prog="fastdmtg bench step")
-    ap.add_argument("--recipe", default="celeba9_k3")
+    ap.add_argument("--recipe", default="celeba9_k3", help="recipe to time (fastdmtg recipes; default celeba9_k3)")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="override a recipe field before the rows (repeatable), e.g. --set data.image_size=32")
-    ap.add_argument("--steps", type=int, default=50)
-    ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--warmup", type=int, default=15)
+    ap.add_argument("--steps", type=int, default=50, help="timed steps per repeat, every row (default 50)")
+    ap.add_argument("--repeats", type=int, default=5, help="repeats per row; the median is reported (default 5)")
+    ap.add_argument("--warmup", type=int, default=15,
+                    help="untimed steps before each row (compile, graph capture; default 15)")
     ap.add_argument("--jpegs", type=int, default=8192, help="JPEG files for the CelebA DataLoader row (0: skip the row)")
     ap.add_argument("--raw-samples", type=int, default=-1,
                     help="Taskonomy samples (6 PNGs each) for the DataLoader row (default: enough for the row's "
                          "steps in one epoch; 0: skip the row)")
-    ap.add_argument("--workers", type=int, default=8)
+    ap.add_argument("--workers", type=int, default=8, help="DataLoader workers of the reference-style row (default 8)")
     ap.add_argument("--scaling", action="store_true",
                     help="also step time vs K (2..5) and N (9 vs 40); Taskonomy: K=3/4/5 (CUDA only)")
     ap.add_argument("--only", default="", help="comma-separated row indices to run (none: no rows)")
-    ap.add_argument("--scaling-set", action="append", default=[], help="extra overrides for the scaling table")
+    ap.add_argument("--scaling-set", action="append", default=[], metavar="KEY=VALUE",
+                    help="extra overrides for the scaling table (repeatable)")
     ap.add_argument("--scaling-recipes", default="",
                     help="CelebA recipes of the scaling table (comma-separated; default K=2..5 and celeba40_k5)")
     ap.add_argument("--train-images", type=int, default=0,
                     help="training-set size for the projected hours (default: CelebA 162,770; Taskonomy: none)")
-    ap.add_argument("--out", help="write the Markdown report here too")
-    ap.add_argument("--device", default="auto")
+    ap.add_argument("--out", help="write the Markdown report here too (and the rows as JSON beside it)")
+    ap.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default auto)")
+    _output_flags(ap)
     args = ap.parse_args(argv)
+    _setup_logging(args)
     from .train import resolve_device
     device = resolve_device(args.device)
     replaced = [o for o in args.overrides if o.split("=", 1)[0].strip() in _SPEED_KEYS]
@@ -523,6 +531,7 @@ def step_main(argv: list[str]) -> int:
     base = apply_overrides(get_recipe(args.recipe), args.overrides)
     base = apply_overrides(base, _SPEED_OFF)
     taskonomy = base.data.dataset == "taskonomy"
+    where = "GPU-resident" if device.type == "cuda" else "host-memory (CPU)"
     flops = count_flops(base)
     fwd_macs = flops["fvcore_1_per_mac"] or flops["torch_2_per_mac"] / 2
     train_flops_per_sample = 3 * 2 * fwd_macs
@@ -530,8 +539,8 @@ def step_main(argv: list[str]) -> int:
     rows = [
         ("reference style: eager fp32 + torch DataLoader (JPEG decode)" if not taskonomy else
          "reference style: eager fp32 + torch DataLoader (PNG decode + resize)", [], "torch"),
-        ("eager fp32, GPU-resident uint8 cache" if not taskonomy else
-         "eager fp32, GPU-resident uint8/uint16 cache", [], "gpu-cache"),
+        (f"eager fp32, {where} uint8 cache" if not taskonomy else
+         f"eager fp32, {where} uint8/uint16 cache", [], "gpu-cache"),
         ("+ bf16 autocast", ["train.amp=bf16"], "gpu-cache"),
         ("+ Triton kernels", ["train.amp=bf16", "train.kernels=triton"], "gpu-cache"),
         ("+ CUDA graph (whole step)", ["train.amp=bf16", "train.kernels=triton", "train.cuda_graph=on"], "gpu-cache"),
@@ -574,9 +583,10 @@ def step_main(argv: list[str]) -> int:
              f"- device: {gpu}; torch {torch.__version__}; python {sys.version.split()[0]}",
              f"- command: `fastdmtg bench step {' '.join(argv)}`",
              f"- batch {base.train.batch_size}, {args.steps} timed steps × {args.repeats} repeats (median), "
-             f"{args.warmup} warm-up steps; CUDA events",
-             f"- training FLOPs/sample = 3 × 2 × fvcore MACs = {train_flops_per_sample / 1e9:.3f} GFLOP{fvcore_note}; "
-             f"MFU against {peak:.0f} TFLOP/s dense bf16 ({peak_label})",
+             f"{args.warmup} warm-up steps; " + ("CUDA events" if device.type == "cuda" else "CPU wall clock (perf_counter)"),
+             f"- training FLOPs/sample = 3 × 2 × fvcore MACs = {train_flops_per_sample / 1e9:.3f} GFLOP{fvcore_note}; " +
+             (f"MFU against {peak:.0f} TFLOP/s dense bf16 ({peak_label})" if device.type == "cuda"
+              else "no MFU on CPU (it is defined against a GPU's peak)"),
              f"- projected hours: {hours_text}"]
     if taskonomy:
         lines.append(f"- data: Taskonomy {base.data.image_size}×{base.data.image_size}, tasks "
@@ -590,12 +600,14 @@ def step_main(argv: list[str]) -> int:
     lines += ["", f"| configuration | mode | kernels | ms/step | img/s | speed-up | MFU % | {hours_head} | data (source that ran) |",
               "|---|---|---|---:|---:|---:|---:|---:|---|"]
     ref_ips = None
+    failed = 0
     for name, over, loader in rows:
         cfg = _variant(base, over)
         if loader == "torch":
-            ref_steps = max(5, args.steps // 5)
+            ref_steps = args.steps
             if taskonomy:
-                n_raw = args.raw_samples if args.raw_samples >= 0 else base.train.batch_size * (3 + 3 * ref_steps + 2)
+                n_raw = args.raw_samples if args.raw_samples >= 0 else \
+                    base.train.batch_size * (args.warmup + args.repeats * ref_steps + 2)
                 if n_raw <= 0:
                     print(f"{name}: skipped (--raw-samples 0)", file=sys.stderr)
                     continue
@@ -612,28 +624,29 @@ def step_main(argv: list[str]) -> int:
                 else:
                     _write_jpegs(raw_dir, args.jpegs)
             try:
-                r = measure_step(cfg, device, steps=ref_steps, repeats=3, warmup=3, loader="torch",
+                r = measure_step(cfg, device, steps=ref_steps, repeats=args.repeats, warmup=args.warmup, loader="torch",
                                  raw_root=raw_dir, num_workers=args.workers)
-            except Exception as e:  # report, don't hide
-                traceback.print_exc()
-                print(f"{name}: failed: {e}", file=sys.stderr)
+            except Exception as e:  # report, don't hide: a row of the table and a non-zero exit
+                failed += 1
+                _row_failed(name, e)
+                lines.append(f"| {name} | — | — | failed: {type(e).__name__}: {_one_line(e)} | | | | | |")
                 continue
         else:
             try:
                 r = measure_step(cfg, device, steps=args.steps, repeats=args.repeats, warmup=args.warmup)
             except Exception as e:
-                traceback.print_exc()
-                print(f"{name}: failed: {type(e).__name__}: {e}", file=sys.stderr)
-                lines.append(f"| {name} | — | — | failed: {type(e).__name__} | | | | | |")
+                failed += 1
+                _row_failed(name, e)
+                lines.append(f"| {name} | — | — | failed: {type(e).__name__}: {_one_line(e)} | | | | | |")
                 continue
         ref_ips = ref_ips or r["img_per_s"]
-        mfu = 100 * r["img_per_s"] * train_flops_per_sample / (peak * 1e12)
+        mfu = 100 * r["img_per_s"] * train_flops_per_sample / (peak * 1e12) if device.type == "cuda" else None
         hours = f"{base.train.epochs * n_train / r['img_per_s'] / 3600:.3f}" if n_train else "—"
         lines.append(f"| {name} | {r['mode']} | {r['kernels']} | {r['ms_per_step']:.3f} | {r['img_per_s']:,.0f} | "
-                     f"{r['img_per_s'] / ref_ips:.1f}× | {mfu:.2f} | {hours} | {r['data']} |")
+                     f"{r['img_per_s'] / ref_ips:.1f}× | {'—' if mfu is None else f'{mfu:.2f}'} | {hours} | {r['data']} |")
         out.append({"name": name, **r, "mfu_percent": mfu, "train_flops_per_sample": train_flops_per_sample,
-                    "peak_tflops": peak})
-        print(lines[-1], flush=True)
+                    "peak_tflops": peak if device.type == "cuda" else None})
+        print(lines[-1], file=sys.stderr, flush=True)       # progress; the report prints once, below
     if notes:
         lines += [""] + notes
     if args.scaling and device.type != "cuda":
@@ -649,12 +662,13 @@ def step_main(argv: list[str]) -> int:
             try:
                 r = measure_step(cfg, device, steps=args.steps, repeats=args.repeats, warmup=args.warmup)
             except Exception as e:
-                traceback.print_exc()
+                failed += 1
+                _row_failed(name, e)
                 lines.append(f"| {name} | {cfg.model.branches} | {len(_task_specs(cfg))} | failed: {type(e).__name__} | |")
                 continue
             lines.append(f"| {name} | {cfg.model.branches} | {len(_task_specs(cfg))} | {r['ms_per_step']:.3f} | "
                          f"{r['img_per_s']:,.0f} |")
-            print(lines[-1], flush=True)
+            print(lines[-1], file=sys.stderr, flush=True)
     if raw_dir is not None:
         import shutil
         shutil.rmtree(raw_dir, ignore_errors=True)
@@ -664,7 +678,33 @@ def step_main(argv: list[str]) -> int:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(report)
         Path(args.out).with_suffix(".json").write_text(json.dumps(out, indent=2))
+    if failed:
+        print(f"error: {failed} row(s) failed (see the table; --log-level DEBUG for the tracebacks)", file=sys.stderr)
+        return 1
     return 0
+
+
+def _output_flags(ap) -> None:
+    """The flags every command has (--progress/--no-progress, --quiet, --log-level); benchmarks draw no bars."""
+    from .log import add_output_flags
+    add_output_flags(ap, "progress bars (benchmarks draw none; accepted for the same command lines)")
+
+
+def _setup_logging(args) -> None:
+    from .log import setup
+    setup(args.log_level)
+
+
+def _one_line(e: BaseException) -> str:
+    return str(e).splitlines()[0][:160] if str(e) else ""
+
+
+def _row_failed(name: str, e: BaseException) -> None:
+    """A failed benchmark row: one line on stderr (the traceback at --log-level DEBUG)."""
+    from .log import get_logger
+    lg = get_logger("fastdmtg.bench")
+    lg.debug(f"{name}: failed", exc_info=e)
+    lg.error(f"{name}: failed: {type(e).__name__}: {_one_line(e)}")
 
 
 def bench_main(argv: list[str]) -> int:
@@ -677,14 +717,16 @@ def bench_main(argv: list[str]) -> int:
 # ------------------------------------------------------------------------------------- profile
 def profile_main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(prog="fastdmtg profile")
-    ap.add_argument("--recipe", default="celeba9_k3")
+    ap.add_argument("--recipe", default="celeba9_k3", help="recipe to profile (fastdmtg recipes; default celeba9_k3)")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="override a recipe field (repeatable), e.g. --set train.batch_size=8")
-    ap.add_argument("--steps", type=int, default=10)
-    ap.add_argument("--warmup", type=int, default=15)
-    ap.add_argument("--out", default="profile_out")
-    ap.add_argument("--device", default="auto")
+    ap.add_argument("--steps", type=int, default=10, help="profiled steps (default 10)")
+    ap.add_argument("--warmup", type=int, default=15, help="unprofiled steps first (compile, graph capture; default 15)")
+    ap.add_argument("--out", default="profile_out", help="folder for trace.json and summary.md (default profile_out)")
+    ap.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default auto)")
+    _output_flags(ap)
     args = ap.parse_args(argv)
+    _setup_logging(args)
     from torch.profiler import ProfilerActivity, profile
 
     from .train import resolve_device

@@ -7,6 +7,9 @@
     fastdmtg prepare taskonomy ROOT OUT [...]
     fastdmtg data verify PATH [...]
     fastdmtg compare ... | fastdmtg bench flops|step ... | fastdmtg profile ...
+    fastdmtg predict RUN_DIR IMAGE... [--out preds.csv]
+    fastdmtg --version
+    train/eval/compare/bench/profile: --progress/--no-progress, --quiet, --log-level (fastdmtg/log.py)
 """
 from __future__ import annotations
 
@@ -17,6 +20,10 @@ import time
 from pathlib import Path
 
 from .config import RECIPE_FOLLOWS, RECIPES, Config, ConfigError, apply_overrides, get_recipe
+from .log import add_output_flags, get_logger, progress_flag
+from .log import setup as setup_logging
+
+log = get_logger("fastdmtg.cli")
 
 NAIVE_OF = {"taskonomy5_k3": "taskonomy5_naive", "taskonomy5_k4": "taskonomy5_naive",
             "taskonomy5_k5": "taskonomy5_naive", "taskonomy5_vit_k3": "taskonomy5_vit_naive",
@@ -39,8 +46,13 @@ def _train_parser(sub):
     p.add_argument("--init-from", help="naive-MTL run folder or checkpoint to copy into all K branches")
     p.add_argument("--reference", help="naive-MTL run folder or results.json for NormGain")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run exactly")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
+    p.add_argument("--config", metavar="FILE", help="a JSON (or YAML) file with a full or partial config, laid "
+                                                    "over the recipe; --data-root/--method/--set apply on top")
+    add_output_flags(p)
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the config with every auto switch resolved for this machine, and exit")
+    p.add_argument("--save-config", metavar="FILE", help="write that resolved config to FILE (a starting point "
+                                                         "for --config)")
 
 
 def _flag_overrides(args) -> list[str]:
@@ -63,7 +75,16 @@ def build_config(args) -> Config:
                              else "synthetic_k3")
     if args.method == "naive-mtl" and recipe in NAIVE_OF:
         recipe = NAIVE_OF[recipe]
-    return default_branches(apply_overrides(get_recipe(recipe), _flag_overrides(args)), args.overrides)
+    return default_branches(apply_overrides(_with_file(get_recipe(recipe), args), _flag_overrides(args)),
+                            args.overrides)
+
+
+def _with_file(cfg: Config, args) -> Config:
+    """--config FILE laid over ``cfg``."""
+    if not getattr(args, "config", None):
+        return cfg
+    from .configfile import merge_config, read_config_file
+    return merge_config(cfg, read_config_file(args.config), args.config)
 
 
 def resume_config(args) -> Config:
@@ -80,7 +101,7 @@ def resume_config(args) -> Config:
         return build_config(args)
     if not (run_dir / "config.json").exists():
         raise FileNotFoundError(f"{run_dir}/config.json not found: not a fastdmtg run folder")
-    return apply_overrides(Config.load(run_dir / "config.json"), _flag_overrides(args))
+    return apply_overrides(_with_file(Config.load(run_dir / "config.json"), args), _flag_overrides(args))
 
 
 def cmd_train(args) -> int:
@@ -94,16 +115,26 @@ def cmd_train(args) -> int:
         cfg = build_config(args)
         run_dir = Path(args.out) if args.out else Path("runs") / f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
         resume = False
-    if args.dry_run:
-        print(json.dumps(cfg.to_dict(), indent=2))
-        return 0
+    if args.dry_run or args.save_config:
+        from .configfile import resolve_auto
+        resolved, auto = resolve_auto(cfg)
+        if args.save_config:
+            from .checkpoint import atomic_write_json
+            atomic_write_json(args.save_config, resolved.to_dict())
+            print(f"config written to {args.save_config} (start from it with --config {args.save_config})",
+                  file=sys.stderr)          # stderr: stdout holds only the JSON of --dry-run
+        if args.dry_run:
+            print(json.dumps(resolved.to_dict(), indent=2))
+            if auto:
+                print(f"auto resolved for this machine: {', '.join(auto)}", file=sys.stderr)
+            return 0
     if main_rank:
-        print(f"run folder: {run_dir}", flush=True)
+        log.info(f"run folder: {run_dir}")
     from .checkpoint import WriteFailed, has_checkpoint
     from .distributed import cleanup
     from .train import Diverged, RunStopped, TrainingInterrupted, exit_code, train
     try:
-        res = _train_in_process_group(train, cleanup, cfg, run_dir, resume, progress=False if args.quiet else None)
+        res = _train_in_process_group(train, cleanup, cfg, run_dir, resume, progress=progress_flag(args))
     except KeyboardInterrupt:      # Ctrl-C outside the training loop (start-up, final evaluation)
         if main_rank:
             then = (f"continue with: fastdmtg train --resume {run_dir}" if has_checkpoint(run_dir)
@@ -140,9 +171,10 @@ def _train_in_process_group(train, cleanup, *args, **kw) -> dict:
 
 
 def format_results(res: dict) -> str:
-    lines = [f"method {res['method']}, K={res['num_branches']}, best epoch {res['best_epoch'] + 1}"]
+    lines = [f"method {res['method']}, K={res['num_branches']}, best epoch {res['best_epoch']} of {res['epochs']}"]
+    used = sorted(set(res["assignment"]))      # groups = the branches in use, in branch order (1..K)
     for i, g in enumerate(res["groups"]):
-        lines.append(f"  group {i + 1}: {', '.join(g)}")
+        lines.append(f"  group {i + 1}: {', '.join(g)}  (branch {used[i] + 1} of {res['num_branches']})")
     t = res["test"]
     lines.append(f"test total loss {t['total_loss']:.4f}" +
                  (f", total error {t['total_error']:.2f}" if t.get("total_error") is not None else ""))
@@ -160,6 +192,7 @@ def cmd_eval(args) -> int:
     from .checkpoint import atomic_write_json, has_checkpoint
     from .export import load_grouped
     from .pipelines import build_source
+    from .log import bars_on
     from .train import evaluate, resolve_device
     run_dir = Path(args.run_dir)
     if not run_dir.is_dir():
@@ -172,14 +205,16 @@ def cmd_eval(args) -> int:
     cfg = Config.from_dict(meta["config"])
     if args.data_root:
         cfg = apply_overrides(cfg, [f"data.root={args.data_root}"])
-    data = build_source(cfg.data, progress=not args.quiet)
+    bars = bars_on(progress_flag(args))
+    data = build_source(cfg.data, progress=bars)
     if data.taskset.names != meta["tasks"]:
         print(f"error: the dataset's tasks {data.taskset.names} differ from the model's {meta['tasks']}",
               file=sys.stderr)
         return 2
-    res = evaluate(model, data.taskset, data, args.split, cfg.train.eval_batch_size, device, progress=not args.quiet)
+    res = evaluate(model, data.taskset, data, args.split, cfg.train.eval_batch_size, device, progress=bars)
     res["split"], res["groups"] = args.split, [[meta["tasks"][i] for i in g] for g in meta["groups"]]
     atomic_write_json(run_dir / f"eval_{args.split}.json", res)
+    log.info(f"per-task metrics written to {run_dir / f'eval_{args.split}.json'}")
     print(json.dumps({k: res[k] for k in ("split", "total_loss", "total_error", "loss", "error", "metrics") if k in res},
                      indent=2))
     return 0
@@ -195,28 +230,33 @@ def main(argv: list[str] | None = None) -> int:
 
 def _main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0] in ("compare", "bench", "profile"):
+    if argv and argv[0] in ("compare", "bench", "profile", "predict"):
         # these parse their own options (argparse's REMAINDER cannot pass a leading --option through)
         import importlib
-        mod = importlib.import_module(f"fastdmtg.{'compare' if argv[0] == 'compare' else 'bench'}")
+        mod = importlib.import_module(f"fastdmtg.{'bench' if argv[0] == 'profile' else argv[0]}")
         try:
             return getattr(mod, f"{argv[0]}_main")(argv[1:])
         except (ConfigError, FileNotFoundError, FileExistsError, ValueError) as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
+    from . import __version__
     ap = argparse.ArgumentParser(prog="fastdmtg", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--version", action="version", version=f"fastdmtg {__version__}")
     sub = ap.add_subparsers(dest="cmd", required=True)
     _train_parser(sub)
-    pe = sub.add_parser("eval", help="evaluate the pruned grouped model of a run on a split")
+    pe = sub.add_parser("eval", help="evaluate the pruned grouped model of a run on a split; prints the totals and "
+                                     "writes RUN_DIR/eval_<split>.json (per-task metrics)")
     pe.add_argument("run_dir")
     pe.add_argument("--split", default="test", choices=["train", "val", "test"])
     pe.add_argument("--data-root", help="dataset folder, if it moved since training")
     pe.add_argument("--device", default="auto")
-    pe.add_argument("--quiet", action="store_true")
+    add_output_flags(pe)
     sub.add_parser("recipes", help="list the named recipes")
     for name, mod, hlp in (("compare", "compare", "run a set of grouping methods and write comparison tables"),
                            ("bench", "bench", "benchmarks: flops | step"),
-                           ("profile", "bench", "torch.profiler trace of steady-state training steps")):
+                           ("profile", "bench", "torch.profiler trace of steady-state training steps"),
+                           ("predict", "predict", "predict every task for your own images: predict RUN_DIR "
+                                                  "IMAGE... [--out preds.csv]")):
         sp = sub.add_parser(name, help=hlp, add_help=False)
         sp.add_argument("rest", nargs=argparse.REMAINDER)
         sp.set_defaults(module=mod)
@@ -228,6 +268,7 @@ def _main(argv: list[str] | None = None) -> int:
                     help="taskonomy ROOT OUT: fast .npy format; add --format ffcv for .beton files (celeba or taskonomy)")
     pp.add_argument("rest", nargs=argparse.REMAINDER, help="ROOT OUT [options]")
     args = ap.parse_args(argv)
+    setup_logging(getattr(args, "log_level", None))
     try:
         if args.cmd == "train":
             return cmd_train(args)
@@ -244,7 +285,7 @@ def _main(argv: list[str] | None = None) -> int:
             print("follows: paper = the paper where explicit, else the released code (docs/fidelity.md); "
                   "reference = the released code as it is; ours = fastdmtg's demo/test data")
             return 0
-        if args.cmd in ("compare", "bench", "profile"):
+        if args.cmd in ("compare", "bench", "profile", "predict"):
             import importlib
             mod = importlib.import_module(f"fastdmtg.{args.module}")
             return getattr(mod, f"{args.cmd}_main")(args.rest)

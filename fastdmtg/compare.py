@@ -1,7 +1,7 @@
 """Comparison of grouping methods on one recipe: the DMTG paper's Tables 1–4 and A4/A5.
 
     fastdmtg compare --recipe synthetic_k3 --methods naive,stl,rg,tag,hoa,bmtn,dmtg,dmtg-two-shot \\
-                     --k 2,3 --out DIR [--set KEY=VALUE ...] [--seeds 3] [--data-root PATH]
+                     --k 2,3 --out DIR [--set KEY=VALUE ...] [--seeds N] [--rg-partitions 3] [--data-root PATH]
 
 Every method is a grouping method of the same trainer on the same models, data and metrics; this
 module only decides which runs a method needs (each in its own folder under DIR, trained by
@@ -12,7 +12,7 @@ an interrupted comparison. One progress line per run.
 Methods (docs/baselines.md has the details and the deviations from the papers):
     naive          naive MTL, one encoder (the NormGain reference)
     stl            one network per task: ``fixed`` groups 0|1|...|N−1 with nothing shared
-    rg             random partition into K groups, mean ± std over --seeds partitions
+    rg             random partition into K groups, mean ± std over --rg-partitions partitions
     tag            TAG: affinity run (tag-affinity) → tag_select → train the chosen networks
     hoa            HOA: all pair networks + the STL singles → hoa_select → train the chosen networks
     bmtn           BMTN: RSA affinity from the STL networks → split point + clustering → train
@@ -21,7 +21,8 @@ Methods (docs/baselines.md has the details and the deviations from the papers):
 
 Outputs in DIR: comparison.md (all tables), comparison.csv (one row per method × K),
 groupings.csv (Table A4/A5 shape), per_task.csv, comparison.json (everything, including the
-affinity matrices and the selections).
+affinity matrices and the selections), comparison.tex (booktabs) and, with --seeds N ≥ 2, the DMTG
+grouping-stability matrices (fastdmtg/seeds.py).
 
 Relative encoder cost = Σ over the runs a method needed of (encoder branches × epochs), divided by
 naive MTL's (1 × epochs). A TAG affinity run counts 1 + N/affinity_every (each measurement costs
@@ -44,6 +45,14 @@ from pathlib import Path
 import numpy as np
 
 from .config import Config, ConfigError, apply_overrides, get_recipe
+from .log import add_output_flags, get_logger, progress_flag
+from .log import setup as setup_logging
+
+_log = get_logger("fastdmtg.compare")
+
+
+def _info(msg: str, flush: bool = True) -> None:
+    _log.info(msg)
 
 ALL_METHODS = ["naive", "stl", "rg", "tag", "hoa", "bmtn", "dmtg", "dmtg-two-shot"]
 ALIASES = {"naive-mtl": "naive", "two-shot": "dmtg-two-shot"}
@@ -121,12 +130,14 @@ class Row:
 
 class Comparison:
     def __init__(self, base: Config, out: Path, ks: list[int], seeds: int = 3, overlap: str = "train",
-                 rsa_images: int = 256, naive_cfg: Config | None = None, progress: bool = False,
-                 flops: bool = True, log=print):
+                 rsa_images: int = 256, naive_cfg: Config | None = None, progress: bool | None = False,
+                 flops: bool = True, log=_info, train_seeds: int = 1):
         from .pipelines import build_source
         self.base, self.out, self.ks, self.seeds = base, Path(out), ks, seeds
         self.overlap, self.rsa_images, self.progress, self.log = overlap, rsa_images, progress, log
         self.flops = flops
+        self.train_seeds = train_seeds          # --seeds: every evaluated run trained with this many seeds
+        self._cfgs: dict[str, Config] = {}
         data = build_source(base.data, progress=False)
         self.names = data.taskset.names
         self.specs = data.taskset.specs
@@ -142,7 +153,7 @@ class Comparison:
 
     # ------------------------------------------------------------------ runs
     def cfg(self, overrides: list[str], base: Config | None = None) -> Config:
-        return apply_overrides(base or self.base, [f"train.progress={str(self.progress).lower()}", *overrides])
+        return apply_overrides(base or self.base, [f"train.progress={str(self.progress is not False).lower()}", *overrides])
 
     def run(self, key: str, cfg: Config, label: str, cost_factor: float = 1.0) -> dict:
         """Train (or reuse) the run in OUT/key; returns its results with '_dir' and '_key'."""
@@ -175,12 +186,19 @@ class Comparison:
                 self.log(f"{tag} — {'resuming' if resume else 'training'} "
                          f"({cfg.grouping.method}, K={cfg.model.branches}, {cfg.train.epochs} epochs)", flush=True)
                 t0 = time.perf_counter()
-                res = train(cfg, run_dir, resume=resume)
+                res = train(cfg, run_dir, resume=resume, progress=self.progress)
                 self.log(f"    done in {time.perf_counter() - t0:.0f} s: {_summary(res)}", flush=True)
             self._by_config[ident] = key
         res["_dir"], res["_key"] = str(run_dir), key
+        self._cfgs[key] = cfg
         self._cost[key] = (res["num_branches"] * res["epochs"] * cost_factor, float(res["train_time_s"]))
         return res
+
+    def repeats(self, r: dict, label: str) -> list[dict]:
+        """``r`` and its repeats with training seeds train.seed + 1 … + (--seeds − 1) (folders KEY-seedS),
+        the same config otherwise: the runs a row's mean ± std is taken over."""
+        from .seeds import repeat_runs
+        return repeat_runs(self, r, label)
 
     def cost(self, res: dict) -> tuple[str, float, float]:
         be, sec = self._cost[res["_key"]]
@@ -250,11 +268,11 @@ class Comparison:
     # ------------------------------------------------------------------ methods
     def m_naive(self) -> list[Row]:
         r = self.naive()
-        return [Row("naive", None, [r], [self.cost(r)], [partition_of(r["assignment"])])]
+        return [Row("naive", None, self.repeats(r, "naive"), [self.cost(r)], [partition_of(r["assignment"])])]
 
     def m_stl(self) -> list[Row]:
         r = self.stl()
-        return [Row("stl", None, [r], [self.cost(r)], [partition_of(r["assignment"])], notes=list(r["_notes"]) +
+        return [Row("stl", None, self.repeats(r, "stl"), [self.cost(r)], [partition_of(r["assignment"])], notes=list(r["_notes"]) +
                     ["K=N branches with nothing shared in one model train exactly like N separate networks "
                      "(losses never mix; same initialisation and batch order; one joint best epoch)"])]
 
@@ -296,7 +314,7 @@ class Comparison:
             self.details[f"tag_selection_k{k}"] = sel.to_dict()
             r = self.train_selection(f"tag/k{k}", f"tag K={k}", sel)
             notes = self._selection_notes(sel)
-            rows.append(Row("tag", k, [r], [self.cost(aff_run), self.cost(r)], [sel.partition()],
+            rows.append(Row("tag", k, self.repeats(r, f"tag K={k}"), [self.cost(aff_run), self.cost(r)], [sel.partition()],
                             self._trained_networks(sel), notes=notes))
         return rows
 
@@ -344,7 +362,7 @@ class Comparison:
             self.details[f"hoa_selection_k{k}"] = sel.to_dict()
             r = self.train_selection(f"hoa/k{k}", f"hoa K={k}", sel)
             costs = [self.cost(stl)] + [self.cost(p) for p in pair_runs] + [self.cost(r)]
-            rows.append(Row("hoa", k, [r], costs, [sel.partition()], self._trained_networks(sel),
+            rows.append(Row("hoa", k, self.repeats(r, f"hoa K={k}"), costs, [sel.partition()], self._trained_networks(sel),
                             notes=self._selection_notes(sel)))
         return rows
 
@@ -370,14 +388,16 @@ class Comparison:
                      f"clustering cost {sel['cost']:.3f}"]
             if not sel["optimal"]:
                 notes.append("clustering by complete linkage + local moves (too many partitions to enumerate)")
-            rows.append(Row("bmtn", k, [r], [self.cost(stl), self.cost(r)], [sel["groups"]], notes=notes))
+            rows.append(Row("bmtn", k, self.repeats(r, f"bmtn K={k}"), [self.cost(stl), self.cost(r)], [sel["groups"]],
+                            notes=notes))
         return rows
 
     def m_dmtg(self) -> list[Row]:
         rows = []
         for k in self.ks:
             r = self.dmtg_run(k)
-            rows.append(Row("dmtg", k, [r], [self.cost(r)], [partition_of(r["assignment"])]))
+            rs = self.repeats(r, f"dmtg K={k}")             # each seed may find its own grouping
+            rows.append(Row("dmtg", k, rs, [self.cost(r)], [partition_of(x["assignment"]) for x in rs]))
         return rows
 
     def m_dmtg_two_shot(self) -> list[Row]:
@@ -392,9 +412,10 @@ class Comparison:
             init = self.run(f"dmtg-two-shot/k{k}/naive-init",
                             self.cfg(["grouping.method=fixed", f"grouping.groups={spec}", f"train.init_from={nv['_dir']}"]),
                             f"dmtg two-shot K={k} (naive init)")
-            rows.append(Row("dmtg two-shot (scratch)", k, [scratch], [self.cost(d), self.cost(scratch)], [groups]))
-            rows.append(Row("dmtg two-shot (naive init)", k, [init], [self.cost(d), self.cost(nv), self.cost(init)],
-                            [groups]))
+            rows.append(Row("dmtg two-shot (scratch)", k, self.repeats(scratch, f"dmtg two-shot K={k} (scratch)"),
+                            [self.cost(d), self.cost(scratch)], [groups]))
+            rows.append(Row("dmtg two-shot (naive init)", k, self.repeats(init, f"dmtg two-shot K={k} (naive init)"),
+                            [self.cost(d), self.cost(nv), self.cost(init)], [groups]))
         return rows
 
     def run_methods(self, methods: list[str]) -> tuple[list[Row], int]:
@@ -543,10 +564,11 @@ def _groups_text(groups: list[list[int]], names: list[str]) -> str:
 
 
 def build_tables(rows: list[Row], names: list[str], naive: dict) -> dict:
+    from .seeds import fmt_flops, fmt_time
     """→ {"markdown": str, "csv": str, "groupings_csv": str, "per_task_csv": str, "rows": [...]}"""
     has_flops = any(r.flops is not None for r in rows)
     head = ["Method", "K", "Total loss ↓", "Total error ↓", "NormGain_L (%) ↑", "NormGain_E (%) ↑",
-            "Rel. encoder cost", "Hours", "Runs"] + (["GFLOPs"] if has_flops else []) + ["Groups (served)"]
+            "Rel. encoder cost", "Train time", "Runs"] + (["FLOPs/image"] if has_flops else []) + ["Groups (served)"]
     md = ["## Results (Tables 1 and 3)", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     csv_rows, json_rows = [], []
     for row in rows:
@@ -556,14 +578,16 @@ def build_tables(rows: list[Row], names: list[str], naive: dict) -> dict:
             md.append(f"| {row.method} | {k} | failed: {row.error} |" + " |" * (len(head) - 3))
             json_rows.append({"method": row.method, "K": row.k, "error": row.error})
             continue
-        groups = _groups_text(row.groups[0], names) if len(row.groups) == 1 else f"{len(row.groups)} random partitions"
+        groups = (_groups_text(row.groups[0], names) if len({fixed_spec(g) for g in row.groups}) == 1 else
+                  f"{len(row.groups)} random partitions" if row.method == "rg" else
+                  f"{len({fixed_spec(g) for g in row.groups})} groupings over {len(row.groups)} seeds")
         cells = [row.method, k, _fmt(m["total_loss"], m["total_loss_std"], m["n"]),
                  _fmt(m["total_error"], m["total_error_std"], m["n"], 2),
                  _fmt(m["normgain_loss"], m["normgain_loss_std"], m["n"], 2, True) if row.method != "naive" else "—",
                  _fmt(m["normgain_error"], m["normgain_error_std"], m["n"], 2, True) if row.method != "naive" else "—",
-                 f"{m['rel_encoder_cost']:.2f}", f"{m['hours']:.3g}", str(m["runs"])]
+                 f"{m['rel_encoder_cost']:.2f}", fmt_time(m["hours"]), str(m["runs"])]
         if has_flops:
-            cells.append("—" if row.flops is None else f"{row.flops:.3g}")
+            cells.append(fmt_flops(row.flops))
         cells.append(groups)
         md.append("| " + " | ".join(cells) + " |")
         rec = {"method": row.method, "K": row.k, **m, "gflops_per_image": row.flops,
@@ -583,8 +607,8 @@ def build_tables(rows: list[Row], names: list[str], naive: dict) -> dict:
         md += ["", "Notes:"] + [f"- {m}{'' if k is None else f' K={k}'}: {n}" for m, k, n in notes]
     md += ["", "Total loss/error: sums over tasks on the test split (total error = Σ 100·(1 − acc)). NormGain vs "
            "the naive-MTL run. Rel. encoder cost: Σ branches × epochs of every run the method needed / naive MTL's "
-           "(TAG's affinity run counts 1 + N/affinity_every); RG: per random partition. Hours: Σ train_time_s of "
-           "those runs." + (" GFLOPs: forward per image of the evaluated training network (all K·N heads, batch 1), "
+           "(TAG's affinity run counts 1 + N/affinity_every); RG: per random partition. Train time: Σ train_time_s of "
+           "those runs (one seed). ± : std over the seeds (--seeds) or RG's partitions." + (" FLOPs/image: forward per image of the evaluated training network (all K·N heads, batch 1), "
                             "1 FLOP per multiply-add (fastdmtg.bench.count_flops; the paper's thop convention)."
                             if has_flops else "")]
 
@@ -638,7 +662,7 @@ def build_tables(rows: list[Row], names: list[str], naive: dict) -> dict:
         if row.error:
             continue
         for i, part in enumerate(row.groups):
-            label = row.method + (f" (seed {i})" if len(row.groups) > 1 else "")
+            label = row.method + (f" (seed {i})" if len(row.groups) > 1 else "")     # RG: partition i
             served = {t: gi + 1 for gi, g in enumerate(part) for t in g}
             aux = {t: [] for t in range(len(names))}
             if i < len(row.networks):
@@ -679,15 +703,21 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field for every run, e.g. --set train.epochs=5 (repeatable)")
     p.add_argument("--data-root", help="dataset folder (CelebA / Taskonomy / your own DIR/labels.csv)")
-    p.add_argument("--seeds", type=int, default=3, help="RG: number of random partitions per K (default 3)")
+    p.add_argument("--seeds", type=int, default=1,
+                   help="train every method's evaluated networks with N seeds (train.seed, +1, …) → mean ± std "
+                        "in every numeric column, and a grouping-stability matrix (default 1)")
+    p.add_argument("--rg-partitions", type=int, default=3, help="RG: random partitions per K (default 3)")
     p.add_argument("--overlap", choices=["train", "partition"], default="train",
                    help="TAG/HOA overlapping selections: train every chosen network (default) or only the "
                         "served partition")
     p.add_argument("--naive-recipe", help="recipe of the naive-MTL reference (default: the recipe itself with "
                                           "grouping.method=naive-mtl, i.e. the same optimizer as every method)")
     p.add_argument("--rsa-images", type=int, default=256, help="BMTN: images for the RDMs (default 256)")
-    p.add_argument("--progress", action="store_true", help="show the trainer's progress bars")
+    add_output_flags(p, "the trainer's progress bars")
     p.add_argument("--no-flops", action="store_true", help="skip the FLOPs column (fastdmtg.bench.count_flops)")
+    p.add_argument("--stability", nargs="+", metavar="RUN_DIR",
+                   help="only write the grouping-stability matrix of these finished runs (e.g. DMTG trained with "
+                        "several --set train.seed=S) to --out, and exit")
     return p
 
 
@@ -695,6 +725,10 @@ def compare_main(argv: list[str]) -> int:
     from .checkpoint import WriteFailed
     from .train import RunStopped, TrainingInterrupted, exit_code
     args = _parser().parse_args(argv)
+    setup_logging(args.log_level)
+    if args.stability:
+        from .seeds import stability_main
+        return stability_main(args.stability, args.out)
     methods = []
     for m in (x.strip() for x in args.methods.split(",") if x.strip()):
         m = ALIASES.get(m, m)
@@ -703,8 +737,8 @@ def compare_main(argv: list[str]) -> int:
             return 2
         if m not in methods:
             methods.append(m)
-    if args.seeds < 1:
-        print("error: --seeds must be >= 1", file=sys.stderr)
+    if args.seeds < 1 or args.rg_partitions < 1:
+        print("error: --seeds and --rg-partitions must be >= 1", file=sys.stderr)
         return 2
     from .data.folder import default_branches, is_folder_dataset
     if args.recipe is None:
@@ -718,9 +752,9 @@ def compare_main(argv: list[str]) -> int:
             raise ConfigError("--k: every K must be >= 1")
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
-        cmp = Comparison(base, out, ks, seeds=args.seeds, overlap=args.overlap, rsa_images=args.rsa_images,
-                         naive_cfg=naive_cfg, progress=args.progress, flops=not args.no_flops)
-        print(f"comparison of {', '.join(methods)} on {args.recipe} ({cmp.n} tasks), K ∈ {ks}, in {out}", flush=True)
+        cmp = Comparison(base, out, ks, seeds=args.rg_partitions, train_seeds=args.seeds, overlap=args.overlap, rsa_images=args.rsa_images,
+                         naive_cfg=naive_cfg, progress=progress_flag(args), flops=not args.no_flops)
+        _log.info(f"comparison of {', '.join(methods)} on {args.recipe} ({cmp.n} tasks), K ∈ {ks}, in {out}")
         rows, failed = cmp.run_methods(methods)
     except WriteFailed as e:
         print(f"error: {e}", file=sys.stderr)
@@ -739,10 +773,14 @@ def compare_main(argv: list[str]) -> int:
     atomic_write_text(out / "comparison.csv", tables["csv"])
     atomic_write_text(out / "groupings.csv", tables["groupings_csv"])
     atomic_write_text(out / "per_task.csv", tables["per_task_csv"])
+    from .seeds import write_extra_tables
+    written = write_extra_tables(out, rows, cmp.names, naive, title=f"Comparison: {args.recipe}, K ∈ {ks}")
     atomic_write_json(out / "comparison.json", {"recipe": args.recipe, "ks": ks, "methods": methods,
-                                                 "tasks": cmp.names, "seeds": args.seeds, "overlap": args.overlap,
+                                                 "tasks": cmp.names, "seeds": args.seeds,
+                                                 "rg_partitions": args.rg_partitions, "overlap": args.overlap,
                                                  "rows": tables["rows"], "details": cmp.details})
     print()
     print(tables["markdown"])
-    print(f"tables: {out / 'comparison.md'}, {out / 'comparison.csv'}, {out / 'groupings.csv'}")
+    print(f"tables: {out / 'comparison.md'}, {out / 'comparison.csv'}, {out / 'groupings.csv'}, "
+          + ", ".join(str(p) for p in written))
     return 1 if failed else 0

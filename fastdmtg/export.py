@@ -65,7 +65,8 @@ def load_grouped(run_dir: str | Path, device: str | torch.device = "cpu") -> tup
     except RuntimeError as e:
         raise ckpt.RunFileError(f"{weights}: does not fit the model of {meta_path} "
                                 f"({ckpt._reason(e).split('. ')[0]})") from None
-    return model.to(device).eval(), meta
+    from .predict import attach
+    return attach(model.to(device).eval(), meta), meta       # model.predict(images) → {task: prediction}
 
 
 def task_specs_for(cfg: Config, names: list[str]):

@@ -24,7 +24,6 @@ import json
 import math
 import platform
 import signal
-import sys
 import time
 from pathlib import Path
 
@@ -34,12 +33,21 @@ from . import checkpoint as ckpt
 from . import distributed as dist_utils
 from . import ops
 from .config import Config, ConfigError, check_init, resume_changes
+from .log import EPOCHS, RunLog, bars_on, get_logger
 from .pipelines import build_source
 from .methods import build_method
 from .metrics import normgain, summarize
 from .models import build_multibranch, GroupedNet, MultiBranchNet
 from .models.batched import BatchedMultiBranchNet, supports_batching
 from .step import DDP_GRAPH_WARMUP, StepModule, StepRunner, autocast_factory, set_output_precision, wrap_ddp
+
+log = get_logger("fastdmtg.train")
+epoch_log = get_logger(EPOCHS)        # the per-epoch lines (a logger of their own: can be muted alone)
+# Epoch numbering: every file and message a person reads counts epochs from 1 (history.json "epoch",
+# results.json "best_epoch", divergence/config_changes "epoch", plots, TensorBoard "train/epoch");
+# the checkpoints' counters (last.pt "epoch" = epochs completed, best.pt "epoch" = 0-based index) are
+# internal and stay as they were. Checkpoints written before this convention carry no "epoch_base".
+EPOCH_BASE = 1
 
 
 class RunStopped(RuntimeError):
@@ -297,12 +305,20 @@ RESUME_KEYS = ("model", "method", "optimizer", "scheduler", "epoch", "step_in_ep
 
 
 def _warn(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
+    log.warning(msg)
 
 
 def _divergence_text(d: dict) -> str:
-    return (f"epoch {d['epoch'] + 1} training loss {d['train_loss']:.4g} > {d['factor']:g} × the first step's "
+    return (f"epoch {d['epoch']} training loss {d['train_loss']:.4g} > {d['factor']:g} × the first step's "
             f"loss {d['initial_loss']:.4g} (train.divergence_factor)")
+
+
+def _renumber_record(rec: dict) -> dict:
+    """A history.json record written before epochs were numbered from 1, renumbered."""
+    rec = dict(rec, epoch=rec["epoch"] + 1)
+    if "config_changes" in rec:
+        rec["config_changes"] = [dict(c, epoch=c["epoch"] + 1) for c in rec["config_changes"]]
+    return rec
 
 
 def groups_of(assignment: list[int], names: list[str]) -> list[list[str]]:
@@ -316,6 +332,7 @@ class Trainer:
         # dataset: an opened fastdmtg.data.Dataset to train on instead of opening cfg.data (fastdmtg.api)
         self._dataset = dataset
         self._lock, self.finished_results, self.divergence, self.saved_last = None, None, None, None
+        self._runlog = None
         try:
             self._setup(cfg, run_dir, resume, progress)
         except BaseException:
@@ -327,6 +344,9 @@ class Trainer:
         if self._lock is not None:
             self._lock.release()
             self._lock = None
+        if self._runlog is not None:
+            self._runlog.close()
+            self._runlog = None
 
     def _setup(self, cfg: Config, run_dir: str | Path, resume: bool, progress: bool | None) -> None:
         self.cfg, self.run_dir = cfg, Path(run_dir)
@@ -341,13 +361,16 @@ class Trainer:
         self.is_main = self.rank == 0
         self.ckpt_dir = self.run_dir / "checkpoints"
         resume_state, config_changes = self._claim_run_folder(resume)
+        if self.is_main:
+            self._runlog = RunLog(self.run_dir)      # RUN/train.log: this run's messages, appended
         if resume_state is not None and not config_changes and resume_state["epoch"] >= cfg.train.epochs \
                 and (self.run_dir / "results.json").exists():
             # a finished run resumed without changes: nothing to do, results.json stays as it is
             self.finished_results = ckpt.read_json(self.run_dir / "results.json") if self.is_main else {}
             self.divergence = dist_utils.broadcast_from_main(self.finished_results.get("divergence"))
             return
-        self.progress = (cfg.train.progress if progress is None else progress) and self.is_main
+        # bars: --progress/--no-progress when given, else train.progress on a terminal only
+        self.progress = bars_on(progress, cfg.train.progress) and self.is_main
         self.device = ddp_device if ddp_device is not None else resolve_device(cfg.train.device)
         self.speed = resolve_speed(cfg, self.device, self.world_size)
         self.pruning = cfg.grouping.prune_eps > 0
@@ -378,9 +401,9 @@ class Trainer:
         self.scheduler = build_scheduler(cfg, self.optimizer)
         self.amp = eval_autocast(cfg, self.device)        # evaluation precision (fp32 unless amp=bf16)
         self.global_batch = cfg.train.batch_size * self.world_size
-        if self.is_main and self.progress and self.world_size > 1:
-            print(f"DDP: {self.world_size} ranks × batch {cfg.train.batch_size} = global batch "
-                  f"{self.global_batch}", flush=True)
+        if self.is_main and self.world_size > 1:
+            log.info(f"DDP: {self.world_size} ranks × batch {cfg.train.batch_size} = global batch "
+                     f"{self.global_batch}")
         step_module = build_step_module(self.model, self.method, self.taskset, cfg, self.device, self.speed)
         warmup = 3
         if self.world_size > 1:
@@ -468,12 +491,12 @@ class Trainer:
         effect in; last.pt carries them until then) and write the config in force to config.json."""
         if not changes:
             return
-        at = {"epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "global_step": self.global_step}
+        at = {"epoch": self.epoch + 1, "step_in_epoch": self.step_in_epoch, "global_step": self.global_step}
         self.config_changes += [dict(field=k, old=o, new=n, **at) for k, o, n in changes]
         if self.is_main:
             self.cfg.save(self.run_dir / "config.json")
             for k, o, n in changes:
-                print(f"resume: {k}: {json.dumps(o)} → {json.dumps(n)}", flush=True)
+                log.info(f"resume: {k}: {json.dumps(o)} → {json.dumps(n)}")
 
     def _nonfinite_state(self) -> str | None:
         """The first parameter or buffer of the model or the method that holds a NaN/inf, or None."""
@@ -526,7 +549,7 @@ class Trainer:
         t = self.cfg.train
         if self.is_main and self.divergence is None and self.initial_loss is not None \
                 and train_loss > t.divergence_factor * self.initial_loss:
-            hit = {"epoch": self.epoch, "train_loss": train_loss, "initial_loss": self.initial_loss,
+            hit = {"epoch": self.epoch + 1, "train_loss": train_loss, "initial_loss": self.initial_loss,
                    "factor": t.divergence_factor}
         hit = dist_utils.broadcast_from_main(hit)
         if hit is not None:
@@ -534,7 +557,7 @@ class Trainer:
             if self.is_main:
                 then = ("the run stops after this epoch's validation (train.on_divergence=error)"
                         if t.on_divergence == "error" else "training goes on (train.on_divergence=warn)")
-                print(f"warning: training diverged: {_divergence_text(hit)}; {then}", file=sys.stderr, flush=True)
+                log.warning(f"training diverged: {_divergence_text(hit)}; {then}")
 
     def _stopping_for_divergence(self) -> bool:
         return self.divergence is not None and self.cfg.train.on_divergence == "error"
@@ -557,7 +580,7 @@ class Trainer:
             "epoch_loss_sum": self.epoch_loss_sum, "epoch_samples": self.epoch_samples,
             "train_time": self.train_time, "rng": _rng_state(self.device),
             "config": self.cfg.to_dict(), "initial_loss": self.initial_loss, "divergence": self.divergence,
-            "config_changes": self.config_changes,
+            "config_changes": self.config_changes, "epoch_base": EPOCH_BASE,
         }
 
     def _load(self, st: dict) -> None:
@@ -584,13 +607,20 @@ class Trainer:
         _set_rng_state(st["rng"], self.device)
         self.initial_loss, self.divergence = st.get("initial_loss"), st.get("divergence")
         self.config_changes = list(st.get("config_changes", []))
+        if st.get("epoch_base") != EPOCH_BASE:
+            # a checkpoint written before epochs were numbered from 1 in what people read
+            if self.divergence is not None:
+                self.divergence = dict(self.divergence, epoch=self.divergence["epoch"] + 1)
+            self.config_changes = [dict(c, epoch=c["epoch"] + 1) for c in self.config_changes]
         self.saved_last = (Path(st["_path"]), self.epoch, self.step_in_epoch, self.global_step)
         hist = self.run_dir / "history.json"
         if hist.exists():
             h = ckpt.read_json(hist)
             if not (isinstance(h, list) and all(isinstance(r, dict) and isinstance(r.get("epoch"), int) for r in h)):
                 raise ckpt.RunFileError(f"{hist}: expected a list of per-epoch records with an integer \"epoch\"")
-            self.history = [r for r in h if r["epoch"] < self.epoch]
+            if h and h[0]["epoch"] == 0:      # written before epochs were numbered from 1
+                h = [_renumber_record(r) for r in h]
+            self.history = [r for r in h if r["epoch"] <= self.epoch]     # epochs 1..completed
 
     # ------------------------------------------------------------------ head pruning
     def _apply_head_mask(self) -> None:
@@ -618,15 +648,16 @@ class Trainer:
         names = self.taskset.names
         for e in events:
             e = dict(e, task_name=names[e["task"]])
-            if self.is_main and self.progress:
-                print(f"pruning: step {e['step']}: dropped head (task {e['task_name']}, branch {e['branch']}), "
-                      f"p={e['probability']:.3g} < eps={self.cfg.grouping.prune_eps:g} for "
-                      f"{self.cfg.grouping.prune_patience} steps", flush=True)
+            if self.is_main:
+                log.info(f"pruning: step {e['step']}: dropped head (task {e['task_name']}, branch "
+                         f"{e['branch'] + 1} of {self.cfg.model.branches}), "
+                         f"p={e['probability']:.3g} < eps={self.cfg.grouping.prune_eps:g} for "
+                         f"{self.cfg.grouping.prune_patience} steps")
         mask = self.method.head_mask()
-        if mask is not None and self.is_main and self.progress:
-            dead = [k for k in range(mask.shape[1]) if not bool(mask[:, k].any())]
+        if mask is not None and self.is_main:
+            dead = [k + 1 for k in range(mask.shape[1]) if not bool(mask[:, k].any())]
             if dead:
-                print(f"pruning: branches no longer computed: {dead}", flush=True)
+                log.info(f"pruning: branches no longer computed (numbered 1..K): {dead}")
 
     def pruning_summary(self) -> dict:
         from .pruning import branch_steps, head_steps
@@ -723,7 +754,7 @@ class Trainer:
         # the mean over all ranks' samples (each rank summed its own): every rank's scheduler sees the same
         train_loss = dist_utils.global_mean(self.epoch_loss_sum, self.epoch_samples, self.device)
         self._check_divergence(train_loss)
-        rec = {"epoch": self.epoch, "train_loss": train_loss, "lr": self.current_lr(),
+        rec = {"epoch": self.epoch + 1, "train_loss": train_loss, "lr": self.current_lr(),
                "global_step": self.global_step, "train_time_s": self.train_time}
         rec.update({k.split("/")[-1]: v for k, v in self.method.log_scalars().items()})
         probs = self.method.probabilities()
@@ -769,6 +800,9 @@ class Trainer:
             val_loss = dist_utils.broadcast_float(val_loss, self.device)   # rank 0 validated; all step alike
         plateau_step(self.scheduler, cfg, train_loss, val_loss)
         self.history.append(rec)
+        if self.writer is not None:
+            from .tboard import log_epoch
+            log_epoch(self.writer, rec, self.taskset.names, self.global_step)   # per-task val, probabilities
         self.epoch += 1
         self.step_in_epoch, self.epoch_loss_sum, self.epoch_samples = 0, 0.0, 0
         if self.is_main:
@@ -783,8 +817,7 @@ class Trainer:
             if self.finished_results is not None:
                 res = self.finished_results
                 if self.is_main:
-                    print(f"{self.run_dir}: the run finished earlier; nothing to resume (results.json unchanged)",
-                          flush=True)
+                    log.info(f"{self.run_dir}: the run finished earlier; nothing to resume (results.json unchanged)")
             else:
                 res = self._fit(stop_after_steps)
         except ckpt.WriteFailed as e:
@@ -794,7 +827,7 @@ class Trainer:
             self.close()
         if self._stopping_for_divergence():
             raise Diverged(f"training diverged: {_divergence_text(self.divergence)}; the run stopped after "
-                           f"epoch {self.divergence['epoch'] + 1} and was evaluated; results.json says "
+                           f"epoch {self.divergence['epoch']} and was evaluated; results.json says "
                            '"diverged": true (--set train.on_divergence=warn to only warn)', res)
         return res
 
@@ -824,16 +857,16 @@ class Trainer:
         return self.finish()
 
     def _print_epoch(self, rec: dict) -> None:
-        if not self.progress:
+        if not self.is_main:
             return
-        msg = f"epoch {rec['epoch'] + 1}: train loss {rec['train_loss']:.4f}"
+        msg = f"epoch {rec['epoch']}/{self.cfg.train.epochs}: train loss {rec['train_loss']:.4f}"
         if "val" in rec:
             msg += f", val loss {rec['val']['total_loss']:.4f}"
             if "total_error" in rec["val"]:
                 msg += f", val total error {rec['val']['total_error']:.2f}"
         names = self.taskset.names
         msg += f", groups {groups_of(rec['assignment'], names)}"
-        print(msg, flush=True)
+        epoch_log.info(msg)
 
     # ------------------------------------------------------------------ end of run
     def finish(self) -> dict:
@@ -856,7 +889,7 @@ class Trainer:
         res = {
             "name": cfg.name, "method": cfg.grouping.method, "dataset": cfg.data.dataset, "tasks": names,
             "num_branches": cfg.model.branches, "assignment": assignment, "groups": groups_of(assignment, names),
-            "best_epoch": self.best_epoch, "best_rule": cfg.train.best_rule, "epochs": cfg.train.epochs,
+            "best_epoch": self.best_epoch + 1, "best_rule": cfg.train.best_rule, "epochs": cfg.train.epochs,
             "batch": {"per_rank": cfg.train.batch_size, "world_size": self.world_size, "global": self.global_batch},
             "precision": {"amp": cfg.train.amp, "training_bf16": use_bf16(cfg, self.device),
                           "evaluation_bf16": cfg.train.amp == "bf16"},
@@ -881,9 +914,18 @@ class Trainer:
         res["config_changes"] = [c for h in self.history for c in h.get("config_changes", [])] + self.config_changes
         try:
             from .plots import grouping_heatmap
-            grouping_heatmap(self.history, names, self.run_dir / "grouping.png")
+            # the figure of the model that was kept: the selected (best) epoch's probabilities
+            fig = grouping_heatmap(self.history, names, self.run_dir / "grouping.png", selected_epoch=self.best_epoch + 1,
+                                   rule=cfg.train.best_rule, keep_figure=self.writer is not None)
+            if fig is not None and self.writer is not None:
+                self.writer.add_figure("grouping/selected_epoch", fig, self.global_step)
+                self.writer.flush()
         except ImportError:
             pass
+        if self.writer is not None:
+            from .tboard import log_hparams
+            log_hparams(self.writer, cfg.to_dict(), res)
+            self.writer.flush()
         ckpt.atomic_write_json(self.run_dir / "results.json", res)      # last: the mark of a finished run
         dist_utils.barrier()
         return res

@@ -421,7 +421,7 @@ def test_compare_all_methods_tiny(tmp_path, capsys):
     sets = ["data.synthetic_groups=2", "data.synthetic_tasks_per_group=2", "data.synthetic_train=256",
             "data.synthetic_val=128", "data.synthetic_test=128", "train.epochs=2", "train.batch_size=64",
             "data.image_size=16", "model.width=2", "model.shared=stem", "grouping.affinity_every=2"]
-    args = ["--recipe", "synthetic_k3", "--k", "2", "--seeds", "2", "--out", str(out), *FAST,
+    args = ["--recipe", "synthetic_k3", "--k", "2", "--rg-partitions", "2", "--out", str(out), *FAST,
             *[x for s in sets for x in ("--set", s)]]
     assert compare_main(args) == 0
     log = capsys.readouterr().out

@@ -148,10 +148,10 @@ def test_resume_applies_safe_changes_and_records_them(finished, tmp_path, capsys
     assert cfg["train"]["epochs"] == res["epochs"] == meta["config"]["train"]["epochs"] == 3
     assert cfg == meta["config"] and cfg["train"]["val_every"] == 2
     hist = json.loads((run / "history.json").read_text())
-    assert [h["epoch"] for h in hist] == [0, 1, 2]
+    assert [h["epoch"] for h in hist] == [1, 2, 3]
     changes = {c["field"]: c for c in hist[2]["config_changes"]}    # recorded in the epoch they started in
     assert changes["train.epochs"]["old"] == 2 and changes["train.epochs"]["new"] == 3
-    assert changes["train.epochs"]["epoch"] == 2 and changes["train.val_every"]["new"] == 2
+    assert changes["train.epochs"]["epoch"] == 3 and changes["train.val_every"]["new"] == 2
     assert res["config_changes"] == hist[2]["config_changes"]
     ck = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
     assert ck["config"] == cfg                                     # the config lives in last.pt
@@ -325,7 +325,7 @@ def test_divergence_fails_the_run_by_default(tmp_path, capsys):
     assert rc == 4, err
     assert "training diverged" in err and "Traceback" not in err
     res = json.loads((run / "results.json").read_text())
-    assert res["diverged"] is True and res["divergence"]["epoch"] == 0
+    assert res["diverged"] is True and res["divergence"]["epoch"] == 1
     assert res["divergence"]["train_loss"] > 10 * res["divergence"]["initial_loss"]
     assert len(json.loads((run / "history.json").read_text())) == 1            # stopped after epoch 1
     assert "test total loss" in out                                           # evaluated and shown

@@ -123,7 +123,7 @@ def test_trainer_applies_best_rule_and_epoch1_validation(tmp_path, monkeypatch, 
     for _ in range(6):
         tr.train_epoch()
         lrs.append(tr.end_epoch()["lr"])
-    assert [h["epoch"] for h in tr.history if "val" in h] == [0, 1, 3, 5]
+    assert [h["epoch"] for h in tr.history if "val" in h] == [1, 2, 4, 6]             # 1-based in history.json
     # by hand, (train, val) at the validations: e0 (5, 3.0) saved by both rules; e1 (4, 3.5) val worse;
     # e3 (5.5, 2.0): val_loss saves, reference does not (train 5.5 > 5 at the last save);
     # e5 (2.6, 2.5): reference saves (2.5 < 3.0 and 2.6 < 5), val_loss does not (2.5 > 2.0)

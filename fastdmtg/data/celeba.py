@@ -132,7 +132,9 @@ def select_tasks(all_names: list[str], wanted: list[str] | None, path: str = ATT
     idx = []
     for w in wanted:
         if w not in all_names:
-            raise CelebAFormatError(f"{path}: unknown attribute {w!r}; the file has: {', '.join(all_names)}")
+            raise CelebAFormatError(f"{path}: unknown attribute {w!r} (data.tasks); the file has: {', '.join(all_names)}; "
+                                    "to train on all of them: --set data.tasks=all, or pick some: "
+                                    "--set data.tasks=NAME,NAME,...")
         idx.append(all_names.index(w))
     if len(set(idx)) != len(idx):
         raise CelebAFormatError(f"data.tasks: duplicate attribute names in {wanted}")

@@ -1,0 +1,88 @@
+"""Config files and the resolved config of a dry run.
+
+``fastdmtg train --config FILE``: FILE is a JSON object (or YAML, .yaml/.yml, when PyYAML is
+installed) holding a full config — e.g. a run's config.json, or the file ``--dry-run --save-config``
+wrote — or any part of one: ``{"train": {"epochs": 5}, "grouping": {"tau": 4}}``. Its fields are laid
+over the recipe (``--recipe``, or the default), then ``--data-root``/``--method`` and ``--set``
+apply on top. Unknown sections or keys and wrongly typed values are one-line errors naming the
+file and field. Relative paths in it are resolved against the working folder, as with ``--set``.
+
+``resolve_auto(cfg)``: the config with every ``auto`` switch replaced by what this machine would
+run (device, precision, kernels, compile, CUDA graphs, channels_last, batched branches, fused stem,
+fused optimizer, data backend), the rules of ``fastdmtg.train``.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .config import Config, ConfigError
+
+
+def read_config_file(path: str | Path) -> dict:
+    """A config file → its dict (not yet validated). One-line errors naming the file."""
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"{p}: config file not found (--config)")
+    text = p.read_text(encoding="utf-8", errors="replace")
+    if p.suffix.lower() in (".yaml", ".yml"):
+        try:
+            import yaml
+        except ImportError:
+            raise ConfigError(f"{p}: reading YAML needs PyYAML (pip install pyyaml); or write the config as "
+                              "JSON") from None
+        try:
+            d = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{p}: invalid YAML ({str(e).splitlines()[0]})") from None
+    else:
+        try:
+            d = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{p}: invalid JSON ({e.msg} at line {e.lineno}, column {e.colno})") from None
+    if not isinstance(d, dict):
+        raise ConfigError(f"{p}: expected a JSON object with sections (data, model, grouping, optim, train), "
+                          f"got {type(d).__name__}")
+    return d
+
+
+def merge_config(base: Config, partial: dict, source: str | Path) -> Config:
+    """``partial`` (a full or partial config dict) laid over ``base``, validated."""
+    d = base.to_dict()
+    for key, val in partial.items():
+        if isinstance(val, dict) and isinstance(d.get(key), dict):
+            d[key] = {**d[key], **val}
+        else:
+            d[key] = val
+    try:
+        return Config.from_dict(d)
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") from None
+
+
+def resolve_auto(cfg: Config) -> tuple[Config, list[str]]:
+    """→ (the config with ``auto`` resolved for this machine, the fields that were auto)."""
+    from . import ops
+    from .train import resolve_device, resolve_speed, use_bf16
+    d = cfg.to_dict()
+    device = resolve_device(cfg.train.device)
+    speed = resolve_speed(cfg, device, 1)
+    onoff = {True: "on", False: "off"}
+    resolved = {
+        ("train", "device"): str(device),
+        ("train", "amp"): "mixed" if use_bf16(cfg, device) else "off",
+        ("train", "kernels"): ops.resolve_backend(cfg.train.kernels, device),
+        ("train", "compile"): onoff[speed["compile"]],
+        ("train", "cuda_graph"): onoff[speed["cuda_graph"]],
+        ("train", "channels_last"): onoff[speed["channels_last"]],
+        ("model", "batched"): onoff[speed["batched"]],
+        ("model", "fused_stem"): onoff[speed["fused_stem"]],
+        ("optim", "fused"): onoff[device.type == "cuda"],
+        ("data", "backend"): "gpu-cache",
+    }
+    changed = []
+    for (sec, key), val in resolved.items():
+        if d[sec][key] == "auto":
+            d[sec][key] = val
+            changed.append(f"{sec}.{key}={val}")
+    return Config.from_dict(d), changed
