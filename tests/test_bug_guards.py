@@ -181,3 +181,15 @@ def test_taskonomy_cache_key_includes_limits(tmp_path):
     assert _cache_folder(ds(train=1), base) != full
     assert _cache_folder(ds(val=1, test=1), base) != full
     assert _cache_folder(ds(train=1), base) != _cache_folder(ds(train=2), base)
+
+
+# ------------------------------------------------------------------------------------------ test command
+def test_conftest_uses_the_triton_interpreter_only_without_a_gpu():
+    """The documented command (no TRITON_INTERPRET) runs the kernels under Triton's interpreter on a
+    CPU machine and on the GPU on a GPU machine (where an unconditional TRITON_INTERPRET=1 skipped
+    every GPU kernel test)."""
+    import os
+    import conftest
+    assert conftest.has_cuda_gpu() == torch.cuda.is_available()
+    if conftest.INTERPRET_SET_HERE:                      # only where there is no GPU
+        assert not torch.cuda.is_available() and os.environ["TRITON_INTERPRET"] == "1"
