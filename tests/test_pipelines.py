@@ -10,9 +10,9 @@ ran. DDP (2 gloo processes under torchrun, one launch for every pair): see ``tes
 
 FFCV runs in child processes (``_ffcv_results``, and the DDP launch): several FFCV Loaders in one
 process can raise a numba finalizer KeyError at garbage collection, which pytest would attribute to
-whatever test happens to be running; every FFCV case has its own time limit
-(``faulthandler.dump_traceback_later``: a hang dumps the stacks and ends the child, and the test
-names the case). Backends that are installed are never skipped; one that is not installed is
+whatever test happens to be running; every FFCV case has its own time limit (tests/case_runner.py:
+a hang dumps the stacks and ends the child, that case fails with the stacks, and a new child runs
+the cases after it; the DDP launch has a limit per pair). Backends that are installed are never skipped; one that is not installed is
 skipped with the reason (CI installs both: .ci/install-pipelines.sh).
 """
 from __future__ import annotations
@@ -39,6 +39,7 @@ from fastdmtg.pipelines import plan as plan_mod
 from fastdmtg.pipelines.source import to_tensor
 
 sys.path.insert(0, str(Path(__file__).parent))
+from case_runner import run_cases  # noqa: E402
 from celeba_fixture import write_celeba  # noqa: E402
 from taskonomy_fixture import write_fixture  # noqa: E402
 
@@ -585,26 +586,12 @@ def _ffcv_case(d: dict, case: str, tmp: Path):
         assert F.prepare_ffcv_main(["celeba", str(tmp / "missing"), "--no-progress"]) == 2
 
 
-def _ffcv_child(spec_json: str):
-    """Entry point of the child process: run every FFCV case, write {case: error or None}."""
-    spec = json.loads(spec_json)
-    d, out, tmp = spec["data"], Path(spec["out"]), Path(spec["tmp"])
+def _ffcv_case_entry(arg: dict, case: str) -> None:
+    """One FFCV case in a child process of ``case_runner`` (its own time limit)."""
     torch.set_num_threads(1)
-    results = {}
-    import time
-    for case in FFCV_CASES:
-        t = tmp / case.replace("/", "_")
-        t.mkdir(parents=True, exist_ok=True)
-        faulthandler.dump_traceback_later(FFCV_LIMIT, exit=True)    # a hung case ends the child, stacks dumped
-        t0 = time.perf_counter()
-        try:
-            _ffcv_case(d, case, t)
-            results[case] = None
-        except BaseException:
-            results[case] = traceback.format_exc()
-        faulthandler.cancel_dump_traceback_later()
-        print(f"ffcv case {case}: {time.perf_counter() - t0:.1f} s", flush=True)
-        out.write_text(json.dumps(results))   # after every case: a time-out still reports the finished ones
+    t = Path(arg["tmp"]) / case.replace("/", "_")
+    t.mkdir(parents=True, exist_ok=True)
+    _ffcv_case(arg["data"], case, t)
 
 
 @pytest.fixture(scope="module")
@@ -613,26 +600,26 @@ def _ffcv_results(data, tmp_path_factory):
     if not ok:
         pytest.skip(why)
     tmp = tmp_path_factory.mktemp("ffcv")
-    out = tmp / "results.json"
-    spec = json.dumps({"data": data, "out": str(out), "tmp": str(tmp)})
-    code = ("import sys; sys.path.insert(0, sys.argv[1]); import test_pipelines as t; t._ffcv_child(sys.argv[2])")
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    try:
-        proc = subprocess.run([sys.executable, "-c", code, str(Path(__file__).parent), spec], env=env,
-                              capture_output=True, text=True, timeout=FFCV_LIMIT * len(FFCV_CASES))
-        tail = (proc.stdout + proc.stderr)[-4000:]
-    except subprocess.TimeoutExpired as e:
-        tail = f"the FFCV child timed out: {(e.stdout or b'')[-2000:]!r}"
-    results = json.loads(out.read_text()) if out.exists() else {}
-    return results, tail
+    # each case in a child process under its own limit; a hung case fails alone (case_runner)
+    return run_cases("test_pipelines", "_ffcv_case_entry", {"data": data, "tmp": str(tmp)}, FFCV_CASES,
+                     FFCV_LIMIT, tmp / "results.json")
 
 
-@pytest.mark.timeout(FFCV_LIMIT * len(FFCV_CASES) + 60)
+def test_case_runner_isolates_a_hung_case(tmp_path):
+    """A case that hangs fails alone with a clear message (and its stack); the cases after it still
+    run in a new child; a failing case reports its traceback."""
+    res = run_cases("case_runner", "_selftest", str(tmp_path), ["a", "hang", "fail", "b"], 2,
+                    tmp_path / "results.json")
+    assert res["a"] is None and res["b"] is None
+    assert (tmp_path / "a").read_text() == (tmp_path / "b").read_text() == "ran"
+    assert "'hang' did not finish within its 2 s limit" in res["hang"] and "in _selftest" in res["hang"]
+    assert "ValueError: planted failure" in res["fail"]
+
+
+@pytest.mark.timeout(FFCV_LIMIT * len(FFCV_CASES) + 120)
 @pytest.mark.parametrize("case", FFCV_CASES)
 def test_ffcv(_ffcv_results, case):
-    results, tail = _ffcv_results
-    assert case in results, f"the FFCV child did not finish {case} (its time limit is {FFCV_LIMIT} s):\n{tail}"
-    assert results[case] is None, results[case]
+    assert _ffcv_results[case] is None, _ffcv_results[case]
 
 
 @pytest.fixture(scope="module")
