@@ -138,7 +138,7 @@ def test_public_api_both_backends_one_step():
     for backend in ("reference", "triton"):
         S_l = S.clone().requires_grad_(True)
         x_l = logits.clone().requires_grad_(True)
-        z = ops.gumbel_softmax_mask(S_l, torch.tensor(1.0, device=DEVICE), torch.tensor(5, device=DEVICE),
+        z = ops.gumbel_softmax_mask(S_l, torch.tensor(0.7, device=DEVICE), torch.tensor(5, device=DEVICE),
                                     backend=backend)
         total, L = ops.grouped_ce_loss(x_l, target, z, backend=backend)
         total.backward()
