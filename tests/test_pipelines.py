@@ -210,8 +210,40 @@ def test_plan_sharding_rules():
                     assert all(len(b) >= 2 for p in tr for b in p)        # no batch of one in training
 
 
+def test_plan_flips_skip_and_shard_of_a_rank():
+    """Flips: the documented key (sha256 of "taskonomy-flip:seed:epoch", 63 bits) drawn at epoch
+    positions, pinned to recorded values (a resumed or re-run epoch flips the same samples, across
+    versions); plan_epoch: rank r's rows are order[positions], its flips flags[positions], skip drops
+    whole batches."""
+    import hashlib
+    for seed, epoch in ((0, 0), (3, 1), (7, 12)):
+        key = int.from_bytes(hashlib.sha256(f"taskonomy-flip:{seed}:{epoch}".encode()).digest()[:8], "little")
+        g = torch.Generator().manual_seed(key % 2 ** 63)
+        assert torch.equal(plan_mod.flip_flags(50, seed, epoch), torch.rand(50, generator=g) < 0.5)
+    assert plan_mod.flip_flags(12, 0, 0).int().tolist() == [1, 0, 1, 1, 0, 0, 1, 0, 1, 1, 0, 1]
+    assert plan_mod.flip_flags(12, 3, 1).int().tolist() == [0, 0, 0, 1, 1, 0, 0, 0, 0, 1, 1, 0]
+    order = plan_mod.epoch_permutation(23, 4, 2).numpy()
+    flags = plan_mod.flip_flags(23, 4, 2).numpy()
+    for train in (False, True):
+        for skip in (0, 1, 2):
+            got = plan_mod.plan_epoch(23, 3, shuffle=True, seed=4, epoch=2, train=train, skip=skip, rank=1,
+                                      world=2, flip=True)
+            pos = plan_mod.shard_positions(23, 3, train, 1, 2)[skip:]
+            assert [b.index.tolist() for b in got] == [order[p].tolist() for p in pos]
+            assert [b.flip.tolist() for b in got] == [flags[p].tolist() for p in pos]
+    unshuffled = plan_mod.plan_epoch(7, 2, shuffle=False, seed=4, epoch=2, train=False, skip=0, rank=0, world=1,
+                                     flip=False)
+    assert [b.index.tolist() for b in unshuffled] == [[0, 1], [2, 3], [4, 5], [6]]
+    assert all(b.flip is None for b in unshuffled)
+    with pytest.raises(ValueError, match="skip"):
+        plan_mod.plan_epoch(7, 2, shuffle=False, seed=0, epoch=0, train=False, skip=-1, rank=0, world=1, flip=False)
+    with pytest.raises(ValueError, match="batch_size"):
+        plan_mod.shard_positions(7, 0, False, 0, 1)
+
+
 def test_resolve_shard(monkeypatch):
     assert plan_mod.resolve_shard() == (0, 1)
+    assert plan_mod.resolve_shard(0, None) == (0, 1) and plan_mod.resolve_shard(None, 3) == (0, 3)
     assert plan_mod.resolve_shard(1, 4) == (1, 4)
     with pytest.raises(ValueError):
         plan_mod.resolve_shard(4, 4)
