@@ -44,6 +44,35 @@ def test_graph_steps_equal_eager_steps(kernels, batched):
 
 
 @cuda
+def test_graph_steps_equal_eager_steps_with_nested_taskonomy_batches():
+    """The Taskonomy batch is nested ({"image", "targets": {task: map}, "mask"}): every replay must
+    copy the new targets into the static buffers (a copy that skipped the nested dict would train on
+    the captured batch's targets over and over)."""
+    from fastdmtg.bench import build_stepper
+    dev = torch.device("cuda")
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    base = apply_overrides(get_recipe("taskonomy5_k3"), ["train.batch_size=4", "data.image_size=64", "train.amp=off",
+                                                         "train.kernels=triton", "train.compile=off",
+                                                         "train.channels_last=off"])
+    results = {}
+    for mode in ("off", "on"):
+        step, info = build_stepper(apply_overrides(base, [f"train.cuda_graph={mode}"]), dev, loader="memory",
+                                   n_batches=8)
+        for _ in range(8):
+            step()
+        torch.cuda.synchronize()
+        results[mode] = (_params(info)[0], info["runner"].captures)
+        if mode == "on":
+            static, last = info["runner"].static_batch, info["last_batch"]
+            for task, t in last["targets"].items():
+                assert torch.equal(static["targets"][task], t), task
+    assert results["on"][1] == 1 and results["off"][1] == 0
+    for a, b in zip(results["off"][0], results["on"][0]):
+        torch.testing.assert_close(a, b, rtol=2e-4, atol=2e-5)
+
+
+@cuda
 def test_replays_draw_fresh_noise():
     """Identical inputs on every replay — one batch, and the learning rate set to 0 so the weights
     stay put: every head's loss L is the same each replay, so the weighted total can only change
