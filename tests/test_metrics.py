@@ -57,6 +57,10 @@ def test_attribute_meter_by_hand_and_over_batches():
     assert r2["loss"] == pytest.approx(want_loss) and r2["error"] == pytest.approx(want_err) and r2["count"] == 3
     with pytest.raises(ValueError, match="no samples"):
         ts.meter().compute()
+    # evaluation keeps no autograd graph, whatever the outputs carry
+    g = ts.meter()
+    g.update(logits.clone().requires_grad_(), {"labels": labels})
+    assert not g.loss_sum.requires_grad and not g.correct.requires_grad
 
 
 def test_evaluate_matches_a_plain_loop_over_the_split():
