@@ -45,6 +45,8 @@ def test_attribute_meter_by_hand_and_over_batches():
     # argmax: a → [0, 1, 0] vs [0, 0, 1]: 1 of 3 right; b → [1, 0, 1] vs [1, 0, 1]: 3 of 3
     want_err = {"a": 100 * (1 - 1 / 3), "b": 0.0}
     ts = AttributeTaskSet(["a", "b"])
+    assert [(t.name, t.kind, t.out_channels) for t in ts.specs] == [("a", "class", 2), ("b", "class", 2)]
+    assert ts.unified_error is True                                     # every error is a classification error
     one = ts.meter()
     one.update(logits, {"labels": labels})
     r = one.compute()
