@@ -44,16 +44,24 @@ PY = sys.executable
 
 KERNEL_REF = ("reference",)
 
+#: the fast tests of tests/test_pruning.py (no training runs)
+PRUNING_UNIT = ["test_rule_drops_after_patience_and_resets_when_probability_rises",
+                "test_probabilities_renormalise_over_active_heads", "test_rule_never_drops_the_last_head_of_a_task",
+                "test_branch_dropped_once_no_task_can_choose_it", "test_config_validation",
+                "test_dropped_heads_get_no_compute_and_no_gradient",
+                "test_weights_restricted_to_active_heads_and_dropped_logits_frozen",
+                "test_step_runner_invalidate_and_stacked_layout", "test_training_flops_accounting"]
+
 #: name → (module file, functions to mutate (None = the whole module), pytest arguments)
 TARGETS: dict[str, tuple[str, tuple[str, ...] | None, list[str]]] = {
     "metrics": ("fastdmtg/metrics.py", None, ["tests/test_metrics.py", "tests/test_bug_guards.py", "-k",
                                               "normgain or summarize or attribute or evaluate"]),
     "plan": ("pipelines/plan.py", None, ["tests/test_plan.py"]),
+    # node ids, not -k: a -k word also matches the file name ("run" is in "test_pruning")
     "dmtg": ("fastdmtg/methods/dmtg.py", None,
-             ["tests/test_grouping.py", "tests/test_pruning.py", "-k",
-              "not training and not resume and not run and not equals_no_pruning and not batched"]),
-    "pruning": ("fastdmtg/pruning.py", None,
-                ["tests/test_pruning.py", "-k", "not resume and not run and not equals_no_pruning and not batched"]),
+             ["tests/test_grouping.py", *[f"tests/test_pruning.py::{t}" for t in PRUNING_UNIT],
+              "tests/test_bug_guards.py::test_trainer_applies_the_tau_schedule_each_epoch"]),
+    "pruning": ("fastdmtg/pruning.py", None, [f"tests/test_pruning.py::{t}" for t in PRUNING_UNIT]),
     "attributes": ("fastdmtg/tasks/attributes.py", None, ["tests/test_grouping.py", "tests/test_metrics.py"]),
     "taskonomy_tasks": ("fastdmtg/tasks/taskonomy.py", None,
                         ["tests/test_bug_guards.py", "tests/test_taskonomy.py", "-k",

@@ -101,3 +101,44 @@ def test_naive_mtl_weights_are_ones():
     assert torch.equal(m.weights(0), torch.ones(4, 1))
     assert m.assignment().tolist() == [0, 0, 0, 0]
     assert list(m.parameters()) == []
+
+
+def test_seed_derivation_and_ddp_noise_offsets():
+    """The noise seed is part of reproducibility: seed s starts the counter at 7919·s + 17; under DDP
+    ``per_rank`` rank r adds r·2^40 (its own draws), ``shared`` adds nothing (the same draw)."""
+    g = GroupingConfig(tau=2.5)
+    assert int(DMTG(2, 3, g).seed) == 17 and int(DMTG(2, 3, g, seed=2).seed) == 2 * 7919 + 17
+    shared, per_rank = GroupingConfig(ddp_noise="shared"), GroupingConfig(ddp_noise="per_rank")
+    a, b, c = DMTG(4, 3, per_rank), DMTG(4, 3, per_rank), DMTG(4, 3, shared)
+    a.set_rank(0), b.set_rank(3), c.set_rank(3)
+    assert a.seed_offset == 0 and b.seed_offset == 3 << 40 and c.seed_offset == 0
+    za, zb, zc = a.weights(0).detach(), b.weights(0).detach(), c.weights(0).detach()
+    assert torch.equal(za, zc) and not torch.allclose(za, zb)
+
+
+def test_pruning_state_only_when_on_and_events_carry_the_step():
+    """prune_eps = 0: no pruning state at all (the state dict of a run without pruning); > 0: no
+    event before a drop; a drop after the trainer's global step g is recorded at step g + 1 (steps
+    done), with its probability, and reported to the trainer if it listens."""
+    from types import SimpleNamespace
+    off = DMTG(2, 3, GroupingConfig())
+    assert not off.pruning and "prune_active" not in off.state_dict() and off.head_mask() is None
+    assert off.prune_events() == []
+    g = GroupingConfig(tau=2.0, prune_eps=0.1, prune_patience=1)
+    m = DMTG(2, 3, g)
+    assert m.pruning and m.prune_events() == [] and m.head_mask() is None
+    with torch.no_grad():
+        m.logits.copy_(torch.tensor([[0.0, 5.0, 4.0], [5.0, 0.0, 1.0]]))
+    m.observe_step(SimpleNamespace(global_step=4), {})          # a trainer without on_heads_pruned
+    p = torch.softmax(m.logits.detach().double() / 2.0, 1)      # (0, 0) ≈ 0.049 and (1, 1) ≈ 0.067 < 0.1
+    assert m.prune_events() == [{"task": 0, "branch": 0, "step": 5, "probability": pytest.approx(float(p[0, 0]))},
+                                {"task": 1, "branch": 1, "step": 5, "probability": pytest.approx(float(p[1, 1]))}]
+    heard = []
+    m2 = DMTG(2, 3, g)
+    m2.load_state_dict(DMTG(2, 3, g).state_dict())
+    with torch.no_grad():
+        m2.logits.copy_(m.logits)
+    m2.observe_step(SimpleNamespace(global_step=0, on_heads_pruned=heard.extend), {})
+    assert [(e["task"], e["branch"], e["step"]) for e in heard] == [(0, 0, 1), (1, 1, 1)]
+    with pytest.raises(RuntimeError, match="Missing key"):
+        DMTG(2, 3, g).load_state_dict(off.state_dict())         # strict: pruning state missing
