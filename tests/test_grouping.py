@@ -114,6 +114,21 @@ def test_seed_derivation_and_ddp_noise_offsets():
     assert a.seed_offset == 0 and b.seed_offset == 3 << 40 and c.seed_offset == 0
     za, zb, zc = a.weights(0).detach(), b.weights(0).detach(), c.weights(0).detach()
     assert torch.equal(za, zc) and not torch.allclose(za, zb)
+    assert int(a.seed) == int(b.seed) == 18                  # one step = one counter value (resume, graphs)
+    assert int(a.seed) + int(a.seed_offset) == 18 and int(b.seed) + b.seed_offset == 18 + (3 << 40)
+
+
+def test_pruned_weights_stay_finite_when_the_dropped_head_dominates():
+    """z over the active heads is renormalised; if the dropped head takes all the mass (its logit
+    frozen high, τ small) the active heads' share underflows to 0 — the result stays finite."""
+    g = GroupingConfig(tau=0.05, prune_eps=0.1, prune_patience=1)
+    m = DMTG(1, 3, g)
+    with torch.no_grad():
+        m.logits.copy_(torch.tensor([[200.0, 0.0, 0.0]]))
+        m.prune_active.copy_(torch.tensor([[False, True, True]]))
+    m._refresh()
+    z = m.weights(0)
+    assert torch.isfinite(z).all() and z[0, 0] == 0
 
 
 def test_pruning_state_only_when_on_and_events_carry_the_step():
