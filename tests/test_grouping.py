@@ -114,6 +114,9 @@ def test_seed_derivation_and_ddp_noise_offsets():
     assert a.seed_offset == 0 and b.seed_offset == 3 << 40 and c.seed_offset == 0
     za, zb, zc = a.weights(0).detach(), b.weights(0).detach(), c.weights(0).detach()
     assert torch.equal(za, zc) and not torch.allclose(za, zb)
+    ref = DMTG(4, 3, shared)
+    ref.seed.fill_(17 + (3 << 40))                             # rank 3's draw is the draw at seed + 3·2^40
+    assert torch.equal(zb, ref.weights(0).detach())
     assert int(a.seed) == int(b.seed) == 18                  # one step = one counter value (resume, graphs)
     assert int(a.seed) + int(a.seed_offset) == 18 and int(b.seed) + b.seed_offset == 18 + (3 << 40)
 
@@ -143,17 +146,17 @@ def test_pruning_state_only_when_on_and_events_carry_the_step():
     m = DMTG(2, 3, g)
     assert m.pruning and m.prune_events() == [] and m.head_mask() is None
     with torch.no_grad():
-        m.logits.copy_(torch.tensor([[0.0, 5.0, 4.0], [5.0, 0.0, 1.0]]))
+        m.logits.copy_(torch.tensor([[0.0, 5.0, 4.0], [5.0, 1.0, 0.0]]))
     m.observe_step(SimpleNamespace(global_step=4), {})          # a trainer without on_heads_pruned
-    p = torch.softmax(m.logits.detach().double() / 2.0, 1)      # (0, 0) ≈ 0.049 and (1, 1) ≈ 0.067 < 0.1
+    p = torch.softmax(m.logits.detach().double() / 2.0, 1)      # (0, 0) ≈ 0.049 and (1, 2) ≈ 0.067 < 0.1
     assert m.prune_events() == [{"task": 0, "branch": 0, "step": 5, "probability": pytest.approx(float(p[0, 0]))},
-                                {"task": 1, "branch": 1, "step": 5, "probability": pytest.approx(float(p[1, 1]))}]
+                                {"task": 1, "branch": 2, "step": 5, "probability": pytest.approx(float(p[1, 2]))}]
     heard = []
     m2 = DMTG(2, 3, g)
     m2.load_state_dict(DMTG(2, 3, g).state_dict())
     with torch.no_grad():
         m2.logits.copy_(m.logits)
     m2.observe_step(SimpleNamespace(global_step=0, on_heads_pruned=heard.extend), {})
-    assert [(e["task"], e["branch"], e["step"]) for e in heard] == [(0, 0, 1), (1, 1, 1)]
+    assert [(e["task"], e["branch"], e["step"]) for e in heard] == [(0, 0, 1), (1, 2, 1)]
     with pytest.raises(RuntimeError, match="Missing key"):
         DMTG(2, 3, g).load_state_dict(off.state_dict())         # strict: pruning state missing
