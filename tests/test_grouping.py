@@ -158,5 +158,9 @@ def test_pruning_state_only_when_on_and_events_carry_the_step():
         m2.logits.copy_(m.logits)
     m2.observe_step(SimpleNamespace(global_step=0, on_heads_pruned=heard.extend), {})
     assert [(e["task"], e["branch"], e["step"]) for e in heard] == [(0, 0, 1), (1, 2, 1)]
+    # the argmax model never reads a dropped head, even one whose (frozen) logit is the highest
+    with torch.no_grad():
+        m.logits.copy_(torch.tensor([[9.0, 1.0, 2.0], [0.0, 1.0, 9.0]]))
+    assert m.assignment().tolist() == [2, 1]
     with pytest.raises(RuntimeError, match="Missing key"):
         DMTG(2, 3, g).load_state_dict(off.state_dict())         # strict: pruning state missing

@@ -232,3 +232,12 @@ def test_grouped_bce_reference_by_hand():
     want = torch.stack([torch.stack([z[i, k] * (sig[k, i] - target[:, i].float()) / 2 for i in range(2)])
                         for k in range(2)])
     torch.testing.assert_close(logits.grad, want, rtol=1e-5, atol=1e-7)
+
+
+def test_gumbel_reference_is_soft_unless_asked():
+    """``hard`` defaults to False: soft weights in (0, 1); hard=True gives the one-hot of the soft argmax."""
+    S = torch.tensor([[0.3, -0.2, 0.1], [1.0, 0.0, 0.5]])
+    soft = gumbel_mask.reference(S, 0.7, torch.tensor(11))
+    assert ((soft > 0) & (soft < 1)).all() and torch.allclose(soft.sum(1), torch.ones(2))
+    hard = gumbel_mask.reference(S, 0.7, torch.tensor(11), hard=True)
+    assert torch.equal(hard, torch.nn.functional.one_hot(soft.argmax(1), 3).float())
