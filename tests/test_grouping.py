@@ -96,6 +96,12 @@ def test_tau_anneal_schedule():
     assert float(m.tau) == 25
 
 
+def test_initial_tau_is_the_first_epochs():
+    """Before any epoch hook the method already samples at τ of epoch 0 (τ_start when annealing)."""
+    g = GroupingConfig(tau_schedule="anneal", tau_start=100, tau_end=4, tau_decay=0.5)
+    assert float(DMTG(2, 2, g).tau) == 100.0 and float(DMTG(2, 2, GroupingConfig(tau=2.5)).tau) == 2.5
+
+
 def test_naive_mtl_weights_are_ones():
     m = NaiveMTL(4)
     assert torch.equal(m.weights(0), torch.ones(4, 1))
@@ -114,6 +120,7 @@ def test_seed_derivation_and_ddp_noise_offsets():
     assert a.seed_offset == 0 and b.seed_offset == 3 << 40 and c.seed_offset == 0
     za, zb, zc = a.weights(0).detach(), b.weights(0).detach(), c.weights(0).detach()
     assert torch.equal(za, zc) and not torch.allclose(za, zb)
+    assert torch.equal(DMTG(4, 3, per_rank).weights(0).detach(), za)   # no set_rank: the base seed (rank 0)
     ref = DMTG(4, 3, shared)
     ref.seed.fill_(17 + (3 << 40))                             # rank 3's draw is the draw at seed + 3·2^40
     assert torch.equal(zb, ref.weights(0).detach())
@@ -151,6 +158,12 @@ def test_pruning_state_only_when_on_and_events_carry_the_step():
     p = torch.softmax(m.logits.detach().double() / 2.0, 1)      # (0, 0) ≈ 0.049 and (1, 2) ≈ 0.067 < 0.1
     assert m.prune_events() == [{"task": 0, "branch": 0, "step": 5, "probability": pytest.approx(float(p[0, 0]))},
                                 {"task": 1, "branch": 2, "step": 5, "probability": pytest.approx(float(p[1, 2]))}]
+    # without a trainer a drop is applied but has no step to report
+    m3 = DMTG(2, 3, g)
+    with torch.no_grad():
+        m3.logits.copy_(m.logits)
+    m3.observe_step(None, {})
+    assert m3.head_mask().tolist() == m.head_mask().tolist() and m3.prune_events() == []
     heard = []
     m2 = DMTG(2, 3, g)
     m2.load_state_dict(DMTG(2, 3, g).state_dict())
