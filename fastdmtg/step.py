@@ -97,9 +97,34 @@ def _shapes(batch):
     return tuple(batch.shape)
 
 
+class CudaGraphs:
+    """What the graph modes need from CUDA: a side stream for the warm-up steps and the capture of
+    one step into a replayable graph. ``StepRunner(graphs=...)`` takes a stand-in with the same two
+    methods, so the capture logic (static buffers, shape checks, the full-batch rule, re-capture
+    after ``invalidate``) is tested on CPU (tests/test_step_runner.py)."""
+
+    @staticmethod
+    @contextlib.contextmanager
+    def side_stream():
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            yield
+        torch.cuda.current_stream().wait_stream(s)
+
+    @staticmethod
+    def capture(step):
+        """(graph, step()'s outputs as recorded): ``graph.replay()`` re-runs the step on the same
+        buffers, writing into those outputs. Capturing runs nothing."""
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = step()
+        return graph, out
+
+
 class StepRunner:
     def __init__(self, forward: nn.Module, optimizer: torch.optim.Optimizer, mode: str = "eager",
-                 warmup: int = 3, full_batch: int | None = None):
+                 warmup: int = 3, full_batch: int | None = None, graphs=None):
         if mode not in ("eager", "compile", "graph", "compile+graph"):
             raise ValueError(f"unknown step mode {mode!r}")
         self.optimizer, self.mode, self.warmup = optimizer, mode, warmup
@@ -110,6 +135,7 @@ class StepRunner:
         self.static_batch = self.static_out = self.static_shapes = None
         self.eager_steps = 0
         self.captures = 0
+        self.graphs = graphs if graphs is not None else CudaGraphs()
 
     def _full(self, batch: dict) -> bool:
         return self.full_batch is None or batch["image"].shape[0] == self.full_batch
@@ -146,11 +172,8 @@ class StepRunner:
             return self._eager_step(self.eager_fn, batch)                      # e.g. last partial batch
         if self.eager_steps < self.warmup:
             # warm-up on a side stream (as capture requires): these are real training steps
-            s = torch.cuda.Stream()
-            s.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(s):
+            with self.graphs.side_stream():
                 out = self._eager_step(self.fn, batch)
-            torch.cuda.current_stream().wait_stream(s)
             self.eager_steps += 1
             return out
         self._capture(batch)
@@ -160,13 +183,14 @@ class StepRunner:
     def _capture(self, batch):
         self.static_batch = _clone_static(batch)
         self.static_shapes = _shapes(batch)
-        self.graph = torch.cuda.CUDAGraph()
         self.optimizer.zero_grad(set_to_none=True)
-        with torch.cuda.graph(self.graph):
+
+        def step():
             total, L = self.fn(self.static_batch)
             total.backward()
             self.optimizer.step()
-        self.static_out = (total.detach(), L)
+            return total.detach(), L
+        self.graph, self.static_out = self.graphs.capture(step)
         self.captures += 1
 
 

@@ -1,10 +1,11 @@
 """Run under torchrun (2 gloo ranks) by tests/test_fidelity.py: builds the Trainer for
 grouping.ddp_noise=shared and =per_rank, draws two Gumbel samples per rank through the trainer's DMTG
-method, gathers them on rank 0, checks that model.sync_bn=true is refused on CPU, and writes
+method, gathers them on rank 0, trains one epoch (fit_probe: the samples and S of each rank), checks that model.sync_bn=true is refused on CPU, and writes
 OUT/probe.json.
 
     torchrun --standalone --nproc_per_node=2 tests/ddp_noise_probe.py OUT
 """
+import hashlib
 import json
 import sys
 from pathlib import Path
@@ -18,6 +19,26 @@ SMALL = ["train.tensorboard=false", "train.progress=false", "data.synthetic_trai
          "data.synthetic_test=16", "train.batch_size=8", "model.width=1", "train.device=cpu"]
 
 
+def fit_probe(out: Path) -> list:
+    """One epoch of training with per-rank noise (so the ranks' S gradients differ before the
+    all-reduce): per rank, the samples of every step (a hash per image), the grouping logits S and a
+    checksum of the weights at the end, gathered on every rank."""
+    cfg = apply_overrides(get_recipe("synthetic_k3"), SMALL + ["grouping.ddp_noise=per_rank", "train.epochs=1"])
+    tr = Trainer(cfg, out, progress=False)
+    seen, step = [], tr.runner.fn                           # eager on CPU: the runner calls fn(batch)
+
+    def recorder(batch):
+        seen.append([hashlib.sha1(img.numpy().tobytes()).hexdigest()[:16] for img in batch["image"]])
+        return step(batch)
+    tr.runner.fn = recorder
+    tr.fit()
+    state = {"steps": seen, "S": tr.method.logits.detach().tolist(),
+             "weights": float(sum(p.detach().double().sum() for p in tr.model.parameters()))}
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, state)
+    return gathered
+
+
 def main(out: Path) -> None:
     res = {}
     for mode in ("shared", "per_rank"):
@@ -27,6 +48,7 @@ def main(out: Path) -> None:
         gathered = [None] * dist.get_world_size()
         dist.all_gather_object(gathered, z)
         res[mode] = {"z": gathered, "global_batch": tr.global_batch}
+    res["fit"] = fit_probe(out / "fit")
     try:
         Trainer(apply_overrides(get_recipe("synthetic_k3"), SMALL + ["model.sync_bn=true"]), out / "sync",
                 progress=False)

@@ -364,3 +364,13 @@ def test_two_gloo_ranks_share_or_split_the_gumbel_noise(tmp_path):
     assert "SyncBatchNorm runs on CUDA only" in res["sync_bn_error"]
     # the epoch's training loss is the mean over both ranks' samples; the validation loss is rank 0's
     assert res["global_mean"] == [2.0, 2.0] and res["broadcast"] == [7.0, 7.0]
+    # one epoch, 64 samples, 8 per rank per step: the ranks' shards are disjoint, each sample of the
+    # epoch is seen once (64 = 4 full global batches), and after the all-reduced steps (per-rank noise,
+    # so the ranks' own S gradients differ) both ranks hold the same S and the same weights
+    a, b = res["fit"]
+    assert len(a["steps"]) == len(b["steps"]) == 4 and all(len(s) == 8 for s in a["steps"] + b["steps"])
+    sa, sb = {h for s in a["steps"] for h in s}, {h for s in b["steps"] for h in s}
+    assert len(sa) == len(sb) == 32 and not sa & sb
+    S0, S1 = torch.tensor(a["S"]), torch.tensor(b["S"])
+    assert torch.equal(S0, S1) and not torch.equal(S0, torch.ones_like(S0))    # trained, and in sync
+    assert a["weights"] == b["weights"]

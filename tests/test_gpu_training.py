@@ -44,18 +44,59 @@ def test_graph_steps_equal_eager_steps(kernels, batched):
 
 
 @cuda
+def test_graph_steps_equal_eager_steps_with_nested_taskonomy_batches():
+    """The Taskonomy batch is nested ({"image", "targets": {task: map}, "mask"}): every replay must
+    copy the new targets into the static buffers (a copy that skipped the nested dict would train on
+    the captured batch's targets over and over)."""
+    from fastdmtg.bench import build_stepper
+    dev = torch.device("cuda")
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    base = apply_overrides(get_recipe("taskonomy5_k3"), ["train.batch_size=4", "data.image_size=64", "train.amp=off",
+                                                         "train.kernels=triton", "train.compile=off",
+                                                         "train.channels_last=off"])
+    results = {}
+    for mode in ("off", "on"):
+        step, info = build_stepper(apply_overrides(base, [f"train.cuda_graph={mode}"]), dev, loader="memory",
+                                   n_batches=8)
+        for _ in range(8):
+            step()
+        torch.cuda.synchronize()
+        results[mode] = (_params(info)[0], info["runner"].captures)
+        if mode == "on":
+            static, last = info["runner"].static_batch, info["last_batch"]
+            for task, t in last["targets"].items():
+                assert torch.equal(static["targets"][task], t), task
+    assert results["on"][1] == 1 and results["off"][1] == 0
+    for a, b in zip(results["off"][0], results["on"][0]):
+        torch.testing.assert_close(a, b, rtol=2e-4, atol=2e-5)
+
+
+@cuda
 def test_replays_draw_fresh_noise():
+    """Identical inputs on every replay — one batch, and the learning rate set to 0 so the weights
+    stay put: every head's loss L is the same each replay, so the weighted total can only change
+    through the Gumbel noise (frozen noise would give the same total three times)."""
     from fastdmtg.bench import build_stepper
     cfg = apply_overrides(get_recipe("celeba9_k3"), ["train.batch_size=32", "train.cuda_graph=on",
                                                      "train.kernels=triton"])
-    step, info = build_stepper(cfg, torch.device("cuda"), n_batches=4)
+    step, info = build_stepper(cfg, torch.device("cuda"), loader="memory", n_batches=1)
+    for group in info["runner"].optimizer.param_groups:
+        if torch.is_tensor(group["lr"]):
+            group["lr"].fill_(0.0)                 # capturable optimizer: the LR is a device tensor
+        else:
+            group["lr"] = 0.0
     for _ in range(4):
         step()
-    seen = []
+    assert info["runner"].captures == 1
+    totals, Ls = [], []
     for _ in range(3):
         total, L = step()
-        seen.append(float(total))
-    assert len(set(seen)) == 3                   # different batches / noise every replay
+        totals.append(float(total))
+        Ls.append(L.detach().clone())
+    for L in Ls[1:]:
+        torch.testing.assert_close(L, Ls[0], rtol=1e-5, atol=1e-6)
+    assert len(set(totals)) == 3
 
 
 @cuda
@@ -165,7 +206,7 @@ def test_cuda_graph_under_ddp_is_opt_in():
     base = apply_overrides(get_recipe("celeba9_k3"), ["model.sync_bn=false"])   # SyncBN is the default under DDP
     assert resolve_speed(base, dev, 1)["cuda_graph"] is True
     assert resolve_speed(base, dev, 2)["cuda_graph"] is False
-    assert resolve_speed(apply_overrides(base, ["train.cuda_graph=on"]), dev, 2)["cuda_graph"] is True
+    assert resolve_speed(apply_overrides(base, ["train.cuda_graph=on", "model.sync_bn=false"]), dev, 2)["cuda_graph"] is True
     for extra, field in ((["grouping.prune_eps=0.01"], "grouping.prune_eps"), (["model.sync_bn=true"], "model.sync_bn")):
         with pytest.raises(ValueError, match=field):
             resolve_speed(apply_overrides(base, ["train.cuda_graph=on"] + extra), dev, 2)

@@ -19,7 +19,10 @@ def test_gumbel_weights_rows_sum_to_one_and_grad_reaches_S():
     assert (z > 0).all()
     L = torch.arange(15, dtype=torch.float32).view(5, 3)
     (z * L).sum().backward()
-    assert m.logits.grad is not None and m.logits.grad.abs().sum() > 0
+    # z = softmax((S + g)/τ) row-wise, so ∂(Σ_k z_k L_k)/∂S_j = z_j (L_j − Σ_k z_k L_k) / τ (τ = 2.5)
+    zd = z.detach()
+    want = zd * (L - (zd * L).sum(1, keepdim=True)) / 2.5
+    torch.testing.assert_close(m.logits.grad, want, rtol=1e-5, atol=1e-6)
 
 
 def test_initial_logits_are_one_and_noise_changes_each_step():
@@ -73,7 +76,16 @@ def test_weighted_loss_equals_hand_computed_sum():
     assert torch.allclose(Lt, torch.tensor(L), atol=1e-6)
     assert abs(total.item() - want_total) < 1e-6
     total.backward()
-    assert logits.grad is not None
+    # ∂total/∂logits[k, i, b] = z[i, k] / B · (softmax(logits[k, i, b]) − onehot(label))
+    want = torch.zeros(2, 2, 2, 2)
+    for k in range(2):
+        for i in range(2):
+            for b in range(2):
+                row = logits[k, i, b].tolist()
+                e = [math.exp(v) for v in row]
+                for c in range(2):
+                    want[k, i, b, c] = z[i, k].item() / 2 * (e[c] / sum(e) - (c == int(labels[b, i])))
+    torch.testing.assert_close(logits.grad, want, rtol=1e-5, atol=1e-7)
 
 
 def test_tau_anneal_schedule():
@@ -84,8 +96,84 @@ def test_tau_anneal_schedule():
     assert float(m.tau) == 25
 
 
+def test_initial_tau_is_the_first_epochs():
+    """Before any epoch hook the method already samples at τ of epoch 0 (τ_start when annealing)."""
+    g = GroupingConfig(tau_schedule="anneal", tau_start=100, tau_end=4, tau_decay=0.5)
+    assert float(DMTG(2, 2, g).tau) == 100.0 and float(DMTG(2, 2, GroupingConfig(tau=2.5)).tau) == 2.5
+
+
 def test_naive_mtl_weights_are_ones():
     m = NaiveMTL(4)
     assert torch.equal(m.weights(0), torch.ones(4, 1))
     assert m.assignment().tolist() == [0, 0, 0, 0]
     assert list(m.parameters()) == []
+
+
+def test_seed_derivation_and_ddp_noise_offsets():
+    """The noise seed is part of reproducibility: seed s starts the counter at 7919·s + 17; under DDP
+    ``per_rank`` rank r adds r·2^40 (its own draws), ``shared`` adds nothing (the same draw)."""
+    g = GroupingConfig(tau=2.5)
+    assert int(DMTG(2, 3, g).seed) == 17 and int(DMTG(2, 3, g, seed=2).seed) == 2 * 7919 + 17
+    shared, per_rank = GroupingConfig(ddp_noise="shared"), GroupingConfig(ddp_noise="per_rank")
+    a, b, c = DMTG(4, 3, per_rank), DMTG(4, 3, per_rank), DMTG(4, 3, shared)
+    a.set_rank(0), b.set_rank(3), c.set_rank(3)
+    assert a.seed_offset == 0 and b.seed_offset == 3 << 40 and c.seed_offset == 0
+    za, zb, zc = a.weights(0).detach(), b.weights(0).detach(), c.weights(0).detach()
+    assert torch.equal(za, zc) and not torch.allclose(za, zb)
+    assert torch.equal(DMTG(4, 3, per_rank).weights(0).detach(), za)   # no set_rank: the base seed (rank 0)
+    ref = DMTG(4, 3, shared)
+    ref.seed.fill_(17 + (3 << 40))                             # rank 3's draw is the draw at seed + 3·2^40
+    assert torch.equal(zb, ref.weights(0).detach())
+    assert int(a.seed) == int(b.seed) == 18                  # one step = one counter value (resume, graphs)
+    assert int(a.seed) + int(a.seed_offset) == 18 and int(b.seed) + b.seed_offset == 18 + (3 << 40)
+
+
+def test_pruned_weights_stay_finite_when_the_dropped_head_dominates():
+    """z over the active heads is renormalised; if the dropped head takes all the mass (its logit
+    frozen high, τ small) the active heads' share underflows to 0 — the result stays finite."""
+    g = GroupingConfig(tau=0.05, prune_eps=0.1, prune_patience=1)
+    m = DMTG(1, 3, g)
+    with torch.no_grad():
+        m.logits.copy_(torch.tensor([[200.0, 0.0, 0.0]]))
+        m.prune_active.copy_(torch.tensor([[False, True, True]]))
+    m._refresh()
+    z = m.weights(0)
+    assert torch.isfinite(z).all() and z[0, 0] == 0
+
+
+def test_pruning_state_only_when_on_and_events_carry_the_step():
+    """prune_eps = 0: no pruning state at all (the state dict of a run without pruning); > 0: no
+    event before a drop; a drop after the trainer's global step g is recorded at step g + 1 (steps
+    done), with its probability, and reported to the trainer if it listens."""
+    from types import SimpleNamespace
+    off = DMTG(2, 3, GroupingConfig())
+    assert not off.pruning and "prune_active" not in off.state_dict() and off.head_mask() is None
+    assert off.prune_events() == []
+    g = GroupingConfig(tau=2.0, prune_eps=0.1, prune_patience=1)
+    m = DMTG(2, 3, g)
+    assert m.pruning and m.prune_events() == [] and m.head_mask() is None
+    with torch.no_grad():
+        m.logits.copy_(torch.tensor([[0.0, 5.0, 4.0], [5.0, 1.0, 0.0]]))
+    m.observe_step(SimpleNamespace(global_step=4), {})          # a trainer without on_heads_pruned
+    p = torch.softmax(m.logits.detach().double() / 2.0, 1)      # (0, 0) ≈ 0.049 and (1, 2) ≈ 0.067 < 0.1
+    assert m.prune_events() == [{"task": 0, "branch": 0, "step": 5, "probability": pytest.approx(float(p[0, 0]))},
+                                {"task": 1, "branch": 2, "step": 5, "probability": pytest.approx(float(p[1, 2]))}]
+    # without a trainer a drop is applied but has no step to report
+    m3 = DMTG(2, 3, g)
+    with torch.no_grad():
+        m3.logits.copy_(m.logits)
+    m3.observe_step(None, {})
+    assert m3.head_mask().tolist() == m.head_mask().tolist() and m3.prune_events() == []
+    heard = []
+    m2 = DMTG(2, 3, g)
+    m2.load_state_dict(DMTG(2, 3, g).state_dict())
+    with torch.no_grad():
+        m2.logits.copy_(m.logits)
+    m2.observe_step(SimpleNamespace(global_step=0, on_heads_pruned=heard.extend), {})
+    assert [(e["task"], e["branch"], e["step"]) for e in heard] == [(0, 0, 1), (1, 2, 1)]
+    # the argmax model never reads a dropped head, even one whose (frozen) logit is the highest
+    with torch.no_grad():
+        m.logits.copy_(torch.tensor([[9.0, 1.0, 2.0], [0.0, 1.0, 9.0]]))
+    assert m.assignment().tolist() == [2, 1]
+    with pytest.raises(RuntimeError, match="Missing key"):
+        DMTG(2, 3, g).load_state_dict(off.state_dict())         # strict: pruning state missing

@@ -62,3 +62,21 @@ def test_all_ignored_is_zero(backend):
     assert torch.equal(L, torch.zeros(K, device=DEVICE))
     assert torch.equal(grads["logits"], torch.zeros_like(logits))
     assert torch.equal(grads["z"], torch.zeros_like(z))
+
+
+def test_reference_by_hand_default_ignore_and_a_single_valid_pixel():
+    """The reference itself against a hand computation: class 0 is ignored by default, and a batch
+    with one valid pixel has L = that pixel's CE (divided by 1)."""
+    import math
+    logits = torch.tensor([[[[[2.0, 0.0, 1.0]], [[0.5, 1.0, 0.0]], [[0.0, 3.0, -1.0]]]]])   # (K=1, B=1, C=3, H=1, W=3)
+    target = torch.tensor([[[0, 2, 0]]])                                                     # one valid pixel (class 2)
+    z = torch.tensor([0.5])
+    total, L = ce_ignore.reference(logits, target, z)
+    col = [0.0, 1.0, 3.0]                                                                    # logits of pixel 1
+    want = math.log(sum(math.exp(v) for v in col)) - col[2]
+    assert float(L[0]) == pytest.approx(want) and float(total) == pytest.approx(0.5 * want)
+    target2 = torch.tensor([[[1, 2, 1]]])                                                    # all valid
+    _, L2 = ce_ignore.reference(logits, target2, z)
+    cols = [[2.0, 0.5, 0.0], [0.0, 1.0, 3.0], [1.0, 0.0, -1.0]]
+    want2 = sum(math.log(sum(math.exp(v) for v in c)) - c[t] for c, t in zip(cols, [1, 2, 1])) / 3
+    assert float(L2[0]) == pytest.approx(want2)

@@ -138,7 +138,7 @@ def test_public_api_both_backends_one_step():
     for backend in ("reference", "triton"):
         S_l = S.clone().requires_grad_(True)
         x_l = logits.clone().requires_grad_(True)
-        z = ops.gumbel_softmax_mask(S_l, torch.tensor(1.0, device=DEVICE), torch.tensor(5, device=DEVICE),
+        z = ops.gumbel_softmax_mask(S_l, torch.tensor(0.7, device=DEVICE), torch.tensor(5, device=DEVICE),
                                     backend=backend)
         total, L = ops.grouped_ce_loss(x_l, target, z, backend=backend)
         total.backward()
@@ -211,3 +211,33 @@ def test_env_override_replaces_auto():
         pytest.skip(f"triton unavailable: {ops.TRITON_IMPORT_ERROR}")
     assert p.returncode == 0, p.stderr[-2000:]
     assert p.stdout.split() == ["triton", "reference"]       # explicit values are kept
+
+
+def test_grouped_bce_reference_by_hand():
+    """The BCE reference against the definition: L[i, k] = mean_b BCE(logits[k, i, b], target[b, i]),
+    total = Σ z·L, and ∂total/∂logits[k, i, b] = z[i, k] (σ(x) − t) / B."""
+    import math
+    logits = torch.tensor([[[1.0, -2.0], [0.5, 0.0]], [[-1.0, 3.0], [2.0, -0.5]]], requires_grad=True)  # (K, N, B)
+    target = torch.tensor([[1, 0], [0, 1]])                                                               # (B, N)
+    z = torch.tensor([[0.3, 0.7], [0.6, 0.4]])                                                            # (N, K)
+
+    def bce(x, t):
+        return -(t * math.log(1 / (1 + math.exp(-x))) + (1 - t) * math.log(1 - 1 / (1 + math.exp(-x))))
+    L = [[sum(bce(float(logits[k, i, b].detach()), int(target[b, i])) for b in range(2)) / 2 for k in range(2)] for i in range(2)]
+    total, Lt = grouped_bce.reference(logits, target, z)
+    assert torch.allclose(Lt, torch.tensor(L), atol=1e-6)
+    assert float(total.detach()) == pytest.approx(sum(float(z[i, k]) * L[i][k] for i in range(2) for k in range(2)), rel=1e-6)
+    total.backward()
+    sig = torch.sigmoid(logits.detach())
+    want = torch.stack([torch.stack([z[i, k] * (sig[k, i] - target[:, i].float()) / 2 for i in range(2)])
+                        for k in range(2)])
+    torch.testing.assert_close(logits.grad, want, rtol=1e-5, atol=1e-7)
+
+
+def test_gumbel_reference_is_soft_unless_asked():
+    """``hard`` defaults to False: soft weights in (0, 1); hard=True gives the one-hot of the soft argmax."""
+    S = torch.tensor([[0.3, -0.2, 0.1], [1.0, 0.0, 0.5]])
+    soft = gumbel_mask.reference(S, 0.7, torch.tensor(11))
+    assert ((soft > 0) & (soft < 1)).all() and torch.allclose(soft.sum(1), torch.ones(2))
+    hard = gumbel_mask.reference(S, 0.7, torch.tensor(11), hard=True)
+    assert torch.equal(hard, torch.nn.functional.one_hot(soft.argmax(1), 3).float())

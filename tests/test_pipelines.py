@@ -10,9 +10,9 @@ ran. DDP (2 gloo processes under torchrun, one launch for every pair): see ``tes
 
 FFCV runs in child processes (``_ffcv_results``, and the DDP launch): several FFCV Loaders in one
 process can raise a numba finalizer KeyError at garbage collection, which pytest would attribute to
-whatever test happens to be running; every FFCV case has its own time limit
-(``faulthandler.dump_traceback_later``: a hang dumps the stacks and ends the child, and the test
-names the case). Backends that are installed are never skipped; one that is not installed is
+whatever test happens to be running; every FFCV case has its own time limit (tests/case_runner.py:
+a hang dumps the stacks and ends the child, that case fails with the stacks, and a new child runs
+the cases after it; the DDP launch has a limit per pair). Backends that are installed are never skipped; one that is not installed is
 skipped with the reason (CI installs both: .ci/install-pipelines.sh).
 """
 from __future__ import annotations
@@ -39,6 +39,7 @@ from fastdmtg.pipelines import plan as plan_mod
 from fastdmtg.pipelines.source import to_tensor
 
 sys.path.insert(0, str(Path(__file__).parent))
+from case_runner import run_cases  # noqa: E402
 from celeba_fixture import write_celeba  # noqa: E402
 from taskonomy_fixture import write_fixture  # noqa: E402
 
@@ -163,62 +164,6 @@ def check_pair(d: dict, dataset: str, backend: str, light: bool = False):
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     return make_data(tmp_path_factory.mktemp("pipelines"))
-
-
-# ------------------------------------------------------------------------------------------------
-# the plan (pure functions) against the rules written out by hand
-# ------------------------------------------------------------------------------------------------
-def test_plan_single_process():
-    for n in range(1, 30):
-        for bs in (1, 2, 3, 7, 32):
-            for train in (False, True):
-                pos = plan_mod.shard_positions(n, bs, train, 0, 1)
-                want = n // bs + (1 if n % bs and not (train and n % bs == 1) else 0)
-                assert len(pos) == want == plan_mod.shard_num_batches(n, bs, train)
-                flat = np.concatenate(pos) if pos else np.zeros(0, int)
-                assert (flat == np.arange(len(flat))).all()          # contiguous batches, epoch order
-    p = plan_mod.plan_epoch(10, 3, shuffle=True, seed=2, epoch=1, train=False, skip=0, rank=0, world=1, flip=False)
-    assert (np.concatenate([b.index for b in p]) == plan_mod.epoch_permutation(10, 2, 1).numpy()).all()
-    g = torch.Generator().manual_seed(2 * 1_000_003 + 1)                    # order = f(seed, epoch) only
-    assert torch.equal(plan_mod.epoch_permutation(10, 2, 1), torch.randperm(10, generator=g))
-
-
-def test_plan_sharding_rules():
-    for n in range(1, 60):
-        for bs in (1, 2, 3, 8):
-            for world in (1, 2, 3, 4):
-                ev = [plan_mod.shard_positions(n, bs, False, r, world) for r in range(world)]
-                flat = np.sort(np.concatenate([np.concatenate(p) for p in ev if p]))
-                assert (flat == np.arange(n)).all()                       # eval: exactly once
-                assert max(map(len, ev)) - min(map(len, ev)) <= 1
-                for r in range(world):
-                    assert len(ev[r]) == plan_mod.shard_num_batches(n, bs, False, r, world)
-                tr = [plan_mod.shard_positions(n, bs, True, r, world) for r in range(world)]
-                assert len({len(p) for p in tr}) == 1                     # train: same number of steps
-                for r in range(world):                                    # order[r::W][:n//W], in batches
-                    mine = np.arange(n)[r::world][: n // world]
-                    m = len(mine)
-                    nb = m // bs + (1 if m % bs and not m % bs == 1 else 0)
-                    want = [mine[b * bs:(b + 1) * bs] for b in range(nb)]
-                    assert [p.tolist() for p in tr[r]] == [w.tolist() for w in want]
-                    assert len(tr[r]) == plan_mod.shard_num_batches(n, bs, True, r, world)
-                used = np.concatenate([np.concatenate(p) for p in tr if p]) if tr[0] else np.zeros(0, int)
-                assert len(np.unique(used)) == len(used)                  # no padding
-                assert n - len(used) <= 2 * world - 1
-                if bs >= 2:
-                    assert all(len(b) >= 2 for p in tr for b in p)        # no batch of one in training
-
-
-def test_resolve_shard(monkeypatch):
-    assert plan_mod.resolve_shard() == (0, 1)
-    assert plan_mod.resolve_shard(1, 4) == (1, 4)
-    with pytest.raises(ValueError):
-        plan_mod.resolve_shard(4, 4)
-    import torch.distributed as dist
-    monkeypatch.setattr(dist, "is_initialized", lambda: True)
-    monkeypatch.setattr(dist, "get_rank", lambda: 2)
-    monkeypatch.setattr(dist, "get_world_size", lambda: 3)
-    assert plan_mod.resolve_shard() == (2, 3)
 
 
 def test_implicit_ddp_leaves_eval_whole(data, monkeypatch):
@@ -585,26 +530,12 @@ def _ffcv_case(d: dict, case: str, tmp: Path):
         assert F.prepare_ffcv_main(["celeba", str(tmp / "missing"), "--no-progress"]) == 2
 
 
-def _ffcv_child(spec_json: str):
-    """Entry point of the child process: run every FFCV case, write {case: error or None}."""
-    spec = json.loads(spec_json)
-    d, out, tmp = spec["data"], Path(spec["out"]), Path(spec["tmp"])
+def _ffcv_case_entry(arg: dict, case: str) -> None:
+    """One FFCV case in a child process of ``case_runner`` (its own time limit)."""
     torch.set_num_threads(1)
-    results = {}
-    import time
-    for case in FFCV_CASES:
-        t = tmp / case.replace("/", "_")
-        t.mkdir(parents=True, exist_ok=True)
-        faulthandler.dump_traceback_later(FFCV_LIMIT, exit=True)    # a hung case ends the child, stacks dumped
-        t0 = time.perf_counter()
-        try:
-            _ffcv_case(d, case, t)
-            results[case] = None
-        except BaseException:
-            results[case] = traceback.format_exc()
-        faulthandler.cancel_dump_traceback_later()
-        print(f"ffcv case {case}: {time.perf_counter() - t0:.1f} s", flush=True)
-        out.write_text(json.dumps(results))   # after every case: a time-out still reports the finished ones
+    t = Path(arg["tmp"]) / case.replace("/", "_")
+    t.mkdir(parents=True, exist_ok=True)
+    _ffcv_case(arg["data"], case, t)
 
 
 @pytest.fixture(scope="module")
@@ -613,26 +544,26 @@ def _ffcv_results(data, tmp_path_factory):
     if not ok:
         pytest.skip(why)
     tmp = tmp_path_factory.mktemp("ffcv")
-    out = tmp / "results.json"
-    spec = json.dumps({"data": data, "out": str(out), "tmp": str(tmp)})
-    code = ("import sys; sys.path.insert(0, sys.argv[1]); import test_pipelines as t; t._ffcv_child(sys.argv[2])")
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    try:
-        proc = subprocess.run([sys.executable, "-c", code, str(Path(__file__).parent), spec], env=env,
-                              capture_output=True, text=True, timeout=FFCV_LIMIT * len(FFCV_CASES))
-        tail = (proc.stdout + proc.stderr)[-4000:]
-    except subprocess.TimeoutExpired as e:
-        tail = f"the FFCV child timed out: {(e.stdout or b'')[-2000:]!r}"
-    results = json.loads(out.read_text()) if out.exists() else {}
-    return results, tail
+    # each case in a child process under its own limit; a hung case fails alone (case_runner)
+    return run_cases("test_pipelines", "_ffcv_case_entry", {"data": data, "tmp": str(tmp)}, FFCV_CASES,
+                     FFCV_LIMIT, tmp / "results.json")
 
 
-@pytest.mark.timeout(FFCV_LIMIT * len(FFCV_CASES) + 60)
+def test_case_runner_isolates_a_hung_case(tmp_path):
+    """A case that hangs fails alone with a clear message (and its stack); the cases after it still
+    run in a new child; a failing case reports its traceback."""
+    res = run_cases("case_runner", "_selftest", str(tmp_path), ["a", "hang", "fail", "b"], 2,
+                    tmp_path / "results.json")
+    assert res["a"] is None and res["b"] is None
+    assert (tmp_path / "a").read_text() == (tmp_path / "b").read_text() == "ran"
+    assert "'hang' did not finish within its 2 s limit" in res["hang"] and "in _selftest" in res["hang"]
+    assert "ValueError: planted failure" in res["fail"]
+
+
+@pytest.mark.timeout(FFCV_LIMIT * len(FFCV_CASES) + 120)
 @pytest.mark.parametrize("case", FFCV_CASES)
 def test_ffcv(_ffcv_results, case):
-    results, tail = _ffcv_results
-    assert case in results, f"the FFCV child did not finish {case} (its time limit is {FFCV_LIMIT} s):\n{tail}"
-    assert results[case] is None, results[case]
+    assert _ffcv_results[case] is None, _ffcv_results[case]
 
 
 @pytest.fixture(scope="module")

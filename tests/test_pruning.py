@@ -251,6 +251,15 @@ def test_training_flops_accounting():
     st = torch.tensor([[-1, 5], [-1, 5]])                                   # branch 1 dead after step 5
     r = training_flops(parts, st, total_steps=10, batch_size=1, backward_factor=1.0)
     assert r["pruned"] == 10 * 10 + 100 * (10 + 5) + 50 * (10 + 5 + 10 + 5)
+    # unequal heads, a drop step past the end (clamped), a branch kept alive by its later head,
+    # batch size and the backward factor (each 3: a rule that ignored either could not pass)
+    parts = {"shared": 10.0, "branch": 100.0, "heads": [50.0, 70.0]}
+    st = torch.tensor([[-1, 4], [12, 6]])                       # head steps 10, 4 / 10, 6; branches 10, 6
+    r = training_flops(parts, st, total_steps=10, batch_size=3, backward_factor=3.0)
+    per_sample = 10 * 10 + 100 * (10 + 6) + 50 * (10 + 4) + 70 * (10 + 6)            # 3520
+    assert r["pruned"] == pytest.approx(9 * per_sample) and r["full"] == pytest.approx(9 * 4500)
+    assert r["ratio"] == pytest.approx(3520 / 4500)
+    assert r["head_share"] == pytest.approx(240 / 450)
 
 
 # ------------------------------------------------------------------ batched branches with dead branches

@@ -380,7 +380,18 @@ def test_head_losses_match_definitions():
         assert float(L[3, j]) == pytest.approx(float((outs[3][j].detach() - t["keypoints2d"]).abs().mean()), rel=1e-5)
     assert float(total.detach()) == pytest.approx(float((z.detach() * L).sum()), rel=1e-5)
     total.backward()
-    assert torch.allclose(z.grad, L, rtol=1e-5) and outs[2].grad is not None
+    assert torch.allclose(z.grad, L, rtol=1e-5)
+    # masked L1 of the normals: ∂/∂pred = z[2, j] · sign(pred − t) · mask / (B·C·H·W), per head j
+    for j in range(k):
+        want = z[2, j].detach() * torch.sign(outs[2][j].detach() - t["normal"]) * m / t["normal"].numel()
+        torch.testing.assert_close(outs[2].grad[j], want, rtol=1e-5, atol=1e-8)
+    # CE over the pixels whose class != 0: ∂/∂logits = z[0, j] · (softmax − onehot) / n_valid, 0 at class-0 pixels
+    seg = t["segment_semantic"]
+    valid = (seg != 0)
+    for j in range(k):
+        p = torch.softmax(outs[0][j].detach(), dim=1) - F.one_hot(seg, 18).permute(0, 3, 1, 2).float()
+        want = z[0, j].detach() * p * valid[:, None] / valid.sum()
+        torch.testing.assert_close(outs[0].grad[j], want, rtol=1e-4, atol=1e-7)
 
 
 def test_rotate_loss_is_min_over_nine_shifts():

@@ -1,0 +1,255 @@
+"""Mutation testing of the modules that hold the math (cosmic-ray; not part of CI).
+
+    pip install cosmic-ray                                  # 8.7.0 was used (docs/testing.md)
+    python benchmarks/mutation.py                           # every target below
+    python benchmarks/mutation.py metrics plan              # some targets (names below)
+    python benchmarks/mutation.py --list                    # targets, files, line ranges, tests
+
+Each target is one module (optionally only some of its functions: the PyTorch ``reference`` of each
+fused op) and the few fast test files that guard it — the whole suite is far too slow per mutant.
+The repository is copied to a scratch folder first (``--work``, default ``runs/mutation``, git-
+ignored) and mutated there, so the checkout is never touched; the copy imports as ``fastdmtg``
+ahead of an editable install (``PYTHONPATH``; ``fastdmtg/kernels`` and ``fastdmtg/pipelines`` are
+links to the copy's ``kernels/`` and ``pipelines/``). Per target: ``cosmic-ray init``, the filters
+(operator set, line ranges), a baseline run of the tests on the unmutated copy (must pass), then
+``cosmic-ray exec`` (one mutant at a time, a per-mutant time limit of ``--timeout-factor`` × the
+baseline). Results: ``benchmarks/results/mutation_<date>.json`` (score per module and every
+surviving mutant's diff) and a markdown summary printed at the end.
+
+Operators (the filter in ``EXCLUDE``): every cosmic-ray core operator except mutations *to* the bit
+operators, ``//``, ``%`` and ``@``, *to* ``~``/unary ``+``, comparisons swapped between the
+``==``/``<`` family and ``is``/``in`` (they mostly raise TypeError: incompetent, not informative),
+and the variable inserter/replacer (random variable swaps). Arithmetic swaps among + − × ÷ **,
+all comparison swaps within a family, boolean/constant/number/unary/loop/decorator/exception
+mutations are kept.
+
+Run it at low priority on a shared machine: ``nice -n 10 python benchmarks/mutation.py``.
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+import datetime as dt
+import json
+import os
+import shutil
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+PY = sys.executable
+
+KERNEL_REF = ("reference",)
+
+#: the fast tests of tests/test_pruning.py (no training runs)
+PRUNING_UNIT = ["test_rule_drops_after_patience_and_resets_when_probability_rises",
+                "test_probabilities_renormalise_over_active_heads", "test_rule_never_drops_the_last_head_of_a_task",
+                "test_branch_dropped_once_no_task_can_choose_it", "test_config_validation",
+                "test_dropped_heads_get_no_compute_and_no_gradient",
+                "test_weights_restricted_to_active_heads_and_dropped_logits_frozen",
+                "test_step_runner_invalidate_and_stacked_layout", "test_training_flops_accounting"]
+
+#: name → (module file, functions to mutate (None = the whole module), pytest arguments)
+TARGETS: dict[str, tuple[str, tuple[str, ...] | None, list[str]]] = {
+    "metrics": ("fastdmtg/metrics.py", None, ["tests/test_metrics.py", "tests/test_bug_guards.py", "-k",
+                                              "normgain or summarize or attribute or evaluate"]),
+    "plan": ("pipelines/plan.py", None, ["tests/test_plan.py"]),
+    # node ids, not -k: a -k word also matches the file name ("run" is in "test_pruning")
+    "dmtg": ("fastdmtg/methods/dmtg.py", None,
+             ["tests/test_grouping.py", *[f"tests/test_pruning.py::{t}" for t in PRUNING_UNIT],
+              "tests/test_bug_guards.py::test_trainer_applies_the_tau_schedule_each_epoch"]),
+    "pruning": ("fastdmtg/pruning.py", None, [f"tests/test_pruning.py::{t}" for t in PRUNING_UNIT]),
+    "attributes": ("fastdmtg/tasks/attributes.py", None, ["tests/test_grouping.py", "tests/test_metrics.py"]),
+    "taskonomy_tasks": ("fastdmtg/tasks/taskonomy.py", None,
+                        ["tests/test_bug_guards.py", "tests/test_taskonomy.py", "-k",
+                         "miou or loss or metric or meter"]),
+    "grouping_search": ("fastdmtg/grouping_search.py", None,
+                        ["tests/test_baselines.py", "-k", "not compare and not networks and not update_rule "
+                         "and not affinity"]),
+    "ref_masked_l1": ("kernels/masked_l1.py", KERNEL_REF, ["tests/test_op_masked_l1.py", "tests/test_ops.py"]),
+    "ref_ce_ignore": ("kernels/ce_ignore.py", KERNEL_REF, ["tests/test_op_ce_ignore.py", "tests/test_ops.py"]),
+    "ref_grouped_ce": ("kernels/grouped_ce.py", KERNEL_REF, ["tests/test_op_grouped_ce.py", "tests/test_ops.py"]),
+    "ref_grouped_bce": ("kernels/grouped_bce.py", KERNEL_REF, ["tests/test_ops.py"]),
+    "ref_gumbel_mask": ("kernels/gumbel_mask.py", ("reference", "gumbel_softmax_from_uniform"),
+                        ["tests/test_op_gumbel_mask.py", "tests/test_grouping.py"]),
+    "ref_bn_relu_maxpool": ("kernels/bn_relu_maxpool.py", KERNEL_REF, ["tests/test_op_bn_relu_maxpool.py"]),
+}
+
+EXCLUDE = [
+    r"core/ReplaceBinaryOperator_\w+_(BitAnd|BitOr|BitXor|LShift|RShift|FloorDiv|Mod|MatMult)$",
+    r"core/ReplaceComparisonOperator_(Eq|NotEq|Lt|LtE|Gt|GtE)_(Is|IsNot|In|NotIn)$",
+    r"core/ReplaceComparisonOperator_(Is|IsNot|In|NotIn)_(Eq|NotEq|Lt|LtE|Gt|GtE)$",
+    r"core/ReplaceComparisonOperator_(Is|IsNot)_(In|NotIn)$",
+    r"core/ReplaceComparisonOperator_(In|NotIn)_(Is|IsNot)$",
+    r"core/ReplaceUnaryOperator_\w+_(Invert|UAdd)$",
+    r"core/VariableInserter",
+    r"core/VariableReplacer",
+]
+
+
+def function_lines(path: Path, names: tuple[str, ...]) -> list[str]:
+    """'start-end' line ranges (decorators included) of the top-level functions called ``names``."""
+    tree = ast.parse(path.read_text())
+    out = []
+    for node in tree.body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.name in names:
+            start = min([node.lineno] + [d.lineno for d in node.decorator_list])
+            out.append(f"{start}-{node.end_lineno}")
+    missing = set(names) - {n.name for n in tree.body if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))}
+    if missing:
+        raise SystemExit(f"{path}: no top-level function(s) {sorted(missing)}")
+    return out
+
+
+def make_copy(work: Path) -> Path:
+    """A copy of the tracked files (and untracked, not ignored ones) of the repository."""
+    src = work / "src"
+    if src.exists():
+        shutil.rmtree(src)
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, check=True,
+                           capture_output=True, text=True).stdout.split()
+    for f in files:
+        if not (REPO / f).is_file():
+            continue
+        dst = src / f
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(REPO / f, dst)
+    for sub in ("kernels", "pipelines"):
+        (src / "fastdmtg" / sub).symlink_to(Path("..") / sub)
+    return src
+
+
+def toml_str(s: str) -> str:
+    return json.dumps(s)
+
+
+def write_config(path: Path, module: str, test_cmd: str, timeout: float, lines: list[str] | None) -> None:
+    cfg = [
+        "[cosmic-ray]",
+        f"module-path = {toml_str(module)}",
+        f"timeout = {timeout:.1f}",
+        "excluded-modules = []",
+        f"test-command = {toml_str(test_cmd)}",
+        "",
+        "[cosmic-ray.distributor]",
+        'name = "local"',
+        "",
+        "[cosmic-ray.filters.operators-filter]",
+        "exclude-operators = [" + ", ".join(toml_str(e) for e in EXCLUDE) + "]",
+    ]
+    if lines is not None:
+        cfg += ["", "[cosmic-ray.filters.line-filter]", "[cosmic-ray.filters.line-filter.lines]",
+                f"{toml_str(module)} = [" + ", ".join(toml_str(x) for x in lines) + "]"]
+    path.write_text("\n".join(cfg) + "\n")
+
+
+def tool(name: str) -> str:
+    exe = Path(PY).parent / name
+    return str(exe) if exe.exists() else name
+
+
+def summarize(db: Path) -> dict:
+    con = sqlite3.connect(db)
+    rows = con.execute(
+        "SELECT m.module_path, m.operator_name, m.occurrence, m.start_pos_row, r.worker_outcome, "
+        "r.test_outcome, r.diff FROM mutation_specs m JOIN work_items w ON m.job_id = w.job_id "
+        "LEFT JOIN work_results r ON r.job_id = w.job_id").fetchall()
+    con.close()
+    counts = {"killed": 0, "survived": 0, "incompetent": 0, "skipped": 0, "pending": 0}
+    survivors = []
+    for module, op, occ, line, worker, test, diff in rows:
+        worker, test = (worker or "").lower() or None, (test or "").lower() or None   # stored as enum names
+        if worker is None:
+            counts["pending"] += 1
+        elif worker == "skipped":
+            counts["skipped"] += 1
+        elif test == "survived":
+            counts["survived"] += 1
+            survivors.append({"line": line, "operator": op, "occurrence": occ, "diff": diff})
+        elif test == "killed":
+            counts["killed"] += 1
+        else:
+            counts["incompetent"] += 1
+    run = counts["killed"] + counts["survived"]
+    counts["score"] = round(100.0 * counts["killed"] / run, 1) if run else None
+    survivors.sort(key=lambda s: s["line"])
+    return {"counts": counts, "survivors": survivors}
+
+
+def run_target(name: str, src: Path, work: Path, factor: float, resume: bool = False) -> dict:
+    module, funcs, pytest_args = TARGETS[name]
+    lines = function_lines(src / module, funcs) if funcs else None
+    test_cmd = " ".join([PY, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider",
+                         *[f"'{a}'" if " " in a else a for a in pytest_args]])
+    env = dict(os.environ, PYTHONPATH=str(src), FASTDMTG_MUTATION="1")
+    t0 = time.perf_counter()
+    base = subprocess.run(test_cmd, shell=True, cwd=src, env=env, capture_output=True, text=True)
+    base_s = time.perf_counter() - t0
+    if base.returncode != 0:
+        print(f"{name}: the tests fail on the unmutated copy; target not run:\n{base.stdout[-3000:]}", flush=True)
+        return {"module": module, "error": "baseline tests fail", "tests": pytest_args,
+                "counts": dict.fromkeys(("killed", "survived", "incompetent", "skipped", "pending"), 0) | {"score": None}}
+    cfg, db = work / f"{name}.toml", work / f"{name}.sqlite"
+    if not (resume and db.exists()):
+        write_config(cfg, module, test_cmd, max(30.0, factor * base_s), lines)
+        if db.exists():
+            db.unlink()
+        subprocess.run([tool("cosmic-ray"), "init", str(cfg), str(db)], cwd=src, env=env, check=True)
+        subprocess.run([tool("cr-filter-operators"), str(db), str(cfg)], cwd=src, env=env, check=True)
+        if lines is not None:
+            subprocess.run([tool("cr-filter-lines"), "--config", str(cfg), str(db)], cwd=src, env=env, check=True)
+    else:                                   # keep the session's results; new tests take part from here on
+        write_config(cfg, module, test_cmd, max(30.0, factor * base_s), lines)
+    t0 = time.perf_counter()
+    subprocess.run([tool("cosmic-ray"), "exec", str(cfg), str(db)], cwd=src, env=env, check=True)
+    res = summarize(db)
+    res.update(module=module, functions=list(funcs) if funcs else None, lines=lines, tests=pytest_args,
+               baseline_s=round(base_s, 1), exec_s=round(time.perf_counter() - t0, 1))
+    print(f"{name}: {res['counts']} ({res['exec_s']:.0f} s)", flush=True)
+    return res
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("targets", nargs="*", help=f"targets (default: all): {', '.join(TARGETS)}")
+    ap.add_argument("--list", action="store_true", help="show the targets and exit")
+    ap.add_argument("--work", default=str(REPO / "runs" / "mutation"), help="scratch folder (default runs/mutation)")
+    ap.add_argument("--timeout-factor", type=float, default=4.0, help="per-mutant limit = factor × baseline time")
+    ap.add_argument("--resume", action="store_true",
+                    help="continue a target's session (its pending mutants) instead of starting it again")
+    ap.add_argument("--out", default=None, help="results JSON (default benchmarks/results/mutation_<date>.json; "
+                                                 "targets already in it are kept)")
+    a = ap.parse_args(argv)
+    unknown = [t for t in a.targets if t not in TARGETS]
+    if unknown:
+        print(f"mutation: unknown target(s) {unknown}; known: {', '.join(TARGETS)}", file=sys.stderr)
+        return 2
+    if a.list:
+        for n, (m, f, t) in TARGETS.items():
+            print(f"{n:20s} {m}{' ' + str(function_lines(REPO / m, f)) if f else ''}  <- {' '.join(t)}")
+        return 0
+    if shutil.which(tool("cosmic-ray")) is None:
+        print("mutation: cosmic-ray is not installed (pip install cosmic-ray)", file=sys.stderr)
+        return 2
+    work = Path(a.work).resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    src = make_copy(work)
+    out = Path(a.out) if a.out else REPO / "benchmarks" / "results" / f"mutation_{dt.date.today()}.json"
+    results = json.loads(out.read_text()) if out.exists() else {}
+    for name in a.targets or list(TARGETS):
+        results[name] = run_target(name, src, work, a.timeout_factor, a.resume)
+        results[name]["date"] = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(results, indent=1) + "\n")        # after every target: nothing lost
+    print("\n| target | module | killed | survived | incompetent | score |\n|---|---|---|---|---|---|")
+    for name, r in results.items():
+        c = r["counts"]
+        print(f"| {name} | {r['module']} | {c['killed']} | {c['survived']} | {c['incompetent']} | {c['score']} % |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,89 @@
+"""Run test cases in child processes, each case under its own time limit (used by the FFCV tests:
+FFCV's reader threads and numba-compiled code can hang a process beyond what pytest-timeout can
+interrupt).
+
+``run_cases(module, function, arg, cases, limit)`` starts a child that imports ``module`` (from
+this folder) and calls ``function(arg, case)`` for each case in turn. Before a case starts, the
+child records it as current, and arms ``faulthandler.dump_traceback_later(limit, exit=True)``: a
+case that runs past its limit ends the child with every thread's stack on stderr. The parent then
+records that case as failed — "did not finish within its N s limit", with the stack dump — and
+starts a new child for the cases after it. A hang costs its own case and ``limit`` seconds, never
+the cases after it nor the whole module's time budget.
+"""
+from __future__ import annotations
+
+import faulthandler
+import importlib
+import json
+import os
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+CURRENT = "_current"
+
+
+def child_main(spec_json: str) -> None:
+    spec = json.loads(spec_json)
+    out = Path(spec["out"])
+    fn = getattr(importlib.import_module(spec["module"]), spec["function"])
+    results = json.loads(out.read_text()) if out.exists() else {}
+    for case in spec["cases"]:
+        results[CURRENT] = case
+        out.write_text(json.dumps(results))
+        faulthandler.dump_traceback_later(spec["limit"], exit=True)
+        t0 = time.perf_counter()
+        try:
+            fn(spec["arg"], case)
+            results[case] = None
+        except BaseException:
+            results[case] = traceback.format_exc()
+        faulthandler.cancel_dump_traceback_later()
+        print(f"case {case}: {time.perf_counter() - t0:.1f} s", flush=True)
+        results.pop(CURRENT)
+        out.write_text(json.dumps(results))          # after every case: a later hang keeps this verdict
+
+
+def run_cases(module: str, function: str, arg, cases: list[str], limit: float, out: Path,
+              env: dict | None = None) -> dict[str, str | None]:
+    """{case: None (passed) or the failure text}. ``out`` is the results file (a fresh path)."""
+    out = Path(out)
+    remaining, results = list(cases), {}
+    code = "import sys; sys.path.insert(0, sys.argv[1]); import case_runner; case_runner.child_main(sys.argv[2])"
+    env = dict(os.environ if env is None else env, PYTHONUNBUFFERED="1")
+    while remaining:
+        spec = json.dumps({"module": module, "function": function, "arg": arg, "cases": remaining,
+                           "limit": limit, "out": str(out)})
+        try:
+            # start-up (imports) is not under the per-case limit: allow a minute for it
+            p = subprocess.run([sys.executable, "-c", code, str(HERE), spec], env=env, capture_output=True,
+                               text=True, timeout=limit * len(remaining) + 60)
+            tail = (p.stdout + p.stderr)[-4000:]
+        except subprocess.TimeoutExpired as e:
+            tail = f"the child process ran past {limit * len(remaining) + 60:.0f} s: {(e.stderr or b'')[-3000:]!r}"
+        results = json.loads(out.read_text()) if out.exists() else {}
+        current = results.pop(CURRENT, None)
+        done = [c for c in remaining if c in results]
+        if current is not None and current not in results:
+            results[current] = (f"case {current!r} did not finish within its {limit:g} s limit (or its process "
+                                f"crashed); stacks and output of the child:\n{tail}")
+            done.append(current)
+        if not done:                                 # the child died before its first case
+            for c in remaining:
+                results[c] = f"the child process ended before case {c!r} started:\n{tail}"
+            break
+        out.write_text(json.dumps(results))
+        remaining = [c for c in remaining if c not in done]
+    return results
+
+
+def _selftest(arg, case: str) -> None:
+    """Cases for tests/test_pipelines.py::test_case_runner_isolates_a_hung_case."""
+    if case == "hang":
+        time.sleep(3600)
+    if case == "fail":
+        raise ValueError("planted failure")
+    Path(arg, case).write_text("ran")
