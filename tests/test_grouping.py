@@ -13,7 +13,7 @@ from fastdmtg.tasks.attributes import AttributeTaskSet
 
 def test_gumbel_weights_rows_sum_to_one_and_grad_reaches_S():
     m = DMTG(5, 3, GroupingConfig(tau=2.5))
-    z = m.weights(0)
+    z = m.weights()
     assert z.shape == (5, 3)
     assert torch.allclose(z.sum(1), torch.ones(5), atol=1e-6)
     assert (z > 0).all()
@@ -25,10 +25,10 @@ def test_gumbel_weights_rows_sum_to_one_and_grad_reaches_S():
 def test_initial_logits_are_one_and_noise_changes_each_step():
     m = DMTG(4, 3, GroupingConfig(tau=2.5, init_logit=1.0))
     assert torch.equal(m.logits.detach(), torch.ones(4, 3))
-    z1, z2 = m.weights(0).detach(), m.weights(1).detach()
+    z1, z2 = m.weights().detach(), m.weights().detach()
     assert not torch.allclose(z1, z2)          # the seed advanced: fresh noise
     m2 = DMTG(4, 3, GroupingConfig(tau=2.5, init_logit=1.0))
-    assert torch.allclose(m2.weights(0).detach(), z1)  # same seed → same draw (resumable)
+    assert torch.allclose(m2.weights().detach(), z1)  # same seed → same draw (resumable)
 
 
 def test_gumbel_softmax_formula_by_hand():
@@ -86,6 +86,6 @@ def test_tau_anneal_schedule():
 
 def test_naive_mtl_weights_are_ones():
     m = NaiveMTL(4)
-    assert torch.equal(m.weights(0), torch.ones(4, 1))
+    assert torch.equal(m.weights(), torch.ones(4, 1))
     assert m.assignment().tolist() == [0, 0, 0, 0]
     assert list(m.parameters()) == []
