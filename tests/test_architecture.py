@@ -116,3 +116,17 @@ def test_model_branches_rule():
     assert dmtg.model.branches == 5 and method_branches(dmtg.grouping) is None
     with pytest.raises(ConfigError, match="needs a partition"):
         apply_overrides(base, ["grouping.method=fixed"])
+
+
+def test_trainer_applies_the_methods_pruning_decisions(tmp_path):
+    """DMTG only returns HeadsPruned; the trainer makes the model compute the remaining heads."""
+    from fastdmtg.train import Trainer
+    # a low τ and a high learning rate: heads drop within the 4 steps of this tiny run
+    cfg = apply_overrides(get_recipe("synthetic_k3"), TINY + ["train.epochs=2", "grouping.tau=0.1", "optim.lr=0.1",
+                                                              "grouping.prune_eps=0.3", "grouping.prune_patience=1"])
+    t = Trainer(cfg, tmp_path / "run")
+    res = t.fit()
+    mask = t.method.head_mask()                                   # (N, K) bool
+    assert res["pruning"]["events"] and mask is not None and not bool(mask.all())
+    n, k = mask.shape
+    assert t.model.task_branches == tuple(tuple(b for b in range(k) if mask[i, b]) for i in range(n))
