@@ -31,6 +31,7 @@ total error between modes (paired by seed) with the seed-to-seed spread.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import platform
@@ -142,21 +143,16 @@ def bf16_representation_floor(batch: dict) -> dict[str, float]:
 
 
 def overfit(cfg: Config, steps: int, log_every: int) -> dict:
-    from fastdmtg.methods import build_method
-    from fastdmtg.models import build_multibranch
-    from fastdmtg.step import StepRunner
-    from fastdmtg.train import build_optimizer, build_step_module, prepare_model, resolve_speed
+    from fastdmtg.builder import build_training_step
     dev = torch.device(cfg.train.device)
-    data = build_source(cfg.data, progress=False)      # the fused ops' backend: train.kernels=reference
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, kernels="reference"))
+    data = build_source(cfg.data, progress=False)
     n = data.num_samples("train")
     batch = next(data.batches("train", n, shuffle=False, device=dev, train=False))   # every image, no flips
     torch.manual_seed(cfg.train.seed)
-    speed = resolve_speed(cfg, dev, 1)
-    model = prepare_model(build_multibranch(cfg.model, data.taskset.specs, cfg.data.image_size).to(dev), cfg, speed)
-    method = build_method(cfg, data.taskset.num_tasks, data.taskset.names).to(dev)
-    opt = build_optimizer(cfg, list(model.parameters()) + list(method.parameters()), dev)
+    step = build_training_step(cfg, data.taskset, cfg.data.image_size, dev)      # the trainer's step
+    model, method, opt, runner = step.model, step.method, step.optimizer, step.runner
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps, eta_min=cfg.optim.lr * 1e-4)
-    runner = StepRunner(build_step_module(model, method, data.taskset, cfg, dev, speed), opt, "eager")
     names = data.taskset.names
     best = {t: math.inf for t in names}
     curve = []

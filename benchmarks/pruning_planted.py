@@ -249,9 +249,10 @@ _TRAJECTORY: list = []
 _observe_step = DMTG.observe_step
 
 
-def _recording_observe_step(self, trainer, batch):
-    _observe_step(self, trainer, batch)
+def _recording_observe_step(self, ctx):
+    decisions = _observe_step(self, ctx)
     _TRAJECTORY.append((self.logits.detach().double().cpu() / float(self.tau)).tolist())
+    return decisions
 
 
 DMTG.observe_step = _recording_observe_step

@@ -62,11 +62,18 @@ import statistics
 import sys
 import tempfile
 import time
+import traceback
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from .config import Config, apply_overrides, get_recipe
+from .data import task_specs as _task_specs
+from .flops import count_flops, taskonomy_table
+# synthetic data and raw-file writers (fastdmtg.testing): importable from here as before
+from .testing import (TASKONOMY_SPLIT_FILE, synthetic_celeba, synthetic_taskonomy, write_celeba_raw,  # noqa: F401
+                      write_taskonomy_raw)
 
 # DMTG paper Table A1 (one RTX 4090): (GFLOPs, hours) — see ../shared/reference-notes.md
 PAPER_A1 = {"celeba9_k2": (0.15, 0.99), "celeba9_k3": (0.22, 1.27), "celeba9_k4": (0.29, 1.55),
@@ -92,54 +99,6 @@ def peak_bf16_tflops(gpu_name: str) -> tuple[float, str]:
     return H100_BF16_DENSE_TFLOPS, "H100 SXM datasheet" + ("" if gpu_name == "cpu" else "; GPU not recognised")
 
 
-def _task_specs(cfg: Config):
-    from .config import CELEBA_40, TASK_PRESETS
-    from .data import taskset_for
-    if cfg.data.dataset == "synthetic":
-        from .data.synthetic import task_names
-        names = task_names(cfg.data.synthetic_groups, cfg.data.synthetic_tasks_per_group)
-    else:
-        names = cfg.data.task_names() or (TASK_PRESETS["taskonomy5"] if cfg.data.dataset == "taskonomy" else CELEBA_40)
-    return taskset_for(cfg, names).specs
-
-
-def count_flops(cfg: Config) -> dict:
-    """Forward FLOPs per sample of the training network: fvcore (1/MAC) and torch (2/MAC)."""
-    import warnings
-
-    from torch.utils.flop_counter import FlopCounterMode
-
-    from .models import build_multibranch
-    model = build_multibranch(cfg.model, _task_specs(cfg), cfg.data.image_size).eval()
-    x = torch.rand(1, 3, cfg.data.image_size, cfg.data.image_size)
-    with FlopCounterMode(display=False) as fc, torch.no_grad():
-        model(x)
-    out = {"torch_2_per_mac": fc.get_total_flops(), "params": sum(p.numel() for p in model.parameters())}
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            from fvcore.nn import FlopCountAnalysis
-            fa = FlopCountAnalysis(model, x)
-            fa.set_op_handle("aten::scaled_dot_product_attention", _sdpa_macs)   # ViT attention
-            fa.unsupported_ops_warnings(False)
-            fa.uncalled_modules_warnings(False)
-            out["fvcore_1_per_mac"] = fa.total()
-    except ImportError:
-        out["fvcore_1_per_mac"] = None
-    return out
-
-
-def _sdpa_macs(inputs, outputs) -> int:
-    """fvcore handle for scaled_dot_product_attention: QKᵀ and AV, B·H·Lq·Lk·d multiply-adds each
-    (as benchmarks/flops_taskonomy.py)."""
-    from fvcore.nn.jit_handles import get_shape
-    q, k = get_shape(inputs[0]), get_shape(inputs[1])
-    n = 1
-    for v in q[:-2]:
-        n *= v
-    return 2 * n * q[-2] * k[-2] * q[-1]
-
-
 def flops_main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(prog="fastdmtg bench flops")
     ap.add_argument("--recipes", default="celeba9_k2,celeba9_k3,celeba9_k4,celeba9_k5,celeba40_k5",
@@ -161,155 +120,13 @@ def flops_main(argv: list[str]) -> int:
         print(f"counted {name}", file=sys.stderr, flush=True)       # progress; the table prints once, below
     text = "\n".join(rows)
     if args.taskonomy:
-        import runpy
-        bench = Path(__file__).resolve().parents[1] / "benchmarks" / "flops_taskonomy.py"
-        if bench.exists():
-            sys.argv = [str(bench)]
-            runpy.run_path(str(bench), run_name="__main__")
-        else:
-            print("benchmarks/flops_taskonomy.py not found (run from a source checkout)", file=sys.stderr)
+        taskonomy_table()
     header = (f"FLOPs per sample, forward, batch 1, training network (all K·N heads); "
               f"torch {torch.__version__}; command: fastdmtg bench flops {' '.join(argv)}\n\n")
     print("\n" + text)
     if args.out:
         Path(args.out).write_text(header + text + "\n")
     return 0
-
-
-# ----------------------------------------------------------------------------------------- step
-def _synthetic_celeba(n: int, n_tasks: int, size: int, seed: int = 0):
-    g = torch.Generator().manual_seed(seed)
-    images = torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8, generator=g)
-    labels = torch.randint(0, 2, (n, n_tasks), generator=g)
-    return images, labels
-
-
-def _write_jpegs(root: Path, n: int, n_tasks_total: int = 40):
-    """A CelebA folder in the official format with n random 178×218 JPEGs (for the DataLoader row)."""
-    import numpy as np
-    from PIL import Image
-
-    from .config import CELEBA_40
-    rng = np.random.default_rng(0)
-    (root / "img_align_celeba").mkdir(parents=True, exist_ok=True)
-    files = [f"{i + 1:06d}.jpg" for i in range(n)]
-    base = rng.integers(0, 256, size=(218, 178, 3), dtype=np.uint8)
-    for i, f in enumerate(files):
-        Image.fromarray(np.roll(base, i, axis=1)).save(root / "img_align_celeba" / f, quality=90)
-    lab = rng.choice([-1, 1], size=(n, 40))
-    (root / "list_attr_celeba.txt").write_text(
-        f"{n}\n{' '.join(CELEBA_40)}\n" + "".join(f + "".join(f"{v:>3d}" for v in r) + "\n" for f, r in zip(files, lab)))
-    # all training but the last two (one val, one test: a dataset's splits may not be empty)
-    parts = [0] * max(n - 2, 0) + [1, 2][:min(n, 2)]
-    (root / "list_eval_partition.txt").write_text("".join(f"{f} {p}\n" for f, p in zip(files, parts)))
-
-
-# ------------------------------------------------------------------------------------- Taskonomy
-#: plausible raw value ranges [lo, hi] of the stored maps (see fastdmtg/data/taskonomy.py); depth
-#: also gets "no depth" pixels (65535, left out by the mask) — the values do not change a step's speed
-_TX_RANGE = {"rgb": (0, 255), "depth_zbuffer": (0, 12000), "normal": (0, 255), "segment_semantic": (0, 17),
-             "keypoints2d": (0, 300), "edge_texture": (0, 4000)}
-_NO_DEPTH = 65535
-_TX_TRAIN_BUILDING, _TX_HELDOUT_BUILDING = "benchtrain", "benchheldout"
-TASKONOMY_SPLIT_FILE = "split.json"      # written inside the raw root by write_taskonomy_raw
-
-
-def _taskonomy_maps(rng, domain: str, n: int, size: int):
-    """(n, C, size, size) random raw maps of one domain, in its stored dtype and plausible range."""
-    import numpy as np
-
-    from .data import taskonomy as tx
-    lo, hi = _TX_RANGE[domain]
-    a = rng.integers(lo, hi + 1, size=(n, tx.CHANNELS[domain], size, size), dtype=tx.DTYPE[domain])
-    if domain == "depth_zbuffer":
-        a[rng.random(a.shape, dtype=np.float32) < 0.1] = _NO_DEPTH
-    return a
-
-
-def synthetic_taskonomy(cfg: Config, n: int, seed: int = 0):
-    """A ``TaskonomyDataset`` of ``n`` random samples in memory (the same arrays for every split):
-    {domain: (n, C, S, S) uint8 | uint16} in the prepared format's dtypes — served by the trainer's
-    sources exactly like a prepared folder (values aside)."""
-    import numpy as np
-
-    from .config import TASKONOMY_5
-    from .data import taskonomy as tx
-    d = cfg.data
-    names = d.task_names() or list(TASKONOMY_5)
-    rng = np.random.default_rng(seed)
-    arrays = {dom: _taskonomy_maps(rng, dom, n, d.image_size) for dom in tx.needed_domains(names)}
-    return tx.TaskonomyDataset.from_arrays({s: arrays for s in ("train", "val", "test")}, names, d.image_size,
-                                           rotate_loss=d.taskonomy_rotate_loss, miou=d.taskonomy_miou)
-
-
-def synthetic_celeba(cfg: Config, n: int, seed: int = 0):
-    """An ``ArrayDataset`` of ``n`` random CelebA-shaped samples (uint8 S×S images, 0/1 labels of the
-    recipe's tasks), the same arrays for every split."""
-    from .data import ArrayDataset, image_label_fields, taskset_for
-    names = [s.name for s in _task_specs(cfg)]
-    x, y = _synthetic_celeba(n, len(names), cfg.data.image_size, seed)
-    arrays = {"image": x.numpy(), "labels": y.to(torch.uint8).numpy()}
-    return ArrayDataset("celeba-shaped", {s: arrays for s in ("train", "val", "test")},
-                        image_label_fields(cfg.data.image_size, len(names)), taskset_for(cfg, names), cfg.data.image_size)
-
-
-def _smooth_map(rng, domain: str, side: int):
-    """One photo-like raw map (C, side, side): a smooth random field plus 2 % noise (so the PNGs
-    compress and decode like real images, not like white noise); depth with "no depth" holes."""
-    import numpy as np
-    import torch.nn.functional as F
-
-    from .data import taskonomy as tx
-    lo, hi = _TX_RANGE[domain]
-    c = tx.CHANNELS[domain]
-
-    def field(ch):
-        low = torch.from_numpy(rng.random((1, ch, 16, 16), dtype=np.float32))
-        return F.interpolate(low, size=(side, side), mode="bilinear", align_corners=False)[0].numpy()
-    v = lo + (hi - lo) * field(c) + rng.normal(0.0, 0.02 * (hi - lo), (c, side, side))
-    a = np.clip(np.rint(v), lo, hi).astype(tx.DTYPE[domain])
-    if domain == "depth_zbuffer":
-        a[field(1) < 0.1] = _NO_DEPTH
-    return a
-
-
-def write_taskonomy_raw(root: str | Path, n: int, side: int, *, variants: int = 8, seed: int = 0) -> Path:
-    """A Taskonomy root in the official format (``ROOT/<domain>/<building>/point_<p>_view_0_domain_
-    <suffix>.png``, every domain of ``data.taskonomy.DOMAINS`` at its real PNG bit depth: rgb/normal
-    8-bit RGB, segmentation 8-bit grayscale ids 0..17, depth/keypoints/edges 16-bit grayscale), with
-    ``n`` training samples in one building and one held-out sample (val = test) in another, all
-    side×side, plus ``ROOT/split.json`` naming the two buildings (``data.taskonomy_split_file``).
-    Returns the split file. ``variants`` distinct maps per domain are encoded and reused cyclically
-    (decode cost does not depend on which file it is; encoding thousands of 512² PNGs would dominate
-    the benchmark)."""
-    import io
-
-    import numpy as np
-    from PIL import Image
-
-    from .data import taskonomy as tx
-    root = Path(root)
-    rng = np.random.default_rng(seed)
-    count = {_TX_TRAIN_BUILDING: n, _TX_HELDOUT_BUILDING: 1}
-    for domain in tx.DOMAINS:
-        blobs = []
-        for _ in range(min(variants, n + 1)):
-            a = _smooth_map(rng, domain, side)
-            a = a[0] if a.shape[0] == 1 else a.transpose(1, 2, 0)     # (H, W) gray or (H, W, 3) RGB
-            buf = io.BytesIO()
-            Image.fromarray(np.ascontiguousarray(a)).save(buf, format="PNG")  # uint16 2-D -> 16-bit gray
-            blobs.append(buf.getvalue())
-        j = 0
-        for building, m in count.items():
-            folder = tx.domain_dir(root, tx.LAYOUT_DOMAIN_FIRST, domain, building)
-            folder.mkdir(parents=True, exist_ok=True)
-            for p in range(m):
-                (folder / tx.file_name(domain, p, 0)).write_bytes(blobs[j % len(blobs)])
-                j += 1
-    split = root / TASKONOMY_SPLIT_FILE
-    split.write_text(json.dumps({"train": [_TX_TRAIN_BUILDING], "val": [_TX_HELDOUT_BUILDING],
-                                 "test": [_TX_HELDOUT_BUILDING]}))
-    return split
 
 
 # ------------------------------------------------------------------------------------------ timing
@@ -343,52 +160,41 @@ def _source(cfg: Config, loader: str, raw_root: Path | None, num_workers: int, n
     taskonomy = cfg.data.dataset == "taskonomy"
     if loader == "torch":
         if raw_root is None:
-            raise ValueError("loader='torch' needs raw_root (a folder written by write_taskonomy_raw / _write_jpegs)")
-        over = [f"data.root={raw_root}", "data.backend=torch", f"data.num_workers={num_workers}",
-                "data.limit_train=0", "data.limit_eval=0"]
+            raise ValueError("loader='torch' needs raw_root (a folder written by testing.write_taskonomy_raw / "
+                             "testing.write_celeba_raw)")
+        data = replace(cfg.data, root=str(raw_root), backend="torch", num_workers=num_workers, limit_train=0,
+                       limit_eval=0)
         if taskonomy:
-            over.append(f"data.taskonomy_split_file={Path(raw_root) / TASKONOMY_SPLIT_FILE}")
+            data = replace(data, taskonomy_split_file=str(Path(raw_root) / TASKONOMY_SPLIT_FILE))
         else:
-            over.append("data.dataset=celeba")
-        return build_source(apply_overrides(cfg, over).data, progress=False)
+            data = replace(data, dataset="celeba")
+        return build_source(data, progress=False)
     if loader not in ("gpu-cache", "memory"):
         raise ValueError(f"loader: expected gpu-cache|memory|torch, got {loader!r}")
     n = bs * (n_batches or (16 if taskonomy else 64))
     ds = synthetic_taskonomy(cfg, n) if taskonomy else synthetic_celeba(cfg, n)
-    return build_source(apply_overrides(cfg, [f"data.backend={loader}"]).data, progress=False, dataset=ds)
+    return build_source(replace(cfg.data, backend=loader), progress=False, dataset=ds)
 
 
-def build_stepper(cfg: Config, device: torch.device, *, loader: str = "gpu-cache", jpeg_root: Path | None = None,
-                  num_workers: int = 8, n_batches: int | None = None, raw_root: Path | None = None):
-    """Build data, model, method, optimizer and step runner for a config; returns (step_fn, info)
-    where step_fn() runs one full-batch training step and returns (total loss, L (N, K)).
+def build_stepper(cfg: Config, device: torch.device, *, loader: str = "gpu-cache", num_workers: int = 8,
+                  n_batches: int | None = None, raw_root: Path | None = None):
+    """The trainer's training step (``fastdmtg.builder.build_training_step``) on a bench source;
+    returns (step_fn, info) where step_fn() runs one full-batch training step and returns (total
+    loss, L (N, K)).
 
     ``loader``: the backend — "gpu-cache" or "memory" (random data in memory, ``n_batches`` batches:
     default 64 CelebA-shaped, 16 Taskonomy) or "torch" (a DataLoader decoding the raw files under
-    ``raw_root`` — CelebA JPEGs (``_write_jpegs``; ``jpeg_root`` is the older name) or a Taskonomy
-    root (``write_taskonomy_raw``)). ``info``: mode, kernels, runner, batch (size), taskset, source
+    ``raw_root`` — CelebA JPEGs (``testing.write_celeba_raw``) or a Taskonomy root
+    (``testing.write_taskonomy_raw``)). ``info``: mode, kernels, runner, batch (size), taskset, source
     (the ``fastdmtg.pipelines.Source`` that runs), and last_batch (the batch dict the latest step
     consumed)."""
-    from . import ops
-    from .methods import build_method
-    from .models import build_multibranch
-    from .step import StepRunner
-    from .train import build_optimizer, build_step_module, prepare_model, resolve_speed, step_mode
+    from .builder import build_training_step
     torch.manual_seed(0)
-    kernels = ops.resolve_backend(cfg.train.kernels, device)    # what the step's ops will run
-    specs = _task_specs(cfg)
-    names = [s.name for s in specs]
     bs = cfg.train.batch_size
-    src = _source(cfg, loader, raw_root if raw_root is not None else jpeg_root, num_workers, n_batches)
+    src = _source(cfg, loader, raw_root, num_workers, n_batches)
     taskset = src.taskset
-    speed = resolve_speed(cfg, device, 1)
-    # the same model preparation and step construction as the Trainer (fastdmtg.train)
-    model = prepare_model(build_multibranch(cfg.model, specs, cfg.data.image_size).to(device), cfg, speed)
-    method = build_method(cfg, len(names), names).to(device)
-    opt = build_optimizer(cfg, list(model.parameters()) + list(method.parameters()), device,
-                          capturable=speed["cuda_graph"])
-    mode = step_mode(speed)
-    runner = StepRunner(build_step_module(model, method, taskset, cfg, device, speed), opt, mode)
+    built = build_training_step(cfg, taskset, src.image_size, device)
+    runner = built.runner
 
     def batches():
         epoch = 0
@@ -398,7 +204,7 @@ def build_stepper(cfg: Config, device: torch.device, *, loader: str = "gpu-cache
                     yield b
             epoch += 1
     it = batches()
-    info = {"mode": mode, "kernels": kernels, "runner": runner, "batch": bs, "taskset": taskset,
+    info = {"mode": built.mode, "kernels": built.kernels, "runner": runner, "batch": bs, "taskset": taskset,
             "source": src, "last_batch": None}
 
     def step():
@@ -409,12 +215,12 @@ def build_stepper(cfg: Config, device: torch.device, *, loader: str = "gpu-cache
 
 
 def measure_step(cfg: Config, device: torch.device, *, steps: int, repeats: int, warmup: int,
-                 loader: str = "gpu-cache", jpeg_root: Path | None = None, num_workers: int = 8,
+                 loader: str = "gpu-cache", num_workers: int = 8,
                  raw_root: Path | None = None, n_batches: int | None = None) -> dict:
     """Median time of `steps` training steps (after warm-up) for a config; returns ms/step and img/s
     (and the last step's loss, ``loss``)."""
-    step, info = build_stepper(cfg, device, loader=loader, jpeg_root=jpeg_root, num_workers=num_workers,
-                               raw_root=raw_root, n_batches=n_batches)
+    step, info = build_stepper(cfg, device, loader=loader, num_workers=num_workers, raw_root=raw_root,
+                               n_batches=n_batches)
     t0 = time.perf_counter()
     for _ in range(warmup):
         step()
@@ -433,10 +239,6 @@ def measure_step(cfg: Config, device: torch.device, *, steps: int, repeats: int,
             "data": info["source"].describe(),
             "warmup_s": warm_s, "mode": info["mode"], "kernels": info["kernels"], "captures": info["runner"].captures,
             "loss": float(total) if total is not None else None}
-
-
-def _variant(cfg: Config, over: list[str]) -> Config:
-    return apply_overrides(cfg, over)
 
 
 # the switches each bench step row sets itself (a --set of one of them is replaced by the row's value)
@@ -494,15 +296,23 @@ def _scaling_configs(base_recipe: Config, recipe: str, overrides: list[str], bes
     return [(name, apply_overrides(get_recipe(name), overrides + best)) for name in celeba]
 
 
-def step_main(argv: list[str]) -> int:
-    ap = argparse.ArgumentParser(prog="fastdmtg bench step")
-    ap.add_argument("--recipe", default="celeba9_k3", help="recipe to time (fastdmtg recipes; default celeba9_k3)")
-    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                    help="override a recipe field before the rows (repeatable), e.g. --set data.image_size=32")
-    ap.add_argument("--steps", type=int, default=50, help="timed steps per repeat, every row (default 50)")
-    ap.add_argument("--repeats", type=int, default=5, help="repeats per row; the median is reported (default 5)")
+def _step_parser(prog: str, what: str, set_help: str, steps: int, steps_help: str) -> argparse.ArgumentParser:
+    """The options ``bench step`` and ``profile`` share: the recipe, --set, steps, warm-up, device, output."""
+    ap = argparse.ArgumentParser(prog=prog)
+    ap.add_argument("--recipe", default="celeba9_k3", help=f"recipe to {what} (fastdmtg recipes; default celeba9_k3)")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help=set_help)
+    ap.add_argument("--steps", type=int, default=steps, help=f"{steps_help} (default {steps})")
     ap.add_argument("--warmup", type=int, default=15,
-                    help="untimed steps before each row (compile, graph capture; default 15)")
+                    help="untimed steps first, every row (compile, graph capture; default 15)")
+    ap.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default auto)")
+    _output_flags(ap)
+    return ap
+
+
+def step_main(argv: list[str]) -> int:
+    ap = _step_parser("fastdmtg bench step", "time", "override a recipe field before the rows (repeatable), e.g. "
+                      "--set data.image_size=32", 50, "timed steps per repeat, every row")
+    ap.add_argument("--repeats", type=int, default=5, help="repeats per row; the median is reported (default 5)")
     ap.add_argument("--jpegs", type=int, default=8192, help="JPEG files for the CelebA DataLoader row (0: skip the row)")
     ap.add_argument("--raw-samples", type=int, default=-1,
                     help="Taskonomy samples (6 PNGs each) for the DataLoader row (default: enough for the row's "
@@ -518,8 +328,6 @@ def step_main(argv: list[str]) -> int:
     ap.add_argument("--train-images", type=int, default=0,
                     help="training-set size for the projected hours (default: CelebA 162,770; Taskonomy: none)")
     ap.add_argument("--out", help="write the Markdown report here too (and the rows as JSON beside it)")
-    ap.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default auto)")
-    _output_flags(ap)
     args = ap.parse_args(argv)
     _setup_logging(args)
     from .train import resolve_device
@@ -602,7 +410,7 @@ def step_main(argv: list[str]) -> int:
     ref_ips = None
     failed = 0
     for name, over, loader in rows:
-        cfg = _variant(base, over)
+        cfg = apply_overrides(base, over)
         if loader == "torch":
             ref_steps = args.steps
             if taskonomy:
@@ -622,7 +430,7 @@ def step_main(argv: list[str]) -> int:
                     print(f"wrote {n_raw} Taskonomy samples ({side}×{side}, 6 PNGs each) to {raw_dir} in "
                           f"{time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
                 else:
-                    _write_jpegs(raw_dir, args.jpegs)
+                    write_celeba_raw(raw_dir, args.jpegs)
             try:
                 r = measure_step(cfg, device, steps=ref_steps, repeats=args.repeats, warmup=args.warmup, loader="torch",
                                  raw_root=raw_dir, num_workers=args.workers)
@@ -716,15 +524,9 @@ def bench_main(argv: list[str]) -> int:
 
 # ------------------------------------------------------------------------------------- profile
 def profile_main(argv: list[str]) -> int:
-    ap = argparse.ArgumentParser(prog="fastdmtg profile")
-    ap.add_argument("--recipe", default="celeba9_k3", help="recipe to profile (fastdmtg recipes; default celeba9_k3)")
-    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                    help="override a recipe field (repeatable), e.g. --set train.batch_size=8")
-    ap.add_argument("--steps", type=int, default=10, help="profiled steps (default 10)")
-    ap.add_argument("--warmup", type=int, default=15, help="unprofiled steps first (compile, graph capture; default 15)")
+    ap = _step_parser("fastdmtg profile", "profile", "override a recipe field (repeatable), e.g. --set train.batch_size=8",
+                      10, "profiled steps")
     ap.add_argument("--out", default="profile_out", help="folder for trace.json and summary.md (default profile_out)")
-    ap.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default auto)")
-    _output_flags(ap)
     args = ap.parse_args(argv)
     _setup_logging(args)
     from torch.profiler import ProfilerActivity, profile

@@ -53,6 +53,7 @@ _log = get_logger("fastdmtg.compare")
 
 def _info(msg: str, flush: bool = True) -> None:
     _log.info(msg)
+from .partition import format_groups
 
 ALL_METHODS = ["naive", "stl", "rg", "tag", "hoa", "bmtn", "dmtg", "dmtg-two-shot"]
 ALIASES = {"naive-mtl": "naive", "two-shot": "dmtg-two-shot"}
@@ -109,10 +110,6 @@ def random_partition(n: int, k: int, seed: int) -> list[list[int]]:
 def partition_of(assignment: list[int]) -> list[list[int]]:
     used = sorted(set(assignment), key=lambda a: assignment.index(a))
     return [[t for t, a in enumerate(assignment) if a == k] for k in used]
-
-
-def fixed_spec(groups: list[list[int]]) -> str:
-    return "|".join(",".join(str(t) for t in g) for g in groups)
 
 
 @dataclass
@@ -221,7 +218,7 @@ class Comparison:
         switched off (and the result checked on the built model)."""
         from .models import build_parts
         notes = []
-        over = ["grouping.method=fixed", f"grouping.groups={fixed_spec([[t] for t in range(self.n)])}"]
+        over = ["grouping.method=fixed", f"grouping.groups={format_groups([[t] for t in range(self.n)])}"]
         m = self.base.model
         if m.arch == "resnet_celeba" and m.shared != "none":
             over.append("model.shared=none")
@@ -256,13 +253,12 @@ class Comparison:
         """Train a TAG/HOA selection: overlapping networks as such (``networks`` method: a task is
         trained in every chosen network containing it, served by its best one), or — with
         --overlap partition — only the served partition (``fixed``)."""
-        from .methods.networks import format_networks
         aux = any(sel.auxiliary())
         if aux and self.overlap == "train":
-            spec = format_networks([list(s) for s in sel.networks], sel.served)
+            spec = format_groups([list(s) for s in sel.networks], sel.served)
             over = ["grouping.method=networks", f"grouping.groups={spec}", f"model.branches={len(sel.networks)}"]
         else:
-            over = ["grouping.method=fixed", f"grouping.groups={fixed_spec(sel.partition())}"]
+            over = ["grouping.method=fixed", f"grouping.groups={format_groups(sel.partition())}"]
         return self.run(key, self.cfg(over), label)
 
     # ------------------------------------------------------------------ methods
@@ -284,7 +280,7 @@ class Comparison:
             res, costs, groups = [], [], []
             for s in range(self.seeds):
                 part = random_partition(self.n, k, s)
-                r = self.run(f"rg/k{k}/seed{s}", self.cfg(["grouping.method=fixed", f"grouping.groups={fixed_spec(part)}"]),
+                r = self.run(f"rg/k{k}/seed{s}", self.cfg(["grouping.method=fixed", f"grouping.groups={format_groups(part)}"]),
                              f"rg K={k} seed {s}")
                 res.append(r)
                 costs.append(self.cost(r))
@@ -381,7 +377,7 @@ class Comparison:
             budget = recipe_split["shared_params"] + k * recipe_split["branch_params"]
             sel = bmtn_select(A, k, splits, budget)
             self.details[f"bmtn_selection_k{k}"] = {key: v for key, v in sel.items()}
-            over = ["grouping.method=fixed", f"grouping.groups={fixed_spec(sel['groups'])}",
+            over = ["grouping.method=fixed", f"grouping.groups={format_groups(sel['groups'])}",
                     f"model.shared={sel['split']}"]
             r = self.run(f"bmtn/k{k}", self.cfg(over), f"bmtn K={k}")
             notes = [f"split {sel['split']} (encoder params {sel['params']:,} ≤ budget {budget:,}), "
@@ -405,7 +401,7 @@ class Comparison:
         for k in self.ks:
             d = self.dmtg_run(k)
             groups = partition_of(d["assignment"])
-            spec = fixed_spec(groups)
+            spec = format_groups(groups)
             scratch = self.run(f"dmtg-two-shot/k{k}/scratch", self.cfg(["grouping.method=fixed", f"grouping.groups={spec}"]),
                                f"dmtg two-shot K={k} (scratch)")
             nv = self.naive()
@@ -578,9 +574,9 @@ def build_tables(rows: list[Row], names: list[str], naive: dict) -> dict:
             md.append(f"| {row.method} | {k} | failed: {row.error} |" + " |" * (len(head) - 3))
             json_rows.append({"method": row.method, "K": row.k, "error": row.error})
             continue
-        groups = (_groups_text(row.groups[0], names) if len({fixed_spec(g) for g in row.groups}) == 1 else
+        groups = (_groups_text(row.groups[0], names) if len({format_groups(g) for g in row.groups}) == 1 else
                   f"{len(row.groups)} random partitions" if row.method == "rg" else
-                  f"{len({fixed_spec(g) for g in row.groups})} groupings over {len(row.groups)} seeds")
+                  f"{len({format_groups(g) for g in row.groups})} groupings over {len(row.groups)} seeds")
         cells = [row.method, k, _fmt(m["total_loss"], m["total_loss_std"], m["n"]),
                  _fmt(m["total_error"], m["total_error_std"], m["n"], 2),
                  _fmt(m["normgain_loss"], m["normgain_loss_std"], m["n"], 2, True) if row.method != "naive" else "—",

@@ -116,7 +116,8 @@ class DataConfig:
 @dataclass
 class ModelConfig:
     arch: str = "resnet_celeba"         # resnet_celeba | xception | vit_base
-    branches: int = 3                   # K: maximum number of groups (encoder branches)
+    branches: int = 3                   # K: maximum number of groups (encoder branches); naive-mtl and
+                                        # fixed derive it from the method (method_branches)
     width: int = 64                     # channels of the ResNet variant (64 = reference)
     shared: str = "none"                # resnet_celeba: none | stem (share conv stem, branch at the residual block)
     shared_blocks: int = 4              # xception/vit: number of shared early blocks before the split
@@ -127,7 +128,7 @@ class ModelConfig:
     sync_bn: bool = True
     batched: str = "auto"               # run the K branches as one grouped network: auto | on | off
     # resnet_celeba: BN → ReLU → MaxPool of the stem as one fused op in training (docs/kernels.md);
-    # auto stays off until a GPU measurement decides (fastdmtg.train.FUSED_STEM_AUTO)
+    # auto stays off until a GPU measurement decides (fastdmtg.builder.FUSED_STEM_AUTO)
     fused_stem: str = "auto"            # auto | on | off
 
     def __post_init__(self):
@@ -279,13 +280,11 @@ class Config:
     def __post_init__(self):
         _check_finite(self)
         _resolve_paths(self)
-        if self.grouping.method == "naive-mtl" and self.model.branches != 1:
-            # naive MTL is by definition one encoder for all tasks
-            self.model.branches = 1
         if self.grouping.method == "fixed":
             _check(bool(self.grouping.groups), "grouping.groups: method 'fixed' needs a partition, e.g. 0,1|2")
-            # one branch per given group
-            self.model.branches = len(self.grouping.groups.split("|"))
+        k = method_branches(self.grouping)
+        if k is not None:
+            self.model.branches = k
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -364,6 +363,20 @@ RESUME_SAFE: dict[str, str] = {
 }
 
 _EXPECT = {bool: "true or false", int: "an integer", float: "a number", str: "a string", dict: "a JSON object"}
+
+
+def method_branches(grouping: "GroupingConfig") -> int | None:
+    """The rule by which a method fixes model.branches (K), whatever the config says: naive-mtl is by
+    definition one encoder for all tasks (K = 1), fixed trains one branch per given group (K = the
+    number of groups of grouping.groups). None: the config's model.branches holds (dmtg, and
+    networks / tag-affinity, which check it and say what to set). The resolved value is what
+    config.json records."""
+    if grouping.method == "naive-mtl":
+        return 1
+    if grouping.method == "fixed":
+        from .partition import num_groups
+        return num_groups(grouping.groups)
+    return None
 
 
 def _json(v: Any) -> str:

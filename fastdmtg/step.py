@@ -59,13 +59,13 @@ class StepModule(nn.Module):
         self.kernels = kernels          # the fused losses' backend (train.kernels: auto | triton | reference)
 
     def forward(self, batch: dict):
-        z = self.method.weights(0)                                            # (N, K)
+        z = self.method.weights()                                             # (N, K)
         image = batch["image"]
         if self.channels_last:
             image = image.contiguous(memory_format=torch.channels_last)
         with self._autocast():
             outputs = self.model(image)
-        task_branches = getattr(self.model, "task_branches", None)
+        task_branches = self.model.task_branches                              # models.BranchedNet
         if task_branches is None:
             return self.taskset.head_losses(outputs, batch, z, kernels=self.kernels)
         # head pruning (docs/pruning.md): only the active heads were computed; L is 0 at dropped heads
@@ -73,7 +73,7 @@ class StepModule(nn.Module):
             total, L = self.taskset.head_losses(outputs, batch, z, kernels=self.kernels)
         else:
             total, L = self.taskset.head_losses(outputs, batch, z, active=task_branches, kernels=self.kernels)
-        mask = self.method.head_mask() if hasattr(self.method, "head_mask") else None
+        mask = self.method.head_mask()                                        # (N, K) bool
         return total, (L * mask if mask is not None else L)
 
 

@@ -1,6 +1,6 @@
 """The training loop: any grouping method × any backbone × any dataset.
 
-One step (DMTG):  z = method.weights(step)            # (N, K) Gumbel-softmax sample
+One step (DMTG):  z = method.weights()                # (N, K) Gumbel-softmax sample
                   outputs = model(images)              # all K·N heads
                   total, L = taskset.head_losses(outputs, batch, z)   # Σ z·L, L (N, K)
                   total.backward(); optimizer.step()
@@ -32,14 +32,15 @@ import torch
 from . import checkpoint as ckpt
 from . import distributed as dist_utils
 from . import ops
+# the step's assembly lives in fastdmtg.builder; these names stay importable from here
+from .builder import (BATCHED_AUTO_ARCHS, FUSED_STEM_AUTO, build_optimizer, build_step_module,  # noqa: F401
+                      build_training_step, prepare_model, resolve_device, resolve_speed, step_mode, use_bf16)
 from .config import Config, ConfigError, check_init, resume_changes
 from .log import EPOCHS, RunLog, bars_on, get_logger
 from .pipelines import build_source
-from .methods import build_method
+from .methods import HeadsPruned, StepContext
 from .metrics import normgain, summarize
-from .models import build_multibranch, GroupedNet, MultiBranchNet
-from .models.batched import BatchedMultiBranchNet, supports_batching
-from .step import DDP_GRAPH_WARMUP, StepModule, StepRunner, autocast_factory, set_output_precision, wrap_ddp
+from .models import BranchedNet, GroupedNet
 
 log = get_logger("fastdmtg.train")
 epoch_log = get_logger(EPOCHS)        # the per-epoch lines (a logger of their own: can be muted alone)
@@ -90,122 +91,11 @@ def exit_code(e: BaseException) -> int:
     return getattr(e, "exit_code", 1)
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"train.device={name!r} but CUDA is not available on this machine")
-    return dev
-
-
-def use_bf16(cfg: Config, device: torch.device) -> bool:
-    """train.amp: bf16 autocast in the training forward for mixed / bf16, and by default (auto) on CUDA."""
-    return cfg.train.amp in ("mixed", "bf16") or (cfg.train.amp == "auto" and device.type == "cuda")
-
-
 def eval_autocast(cfg: Config, device: torch.device):
     """Evaluation precision: fp32 (the precision policy), except under plain train.amp=bf16."""
     if cfg.train.amp == "bf16":
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
-
-
-def prepare_model(model: MultiBranchNet, cfg: Config, speed: dict, world_size: int = 1):
-    """Apply the model-side switches: batched branches (when the architecture supports them;
-    ``speed["batched"]`` is updated to what was done), SyncBatchNorm under DDP, channels_last, the
-    fused CelebA stem (``speed["fused_stem"]`` likewise), and the precision of the task heads
-    (train.amp, fastdmtg.step.set_output_precision)."""
-    if speed["batched"]:
-        if not supports_batching(model):
-            if cfg.model.batched == "on":
-                raise ValueError(f"model.batched=on is not supported for model.arch={cfg.model.arch}")
-            speed["batched"] = False
-        else:
-            model = BatchedMultiBranchNet(model)
-    if cfg.model.sync_bn and world_size > 1:
-        if next(model.parameters()).device.type != "cuda":
-            raise ValueError("model.sync_bn=true: SyncBatchNorm runs on CUDA only; set model.sync_bn=false "
-                             "for a CPU (gloo) DDP run (per-rank BatchNorm statistics)")
-        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    if speed["channels_last"]:
-        model = model.to(memory_format=torch.channels_last)
-    if speed["fused_stem"]:
-        from .models.resnet_celeba import set_fused_stem
-        if set_fused_stem(model, cfg.train.kernels) == 0:
-            if cfg.model.fused_stem == "on":
-                raise ValueError(f"model.fused_stem=on: model.arch={cfg.model.arch} has no ResNet-variant stem")
-            speed["fused_stem"] = False
-    set_output_precision(model, keep_fp32=cfg.train.amp != "bf16")     # after the conversions above
-    return model
-
-
-def step_mode(speed: dict) -> str:
-    return "+".join(m for m, on in (("compile", speed["compile"]), ("graph", speed["cuda_graph"])) if on) or "eager"
-
-
-def build_step_module(model, method, taskset, cfg: Config, device: torch.device, speed: dict) -> StepModule:
-    return StepModule(model, method, taskset, autocast_factory(use_bf16(cfg, device), device, speed["cuda_graph"]),
-                      speed["channels_last"], kernels=cfg.train.kernels)
-
-
-def build_optimizer(cfg: Config, params, device: torch.device, capturable: bool = False) -> torch.optim.Optimizer:
-    """Adam / AdamW / SGD from core PyTorch (fused kernels on CUDA). For CUDA-graph capture the
-    optimizer is capturable and its learning rate a device tensor the schedulers update in place."""
-    o = cfg.optim
-    fused = (o.fused == "on") or (o.fused == "auto" and device.type == "cuda")
-    kw = {"fused": True} if fused else {}
-    lr = torch.tensor(o.lr, device=device) if capturable else o.lr
-    if capturable and o.name != "sgd":
-        kw["capturable"] = True
-    if o.name == "adam":
-        return torch.optim.Adam(params, lr=lr, weight_decay=o.weight_decay, **kw)
-    if o.name == "adamw":
-        return torch.optim.AdamW(params, lr=lr, weight_decay=o.weight_decay, **kw)
-    return torch.optim.SGD(params, lr=lr, momentum=o.momentum, weight_decay=o.weight_decay, **kw)
-
-
-# the architectures for which model.batched=auto turns batched branches on for CUDA: decided by
-# measurement (docs/LOG.md). xception can be batched (model.batched=on) but has not been timed on a
-# GPU yet, so auto leaves it off.
-BATCHED_AUTO_ARCHS = ("resnet_celeba",)
-# model.fused_stem=auto: the fused BN-ReLU-maxpool stem op is tested against the PyTorch reference but
-# not yet timed on a GPU (benchmarks/gpu_check.sh times it), so auto leaves it off everywhere
-FUSED_STEM_AUTO = False
-
-
-def resolve_speed(cfg: Config, device: torch.device, world_size: int) -> dict:
-    """Turn the auto|on|off speed switches into booleans for this device (everything is eager on CPU)."""
-    t = cfg.train
-    cuda = device.type == "cuda"
-
-    def pick(name, default_on_cuda):
-        v = getattr(t, name)
-        if v == "on":
-            return True
-        if v == "off":
-            return False
-        return cuda and default_on_cuda
-    out = {"compile": pick("compile", True), "cuda_graph": pick("cuda_graph", True),
-           "channels_last": pick("channels_last", True)}
-    b = cfg.model.batched
-    out["batched"] = b == "on" or (b == "auto" and cuda and cfg.model.arch in BATCHED_AUTO_ARCHS)
-    fs = cfg.model.fused_stem
-    out["fused_stem"] = fs == "on" or (fs == "auto" and cuda and FUSED_STEM_AUTO)
-    if out["cuda_graph"] and not cuda:
-        raise ValueError("train.cuda_graph=on needs a CUDA device")
-    if out["cuda_graph"] and world_size > 1:
-        # opt-in only (auto: off) until measured on several GPUs; docs/kernels.md "CUDA graphs under DDP"
-        if t.cuda_graph != "on":
-            out["cuda_graph"] = False
-        elif cfg.grouping.prune_eps > 0:
-            raise ValueError("train.cuda_graph=on under DDP does not combine with head pruning (grouping.prune_eps > 0): "
-                             "DDP then searches unused parameters on the host every step, which a replay skips; "
-                             "use train.cuda_graph=off")
-        elif cfg.model.sync_bn:
-            raise ValueError("train.cuda_graph=on under DDP is not verified with model.sync_bn=true; "
-                             "use train.cuda_graph=off")
-    return out
 
 
 def build_scheduler(cfg: Config, opt):
@@ -265,7 +155,7 @@ def evaluate(model, taskset, data, split: str, batch_size: int, device, assignme
              progress: bool = False) -> dict:
     """Evaluate one-head-per-task predictions on a split.
 
-    ``model`` is a MultiBranchNet (then ``assignment`` (N,) picks each task's head: the argmax
+    ``model`` is a BranchedNet (then ``assignment`` (N,) picks each task's head: the argmax
     model) or a GroupedNet (predicts one head per task itself)."""
     from tqdm import tqdm
     was_training = model.training
@@ -277,7 +167,7 @@ def evaluate(model, taskset, data, split: str, batch_size: int, device, assignme
     for batch in tqdm(data.batches(split, batch_size, shuffle=False, device=device), total=nb,
                       desc=f"eval {split}", leave=False, disable=not progress):
         with amp:
-            if isinstance(model, (MultiBranchNet, BatchedMultiBranchNet)):
+            if isinstance(model, BranchedNet):
                 out = model.predict(batch["image"], assign)                 # only the argmax heads
             else:
                 out = model(batch["image"])
@@ -301,7 +191,7 @@ def _set_rng_state(st: dict, device: torch.device) -> None:
 
 # entries a checkpoint must hold to be resumed from
 RESUME_KEYS = ("model", "method", "optimizer", "scheduler", "epoch", "step_in_epoch", "global_step", "best_val",
-               "best_epoch", "epoch_loss_sum", "epoch_samples", "train_time", "rng")
+               "best_epoch", "best_train", "epoch_loss_sum", "epoch_samples", "train_time", "rng", "config")
 
 
 def _warn(msg: str) -> None:
@@ -372,55 +262,27 @@ class Trainer:
         # bars: --progress/--no-progress when given, else train.progress on a terminal only
         self.progress = bars_on(progress, cfg.train.progress) and self.is_main
         self.device = ddp_device if ddp_device is not None else resolve_device(cfg.train.device)
-        self.speed = resolve_speed(cfg, self.device, self.world_size)
         self.pruning = cfg.grouping.prune_eps > 0
         self.prune_rank_checks = 0      # drop steps whose mask was compared across DDP ranks
-        if self.pruning and self.speed["batched"] and cfg.model.sync_bn and self.world_size > 1:
-            # batched branches skip dead branches through their own BN layers, which SyncBatchNorm
-            # conversion replaces (docs/pruning.md): per-branch modules then
-            if cfg.model.batched == "on":
-                raise ValueError("model.batched=on is not supported with grouping.prune_eps > 0 and "
-                                 "model.sync_bn=true under DDP; use model.batched=off")
-            self.speed["batched"] = False
         ops.resolve_backend(cfg.train.kernels, self.device)   # fails here, not mid-step, if triton is missing
         torch.manual_seed(cfg.train.seed)
+        # the components: data, then the step (model, method, optimizer, runner: fastdmtg.builder),
+        # the scheduler, the evaluation precision
         # every split decoded (or its cache checked) before the first step: a bad val/test file stops
         # the run now, naming itself, not after epochs of training
         self.data = build_source(cfg.data, progress=self.progress, validate=cfg.data.validate, device=self.device,
                                  dataset=self._dataset)
         self.taskset = self.data.taskset
-        self.model = build_multibranch(cfg.model, self.taskset.specs, self.data.image_size).to(self.device)
-        if cfg.train.init_from and not resume:
-            self._init_from(cfg.train.init_from)
-        self.model = prepare_model(self.model, cfg, self.speed, self.world_size)
-        self.method = build_method(cfg, self.taskset.num_tasks, self.taskset.names).to(self.device)
-        if hasattr(self.method, "set_rank"):
-            self.method.set_rank(self.rank)   # grouping.ddp_noise: one shared draw per step, or per rank
-        self.optimizer = build_optimizer(cfg, list(self.model.parameters()) + list(self.method.parameters()),
-                                         self.device, capturable=self.speed["cuda_graph"])
+        step = build_training_step(cfg, self.taskset, self.data.image_size, self.device, world_size=self.world_size,
+                                   rank=self.rank, init_from=None if resume else cfg.train.init_from)
+        self.model, self.method, self.optimizer, self.runner = step.model, step.method, step.optimizer, step.runner
+        self.speed = step.speed
         self.scheduler = build_scheduler(cfg, self.optimizer)
         self.amp = eval_autocast(cfg, self.device)        # evaluation precision (fp32 unless amp=bf16)
         self.global_batch = cfg.train.batch_size * self.world_size
         if self.is_main and self.world_size > 1:
             log.info(f"DDP: {self.world_size} ranks × batch {cfg.train.batch_size} = global batch "
                      f"{self.global_batch}")
-        step_module = build_step_module(self.model, self.method, self.taskset, cfg, self.device, self.speed)
-        warmup = 3
-        if self.world_size > 1:
-            # head pruning: dropped heads/branches take no part in the step (the same on all ranks)
-            step_module = wrap_ddp(step_module, self.device, self.pruning, for_graph=self.speed["cuda_graph"])
-            warmup = DDP_GRAPH_WARMUP if self.speed["cuda_graph"] else warmup
-        self.runner = StepRunner(step_module, self.optimizer, step_mode(self.speed), warmup=warmup,
-                                 full_batch=cfg.train.batch_size)
-        if self.speed["compile"] and self.pruning:
-            # every change of the active head set is a new graph for dynamo: at most one per drop
-            # step (≤ N·(K−1)) — above dynamo's default limit of 8, after which it would silently
-            # fall back to eager for the rest of the run
-            import torch._dynamo.config as dynamo_cfg
-            need = self.taskset.num_tasks * (cfg.model.branches - 1) + 2
-            for name in ("recompile_limit", "cache_size_limit"):
-                if hasattr(dynamo_cfg, name):
-                    setattr(dynamo_cfg, name, max(getattr(dynamo_cfg, name), need))
         self.epoch, self.step_in_epoch, self.global_step = 0, 0, 0
         self.best_val, self.best_epoch = math.inf, -1
         self.best_train = math.inf            # train.best_rule=reference: the training loss at the last save
@@ -477,8 +339,7 @@ class Trainer:
             st = ckpt.load_checkpoint(path, "cpu", RESUME_KEYS)
         st["_path"] = path
         try:
-            # checkpoints written before the config was stored in them: compare with config.json
-            old = Config.from_dict(st["config"]) if "config" in st else Config.load(self.run_dir / "config.json")
+            old = Config.from_dict(st["config"])
         except ConfigError as e:
             raise ConfigError(f"{path}: the run's stored config: {e}") from None
         try:
@@ -563,13 +424,6 @@ class Trainer:
         return self.divergence is not None and self.cfg.train.on_divergence == "error"
 
     # ------------------------------------------------------------------ state
-    def _init_from(self, path: str) -> None:
-        p = Path(path)
-        if p.is_dir():
-            p = p / "checkpoints" / "best.pt"
-        state = ckpt.load_checkpoint(p)
-        self.model.load_single_branch(state["model"])
-
     def _state(self) -> dict:
         return {
             "model": self.model.state_dict(), "method": self.method.state_dict(),
@@ -601,7 +455,7 @@ class Trainer:
             self.scheduler.load_state_dict(st["scheduler"])
         self.epoch, self.step_in_epoch, self.global_step = st["epoch"], st["step_in_epoch"], st["global_step"]
         self.best_val, self.best_epoch = st["best_val"], st["best_epoch"]
-        self.best_train = st.get("best_train", math.inf)      # absent in checkpoints of older versions
+        self.best_train = st["best_train"]
         self.epoch_loss_sum, self.epoch_samples = st["epoch_loss_sum"], st["epoch_samples"]
         self.train_time = st["train_time"]
         _set_rng_state(st["rng"], self.device)
@@ -624,16 +478,21 @@ class Trainer:
 
     # ------------------------------------------------------------------ head pruning
     def _apply_head_mask(self) -> None:
-        if self.pruning and hasattr(self.method, "head_mask"):
-            if isinstance(self.model, BatchedMultiBranchNet):
-                # may permute parameter blocks in place: the optimizer's state moves with them
-                self.model.set_active(self.method.head_mask(), optimizer=self.optimizer)
-            else:
-                self.model.set_active(self.method.head_mask())
+        if self.pruning:
+            # the batched form may permute parameter blocks in place: the optimizer's state moves with them
+            self.model.set_active(self.method.head_mask(), optimizer=self.optimizer)
 
-    def on_heads_pruned(self, events: list[dict]) -> None:
-        """Called by the method when heads were dropped after an optimizer step: compute only the
-        remaining heads from the next step on and re-capture the CUDA graph."""
+    def _apply(self, decisions: list) -> None:
+        """Apply the method's decisions of this step to the model, optimizer and runner."""
+        for d in decisions:
+            if isinstance(d, HeadsPruned):
+                self._heads_pruned(list(d.events))
+            else:
+                raise TypeError(f"grouping method {self.cfg.grouping.method}: unknown decision {d!r}")
+
+    def _heads_pruned(self, events: list[dict]) -> None:
+        """Heads were dropped after an optimizer step: compute only the remaining heads from the
+        next step on and re-capture the CUDA graph."""
         if self.world_size > 1:
             # the rule reads only all-reduced state (S, τ), so every rank must have dropped the same
             # heads at this step; checked at each drop (rare), since a mismatch would make the
@@ -709,7 +568,10 @@ class Trainer:
             total, L = self.runner(batch)                                     # fwd + bwd + optimizer step
             if self.initial_loss is None:
                 self.initial_loss = float(total.detach())                     # one sync, once per run
-            self.method.observe_step(self, batch)
+            decisions = self.method.observe_step(StepContext(self.global_step, self.epoch, batch, self.model,
+                                                             self.optimizer, self.taskset))
+            if decisions:
+                self._apply(decisions)
             b = batch["image"].shape[0]
             running += total.detach().float() * b
             running_n += b
@@ -882,8 +744,7 @@ class Trainer:
         names = self.taskset.names
         test = evaluate(self.model, self.taskset, self.data, "test", cfg.train.eval_batch_size, self.device,
                         self.method.assignment(), self.amp, self.progress)
-        per_branch = self.model.to_multibranch() if isinstance(self.model, BatchedMultiBranchNet) else self.model
-        grouped = GroupedNet.from_multibranch(per_branch, assignment)
+        grouped = GroupedNet.from_multibranch(self.model.to_multibranch(), assignment)
         from .export import save_grouped
         save_grouped(self.run_dir, grouped, cfg, names, self.data.image_size)
         res = {

@@ -24,6 +24,8 @@ from typing import Callable
 
 import torch
 
+from ._common import f32_scalar
+
 NAMESPACE = "fastdmtg"
 _TENSOR = object()  # marks a tensor slot (or None) among the saved values
 
@@ -110,3 +112,19 @@ class FusedOp:
         if torch.compiler.is_compiling():
             return self.op(*inputs)
         return self.fn.apply(*inputs)
+
+
+def _grouped_loss_forward_fake(logits, target, z):
+    N, K = z.shape
+    return f32_scalar(logits.device), logits.new_empty((N, K), dtype=torch.float32)
+
+
+def _grouped_loss_backward_fake(grad_total, logits, target, z, L):
+    return torch.empty_like(logits), torch.empty_like(z)
+
+
+def grouped_loss_op(name: str, forward: Callable, backward: Callable) -> FusedOp:
+    """The spec every grouped head loss shares — (logits, target, z (N, K)) → (total (), L (N, K)
+    fp32), gradients for logits and z, the backward fed the inputs and L — around its two launchers."""
+    return FusedOp(OpSpec(name, forward, _grouped_loss_forward_fake, backward, _grouped_loss_backward_fake,
+                          save=lambda inputs, outputs: (*inputs, outputs[1]), grad_inputs=(0, 2)))

@@ -18,8 +18,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ._common import cdiv, check, f32_scalar, jit, npow2, resolve_backend, tl
-from ._fused import FusedOp, OpSpec
+from ._common import cdiv, check, jit, npow2, resolve_backend, tl
+from ._fused import grouped_loss_op
 from ._partials import finalize
 
 # batch rows per program and warps (H100 sweep, 2026-11-23: latency-bound at CelebA sizes)
@@ -101,11 +101,6 @@ def _forward(logits: Tensor, target: Tensor, z: Tensor) -> tuple[Tensor, Tensor]
     return total, L.view(N, K)
 
 
-def _forward_fake(logits, target, z):
-    N, K = z.shape
-    return f32_scalar(logits.device), logits.new_empty((N, K), dtype=torch.float32)
-
-
 def _backward(grad_total: Tensor, logits: Tensor, target: Tensor, z: Tensor, L: Tensor) -> tuple[Tensor, Tensor]:
     logits, target, z = logits.contiguous(), target.contiguous(), z.contiguous()
     K, N, B, C = logits.shape
@@ -119,12 +114,7 @@ def _backward(grad_total: Tensor, logits: Tensor, target: Tensor, z: Tensor, L: 
     return dx, dz
 
 
-def _backward_fake(grad_total, logits, target, z, L):
-    return torch.empty_like(logits), torch.empty_like(z)
-
-
-OP = FusedOp(OpSpec("grouped_ce", _forward, _forward_fake, _backward, _backward_fake,
-                    save=lambda inputs, outputs: (*inputs, outputs[1]), grad_inputs=(0, 2)))
+OP = grouped_loss_op("grouped_ce", _forward, _backward)
 
 
 def reference(logits: Tensor, target: Tensor, z: Tensor) -> tuple[Tensor, Tensor]:

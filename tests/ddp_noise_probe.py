@@ -44,7 +44,7 @@ def main(out: Path) -> None:
     for mode in ("shared", "per_rank"):
         cfg = apply_overrides(get_recipe("synthetic_k3"), SMALL + [f"grouping.ddp_noise={mode}"])
         tr = Trainer(cfg, out / mode, progress=False)
-        z = [tr.method.weights(0).detach().tolist() for _ in range(2)]          # 2 steps × (N, K)
+        z = [tr.method.weights().detach().tolist() for _ in range(2)]          # 2 steps × (N, K)
         gathered = [None] * dist.get_world_size()
         dist.all_gather_object(gathered, z)
         res[mode] = {"z": gathered, "global_batch": tr.global_batch}

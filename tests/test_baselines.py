@@ -5,7 +5,6 @@ on the planted-group synthetic data."""
 import copy
 import json
 import math
-import types
 
 import numpy as np
 import pytest
@@ -16,7 +15,9 @@ from fastdmtg.compare import compare_main, random_partition
 from fastdmtg.config import apply_overrides, get_recipe
 from fastdmtg.pipelines import build_source
 from fastdmtg.data.synthetic import planted_groups
-from fastdmtg.methods.networks import NetworkGroups, format_networks, parse_networks
+from fastdmtg.methods import StepContext
+from fastdmtg.methods.networks import NetworkGroups
+from fastdmtg.partition import format_groups, parse_networks
 from fastdmtg.methods.tag import TagAffinity, update_direction
 from fastdmtg.models import build_multibranch
 from fastdmtg.train import build_optimizer, train
@@ -119,7 +120,7 @@ def test_tag_selection_by_hand_overlap_and_singletons():
     assert sel.networks == [(0, 1), (0, 2)] and sel.served == [0, 0, 1]
     assert sel.auxiliary() == [[], [0]] and sel.partition() == [[0, 1], [2]]
     assert sel.info["total_affinity"] == pytest.approx(.5 + .5 + .4)
-    assert format_networks([list(s) for s in sel.networks], sel.served) == "0,1|+0,2"
+    assert format_groups([list(s) for s in sel.networks], sel.served) == "0,1|+0,2"
 
 
 def test_hoa_selection_by_hand():
@@ -312,7 +313,6 @@ def test_tag_affinity_matches_direct_computation(optim, batched):
         model = BatchedMultiBranchNet(model)
     method = TagAffinity.from_config(cfg, ts.num_tasks)
     opt = build_optimizer(cfg, list(model.parameters()), torch.device("cpu"))
-    trainer = types.SimpleNamespace(model=model, optimizer=opt, taskset=ts, global_step=0, epoch=0)
     batches = list(data.batches("train", 64, shuffle=True, seed=0, epoch=0, train=True))
     ref = None
     for step in range(4):
@@ -323,13 +323,13 @@ def test_tag_affinity_matches_direct_computation(optim, batched):
                                                               if k != "params"})
             ref_opt.load_state_dict(opt.state_dict())
             want = _manual_affinity(ref[0], ref_opt, batch, ts)
-        z = method.weights(step)
+        z = method.weights()
         total, _ = ts.head_losses(model(batch["image"]), batch, z)
         opt.zero_grad()
         total.backward()
         opt.step()
         bn_before = {n: b.clone() for n, b in model.named_buffers()}
-        method.observe_step(trainer, batch)
+        method.observe_step(StepContext(step, 0, batch, model, opt, ts))        # step = optimizer steps before
         for n, b in model.named_buffers():                  # the lookahead never touches BN statistics
             assert torch.equal(b, bn_before[n]), n
         if step == 1:
@@ -337,7 +337,6 @@ def test_tag_affinity_matches_direct_computation(optim, batched):
             got = method.last
             assert torch.allclose(got, want, atol=2e-6, rtol=1e-4), (got, want)
             assert got.abs().max() > 1e-3                    # a real signal, not all zeros
-        trainer.global_step += 1
     assert int(method.affinity_count) == 2                  # steps 1 and 3 (affinity_every=2)
     res = method.extra_results()
     assert res["tag_affinity_measurements"] == 2 and len(res["tag_affinity"]) == ts.num_tasks
@@ -355,7 +354,7 @@ def test_networks_method_parse_weights_and_training(tmp_path):
     nets, served = parse_networks("0,1,+2|2,3", names)
     assert nets == [[0, 1, 2], [2, 3]] and served == [[0, 1], [2, 3]]
     m = NetworkGroups(nets, served, 4)
-    assert m.weights(0).tolist() == [[1, 0], [1, 0], [1, 1], [0, 1]]
+    assert m.weights().tolist() == [[1, 0], [1, 0], [1, 1], [0, 1]]
     assert m.assignment().tolist() == [0, 0, 1, 1]
     for bad, msg in (("0,1|1,2,3", "more than one"), ("0,+1|2,3", "no network serves"), ("0,0|1,2,3", "twice"),
                      ("0,x|1,2,3", "unknown task")):

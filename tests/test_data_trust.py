@@ -271,7 +271,7 @@ def test_bench_reference_row_runs_the_torch_backend_over_raw_files(tmp_path, rec
         bench.write_taskonomy_raw(raw, n=4, side=64)
     else:
         raw.mkdir()
-        bench._write_jpegs(raw, 10)
+        bench.write_celeba_raw(raw, 10)
     step, info = bench.build_stepper(cfg, torch.device("cpu"), loader="torch", raw_root=raw, num_workers=0)
     src = info["source"]
     assert next(iter(src.batches("train", 2, shuffle=False)))["image"].shape == (2, 3, 32, 32)

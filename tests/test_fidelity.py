@@ -246,7 +246,7 @@ def test_precision_policy_keeps_decoders_and_losses_fp32(amp):
         d[-1].register_forward_hook(_record(seen, "decoder last"))                  # the output conv
 
     class Const(torch.nn.Module):
-        def weights(self, step):
+        def weights(self):
             return torch.full((5, 2), 0.5)
     g = torch.Generator().manual_seed(0)
     batch = {"image": torch.rand(2, 3, 32, 32, generator=g),

@@ -13,7 +13,7 @@ from fastdmtg.tasks.attributes import AttributeTaskSet
 
 def test_gumbel_weights_rows_sum_to_one_and_grad_reaches_S():
     m = DMTG(5, 3, GroupingConfig(tau=2.5))
-    z = m.weights(0)
+    z = m.weights()
     assert z.shape == (5, 3)
     assert torch.allclose(z.sum(1), torch.ones(5), atol=1e-6)
     assert (z > 0).all()
@@ -28,10 +28,10 @@ def test_gumbel_weights_rows_sum_to_one_and_grad_reaches_S():
 def test_initial_logits_are_one_and_noise_changes_each_step():
     m = DMTG(4, 3, GroupingConfig(tau=2.5, init_logit=1.0))
     assert torch.equal(m.logits.detach(), torch.ones(4, 3))
-    z1, z2 = m.weights(0).detach(), m.weights(1).detach()
+    z1, z2 = m.weights().detach(), m.weights().detach()
     assert not torch.allclose(z1, z2)          # the seed advanced: fresh noise
     m2 = DMTG(4, 3, GroupingConfig(tau=2.5, init_logit=1.0))
-    assert torch.allclose(m2.weights(0).detach(), z1)  # same seed → same draw (resumable)
+    assert torch.allclose(m2.weights().detach(), z1)  # same seed → same draw (resumable)
 
 
 def test_gumbel_softmax_formula_by_hand():
@@ -104,7 +104,7 @@ def test_initial_tau_is_the_first_epochs():
 
 def test_naive_mtl_weights_are_ones():
     m = NaiveMTL(4)
-    assert torch.equal(m.weights(0), torch.ones(4, 1))
+    assert torch.equal(m.weights(), torch.ones(4, 1))
     assert m.assignment().tolist() == [0, 0, 0, 0]
     assert list(m.parameters()) == []
 
@@ -118,12 +118,12 @@ def test_seed_derivation_and_ddp_noise_offsets():
     a, b, c = DMTG(4, 3, per_rank), DMTG(4, 3, per_rank), DMTG(4, 3, shared)
     a.set_rank(0), b.set_rank(3), c.set_rank(3)
     assert a.seed_offset == 0 and b.seed_offset == 3 << 40 and c.seed_offset == 0
-    za, zb, zc = a.weights(0).detach(), b.weights(0).detach(), c.weights(0).detach()
+    za, zb, zc = a.weights().detach(), b.weights().detach(), c.weights().detach()
     assert torch.equal(za, zc) and not torch.allclose(za, zb)
-    assert torch.equal(DMTG(4, 3, per_rank).weights(0).detach(), za)   # no set_rank: the base seed (rank 0)
+    assert torch.equal(DMTG(4, 3, per_rank).weights().detach(), za)   # no set_rank: the base seed (rank 0)
     ref = DMTG(4, 3, shared)
     ref.seed.fill_(17 + (3 << 40))                             # rank 3's draw is the draw at seed + 3·2^40
-    assert torch.equal(zb, ref.weights(0).detach())
+    assert torch.equal(zb, ref.weights().detach())
     assert int(a.seed) == int(b.seed) == 18                  # one step = one counter value (resume, graphs)
     assert int(a.seed) + int(a.seed_offset) == 18 and int(b.seed) + b.seed_offset == 18 + (3 << 40)
 
@@ -137,15 +137,15 @@ def test_pruned_weights_stay_finite_when_the_dropped_head_dominates():
         m.logits.copy_(torch.tensor([[200.0, 0.0, 0.0]]))
         m.prune_active.copy_(torch.tensor([[False, True, True]]))
     m._refresh()
-    z = m.weights(0)
+    z = m.weights()
     assert torch.isfinite(z).all() and z[0, 0] == 0
 
 
 def test_pruning_state_only_when_on_and_events_carry_the_step():
     """prune_eps = 0: no pruning state at all (the state dict of a run without pruning); > 0: no
     event before a drop; a drop after the trainer's global step g is recorded at step g + 1 (steps
-    done), with its probability, and reported to the trainer if it listens."""
-    from types import SimpleNamespace
+    done), with its probability, and returned as the decision the trainer applies."""
+    from fastdmtg.methods import StepContext
     off = DMTG(2, 3, GroupingConfig())
     assert not off.pruning and "prune_active" not in off.state_dict() and off.head_mask() is None
     assert off.prune_events() == []
@@ -154,23 +154,19 @@ def test_pruning_state_only_when_on_and_events_carry_the_step():
     assert m.pruning and m.prune_events() == [] and m.head_mask() is None
     with torch.no_grad():
         m.logits.copy_(torch.tensor([[0.0, 5.0, 4.0], [5.0, 1.0, 0.0]]))
-    m.observe_step(SimpleNamespace(global_step=4), {})          # a trainer without on_heads_pruned
+    assert m.observe_step(StepContext(global_step=4, epoch=0)) != []
     p = torch.softmax(m.logits.detach().double() / 2.0, 1)      # (0, 0) ≈ 0.049 and (1, 2) ≈ 0.067 < 0.1
     assert m.prune_events() == [{"task": 0, "branch": 0, "step": 5, "probability": pytest.approx(float(p[0, 0]))},
                                 {"task": 1, "branch": 2, "step": 5, "probability": pytest.approx(float(p[1, 2]))}]
-    # without a trainer a drop is applied but has no step to report
-    m3 = DMTG(2, 3, g)
-    with torch.no_grad():
-        m3.logits.copy_(m.logits)
-    m3.observe_step(None, {})
-    assert m3.head_mask().tolist() == m.head_mask().tolist() and m3.prune_events() == []
-    heard = []
+    # the decision the trainer applies: the drop step, the events and the new head mask
     m2 = DMTG(2, 3, g)
     m2.load_state_dict(DMTG(2, 3, g).state_dict())
     with torch.no_grad():
         m2.logits.copy_(m.logits)
-    m2.observe_step(SimpleNamespace(global_step=0, on_heads_pruned=heard.extend), {})
-    assert [(e["task"], e["branch"], e["step"]) for e in heard] == [(0, 0, 1), (1, 2, 1)]
+    (d,) = m2.observe_step(StepContext(global_step=0, epoch=0))
+    assert d.step == 1 and [(e["task"], e["branch"], e["step"]) for e in d.events] == [(0, 0, 1), (1, 2, 1)]
+    assert d.mask.tolist() == m.head_mask().tolist() == [[False, True, True], [True, True, False]]
+    assert m2.observe_step(StepContext(global_step=1, epoch=0)) == []          # nothing new to drop
     # the argmax model never reads a dropped head, even one whose (frozen) logit is the highest
     with torch.no_grad():
         m.logits.copy_(torch.tensor([[9.0, 1.0, 2.0], [0.0, 1.0, 9.0]]))

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from fastdmtg.config import ConfigError, GroupingConfig, apply_overrides, get_recipe
+from fastdmtg.methods import HeadsPruned, StepContext
 from fastdmtg.methods.dmtg import DMTG
 from fastdmtg.models.multibranch import ModuleHeads, MultiBranchNet
 from fastdmtg.pruning import active_probabilities, branch_alive, prune_update, training_flops
@@ -157,10 +158,12 @@ def test_weights_restricted_to_active_heads_and_dropped_logits_frozen():
         m.logits.copy_(torch.tensor([[0.0, 5.0, 4.0], [5.0, 0.0, 1.0]]))
     ref = DMTG(2, 3, g)
     ref.load_state_dict(m.state_dict())
-    z_full = ref.weights(0)
-    m.observe_step(None, {})                    # S/τ → p(0,0) ≈ 0.02 < 0.1: dropped at once
+    z_full = ref.weights()
+    (decision,) = m.observe_step(StepContext(global_step=0, epoch=0))   # S/τ → p(0,0) ≈ 0.02 < 0.1: dropped at once
+    assert isinstance(decision, HeadsPruned) and decision.step == 1 and decision.mask.tolist() == [
+        [False, True, True], [True, False, True]]
     assert m.prune_active.tolist() == [[False, True, True], [True, False, True]]
-    z = m.weights(0)                            # the same noise (seed state) as z_full
+    z = m.weights()                            # the same noise (seed state) as z_full
     a = m.prune_active
     assert torch.allclose(z, z_full * a / (z_full * a).sum(1, keepdim=True), atol=1e-6)
     (z * torch.tensor([[1.0, 2.0, 3.0], [1.0, 2.0, 3.0]])).sum().backward()
@@ -325,10 +328,6 @@ def test_batched_live_branches_equal_per_branch_pruned_forward():
     bt.train()
     bt.set_active(mask, optimizer=opt_b)
     assert all(torch.equal(a, b) for a, b in zip(before, bt.parameters()))
-    # an old checkpoint without the layout buffer loads as the identity layout
-    old = {k: v for k, v in BatchedMultiBranchNet(_pair()[0]).state_dict().items() if k != "branch_slot"}
-    fresh.load_state_dict(old)
-    assert fresh.branch_slot.tolist() == [0, 1, 2] and not fresh._permuted
 
 
 def test_pruning_with_batched_branches_matches_per_branch_run(tmp_path):

@@ -2,15 +2,43 @@
 task keeps at the end. One file per method; the trainer only talks to this interface.
 
 A method owns the grouping state (e.g. DMTG's logits S) and answers:
-* ``weights(step)``  -> (N, K) weights of the head losses for this training step;
+* ``weights()``      -> (N, K) weights of the head losses for this training step;
 * ``assignment()``   -> (N,) long, the branch each task uses for evaluation and pruning;
 * ``probabilities()``-> (N, K) assignment probabilities to log (or None);
+* ``head_mask()``    -> (N, K) bool of the heads still computed, or None (all: no head pruning);
+* ``observe_step(ctx)`` -> decisions, after every optimizer step (``StepContext``: read-only view of
+  the step); the trainer applies them (``HeadsPruned``: the model computes only the remaining
+  heads, the step runner re-captures). A method changes only its own state, never the model,
+  optimizer or trainer;
 * ``on_epoch_start(epoch)`` (schedules), ``state_dict`` / ``load_state_dict`` (resume).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any
+
 import torch
 from torch import nn
+
+
+@dataclass(frozen=True)
+class StepContext:
+    """What a method may read after an optimizer step (it must not modify any of it)."""
+    global_step: int               # optimizer steps done before this one (the index of the step that ran)
+    epoch: int                     # 0-based
+    batch: dict | None = None      # the step's batch
+    model: Any = None              # models.BranchedNet
+    optimizer: Any = None          # torch.optim.Optimizer
+    taskset: Any = None
+
+
+@dataclass(frozen=True)
+class HeadsPruned:
+    """Decision: heads were dropped after optimizer step ``step`` (1-based: optimizer steps done);
+    from the next step on only ``mask`` (N, K) bool is computed."""
+    step: int
+    events: tuple                  # {"task", "branch", "step", "probability"} per dropped head
+    mask: torch.Tensor
 
 
 class GroupingMethod(nn.Module):
@@ -20,7 +48,7 @@ class GroupingMethod(nn.Module):
         super().__init__()
         self.num_tasks, self.num_branches = num_tasks, num_branches
 
-    def weights(self, step: int) -> torch.Tensor:
+    def weights(self) -> torch.Tensor:
         raise NotImplementedError
 
     def assignment(self) -> torch.Tensor:
@@ -29,14 +57,22 @@ class GroupingMethod(nn.Module):
     def probabilities(self) -> torch.Tensor | None:
         return None
 
+    def head_mask(self) -> torch.Tensor | None:
+        return None
+
+    def set_rank(self, rank: int) -> None:
+        """The DDP rank of this process (DMTG: grouping.ddp_noise)."""
+
     def on_epoch_start(self, epoch: int) -> None:
         pass
 
     def log_scalars(self) -> dict[str, float]:
         return {}
 
-    def observe_step(self, trainer, batch: dict) -> None:
-        """Called after every optimizer step (e.g. TAG records inter-task affinities here)."""
+    def observe_step(self, ctx: StepContext) -> list:
+        """Called after every optimizer step; returns the decisions for the trainer to apply (e.g.
+        ``HeadsPruned``), [] when none (e.g. TAG records inter-task affinities in its own state)."""
+        return []
 
     def extra_results(self) -> dict:
         """Method-specific entries for results.json (e.g. an affinity matrix)."""
@@ -51,10 +87,6 @@ METHODS: dict[str, str] = {
     "tag-affinity": "fastdmtg.methods.tag:TagAffinity",
     "networks": "fastdmtg.methods.networks:NetworkGroups",
 }
-
-
-def register_method(name: str, target: str) -> None:
-    METHODS[name] = target
 
 
 def method_class(name: str):

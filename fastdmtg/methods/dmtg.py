@@ -26,7 +26,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from . import GroupingMethod
+from . import GroupingMethod, HeadsPruned, StepContext
 
 
 class DMTG(GroupingMethod):
@@ -42,7 +42,7 @@ class DMTG(GroupingMethod):
         self.seed_offset = 0   # DDP, grouping.ddp_noise=per_rank: rank r draws from seed + r·2^40 (set_rank)
         # head pruning (fastdmtg/pruning.py, docs/pruning.md): state buffers exist only when it is on,
         # so runs without it keep the same state dict as before
-        self.pruning = float(getattr(gcfg, "prune_eps", 0.0)) > 0
+        self.pruning = gcfg.prune_eps > 0
         self._all_active = True
         if self.pruning:
             n, k = num_tasks, num_branches
@@ -59,7 +59,7 @@ class DMTG(GroupingMethod):
         """DDP (grouping.ddp_noise): ``shared`` — every rank keeps the same seed, so all ranks draw the same
         sample each step (one draw per global step, as the release, whose ranks are all seeded alike);
         ``per_rank`` — rank r offsets the seed by r·2^40 and draws its own sample."""
-        per_rank = getattr(self.gcfg, "ddp_noise", "shared") == "per_rank"
+        per_rank = self.gcfg.ddp_noise == "per_rank"
         self.seed_offset = (int(rank) << 40) if per_rank else 0
 
     def tau_at(self, epoch: int) -> float:
@@ -71,7 +71,7 @@ class DMTG(GroupingMethod):
     def on_epoch_start(self, epoch: int) -> None:
         self.tau.fill_(self.tau_at(epoch))
 
-    def weights(self, step: int) -> torch.Tensor:
+    def weights(self) -> torch.Tensor:
         from .. import ops
         seed = self.seed + self.seed_offset if self.seed_offset else self.seed
         if self._all_active:
@@ -104,10 +104,11 @@ class DMTG(GroupingMethod):
         self._refresh()
         return out
 
-    def observe_step(self, trainer, batch: dict) -> None:
-        """The pruning rule, after every optimizer step, from S and τ only (identical on all DDP ranks)."""
+    def observe_step(self, ctx: StepContext) -> list:
+        """The pruning rule, after every optimizer step, from S and τ only (identical on all DDP ranks)
+        → [HeadsPruned] when heads were dropped at this step, else []."""
         if not self.pruning:
-            return
+            return []
         from ..pruning import active_probabilities, prune_update
         g = self.gcfg
         probs = active_probabilities(self.logits, float(self.tau), self.prune_active)
@@ -115,16 +116,15 @@ class DMTG(GroupingMethod):
                                              g.prune_patience)
         self.prune_below.copy_(below.to(self.prune_below.device))
         if not events:
-            return
-        step = int(trainer.global_step) + 1 if trainer is not None else -1   # optimizer steps done
+            return []
+        step = int(ctx.global_step) + 1                                      # optimizer steps done
         self.prune_active.copy_(active.to(self.prune_active.device))
         for i, k, p in events:
             self.prune_step[i, k] = step
             self.prune_prob[i, k] = p
         self._refresh()
-        if trainer is not None and hasattr(trainer, "on_heads_pruned"):
-            trainer.on_heads_pruned([{"task": i, "branch": k, "step": step, "probability": p}
-                                     for i, k, p in events])
+        return [HeadsPruned(step, tuple({"task": i, "branch": k, "step": step, "probability": p}
+                                        for i, k, p in events), self.prune_active)]
 
     def prune_events(self) -> list[dict]:
         if not self.pruning:

@@ -5,38 +5,8 @@ from __future__ import annotations
 
 import torch
 
+from ..partition import parse_groups
 from . import GroupingMethod
-
-
-def parse_groups(text: str, task_names: list[str]) -> list[list[int]]:
-    """"0,1|2" or "a,b|c" → [[0, 1], [2]]; every task exactly once."""
-    groups = []
-    for part in text.split("|"):
-        g = []
-        for tok in (t.strip() for t in part.split(",")):
-            if not tok:
-                continue
-            if tok.isdigit():
-                i = int(tok)
-                if not 0 <= i < len(task_names):
-                    raise ValueError(f"grouping.groups: task index {i} out of range 0..{len(task_names) - 1}")
-            elif tok in task_names:
-                i = task_names.index(tok)
-            else:
-                raise ValueError(f"grouping.groups: unknown task {tok!r}; tasks: {', '.join(task_names)}")
-            g.append(i)
-        if not g:
-            raise ValueError(f"grouping.groups: empty group in {text!r}")
-        groups.append(g)
-    flat = sorted(i for g in groups for i in g)
-    if flat != list(range(len(task_names))):
-        raise ValueError(f"grouping.groups: {text!r} must name every task exactly once "
-                         f"({len(task_names)} tasks: {', '.join(task_names)})")
-    return groups
-
-
-def format_groups(groups: list[list[int]]) -> str:
-    return "|".join(",".join(str(i) for i in g) for g in groups)
 
 
 class FixedGroups(GroupingMethod):
@@ -56,7 +26,7 @@ class FixedGroups(GroupingMethod):
         names = task_names or [str(i) for i in range(num_tasks)]
         return cls(parse_groups(cfg.grouping.groups, names), num_tasks)
 
-    def weights(self, step: int) -> torch.Tensor:
+    def weights(self) -> torch.Tensor:
         return self._onehot
 
     def assignment(self) -> torch.Tensor:

@@ -18,7 +18,7 @@ class NaiveMTL(GroupingMethod):
     def from_config(cls, cfg, num_tasks: int, task_names=None) -> "NaiveMTL":
         return cls(num_tasks)
 
-    def weights(self, step: int) -> torch.Tensor:
+    def weights(self) -> torch.Tensor:
         return self._ones                                                    # (N, 1)
 
     def assignment(self) -> torch.Tensor:

@@ -4,8 +4,9 @@ The second stage of TAG and HOA, whose selections may put a task into several ne
 trained in each and *served* — evaluated, kept after pruning — by the one where it is best), and
 the pair/single networks HOA trains to estimate its losses.
 
-``grouping.groups``: networks separated by "|", tasks by ","; a task written "+t" is *auxiliary*
-in that network (trained there, served by another network). Examples with 4 tasks:
+``grouping.groups`` (parsed by ``fastdmtg.partition.parse_networks``): networks separated by "|",
+tasks by ","; a task written "+t" is *auxiliary* in that network (trained there, served by another
+network). Examples with 4 tasks:
 
     "0,1,+2|2,3"   network 0 trains {0, 1, 2} and serves 0, 1; network 1 trains and serves {2, 3}
     "0,3"          one network on tasks 0 and 3 only (tasks 1, 2 are not trained at all)
@@ -24,58 +25,8 @@ from __future__ import annotations
 
 import torch
 
+from ..partition import parse_networks
 from . import GroupingMethod
-
-
-def parse_networks(text: str, task_names: list[str]) -> tuple[list[list[int]], list[list[int]]]:
-    """→ (networks: tasks trained in each network, served: tasks served by each network)."""
-    def index(tok: str) -> int:
-        if tok.isdigit():
-            i = int(tok)
-            if not 0 <= i < len(task_names):
-                raise ValueError(f"grouping.groups: task index {i} out of range 0..{len(task_names) - 1}")
-            return i
-        if tok in task_names:
-            return task_names.index(tok)
-        raise ValueError(f"grouping.groups: unknown task {tok!r}; tasks: {', '.join(task_names)}")
-
-    networks, served = [], []
-    for part in text.split("|"):
-        net, srv = [], []
-        for tok in (t.strip() for t in part.split(",")):
-            if not tok:
-                continue
-            aux = tok.startswith("+")
-            i = index(tok[1:].strip() if aux else tok)
-            if i in net:
-                raise ValueError(f"grouping.groups: task {task_names[i]!r} twice in network {part!r}")
-            net.append(i)
-            if not aux:
-                srv.append(i)
-        if not net:
-            raise ValueError(f"grouping.groups: empty network in {text!r}")
-        networks.append(net)
-        served.append(srv)
-    flat = [i for s in served for i in s]
-    dup = sorted({task_names[i] for i in flat if flat.count(i) > 1})
-    if dup:
-        raise ValueError(f"grouping.groups: task(s) {dup} served by more than one network; mark the extra "
-                         "memberships auxiliary with '+'")
-    for net, srv in zip(networks, served):
-        for i in net:
-            if i not in srv and i not in flat:
-                raise ValueError(f"grouping.groups: task {task_names[i]!r} is auxiliary ('+') but no network "
-                                 "serves it")
-    return networks, served
-
-
-def format_networks(networks: list[list[int]], served: list[int] | None = None) -> str:
-    """Inverse of parse_networks; ``served[t]`` = index of the network serving task t (tasks of a
-    network not served by it get '+')."""
-    parts = []
-    for k, net in enumerate(networks):
-        parts.append(",".join(str(t) if served is None or served[t] == k else f"+{t}" for t in net))
-    return "|".join(parts)
 
 
 class NetworkGroups(GroupingMethod):
@@ -106,7 +57,7 @@ class NetworkGroups(GroupingMethod):
                              f"{cfg.model.branches}; set model.branches={len(networks)}")
         return cls(networks, served, num_tasks)
 
-    def weights(self, step: int) -> torch.Tensor:
+    def weights(self) -> torch.Tensor:
         return self._weights
 
     def assignment(self) -> torch.Tensor:

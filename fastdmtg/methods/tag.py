@@ -19,7 +19,7 @@ exactly (tests/test_baselines.py checks against a real optimizer step):
 so momentum and Adam's moments enter every Δ_i, as in the reference (whose Taskonomy patch
 dropped the momentum by mistake).
 
-Exact timing without a pre-step hook: the trainer calls ``observe_step`` *after* the optimizer
+Exact timing without a pre-step hook: the trainer calls ``observe_step(ctx)`` *after* the optimizer
 step. To measure step s with its pre-step state, the method snapshots the model parameters and
 the encoder's optimizer state at the end of step s−1 (= the state step s starts from) and, at the
 end of step s, evaluates the lookahead from that snapshot on step s's batch. A snapshot is
@@ -42,7 +42,7 @@ import math
 import torch
 from torch.func import functional_call
 
-from . import GroupingMethod
+from . import GroupingMethod, StepContext
 
 
 def encoder_param_names(model) -> list[str]:
@@ -126,8 +126,9 @@ def update_direction(kind: str, theta: torch.Tensor, grad: torch.Tensor, state: 
     return theta - (lr / bc1) * m / (v.sqrt() / bc2_sqrt + h["eps"])
 
 
-def lookahead_affinity(model, snap: dict, batch: dict, taskset) -> torch.Tensor:
-    """Z (N, N) float64, Z[i, j] = Z_{i→j}, at the snapshot's parameters on ``batch``."""
+def lookahead_affinity(model, snap: dict, batch: dict, taskset, kernels: str = "auto") -> torch.Tensor:
+    """Z (N, N) float64, Z[i, j] = Z_{i→j}, at the snapshot's parameters on ``batch``; the head losses
+    on the ``kernels`` backend (train.kernels, as the training step)."""
     names = snap["names"]
     params = snap["params"]
     device = next(iter(params.values())).device
@@ -144,7 +145,7 @@ def lookahead_affinity(model, snap: dict, batch: dict, taskset) -> torch.Tensor:
             before, grads = None, []
             enc_list = [enc[n] for n in names]
             for i in range(n_tasks):
-                total_i, L = taskset.head_losses(out, batch, eye[:, i:i + 1].contiguous())   # = L_i
+                total_i, L = taskset.head_losses(out, batch, eye[:, i:i + 1].contiguous(), kernels=kernels)  # = L_i
                 if before is None:
                     before = L[:, 0].detach().double()
                 g = torch.autograd.grad(total_i, enc_list, retain_graph=i < n_tasks - 1, allow_unused=True)
@@ -157,7 +158,7 @@ def lookahead_affinity(model, snap: dict, batch: dict, taskset) -> torch.Tensor:
                     new = {n: update_direction(snap["kind"], params[n], gi, snap["state"][n], snap["hyper"][n])
                            for n, gi in zip(names, grads[i])}
                     out_i = functional_call(model, {**heads, **new, **buffers}, (batch["image"],))
-                    _, L_after = taskset.head_losses(out_i, batch, ones)
+                    _, L_after = taskset.head_losses(out_i, batch, ones, kernels=kernels)
                     Z[i] = 1.0 - L_after[:, 0].double() / before
     finally:
         model.train(was_training)
@@ -167,9 +168,10 @@ def lookahead_affinity(model, snap: dict, batch: dict, taskset) -> torch.Tensor:
 class TagAffinity(GroupingMethod):
     name = "tag-affinity"
 
-    def __init__(self, num_tasks: int, every: int = 10):
+    def __init__(self, num_tasks: int, every: int = 10, kernels: str = "auto"):
         super().__init__(num_tasks, 1)
         self.every = int(every)
+        self.kernels = kernels        # the lookahead's loss backend (train.kernels, as the training step)
         self.register_buffer("_ones", torch.ones(num_tasks, 1))
         # running sums (resume-safe: part of the method's state)
         self.register_buffer("affinity_sum", torch.zeros(num_tasks, num_tasks, dtype=torch.float64))
@@ -183,9 +185,9 @@ class TagAffinity(GroupingMethod):
         if cfg.model.branches != 1:
             raise ValueError(f"grouping.method=tag-affinity trains all tasks on one encoder: set "
                              f"model.branches=1 (got {cfg.model.branches})")
-        return cls(num_tasks, cfg.grouping.affinity_every)
+        return cls(num_tasks, cfg.grouping.affinity_every, kernels=cfg.train.kernels)
 
-    def weights(self, step: int) -> torch.Tensor:
+    def weights(self) -> torch.Tensor:
         return self._ones                                                    # (N, 1): naive MTL
 
     def assignment(self) -> torch.Tensor:
@@ -194,20 +196,24 @@ class TagAffinity(GroupingMethod):
     def on_epoch_start(self, epoch: int) -> None:
         self._latest = (self.affinity_sum.clone(), self.affinity_count.clone())
 
-    def observe_step(self, trainer, batch: dict) -> None:
-        step = trainer.global_step                     # index of the step that just ran
+    def observe_step(self, ctx: StepContext) -> list:
+        """Measure (this step was announced by the previous one's snapshot) and snapshot (the next
+        step will be measured) — reading the model and optimizer only; the measurement stays in
+        the method's own state (nothing for the trainer to apply)."""
+        step = ctx.global_step                         # index of the step that just ran
         pending, self._pending = self._pending, None
-        if pending is not None and pending["step"] == step and pending["epoch"] == trainer.epoch:
-            Z = lookahead_affinity(trainer.model, pending, batch, trainer.taskset)
+        if pending is not None and pending["step"] == step and pending["epoch"] == ctx.epoch:
+            Z = lookahead_affinity(ctx.model, pending, ctx.batch, ctx.taskset, kernels=self.kernels)
             self.affinity_sum += Z.to(self.affinity_sum.device)
             self.affinity_count += 1
             self.last = Z
             self._latest = (self.affinity_sum.clone(), self.affinity_count.clone())
         if (step + 2) % self.every == 0:
             # the next step (step + 1) is a measured one: keep the state it starts from
-            snap = snapshot(trainer.model, trainer.optimizer, encoder_param_names(trainer.model))
-            snap.update(step=step + 1, epoch=trainer.epoch)
+            snap = snapshot(ctx.model, ctx.optimizer, encoder_param_names(ctx.model))
+            snap.update(step=step + 1, epoch=ctx.epoch)
             self._pending = snap
+        return []
 
     def affinity(self) -> torch.Tensor | None:
         total, count = self._latest if self._latest is not None else (self.affinity_sum, self.affinity_count)

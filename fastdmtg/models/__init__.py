@@ -11,7 +11,7 @@ from typing import Callable
 
 from torch import nn
 
-from .multibranch import GroupedNet, HeadSet, LinearHeads, ModuleHeads, MultiBranchNet, grad_scale
+from .multibranch import BranchedNet, GroupedNet, HeadSet, LinearHeads, ModuleHeads, MultiBranchNet, grad_scale
 
 
 @dataclass
@@ -67,7 +67,7 @@ def build_parts(cfg, task_specs, image_size: int) -> Parts:
     if cfg.arch not in _BACKBONES:
         raise ValueError(f"model.arch: unknown backbone {cfg.arch!r}; known: {', '.join(sorted(_BACKBONES))}")
     parts = _BACKBONES[cfg.arch](cfg, task_specs, image_size)
-    if getattr(cfg, "grad_scale", "none") == "none":
+    if cfg.grad_scale == "none":
         parts.branch_grad_scale = parts.head_grad_scale = 1.0
     return parts
 
@@ -86,4 +86,4 @@ def build_grouped(cfg, task_specs, image_size: int, groups: list[list[int]]) -> 
 
 
 __all__ = ["Parts", "register_backbone", "build_parts", "build_multibranch", "build_grouped",
-           "MultiBranchNet", "GroupedNet", "HeadSet", "LinearHeads", "ModuleHeads", "grad_scale"]
+           "BranchedNet", "MultiBranchNet", "GroupedNet", "HeadSet", "LinearHeads", "ModuleHeads", "grad_scale"]

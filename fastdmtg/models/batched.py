@@ -14,7 +14,7 @@ The K branches are architecturally identical, so layer by layer they can run as 
 * the output (B, K·C, H, W) is viewed as (B, K, C·H·W) and all K·N linear heads run as one einsum.
 
 Parameters are the K branches' parameters concatenated along the output-channel axis, so
-``from_multibranch`` / ``to_multibranch`` convert exactly both ways (export and init-from use the
+``BatchedMultiBranchNet(model)`` / ``to_multibranch`` convert exactly both ways (export and init-from use the
 per-branch form).
 
 Head pruning (docs/pruning.md) — computing only the *live* branches (those some task can still
@@ -44,7 +44,7 @@ before its heads — the same gradients as per branch.
 
 Whether this is faster than K separate branches depends on the GPU and the layer sizes: see
 docs/LOG.md for the measurement (``model.batched=auto`` turns it on only for the architectures in
-``fastdmtg.train.BATCHED_AUTO_ARCHS``, where it was measured faster).
+``fastdmtg.builder.BATCHED_AUTO_ARCHS``, where it was measured faster).
 """
 from __future__ import annotations
 
@@ -54,23 +54,22 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .multibranch import LinearHeads, ModuleHeads, MultiBranchNet, fp32_heads, grad_scale
+from .multibranch import BranchedNet, LinearHeads, ModuleHeads, MultiBranchNet, fp32_heads, grad_scale
 
 _CHANNELWISE = (nn.ReLU, nn.MaxPool2d, nn.AvgPool2d, nn.Identity)
 
 
-# containers whose forward only routes tensors through their children (and adds/concatenates
-# along nothing but the channel-blocked layout): safe to batch child by child
-_LAYOUT_AGNOSTIC = ("BasicBlock", "Stem", "Tail", "XceptionBlock", "SeparableConv2d")
-
-
 def supports_batching(model: MultiBranchNet) -> bool:
+    """Whether every module of a branch can be batched: the layers above, and containers that declare
+    ``batchable = True`` (a class attribute: their forward only routes tensors through their children
+    and adds/concatenates along nothing but the channel-blocked layout, so they are batched child by
+    child — the ResNet variant's Stem/BasicBlock/Tail, Xception's blocks and separable convolutions)."""
     if not isinstance(model.heads[0], (LinearHeads, ModuleHeads)):
         return False
     for m in model.branches[0].modules():
         if isinstance(m, (nn.Conv2d, nn.BatchNorm2d, nn.Flatten, nn.Sequential) + _CHANNELWISE):
             continue
-        if type(m).__name__ in _LAYOUT_AGNOSTIC:
+        if getattr(type(m), "batchable", False):
             continue
         return False
     return True
@@ -201,7 +200,7 @@ def _permute_blocks(t: torch.Tensor, perm: torch.Tensor, k: int) -> None:
     blocks.copy_(blocks[perm].clone())
 
 
-class BatchedMultiBranchNet(nn.Module):
+class BatchedMultiBranchNet(BranchedNet):
     """Same function and outputs as the ``MultiBranchNet`` it was made from: (K, N, B, C) for
     stacked heads, N tensors (K, B, ...) for list heads."""
 
@@ -371,15 +370,9 @@ class BatchedMultiBranchNet(nn.Module):
         self._permuted = self._slots != list(range(self.k))
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
-        if "branch_slot" not in state_dict:                                    # saved before head pruning existed
-            state_dict = dict(state_dict, branch_slot=torch.arange(self.k))
         out = super().load_state_dict(state_dict, strict=strict, assign=assign)
         self._sync_slots()
         return out
-
-    @staticmethod
-    def from_multibranch(model: MultiBranchNet) -> "BatchedMultiBranchNet":
-        return BatchedMultiBranchNet(model)
 
     def to_multibranch(self) -> MultiBranchNet:
         """The equivalent per-branch MultiBranchNet with the current values (a copy)."""

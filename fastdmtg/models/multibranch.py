@@ -129,7 +129,43 @@ class ModuleHeads(HeadSet):
         return ModuleHeads([copy.deepcopy(self.heads[i]) for i in task_idx])
 
 
-class MultiBranchNet(nn.Module):
+class BranchedNet(nn.Module):
+    """The interface of a K-branch training network, whatever its form (``MultiBranchNet``: one
+    module per branch; ``BatchedMultiBranchNet``: the K branches as one wider network). The step,
+    the trainer and evaluation use only this.
+
+    forward(x) → stacked heads (K, N, B, C) | list heads N × (K, B, ...) (N × (K_i, B, ...) over the
+    active heads while pruning, in ``task_branches`` order)."""
+
+    task_branches: tuple | None = None   # per task, its active branches; None while every head is active
+
+    @property
+    def num_branches(self) -> int:
+        raise NotImplementedError
+
+    @property
+    def num_tasks(self) -> int:
+        raise NotImplementedError
+
+    def set_active(self, mask: torch.Tensor | None, optimizer: torch.optim.Optimizer | None = None) -> None:
+        """Compute only the heads (i, k) with mask[i, k] (N, K) bool in training mode (None: all).
+        ``optimizer``: the optimizer of the parameters, for a form that moves them (its state moves too)."""
+        raise NotImplementedError
+
+    def predict(self, x: torch.Tensor, assignment: list[int]):
+        """The argmax model's predictions in evaluation mode: task i from branch assignment[i]."""
+        raise NotImplementedError
+
+    def to_multibranch(self) -> "MultiBranchNet":
+        """The per-branch form with the current values (export, GroupedNet)."""
+        raise NotImplementedError
+
+    def load_single_branch(self, state: dict) -> None:
+        """Initialise every branch (and head set) from a K=1 model's state dict (naive-MTL init)."""
+        raise NotImplementedError
+
+
+class MultiBranchNet(BranchedNet):
     """Optional shared trunk → K identical branches → K head sets of N heads each.
 
     forward(x) returns, for stacked heads, one tensor (K, N, B, C); for list heads, a list of N
@@ -149,9 +185,10 @@ class MultiBranchNet(nn.Module):
         self._active = None         # head pruning: None = all heads; else per branch, its active task indices
         self.task_branches = None   # ... and per task, its active branch indices (the order of its outputs)
 
-    def set_active(self, mask: torch.Tensor | None) -> None:
+    def set_active(self, mask: torch.Tensor | None, optimizer: torch.optim.Optimizer | None = None) -> None:
         """Compute only the heads (i, k) with mask[i, k] (N, K) in *training* mode; a branch with no
         active head is skipped. Evaluation mode always computes every head (same layout as before).
+        ``optimizer`` is not needed: the parameters stay where they are.
 
         Training outputs with some head inactive: stacked heads → (K, N, B, C) as before, every head
         of an active branch computed (they are cheap) and zeros for skipped branches; list heads →
@@ -228,6 +265,9 @@ class MultiBranchNet(nn.Module):
             outs = {k: self.heads[k](h) for k, h in feats.items()}               # (N, B, C) per used branch
             return torch.stack([outs[k][i] for i, k in enumerate(assignment)], 0)  # (N, B, C)
         return [self.heads[k].heads[i](feats[k]) for i, k in enumerate(assignment)]
+
+    def to_multibranch(self) -> "MultiBranchNet":
+        return self
 
     @staticmethod
     def select_outputs(outputs, assignment: torch.Tensor):

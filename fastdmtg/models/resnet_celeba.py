@@ -30,6 +30,8 @@ class Stem(nn.Sequential):
     """conv3x3 → BN → ReLU → MaxPool(3, 2). With ``fused`` set (``set_fused_stem``), training mode
     runs BN → ReLU → MaxPool as one fused op on the ``kernels`` backend."""
 
+    batchable = True     # channel-layout agnostic: batched child by child (models/batched.py)
+
     def __init__(self, width: int):
         super().__init__(_conv3x3(3, width), nn.BatchNorm2d(width), nn.ReLU(inplace=True),
                          nn.MaxPool2d(kernel_size=3, stride=2, padding=0))
@@ -56,6 +58,8 @@ def set_fused_stem(model: nn.Module, kernels: str) -> int:
 
 
 class BasicBlock(nn.Module):
+    batchable = True     # channel-layout agnostic: batched child by child (models/batched.py)
+
     def __init__(self, width: int):
         super().__init__()
         self.conv1, self.bn1 = _conv3x3(width, width), nn.BatchNorm2d(width)
@@ -70,6 +74,8 @@ class BasicBlock(nn.Module):
 
 class Tail(nn.Sequential):
     """Residual block + AvgPool(2) + flatten: the part after the stem."""
+
+    batchable = True     # channel-layout agnostic: batched child by child (models/batched.py)
 
     def __init__(self, width: int):
         super().__init__(BasicBlock(width), nn.AvgPool2d(2), nn.Flatten(1))

@@ -100,7 +100,7 @@ def build_parts(cfg, task_specs, image_size: int) -> Parts:
     if image_size % PATCH:
         raise ValueError(f"data.image_size: vit_base uses {PATCH}x{PATCH} patches; expected a multiple of "
                          f"{PATCH}, got {image_size}")
-    s = int(getattr(cfg, "shared_blocks", 4))
+    s = cfg.shared_blocks
     if not 0 <= s <= DEPTH:
         raise ValueError(f"model.shared_blocks: vit_base has {DEPTH} layers, expected 0..{DEPTH}, got {s}")
     layers = [Layer() for _ in range(DEPTH)]

@@ -66,6 +66,8 @@ DECODER_WIDTHS = (128, 64, 48, 32)
 
 
 class SeparableConv2d(nn.Sequential):
+    batchable = True     # channel-layout agnostic: batched child by child (models/batched.py)
+
     def __init__(self, cin: int, cout: int):
         super().__init__(nn.Conv2d(cin, cin, 3, padding=1, groups=cin, bias=False),   # depthwise
                          nn.Conv2d(cin, cout, 1, bias=False))                          # pointwise
@@ -73,6 +75,8 @@ class SeparableConv2d(nn.Sequential):
 
 class XceptionBlock(nn.Module):
     """reps × [ReLU, SepConv, BN] (+ learned 2×2 stride-2 conv) + skip."""
+
+    batchable = True     # channel-layout agnostic: batched child by child (models/batched.py)
 
     def __init__(self, cin: int, cout: int, reps: int, downsample: bool, start_with_relu: bool = True):
         super().__init__()
@@ -177,6 +181,6 @@ def build_parts(cfg, task_specs, image_size: int) -> Parts:
     if image_size % 16:
         raise ValueError(f"data.image_size: xception down-samples 16x and its decoders up-sample 16x; "
                          f"expected a multiple of 16, got {image_size}")
-    shared, branch = split_encoder(int(getattr(cfg, "shared_blocks", 4)))
+    shared, branch = split_encoder(cfg.shared_blocks)
     s = reference_grad_scale(cfg)
     return Parts(shared, branch, dense_heads(task_specs), branch_grad_scale=s, head_grad_scale=s)

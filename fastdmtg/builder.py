@@ -1,0 +1,208 @@
+"""The one builder of the training step: speed switches, model preparation, method, optimizer, step
+module and runner. Used by the Trainer (fastdmtg.train), ``fastdmtg bench step`` and ``fastdmtg
+profile`` (fastdmtg.bench), so a benchmark times exactly the step a run trains with.
+
+    build_training_step(cfg, taskset, image_size, device, world_size, rank, init_from) -> TrainingStep
+
+      resolve_speed ─▶ speed {compile, cuda_graph, channels_last, batched, fused_stem}
+      build_multibranch(cfg.model) ─▶ [init_from: load_single_branch] ─▶ prepare_model ─▶ model
+      build_method(cfg) ─▶ method (set_rank)          build_optimizer(model + method params)
+      StepModule(model, method, taskset) ─▶ [DDP] ─▶ StepRunner(eager | compile | graph)
+
+The caller owns the data (it passes the taskset and image size), the random seed (set before the
+call: the model's initialisation draws from it) and everything around the step (scheduler,
+checkpoints, evaluation).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from . import ops
+from .config import Config
+from .methods import GroupingMethod, build_method
+from .models import BranchedNet, build_multibranch
+from .models.batched import BatchedMultiBranchNet, supports_batching
+from .step import DDP_GRAPH_WARMUP, StepModule, StepRunner, autocast_factory, set_output_precision, wrap_ddp
+
+# the architectures for which model.batched=auto turns batched branches on for CUDA: decided by
+# measurement (docs/LOG.md). xception can be batched (model.batched=on) but has not been timed on a
+# GPU yet, so auto leaves it off.
+BATCHED_AUTO_ARCHS = ("resnet_celeba",)
+# model.fused_stem=auto: the fused BN-ReLU-maxpool stem op is tested against the PyTorch reference but
+# not yet timed on a GPU (benchmarks/gpu_check.sh times it), so auto leaves it off everywhere
+FUSED_STEM_AUTO = False
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"train.device={name!r} but CUDA is not available on this machine")
+    return dev
+
+
+def use_bf16(cfg: Config, device: torch.device) -> bool:
+    """train.amp: bf16 autocast in the training forward for mixed / bf16, and by default (auto) on CUDA."""
+    return cfg.train.amp in ("mixed", "bf16") or (cfg.train.amp == "auto" and device.type == "cuda")
+
+
+def resolve_speed(cfg: Config, device: torch.device, world_size: int) -> dict:
+    """Turn the auto|on|off speed switches into booleans for this device (everything is eager on CPU)."""
+    t = cfg.train
+    cuda = device.type == "cuda"
+
+    def pick(name, default_on_cuda):
+        v = getattr(t, name)
+        if v == "on":
+            return True
+        if v == "off":
+            return False
+        return cuda and default_on_cuda
+    out = {"compile": pick("compile", True), "cuda_graph": pick("cuda_graph", True),
+           "channels_last": pick("channels_last", True)}
+    b = cfg.model.batched
+    out["batched"] = b == "on" or (b == "auto" and cuda and cfg.model.arch in BATCHED_AUTO_ARCHS)
+    fs = cfg.model.fused_stem
+    out["fused_stem"] = fs == "on" or (fs == "auto" and cuda and FUSED_STEM_AUTO)
+    if out["cuda_graph"] and not cuda:
+        raise ValueError("train.cuda_graph=on needs a CUDA device")
+    if out["cuda_graph"] and world_size > 1:
+        # opt-in only (auto: off) until measured on several GPUs; docs/kernels.md "CUDA graphs under DDP"
+        if t.cuda_graph != "on":
+            out["cuda_graph"] = False
+        elif cfg.grouping.prune_eps > 0:
+            raise ValueError("train.cuda_graph=on under DDP does not combine with head pruning (grouping.prune_eps > 0): "
+                             "DDP then searches unused parameters on the host every step, which a replay skips; "
+                             "use train.cuda_graph=off")
+        elif cfg.model.sync_bn:
+            raise ValueError("train.cuda_graph=on under DDP is not verified with model.sync_bn=true; "
+                             "use train.cuda_graph=off")
+    if out["batched"] and cfg.grouping.prune_eps > 0 and cfg.model.sync_bn and world_size > 1:
+        # batched branches skip dead branches through their own BN layers, which SyncBatchNorm
+        # conversion replaces (docs/pruning.md): per-branch modules then
+        if b == "on":
+            raise ValueError("model.batched=on is not supported with grouping.prune_eps > 0 and "
+                             "model.sync_bn=true under DDP; use model.batched=off")
+        out["batched"] = False
+    return out
+
+
+def step_mode(speed: dict) -> str:
+    return "+".join(m for m, on in (("compile", speed["compile"]), ("graph", speed["cuda_graph"])) if on) or "eager"
+
+
+def load_init(model: BranchedNet, path: str) -> None:
+    """train.init_from: copy a naive-MTL (K = 1) model (a run folder's best.pt, or a checkpoint file)
+    into every branch."""
+    from . import checkpoint as ckpt
+    p = Path(path)
+    if p.is_dir():
+        p = p / "checkpoints" / "best.pt"
+    model.load_single_branch(ckpt.load_checkpoint(p)["model"])
+
+
+def prepare_model(model: BranchedNet, cfg: Config, speed: dict, world_size: int = 1):
+    """Apply the model-side switches: batched branches (when the architecture supports them;
+    ``speed["batched"]`` is updated to what was done), SyncBatchNorm under DDP, channels_last, the
+    fused CelebA stem (``speed["fused_stem"]`` likewise), and the precision of the task heads
+    (train.amp, fastdmtg.step.set_output_precision)."""
+    if speed["batched"]:
+        if not supports_batching(model):
+            if cfg.model.batched == "on":
+                raise ValueError(f"model.batched=on is not supported for model.arch={cfg.model.arch}")
+            speed["batched"] = False
+        else:
+            model = BatchedMultiBranchNet(model)
+    if cfg.model.sync_bn and world_size > 1:
+        if next(model.parameters()).device.type != "cuda":
+            raise ValueError("model.sync_bn=true: SyncBatchNorm runs on CUDA only; set model.sync_bn=false "
+                             "for a CPU (gloo) DDP run (per-rank BatchNorm statistics)")
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    if speed["channels_last"]:
+        model = model.to(memory_format=torch.channels_last)
+    if speed["fused_stem"]:
+        from .models.resnet_celeba import set_fused_stem
+        if set_fused_stem(model, cfg.train.kernels) == 0:
+            if cfg.model.fused_stem == "on":
+                raise ValueError(f"model.fused_stem=on: model.arch={cfg.model.arch} has no ResNet-variant stem")
+            speed["fused_stem"] = False
+    set_output_precision(model, keep_fp32=cfg.train.amp != "bf16")     # after the conversions above
+    return model
+
+
+def build_step_module(model, method, taskset, cfg: Config, device: torch.device, speed: dict) -> StepModule:
+    return StepModule(model, method, taskset, autocast_factory(use_bf16(cfg, device), device, speed["cuda_graph"]),
+                      speed["channels_last"], kernels=cfg.train.kernels)
+
+
+def build_optimizer(cfg: Config, params, device: torch.device, capturable: bool = False) -> torch.optim.Optimizer:
+    """Adam / AdamW / SGD from core PyTorch (fused kernels on CUDA). For CUDA-graph capture the
+    optimizer is capturable and its learning rate a device tensor the schedulers update in place."""
+    o = cfg.optim
+    fused = (o.fused == "on") or (o.fused == "auto" and device.type == "cuda")
+    kw = {"fused": True} if fused else {}
+    lr = torch.tensor(o.lr, device=device) if capturable else o.lr
+    if capturable and o.name != "sgd":
+        kw["capturable"] = True
+    if o.name == "adam":
+        return torch.optim.Adam(params, lr=lr, weight_decay=o.weight_decay, **kw)
+    if o.name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=o.weight_decay, **kw)
+    return torch.optim.SGD(params, lr=lr, momentum=o.momentum, weight_decay=o.weight_decay, **kw)
+
+
+def _raise_dynamo_limits(cfg: Config, num_tasks: int) -> None:
+    """Head pruning under torch.compile: every change of the active head set is a new graph for
+    dynamo, at most one per drop step (≤ N·(K−1)) — above dynamo's default limit of 8, after which it
+    would silently fall back to eager for the rest of the run."""
+    import torch._dynamo.config as dynamo_cfg
+    need = num_tasks * (cfg.model.branches - 1) + 2
+    for name in ("recompile_limit", "cache_size_limit"):
+        if hasattr(dynamo_cfg, name):           # the name changed across torch versions
+            setattr(dynamo_cfg, name, max(getattr(dynamo_cfg, name), need))
+
+
+@dataclass
+class TrainingStep:
+    """The parts of one training step, as built for a config. ``runner(batch)`` runs forward,
+    backward and the optimizer step → (total loss, L (N, K))."""
+    model: BranchedNet
+    method: GroupingMethod
+    optimizer: torch.optim.Optimizer
+    runner: StepRunner
+    speed: dict          # the resolved speed switches (what runs, after the model's own limits)
+    mode: str            # eager | compile | graph | compile+graph
+    kernels: str         # the backend the fused ops resolve to on this device (triton | reference)
+
+
+def build_training_step(cfg: Config, taskset, image_size: int, device: torch.device, *, world_size: int = 1,
+                        rank: int = 0, init_from: str | None = None) -> TrainingStep:
+    """Build model, method, optimizer and step runner for ``cfg`` on ``device`` (under DDP when
+    ``world_size`` > 1: the step module is wrapped and SyncBatchNorm applied per model.sync_bn).
+    ``init_from``: a naive-MTL model to copy into every branch first (train.init_from)."""
+    kernels = ops.resolve_backend(cfg.train.kernels, device)   # fails here, not mid-step, if triton is missing
+    speed = resolve_speed(cfg, device, world_size)
+    model = build_multibranch(cfg.model, taskset.specs, image_size).to(device)
+    if init_from:
+        load_init(model, init_from)
+    model = prepare_model(model, cfg, speed, world_size)
+    method = build_method(cfg, taskset.num_tasks, taskset.names).to(device)
+    method.set_rank(rank)                       # grouping.ddp_noise: one shared draw per step, or per rank
+    optimizer = build_optimizer(cfg, list(model.parameters()) + list(method.parameters()), device,
+                                capturable=speed["cuda_graph"])
+    pruning = cfg.grouping.prune_eps > 0
+    module = build_step_module(model, method, taskset, cfg, device, speed)
+    warmup = 3
+    if world_size > 1:
+        # head pruning: dropped heads/branches take no part in the step (the same on all ranks)
+        module = wrap_ddp(module, device, pruning, for_graph=speed["cuda_graph"])
+        warmup = DDP_GRAPH_WARMUP if speed["cuda_graph"] else warmup
+    mode = step_mode(speed)
+    runner = StepRunner(module, optimizer, mode, warmup=warmup, full_batch=cfg.train.batch_size)
+    if speed["compile"] and pruning:
+        _raise_dynamo_limits(cfg, taskset.num_tasks)
+    return TrainingStep(model, method, optimizer, runner, speed, mode, kernels)
