@@ -81,10 +81,15 @@ def prepare_images(images, image_size: int, dataset: str) -> torch.Tensor:
     return torch.cat(out).to(torch.float32).div_(255.0)                          # (B, 3, S, S)
 
 
-def outputs_to_predictions(outputs, specs, probabilities: bool = False) -> dict[str, torch.Tensor]:
-    """The model's outputs ((N, B, C) for classification tasks, else a per-task list) → {task: prediction}."""
+def outputs_to_predictions(outputs, taskset, probabilities: bool = False) -> dict[str, torch.Tensor]:
+    """The model's outputs ((N, B, C) for attribute tasks, else a per-task list) → {task: prediction}:
+    class ids (or probabilities), segmentation maps, regression values — your own tasks' regression
+    values in the data's units (their task set's ``predictions``, fastdmtg.tasks.generic)."""
+    if hasattr(taskset, "predictions"):
+        return {t: d["value"] if "value" in d else d["probabilities" if probabilities else "class"]
+                for t, d in taskset.predictions(outputs).items()}
     preds = {}
-    for i, spec in enumerate(specs):
+    for i, spec in enumerate(taskset.specs):
         out = outputs[i].float()
         if spec.kind == "class":                                                 # (B, C) logits
             preds[spec.name] = out.softmax(-1) if probabilities else out.argmax(-1)
@@ -100,19 +105,19 @@ def predict(model, images, meta: dict | None = None, probabilities: bool = False
             batch_size: int = 64) -> dict[str, torch.Tensor]:
     """{task: prediction for every image} from a loaded grouped model (``load_grouped``)."""
     from .config import Config
-    from .export import task_specs_for
+    from .data import taskset_for
     meta = meta if meta is not None else getattr(model, "meta", None)
     if meta is None:
         raise ValueError("predict: the model's metadata is missing; load it with fastdmtg.load_grouped(RUN_DIR)")
     cfg = Config.from_dict(meta["config"])
-    specs = task_specs_for(cfg, meta["tasks"])
+    taskset = taskset_for(cfg, meta["tasks"])
     x = prepare_images(images, int(meta["image_size"]), cfg.data.dataset)
     device = next(model.parameters()).device
     was = model.training
     model.eval()
     parts = []
     for s in range(0, x.shape[0], batch_size):
-        parts.append(outputs_to_predictions(model(x[s:s + batch_size].to(device)), specs, probabilities))
+        parts.append(outputs_to_predictions(model(x[s:s + batch_size].to(device)), taskset, probabilities))
     model.train(was)
     return {t: torch.cat([p[t] for p in parts]).cpu() for t in parts[0]}
 
@@ -125,14 +130,18 @@ def attach(model, meta: dict):
 
 
 def predictions_csv(names: list[str], preds: dict[str, torch.Tensor], probs: dict[str, torch.Tensor]) -> str:
-    """One row per image: the image, then per classification task its class and class probability."""
+    """One row per image: the image, then per classification task its class and class probability, per
+    regression task its value (in the data's units)."""
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     tasks = [t for t in preds if preds[t].dim() == 1]
-    w.writerow(["image"] + [c for t in tasks for c in (t, f"{t}:p")])
+    w.writerow(["image"] + [c for t in tasks for c in ((t, f"{t}:p") if probs[t].dim() == 2 else (t,))])
     for i, name in enumerate(names):
         row = [name]
         for t in tasks:
+            if probs[t].dim() == 1:                                    # a regression value
+                row.append(f"{float(probs[t][i]):.6g}")
+                continue
             k = int(preds[t][i])
             row += [k, f"{float(probs[t][i, k]):.4f}"]
         w.writerow(row)

@@ -318,6 +318,33 @@ def test_cli_train_eval_export_predict(tmp_path):
     assert p["hair"]["probabilities"].shape == (3, 3)
     age = ts.decls[2]
     torch.testing.assert_close(p["age"]["value"], out[2][:, 0] * age.std + age.mean)
+    # `fastdmtg predict` on image files of another size: classes and the regression value in the data's units
+    from PIL import Image
+    imgs = []
+    for i in range(2):
+        imgs.append(tmp_path / f"x{i}.png")
+        Image.fromarray(np.random.default_rng(i).integers(0, 256, (24, 20, 3), dtype=np.uint8)).save(imgs[-1])
+    assert main(["predict", str(run), *map(str, imgs), "--out", str(tmp_path / "p.csv")]) == 0
+    rows = (tmp_path / "p.csv").read_text().splitlines()
+    assert rows[0] == "image,smile,smile:p,hair,hair:p,age"
+    want = _api_predict(run, imgs)
+    for r, i in zip(rows[1:], range(2)):
+        cells = r.split(",")
+        assert int(cells[1]) == int(want["smile"]["class"][i]) and int(cells[3]) == int(want["hair"]["class"][i])
+        assert float(cells[5]) == pytest.approx(float(want["age"]["value"][i]), rel=1e-5)
+
+
+def _api_predict(run, paths):
+    """fastdmtg.api.predict on image files (decoded as the predict command decodes them)."""
+    from fastdmtg import api
+    x = np.stack([np.asarray(_rgb(p)) for p in paths]).transpose(0, 3, 1, 2)   # (M, 3, H, W) uint8
+    return api.predict(run, x)
+
+
+def _rgb(p):
+    from PIL import Image
+    with Image.open(p) as im:
+        return im.convert("RGB").copy()
 
 
 def test_k_is_min_3_n(tmp_path):
