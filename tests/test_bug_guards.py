@@ -134,9 +134,9 @@ def test_trainer_applies_the_tau_schedule_each_epoch(tmp_path, monkeypatch):
     seen = []
     real = t.method.weights
 
-    def spy(step):
+    def spy():
         seen.append(float(t.method.tau))
-        return real(step)
+        return real()
     monkeypatch.setattr(t.method, "weights", spy)
     t.fit()
     assert seen == [8.0, 8.0, 4.0, 4.0, 3.0, 3.0]                       # 2 steps per epoch
