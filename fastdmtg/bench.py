@@ -411,11 +411,11 @@ def step_main(argv: list[str]) -> int:
     failed = 0
     for name, over, loader in rows:
         cfg = apply_overrides(base, over)
+        how = {}                                   # the reference-style row: a DataLoader over the raw files
         if loader == "torch":
-            ref_steps = args.steps
             if taskonomy:
                 n_raw = args.raw_samples if args.raw_samples >= 0 else \
-                    base.train.batch_size * (args.warmup + args.repeats * ref_steps + 2)
+                    base.train.batch_size * (args.warmup + args.repeats * args.steps + 2)
                 if n_raw <= 0:
                     print(f"{name}: skipped (--raw-samples 0)", file=sys.stderr)
                     continue
@@ -431,22 +431,14 @@ def step_main(argv: list[str]) -> int:
                           f"{time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
                 else:
                     write_celeba_raw(raw_dir, args.jpegs)
-            try:
-                r = measure_step(cfg, device, steps=ref_steps, repeats=args.repeats, warmup=args.warmup, loader="torch",
-                                 raw_root=raw_dir, num_workers=args.workers)
-            except Exception as e:  # report, don't hide: a row of the table and a non-zero exit
-                failed += 1
-                _row_failed(name, e)
-                lines.append(f"| {name} | — | — | failed: {type(e).__name__}: {_one_line(e)} | | | | | |")
-                continue
-        else:
-            try:
-                r = measure_step(cfg, device, steps=args.steps, repeats=args.repeats, warmup=args.warmup)
-            except Exception as e:
-                failed += 1
-                _row_failed(name, e)
-                lines.append(f"| {name} | — | — | failed: {type(e).__name__}: {_one_line(e)} | | | | | |")
-                continue
+            how = dict(loader="torch", raw_root=raw_dir, num_workers=args.workers)
+        try:
+            r = measure_step(cfg, device, steps=args.steps, repeats=args.repeats, warmup=args.warmup, **how)
+        except Exception as e:  # report, don't hide: a row of the table and a non-zero exit
+            failed += 1
+            _row_failed(name, e)
+            lines.append(f"| {name} | — | — | failed: {type(e).__name__}: {_one_line(e)} | | | | | |")
+            continue
         ref_ips = ref_ips or r["img_per_s"]
         mfu = 100 * r["img_per_s"] * train_flops_per_sample / (peak * 1e12) if device.type == "cuda" else None
         hours = f"{base.train.epochs * n_train / r['img_per_s'] / 3600:.3f}" if n_train else "—"
