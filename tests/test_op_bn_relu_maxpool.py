@@ -151,11 +151,7 @@ def test_celeba_model_fused_stem_equals_unfused(batched, channels_last):
         (o.float() * torch.linspace(-1, 1, o.numel(), device=DEVICE).view_as(o)).sum().backward()
         outs.append(o.detach())
     torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-5)
-    for (n, p), (_, q) in zip(off.named_parameters(), on.named_parameters()):
-        torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-5 * max(p.grad.abs().max().item(), 1e-12),
-                                   msg=lambda m: f"grad {n}: {m}")
-    for (n, p), (_, q) in zip(off.named_buffers(), on.named_buffers()):
-        torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-6, msg=lambda m: f"buffer {n}: {m}")
+    _assert_same_grads_and_buffers(off, on)
     on.eval(), off.eval()
     torch.testing.assert_close(on(x), off(x), rtol=1e-5, atol=1e-5)          # eval: the unfused modules
 
@@ -200,6 +196,11 @@ def test_fused_stem_under_torch_compile():
         outs.append(o.detach())
     assert not counters["graph_break"], dict(counters["graph_break"])
     torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-5)
+    _assert_same_grads_and_buffers(off, on)
+
+
+def _assert_same_grads_and_buffers(off, on):
+    """The fused-stem model ``on`` left the same parameter gradients and BN running statistics as ``off``."""
     for (n, p), (_, q) in zip(off.named_parameters(), on.named_parameters()):
         torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-5 * max(p.grad.abs().max().item(), 1e-12),
                                    msg=lambda m: f"grad {n}: {m}")
