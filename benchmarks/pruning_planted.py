@@ -57,7 +57,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from fastdmtg.config import (Config, DataConfig, GroupingConfig, ModelConfig, OptimConfig,  # noqa: E402
+from fastdmtg.config import (Config, DataConfig, DMTGConfig, GroupingConfig, ModelConfig, OptimConfig,  # noqa: E402
                              TrainConfig)
 from fastdmtg.data import taskonomy as tx  # noqa: E402
 from fastdmtg.methods.dmtg import DMTG  # noqa: E402
@@ -236,8 +236,9 @@ def make_cfg(a, prep: Path, method: str, k: int, eps: float = 0.0, patience: int
         name="planted",
         data=DataConfig(dataset="taskonomy", root=str(prep), image_size=a.size, tasks="taskonomy5", num_workers=0),
         model=ModelConfig(arch="xception", branches=k, shared_blocks=a.shared_blocks, grad_scale="reference"),
-        grouping=GroupingConfig(method=method, tau=a.tau, tau_schedule=a.tau_schedule, tau_start=a.tau_start,
-                                tau_end=a.tau_end, tau_decay=a.tau_decay, prune_eps=eps, prune_patience=patience),
+        grouping=GroupingConfig(method=method),
+        dmtg=DMTGConfig(tau=a.tau, tau_schedule=a.tau_schedule, tau_start=a.tau_start, tau_end=a.tau_end,
+                        tau_decay=a.tau_decay, prune_eps=eps, prune_patience=patience),
         optim=OptimConfig(name="adam", lr=a.lr, schedule="none"),
         train=TrainConfig(epochs=a.epochs, batch_size=a.batch, eval_batch_size=64, device="cpu", progress=False,
                           tensorboard=False, seed=a.seed, reference=ref, log_every=10_000))

@@ -33,23 +33,18 @@ from .data.base import SPLITS
 from .data.folder import FolderFormatError, encode_cell, infer_decl
 from .tasks.generic import TYPES, GenericTaskSet
 
-__all__ = ["train_tensors", "evaluate_tensors", "predict", "predictions", "prepare_images", "tensor_config"]
+__all__ = ["train_tensors", "evaluate_tensors", "predict", "prepare_images", "tensor_config"]
 
 
 def prepare_images(images, size: int) -> np.ndarray:
     """(M, 3, H, W) uint8 or float in [0, 1] (tensor or array) → (M, 3, size, size) uint8, as the
-    folder format stores decoded images."""
-    from .data.celeba import resize_like_reference
-    x = images.detach().cpu() if isinstance(images, torch.Tensor) else torch.from_numpy(np.array(images))
-    if x.dim() != 4 or x.shape[1] != 3:
-        raise ValueError(f"images: expected (M, 3, H, W), got {tuple(x.shape)}")
-    if x.dtype != torch.uint8:
-        if not x.is_floating_point():
-            raise ValueError(f"images: expected uint8 or float in [0, 1], got {x.dtype}")
-        if not bool(torch.isfinite(x).all()) or float(x.min()) < 0 or float(x.max()) > 1:
-            raise ValueError("images: float images must be finite and in [0, 1]")
-        x = (x.float() * 255).round().to(torch.uint8)
-    out = [resize_like_reference(x[i:i + 256], size) for i in range(0, len(x), 256)]
+    folder format stores decoded images (fastdmtg.predict: the same decoding as a prediction's)."""
+    from .predict import ImageError, images_uint8, resize_uint8
+    try:
+        x = images_uint8(images)
+    except ImageError as e:
+        raise ValueError(str(e)) from None
+    out = [resize_uint8(x[i:i + 256], size, "folder") for i in range(0, len(x), 256)]
     return torch.cat(out).numpy() if out else np.zeros((0, 3, size, size), np.uint8)
 
 
@@ -96,7 +91,7 @@ def _split_cells(split: str, targets: dict, names: list[str], m: int) -> dict[st
 def tensor_config(splits: dict, tasks: dict | None = None, recipe: str = "folder_k3",
                   overrides: list[str] = ()) -> tuple[Config, "object"]:
     """(config, dataset) for ``train_tensors``: the recipe with ``data.dataset=tensors``, the resolved
-    declarations in ``data.folder_tasks``, K = min(K, N) unless ``model.branches`` is overridden."""
+    declarations in ``data.folder_tasks`` (the recipe's model.branches=0: K = min(3, N))."""
     from .data.tensors import tensor_dataset
     cfg = apply_overrides(get_recipe(recipe), ["data.dataset=tensors", *overrides])
     for s in SPLITS:
@@ -122,9 +117,6 @@ def tensor_config(splits: dict, tasks: dict | None = None, recipe: str = "folder
         decls.append(infer_decl(table, t, entry)[0])
     folder_tasks = {d.name: d.to_dict() for d in decls}
     cfg = apply_overrides(cfg, [f"data.folder_tasks={_json(folder_tasks)}"])
-    if not any(o.split("=", 1)[0].strip() == "model.branches" for o in overrides) \
-            and cfg.grouping.method not in ("fixed", "naive-mtl"):
-        cfg.model.branches = min(cfg.model.branches, len(names))
     data = {}
     for s in SPLITS:
         y = np.empty((len(images[s]), len(names)), np.float32)
@@ -177,40 +169,12 @@ def evaluate_tensors(run_dir, images, targets: dict, device="cpu", batch_size: i
     return evaluate(model, ts, src, "test", batch_size, torch.device(device))
 
 
-def predictions(outputs, taskset) -> dict:
-    """One-head-per-task model outputs → per-task predictions: {task: {"class": (B,) int64,
-    "probabilities": (B, C), ["label": values as written]}} for classification tasks, {task: {"value":
-    (B,) in the data's units}} for regression. ``outputs``: a ``GroupedNet``'s output — a list of N
-    (B, C_i) tensors (your own tasks) or one (N, B, C) tensor (CelebA / synthetic attributes)."""
-    if hasattr(taskset, "predictions"):
-        return taskset.predictions(outputs)
-    if isinstance(outputs, torch.Tensor) and outputs.dim() == 3:             # (N, B, C) attribute logits
-        p = outputs.detach().float().softmax(-1).cpu()
-        return {t: {"class": p[i].argmax(-1), "probabilities": p[i]} for i, t in enumerate(taskset.names)}
-    raise ValueError(f"per-task predictions are defined for classification and regression tasks, not for "
-                     f"{type(taskset).__name__}")
-
-
-@torch.no_grad()
 def predict(run, images, device="cpu", batch_size: int = 512) -> dict:
     """Per-task predictions of a finished run's pruned model on images ((M, 3, H, W) uint8 or float in
-    [0, 1], any H×W: resized as the training data). ``run``: a run folder, or ``(model, meta)`` from
-    ``load_grouped``. Returns ``predictions``' dict over all M images."""
-    from .data import taskset_for
+    [0, 1], any H×W: resized as the training data; or image files / PIL images). ``run``: a run folder,
+    or ``(model, meta)`` from ``load_grouped``. Returns, over all M images, per task
+    ``fastdmtg.predict.predictions``' dict: {"class", "probabilities"(, "label")} or {"value"}."""
     from .export import load_grouped
+    from .predict import predict as _predict
     model, meta = load_grouped(run, device) if isinstance(run, (str, Path)) else run
-    ts = taskset_for(Config.from_dict(meta["config"]), meta["tasks"])
-    x = prepare_images(images, meta["image_size"])
-    parts = []
-    for i in range(0, len(x), batch_size):
-        xb = torch.from_numpy(x[i:i + batch_size]).to(device).float().div_(255.0)
-        parts.append(predictions(model(xb), ts))
-    if not parts:
-        raise ValueError("predict: no images")
-    out = {}
-    for t in parts[0]:
-        out[t] = {}
-        for k in parts[0][t]:
-            vals = [p[t][k] for p in parts]
-            out[t][k] = torch.cat(vals) if isinstance(vals[0], torch.Tensor) else [v for vs in vals for v in vs]
-    return out
+    return _predict(model, images, meta, batch_size=batch_size, details=True)

@@ -68,7 +68,7 @@ from pathlib import Path
 
 import torch
 
-from .config import Config, apply_overrides, get_recipe
+from .config import Config, apply_overrides, evolve, get_recipe
 from .data import task_specs as _task_specs
 from .flops import count_flops, taskonomy_table
 # synthetic data and raw-file writers (fastdmtg.testing): importable from here as before
@@ -114,7 +114,7 @@ def flops_main(argv: list[str]) -> int:
         cfg = get_recipe(name)
         f = count_flops(cfg)
         paper = PAPER_A1.get(name, (None, None))[0]
-        rows.append(f"| {name} | {cfg.model.branches} | {len(_task_specs(cfg))} | {f['params']:,} | "
+        rows.append(f"| {name} | {cfg.num_branches} | {len(_task_specs(cfg))} | {f['params']:,} | "
                     f"{(f['fvcore_1_per_mac'] or float('nan')) / 1e9:.3f} | {f['torch_2_per_mac'] / 1e9:.3f} | "
                     f"{paper if paper is not None else '—'} |")
         print(f"counted {name}", file=sys.stderr, flush=True)       # progress; the table prints once, below
@@ -244,8 +244,26 @@ def measure_step(cfg: Config, device: torch.device, *, steps: int, repeats: int,
 # the switches each bench step row sets itself (a --set of one of them is replaced by the row's value)
 _SPEED_KEYS = ("train.cuda_graph", "train.compile", "train.kernels", "train.amp", "train.channels_last",
                "model.batched", "model.fused_stem")
-_SPEED_OFF = ["train.cuda_graph=off", "train.compile=off", "train.kernels=reference", "train.amp=off",
-              "train.channels_last=off", "model.batched=off", "model.fused_stem=off"]
+# a row's switch name → (section, field, value when on); every switch a row does not name is off
+_SWITCHES = {"bf16": ("train", "amp", "bf16"), "triton": ("train", "kernels", "triton"),
+             "graph": ("train", "cuda_graph", "on"), "compile": ("train", "compile", "on"),
+             "channels_last": ("train", "channels_last", "on"), "batched": ("model", "batched", "on"),
+             "fused_stem": ("model", "fused_stem", "on")}
+_OFF = {"amp": "off", "kernels": "reference", "cuda_graph": "off", "compile": "off", "channels_last": "off",
+        "batched": "off", "fused_stem": "off"}
+#: the fastest measured combination without batching (the scaling table's and the fused-stem rows' base)
+_BEST = ("bf16", "triton", "graph", "compile", "channels_last")
+
+
+def with_switches(cfg: Config, on: tuple[str, ...] = ()) -> Config:
+    """``cfg`` with the speed switches named in ``on`` (keys of _SWITCHES) on and every other one off."""
+    sections: dict[str, dict] = {"train": {}, "model": {}}
+    for sec, key, _ in _SWITCHES.values():
+        sections[sec][key] = _OFF[key]
+    for name in on:
+        sec, key, value = _SWITCHES[name]
+        sections[sec][key] = value
+    return evolve(cfg, **sections)
 
 
 def _batching_support(cfg: Config) -> tuple[bool, str]:
@@ -279,21 +297,22 @@ def _train_images(cfg: Config, given: int) -> tuple[int | None, str]:
                   "count)")
 
 
-def _scaling_configs(base_recipe: Config, recipe: str, overrides: list[str], best: list[str],
+def _scaling_configs(base_recipe: Config, recipe: str, overrides: list[str], best: list[str] = (),
                      celeba: tuple[str, ...] = ("celeba9_k2", "celeba9_k3", "celeba9_k4", "celeba9_k5", "celeba40_k5")
                      ) -> list[tuple[str, Config]]:
     """(label, config) of the scaling table's rows: CelebA K=2..5 and N=40; Taskonomy the given
     recipe at K=3/4/5 with the reference per-GPU batch of taskonomy5_k<K>. ``overrides`` (--set)
-    apply to every row, before ``best``."""
+    apply to every row, then the _BEST switches, then ``best`` (--scaling-set)."""
+    def row(cfg: Config) -> Config:
+        return apply_overrides(with_switches(apply_overrides(cfg, overrides), _BEST), best)
     if base_recipe.data.dataset == "taskonomy":
         out = []
         for k, ref in TASKONOMY_SCALING.items():
             b = get_recipe(ref).train.batch_size
-            cfg = apply_overrides(get_recipe(recipe), [f"model.branches={k}", f"train.batch_size={b}"]
-                                  + overrides + best)
+            cfg = row(evolve(get_recipe(recipe), model={"branches": k}, train={"batch_size": b}))
             out.append((f"{recipe} K={k} (batch {cfg.train.batch_size})", cfg))
         return out
-    return [(name, apply_overrides(get_recipe(name), overrides + best)) for name in celeba]
+    return [(name, row(get_recipe(name))) for name in celeba]
 
 
 def _step_parser(prog: str, what: str, set_help: str, steps: int, steps_help: str) -> argparse.ArgumentParser:
@@ -336,50 +355,41 @@ def step_main(argv: list[str]) -> int:
     if replaced:
         print(f"note: {' '.join(replaced)}: each row sets the speed switches itself; use --only to pick rows",
               file=sys.stderr)
-    base = apply_overrides(get_recipe(args.recipe), args.overrides)
-    base = apply_overrides(base, _SPEED_OFF)
+    base = with_switches(apply_overrides(get_recipe(args.recipe), args.overrides))
     taskonomy = base.data.dataset == "taskonomy"
     where = "GPU-resident" if device.type == "cuda" else "host-memory (CPU)"
     flops = count_flops(base)
     fwd_macs = flops["fvcore_1_per_mac"] or flops["torch_2_per_mac"] / 2
     train_flops_per_sample = 3 * 2 * fwd_macs
     fvcore_note = "" if flops["fvcore_1_per_mac"] else " (fvcore not installed: MACs = torch.utils.flop_counter / 2)"
-    rows = [
-        ("reference style: eager fp32 + torch DataLoader (JPEG decode)" if not taskonomy else
-         "reference style: eager fp32 + torch DataLoader (PNG decode + resize)", [], "torch"),
+    rows = [   # (label, the switches on, the loader)
         (f"eager fp32, {where} uint8 cache" if not taskonomy else
-         f"eager fp32, {where} uint8/uint16 cache", [], "gpu-cache"),
-        ("+ bf16 autocast", ["train.amp=bf16"], "gpu-cache"),
-        ("+ Triton kernels", ["train.amp=bf16", "train.kernels=triton"], "gpu-cache"),
-        ("+ CUDA graph (whole step)", ["train.amp=bf16", "train.kernels=triton", "train.cuda_graph=on"], "gpu-cache"),
-        ("+ torch.compile", ["train.amp=bf16", "train.kernels=triton", "train.cuda_graph=on", "train.compile=on"], "gpu-cache"),
-        ("+ channels_last", ["train.amp=bf16", "train.kernels=triton", "train.cuda_graph=on", "train.compile=on",
-                             "train.channels_last=on"], "gpu-cache"),
-        ("+ batched branches (grouped conv)", ["train.amp=bf16", "train.kernels=triton", "train.cuda_graph=on",
-                                               "train.compile=on", "train.channels_last=on", "model.batched=on"], "gpu-cache"),
-        ("batched, no compile (bf16 + Triton + graph)", ["train.amp=bf16", "train.kernels=triton", "train.cuda_graph=on",
-                                                         "model.batched=on"], "gpu-cache"),
-        ("batched + compile, no channels_last", ["train.amp=bf16", "train.kernels=triton", "train.cuda_graph=on",
-                                                 "train.compile=on", "model.batched=on"], "gpu-cache"),
-        ("bf16 + CUDA graph, reference losses (no Triton)", ["train.amp=bf16", "train.cuda_graph=on"], "gpu-cache"),
-        ("bf16 + compile (no graph)", ["train.amp=bf16", "train.kernels=triton", "train.compile=on"], "gpu-cache"),
+         f"eager fp32, {where} uint8/uint16 cache", (), "gpu-cache"),
+        ("+ bf16 autocast", ("bf16",), "gpu-cache"),
+        ("+ Triton kernels", ("bf16", "triton"), "gpu-cache"),
+        ("+ CUDA graph (whole step)", ("bf16", "triton", "graph"), "gpu-cache"),
+        ("+ torch.compile", ("bf16", "triton", "graph", "compile"), "gpu-cache"),
+        ("+ channels_last", _BEST, "gpu-cache"),
+        ("+ batched branches (grouped conv)", _BEST + ("batched",), "gpu-cache"),
+        ("batched, no compile (bf16 + Triton + graph)", ("bf16", "triton", "graph", "batched"), "gpu-cache"),
+        ("batched + compile, no channels_last", ("bf16", "triton", "graph", "compile", "batched"), "gpu-cache"),
+        ("bf16 + CUDA graph, reference losses (no Triton)", ("bf16", "graph"), "gpu-cache"),
+        ("bf16 + compile (no graph)", ("bf16", "triton", "compile"), "gpu-cache"),
     ]
     if base.model.arch == "resnet_celeba":   # the fused BN-ReLU-maxpool stem op (model.fused_stem)
-        best = ["train.amp=bf16", "train.kernels=triton", "train.cuda_graph=on", "train.compile=on",
-                "train.channels_last=on"]
-        rows += [("+ fused stem op (batched branches)", best + ["model.batched=on", "model.fused_stem=on"], "memory"),
-                 ("+ fused stem op (separate branches)", best + ["model.fused_stem=on"], "memory")]
+        rows += [("+ fused stem op (batched branches)", _BEST + ("batched", "fused_stem"), "memory"),
+                 ("+ fused stem op (separate branches)", _BEST + ("fused_stem",), "memory")]
     if device.type != "cuda":
-        rows = [r for r in rows if not any("cuda_graph=on" in o or "kernels=triton" in o for o in r[1])]
+        rows = [r for r in rows if "graph" not in r[1] and "triton" not in r[1]]
     if args.only:
         keep = set(args.only.split(","))          # "none": no rows (e.g. only the --scaling table)
         rows = [r for i, r in enumerate(rows) if str(i) in keep]
     notes = []
-    if any("model.batched=on" in r[1] for r in rows):
+    if any("batched" in r[1] for r in rows):
         ok, why = _batching_support(base)
         if not ok:
-            skipped = [r[0] for r in rows if "model.batched=on" in r[1]]
-            rows = [r for r in rows if "model.batched=on" not in r[1]]
+            skipped = [r[0] for r in rows if "batched" in r[1]]
+            rows = [r for r in rows if "batched" not in r[1]]
             notes.append(f"- not run: {'; '.join(skipped)} — {why}")
             print(notes[-1], file=sys.stderr)
     raw_dir = None
@@ -409,8 +419,8 @@ def step_main(argv: list[str]) -> int:
               "|---|---|---|---:|---:|---:|---:|---:|---|"]
     ref_ips = None
     failed = 0
-    for name, over, loader in rows:
-        cfg = apply_overrides(base, over)
+    for name, on, loader in rows:
+        cfg = with_switches(base, on)
         how = {}                                   # the reference-style row: a DataLoader over the raw files
         if loader == "torch":
             if taskonomy:
@@ -452,21 +462,19 @@ def step_main(argv: list[str]) -> int:
     if args.scaling and device.type != "cuda":
         print("--scaling: skipped (its rows use CUDA graphs and Triton kernels)", file=sys.stderr)
     if args.scaling and device.type == "cuda":
-        best = ["train.amp=bf16", "train.kernels=triton", "train.cuda_graph=on", "train.compile=on",
-                "train.channels_last=on"] + args.scaling_set
-        lines += ["", f"### scaling ({' '.join(best)})", "",
+        lines += ["", f"### scaling ({' + '.join(_BEST + tuple(args.scaling_set))})", "",
                   "| recipe | K | N | ms/step | img/s |", "|---|---:|---:|---:|---:|"]
         celeba = tuple(r for r in args.scaling_recipes.split(",") if r) or None
-        for name, cfg in _scaling_configs(base, args.recipe, args.overrides, best,
+        for name, cfg in _scaling_configs(base, args.recipe, args.overrides, args.scaling_set,
                                           **({"celeba": celeba} if celeba else {})):
             try:
                 r = measure_step(cfg, device, steps=args.steps, repeats=args.repeats, warmup=args.warmup)
             except Exception as e:
                 failed += 1
                 _row_failed(name, e)
-                lines.append(f"| {name} | {cfg.model.branches} | {len(_task_specs(cfg))} | failed: {type(e).__name__} | |")
+                lines.append(f"| {name} | {cfg.num_branches} | {len(_task_specs(cfg))} | failed: {type(e).__name__} | |")
                 continue
-            lines.append(f"| {name} | {cfg.model.branches} | {len(_task_specs(cfg))} | {r['ms_per_step']:.3f} | "
+            lines.append(f"| {name} | {cfg.num_branches} | {len(_task_specs(cfg))} | {r['ms_per_step']:.3f} | "
                          f"{r['img_per_s']:,.0f} |")
             print(lines[-1], file=sys.stderr, flush=True)
     if raw_dir is not None:

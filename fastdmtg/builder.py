@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from . import ops
-from .config import Config
+from .config import Config, resolved_branches
 from .methods import GroupingMethod, build_method
 from .models import BranchedNet, build_multibranch
 from .models.batched import BatchedMultiBranchNet, supports_batching
@@ -74,18 +74,18 @@ def resolve_speed(cfg: Config, device: torch.device, world_size: int) -> dict:
         # opt-in only (auto: off) until measured on several GPUs; docs/kernels.md "CUDA graphs under DDP"
         if t.cuda_graph != "on":
             out["cuda_graph"] = False
-        elif cfg.grouping.prune_eps > 0:
-            raise ValueError("train.cuda_graph=on under DDP does not combine with head pruning (grouping.prune_eps > 0): "
+        elif cfg.dmtg.prune_eps > 0:
+            raise ValueError("train.cuda_graph=on under DDP does not combine with head pruning (dmtg.prune_eps > 0): "
                              "DDP then searches unused parameters on the host every step, which a replay skips; "
                              "use train.cuda_graph=off")
         elif cfg.model.sync_bn:
             raise ValueError("train.cuda_graph=on under DDP is not verified with model.sync_bn=true; "
                              "use train.cuda_graph=off")
-    if out["batched"] and cfg.grouping.prune_eps > 0 and cfg.model.sync_bn and world_size > 1:
+    if out["batched"] and cfg.dmtg.prune_eps > 0 and cfg.model.sync_bn and world_size > 1:
         # batched branches skip dead branches through their own BN layers, which SyncBatchNorm
         # conversion replaces (docs/pruning.md): per-branch modules then
         if b == "on":
-            raise ValueError("model.batched=on is not supported with grouping.prune_eps > 0 and "
+            raise ValueError("model.batched=on is not supported with dmtg.prune_eps > 0 and "
                              "model.sync_bn=true under DDP; use model.batched=off")
         out["batched"] = False
     return out
@@ -185,16 +185,17 @@ def build_training_step(cfg: Config, taskset, image_size: int, device: torch.dev
     ``world_size`` > 1: the step module is wrapped and SyncBatchNorm applied per model.sync_bn).
     ``init_from``: a naive-MTL model to copy into every branch first (train.init_from)."""
     kernels = ops.resolve_backend(cfg.train.kernels, device)   # fails here, not mid-step, if triton is missing
+    cfg = resolved_branches(cfg, taskset.num_tasks)            # model.branches=0 (auto) → K for these tasks
     speed = resolve_speed(cfg, device, world_size)
     model = build_multibranch(cfg.model, taskset.specs, image_size).to(device)
     if init_from:
         load_init(model, init_from)
     model = prepare_model(model, cfg, speed, world_size)
     method = build_method(cfg, taskset.num_tasks, taskset.names).to(device)
-    method.set_rank(rank)                       # grouping.ddp_noise: one shared draw per step, or per rank
+    method.set_rank(rank)                       # dmtg.ddp_noise: one shared draw per step, or per rank
     optimizer = build_optimizer(cfg, list(model.parameters()) + list(method.parameters()), device,
                                 capturable=speed["cuda_graph"])
-    pruning = cfg.grouping.prune_eps > 0
+    pruning = cfg.dmtg.prune_eps > 0
     module = build_step_module(model, method, taskset, cfg, device, speed)
     warmup = 3
     if world_size > 1:

@@ -39,7 +39,7 @@ def _train_parser(sub):
                                     "or celeba9_k3 when --data-root is given")
     p.add_argument("--data-root", help="dataset folder in its official layout (CelebA: img_align_celeba/ ...), or "
                                        "your own DIR/labels.csv (README: Your own tasks)")
-    p.add_argument("--method", choices=["dmtg", "naive-mtl"], help="grouping method (naive-mtl: K=1 reference)")
+    p.add_argument("--method", choices=["dmtg", "naive-mtl"], help="grouping method (naive-mtl: the K=1 reference; the recipe's naive twin when it has one)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field, e.g. --set train.epochs=5 (repeatable)")
     p.add_argument("--out", help="run folder (default runs/<name>-<time>)")
@@ -70,13 +70,12 @@ def _flag_overrides(args) -> list[str]:
 
 
 def build_config(args) -> Config:
-    from .data.folder import default_branches, is_folder_dataset
+    from .data.folder import is_folder_dataset
     recipe = args.recipe or (("folder_k3" if is_folder_dataset(args.data_root) else "celeba9_k3") if args.data_root
                              else "synthetic_k3")
     if args.method == "naive-mtl" and recipe in NAIVE_OF:
         recipe = NAIVE_OF[recipe]
-    return default_branches(apply_overrides(_with_file(get_recipe(recipe), args), _flag_overrides(args)),
-                            args.overrides)
+    return apply_overrides(_with_file(get_recipe(recipe), args), _flag_overrides(args))
 
 
 def _with_file(cfg: Config, args) -> Config:
@@ -278,10 +277,10 @@ def _main(argv: list[str] | None = None) -> int:
             print(f"{'recipe':30s} {'follows':9s} {'dataset':10s} {'tasks':10s} {'arch':14s} {'K':>2s}  "
                   f"{'method':9s} epochs")
             for name in sorted(RECIPES):
-                c = RECIPES[name]()
+                c = get_recipe(name)
                 tasks = c.data.tasks if isinstance(c.data.tasks, str) else f"{len(c.data.tasks)} tasks"
                 print(f"{name:30s} {RECIPE_FOLLOWS.get(name, 'ours'):9s} {c.data.dataset:10s} {tasks:10s} "
-                      f"{c.model.arch:14s} {c.model.branches:2d}  {c.grouping.method:9s} {c.train.epochs}")
+                      f"{c.model.arch:14s} {c.num_branches or 'auto':>2}  {c.grouping.method:9s} {c.train.epochs}")
             print("follows: paper = the paper where explicit, else the released code (docs/fidelity.md); "
                   "reference = the released code as it is; ours = fastdmtg's demo/test data")
             return 0

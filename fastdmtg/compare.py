@@ -44,7 +44,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import Config, ConfigError, apply_overrides, get_recipe
+from .config import Config, ConfigError, apply_overrides, evolve, get_recipe
 from .log import add_output_flags, get_logger, progress_flag
 from .log import setup as setup_logging
 
@@ -149,8 +149,14 @@ class Comparison:
         self.details: dict[str, object] = {}
 
     # ------------------------------------------------------------------ runs
-    def cfg(self, overrides: list[str], base: Config | None = None) -> Config:
-        return apply_overrides(base or self.base, [f"train.progress={str(self.progress is not False).lower()}", *overrides])
+    def cfg(self, method: str, groups: list[list[int]] | None = None, auxiliary: list[list[int]] | None = None,
+            branches: int = 0, base: Config | None = None, **sections: dict) -> Config:
+        """The base config trained by ``method`` (typed values; ``sections``: other fields per section,
+        e.g. ``model={"shared": "none"}``). K = ``branches``, or 0: the method's own (auto)."""
+        grouping = {"method": method, "groups": groups or [], "auxiliary": auxiliary or []}
+        train = {"progress": self.progress is not False, **sections.pop("train", {})}
+        model = {"branches": branches, **sections.pop("model", {})}
+        return evolve(base or self.base, grouping=grouping, train=train, model=model, **sections)
 
     def run(self, key: str, cfg: Config, label: str, cost_factor: float = 1.0) -> dict:
         """Train (or reuse) the run in OUT/key; returns its results with '_dir' and '_key'."""
@@ -158,7 +164,7 @@ class Comparison:
         from .train import train
         self.count += 1
         run_dir = self.out / key
-        cfg = apply_overrides(cfg, [f"name={key.replace('/', '-')}"])
+        cfg = evolve(cfg, name=key.replace('/', '-'))
         ident = json.dumps(_comparable(cfg.to_dict()), sort_keys=True)
         tag = f"[{self.count}] {label}: {key}"
         same = self._by_config.get(ident)
@@ -181,7 +187,7 @@ class Comparison:
             else:
                 resume = has_checkpoint(run_dir)
                 self.log(f"{tag} — {'resuming' if resume else 'training'} "
-                         f"({cfg.grouping.method}, K={cfg.model.branches}, {cfg.train.epochs} epochs)", flush=True)
+                         f"({cfg.grouping.method}, K={cfg.num_branches}, {cfg.train.epochs} epochs)", flush=True)
                 t0 = time.perf_counter()
                 res = train(cfg, run_dir, resume=resume, progress=self.progress)
                 self.log(f"    done in {time.perf_counter() - t0:.0f} s: {_summary(res)}", flush=True)
@@ -209,24 +215,23 @@ class Comparison:
     # ------------------------------------------------------------------ shared runs
     def naive(self) -> dict:
         def go():
-            over = ["grouping.method=naive-mtl", "model.branches=1"]
-            return self.run("naive", self.cfg(over, self.naive_base), "naive")
+            cfg = self.cfg("naive-mtl", base=self.naive_base)     # --naive-recipe, else the recipe itself
+            return self.run("naive", cfg, "naive")
         return self.once("naive", go)
 
     def stl_cfg(self) -> tuple[Config, list[str]]:
         """STL: nothing may be shared between the task networks — a configured shared trunk is
         switched off (and the result checked on the built model)."""
         from .models import build_parts
-        notes = []
-        over = ["grouping.method=fixed", f"grouping.groups={format_groups([[t] for t in range(self.n)])}"]
+        notes, model = [], {}
         m = self.base.model
         if m.arch == "resnet_celeba" and m.shared != "none":
-            over.append("model.shared=none")
+            model["shared"] = "none"
             notes.append(f"STL: model.shared={m.shared} overridden to none (single-task networks share nothing)")
         if m.arch in ("xception", "vit_base") and m.shared_blocks != 0:
-            over.append("model.shared_blocks=0")
+            model["shared_blocks"] = 0
             notes.append(f"STL: model.shared_blocks={m.shared_blocks} overridden to 0 (nothing shared)")
-        cfg = self.cfg(over)
+        cfg = self.cfg("fixed", [[t] for t in range(self.n)], model=model)
         shared = build_parts(cfg.model, self.specs, self.image_size).shared
         if any(True for _ in shared.parameters()):
             raise ValueError("STL: this model still has a shared trunk with parameters (model.shared); "
@@ -244,10 +249,11 @@ class Comparison:
         return self.once("stl", go)
 
     def dmtg_run(self, k: int) -> dict:
-        over = ["grouping.method=dmtg", f"model.branches={k}"]
+        train = {}
         if self.base.train.init == "naive" and not self.base.train.init_from:
-            over.append(f"train.init_from={self.naive()['_dir']}")     # the paper's recipes start from it
-        return self.once(f"dmtg{k}", lambda: self.run(f"dmtg/k{k}", self.cfg(over), f"dmtg K={k}"))
+            train["init_from"] = self.naive()["_dir"]     # the paper's recipes start from it
+        return self.once(f"dmtg{k}", lambda: self.run(f"dmtg/k{k}", self.cfg("dmtg", branches=k, train=train),
+                                                      f"dmtg K={k}"))
 
     def train_selection(self, key: str, label: str, sel) -> dict:
         """Train a TAG/HOA selection: overlapping networks as such (``networks`` method: a task is
@@ -255,11 +261,10 @@ class Comparison:
         --overlap partition — only the served partition (``fixed``)."""
         aux = any(sel.auxiliary())
         if aux and self.overlap == "train":
-            spec = format_groups([list(s) for s in sel.networks], sel.served)
-            over = ["grouping.method=networks", f"grouping.groups={spec}", f"model.branches={len(sel.networks)}"]
+            cfg = self.cfg("networks", [list(s) for s in sel.networks], [list(a) for a in sel.auxiliary()])
         else:
-            over = ["grouping.method=fixed", f"grouping.groups={format_groups(sel.partition())}"]
-        return self.run(key, self.cfg(over), label)
+            cfg = self.cfg("fixed", sel.partition())
+        return self.run(key, cfg, label)
 
     # ------------------------------------------------------------------ methods
     def m_naive(self) -> list[Row]:
@@ -280,8 +285,7 @@ class Comparison:
             res, costs, groups = [], [], []
             for s in range(self.seeds):
                 part = random_partition(self.n, k, s)
-                r = self.run(f"rg/k{k}/seed{s}", self.cfg(["grouping.method=fixed", f"grouping.groups={format_groups(part)}"]),
-                             f"rg K={k} seed {s}")
+                r = self.run(f"rg/k{k}/seed{s}", self.cfg("fixed", part), f"rg K={k} seed {s}")
                 res.append(r)
                 costs.append(self.cost(r))
                 groups.append(part)
@@ -291,10 +295,10 @@ class Comparison:
 
     def tag_affinity(self) -> tuple[dict, np.ndarray]:
         def go():
-            cfg = self.cfg(["grouping.method=tag-affinity", "model.branches=1"])
-            r = self.run("tag/affinity", cfg, "tag affinity", cost_factor=1.0 + self.n / cfg.grouping.affinity_every)
+            cfg = self.cfg("tag-affinity")
+            r = self.run("tag/affinity", cfg, "tag affinity", cost_factor=1.0 + self.n / cfg.tag.affinity_every)
             if r.get("tag_affinity") is None:
-                raise ValueError("the TAG affinity run recorded no measurement (grouping.affinity_every larger "
+                raise ValueError("the TAG affinity run recorded no measurement (tag.affinity_every larger "
                                  "than the number of steps?)")
             return r, np.array(r["tag_affinity"])
         return self.once("tag_affinity", go)
@@ -338,7 +342,7 @@ class Comparison:
             runs = []
             for a in range(self.n):
                 for b in range(a + 1, self.n):
-                    cfg = self.cfg(["grouping.method=networks", f"grouping.groups={a},{b}", "model.branches=1"])
+                    cfg = self.cfg("networks", [[a, b]])
                     r = self.run(f"hoa/pair_{a}_{b}", cfg, f"hoa pair ({self.names[a]}, {self.names[b]})")
                     runs.append(r)
                     la, lb = _best_val_losses(r, [[a, b]])[0]
@@ -377,9 +381,7 @@ class Comparison:
             budget = recipe_split["shared_params"] + k * recipe_split["branch_params"]
             sel = bmtn_select(A, k, splits, budget)
             self.details[f"bmtn_selection_k{k}"] = {key: v for key, v in sel.items()}
-            over = ["grouping.method=fixed", f"grouping.groups={format_groups(sel['groups'])}",
-                    f"model.shared={sel['split']}"]
-            r = self.run(f"bmtn/k{k}", self.cfg(over), f"bmtn K={k}")
+            r = self.run(f"bmtn/k{k}", self.cfg("fixed", sel["groups"], model={"shared": sel["split"]}), f"bmtn K={k}")
             notes = [f"split {sel['split']} (encoder params {sel['params']:,} ≤ budget {budget:,}), "
                      f"clustering cost {sel['cost']:.3f}"]
             if not sel["optimal"]:
@@ -401,12 +403,11 @@ class Comparison:
         for k in self.ks:
             d = self.dmtg_run(k)
             groups = partition_of(d["assignment"])
-            spec = format_groups(groups)
-            scratch = self.run(f"dmtg-two-shot/k{k}/scratch", self.cfg(["grouping.method=fixed", f"grouping.groups={spec}"]),
+            scratch = self.run(f"dmtg-two-shot/k{k}/scratch", self.cfg("fixed", groups),
                                f"dmtg two-shot K={k} (scratch)")
             nv = self.naive()
             init = self.run(f"dmtg-two-shot/k{k}/naive-init",
-                            self.cfg(["grouping.method=fixed", f"grouping.groups={spec}", f"train.init_from={nv['_dir']}"]),
+                            self.cfg("fixed", groups, train={"init_from": nv["_dir"]}),
                             f"dmtg two-shot K={k} (naive init)")
             rows.append(Row("dmtg two-shot (scratch)", k, self.repeats(scratch, f"dmtg two-shot K={k} (scratch)"),
                             [self.cost(d), self.cost(scratch)], [groups]))
@@ -736,14 +737,16 @@ def compare_main(argv: list[str]) -> int:
     if args.seeds < 1 or args.rg_partitions < 1:
         print("error: --seeds and --rg-partitions must be >= 1", file=sys.stderr)
         return 2
-    from .data.folder import default_branches, is_folder_dataset
+    from .data.folder import is_folder_dataset
     if args.recipe is None:
         args.recipe = "folder_k3" if args.data_root and is_folder_dataset(args.data_root) else "synthetic_k3"
     try:
         over = ([f"data.root={args.data_root}"] if args.data_root else []) + list(args.overrides)
-        base = default_branches(apply_overrides(get_recipe(args.recipe), over), args.overrides)
+        base = apply_overrides(get_recipe(args.recipe), over)
         naive_cfg = apply_overrides(get_recipe(args.naive_recipe), over) if args.naive_recipe else None
-        ks = [int(x) for x in args.k.split(",")] if args.k else [base.model.branches]
+        ks = [int(x) for x in args.k.split(",")] if args.k else [base.num_branches]
+        if ks == [None]:
+            raise ConfigError("--k: the recipe's K depends on the data's number of tasks, which is unknown; give --k")
         if any(k < 1 for k in ks):
             raise ConfigError("--k: every K must be >= 1")
         out = Path(args.out)

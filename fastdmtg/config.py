@@ -6,6 +6,7 @@ back (resume, eval, pruned-model loading), so the JSON is the single source of t
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import math
@@ -116,8 +117,10 @@ class DataConfig:
 @dataclass
 class ModelConfig:
     arch: str = "resnet_celeba"         # resnet_celeba | xception | vit_base
-    branches: int = 3                   # K: maximum number of groups (encoder branches); naive-mtl and
-                                        # fixed derive it from the method (method_branches)
+    # K: the number of encoder branches (maximum number of groups). 0 = auto (method_branches): dmtg
+    # min(3, N), naive-mtl and tag-affinity 1, fixed / networks the number of groups; a value the method
+    # contradicts is an error, never silently replaced
+    branches: int = 0
     width: int = 64                     # channels of the ResNet variant (64 = reference)
     shared: str = "none"                # resnet_celeba: none | stem (share conv stem, branch at the residual block)
     shared_blocks: int = 4              # xception/vit: number of shared early blocks before the split
@@ -132,7 +135,7 @@ class ModelConfig:
     fused_stem: str = "auto"            # auto | on | off
 
     def __post_init__(self):
-        _check(self.branches >= 1, f"model.branches (K) must be >= 1, got {self.branches}")
+        _check(self.branches >= 0, f"model.branches (K) must be >= 1, or 0 (auto), got {self.branches}")
         _check(self.branches <= 64, f"model.branches (K) must be <= 64, got {self.branches}")
         _check(self.width >= 1, f"model.width must be >= 1, got {self.width}")
         _check(self.shared in ("none", "stem"), f"model.shared: expected none|stem, got {self.shared!r}")
@@ -144,9 +147,44 @@ class ModelConfig:
                f"model.grad_scale: expected reference|none, got {self.grad_scale!r}")
 
 
+#: a partition inside the package: task indices (or task names, resolved once the task list is known)
+#: per group, in group order; the "0,1|2" text exists only at the edge (fastdmtg.partition.parse_text)
+Partition = list[list[typing.Union[int, str]]]
+
+
 @dataclass
 class GroupingConfig:
-    method: str = "dmtg"                # dmtg | naive-mtl | fixed | ... (fastdmtg.methods.METHODS)
+    """Which grouping method trains, and the groups of the methods that are given them. Each method's
+    own settings live in its own section (``dmtg``, ``tag``)."""
+    method: str = "dmtg"                # dmtg | naive-mtl | fixed | tag-affinity | networks (fastdmtg.methods)
+    # fixed / networks: the tasks of each group (fixed: a partition, every task once; networks: the tasks
+    # trained in each network); --set grouping.groups=0,1|2 or names, "+t" marks t auxiliary (networks)
+    groups: Partition = field(default_factory=list)
+    # networks: per network, its auxiliary tasks (trained there, served by another network); [] = none
+    auxiliary: Partition = field(default_factory=list)
+
+    def __post_init__(self):
+        from .methods import METHODS
+        _check(self.method in METHODS, f"grouping.method: expected one of {'|'.join(sorted(METHODS))}, "
+                                       f"got {self.method!r}")
+        from .partition import check_shape
+        try:
+            check_shape(self.groups, self.auxiliary)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        if self.method in ("fixed", "networks"):
+            _check(bool(self.groups), f"grouping.groups: method {self.method!r} needs its groups, e.g. "
+                                      f"--set grouping.groups={'0,1|2' if self.method == 'fixed' else '0,1,+2|2,3'}")
+        else:
+            _check(not self.groups, f"grouping.groups: only methods fixed and networks take groups "
+                                    f"(grouping.method={self.method})")
+        _check(not any(self.auxiliary) or self.method == "networks",
+               "grouping.auxiliary: auxiliary tasks ('+') need grouping.method=networks")
+
+
+@dataclass
+class DMTGConfig:
+    """DMTG (grouping.method=dmtg): the Gumbel-softmax relaxation of the N×K logits S and head pruning."""
     tau: float = 2.5                    # constant Gumbel-softmax temperature
     tau_schedule: str = "constant"      # constant | anneal  (tau_e = max(tau_end, tau_start * tau_decay**epoch))
     tau_start: float = 100.0
@@ -154,32 +192,34 @@ class GroupingConfig:
     tau_decay: float = 0.5
     init_logit: float = 1.0             # S initial value (reference: exactly 1.0 everywhere)
     hard: bool = False                  # straight-through one-hot samples (reference: soft)
-    groups: str = ""                    # method "fixed": the partition, e.g. "0,1,2|3,4|5" (task indices or names)
-    affinity_every: int = 10            # TAG: steps between lookahead affinity measurements
-    prune_eps: float = 0.0              # DMTG head pruning (docs/pruning.md): drop head (i,k) once its
+    prune_eps: float = 0.0              # head pruning (docs/pruning.md): drop head (i,k) once its
     prune_patience: int = 100           # probability stayed < prune_eps for prune_patience steps; 0 = off
     # DDP: shared = every rank draws the same Gumbel sample (one draw per global step, the release: all
     # ranks seeded alike); per_rank = rank r draws its own (seed offset r·2^40)
     ddp_noise: str = "shared"           # shared | per_rank
 
     def __post_init__(self):
-        from .methods import METHODS
-        _check(self.method in METHODS, f"grouping.method: expected one of {'|'.join(sorted(METHODS))}, "
-                                       f"got {self.method!r}")
-        _check(self.affinity_every >= 1, "grouping.affinity_every must be >= 1")
-        _check(0.0 <= self.prune_eps < 1.0, f"grouping.prune_eps must be in [0, 1), got {self.prune_eps}")
-        _check(self.prune_patience >= 1, f"grouping.prune_patience must be >= 1, got {self.prune_patience}")
+        _check(0.0 <= self.prune_eps < 1.0, f"dmtg.prune_eps must be in [0, 1), got {self.prune_eps}")
+        _check(self.prune_patience >= 1, f"dmtg.prune_patience must be >= 1, got {self.prune_patience}")
         if self.prune_eps > 0:
-            _check(self.method == "dmtg", "grouping.prune_eps > 0 needs grouping.method=dmtg")
-            _check(not self.hard, "grouping.prune_eps > 0 is not supported with grouping.hard=true")
-        _check(self.tau > 0, f"grouping.tau must be > 0, got {self.tau}")
+            _check(not self.hard, "dmtg.prune_eps > 0 is not supported with dmtg.hard=true")
+        _check(self.tau > 0, f"dmtg.tau must be > 0, got {self.tau}")
         _check(self.ddp_noise in ("shared", "per_rank"),
-               f"grouping.ddp_noise: expected shared|per_rank, got {self.ddp_noise!r}")
+               f"dmtg.ddp_noise: expected shared|per_rank, got {self.ddp_noise!r}")
         _check(self.tau_schedule in ("constant", "anneal"),
-               f"grouping.tau_schedule: expected constant|anneal, got {self.tau_schedule!r}")
+               f"dmtg.tau_schedule: expected constant|anneal, got {self.tau_schedule!r}")
         if self.tau_schedule == "anneal":
-            _check(self.tau_start > 0 and self.tau_end > 0, "grouping.tau_start/tau_end must be > 0")
-            _check(0 < self.tau_decay <= 1, f"grouping.tau_decay must be in (0, 1], got {self.tau_decay}")
+            _check(self.tau_start > 0 and self.tau_end > 0, "dmtg.tau_start/tau_end must be > 0")
+            _check(0 < self.tau_decay <= 1, f"dmtg.tau_decay must be in (0, 1], got {self.tau_decay}")
+
+
+@dataclass
+class TagConfig:
+    """TAG's affinity measurement (grouping.method=tag-affinity)."""
+    affinity_every: int = 10            # steps between lookahead affinity measurements
+
+    def __post_init__(self):
+        _check(self.affinity_every >= 1, f"tag.affinity_every must be >= 1, got {self.affinity_every}")
 
 
 @dataclass
@@ -274,17 +314,29 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     grouping: GroupingConfig = field(default_factory=GroupingConfig)
+    dmtg: DMTGConfig = field(default_factory=DMTGConfig)
+    tag: TagConfig = field(default_factory=TagConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def __post_init__(self):
         _check_finite(self)
         _resolve_paths(self)
-        if self.grouping.method == "fixed":
-            _check(bool(self.grouping.groups), "grouping.groups: method 'fixed' needs a partition, e.g. 0,1|2")
-        k = method_branches(self.grouping)
-        if k is not None:
-            self.model.branches = k
+        method = self.grouping.method
+        if self.dmtg.prune_eps > 0:
+            _check(method == "dmtg", f"dmtg.prune_eps > 0 (head pruning) needs grouping.method=dmtg, got {method}")
+        k = method_branches(self, None)
+        if self.model.branches and k is not None and self.model.branches != k:
+            why = ("one encoder for all tasks" if method in ("naive-mtl", "tag-affinity")
+                   else f"one branch per group of grouping.groups ({k})")
+            raise ConfigError(f"model.branches={self.model.branches}, but grouping.method={method} trains {k} "
+                              f"branch(es) ({why}); set model.branches={k}, or 0 (auto)")
+
+    @property
+    def num_branches(self) -> int | None:
+        """K: model.branches, or for 0 (auto) the method's (method_branches); None while it depends on a
+        number of tasks only the opened data knows (the builder resolves it then: resolved_branches)."""
+        return self.model.branches or method_branches(self, known_num_tasks(self.data))
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -309,7 +361,10 @@ class Config:
                 hints = typing.get_type_hints(sub)
                 unknown = set(d[f.name]) - set(hints)
                 _check(not unknown, f"config section {f.name!r}: unknown keys {sorted(unknown)}")
-                kw[f.name] = sub(**{k: _typed(f"{f.name}.{k}", hints[k], v) for k, v in d[f.name].items()})
+                sec = dict(d[f.name])
+                if f.name == "grouping" and isinstance(sec.get("groups"), str):
+                    sec.update(_groups_from_text(sec["groups"], "grouping.groups", sec.get("auxiliary")))
+                kw[f.name] = sub(**{k: _typed(f"{f.name}.{k}", hints[k], v) for k, v in sec.items()})
         return cls(**kw)
 
     def save(self, path: str | Path) -> None:
@@ -328,8 +383,8 @@ class Config:
             raise ConfigError(f"{path}: {e}") from None
 
 
-_SECTIONS = {"data": DataConfig, "model": ModelConfig, "grouping": GroupingConfig,
-             "optim": OptimConfig, "train": TrainConfig}
+_SECTIONS = {"data": DataConfig, "model": ModelConfig, "grouping": GroupingConfig, "dmtg": DMTGConfig,
+             "tag": TagConfig, "optim": OptimConfig, "train": TrainConfig}
 
 # Paths in the config, stored absolute (resolved against the working folder where they were typed),
 # so that eval / --resume / --init-from work from any working folder. Symlinks are kept as typed.
@@ -365,18 +420,65 @@ RESUME_SAFE: dict[str, str] = {
 _EXPECT = {bool: "true or false", int: "an integer", float: "a number", str: "a string", dict: "a JSON object"}
 
 
-def method_branches(grouping: "GroupingConfig") -> int | None:
-    """The rule by which a method fixes model.branches (K), whatever the config says: naive-mtl is by
-    definition one encoder for all tasks (K = 1), fixed trains one branch per given group (K = the
-    number of groups of grouping.groups). None: the config's model.branches holds (dmtg, and
-    networks / tag-affinity, which check it and say what to set). The resolved value is what
-    config.json records."""
-    if grouping.method == "naive-mtl":
+def method_branches(cfg: "Config", num_tasks: int | None) -> int | None:
+    """K for model.branches=0 (auto): naive-mtl and tag-affinity 1 (one encoder for all tasks), fixed
+    and networks one branch per group, dmtg min(3, N) (3: the paper's CelebA-9 / Taskonomy default; a
+    folder of fewer tasks gets one branch per task at most). None: not known yet (dmtg before the number
+    of tasks N is known: the builder resolves it with the opened data)."""
+    method = cfg.grouping.method
+    if method in ("naive-mtl", "tag-affinity"):
         return 1
-    if grouping.method == "fixed":
-        from .partition import num_groups
-        return num_groups(grouping.groups)
+    if method in ("fixed", "networks"):
+        return len(cfg.grouping.groups)
+    return None if num_tasks is None else min(3, num_tasks)
+
+
+def known_num_tasks(data: "DataConfig") -> int | None:
+    """N as far as the data section tells it without opening the data: explicit task names, a preset,
+    the built-in datasets' "all", a folder dataset's labels.csv header, the declarations of a tensors
+    dataset; None when it takes the data (e.g. a folder that is not there yet)."""
+    names = data.task_names()
+    if names is not None:
+        return len(names)
+    if data.dataset == "synthetic":
+        return data.synthetic_groups * data.synthetic_tasks_per_group
+    if data.dataset == "celeba":
+        return len(CELEBA_40)
+    if data.dataset == "taskonomy":
+        return len(TASKONOMY_5)
+    if data.dataset == "tensors" and data.folder_tasks:
+        return len(data.folder_tasks)
+    if data.dataset == "folder" and data.root:
+        from .data.folder import count_tasks, is_folder_dataset
+        if is_folder_dataset(data.root):
+            try:
+                return count_tasks(data.root)
+            except (OSError, ValueError):       # the data layer reports a bad labels.csv, naming the line
+                return None
     return None
+
+
+def resolved_branches(cfg: "Config", num_tasks: int) -> "Config":
+    """A copy of ``cfg`` with model.branches=0 (auto) resolved for N tasks (method_branches), for the
+    components that build the model; ``cfg`` itself when K is set. (The run's config.json keeps 0: what
+    the user asked for; results.json records the K that ran.)"""
+    if cfg.model.branches:
+        return cfg
+    return evolve(cfg, model={"branches": method_branches(cfg, num_tasks)})
+
+
+def evolve(cfg: "Config", name: str | None = None, **sections: dict) -> "Config":
+    """A validated copy of ``cfg`` with typed field values replaced per section, e.g.
+    ``evolve(cfg, grouping={"method": "fixed", "groups": [[0, 1], [2]]}, model={"branches": 2})``
+    (``--set`` is the text form of the same, at the command line)."""
+    for sec, changes in sections.items():
+        _check(sec in _SECTIONS, f"evolve: unknown section {sec!r}; expected {sorted(_SECTIONS)}")
+        names = {f.name for f in dataclasses.fields(_SECTIONS[sec])}
+        unknown = set(changes) - names
+        _check(not unknown, f"evolve: {sec} has no field(s) {sorted(unknown)}")
+    base = copy.deepcopy(cfg)           # no list or dict shared between the two configs
+    return Config(name=cfg.name if name is None else name,
+                  **{sec: dataclasses.replace(getattr(base, sec), **sections.get(sec, {})) for sec in _SECTIONS})
 
 
 def _json(v: Any) -> str:
@@ -396,6 +498,9 @@ def _typed(where: str, typ: Any, v: Any) -> Any:
         ok = isinstance(v, str)
     elif typ is dict:                       # data.folder_tasks (checked by its section)
         ok = isinstance(v, dict)
+    elif typ == Partition:                  # grouping.groups / auxiliary (shape: GroupingConfig)
+        ok = isinstance(v, list) and all(isinstance(g, list) for g in v)
+        _check(ok, f"{where}: expected a list of groups, e.g. [[0, 1], [2]] or the text \"0,1|2\", got {_json(v)}")
     else:                                   # list[str] | str
         ok = isinstance(v, str) or (isinstance(v, list) and all(isinstance(x, str) for x in v))
         _check(ok, f"{where}: expected a string or a list of strings, got {_json(v)}")
@@ -477,6 +582,17 @@ def _parse_value(text: str, typ: Any, key: str) -> Any:
     return text
 
 
+def _groups_from_text(text: str, where: str, auxiliary=None) -> dict:
+    """The edge: "0,1,+2|2,3" → {"groups": [[0, 1, 2], [2, 3]], "auxiliary": [[2], []]}."""
+    from .partition import parse_text
+    try:
+        groups, aux = parse_text(text)
+    except ValueError as e:
+        raise ConfigError(f"{where}: {e}") from None
+    _check(not (aux and auxiliary), f"{where}: '+' marks and grouping.auxiliary both given; use one")
+    return {"groups": groups, "auxiliary": aux or (auxiliary or [])}
+
+
 def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
     """Apply ``section.key=value`` strings (e.g. ``train.epochs=5``), re-validating the result."""
     d = cfg.to_dict()
@@ -495,6 +611,12 @@ def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
         if name not in hints:
             valid = ", ".join(f.name for f in dataclasses.fields(_SECTIONS[section]))
             raise ConfigError(f"--set {key}: unknown key; {section} has: {valid}")
+        if (section, name) == ("grouping", "groups"):   # the text form; '+t' marks fill grouping.auxiliary
+            d[section].update(_groups_from_text(value, f"--set {key}"))
+            continue
+        if hints[name] == Partition:
+            d[section][name] = _groups_from_text(value, f"--set {key}")["groups"]
+            continue
         d[section][name] = _parse_value(value, hints[name], key)
     return Config.from_dict(d)
 
@@ -521,7 +643,7 @@ def synthetic_k3() -> Config:
         name="synthetic_k3",
         data=DataConfig(dataset="synthetic", image_size=32, tasks="all"),
         model=ModelConfig(arch="resnet_celeba", branches=3, width=1, sync_bn=False),
-        grouping=GroupingConfig(tau=2.5),
+        dmtg=DMTGConfig(tau=2.5),
         optim=OptimConfig(lr=1e-2, schedule="none"),
         train=TrainConfig(epochs=10, batch_size=128, eval_batch_size=500),
     )
@@ -562,7 +684,7 @@ def _celeba_cfg(tasks: str, k: int, name: str, follows: str = "paper") -> Config
         name=name,
         data=DataConfig(dataset="celeba", tasks=tasks, image_size=64),
         model=ModelConfig(arch="resnet_celeba", branches=k, width=64),
-        grouping=GroupingConfig(tau=2.5),
+        dmtg=DMTGConfig(tau=2.5),
         optim=OptimConfig(name="adam", lr=8e-4, schedule="plateau", gamma=0.5, plateau_patience=3,
                           plateau_threshold=0.1, min_lr=3e-5, plateau_on="val"),
         train=TrainConfig(epochs=100, batch_size=256, init="naive"),
@@ -616,7 +738,7 @@ def _taskonomy(k: int, batch: int, name: str, arch: str = "xception", follows: s
                         taskonomy_rotate_loss=True),
         model=ModelConfig(arch=arch, branches=k, shared_blocks=6 if arch == "vit_base" else 4,
                           grad_scale="reference"),
-        grouping=GroupingConfig(tau=4.0),
+        dmtg=DMTGConfig(tau=4.0),
         optim=OptimConfig(name="adam", lr=1e-4, schedule="plateau", gamma=0.5, plateau_patience=3,
                           plateau_threshold=0.1, min_lr=3e-5, plateau_on="val"),
         train=TrainConfig(epochs=100, batch_size=batch, eval_batch_size=2 * batch, val_every=2, init="naive"),
@@ -662,14 +784,14 @@ taskonomy5_vit_naive = _doc(lambda: _taskonomy_naive("taskonomy5_vit_naive", arc
 
 def folder_k3() -> Config:
     """Ours — your own tasks (DIR/labels.csv, fastdmtg/data/folder.py): DMTG with the CelebA ResNet variant
-    (width 64) at data.image_size 64, per-task heads of each task's size, K = 3 (the CLI lowers it to N
-    when the folder has fewer tasks), from scratch. Optimiser as the CelebA paper recipe (Adam 8e-4,
+    (width 64) at data.image_size 64, per-task heads of each task's size, K = min(3, N) (model.branches=0,
+    auto), from scratch. Optimiser as the CelebA paper recipe (Adam 8e-4,
     plateau ×0.5 on the validation loss); 30 epochs."""
     return Config(
         name="folder_k3",
         data=DataConfig(dataset="folder", tasks="all", image_size=64),
-        model=ModelConfig(arch="resnet_celeba", branches=3, width=64),
-        grouping=GroupingConfig(tau=2.5),
+        model=ModelConfig(arch="resnet_celeba", branches=0, width=64),
+        dmtg=DMTGConfig(tau=2.5),
         optim=OptimConfig(name="adam", lr=8e-4, schedule="plateau", gamma=0.5, plateau_patience=3,
                           plateau_threshold=0.1, min_lr=3e-5, plateau_on="val"),
         train=TrainConfig(epochs=30, batch_size=256, init="scratch"),
@@ -681,7 +803,6 @@ def folder_naive() -> Config:
     cfg = folder_k3()
     cfg.name = "folder_naive"
     cfg.grouping.method = "naive-mtl"
-    cfg.model.branches = 1
     return cfg
 
 
@@ -738,7 +859,10 @@ _register_builtin()
 def get_recipe(name: str) -> Config:
     if name not in RECIPES:
         raise ConfigError(f"unknown recipe {name!r}; known: {', '.join(sorted(RECIPES))}")
-    return RECIPES[name]()
+    try:        # recipes edit fields after construction: validated again as a whole
+        return Config.from_dict(RECIPES[name]().to_dict())
+    except ConfigError as e:
+        raise ConfigError(f"recipe {name}: {e}") from None
 
 
 def check_init(cfg: Config) -> None:

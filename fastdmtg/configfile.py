@@ -2,7 +2,7 @@
 
 ``fastdmtg train --config FILE``: FILE is a JSON object (or YAML, .yaml/.yml, when PyYAML is
 installed) holding a full config — e.g. a run's config.json, or the file ``--dry-run --save-config``
-wrote — or any part of one: ``{"train": {"epochs": 5}, "grouping": {"tau": 4}}``. Its fields are laid
+wrote — or any part of one: ``{"train": {"epochs": 5}, "dmtg": {"tau": 4}}``. Its fields are laid
 over the recipe (``--recipe``, or the default), then ``--data-root``/``--method`` and ``--set``
 apply on top. Unknown sections or keys and wrongly typed values are one-line errors naming the
 file and field. Relative paths in it are resolved against the working folder, as with ``--set``.
@@ -85,4 +85,7 @@ def resolve_auto(cfg: Config) -> tuple[Config, list[str]]:
         if d[sec][key] == "auto":
             d[sec][key] = val
             changed.append(f"{sec}.{key}={val}")
+    if d["model"]["branches"] == 0 and cfg.num_branches is not None:        # 0 = auto: the method's K
+        d["model"]["branches"] = cfg.num_branches
+        changed.append(f"model.branches={cfg.num_branches}")
     return Config.from_dict(d), changed

@@ -10,7 +10,7 @@ CUDA, gloo on CPU) and pins each rank to ``cuda:LOCAL_RANK``. Semantics:
 * Every epoch all ranks draw the same permutation (seeded by (seed, epoch)) and rank r takes its
   shard of it (``fastdmtg.pipelines.plan``: batch b of rank r is ``order[r::G][b·B:(b+1)·B]``): each
   sample is used at most once per epoch and every rank runs the same number of steps.
-* ``grouping.ddp_noise=shared`` (default, the release: all its ranks are seeded alike): every rank
+* ``dmtg.ddp_noise=shared`` (default, the release: all its ranks are seeded alike): every rank
   draws the *same* Gumbel sample — one draw per global step, so G ranks × batch b train exactly like
   one process with batch G·b (with SyncBatchNorm). ``per_rank``: rank r offsets the shared seed
   tensor by r · 2^40 and draws its own. Either way the gradient of the grouping logits S is

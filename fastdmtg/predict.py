@@ -6,17 +6,20 @@
 
     fastdmtg predict RUN_DIR IMAGE... [--out preds.csv]
 
-Images: file paths, PIL images, or (H, W, 3) uint8 numpy arrays, of any size. Each is turned into
+Images: file paths, PIL images, or (H, W, 3) uint8 numpy arrays, of any size; or one (M, 3, H, W)
+batch, uint8 or float in [0, 1]. Each is turned into
 the training input exactly as the dataset's decoder does it: RGB, resized to the run's
 ``image_size`` with the same resampling (CelebA and the synthetic data: bilinear, half-pixel
 centres, no antialias, rounded to uint8 — ``fastdmtg.data.celeba.resize_like_reference``;
 Taskonomy: its rgb resize), then x / 255. A file that is missing or not an image is a one-line
 error naming it.
 
-Outputs → predictions (``outputs_to_predictions``): a classification task (kind ``class``) gives the
-arg-max class index per image (or the softmax probabilities); a dense task gives its map as the
-model outputs it (segmentation: the arg-max class per pixel). This is the only place that knows
-task kinds here: another task type plugs in by adding its case.
+Outputs → predictions (``predictions``): a classification task (kind ``class``) gives the arg-max
+class index per image and the softmax probabilities (your own tasks: also the label as written; a
+regression task its value in the data's units); a dense task gives its map as the model outputs it
+(segmentation: the arg-max class per pixel). This is the only place that knows task kinds here:
+another task type plugs in by adding its case. ``fastdmtg.api.predict`` is this function on a run
+folder with ``details=True``.
 """
 from __future__ import annotations
 
@@ -62,64 +65,93 @@ def _decode(item, i: int) -> torch.Tensor:
     return torch.from_numpy(np.array(arr, dtype=np.uint8, copy=True)).permute(2, 0, 1)   # (3, H, W)
 
 
+def images_uint8(images) -> torch.Tensor:
+    """A batch given as one (M, 3, H, W) tensor or array, uint8 or float in [0, 1] → uint8 (M, 3, H, W)
+    (the Python API's input; a float image is rounded to uint8 as a decoded file would be)."""
+    x = images.detach().cpu() if isinstance(images, torch.Tensor) else torch.from_numpy(np.array(images))
+    if x.dim() != 4 or x.shape[1] != 3:
+        raise ImageError(f"images: expected (M, 3, H, W), got {tuple(x.shape)}")
+    if x.dtype != torch.uint8:
+        if not x.is_floating_point():
+            raise ImageError(f"images: expected uint8 or float in [0, 1], got {x.dtype}")
+        if not bool(torch.isfinite(x).all()) or (x.numel() and (float(x.min()) < 0 or float(x.max()) > 1)):
+            raise ImageError("images: float images must be finite and in [0, 1]")
+        x = (x.float() * 255).round().to(torch.uint8)
+    return x
+
+
+def resize_uint8(x: torch.Tensor, image_size: int, dataset: str) -> torch.Tensor:
+    """(B, 3, H, W) uint8 → (B, 3, S, S) uint8, resized as the dataset's decoder does."""
+    if dataset == "taskonomy":
+        from .data.taskonomy import resize_batch
+        return resize_batch(x, image_size, "bilinear", 8)
+    from .data.celeba import resize_like_reference
+    return resize_like_reference(x, image_size)
+
+
 def prepare_images(images, image_size: int, dataset: str) -> torch.Tensor:
-    """Images of any size → (B, 3, S, S) float32 in [0, 1], resized as the dataset's decoder does."""
-    if isinstance(images, (str, Path)) or not hasattr(images, "__len__"):
-        images = [images]
-    if len(images) == 0:
+    """Images of any size → (B, 3, S, S) float32 in [0, 1], resized as the dataset's decoder does.
+    ``images``: file paths, PIL images or (H, W, 3) uint8 arrays (one or a list), or one (M, 3, H, W)
+    batch (uint8 or float in [0, 1])."""
+    if (isinstance(images, (torch.Tensor, np.ndarray)) and images.ndim == 4):
+        x = images_uint8(images)
+        batches = [resize_uint8(x[i:i + 256], image_size, dataset) for i in range(0, len(x), 256)]
+    else:
+        if isinstance(images, (str, Path)) or not hasattr(images, "__len__"):
+            images = [images]
+        batches = [resize_uint8(_decode(item, i)[None], image_size, dataset) for i, item in enumerate(images)]
+    if not batches:
         raise ImageError("no images given")
-    out = []
-    for i, item in enumerate(images):
-        x = _decode(item, i)[None]                                               # (1, 3, H, W) uint8
-        if dataset == "taskonomy":
-            from .data.taskonomy import resize_batch
-            x = resize_batch(x, image_size, "bilinear", 8)
-        else:
-            from .data.celeba import resize_like_reference
-            x = resize_like_reference(x, image_size)
-        out.append(x)
-    return torch.cat(out).to(torch.float32).div_(255.0)                          # (B, 3, S, S)
+    return torch.cat(batches).to(torch.float32).div_(255.0)                      # (B, 3, S, S)
 
 
-def outputs_to_predictions(outputs, taskset, probabilities: bool = False) -> dict[str, torch.Tensor]:
-    """The model's outputs ((N, B, C) for attribute tasks, else a per-task list) → {task: prediction}:
-    class ids (or probabilities), segmentation maps, regression values — your own tasks' regression
-    values in the data's units (their task set's ``predictions``, fastdmtg.tasks.generic)."""
+def predictions(outputs, taskset) -> dict[str, dict]:
+    """The model's outputs ((N, B, C) for attribute tasks, else a per-task list) → per task a dict:
+    classification {"class": (B,) int64, "probabilities": (B, C)} (+ "label": the classes as written,
+    for your own tasks), segmentation the same per pixel ((B, S, S), (B, C, S, S)), a regression
+    {"value": ...} — your own tasks' in the data's units (their task set's ``predictions``,
+    fastdmtg.tasks.generic), dense maps as the model outputs them. The only place here that knows
+    task kinds."""
     if hasattr(taskset, "predictions"):
-        return {t: d["value"] if "value" in d else d["probabilities" if probabilities else "class"]
-                for t, d in taskset.predictions(outputs).items()}
-    preds = {}
+        return taskset.predictions(outputs)
+    out = {}
     for i, spec in enumerate(taskset.specs):
-        out = outputs[i].float()
-        if spec.kind == "class":                                                 # (B, C) logits
-            preds[spec.name] = out.softmax(-1) if probabilities else out.argmax(-1)
-        elif spec.kind == "segment":                                             # (B, C, S, S) logits
-            preds[spec.name] = out.softmax(1) if probabilities else out.argmax(1)
+        o = outputs[i].detach().float()
+        if spec.kind in ("class", "segment"):
+            p = o.softmax(-1 if spec.kind == "class" else 1)                    # (B, C) or (B, C, S, S)
+            out[spec.name] = {"class": p.argmax(-1 if spec.kind == "class" else 1), "probabilities": p}
         else:                                                                    # regression maps as output
-            preds[spec.name] = out
-    return preds
+            out[spec.name] = {"value": o}
+    return out
 
 
 @torch.no_grad()
-def predict(model, images, meta: dict | None = None, probabilities: bool = False,
-            batch_size: int = 64) -> dict[str, torch.Tensor]:
-    """{task: prediction for every image} from a loaded grouped model (``load_grouped``)."""
+def predict(model, images, meta: dict | None = None, probabilities: bool = False, batch_size: int = 64,
+            details: bool = False) -> dict:
+    """Predictions for every image from a loaded grouped model (``load_grouped``). Per task: the class
+    index (or with ``probabilities`` the class probabilities; a regression task its value) as one
+    tensor; with ``details`` the whole ``predictions`` dict (class, probabilities, label / value)."""
     from .config import Config
     from .data import taskset_for
     meta = meta if meta is not None else getattr(model, "meta", None)
     if meta is None:
         raise ValueError("predict: the model's metadata is missing; load it with fastdmtg.load_grouped(RUN_DIR)")
+    if batch_size < 1:
+        raise ValueError(f"predict: batch_size must be >= 1, got {batch_size}")
     cfg = Config.from_dict(meta["config"])
     taskset = taskset_for(cfg, meta["tasks"])
     x = prepare_images(images, int(meta["image_size"]), cfg.data.dataset)
     device = next(model.parameters()).device
     was = model.training
     model.eval()
-    parts = []
-    for s in range(0, x.shape[0], batch_size):
-        parts.append(outputs_to_predictions(model(x[s:s + batch_size].to(device)), taskset, probabilities))
+    parts = [predictions(model(x[s:s + batch_size].to(device)), taskset) for s in range(0, x.shape[0], batch_size)]
     model.train(was)
-    return {t: torch.cat([p[t] for p in parts]).cpu() for t in parts[0]}
+    out = {t: {k: (torch.cat([p[t][k] for p in parts]).cpu() if isinstance(v, torch.Tensor)
+                   else [e for p in parts for e in p[t][k]])
+               for k, v in d.items()} for t, d in parts[0].items()}
+    if details:
+        return out
+    return {t: d["value"] if "value" in d else d["probabilities" if probabilities else "class"] for t, d in out.items()}
 
 
 def attach(model, meta: dict):

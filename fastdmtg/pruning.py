@@ -1,7 +1,7 @@
 r"""Progressive head pruning for heavy heads (issue 8; see docs/pruning.md).
 
-DMTG trains all K·N heads although, at the end, each task keeps one. With ``grouping.prune_eps`` = ε > 0
-a head (i, k) whose assignment probability stays below ε for ``grouping.prune_patience`` consecutive
+DMTG trains all K·N heads although, at the end, each task keeps one. With ``dmtg.prune_eps`` = ε > 0
+a head (i, k) whose assignment probability stays below ε for ``dmtg.prune_patience`` consecutive
 optimizer steps is dropped from the forward and backward pass for the rest of training; a branch is
 dropped once no task has an active head on it. The rule (pure, host-side, deterministic):
 

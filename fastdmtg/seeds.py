@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import apply_overrides
+from .config import evolve
 
 
 def repeat_runs(cmp, r: dict, label: str) -> list[dict]:
@@ -30,7 +30,7 @@ def repeat_runs(cmp, r: dict, label: str) -> list[dict]:
     out = [r]
     cfg = cmp._cfgs[r["_key"]]
     for s in range(1, cmp.train_seeds):
-        c = apply_overrides(cfg, [f"train.seed={cfg.train.seed + s}"])
+        c = evolve(cfg, train={"seed": cfg.train.seed + s})
         out.append(cmp.run(f"{r['_key']}-seed{s}", c, f"{label} seed {cfg.train.seed + s}"))
     return out
 

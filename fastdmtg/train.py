@@ -38,7 +38,7 @@ from .builder import (BATCHED_AUTO_ARCHS, FUSED_STEM_AUTO, build_optimizer, buil
 from .config import Config, ConfigError, check_init, resume_changes
 from .log import EPOCHS, RunLog, bars_on, get_logger
 from .pipelines import build_source
-from .methods import HeadsPruned, StepContext
+from .methods import AffinityMeasured, HeadsPruned, StepContext
 from .metrics import normgain, summarize
 from .models import BranchedNet, GroupedNet
 
@@ -262,7 +262,7 @@ class Trainer:
         # bars: --progress/--no-progress when given, else train.progress on a terminal only
         self.progress = bars_on(progress, cfg.train.progress) and self.is_main
         self.device = ddp_device if ddp_device is not None else resolve_device(cfg.train.device)
-        self.pruning = cfg.grouping.prune_eps > 0
+        self.pruning = cfg.dmtg.prune_eps > 0
         self.prune_rank_checks = 0      # drop steps whose mask was compared across DDP ranks
         ops.resolve_backend(cfg.train.kernels, self.device)   # fails here, not mid-step, if triton is missing
         torch.manual_seed(cfg.train.seed)
@@ -487,8 +487,24 @@ class Trainer:
         for d in decisions:
             if isinstance(d, HeadsPruned):
                 self._heads_pruned(list(d.events))
+            elif isinstance(d, AffinityMeasured):
+                self._affinity_measured(d)
             else:
                 raise TypeError(f"grouping method {self.cfg.grouping.method}: unknown decision {d!r}")
+
+    def _affinity_measured(self, d: AffinityMeasured) -> None:
+        """TAG measured the inter-task affinity after step ``d.step``: a debug line, and per task its
+        mean affinity onto the others in TensorBoard (tag/affinity_onto/TASK; the running mean of the
+        full matrix goes to results.json)."""
+        if not self.is_main:
+            return
+        n = d.affinity.shape[0]
+        off = (d.affinity.sum(1) - d.affinity.diagonal()) / max(n - 1, 1)        # (N,) onto the others
+        log.debug(f"TAG affinity measured after step {d.step} (measurement {d.measurements}); mean onto "
+                  f"the others: " + ", ".join(f"{t} {float(v):+.3g}" for t, v in zip(self.taskset.names, off)))
+        if self.writer is not None:
+            for t, v in zip(self.taskset.names, off):
+                self.writer.add_scalar(f"tag/affinity_onto/{t}", float(v), d.step)
 
     def _heads_pruned(self, events: list[dict]) -> None:
         """Heads were dropped after an optimizer step: compute only the remaining heads from the
@@ -509,9 +525,9 @@ class Trainer:
             e = dict(e, task_name=names[e["task"]])
             if self.is_main:
                 log.info(f"pruning: step {e['step']}: dropped head (task {e['task_name']}, branch "
-                         f"{e['branch'] + 1} of {self.cfg.model.branches}), "
-                         f"p={e['probability']:.3g} < eps={self.cfg.grouping.prune_eps:g} for "
-                         f"{self.cfg.grouping.prune_patience} steps")
+                         f"{e['branch'] + 1} of {self.method.num_branches}), "
+                         f"p={e['probability']:.3g} < eps={self.cfg.dmtg.prune_eps:g} for "
+                         f"{self.cfg.dmtg.prune_patience} steps")
         mask = self.method.head_mask()
         if mask is not None and self.is_main:
             dead = [k + 1 for k in range(mask.shape[1]) if not bool(mask[:, k].any())]
@@ -524,7 +540,7 @@ class Trainer:
         names = self.taskset.names
         ev = [dict(e, task_name=names[e["task"]]) for e in self.method.prune_events()]
         hs = head_steps(st, self.global_step)
-        return {"eps": self.cfg.grouping.prune_eps, "patience": self.cfg.grouping.prune_patience,
+        return {"eps": self.cfg.dmtg.prune_eps, "patience": self.cfg.dmtg.prune_patience,
                 "events": ev, "ddp_checked_drop_steps": self.prune_rank_checks, "active": self.method.prune_active.cpu().tolist(),
                 "total_steps": self.global_step, "head_steps": hs.tolist(),
                 "branch_steps": branch_steps(st, self.global_step).tolist(),
@@ -749,7 +765,7 @@ class Trainer:
         save_grouped(self.run_dir, grouped, cfg, names, self.data.image_size)
         res = {
             "name": cfg.name, "method": cfg.grouping.method, "dataset": cfg.data.dataset, "tasks": names,
-            "num_branches": cfg.model.branches, "assignment": assignment, "groups": groups_of(assignment, names),
+            "num_branches": self.method.num_branches, "assignment": assignment, "groups": groups_of(assignment, names),
             "best_epoch": self.best_epoch + 1, "best_rule": cfg.train.best_rule, "epochs": cfg.train.epochs,
             "batch": {"per_rank": cfg.train.batch_size, "world_size": self.world_size, "global": self.global_batch},
             "precision": {"amp": cfg.train.amp, "training_bf16": use_bf16(cfg, self.device),

@@ -1,5 +1,5 @@
 """Run under torchrun (2 gloo ranks) by tests/test_fidelity.py: builds the Trainer for
-grouping.ddp_noise=shared and =per_rank, draws two Gumbel samples per rank through the trainer's DMTG
+dmtg.ddp_noise=shared and =per_rank, draws two Gumbel samples per rank through the trainer's DMTG
 method, gathers them on rank 0, trains one epoch (fit_probe: the samples and S of each rank), checks that model.sync_bn=true is refused on CPU, and writes
 OUT/probe.json.
 
@@ -23,7 +23,7 @@ def fit_probe(out: Path) -> list:
     """One epoch of training with per-rank noise (so the ranks' S gradients differ before the
     all-reduce): per rank, the samples of every step (a hash per image), the grouping logits S and a
     checksum of the weights at the end, gathered on every rank."""
-    cfg = apply_overrides(get_recipe("synthetic_k3"), SMALL + ["grouping.ddp_noise=per_rank", "train.epochs=1"])
+    cfg = apply_overrides(get_recipe("synthetic_k3"), SMALL + ["dmtg.ddp_noise=per_rank", "train.epochs=1"])
     tr = Trainer(cfg, out, progress=False)
     seen, step = [], tr.runner.fn                           # eager on CPU: the runner calls fn(batch)
 
@@ -42,7 +42,7 @@ def fit_probe(out: Path) -> list:
 def main(out: Path) -> None:
     res = {}
     for mode in ("shared", "per_rank"):
-        cfg = apply_overrides(get_recipe("synthetic_k3"), SMALL + [f"grouping.ddp_noise={mode}"])
+        cfg = apply_overrides(get_recipe("synthetic_k3"), SMALL + [f"dmtg.ddp_noise={mode}"])
         tr = Trainer(cfg, out / mode, progress=False)
         z = [tr.method.weights().detach().tolist() for _ in range(2)]          # 2 steps × (N, K)
         gathered = [None] * dist.get_world_size()

@@ -6,11 +6,11 @@ import torch
 from torch import nn
 
 from fastdmtg import builder
-from fastdmtg.config import ConfigError, apply_overrides, get_recipe, method_branches
+from fastdmtg.config import Config, ConfigError, apply_overrides, evolve, get_recipe, method_branches, resolved_branches
 from fastdmtg.methods import StepContext
 from fastdmtg.models.batched import supports_batching
 from fastdmtg.models.multibranch import LinearHeads, MultiBranchNet
-from fastdmtg.partition import format_groups, parse_groups, parse_networks
+from fastdmtg.partition import format_groups, parse_text, resolve_networks, resolve_partition
 
 TINY = ["train.tensorboard=false", "train.progress=false", "data.synthetic_groups=2",
         "data.synthetic_tasks_per_group=2", "data.synthetic_train=128", "data.synthetic_val=64",
@@ -46,7 +46,7 @@ def test_tag_lookahead_uses_train_kernels(monkeypatch):
     from fastdmtg.methods.tag import TagAffinity
     from fastdmtg.pipelines import build_source
     cfg = apply_overrides(get_recipe("synthetic_k3"), TINY + ["grouping.method=tag-affinity", "model.branches=1",
-                                                               "grouping.affinity_every=2", "train.kernels=reference"])
+                                                               "tag.affinity_every=2", "train.kernels=reference"])
     torch.manual_seed(0)
     data = build_source(cfg.data, progress=False)
     ts = data.taskset
@@ -60,10 +60,12 @@ def test_tag_lookahead_uses_train_kernels(monkeypatch):
         return real(self, *a, kernels=kernels, **kw)
     monkeypatch.setattr(type(ts), "head_losses", spy)
     batches = list(data.batches("train", 64, shuffle=False, train=True))
+    decisions = []
     for s in range(2):                       # step 0 snapshots, step 1 is measured
         step.runner(batches[s])
         seen.clear()
-        assert step.method.observe_step(StepContext(s, 0, batches[s], step.model, step.optimizer, ts)) == []
+        decisions.append(step.method.observe_step(StepContext(s, 0, batches[s], step.model, step.optimizer, ts)))
+    assert decisions[0] == [] and [d.step for d in decisions[1]] == [2]
     assert int(step.method.affinity_count) == 1
     assert seen and set(seen) == {"reference"}
 
@@ -94,36 +96,107 @@ def test_batching_is_declared_by_the_backbone_not_its_class_name():
     assert RealBlock.batchable and XceptionBlock.batchable
 
 
-def test_partition_text_round_trips_through_one_parser():
+def test_partition_text_is_parsed_at_the_edge_and_resolved_once_the_tasks_are_known():
     names = ["a", "b", "c", "d"]
-    assert parse_groups("0,1|c,3", names) == [[0, 1], [2, 3]]
+    # the edge: text → typed lists (indices stay ints, names stay names, '+' → auxiliary)
+    assert parse_text("0,1|c,3") == ([[0, 1], ["c", 3]], [])
+    assert parse_text(" 0 , +2 |2") == ([[0, 2], [2]], [[2], []])
     assert format_groups([[0, 1], [2, 3]]) == "0,1|2,3"
-    nets, served = parse_networks("0,1,+2|2,3", names)
+    # resolution against the task names
+    assert resolve_partition([[0, 1], ["c", 3]], names) == [[0, 1], [2, 3]]
+    nets, served = resolve_networks([[0, 1, 2], [2, 3]], [[2], []], names)
     assert (nets, served) == ([[0, 1, 2], [2, 3]], [[0, 1], [2, 3]])
     assert format_groups(nets, [0, 0, 1, 1]) == "0,1,+2|2,3"
-    for bad, why in (("0,1|2", "exactly once"), ("0,+1|1,2,3", "networks"), ("0,1|x,2,3", "unknown task"),
-                     ("0,0|1,2,3", "twice")):
+    for groups, why in (([[0, 1], [2]], "exactly once"), ([[0, 1], ["x", 2, 3]], "unknown task"),
+                        ([[0, 0], [1, 2, 3]], "twice"), ([[0, 1], [2, 7]], "out of range")):
         with pytest.raises(ValueError, match=why):
-            parse_groups(bad, names)
+            resolve_partition(groups, names)
+    with pytest.raises(ValueError, match="more than one network"):
+        resolve_networks([[0, 1, 2], [2, 3]], [], names)
+    with pytest.raises(ValueError, match="no network serves it"):
+        resolve_networks([[0, 1, 2], [3]], [[2], []], names)
+    for bad in ("0,1||2", "0,+|1"):
+        with pytest.raises(ValueError):
+            parse_text(bad)
 
 
-def test_model_branches_rule():
+def test_groups_are_typed_in_the_config_and_text_only_at_the_edge():
     base = get_recipe("synthetic_k3")
-    fixed = apply_overrides(base, ["grouping.method=fixed", "grouping.groups=0,1|2,3,4|5,6,7,8", "model.branches=5"])
-    assert fixed.model.branches == 3 == method_branches(fixed.grouping)
-    assert apply_overrides(base, ["grouping.method=naive-mtl"]).model.branches == 1
-    dmtg = apply_overrides(base, ["model.branches=5"])
-    assert dmtg.model.branches == 5 and method_branches(dmtg.grouping) is None
-    with pytest.raises(ConfigError, match="needs a partition"):
-        apply_overrides(base, ["grouping.method=fixed"])
+    cfg = apply_overrides(base, ["grouping.method=networks", "grouping.groups=0,1,+2|2,3", "model.branches=0"])
+    assert cfg.grouping.groups == [[0, 1, 2], [2, 3]] and cfg.grouping.auxiliary == [[2], []]
+    assert cfg.num_branches == 2
+    # the stored config holds the lists; a config file may give either form
+    again = Config.from_dict(cfg.to_dict())
+    assert again.grouping.groups == [[0, 1, 2], [2, 3]] and again.grouping.auxiliary == [[2], []]
+    d = base.to_dict()
+    d["grouping"] = {"method": "fixed", "groups": "g0_t0,1,2|3,4,5|6,7,8"}
+    d["model"]["branches"] = 0
+    assert Config.from_dict(d).grouping.groups == [["g0_t0", 1, 2], [3, 4, 5], [6, 7, 8]]
+    # typed construction (what compare does): the same config as the text
+    typed = evolve(base, grouping={"method": "networks", "groups": [[0, 1, 2], [2, 3]], "auxiliary": [[2], []]},
+                   model={"branches": 2})
+    assert typed.to_dict() == apply_overrides(cfg, ["model.branches=2"]).to_dict()
+    for over, why in ((["grouping.groups=0,1|2"], "only methods fixed and networks"),
+                      (["grouping.method=fixed", "grouping.groups=0,+1|2", "model.branches=0"], "need grouping.method=networks"),
+                      (["grouping.method=fixed", "model.branches=0"], "needs its groups")):
+        with pytest.raises(ConfigError, match=why):
+            apply_overrides(base, over)
+    with pytest.raises(ConfigError, match="evolve: grouping has no field"):
+        evolve(base, grouping={"tau": 2.0})
+
+
+def test_model_branches_is_never_silently_replaced():
+    base = get_recipe("synthetic_k3")                        # K = 3, set by the recipe
+    # a K the method contradicts is an error naming both values, not a silent overwrite
+    with pytest.raises(ConfigError, match=r"model.branches=3, but grouping.method=naive-mtl trains 1"):
+        apply_overrides(base, ["grouping.method=naive-mtl"])
+    with pytest.raises(ConfigError, match=r"model.branches=5, but grouping.method=fixed trains 3"):
+        apply_overrides(base, ["grouping.method=fixed", "grouping.groups=0,1|2,3,4|5,6,7,8", "model.branches=5"])
+    # 0 = auto: the method's K; config.json keeps the 0 the user gave
+    fixed = apply_overrides(base, ["grouping.method=fixed", "grouping.groups=0,1|2,3,4|5,6,7,8", "model.branches=0"])
+    assert fixed.model.branches == 0 and fixed.num_branches == 3 == method_branches(fixed, None)
+    assert apply_overrides(base, ["grouping.method=tag-affinity", "model.branches=0"]).num_branches == 1
+    # dmtg: an explicit K holds; auto = min(3, N), N from the data section when it tells it
+    assert apply_overrides(base, ["model.branches=5"]).num_branches == 5
+    two = apply_overrides(base, ["model.branches=0", "data.synthetic_groups=1", "data.synthetic_tasks_per_group=2"])
+    assert two.num_branches == 2 and method_branches(two, 9) == 3
+    assert resolved_branches(two, 2).model.branches == 2 and two.model.branches == 0     # a copy
+
+
+def test_evolve_validates_and_shares_nothing_with_its_base():
+    base = get_recipe("synthetic_k3")
+    new = evolve(base, name="x", grouping={"method": "fixed", "groups": [[0, 1, 2], [3, 4, 5], [6, 7, 8]]})
+    new.grouping.groups[0].append(99)
+    assert base.grouping.groups == [] and base.grouping.method == "dmtg" and new.name == "x"
+    with pytest.raises(ConfigError, match="dmtg.tau must be > 0"):
+        evolve(base, dmtg={"tau": 0.0})
+
+
+def test_tag_returns_affinity_decisions_and_the_trainer_records_them(tmp_path, monkeypatch):
+    """TAG measures into its own state and returns AffinityMeasured; the trainer records each one."""
+    from fastdmtg.methods import AffinityMeasured
+    from fastdmtg.train import Trainer
+    cfg = apply_overrides(get_recipe("synthetic_k3"), TINY + ["grouping.method=tag-affinity", "model.branches=1",
+                                                               "tag.affinity_every=2", "train.kernels=reference"])
+    t = Trainer(cfg, tmp_path / "run")
+    seen = []
+    monkeypatch.setattr(t, "_affinity_measured", lambda d: seen.append(d))
+    try:
+        t.fit()
+    finally:
+        t.close()
+    # 128 training samples / batch 64 = 2 steps; the step after each snapshot (steps 2, 4, …) is measured
+    assert [d.step for d in seen] == [2] and all(isinstance(d, AffinityMeasured) for d in seen)
+    assert seen[0].affinity.shape == (4, 4) and seen[0].measurements == 1
+    assert torch.equal(seen[0].affinity, t.method.affinity_sum.cpu())
 
 
 def test_trainer_applies_the_methods_pruning_decisions(tmp_path):
     """DMTG only returns HeadsPruned; the trainer makes the model compute the remaining heads."""
     from fastdmtg.train import Trainer
     # a low τ and a high learning rate: heads drop within the 4 steps of this tiny run
-    cfg = apply_overrides(get_recipe("synthetic_k3"), TINY + ["train.epochs=2", "grouping.tau=0.1", "optim.lr=0.1",
-                                                              "grouping.prune_eps=0.3", "grouping.prune_patience=1"])
+    cfg = apply_overrides(get_recipe("synthetic_k3"), TINY + ["train.epochs=2", "dmtg.tau=0.1", "optim.lr=0.1",
+                                                              "dmtg.prune_eps=0.3", "dmtg.prune_patience=1"])
     t = Trainer(cfg, tmp_path / "run")
     res = t.fit()
     mask = t.method.head_mask()                                   # (N, K) bool

@@ -12,12 +12,12 @@ import torch
 
 from fastdmtg import grouping_search as gs
 from fastdmtg.compare import compare_main, random_partition
-from fastdmtg.config import apply_overrides, get_recipe
+from fastdmtg.config import Config, apply_overrides, get_recipe
 from fastdmtg.pipelines import build_source
 from fastdmtg.data.synthetic import planted_groups
 from fastdmtg.methods import StepContext
 from fastdmtg.methods.networks import NetworkGroups
-from fastdmtg.partition import format_groups, parse_networks
+from fastdmtg.partition import format_groups, parse_text, resolve_networks
 from fastdmtg.methods.tag import TagAffinity, update_direction
 from fastdmtg.models import build_multibranch
 from fastdmtg.train import build_optimizer, train
@@ -302,7 +302,7 @@ def _manual_affinity(model, optimizer, batch, taskset):
 
 @pytest.mark.parametrize("optim,batched", [("adam", False), ("sgd", False), ("adam", True)])
 def test_tag_affinity_matches_direct_computation(optim, batched):
-    cfg = _tiny_cfg(["grouping.method=tag-affinity", "model.branches=1", "grouping.affinity_every=2",
+    cfg = _tiny_cfg(["grouping.method=tag-affinity", "model.branches=1", "tag.affinity_every=2",
                      f"optim.name={optim}", "optim.lr=0.05", "optim.momentum=0.9"])
     torch.manual_seed(0)
     data = build_source(cfg.data, progress=False)
@@ -344,14 +344,14 @@ def test_tag_affinity_matches_direct_computation(optim, batched):
 
 def test_tag_affinity_method_refuses_k_gt_1():
     with pytest.raises(ValueError, match="model.branches=1"):
-        TagAffinity.from_config(_tiny_cfg(["grouping.method=tag-affinity", "model.branches=2"]), 4)
+        _tiny_cfg(["grouping.method=tag-affinity", "model.branches=2"])
 
 
 # ----------------------------------------------------------------------------- networks method
 
 def test_networks_method_parse_weights_and_training(tmp_path):
     names = ["a", "b", "c", "d"]
-    nets, served = parse_networks("0,1,+2|2,3", names)
+    nets, served = resolve_networks(*parse_text("0,1,+2|2,3"), names)
     assert nets == [[0, 1, 2], [2, 3]] and served == [[0, 1], [2, 3]]
     m = NetworkGroups(nets, served, 4)
     assert m.weights().tolist() == [[1, 0], [1, 0], [1, 1], [0, 1]]
@@ -359,7 +359,7 @@ def test_networks_method_parse_weights_and_training(tmp_path):
     for bad, msg in (("0,1|1,2,3", "more than one"), ("0,+1|2,3", "no network serves"), ("0,0|1,2,3", "twice"),
                      ("0,x|1,2,3", "unknown task")):
         with pytest.raises(ValueError, match=msg):
-            parse_networks(bad, names)
+            resolve_networks(*parse_text(bad), names)
     res = train(_tiny_cfg(["grouping.method=networks", "grouping.groups=0,1,+2|2,3", "model.branches=2",
                            "train.epochs=1"]), tmp_path / "net")
     assert res["assignment"] == [0, 0, 1, 1] and res["networks"] == [[0, 1, 2], [2, 3]]
@@ -367,8 +367,8 @@ def test_networks_method_parse_weights_and_training(tmp_path):
     pair = train(_tiny_cfg(["grouping.method=networks", "grouping.groups=1,3", "model.branches=1",
                             "train.epochs=1"]), tmp_path / "pair")
     assert pair["untrained_tasks"] == [0, 2]
-    with pytest.raises(ValueError, match="model.branches=2"):
-        NetworkGroups.from_config(_tiny_cfg(["grouping.method=networks", "grouping.groups=0,1|2,3"]), 4, names)
+    with pytest.raises(ValueError, match="set model.branches=2"):
+        _tiny_cfg(["grouping.method=networks", "grouping.groups=0,1|2,3", "model.branches=3"])
 
 
 # ----------------------------------------------------------------------------- end to end
@@ -419,7 +419,7 @@ def test_compare_all_methods_tiny(tmp_path, capsys):
     out = tmp_path / "all"
     sets = ["data.synthetic_groups=2", "data.synthetic_tasks_per_group=2", "data.synthetic_train=256",
             "data.synthetic_val=128", "data.synthetic_test=128", "train.epochs=2", "train.batch_size=64",
-            "data.image_size=16", "model.width=2", "model.shared=stem", "grouping.affinity_every=2"]
+            "data.image_size=16", "model.width=2", "model.shared=stem", "tag.affinity_every=2"]
     args = ["--recipe", "synthetic_k3", "--k", "2", "--rg-partitions", "2", "--out", str(out), *FAST,
             *[x for s in sets for x in ("--set", s)]]
     assert compare_main(args) == 0
@@ -429,7 +429,8 @@ def test_compare_all_methods_tiny(tmp_path, capsys):
                 ("dmtg two-shot (scratch)", 2), ("dmtg two-shot (naive init)", 2)]:
         assert key in rows and "error" not in rows[key], key
     stl_cfg = json.loads((out / "stl" / "config.json").read_text())
-    assert stl_cfg["model"]["shared"] == "none" and stl_cfg["model"]["branches"] == 4
+    assert stl_cfg["model"]["shared"] == "none" and stl_cfg["model"]["branches"] == 0 \
+        and Config.from_dict(stl_cfg).num_branches == 4 and stl_cfg["grouping"]["groups"] == [[0], [1], [2], [3]]
     assert any("overridden to none" in n for n in rows[("stl", None)]["notes"])
     assert rows[("stl", None)]["rel_encoder_cost"] == pytest.approx(4)
     assert len(list((out / "hoa").glob("pair_*"))) == math.comb(4, 2)

@@ -104,7 +104,7 @@ def _layout(batch: dict) -> dict:
 def test_taskonomy_stepper_layout_loss_and_update(tmp_path):
     from fastdmtg.pipelines import build_source
     from fastdmtg.tasks.taskonomy import TaskonomyTaskSet
-    cfg = apply_overrides(get_recipe("taskonomy5_k3"), TX_SET + bench._SPEED_OFF)
+    cfg = apply_overrides(get_recipe("taskonomy5_k3"), TX_SET + [])
     step, info = bench.build_stepper(cfg, CPU, n_batches=2)
     assert isinstance(info["taskset"], TaskonomyTaskSet) and info["taskset"].names == TASKONOMY_5
     assert info["taskset"].rotate_loss                          # the recipe's reference loss

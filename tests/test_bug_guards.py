@@ -128,8 +128,8 @@ def test_trainer_applies_the_tau_schedule_each_epoch(tmp_path, monkeypatch):
     cfg = apply_overrides(get_recipe("synthetic_k3"), [
         "train.tensorboard=false", "train.progress=false", "data.synthetic_train=128",
         "data.synthetic_val=64", "data.synthetic_test=64", "train.epochs=3", "train.batch_size=64",
-        "model.width=4", "grouping.tau_schedule=anneal", "grouping.tau_start=8", "grouping.tau_end=3",
-        "grouping.tau_decay=0.5"])
+        "model.width=4", "dmtg.tau_schedule=anneal", "dmtg.tau_start=8", "dmtg.tau_end=3",
+        "dmtg.tau_decay=0.5"])
     t = Trainer(cfg, tmp_path / "run")
     seen = []
     real = t.method.weights

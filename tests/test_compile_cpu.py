@@ -12,7 +12,7 @@ FAST = ["train.tensorboard=false", "train.progress=false"]
 TWO_TASKS = ["data.synthetic_groups=2", "data.synthetic_tasks_per_group=1", "data.synthetic_train=600",
              "data.synthetic_val=200", "data.synthetic_test=200", "train.epochs=3", "train.batch_size=64",
              "model.width=4", "model.batched=on"]
-PRUNE = ["grouping.tau=0.05", "grouping.prune_eps=0.2", "grouping.prune_patience=3"]
+PRUNE = ["dmtg.tau=0.05", "dmtg.prune_eps=0.2", "dmtg.prune_patience=3"]
 
 
 def cfg(extra=()):

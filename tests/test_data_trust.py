@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import torch
 
-from fastdmtg.config import Config, DataConfig, GroupingConfig, ModelConfig, OptimConfig, TrainConfig
+from fastdmtg.config import Config, DataConfig, DMTGConfig, GroupingConfig, ModelConfig, OptimConfig, TrainConfig
 from fastdmtg.data import celeba as cb
 from fastdmtg.data import taskonomy as tx
 from fastdmtg import pipelines as P
@@ -167,7 +167,7 @@ def _tx_run_cfg(root, split_file, **data_kw) -> Config:
     return Config(name="tx", data=DataConfig(dataset="taskonomy", root=str(root), image_size=SIZE, tasks="taskonomy5",
                                              num_workers=0, taskonomy_split_file=str(split_file), **data_kw),
                   model=ModelConfig(arch="xception", branches=2, shared_blocks=11),
-                  grouping=GroupingConfig(tau=4.0), optim=OptimConfig(name="adam", lr=1e-3, schedule="none"),
+                  dmtg=DMTGConfig(tau=4.0), optim=OptimConfig(name="adam", lr=1e-3, schedule="none"),
                   train=TrainConfig(epochs=1, batch_size=2, eval_batch_size=2, device="cpu", progress=False,
                                     tensorboard=False))
 
@@ -265,7 +265,7 @@ def test_bench_reference_row_runs_the_torch_backend_over_raw_files(tmp_path, rec
     from fastdmtg.config import apply_overrides, get_recipe
     sets = (["data.image_size=32", "train.batch_size=2", "model.branches=2", "model.shared_blocks=11"]
             if recipe.startswith("taskonomy") else ["data.image_size=32", "train.batch_size=4", "model.width=4"])
-    cfg = apply_overrides(get_recipe(recipe), sets + bench._SPEED_OFF)
+    cfg = apply_overrides(get_recipe(recipe), sets + [])
     raw = tmp_path / "raw"
     if recipe.startswith("taskonomy"):
         bench.write_taskonomy_raw(raw, n=4, side=64)

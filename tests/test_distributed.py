@@ -45,8 +45,8 @@ def test_torchrun_two_processes_with_head_pruning_and_batched_branches(tmp_path)
     run = tmp_path / "ddp_prune"
     p = torchrun(tmp_path, "--out", str(run), "--set", "train.epochs=4", *ARGS,
                  "--set", "data.synthetic_groups=2", "--set", "data.synthetic_tasks_per_group=1",
-                 "--set", "model.batched=on", "--set", "grouping.tau=0.05", "--set", "grouping.prune_eps=0.2",
-                 "--set", "grouping.prune_patience=3", "--set", "grouping.ddp_noise=per_rank")
+                 "--set", "model.batched=on", "--set", "dmtg.tau=0.05", "--set", "dmtg.prune_eps=0.2",
+                 "--set", "dmtg.prune_patience=3", "--set", "dmtg.ddp_noise=per_rank")
     assert p.returncode == 0, p.stderr[-3000:]
     res = json.loads((run / "results.json").read_text())
     assert res["speed"]["world_size"] == 2 and res["speed"]["batched"]

@@ -280,8 +280,8 @@ def test_nonfinite_validation_loss_stops_the_run(tmp_path, monkeypatch):
     assert not (tmp_path / "run" / "results.json").exists()
 
 
-@pytest.mark.parametrize("setting", ["optim.lr=inf", "grouping.tau=inf", "optim.momentum=nan",
-                                     "optim.weight_decay=inf", "grouping.tau_end=-inf"])
+@pytest.mark.parametrize("setting", ["optim.lr=inf", "dmtg.tau=inf", "optim.momentum=nan",
+                                     "optim.weight_decay=inf", "dmtg.tau_end=-inf"])
 def test_config_rejects_nonfinite_numbers(setting, capsys):
     rc, _, err = cli(capsys, "train", "--dry-run", "--set", setting)
     assert rc == 2 and setting.split("=")[0] in one_line_error(err)

@@ -180,7 +180,7 @@ def test_dmtg_recipes_paper_vs_reference():
     for c in (paper, ref):
         assert (c.optim.gamma, c.optim.plateau_patience, c.optim.plateau_threshold, c.optim.min_lr) == (0.5, 3, 0.1, 3e-5)
         assert c.train.val_every == 2 and c.train.val_first_epoch and c.train.best_rule == "reference"
-        assert c.data.taskonomy_miou == "reference" and c.model.sync_bn and c.grouping.ddp_noise == "shared"
+        assert c.data.taskonomy_miou == "reference" and c.model.sync_bn and c.dmtg.ddp_noise == "shared"
     # the reference plateau watches the training loss every epoch; the paper's the validation loss
     _, lrs = _lr_after(ref, [1.0] * 5, {1: 0.1, 3: 0.05})
     assert lrs[4] == pytest.approx(5e-4)

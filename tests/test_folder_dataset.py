@@ -298,7 +298,7 @@ def test_cli_train_eval_export_predict(tmp_path):
     res = json.loads((run / "results.json").read_text())
     cfg = json.loads((run / "config.json").read_text())
     assert res["dataset"] == "folder" and res["tasks"] == ["smile", "hair", "age"]
-    assert cfg["model"]["branches"] == 3
+    assert cfg["model"]["branches"] == 0 and res["num_branches"] == 3          # auto: min(3, N) for N = 3
     assert cfg["data"]["folder_tasks"]["hair"] == {"type": "multiclass", "classes": 3, "weight": 1.0}
     assert set(res["test"]["error"]) == {"smile", "hair"}
     assert set(res["test"]["metrics"]["age"]) == {"mae", "rmse", "count"}
@@ -354,11 +354,19 @@ def test_k_is_min_3_n(tmp_path):
     root = write_folder(tmp_path / "d", ["image", "split", "a"], rows)
     ap = argparse.ArgumentParser()
     _train_parser(ap.add_subparsers(dest="cmd"))
-    assert build_config(ap.parse_args(["train", "--data-root", str(root)])).model.branches == 1
+    assert build_config(ap.parse_args(["train", "--data-root", str(root)])).num_branches == 1
     mixed = mixed_folder(tmp_path / "m")
-    assert build_config(ap.parse_args(["train", "--data-root", str(mixed)])).model.branches == 3
+    assert build_config(ap.parse_args(["train", "--data-root", str(mixed)])).num_branches == 3
     assert build_config(ap.parse_args(["train", "--data-root", str(root), "--set",
-                                       "model.branches=2"])).model.branches == 2
+                                       "model.branches=2"])).num_branches == 2
+    # the builder resolves the same K from the opened data (config.json keeps 0: auto)
+    from fastdmtg.builder import build_training_step
+    from fastdmtg.pipelines import build_source
+    cfg = build_config(ap.parse_args(["train", "--data-root", str(mixed), "--set", "data.image_size=16",
+                                      "--set", "model.width=2", "--set", f"data.cache_dir={tmp_path / 'c'}"]))
+    data = build_source(cfg.data, progress=False)
+    step = build_training_step(cfg, data.taskset, data.image_size, torch.device("cpu"))
+    assert cfg.model.branches == 0 and step.model.num_branches == 3 == step.method.num_branches
 
 
 def test_planted_groups_found_by_dmtg(tmp_path):
@@ -424,8 +432,8 @@ def test_pruning_and_resume_on_a_folder(tmp_path):
     base = [f"data.root={root}", f"data.cache_dir={tmp_path / 'c'}", "data.image_size=16", "model.width=2",
             "train.epochs=3", "train.batch_size=4", "train.progress=false", "train.tensorboard=false"]
     # head pruning: with a high ε every task keeps one head; the list-head loss sees (K_i, B, C) outputs
-    res = train(apply_overrides(get_recipe("folder_k3"), base + ["grouping.prune_eps=0.4", "grouping.prune_patience=1",
-                                                                  "grouping.tau=0.5"]), tmp_path / "pruned")
+    res = train(apply_overrides(get_recipe("folder_k3"), base + ["dmtg.prune_eps=0.4", "dmtg.prune_patience=1",
+                                                                  "dmtg.tau=0.5"]), tmp_path / "pruned")
     assert res["pruning"]["events"], res["pruning"]
     assert res["pruning"]["head_step_fraction"] < 1.0
     # resume mid-epoch reproduces the uninterrupted run
@@ -455,7 +463,7 @@ def test_compare_every_method_on_a_folder(tmp_path):
     rc = compare_main(["--data-root", str(root), "--methods", "naive,stl,rg,tag,hoa,bmtn,dmtg,dmtg-two-shot",
                        "--k", "2", "--seeds", "1", "--out", str(out), "--rsa-images", "4", "--no-flops",
                        "--set", "data.image_size=16", "--set", "model.width=2", "--set", "train.epochs=1",
-                       "--set", "train.batch_size=4", "--set", "grouping.affinity_every=1",
+                       "--set", "train.batch_size=4", "--set", "tag.affinity_every=1",
                        "--set", f"data.cache_dir={tmp_path / 'c'}"])
     assert rc == 0
     rows = json.loads((out / "comparison.json").read_text())["rows"]
@@ -493,7 +501,7 @@ def test_python_api_trains_evaluates_predicts(tmp_path):
                             overrides=["data.image_size=16", "model.width=2", "train.epochs=2", "train.batch_size=8",
                                        "train.progress=false", "train.tensorboard=false"], progress=False)
     cfg = json.loads((tmp_path / "run" / "config.json").read_text())
-    assert cfg["data"]["dataset"] == "tensors" and cfg["model"]["branches"] == 3
+    assert cfg["data"]["dataset"] == "tensors" and cfg["model"]["branches"] == 0 and res["num_branches"] == 3
     ft = cfg["data"]["folder_tasks"]
     assert (ft["smile"]["type"], ft["smile"]["labels"]) == ("binary", ["0", "1"])
     assert (ft["hair"]["type"], ft["hair"]["classes"]) == ("multiclass", 3)
@@ -514,6 +522,11 @@ def test_python_api_trains_evaluates_predicts(tmp_path):
     torch.testing.assert_close(p["hair"]["probabilities"], out[1].softmax(-1))
     torch.testing.assert_close(p["age"]["value"], out[2][:, 0] * ft["age"]["std"] + ft["age"]["mean"])
     assert p["smile"]["label"] == [["0", "1"][int(c)] for c in p["smile"]["class"]]
+    # one prediction path: the loaded model's predict gives the same, in both of its forms
+    d = model.predict(te[0], details=True)
+    assert d["smile"]["label"] == p["smile"]["label"] and torch.equal(d["hair"]["class"], p["hair"]["class"])
+    short = model.predict(te[0], batch_size=3)
+    assert torch.equal(short["hair"], p["hair"]["class"]) and torch.equal(short["age"], p["age"]["value"])
     # a value that contradicts the declared type is named
     bad = dict(te[1], hair=[0, 1, 2, 7, 0, 1, 2, 0])
     with pytest.raises(FolderFormatError, match=r"eval targets\['hair'\]\[3\]: task 'hair' is multiclass"):

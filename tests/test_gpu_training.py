@@ -117,7 +117,7 @@ def test_pruning_with_graph_and_compile_recaptures(tmp_path):
     eager run with the same pruning settings."""
     from fastdmtg.train import train
     base = ["train.tensorboard=false", "train.progress=false",
-            "grouping.prune_eps=0.05", "grouping.prune_patience=50"]
+            "dmtg.prune_eps=0.05", "dmtg.prune_patience=50"]
     fast = train(apply_overrides(get_recipe("synthetic_k3"), base), tmp_path / "fast")
     eager = train(apply_overrides(get_recipe("synthetic_k3"), base + [
         "train.compile=off", "train.cuda_graph=off", "train.amp=off"]), tmp_path / "eager")
@@ -207,6 +207,6 @@ def test_cuda_graph_under_ddp_is_opt_in():
     assert resolve_speed(base, dev, 1)["cuda_graph"] is True
     assert resolve_speed(base, dev, 2)["cuda_graph"] is False
     assert resolve_speed(apply_overrides(base, ["train.cuda_graph=on", "model.sync_bn=false"]), dev, 2)["cuda_graph"] is True
-    for extra, field in ((["grouping.prune_eps=0.01"], "grouping.prune_eps"), (["model.sync_bn=true"], "model.sync_bn")):
+    for extra, field in ((["dmtg.prune_eps=0.01"], "dmtg.prune_eps"), (["model.sync_bn=true"], "model.sync_bn")):
         with pytest.raises(ValueError, match=field):
             resolve_speed(apply_overrides(base, ["train.cuda_graph=on"] + extra), dev, 2)

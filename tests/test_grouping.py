@@ -5,14 +5,14 @@ import pytest
 import torch
 
 from fastdmtg import ops
-from fastdmtg.config import GroupingConfig
+from fastdmtg.config import DMTGConfig
 from fastdmtg.methods.dmtg import DMTG
 from fastdmtg.methods.naive import NaiveMTL
 from fastdmtg.tasks.attributes import AttributeTaskSet
 
 
 def test_gumbel_weights_rows_sum_to_one_and_grad_reaches_S():
-    m = DMTG(5, 3, GroupingConfig(tau=2.5))
+    m = DMTG(5, 3, DMTGConfig(tau=2.5))
     z = m.weights()
     assert z.shape == (5, 3)
     assert torch.allclose(z.sum(1), torch.ones(5), atol=1e-6)
@@ -26,11 +26,11 @@ def test_gumbel_weights_rows_sum_to_one_and_grad_reaches_S():
 
 
 def test_initial_logits_are_one_and_noise_changes_each_step():
-    m = DMTG(4, 3, GroupingConfig(tau=2.5, init_logit=1.0))
+    m = DMTG(4, 3, DMTGConfig(tau=2.5, init_logit=1.0))
     assert torch.equal(m.logits.detach(), torch.ones(4, 3))
     z1, z2 = m.weights().detach(), m.weights().detach()
     assert not torch.allclose(z1, z2)          # the seed advanced: fresh noise
-    m2 = DMTG(4, 3, GroupingConfig(tau=2.5, init_logit=1.0))
+    m2 = DMTG(4, 3, DMTGConfig(tau=2.5, init_logit=1.0))
     assert torch.allclose(m2.weights().detach(), z1)  # same seed → same draw (resumable)
 
 
@@ -46,7 +46,7 @@ def test_gumbel_softmax_formula_by_hand():
 
 
 def test_argmax_readout_and_probabilities():
-    m = DMTG(3, 4, GroupingConfig())
+    m = DMTG(3, 4, DMTGConfig())
     with torch.no_grad():
         m.logits.copy_(torch.tensor([[0., 3., 1., 0.], [5., 0., 0., 0.], [0., 0., 0., 2.]]))
     assert m.assignment().tolist() == [1, 0, 3]
@@ -89,7 +89,7 @@ def test_weighted_loss_equals_hand_computed_sum():
 
 
 def test_tau_anneal_schedule():
-    g = GroupingConfig(tau_schedule="anneal", tau_start=100, tau_end=4, tau_decay=0.5)
+    g = DMTGConfig(tau_schedule="anneal", tau_start=100, tau_end=4, tau_decay=0.5)
     m = DMTG(2, 2, g)
     assert [m.tau_at(e) for e in range(7)] == [100, 50, 25, 12.5, 6.25, 4, 4]
     m.on_epoch_start(2)
@@ -98,8 +98,8 @@ def test_tau_anneal_schedule():
 
 def test_initial_tau_is_the_first_epochs():
     """Before any epoch hook the method already samples at τ of epoch 0 (τ_start when annealing)."""
-    g = GroupingConfig(tau_schedule="anneal", tau_start=100, tau_end=4, tau_decay=0.5)
-    assert float(DMTG(2, 2, g).tau) == 100.0 and float(DMTG(2, 2, GroupingConfig(tau=2.5)).tau) == 2.5
+    g = DMTGConfig(tau_schedule="anneal", tau_start=100, tau_end=4, tau_decay=0.5)
+    assert float(DMTG(2, 2, g).tau) == 100.0 and float(DMTG(2, 2, DMTGConfig(tau=2.5)).tau) == 2.5
 
 
 def test_naive_mtl_weights_are_ones():
@@ -112,9 +112,9 @@ def test_naive_mtl_weights_are_ones():
 def test_seed_derivation_and_ddp_noise_offsets():
     """The noise seed is part of reproducibility: seed s starts the counter at 7919·s + 17; under DDP
     ``per_rank`` rank r adds r·2^40 (its own draws), ``shared`` adds nothing (the same draw)."""
-    g = GroupingConfig(tau=2.5)
+    g = DMTGConfig(tau=2.5)
     assert int(DMTG(2, 3, g).seed) == 17 and int(DMTG(2, 3, g, seed=2).seed) == 2 * 7919 + 17
-    shared, per_rank = GroupingConfig(ddp_noise="shared"), GroupingConfig(ddp_noise="per_rank")
+    shared, per_rank = DMTGConfig(ddp_noise="shared"), DMTGConfig(ddp_noise="per_rank")
     a, b, c = DMTG(4, 3, per_rank), DMTG(4, 3, per_rank), DMTG(4, 3, shared)
     a.set_rank(0), b.set_rank(3), c.set_rank(3)
     assert a.seed_offset == 0 and b.seed_offset == 3 << 40 and c.seed_offset == 0
@@ -131,7 +131,7 @@ def test_seed_derivation_and_ddp_noise_offsets():
 def test_pruned_weights_stay_finite_when_the_dropped_head_dominates():
     """z over the active heads is renormalised; if the dropped head takes all the mass (its logit
     frozen high, τ small) the active heads' share underflows to 0 — the result stays finite."""
-    g = GroupingConfig(tau=0.05, prune_eps=0.1, prune_patience=1)
+    g = DMTGConfig(tau=0.05, prune_eps=0.1, prune_patience=1)
     m = DMTG(1, 3, g)
     with torch.no_grad():
         m.logits.copy_(torch.tensor([[200.0, 0.0, 0.0]]))
@@ -146,10 +146,10 @@ def test_pruning_state_only_when_on_and_events_carry_the_step():
     event before a drop; a drop after the trainer's global step g is recorded at step g + 1 (steps
     done), with its probability, and returned as the decision the trainer applies."""
     from fastdmtg.methods import StepContext
-    off = DMTG(2, 3, GroupingConfig())
+    off = DMTG(2, 3, DMTGConfig())
     assert not off.pruning and "prune_active" not in off.state_dict() and off.head_mask() is None
     assert off.prune_events() == []
-    g = GroupingConfig(tau=2.0, prune_eps=0.1, prune_patience=1)
+    g = DMTGConfig(tau=2.0, prune_eps=0.1, prune_patience=1)
     m = DMTG(2, 3, g)
     assert m.pruning and m.prune_events() == [] and m.head_mask() is None
     with torch.no_grad():

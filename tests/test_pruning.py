@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from fastdmtg.config import ConfigError, GroupingConfig, apply_overrides, get_recipe
+from fastdmtg.config import Config, ConfigError, DMTGConfig, GroupingConfig, apply_overrides, get_recipe
 from fastdmtg.methods import HeadsPruned, StepContext
 from fastdmtg.methods.dmtg import DMTG
 from fastdmtg.models.multibranch import ModuleHeads, MultiBranchNet
@@ -87,13 +87,13 @@ def test_branch_dropped_once_no_task_can_choose_it():
 
 def test_config_validation():
     with pytest.raises(ConfigError):
-        GroupingConfig(prune_eps=1.5)
+        DMTGConfig(prune_eps=1.5)
     with pytest.raises(ConfigError):
-        GroupingConfig(prune_eps=0.1, prune_patience=0)
+        DMTGConfig(prune_eps=0.1, prune_patience=0)
+    with pytest.raises(ConfigError, match="needs grouping.method=dmtg"):
+        Config(grouping=GroupingConfig(method="naive-mtl"), dmtg=DMTGConfig(prune_eps=0.1))
     with pytest.raises(ConfigError):
-        GroupingConfig(prune_eps=0.1, method="naive-mtl")
-    with pytest.raises(ConfigError):
-        GroupingConfig(prune_eps=0.1, hard=True)
+        DMTGConfig(prune_eps=0.1, hard=True)
 
 
 # ------------------------------------------------------------------ model/loss with dropped heads
@@ -152,7 +152,7 @@ def test_dropped_heads_get_no_compute_and_no_gradient():
 
 
 def test_weights_restricted_to_active_heads_and_dropped_logits_frozen():
-    g = GroupingConfig(tau=2.0, prune_eps=0.1, prune_patience=1)
+    g = DMTGConfig(tau=2.0, prune_eps=0.1, prune_patience=1)
     m = DMTG(2, 3, g)
     with torch.no_grad():
         m.logits.copy_(torch.tensor([[0.0, 5.0, 4.0], [5.0, 0.0, 1.0]]))
@@ -180,7 +180,7 @@ def test_step_runner_invalidate_and_stacked_layout():
     from fastdmtg.tasks.attributes import AttributeTaskSet
     ts = AttributeTaskSet(["a", "b"])
     model = MultiBranchNet(nn.Identity(), nn.Flatten(), LinearHeads(2, 12, 2), 3)
-    g = GroupingConfig(prune_eps=0.1, prune_patience=1)
+    g = DMTGConfig(prune_eps=0.1, prune_patience=1)
     m = DMTG(2, 3, g)
     with torch.no_grad():
         m.prune_active.copy_(torch.tensor([[True, True, False], [True, True, False]]))
@@ -208,7 +208,7 @@ def small_cfg(extra=()):
 def test_pruning_on_but_never_triggered_equals_no_pruning(tmp_path):
     """ε = 0 is off (the same code path); a positive ε that never triggers gives the same run."""
     off = train(small_cfg(["train.epochs=2"]), tmp_path / "off")
-    on = train(small_cfg(["train.epochs=2", "grouping.prune_eps=1e-30", "grouping.prune_patience=5"]),
+    on = train(small_cfg(["train.epochs=2", "dmtg.prune_eps=1e-30", "dmtg.prune_patience=5"]),
                tmp_path / "on")
     assert on["pruning"]["events"] == [] and on["pruning"]["head_step_fraction"] == 1.0
     assert on["assignment"] == off["assignment"] and on["probabilities"] == off["probabilities"]
@@ -216,7 +216,7 @@ def test_pruning_on_but_never_triggered_equals_no_pruning(tmp_path):
 
 
 def test_resume_with_pruning_is_exact(tmp_path):
-    extra = ["grouping.tau=0.05", "grouping.prune_eps=0.2", "grouping.prune_patience=3"]
+    extra = ["dmtg.tau=0.05", "dmtg.prune_eps=0.2", "dmtg.prune_patience=3"]
     full = train(small_cfg(extra), tmp_path / "full")
     assert full["pruning"]["events"], "the settings are meant to prune"
     with pytest.raises(TrainingInterrupted):
@@ -334,7 +334,7 @@ def test_pruning_with_batched_branches_matches_per_branch_run(tmp_path):
     """model.batched=on composes with pruning: the same drops, groups and test losses as the
     per-branch run; interrupted after a branch died and resumed, the same result again."""
     # 2 tasks on 3 branches: the middle branch dies mid-run (at step 20 of 30), so blocks move
-    extra = ["grouping.tau=0.05", "grouping.prune_eps=0.2", "grouping.prune_patience=3",
+    extra = ["dmtg.tau=0.05", "dmtg.prune_eps=0.2", "dmtg.prune_patience=3",
              "data.synthetic_groups=2", "data.synthetic_tasks_per_group=1"]
     sep = train(small_cfg(extra + ["model.batched=off"]), tmp_path / "sep")
     bat = train(small_cfg(extra + ["model.batched=on"]), tmp_path / "bat")

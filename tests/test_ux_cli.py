@@ -115,13 +115,13 @@ def test_predict_bad_images_are_one_line_errors(piped_run, tmp_path, capsys):
 
 def test_config_file_round_trip(tmp_path, capsys):
     part = tmp_path / "part.json"
-    part.write_text(json.dumps({"train": {"epochs": 4}, "grouping": {"tau": 3.0}}))
+    part.write_text(json.dumps({"train": {"epochs": 4}, "dmtg": {"tau": 3.0}}))
     full = tmp_path / "full.json"
     assert main(["train", "--config", str(part), "--set", "train.seed=7", "--dry-run", "--save-config", str(full)]) == 0
     shown = json.loads(capsys.readouterr().out)
     saved = json.loads(full.read_text())
     assert shown == saved
-    assert saved["train"]["epochs"] == 4 and saved["grouping"]["tau"] == 3.0 and saved["train"]["seed"] == 7
+    assert saved["train"]["epochs"] == 4 and saved["dmtg"]["tau"] == 3.0 and saved["train"]["seed"] == 7
     # auto resolved for this machine (no GPU here: CPU, no bf16, reference kernels, eager)
     if not torch.cuda.is_available():
         assert (saved["train"]["device"], saved["train"]["amp"], saved["train"]["kernels"],
@@ -143,6 +143,34 @@ def test_config_file_errors_name_the_file_and_field(tmp_path, capsys):
     bad.write_text("{not json")
     assert main(["train", "--config", str(bad), "--dry-run"]) == 2
     assert f"{bad}: invalid JSON" in capsys.readouterr().err
+
+
+def test_method_and_groups_at_the_command_line(tmp_path, capsys):
+    """The partition text is parsed at the edge into typed lists; K follows the method only when asked
+    (model.branches=0), a contradicting K is a one-line error (exit 2), never replaced."""
+    sets = ["--set", "grouping.method=fixed", "--set", "grouping.groups=0,1,2|g1_t0,4,5|6,7,8"]
+    assert main(["train", *sets, "--dry-run"]) == 0
+    assert json.loads(capsys.readouterr().out)["model"]["branches"] == 3
+    # (3 groups and the recipe's K = 3 agree: this one is fine; 2 groups do not)
+    assert main(["train", *sets[:2], "--set", "grouping.groups=0,1|2,3,4,5,6,7,8", "--dry-run"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "error: model.branches=3, but grouping.method=fixed trains 2 branch(es) (one branch per group of "
+        "grouping.groups (2)); set model.branches=2, or 0 (auto)")
+    assert main(["train", *sets, "--set", "model.branches=0", "--dry-run"]) == 0
+    out = capsys.readouterr()
+    d = json.loads(out.out)
+    assert d["grouping"]["groups"] == [[0, 1, 2], ["g1_t0", 4, 5], [6, 7, 8]] and d["model"]["branches"] == 3
+    assert "model.branches=3" in out.err                     # resolved for the dry run, and said so
+    # --method naive-mtl takes the recipe's naive twin (K = 1); a config file with K = 3 contradicts it
+    assert main(["train", "--method", "naive-mtl", "--dry-run"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert d["grouping"]["method"] == "naive-mtl" and d["model"]["branches"] == 1
+    part = tmp_path / "k3.json"
+    part.write_text(json.dumps({"model": {"branches": 3}}))
+    assert main(["train", "--method", "naive-mtl", "--config", str(part), "--dry-run"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"error: {part}: model.branches=3, but grouping.method=naive-mtl trains 1 branch(es) (one encoder for all "
+        "tasks); set model.branches=1, or 0 (auto)")
 
 
 def test_version(capsys):

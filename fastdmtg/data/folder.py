@@ -520,19 +520,6 @@ FORMAT = DatasetFormat("folder", open_folder, folder_taskset,
                        "your own tasks: DIR/labels.csv (image, split, one column per task) + optional tasks.json")
 
 
-def default_branches(cfg, overrides: list[str] = ()):
-    """K = min(K, N) for a folder dataset whose K was not set explicitly (``--set model.branches``):
-    the folder recipes' K = 3 on a folder of fewer tasks. Returns ``cfg``."""
-    if cfg.data.dataset != "folder" or not cfg.data.root or not is_folder_dataset(cfg.data.root):
-        return cfg
-    if any(o.split("=", 1)[0].strip() == "model.branches" for o in overrides):
-        return cfg
-    n = count_tasks(cfg.data.root, cfg.data.task_names())
-    if cfg.grouping.method not in ("fixed", "naive-mtl") and cfg.model.branches > n:
-        cfg.model.branches = n
-    return cfg
-
-
 #: the planted groups of ``write_demo``'s tasks
 DEMO_GROUPS = [{"g0_bin", "g0_cls"}, {"g1_bin", "g1_reg"}, {"g2_reg", "g2_bin"}]
 

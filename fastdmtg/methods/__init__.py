@@ -8,7 +8,7 @@ A method owns the grouping state (e.g. DMTG's logits S) and answers:
 * ``head_mask()``    -> (N, K) bool of the heads still computed, or None (all: no head pruning);
 * ``observe_step(ctx)`` -> decisions, after every optimizer step (``StepContext``: read-only view of
   the step); the trainer applies them (``HeadsPruned``: the model computes only the remaining
-  heads, the step runner re-captures). A method changes only its own state, never the model,
+  heads, the step runner re-captures; ``AffinityMeasured``: recorded in the log and TensorBoard). A method changes only its own state, never the model,
   optimizer or trainer;
 * ``on_epoch_start(epoch)`` (schedules), ``state_dict`` / ``load_state_dict`` (resume).
 """
@@ -30,6 +30,16 @@ class StepContext:
     model: Any = None              # models.BranchedNet
     optimizer: Any = None          # torch.optim.Optimizer
     taskset: Any = None
+
+
+@dataclass(frozen=True)
+class AffinityMeasured:
+    """Decision (TAG): the lookahead affinity of every task onto every other was measured at optimizer
+    step ``step`` (1-based); the method has added it to its running mean (its own, checkpointed state);
+    the trainer records it (log line, TensorBoard)."""
+    step: int
+    affinity: torch.Tensor         # (N, N) float64: Z[i, j] = 1 − L_j(after task i's update) / L_j(before)
+    measurements: int              # measurements in the running mean, this one included
 
 
 @dataclass(frozen=True)
@@ -61,7 +71,7 @@ class GroupingMethod(nn.Module):
         return None
 
     def set_rank(self, rank: int) -> None:
-        """The DDP rank of this process (DMTG: grouping.ddp_noise)."""
+        """The DDP rank of this process (DMTG: dmtg.ddp_noise)."""
 
     def on_epoch_start(self, epoch: int) -> None:
         pass
@@ -70,8 +80,8 @@ class GroupingMethod(nn.Module):
         return {}
 
     def observe_step(self, ctx: StepContext) -> list:
-        """Called after every optimizer step; returns the decisions for the trainer to apply (e.g.
-        ``HeadsPruned``), [] when none (e.g. TAG records inter-task affinities in its own state)."""
+        """Called after every optimizer step; returns the decisions for the trainer to apply
+        (``HeadsPruned``, ``AffinityMeasured``), [] when none."""
         return []
 
     def extra_results(self) -> dict:

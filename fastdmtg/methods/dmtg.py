@@ -19,7 +19,7 @@ so each task's logits move towards the branch where its loss is below its curren
 Evaluation and the final grouping use the one-hot argmax of S (no noise); the noise is drawn from a
 device-side seed tensor incremented in place every step, so CUDA-graph replays get fresh noise and a
 resumed run continues the exact noise sequence. Under DDP every rank draws the same sample by default
-(``grouping.ddp_noise=shared``, the release), or its own (``per_rank``): ``set_rank``.
+(``dmtg.ddp_noise=shared``, the release), or its own (``per_rank``): ``set_rank``.
 """
 from __future__ import annotations
 
@@ -32,17 +32,17 @@ from . import GroupingMethod, HeadsPruned, StepContext
 class DMTG(GroupingMethod):
     name = "dmtg"
 
-    def __init__(self, num_tasks: int, num_branches: int, gcfg, seed: int = 0, kernels: str = "auto"):
+    def __init__(self, num_tasks: int, num_branches: int, dcfg, seed: int = 0, kernels: str = "auto"):
         super().__init__(num_tasks, num_branches)
-        self.gcfg = gcfg
+        self.dcfg = dcfg          # config.DMTGConfig
         self.kernels = kernels  # the Gumbel mask's backend (train.kernels: auto | triton | reference)
-        self.logits = nn.Parameter(torch.full((num_tasks, num_branches), float(gcfg.init_logit)))  # S (N, K)
+        self.logits = nn.Parameter(torch.full((num_tasks, num_branches), float(dcfg.init_logit)))  # S (N, K)
         self.register_buffer("seed", torch.tensor(int(seed) * 7_919 + 17, dtype=torch.long))
         self.register_buffer("tau", torch.tensor(self.tau_at(0), dtype=torch.float32))
-        self.seed_offset = 0   # DDP, grouping.ddp_noise=per_rank: rank r draws from seed + r·2^40 (set_rank)
+        self.seed_offset = 0   # DDP, dmtg.ddp_noise=per_rank: rank r draws from seed + r·2^40 (set_rank)
         # head pruning (fastdmtg/pruning.py, docs/pruning.md): state buffers exist only when it is on,
         # so runs without it keep the same state dict as before
-        self.pruning = gcfg.prune_eps > 0
+        self.pruning = dcfg.prune_eps > 0
         self._all_active = True
         if self.pruning:
             n, k = num_tasks, num_branches
@@ -53,17 +53,17 @@ class DMTG(GroupingMethod):
 
     @classmethod
     def from_config(cls, cfg, num_tasks: int, task_names=None) -> "DMTG":
-        return cls(num_tasks, cfg.model.branches, cfg.grouping, seed=cfg.train.seed, kernels=cfg.train.kernels)
+        return cls(num_tasks, cfg.model.branches, cfg.dmtg, seed=cfg.train.seed, kernels=cfg.train.kernels)
 
     def set_rank(self, rank: int) -> None:
-        """DDP (grouping.ddp_noise): ``shared`` — every rank keeps the same seed, so all ranks draw the same
+        """DDP (dmtg.ddp_noise): ``shared`` — every rank keeps the same seed, so all ranks draw the same
         sample each step (one draw per global step, as the release, whose ranks are all seeded alike);
         ``per_rank`` — rank r offsets the seed by r·2^40 and draws its own sample."""
-        per_rank = self.gcfg.ddp_noise == "per_rank"
+        per_rank = self.dcfg.ddp_noise == "per_rank"
         self.seed_offset = (int(rank) << 40) if per_rank else 0
 
     def tau_at(self, epoch: int) -> float:
-        g = self.gcfg
+        g = self.dcfg
         if g.tau_schedule == "anneal":
             return max(g.tau_end, g.tau_start * g.tau_decay ** epoch)
         return g.tau
@@ -75,7 +75,7 @@ class DMTG(GroupingMethod):
         from .. import ops
         seed = self.seed + self.seed_offset if self.seed_offset else self.seed
         if self._all_active:
-            z = ops.gumbel_softmax_mask(self.logits, self.tau, seed, hard=self.gcfg.hard, backend=self.kernels)  # (N, K)
+            z = ops.gumbel_softmax_mask(self.logits, self.tau, seed, hard=self.dcfg.hard, backend=self.kernels)  # (N, K)
         else:
             # the same sample restricted to the active heads and renormalised; dropped logits get
             # no gradient (docs/pruning.md for why not "z over all K, term removed")
@@ -110,7 +110,7 @@ class DMTG(GroupingMethod):
         if not self.pruning:
             return []
         from ..pruning import active_probabilities, prune_update
-        g = self.gcfg
+        g = self.dcfg
         probs = active_probabilities(self.logits, float(self.tau), self.prune_active)
         active, below, events = prune_update(probs, self.prune_active, self.prune_below, g.prune_eps,
                                              g.prune_patience)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from ..partition import parse_groups
+from ..partition import resolve_partition
 from . import GroupingMethod
 
 
@@ -24,7 +24,7 @@ class FixedGroups(GroupingMethod):
     @classmethod
     def from_config(cls, cfg, num_tasks: int, task_names=None) -> "FixedGroups":
         names = task_names or [str(i) for i in range(num_tasks)]
-        return cls(parse_groups(cfg.grouping.groups, names), num_tasks)
+        return cls(resolve_partition(cfg.grouping.groups, names), num_tasks)
 
     def weights(self) -> torch.Tensor:
         return self._onehot

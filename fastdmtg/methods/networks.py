@@ -4,14 +4,17 @@ The second stage of TAG and HOA, whose selections may put a task into several ne
 trained in each and *served* — evaluated, kept after pruning — by the one where it is best), and
 the pair/single networks HOA trains to estimate its losses.
 
-``grouping.groups`` (parsed by ``fastdmtg.partition.parse_networks``): networks separated by "|",
-tasks by ","; a task written "+t" is *auxiliary* in that network (trained there, served by another
-network). Examples with 4 tasks:
+``grouping.groups``: the tasks trained in each network; ``grouping.auxiliary``: per network, the
+tasks that are *auxiliary* there (trained there, served by another network); resolved by
+``fastdmtg.partition.resolve_networks``. On the command line a task written "+t" is auxiliary
+(``--set grouping.groups=0,1,+2|2,3``). Examples with 4 tasks:
 
-    "0,1,+2|2,3"   network 0 trains {0, 1, 2} and serves 0, 1; network 1 trains and serves {2, 3}
-    "0,3"          one network on tasks 0 and 3 only (tasks 1, 2 are not trained at all)
+    groups [[0, 1, 2], [2, 3]], auxiliary [[2], []]   network 0 trains {0, 1, 2} and serves 0, 1;
+                                                      network 1 trains and serves {2, 3}
+    groups [[0, 3]]                                   one network on tasks 0 and 3 only (tasks 1, 2
+                                                      are not trained at all)
 
-Branch k is network k (``model.branches`` must equal the number of networks). Weights: z[t, k] = 1
+Branch k is network k (``model.branches`` = the number of networks, or 0: auto). Weights: z[t, k] = 1
 when t is trained in network k, else 0 — so a network only ever sees the losses of its own tasks,
 and (no shared trunk) K networks in one model train exactly like K separate networks.
 
@@ -25,7 +28,7 @@ from __future__ import annotations
 
 import torch
 
-from ..partition import parse_networks
+from ..partition import resolve_networks
 from . import GroupingMethod
 
 
@@ -49,12 +52,8 @@ class NetworkGroups(GroupingMethod):
     @classmethod
     def from_config(cls, cfg, num_tasks: int, task_names=None) -> "NetworkGroups":
         names = task_names or [str(i) for i in range(num_tasks)]
-        if not cfg.grouping.groups:
-            raise ValueError("grouping.groups: method 'networks' needs its networks, e.g. 0,1,+2|2,3")
-        networks, served = parse_networks(cfg.grouping.groups, names)
-        if cfg.model.branches != len(networks):
-            raise ValueError(f"grouping.groups names {len(networks)} network(s) but model.branches="
-                             f"{cfg.model.branches}; set model.branches={len(networks)}")
+        # (K = the number of networks: checked by the config, model.branches=0 resolves to it)
+        networks, served = resolve_networks(cfg.grouping.groups, cfg.grouping.auxiliary, names)
         return cls(networks, served, num_tasks)
 
     def weights(self) -> torch.Tensor:

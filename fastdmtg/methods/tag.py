@@ -1,6 +1,6 @@
 r"""TAG inter-task affinity (Fifty et al., NeurIPS 2021), first stage: train all tasks together
 (naive MTL: one encoder, K = 1, every head weighted 1) and measure, every
-``grouping.affinity_every`` steps, the lookahead affinity of every task onto every other:
+``tag.affinity_every`` steps, the lookahead affinity of every task onto every other:
 
     Z_{i→j} = 1 − L_j(X, θ_s − Δ_i, θ_j) / L_j(X, θ_s, θ_j)
 
@@ -42,7 +42,7 @@ import math
 import torch
 from torch.func import functional_call
 
-from . import GroupingMethod, StepContext
+from . import AffinityMeasured, GroupingMethod, StepContext
 
 
 def encoder_param_names(model) -> list[str]:
@@ -182,10 +182,8 @@ class TagAffinity(GroupingMethod):
 
     @classmethod
     def from_config(cls, cfg, num_tasks: int, task_names=None) -> "TagAffinity":
-        if cfg.model.branches != 1:
-            raise ValueError(f"grouping.method=tag-affinity trains all tasks on one encoder: set "
-                             f"model.branches=1 (got {cfg.model.branches})")
-        return cls(num_tasks, cfg.grouping.affinity_every, kernels=cfg.train.kernels)
+        # (one encoder, K = 1: checked by the config, model.branches=0 resolves to it)
+        return cls(num_tasks, cfg.tag.affinity_every, kernels=cfg.train.kernels)
 
     def weights(self) -> torch.Tensor:
         return self._ones                                                    # (N, 1): naive MTL
@@ -198,22 +196,24 @@ class TagAffinity(GroupingMethod):
 
     def observe_step(self, ctx: StepContext) -> list:
         """Measure (this step was announced by the previous one's snapshot) and snapshot (the next
-        step will be measured) — reading the model and optimizer only; the measurement stays in
-        the method's own state (nothing for the trainer to apply)."""
+        step will be measured) — reading the model and optimizer only. The measurement goes into the
+        method's running mean and out as an ``AffinityMeasured`` decision for the trainer to record."""
         step = ctx.global_step                         # index of the step that just ran
         pending, self._pending = self._pending, None
+        out = []
         if pending is not None and pending["step"] == step and pending["epoch"] == ctx.epoch:
             Z = lookahead_affinity(ctx.model, pending, ctx.batch, ctx.taskset, kernels=self.kernels)
             self.affinity_sum += Z.to(self.affinity_sum.device)
             self.affinity_count += 1
             self.last = Z
             self._latest = (self.affinity_sum.clone(), self.affinity_count.clone())
+            out.append(AffinityMeasured(step + 1, Z.detach().cpu(), int(self.affinity_count)))
         if (step + 2) % self.every == 0:
             # the next step (step + 1) is a measured one: keep the state it starts from
             snap = snapshot(ctx.model, ctx.optimizer, encoder_param_names(ctx.model))
             snap.update(step=step + 1, epoch=ctx.epoch)
             self._pending = snap
-        return []
+        return out
 
     def affinity(self) -> torch.Tensor | None:
         total, count = self._latest if self._latest is not None else (self.affinity_sum, self.affinity_count)
