@@ -342,6 +342,10 @@ class Trainer:
             old = Config.from_dict(st["config"])
         except ConfigError as e:
             raise ConfigError(f"{path}: the run's stored config: {e}") from None
+        if not self.cfg.data.folder_tasks and old.data.folder_tasks:
+            # the command line leaves your own tasks' declarations to inference (e.g. `--resume RUN --recipe
+            # folder_k3`): the run keeps the declarations it was trained with, not a new inference
+            self.cfg.data.folder_tasks = dict(old.data.folder_tasks)
         try:
             return st, resume_changes(old, self.cfg, st["epoch"])
         except ConfigError as e:

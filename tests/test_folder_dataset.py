@@ -442,7 +442,12 @@ def test_pruning_and_resume_on_a_folder(tmp_path):
         train(apply_overrides(get_recipe("folder_k3"), base), tmp_path / "cut", stop_after_steps=7)
     cfg = Config.load(tmp_path / "cut" / "config.json")             # what --resume reads
     assert cfg.data.folder_tasks == full_cfg_tasks(tmp_path / "full")
-    resumed = train(cfg, tmp_path / "cut", resume=True)
+    # `--resume RUN --recipe folder_k3`: the recipe leaves the declarations to inference ({}); the run
+    # keeps the ones it trained with (before, the empty field counted as a change and was refused)
+    again = apply_overrides(get_recipe("folder_k3"), base)
+    assert again.data.folder_tasks == {}
+    resumed = train(again, tmp_path / "cut", resume=True)
+    assert again.data.folder_tasks == cfg.data.folder_tasks
     assert resumed["assignment"] == full["assignment"]
     for t in full["test"]["loss"]:
         assert resumed["test"]["loss"][t] == pytest.approx(full["test"]["loss"][t], rel=1e-5)
