@@ -103,7 +103,7 @@ def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypat
 
 
 def test_init_from_naive_copies_into_all_branches(tmp_path):
-    naive_cfg = apply_overrides(small_cfg(["train.epochs=1"]), ["grouping.method=naive-mtl"])
+    naive_cfg = apply_overrides(small_cfg(["train.epochs=1"]), ["grouping.method=naive-mtl", "model.branches=1"])
     train(naive_cfg, tmp_path / "naive")
     t = Trainer(small_cfg([f"train.init_from={tmp_path / 'naive'}"]), tmp_path / "dmtg")
     naive_state = torch.load(tmp_path / "naive" / "checkpoints" / "best.pt", weights_only=True)["model"]
