@@ -173,3 +173,25 @@ def test_pruning_state_only_when_on_and_events_carry_the_step():
     assert m.assignment().tolist() == [2, 1]
     with pytest.raises(RuntimeError, match="Missing key"):
         DMTG(2, 3, g).load_state_dict(off.state_dict())         # strict: pruning state missing
+
+
+def test_pruning_state_buffers_start_as_nothing_dropped():
+    """The checkpointed pruning state of a fresh model: every head active, no step below ε, drop step
+    −1 (= never dropped, the encoding fastdmtg.pruning.head_steps reads), probability NaN."""
+    m = DMTG(2, 3, DMTGConfig(prune_eps=0.1, prune_patience=2))
+    sd = m.state_dict()
+    assert sd["prune_active"].dtype == torch.bool and sd["prune_active"].all()
+    assert torch.equal(sd["prune_below"], torch.zeros(2, 3, dtype=torch.long))
+    assert torch.equal(sd["prune_step"], torch.full((2, 3), -1, dtype=torch.long))
+    assert sd["prune_prob"].dtype == torch.float64 and sd["prune_prob"].isnan().all()
+
+
+def test_annotations_resolve():
+    """The annotations are valid types (strings until typing.get_type_hints or a tool evaluates them)."""
+    import typing
+    assert typing.get_type_hints(DMTG.head_mask) == {"return": torch.Tensor | None}
+    assert typing.get_type_hints(DMTG.prune_events) == {"return": list[dict]}
+    assert typing.get_type_hints(DMTG.log_scalars) == {"return": dict[str, float]}
+    for f in (DMTG.__init__, DMTG.set_rank, DMTG.tau_at, DMTG.weights, DMTG.assignment, DMTG.observe_step,
+              DMTG.probabilities):
+        typing.get_type_hints(f)

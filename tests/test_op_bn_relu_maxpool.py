@@ -206,3 +206,36 @@ def _assert_same_grads_and_buffers(off, on):
                                    msg=lambda m: f"grad {n}: {m}")
     for (n, p), (_, q) in zip(off.named_buffers(), on.named_buffers()):
         torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-6, msg=lambda m: f"buffer {n}: {m}")
+
+
+def test_reference_by_hand_with_its_defaults():
+    """The reference with its default arguments (training=True, momentum 0.1, eps 1e-5) against the
+    stem written out by hand: per-channel batch mean and biased variance over (B, H, W), the affine
+    normalisation, ReLU, the max over every 3×3 window at stride 2 (no padding), and the running
+    statistics moved 10 % towards the batch mean and the unbiased variance. Channel 1 has a variance
+    of 4e-6, below eps = 1e-5, so eps shapes its output."""
+    B, C, H, W = 2, 2, 7, 6                                              # pooled: 3 × 2
+    x = torch.randn(B, C, H, W, generator=gen(11), dtype=torch.float64)
+    z = x[:, 1] - x[:, 1].mean()
+    x[:, 1] = 0.3 + 2e-3 * z / z.pow(2).mean().sqrt()                    # channel 1: variance 4e-6 < eps
+    w, b = torch.tensor([1.5, -0.7], dtype=torch.float64), torch.tensor([-3.0, 0.1], dtype=torch.float64)
+    rm, rv = torch.tensor([1.0, -2.0], dtype=torch.float64), torch.tensor([3.0, 0.5], dtype=torch.float64)
+    n = B * H * W
+    mean = x.sum(dim=(0, 2, 3)) / n                                      # (C,)
+    var = ((x - mean[None, :, None, None]) ** 2).sum(dim=(0, 2, 3)) / n  # (C,) biased
+    y = (x - mean[None, :, None, None]) / (var[None, :, None, None] + 1e-5).sqrt() * w[None, :, None, None] \
+        + b[None, :, None, None]
+    y = y.clamp_min(0)                                                   # channel 0: most windows all < 0
+    Ho, Wo = (H - 3) // 2 + 1, (W - 3) // 2 + 1
+    want = torch.empty(B, C, Ho, Wo, dtype=torch.float64)
+    for i in range(Ho):
+        for j in range(Wo):
+            want[:, :, i, j] = y[:, :, 2 * i:2 * i + 3, 2 * j:2 * j + 3].amax(dim=(2, 3))
+    want_rm = 0.9 * torch.tensor([1.0, -2.0], dtype=torch.float64) + 0.1 * mean
+    want_rv = 0.9 * torch.tensor([3.0, 0.5], dtype=torch.float64) + 0.1 * var * n / (n - 1)
+    got = op.reference(x, rm, rv, w, b)
+    assert got.shape == (B, C, Ho, Wo) == (2, 2, 3, 2)
+    assert 0 < int((want[:, 0] == 0).sum()) < want[:, 0].numel()             # ReLU shapes the result
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(rm, want_rm, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(rv, want_rv, rtol=1e-12, atol=1e-12)

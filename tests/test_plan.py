@@ -93,3 +93,44 @@ def test_resolve_shard(monkeypatch):
     monkeypatch.setattr(dist, "get_rank", lambda: 2)
     monkeypatch.setattr(dist, "get_world_size", lambda: 3)
     assert plan_mod.resolve_shard() == (2, 3)
+
+
+def test_resolve_shard_rejects_a_negative_rank_and_an_empty_world():
+    for rank, world in ((-1, 4), (-1, 1), (0, 0), (1, 1), (5, 4)):
+        with pytest.raises(ValueError, match=f"rank {rank} / world_size {world}"):
+            plan_mod.resolve_shard(rank, world)
+    assert plan_mod.resolve_shard(3, 4) == (3, 4)
+
+
+def test_plan_epoch_takes_its_options_by_keyword_only():
+    """n and batch_size by position or keyword; the seven options (two bools, ints that are easy to
+    swap) only by keyword."""
+    kw = dict(shuffle=False, seed=0, epoch=0, train=False, skip=0, rank=0, world=1, flip=False)
+    want = [[0, 1], [2, 3], [4]]
+    assert [b.index.tolist() for b in plan_mod.plan_epoch(5, 2, **kw)] == want
+    assert [b.index.tolist() for b in plan_mod.plan_epoch(n=5, batch_size=2, **kw)] == want
+    with pytest.raises(TypeError):
+        plan_mod.plan_epoch(5, 2, *kw.values())
+
+
+def test_annotations_resolve():
+    """The annotations are valid types (they are strings until something such as typing.get_type_hints
+    or a dataclass tool evaluates them)."""
+    import typing
+    assert typing.get_type_hints(plan_mod.resolve_shard) == {"rank": int | None, "world_size": int | None,
+                                                           "return": tuple[int, int]}
+    assert typing.get_type_hints(plan_mod.PlannedBatch) == {"index": np.ndarray, "flip": np.ndarray | None}
+    for f in (plan_mod.epoch_permutation, plan_mod.flip_flags, plan_mod.shard_positions,
+              plan_mod.shard_num_batches, plan_mod.plan_epoch):
+        typing.get_type_hints(f)
+
+
+def test_a_draw_of_exactly_one_half_is_not_flipped():
+    """flip ⇔ u < 0.5: at (seed 32, epoch 0) the draw at position 201,925 is exactly 0.5 (found by search;
+    torch.rand's float32 draws are multiples of 2⁻²⁴), so it is not flipped."""
+    import hashlib
+    key = int.from_bytes(hashlib.sha256(b"taskonomy-flip:32:0").digest()[:8], "little")
+    u = torch.rand(201_926, generator=torch.Generator().manual_seed(key % 2 ** 63))
+    assert u[201_925].item() == 0.5
+    flags = plan_mod.flip_flags(201_926, 32, 0)
+    assert not flags[201_925] and flags[201_920:201_925].tolist() == [True] * 5    # draws .127 .395 .140 .005 .179
