@@ -363,6 +363,8 @@ def step_main(argv: list[str]) -> int:
     train_flops_per_sample = 3 * 2 * fwd_macs
     fvcore_note = "" if flops["fvcore_1_per_mac"] else " (fvcore not installed: MACs = torch.utils.flop_counter / 2)"
     rows = [   # (label, the switches on, the loader)
+        ("reference style: eager fp32 + torch DataLoader (JPEG decode)" if not taskonomy else
+         "reference style: eager fp32 + torch DataLoader (PNG decode + resize)", (), "torch"),
         (f"eager fp32, {where} uint8 cache" if not taskonomy else
          f"eager fp32, {where} uint8/uint16 cache", (), "gpu-cache"),
         ("+ bf16 autocast", ("bf16",), "gpu-cache"),

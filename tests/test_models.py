@@ -59,8 +59,10 @@ def test_grouped_net_equals_argmax_selection():
 
 def test_invalid_k():
     from fastdmtg.config import ConfigError
-    with pytest.raises(ConfigError, match="K"):
-        ModelConfig(branches=0)
+    for bad in (-1, 65):
+        with pytest.raises(ConfigError, match=r"model.branches \(K\) must be"):
+            ModelConfig(branches=bad)
+    assert ModelConfig(branches=0).branches == 0 and ModelConfig(branches=64).branches == 64   # 0 = auto
 
 
 @pytest.mark.parametrize("shared", ["none", "stem"])

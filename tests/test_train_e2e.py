@@ -128,8 +128,8 @@ def test_cli_train_eval_and_errors(tmp_path, capsys):
     assert ev["total_loss"] == pytest.approx(res["total_loss"], rel=1e-5)
     assert main(["train", "--set", "train.epochs=zero"]) == 2
     assert "train.epochs: expected an integer" in capsys.readouterr().err
-    assert main(["train", "--set", "model.branches=0"]) == 2
-    assert "K" in capsys.readouterr().err
+    assert main(["train", "--set", "model.branches=-1"]) == 2
+    assert "model.branches (K) must be >= 1, or 0 (auto), got -1" in capsys.readouterr().err
     assert main(["train", "--set", "train.nope=1"]) == 2
     assert "unknown key" in capsys.readouterr().err
     # (the default celeba9_k3 follows the paper: it needs --init-from first, tests/test_fidelity.py)
