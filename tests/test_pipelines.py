@@ -34,6 +34,7 @@ from fastdmtg.config import DataConfig
 from fastdmtg.data import open_dataset
 from fastdmtg.data import celeba as cb
 from fastdmtg.data import taskonomy as tx
+from fastdmtg.data.folder import write_demo
 from fastdmtg import pipelines as P
 from fastdmtg.pipelines import plan as plan_mod
 from fastdmtg.pipelines.source import to_tensor
@@ -46,11 +47,11 @@ from taskonomy_fixture import write_fixture  # noqa: E402
 CELEBA_N = 40          # 20 train / 10 val / 10 test
 CELEBA_SIZE = 32
 TX_RAW, TX_SIZE = 32, 16
-DATASETS = ["synthetic", "celeba", "taskonomy", "taskonomy-prepared"]
+DATASETS = ["synthetic", "celeba", "taskonomy", "taskonomy-prepared", "folder"]
 IN_PROCESS = ["gpu-cache", "memory", "torch", "dali"]
 CLASS = {"gpu-cache": P.ResidentSource, "memory": P.ResidentSource, "torch": P.TorchSource, "ffcv": P.FfcvSource,
          "dali": P.DaliSource}
-BATCH = {"synthetic": 4, "celeba": 7, "taskonomy": 3, "taskonomy-prepared": 3}
+BATCH = {"synthetic": 4, "celeba": 7, "taskonomy": 3, "taskonomy-prepared": 3, "folder": 5}
 
 
 def _installed(name):
@@ -72,8 +73,10 @@ def make_data(base: Path) -> dict:
     prep = base / "txprep"
     tx.prepare(fx["root"], prep, TX_SIZE, split_file=fx["split_file"], domains=tx.needed_domains(tx.TASK_DOMAIN),
                workers=1, progress=False)
+    # your own tasks (DIR/labels.csv): binary, multiclass and regression columns, 5 % of the cells empty
+    folder = write_demo(base / "folder", n_train=21, n_eval=7, size=20, seed=3)
     return {"celeba": str(cel), "tx_root": str(fx["root"]), "tx_split": str(fx["split_file"]), "tx_prep": str(prep),
-            "cache": str(base / "cache")}
+            "folder": str(folder), "cache": str(base / "cache")}
 
 
 def cfg_for(d: dict, dataset: str, backend: str, **kw) -> DataConfig:
@@ -83,6 +86,8 @@ def cfg_for(d: dict, dataset: str, backend: str, **kw) -> DataConfig:
                  synthetic_train=21, synthetic_val=7, synthetic_test=6)
     elif dataset == "celeba":
         c = dict(dataset="celeba", root=d["celeba"], tasks="celeba9", image_size=CELEBA_SIZE)
+    elif dataset == "folder":
+        c = dict(dataset="folder", root=d["folder"], image_size=16)
     else:
         c = dict(dataset="taskonomy", root=d["tx_root"] if dataset == "taskonomy" else d["tx_prep"],
                  image_size=TX_SIZE, tasks="taskonomy5", taskonomy_split_file=d["tx_split"])
@@ -114,6 +119,10 @@ def assert_same_batch(a: dict, b: dict, what=""):
     assert a["image"].is_contiguous() and a["image"].dtype == torch.float32, f"{what}: image not contiguous float"
     if "labels" in b:
         assert torch.equal(a["labels"], b["labels"]) and a["labels"].dtype == torch.int64, f"{what}: labels"
+    elif torch.is_tensor(b["targets"]):                 # your own tasks: (B, N) float32, NaN = missing
+        assert a["targets"].dtype == torch.float32 and a["targets"].shape == b["targets"].shape, what
+        assert torch.equal(a["targets"].isnan(), b["targets"].isnan()), f"{what}: missing labels differ"
+        assert torch.equal(a["targets"].nan_to_num(-7.0), b["targets"].nan_to_num(-7.0)), f"{what}: targets"
     else:
         assert torch.equal(a["mask"], b["mask"]), f"{what}: mask"
         assert a["targets"].keys() == b["targets"].keys()
