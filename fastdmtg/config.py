@@ -158,7 +158,7 @@ class GroupingConfig:
     own settings live in its own section (``dmtg``, ``tag``)."""
     method: str = "dmtg"                # dmtg | naive-mtl | fixed | tag-affinity | networks (fastdmtg.methods)
     # fixed / networks: the tasks of each group (fixed: a partition, every task once; networks: the tasks
-    # trained in each network); --set grouping.groups=0,1|2 or names, "+t" marks t auxiliary (networks)
+    # trained in each network); --set 'grouping.groups=0,1|2' or names, "+t" marks t auxiliary (networks)
     groups: Partition = field(default_factory=list)
     # networks: per network, its auxiliary tasks (trained there, served by another network); [] = none
     auxiliary: Partition = field(default_factory=list)
@@ -174,7 +174,7 @@ class GroupingConfig:
             raise ConfigError(str(e)) from None
         if self.method in ("fixed", "networks"):
             _check(bool(self.groups), f"grouping.groups: method {self.method!r} needs its groups, e.g. "
-                                      f"--set grouping.groups={'0,1|2' if self.method == 'fixed' else '0,1,+2|2,3'}")
+                                      f"--set 'grouping.groups={'0,1|2' if self.method == 'fixed' else '0,1,+2|2,3'}'")
         else:
             _check(not self.groups, f"grouping.groups: only methods fixed and networks take groups "
                                     f"(grouping.method={self.method})")

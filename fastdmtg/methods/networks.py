@@ -7,7 +7,7 @@ the pair/single networks HOA trains to estimate its losses.
 ``grouping.groups``: the tasks trained in each network; ``grouping.auxiliary``: per network, the
 tasks that are *auxiliary* there (trained there, served by another network); resolved by
 ``fastdmtg.partition.resolve_networks``. On the command line a task written "+t" is auxiliary
-(``--set grouping.groups=0,1,+2|2,3``). Examples with 4 tasks:
+(``--set 'grouping.groups=0,1,+2|2,3'``). Examples with 4 tasks:
 
     groups [[0, 1, 2], [2, 3]], auxiliary [[2], []]   network 0 trains {0, 1, 2} and serves 0, 1;
                                                       network 1 trains and serves {2, 3}
