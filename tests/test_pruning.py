@@ -11,7 +11,8 @@ from fastdmtg.config import ConfigError, GroupingConfig, apply_overrides, get_re
 from fastdmtg.methods import HeadsPruned, StepContext
 from fastdmtg.methods.dmtg import DMTG
 from fastdmtg.models.multibranch import ModuleHeads, MultiBranchNet
-from fastdmtg.pruning import active_probabilities, branch_alive, prune_update, training_flops
+from fastdmtg.pruning import (active_probabilities, branch_alive, per_part_flops, prune_update,
+                              training_flops)
 from fastdmtg.step import StepModule, StepRunner
 from fastdmtg.tasks.taskonomy import TaskonomyTaskSet
 from fastdmtg.train import TrainingInterrupted, train
@@ -263,6 +264,27 @@ def test_training_flops_accounting():
     assert r["pruned"] == pytest.approx(9 * per_sample) and r["full"] == pytest.approx(9 * 4500)
     assert r["ratio"] == pytest.approx(3520 / 4500)
     assert r["head_share"] == pytest.approx(240 / 450)
+
+
+def test_per_part_flops_by_hand():
+    """Forward FLOPs per sample of the trunk, one branch and each head, against 2·MACs by hand:
+    a convolution costs 2·C_out·C_in·k²·H·W, a linear layer 2·in·out (biases are not counted)."""
+    s = 8
+    heads = ModuleHeads([nn.Conv2d(5, 2, 1), nn.Conv2d(5, 7, 3, padding=1)])          # unequal heads
+    model = MultiBranchNet(nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(4, 5, 1), heads, 3)
+    model.train()
+    parts = per_part_flops(model, s)
+    assert parts == {"shared": 2 * 4 * 3 * 9 * s * s, "branch": 2 * 5 * 4 * s * s,
+                     "heads": [2 * 2 * 5 * s * s, 2 * 7 * 5 * 9 * s * s]}
+    assert model.training                                          # the mode is restored
+    # stacked heads: one batched matmul for all N heads, split evenly
+    from fastdmtg.models.multibranch import LinearHeads
+    model = MultiBranchNet(nn.Identity(), nn.Sequential(nn.Flatten(), nn.Linear(3 * 4 * 4, 6)),
+                           LinearHeads(3, 6, 2), 2)
+    model.eval()
+    parts = per_part_flops(model, 4)
+    assert parts == {"shared": 0, "branch": 2 * 48 * 6, "heads": [2 * 6 * 2] * 3}
+    assert not model.training
 
 
 # ------------------------------------------------------------------ batched branches with dead branches
