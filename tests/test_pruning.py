@@ -86,6 +86,26 @@ def test_branch_dropped_once_no_task_can_choose_it():
     assert branch_alive(active).tolist() == [True, True, False]
 
 
+def test_rule_on_hand_states():
+    """prune_update on given probabilities and counters (no softmax in between): the threshold is
+    strict (p = ε exactly is not below ε), the counters of dropped heads stay as they were, and the
+    "keep the best head" exception applies only when *every* active head of the task qualifies."""
+    # p = ε exactly: not below, counter reset; the other head counts on
+    a = torch.ones(1, 2, dtype=torch.bool)
+    act, below, ev = prune_update(torch.tensor([[0.25, 0.75]]), a, torch.tensor([[3, 0]]), 0.25, 1)
+    assert act.tolist() == [[True, True]] and below.tolist() == [[0, 0]] and ev == []
+    # task 0: head 0 qualifies (counter reaches patience 2) while heads 1, 2 are below ε but not yet
+    # for long enough -> head 0 is dropped although it is the most probable (not every head qualifies);
+    # task 1: a dropped head's counter is frozen; both active heads qualify -> the more probable stays
+    probs = torch.tensor([[0.4, 0.35, 0.25], [0.0, 0.3, 0.7]], dtype=torch.float64)
+    active = torch.tensor([[True, True, True], [False, True, True]])
+    act, below, ev = prune_update(probs, active, torch.tensor([[1, 0, 0], [7, 1, 1]]), 0.8, 2)
+    assert act.tolist() == [[False, True, True], [False, False, True]]
+    assert below.tolist() == [[2, 1, 1], [7, 2, 2]]
+    assert ev == [(0, 0, 0.4), (1, 1, 0.3)]
+    assert act.dtype == torch.bool and below.dtype == torch.long
+
+
 def test_config_validation():
     with pytest.raises(ConfigError):
         GroupingConfig(prune_eps=1.5)
