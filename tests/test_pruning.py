@@ -11,7 +11,7 @@ from fastdmtg.config import ConfigError, GroupingConfig, apply_overrides, get_re
 from fastdmtg.methods import HeadsPruned, StepContext
 from fastdmtg.methods.dmtg import DMTG
 from fastdmtg.models.multibranch import ModuleHeads, MultiBranchNet
-from fastdmtg.pruning import (active_probabilities, branch_alive, per_part_flops, prune_update,
+from fastdmtg.pruning import (active_probabilities, branch_alive, head_steps, per_part_flops, prune_update,
                               training_flops)
 from fastdmtg.step import StepModule, StepRunner
 from fastdmtg.tasks.taskonomy import TaskonomyTaskSet
@@ -104,6 +104,10 @@ def test_rule_on_hand_states():
     assert below.tolist() == [[2, 1, 1], [7, 2, 2]]
     assert ev == [(0, 0, 0.4), (1, 1, 0.3)]
     assert act.dtype == torch.bool and below.dtype == torch.long
+    # a counter already past the patience (a resumed run with a smaller patience) qualifies at once
+    p = torch.tensor([[0.1, 0.9]], dtype=torch.float64)
+    act, below, ev = prune_update(p, a, torch.tensor([[4, 0]]), 0.5, 2)
+    assert act.tolist() == [[False, True]] and below.tolist() == [[5, 0]] and ev == [(0, 0, 0.1)]
 
 
 def test_config_validation():
@@ -284,6 +288,9 @@ def test_training_flops_accounting():
     assert r["pruned"] == pytest.approx(9 * per_sample) and r["full"] == pytest.approx(9 * 4500)
     assert r["ratio"] == pytest.approx(3520 / 4500)
     assert r["head_share"] == pytest.approx(240 / 450)
+    # defaults: forward + backward = 3 × forward; a drop step of 0 means the head never ran (steps 1..0)
+    assert training_flops(parts, st, total_steps=10, batch_size=1)["full"] == pytest.approx(3 * 4500)
+    assert head_steps(torch.tensor([[0, -1, 3]]), 10).tolist() == [[0, 10, 3]]
 
 
 def test_per_part_flops_by_hand():
@@ -300,7 +307,7 @@ def test_per_part_flops_by_hand():
     # stacked heads: one batched matmul for all N heads, split evenly
     from fastdmtg.models.multibranch import LinearHeads
     model = MultiBranchNet(nn.Identity(), nn.Sequential(nn.Flatten(), nn.Linear(3 * 4 * 4, 6)),
-                           LinearHeads(3, 6, 2), 2)
+                           LinearHeads(3, 6, 2), 1)                                  # K = 1
     model.eval()
     parts = per_part_flops(model, 4)
     assert parts == {"shared": 0, "branch": 2 * 48 * 6, "heads": [2 * 6 * 2] * 3}
