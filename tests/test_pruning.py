@@ -293,9 +293,10 @@ def test_training_flops_accounting():
     assert head_steps(torch.tensor([[0, -1, 3]]), 10).tolist() == [[0, 10, 3]]
 
 
-def test_per_part_flops_by_hand():
+def test_per_part_flops_by_hand(capsys):
     """Forward FLOPs per sample of the trunk, one branch and each head, against 2·MACs by hand:
-    a convolution costs 2·C_out·C_in·k²·H·W, a linear layer 2·in·out (biases are not counted)."""
+    a convolution costs 2·C_out·C_in·k²·H·W, a linear layer 2·in·out (biases are not counted).
+    Nothing is printed (the counter's table stays off)."""
     s = 8
     heads = ModuleHeads([nn.Conv2d(5, 2, 1), nn.Conv2d(5, 7, 3, padding=1)])          # unequal heads
     model = MultiBranchNet(nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(4, 5, 1), heads, 3)
@@ -312,6 +313,7 @@ def test_per_part_flops_by_hand():
     parts = per_part_flops(model, 4)
     assert parts == {"shared": 0, "branch": 2 * 48 * 6, "heads": [2 * 6 * 2] * 3}
     assert not model.training
+    assert capsys.readouterr().out == ""
 
 
 # ------------------------------------------------------------------ batched branches with dead branches
