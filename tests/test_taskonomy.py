@@ -442,14 +442,21 @@ def test_rotate_loss_per_sample_of_a_single_head():
     assert float(full[0]) == pytest.approx(want0, rel=1e-6)
 
 
-def test_miou_of_an_empty_confusion_and_an_unknown_definition():
+def test_miou_edge_cases_and_an_unknown_definition():
     """No valid pixel at all: the reference definition sums nothing (0 %, 0 classes), the mean one
-    has no class to average (NaN, 0 classes); an unknown definition is refused, naming the field."""
+    has no class to average (NaN, 0 classes). A class found only in the target (its pixels all
+    predicted 0) counts in both, with IoU 0: reference (IoU_1 + IoU_3) / 18 over classes 1 and 3.
+    An unknown definition is refused, naming the field."""
     from fastdmtg.tasks.taskonomy import miou_from_confusion
     empty = torch.zeros(18, 18, dtype=torch.long)
     assert miou_from_confusion(empty, "reference") == (0.0, 0)
     mean, n = miou_from_confusion(empty, "mean")
     assert math.isnan(mean) and n == 0
+    c = empty.clone()
+    c[1, 1], c[3, 0] = 2, 1                         # IoU_1 = 2/2, IoU_3 = 0/1
+    ref, n = miou_from_confusion(c, "reference")
+    assert ref == pytest.approx(100 * 1.0 / 18) and n == 2
+    assert miou_from_confusion(c, "mean") == (pytest.approx(50.0), 2)
     with pytest.raises(ValueError, match="data.taskonomy_miou: expected reference|mean, got 'iou'"):
         miou_from_confusion(empty, "iou")
 
