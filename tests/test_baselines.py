@@ -154,6 +154,19 @@ def test_hoa_selection_by_hand():
         gs.hoa_select(single[:1], pair, 3)
 
 
+def test_dp_on_a_tie_serves_a_part_from_its_own_network():
+    """Part {0} costs 0 in its own network {0} and also 0 in {0, 1} (task 1 helping 0 for free);
+    on that exact tie the DP keeps the smaller network (no helper task to train). By hand:
+    v({0},0) = v({1},1) = 0, v({0,1},0) = W[1,0] = 0, v({0,1},1) = W[0,1] = 5 → two networks {0}, {1}
+    (objective 0); with one network only {0, 1} (objective 5)."""
+    W = np.array([[0.0, 5.0], [0.0, 0.0]])
+    sel = gs.select_dp(W, np.zeros(2), 2)
+    assert sel.networks == [(0,), (1,)] and sel.served == [0, 1] and sel.objective == 0.0
+    assert not any(sel.auxiliary())
+    one = gs.select_dp(W, np.zeros(2), 1)
+    assert one.networks == [(0, 1)] and one.objective == 5.0
+
+
 def test_bnb_node_limit_is_anytime():
     rng = np.random.default_rng(3)
     W = rng.normal(size=(8, 8))
