@@ -154,7 +154,7 @@ def test_hoa_selection_by_hand():
         gs.hoa_select(single[:1], pair, 3)
 
 
-def test_dp_on_a_tie_serves_a_part_from_its_own_network():
+def test_dp_tie_keeps_the_parts_own_network_and_n_over_16_is_refused():
     """Part {0} costs 0 in its own network {0} and also 0 in {0, 1} (task 1 helping 0 for free);
     on that exact tie the DP keeps the smaller network (no helper task to train). By hand:
     v({0},0) = v({1},1) = 0, v({0,1},0) = W[1,0] = 0, v({0,1},1) = W[0,1] = 5 → two networks {0}, {1}
@@ -165,6 +165,9 @@ def test_dp_on_a_tie_serves_a_part_from_its_own_network():
     assert not any(sel.auxiliary())
     one = gs.select_dp(W, np.zeros(2), 1)
     assert one.networks == [(0, 1)] and one.objective == 5.0
+    # the exact DP is refused above 16 tasks (3^N), before any work
+    with pytest.raises(ValueError, match=r"N = 17 is too large — use select_bnb"):
+        gs.select_dp(np.zeros((17, 17)), np.zeros(17), 2)
 
 
 def test_bnb_node_limit_is_anytime():
