@@ -154,6 +154,7 @@ def test_hoa_selection_by_hand():
         gs.hoa_select(single[:1], pair, 3)
 
 
+@pytest.mark.timeout(60)
 def test_dp_tie_keeps_the_parts_own_network_and_n_over_16_is_refused():
     """Part {0} costs 0 in its own network {0} and also 0 in {0, 1} (task 1 helping 0 for free);
     on that exact tie the DP keeps the smaller network (no helper task to train). By hand:
@@ -165,6 +166,9 @@ def test_dp_tie_keeps_the_parts_own_network_and_n_over_16_is_refused():
     assert not any(sel.auxiliary())
     one = gs.select_dp(W, np.zeros(2), 1)
     assert one.networks == [(0, 1)] and one.objective == 5.0
+    # one task: its own network, served at its single value (a hang here is a failure, not a stall)
+    one_task = gs.select_dp(np.zeros((1, 1)), np.array([2.5]), 1)
+    assert one_task.networks == [(0,)] and one_task.served == [0] and one_task.objective == 2.5
     # the exact DP is refused above 16 tasks (3^N), before any work
     with pytest.raises(ValueError, match=r"N = 17 is too large — use select_bnb"):
         gs.select_dp(np.zeros((17, 17)), np.zeros(17), 2)
