@@ -154,6 +154,55 @@ def test_hoa_selection_by_hand():
         gs.hoa_select(single[:1], pair, 3)
 
 
+@pytest.mark.timeout(60)
+def test_dp_tie_keeps_the_parts_own_network_and_n_over_16_is_refused(monkeypatch):
+    """Part {0} costs 0 in its own network {0} and also 0 in {0, 1} (task 1 helping 0 for free);
+    on that exact tie the DP keeps the smaller network (no helper task to train). By hand:
+    v({0},0) = v({1},1) = 0, v({0,1},0) = W[1,0] = 0, v({0,1},1) = W[0,1] = 5 → two networks {0}, {1}
+    (objective 0); with one network only {0, 1} (objective 5)."""
+    W = np.array([[0.0, 5.0], [0.0, 0.0]])
+    sel = gs.select_dp(W, np.zeros(2), 2)
+    assert sel.networks == [(0,), (1,)] and sel.served == [0, 1] and sel.objective == 0.0
+    assert not any(sel.auxiliary())
+    one = gs.select_dp(W, np.zeros(2), 1)
+    assert one.networks == [(0, 1)] and one.objective == 5.0
+    # an improvement of 1e-15 (float noise) is no improvement: still a tie, still the own network
+    W_eps = np.array([[0.0, 5.0], [-1e-15, 0.0]])
+    assert gs.select_dp(W_eps, np.zeros(2), 2).networks == [(0,), (1,)]
+    # one task: its own network, served at its single value (a hang here is a failure, not a stall)
+    one_task = gs.select_dp(np.zeros((1, 1)), np.array([2.5]), 1)
+    assert one_task.networks == [(0,)] and one_task.served == [0] and one_task.objective == 2.5
+    # the exact DP is refused above 16 tasks (3^N), before any work; 16 tasks are accepted (the
+    # DP starts: stopped at once here by a stand-in for its first step)
+    with pytest.raises(ValueError, match=r"N = 17 is too large — use select_bnb"):
+        gs.select_dp(np.zeros((17, 17)), np.zeros(17), 2)
+
+    class Started(Exception):
+        pass
+
+    def stop(n):
+        raise Started(n)
+    monkeypatch.setattr(gs, "all_subsets", stop)
+    with pytest.raises(Started):
+        gs.select_dp(np.zeros((16, 16)), np.zeros(16), 2)
+
+
+def test_dp_partition_tie_and_network_order_are_pinned():
+    """Equal-cost optima: {0,1}|{2} and {0}|{1,2} both cost 2 (pairs 1 + 1, singles 0; {0,2} costs
+    5 + 5). The DP returns the first it enumerates, {0,1}|{2} — pinned, so that a change of the
+    enumeration cannot silently change the groups returned for the same matrices. Networks are
+    ordered by their smallest served task, whatever order the solver found them in."""
+    W = np.array([[0.0, 1.0, 5.0], [1.0, 0.0, 1.0], [5.0, 1.0, 0.0]])
+    sel = gs.select_dp(W, np.zeros(3), 2)
+    assert sel.networks == [(0, 1), (2,)] and sel.served == [0, 0, 1] and sel.objective == 2.0
+    # exhaustive search over singletons listed as {1}, {0}, {2}: the only cover uses all three
+    V = np.array([[np.inf, 0.5, np.inf], [0.25, np.inf, np.inf], [np.inf, np.inf, 0.75]])
+    ex = gs.select_exhaustive([(1,), (0,), (2,)], V, 3, 3)
+    assert ex.networks == [(0,), (1,), (2,)] and ex.served == [0, 1, 2] and ex.objective == 1.5
+
+
+
+
 def test_bnb_node_limit_is_anytime():
     rng = np.random.default_rng(3)
     W = rng.normal(size=(8, 8))

@@ -11,7 +11,8 @@ from fastdmtg.config import Config, ConfigError, DMTGConfig, GroupingConfig, app
 from fastdmtg.methods import HeadsPruned, StepContext
 from fastdmtg.methods.dmtg import DMTG
 from fastdmtg.models.multibranch import ModuleHeads, MultiBranchNet
-from fastdmtg.pruning import active_probabilities, branch_alive, prune_update, training_flops
+from fastdmtg.pruning import (active_probabilities, branch_alive, head_steps, per_part_flops, prune_update,
+                              training_flops)
 from fastdmtg.step import StepModule, StepRunner
 from fastdmtg.tasks.taskonomy import TaskonomyTaskSet
 from fastdmtg.train import TrainingInterrupted, train
@@ -83,6 +84,30 @@ def test_branch_dropped_once_no_task_can_choose_it():
     dropped, active, _ = run_rule(traj, eps=0.1, patience=2)
     assert dropped == {(0, 2): 2, (1, 2): 4}
     assert branch_alive(active).tolist() == [True, True, False]
+
+
+def test_rule_on_hand_states():
+    """prune_update on given probabilities and counters (no softmax in between): the threshold is
+    strict (p = ε exactly is not below ε), the counters of dropped heads stay as they were, and the
+    "keep the best head" exception applies only when *every* active head of the task qualifies."""
+    # p = ε exactly: not below, counter reset; the other head counts on
+    a = torch.ones(1, 2, dtype=torch.bool)
+    act, below, ev = prune_update(torch.tensor([[0.25, 0.75]]), a, torch.tensor([[3, 0]]), 0.25, 1)
+    assert act.tolist() == [[True, True]] and below.tolist() == [[0, 0]] and ev == []
+    # task 0: head 0 qualifies (counter reaches patience 2) while heads 1, 2 are below ε but not yet
+    # for long enough -> head 0 is dropped although it is the most probable (not every head qualifies);
+    # task 1: a dropped head's counter is frozen; both active heads qualify -> the more probable stays
+    probs = torch.tensor([[0.4, 0.35, 0.25], [0.0, 0.3, 0.7]], dtype=torch.float64)
+    active = torch.tensor([[True, True, True], [False, True, True]])
+    act, below, ev = prune_update(probs, active, torch.tensor([[1, 0, 0], [7, 1, 1]]), 0.8, 2)
+    assert act.tolist() == [[False, True, True], [False, False, True]]
+    assert below.tolist() == [[2, 1, 1], [7, 2, 2]]
+    assert ev == [(0, 0, 0.4), (1, 1, 0.3)]
+    assert act.dtype == torch.bool and below.dtype == torch.long
+    # a counter already past the patience (a resumed run with a smaller patience) qualifies at once
+    p = torch.tensor([[0.1, 0.9]], dtype=torch.float64)
+    act, below, ev = prune_update(p, a, torch.tensor([[4, 0]]), 0.5, 2)
+    assert act.tolist() == [[False, True]] and below.tolist() == [[5, 0]] and ev == [(0, 0, 0.1)]
 
 
 def test_config_validation():
@@ -263,6 +288,32 @@ def test_training_flops_accounting():
     assert r["pruned"] == pytest.approx(9 * per_sample) and r["full"] == pytest.approx(9 * 4500)
     assert r["ratio"] == pytest.approx(3520 / 4500)
     assert r["head_share"] == pytest.approx(240 / 450)
+    # defaults: forward + backward = 3 × forward; a drop step of 0 means the head never ran (steps 1..0)
+    assert training_flops(parts, st, total_steps=10, batch_size=1)["full"] == pytest.approx(3 * 4500)
+    assert head_steps(torch.tensor([[0, -1, 3]]), 10).tolist() == [[0, 10, 3]]
+
+
+def test_per_part_flops_by_hand(capsys):
+    """Forward FLOPs per sample of the trunk, one branch and each head, against 2·MACs by hand:
+    a convolution costs 2·C_out·C_in·k²·H·W, a linear layer 2·in·out (biases are not counted).
+    Nothing is printed (the counter's table stays off)."""
+    s = 8
+    heads = ModuleHeads([nn.Conv2d(5, 2, 1), nn.Conv2d(5, 7, 3, padding=1)])          # unequal heads
+    model = MultiBranchNet(nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(4, 5, 1), heads, 3)
+    model.train()
+    parts = per_part_flops(model, s)
+    assert parts == {"shared": 2 * 4 * 3 * 9 * s * s, "branch": 2 * 5 * 4 * s * s,
+                     "heads": [2 * 2 * 5 * s * s, 2 * 7 * 5 * 9 * s * s]}
+    assert model.training                                          # the mode is restored
+    # stacked heads: one batched matmul for all N heads, split evenly
+    from fastdmtg.models.multibranch import LinearHeads
+    model = MultiBranchNet(nn.Identity(), nn.Sequential(nn.Flatten(), nn.Linear(3 * 4 * 4, 6)),
+                           LinearHeads(3, 6, 2), 1)                                  # K = 1
+    model.eval()
+    parts = per_part_flops(model, 4)
+    assert parts == {"shared": 0, "branch": 2 * 48 * 6, "heads": [2 * 6 * 2] * 3}
+    assert not model.training
+    assert capsys.readouterr().out == ""
 
 
 # ------------------------------------------------------------------ batched branches with dead branches

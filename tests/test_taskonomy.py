@@ -415,6 +415,52 @@ def test_rotate_loss_is_min_over_nine_shifts():
     assert outs[1].grad.abs().sum() > 0
 
 
+def test_rotate_loss_per_sample_of_a_single_head():
+    """A (B, C, H, W) prediction (the meter's call) gives one loss per sample (B,): for each sample
+    the minimum over the 9 one-pixel shifts of Σ |p − t|·m / (C·(H−2)·(W−2)), written out here."""
+    g = torch.Generator().manual_seed(3)
+    b, c, h = 3, 3, 5
+    p, t = torch.randn(b, c, h, h, generator=g), torch.randn(b, c, h, h, generator=g)
+    m = torch.rand(b, 1, h, h, generator=g) > 0.4
+    p[1, :, 2:, 1:4] = t[1, :, 1:4, 1:4]               # sample 1: target interior shifted by (dy, dx) = (2, 1)
+    got = rotate_l1(p, t, m)
+    assert got.shape == (b,)
+    want = []
+    for i in range(b):
+        vals = []
+        for dy in range(3):
+            for dx in range(3):
+                d = (p[i, :, dy:dy + h - 2, dx:dx + h - 2] - t[i, :, 1:h - 1, 1:h - 1]).abs()
+                vals.append(float((d * m[i, :, 1:h - 1, 1:h - 1]).sum()) / (c * (h - 2) * (h - 2)))
+        want.append(min(vals))
+    assert want[1] == 0.0 and min(want[0], want[2]) > 0
+    torch.testing.assert_close(got, torch.tensor(want), rtol=1e-5, atol=0)
+    # without a mask every pixel counts
+    full = rotate_l1(p, t, None)
+    want0 = min(float((p[0, :, dy:dy + 3, dx:dx + 3] - t[0, :, 1:4, 1:4]).abs().mean())
+                for dy in range(3) for dx in range(3))
+    assert float(full[0]) == pytest.approx(want0, rel=1e-6)
+
+
+def test_miou_edge_cases_and_an_unknown_definition():
+    """No valid pixel at all: the reference definition sums nothing (0 %, 0 classes), the mean one
+    has no class to average (NaN, 0 classes). A class found only in the target (its pixels all
+    predicted 0) counts in both, with IoU 0: reference (IoU_1 + IoU_3) / 18 over classes 1 and 3.
+    An unknown definition is refused, naming the field."""
+    from fastdmtg.tasks.taskonomy import miou_from_confusion
+    empty = torch.zeros(18, 18, dtype=torch.long)
+    assert miou_from_confusion(empty, "reference") == (0.0, 0)
+    mean, n = miou_from_confusion(empty, "mean")
+    assert math.isnan(mean) and n == 0
+    c = empty.clone()
+    c[1, 1], c[3, 0] = 2, 1                         # IoU_1 = 2/2, IoU_3 = 0/1
+    ref, n = miou_from_confusion(c, "reference")
+    assert ref == pytest.approx(100 * 1.0 / 18) and n == 2
+    assert miou_from_confusion(c, "mean") == (pytest.approx(50.0), 2)
+    with pytest.raises(ValueError, match="data.taskonomy_miou: expected reference|mean, got 'iou'"):
+        miou_from_confusion(empty, "iou")
+
+
 # ------------------------------------------------------------------------------------------ metrics
 def test_metrics_hand_computed():
     ts = TaskonomyTaskSet(TASKONOMY_5)
@@ -550,3 +596,14 @@ def test_batched_branches_with_pruning_match_per_branch_run_on_fixture(prepared,
     assert bat["assignment"] == sep["assignment"]
     for t in TASKONOMY_5:
         assert bat["test"]["loss"][t] == pytest.approx(sep["test"]["loss"][t], rel=1e-3, abs=1e-5)
+
+
+def test_annotations_resolve():
+    """The loss and metric functions' annotations are valid types (strings until something such as
+    typing.get_type_hints evaluates them)."""
+    import typing
+    from fastdmtg.tasks.taskonomy import miou_from_confusion, rotate_l1
+    assert typing.get_type_hints(rotate_l1) == {"pred": torch.Tensor, "target": torch.Tensor,
+                                                "mask": torch.Tensor | None, "return": torch.Tensor}
+    assert typing.get_type_hints(miou_from_confusion) == {"conf": torch.Tensor, "definition": str,
+                                                          "return": tuple[float, int]}
