@@ -52,7 +52,7 @@ PRUNING_UNIT = ["test_rule_drops_after_patience_and_resets_when_probability_rise
                 "test_weights_restricted_to_active_heads_and_dropped_logits_frozen",
                 "test_step_runner_invalidate_and_stacked_layout", "test_training_flops_accounting"]
 
-#: name → (module file, functions to mutate (None = the whole module), pytest arguments)
+#: name → (module file, top-level functions or classes to mutate (None = the whole module), pytest arguments)
 TARGETS: dict[str, tuple[str, tuple[str, ...] | None, list[str]]] = {
     "metrics": ("fastdmtg/metrics.py", None, ["tests/test_metrics.py", "tests/test_bug_guards.py", "-k",
                                               "normgain or summarize or attribute or evaluate"]),
@@ -69,6 +69,13 @@ TARGETS: dict[str, tuple[str, tuple[str, ...] | None, list[str]]] = {
     "taskonomy_tasks": ("fastdmtg/tasks/taskonomy.py", ("miou_from_confusion", "rotate_l1"),
                         ["tests/test_bug_guards.py", "tests/test_taskonomy.py", "-k",
                          "miou or loss or metric or meter"]),
+    # the task set (losses, heads) and the meter (metrics)
+    "taskonomy_taskset": ("fastdmtg/tasks/taskonomy.py", ("TaskonomyTaskSet", "TaskonomyMeter"),
+                          ["tests/test_bug_guards.py", "tests/test_taskonomy.py", "-k",
+                           "miou or loss or metric or meter"]),
+    # your own tasks: declarations, losses, predictions, metrics
+    "generic_tasks": ("fastdmtg/tasks/generic.py", None, ["tests/test_folder_dataset.py", "-k",
+                                                          "not cli and not ffcv and not dali and not ddp"]),
     # the value model and the exact DP solver (~290 of the module's ~1200 mutants)
     "grouping_search": ("fastdmtg/grouping_search.py",
                         ("mean_partner_values", "_finalise", "_submasks_with_lowbit", "select_dp"),
@@ -95,17 +102,21 @@ EXCLUDE = [
 ]
 
 
+_DEFS = (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)
+
+
 def function_lines(path: Path, names: tuple[str, ...]) -> list[str]:
-    """'start-end' line ranges (decorators included) of the top-level functions called ``names``."""
+    """'start-end' line ranges (decorators included) of the top-level functions or classes called
+    ``names``."""
     tree = ast.parse(path.read_text())
     out = []
     for node in tree.body:
-        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.name in names:
+        if isinstance(node, _DEFS) and node.name in names:
             start = min([node.lineno] + [d.lineno for d in node.decorator_list])
             out.append(f"{start}-{node.end_lineno}")
-    missing = set(names) - {n.name for n in tree.body if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))}
+    missing = set(names) - {n.name for n in tree.body if isinstance(n, _DEFS)}
     if missing:
-        raise SystemExit(f"{path}: no top-level function(s) {sorted(missing)}")
+        raise SystemExit(f"{path}: no top-level function or class {sorted(missing)}")
     return out
 
 
