@@ -203,3 +203,15 @@ def test_trainer_applies_the_methods_pruning_decisions(tmp_path):
     assert res["pruning"]["events"] and mask is not None and not bool(mask.all())
     n, k = mask.shape
     assert t.model.task_branches == tuple(tuple(b for b in range(k) if mask[i, b]) for i in range(n))
+
+
+def test_registries_import_on_first_use_and_name_the_field():
+    """Datasets and methods are looked up through one lazy table lookup (fastdmtg.registry)."""
+    from fastdmtg.data import get_format
+    from fastdmtg.methods import method_class
+    from fastdmtg.methods.fixed import FixedGroups
+    assert method_class("fixed") is FixedGroups and get_format("folder").name == "folder"
+    with pytest.raises(ValueError, match=r"^data.dataset: unknown dataset 'x'; known: synthetic, celeba, "):
+        get_format("x")
+    with pytest.raises(ValueError, match=r"^grouping.method: unknown method 'y'; known: dmtg, naive-mtl, "):
+        method_class("y")

@@ -6,19 +6,17 @@ Adding a dataset = one format module (a ``Dataset`` subclass + ``FORMAT = Datase
 """
 from __future__ import annotations
 
-import importlib
+from ..registry import lazy_lookup
 
 FORMATS = {
-    "synthetic": "fastdmtg.data.synthetic",
-    "celeba": "fastdmtg.data.celeba",
-    "taskonomy": "fastdmtg.data.taskonomy",
-    "folder": "fastdmtg.data.folder",
-    "tensors": "fastdmtg.data.tensors",
+    "synthetic": "fastdmtg.data.synthetic:FORMAT",
+    "celeba": "fastdmtg.data.celeba:FORMAT",
+    "taskonomy": "fastdmtg.data.taskonomy:FORMAT",
+    "folder": "fastdmtg.data.folder:FORMAT",
+    "tensors": "fastdmtg.data.tensors:FORMAT",
 }
 
 
 def get_format(name: str):
     """The ``DatasetFormat`` registered as ``name``."""
-    if name not in FORMATS:
-        raise ValueError(f"data.dataset: unknown dataset {name!r}; known: {', '.join(FORMATS)}")
-    return importlib.import_module(FORMATS[name]).FORMAT
+    return lazy_lookup(FORMATS, name, "data.dataset", "dataset")

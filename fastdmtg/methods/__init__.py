@@ -100,11 +100,8 @@ METHODS: dict[str, str] = {
 
 
 def method_class(name: str):
-    import importlib
-    if name not in METHODS:
-        raise ValueError(f"grouping.method: unknown method {name!r}; known: {', '.join(sorted(METHODS))}")
-    mod, cls = METHODS[name].split(":")
-    return getattr(importlib.import_module(mod), cls)
+    from ..registry import lazy_lookup
+    return lazy_lookup(METHODS, name, "grouping.method", "method")
 
 
 def build_method(cfg, num_tasks: int, task_names: list[str] | None = None) -> GroupingMethod:
