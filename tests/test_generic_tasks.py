@@ -3,6 +3,7 @@ checks, the stored form, the task set's losses and predictions and the meter, ea
 computed by hand. Written from the mutation run of that module (docs/testing.md)."""
 from __future__ import annotations
 
+import dataclasses
 import math
 import typing
 
@@ -31,6 +32,7 @@ LN3 = math.log(3.0)
     (("a", "multiclass", 1), "task 'a': a multiclass task needs classes >= 2, got 1"),
     (("a", "multiclass", 3.0), "a multiclass task needs classes >= 2, got 3.0"),
     (("a", "multiclass", 3, ("x", "y")), "task 'a': 2 labels for 3 classes"),
+    (("a", "multiclass", 2, ("x", "y", "z")), "task 'a': 3 labels for 2 classes"),
     (("a", "regression", 0, (), 1.0, 0.0, 0.0), "task 'a': regression normalisation needs a finite mean and "
                                                  "std > 0, got mean 0.0, std 0.0"),
     (("a", "regression", 0, (), 1.0, 0.0, -1.0), "std > 0, got mean 0.0, std -1.0"),
@@ -51,6 +53,14 @@ def test_decl_accepts_the_boundaries():
     assert TaskDecl("a", "multiclass", 3, (), 2).weight == 2                 # an int weight is a number
     r = TaskDecl("a", "regression", 0, (), 1.0, -5.0, 1e-6)
     assert (r.mean, r.std) == (-5.0, 1e-6)
+
+
+def test_decl_is_immutable():
+    """A declaration is the resolved, stored form: it cannot be changed after the checks ran."""
+    d = TaskDecl("r", "regression", 0, (), 1.0, 10.0, 4.0)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        d.std = 0.0
+    assert {d, TaskDecl("r", "regression", 0, (), 1.0, 10.0, 4.0)} == {d}       # hashable, equal by value
 
 
 def test_out_channels():
@@ -80,6 +90,10 @@ def test_from_dict_defaults():
     assert (r.classes, r.labels, r.weight, r.mean, r.std) == (0, (), 1.0, 0.0, 1.0)
     r = TaskDecl.from_dict("r", {"type": "regression", "weight": 3, "mean": -2, "std": 0.5})
     assert (r.weight, r.mean, r.std) == (3.0, -2.0, 0.5)
+    # a missing or non-string type is a type error of the declaration, not a crash
+    for d in ({}, {"type": 3}, {"type": None, "classes": 2}):
+        with pytest.raises(ValueError, match=r"^task 'x': type must be one of binary\|multiclass\|regression, got "):
+            TaskDecl.from_dict("x", d)
     # a multiclass task has no default number of classes
     with pytest.raises(ValueError, match="task 'm': a multiclass task needs classes >= 2, got 0"):
         TaskDecl.from_dict("m", {"type": "multiclass"})
