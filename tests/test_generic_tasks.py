@@ -27,6 +27,7 @@ LN3 = math.log(3.0)
     (("a", "regression", 0, (), math.inf), "weight must be a finite number >= 0, got inf"),
     (("a", "regression", 0, (), "1"), "weight must be a finite number >= 0, got '1'"),
     (("a", "binary", 3, ("n", "y")), r"task 'a': a binary task has classes 2 and two labels, got 3, \['n', 'y'\]"),
+    (("a", "binary", 1, ("n", "y")), r"a binary task has classes 2 and two labels, got 1, \['n', 'y'\]"),
     (("a", "binary", 2, ("n",)), r"a binary task has classes 2 and two labels, got 2, \['n'\]"),
     (("a", "binary", 2, ("n", "y", "z")), "a binary task has classes 2 and two labels"),
     (("a", "multiclass", 1), "task 'a': a multiclass task needs classes >= 2, got 1"),
@@ -67,6 +68,8 @@ def test_out_channels():
     assert TaskDecl("b", "binary", 2, ("n", "y")).out_channels == 2
     assert TaskDecl("m", "multiclass", 5).out_channels == 5
     assert TaskDecl("r", "regression").out_channels == 1
+    assert TaskDecl("r", "regression").classes == 0                           # the documented default
+    assert TaskDecl.from_dict("r", {"type": "regression"}) == TaskDecl("r", "regression")
 
 
 def test_to_dict_is_the_stored_form_and_round_trips():
