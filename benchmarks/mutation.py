@@ -74,8 +74,15 @@ TARGETS: dict[str, tuple[str, tuple[str, ...] | None, list[str]]] = {
                           ["tests/test_bug_guards.py", "tests/test_taskonomy.py", "-k",
                            "miou or loss or metric or meter"]),
     # your own tasks: declarations, losses, predictions, metrics
-    "generic_tasks": ("fastdmtg/tasks/generic.py", None, ["tests/test_folder_dataset.py", "-k",
-                                                          "not cli and not ffcv and not dali and not ddp"]),
+    # the fast unit tests of the task set, the meter and the declarations (no training runs; ~2 s)
+    "generic_tasks": ("fastdmtg/tasks/generic.py", None,
+                      [f"tests/test_folder_dataset.py::{t}" for t in (
+                          "test_inferred_types_and_targets", "test_numeric_binary_and_inference_rules",
+                          "test_tasks_json_declares_and_config_wins", "test_head_losses_mask_missing_and_weight",
+                          "test_head_losses_pruned_layout", "test_meter_metrics_by_type",
+                          "test_normgain_error_over_tasks_with_an_error", "test_errors_name_file_line_column",
+                          "test_tasks_json_class_names_and_binary_labels",
+                          "test_folder_tasks_in_the_config_are_checked")]),
     # the value model and the exact DP solver (~290 of the module's ~1200 mutants)
     "grouping_search": ("fastdmtg/grouping_search.py",
                         ("mean_partner_values", "_finalise", "_submasks_with_lowbit", "select_dp"),
