@@ -277,3 +277,22 @@ def test_meter_update_builds_no_autograd_graph(monkeypatch):
     monkeypatch.setattr(ts, "head_loss", spy)
     ts.meter().update([torch.zeros(2, 2, requires_grad=True)], {"targets": torch.tensor([[0.0], [1.0]])})
     assert seen == [False]
+
+
+def test_mean_and_std_only_on_regression_tasks():
+    """A classification declaration with a regression normalisation was accepted and the fields
+    silently dropped (to_dict leaves them out): now a one-line error naming the task."""
+    from fastdmtg.config import Config, ConfigError
+    with pytest.raises(ValueError, match=r"^data.folder_tasks: task 'b': mean and std apply to regression tasks "
+                                         r"only \(this one is binary\); remove them$"):
+        TaskDecl.from_dict("b", {"type": "binary", "labels": ["n", "y"], "std": 0})
+    with pytest.raises(ValueError, match=r"task 'm': mean and std apply to regression tasks only"):
+        TaskDecl.from_dict("m", {"type": "multiclass", "classes": 3, "mean": 1.0})
+    with pytest.raises(ValueError, match=r"^task 'b': mean and std apply to regression tasks only \(this one is "
+                                         r"binary\), got mean 0.0, std 2.0$"):
+        TaskDecl("b", "binary", 2, ("n", "y"), std=2.0)
+    with pytest.raises(ConfigError, match="mean and std apply to regression tasks only"):
+        Config.from_dict({"data": {"dataset": "folder", "folder_tasks": {
+            "b": {"type": "binary", "classes": 2, "labels": ["n", "y"], "weight": 1.0, "std": 0.0}}}})
+    r = TaskDecl.from_dict("r", {"type": "regression", "mean": 2.0, "std": 3.0})
+    assert (r.mean, r.std) == (2.0, 3.0)

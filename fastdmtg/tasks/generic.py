@@ -69,6 +69,9 @@ class TaskDecl:
                 raise ValueError(f"{where}: a multiclass task needs classes >= 2, got {self.classes!r}")
             if self.labels and len(self.labels) != self.classes:
                 raise ValueError(f"{where}: {len(self.labels)} labels for {self.classes} classes")
+        if self.type != "regression" and (self.mean != 0.0 or self.std != 1.0):
+            raise ValueError(f"{where}: mean and std apply to regression tasks only (this one is {self.type}), "
+                             f"got mean {self.mean!r}, std {self.std!r}")
         if self.type == "regression":
             if not (math.isfinite(self.mean) and math.isfinite(self.std) and self.std > 0):
                 raise ValueError(f"{where}: regression normalisation needs a finite mean and std > 0, "
@@ -98,6 +101,9 @@ class TaskDecl:
         if unknown:
             raise ValueError(f"{where}: task {name!r}: unknown keys {sorted(unknown)}; expected {sorted(DECL_KEYS)}")
         typ = d.get("type")
+        if typ in TYPES and typ != "regression" and ({"mean", "std"} & set(d)):
+            raise ValueError(f"{where}: task {name!r}: mean and std apply to regression tasks only (this one is "
+                             f"{typ}); remove them")
         classes = d.get("classes", 2 if typ == "binary" else 0)
         num = (int, float)
         for key in ("weight", "mean", "std"):
