@@ -688,6 +688,7 @@ def test_meter_with_nothing_or_one_pixel_valid():
     segmentation loss 0 (no pixel to average). One valid pixel: rmse = |error|, acc30 0 or 100.
     Segmentation loss = Σ CE / valid pixels: logits (ln 17 at class 1) on a class-1 pixel give
     ln 2, zero logits on a class-2 pixel ln 18; the class-0 pixel is ignored → ln 36 / 2 = ln 6.
+    A zero-length normal target on a masked-out pixel does not turn the mean angle into NaN.
     An empty meter refuses to compute."""
     names = ["segment_semantic", "depth_zbuffer", "normal"]
     ts = TaskonomyTaskSet(names)
@@ -699,6 +700,7 @@ def test_meter_with_nothing_or_one_pixel_valid():
     d_p, d_t = torch.tensor([[[[2.0, 5.0, 1.0]]]]), torch.zeros(1, 1, 1, 3)
     n_t = torch.zeros(1, 3, 1, 3)
     n_t[0, 2] = 1.0
+    n_t[0, 2, 0, 0] = 0.0                                     # a zero-length target, masked out: no NaN
     n_p = torch.zeros(1, 3, 1, 3)
     n_p[0, 2] = 1.0
     outs = [seg_logits, d_p, n_p]
@@ -740,6 +742,7 @@ def test_meter_keypoint_threshold_and_rotate_loss_without_autograd(monkeypatch):
                  {"targets": {"keypoints2d": kp_t, "depth_zbuffer": d_t}, "mask": torch.ones(1, 1, 4, 4, dtype=torch.bool)})
     r = meter.compute()
     assert r["metrics"]["keypoints2d"] == {"f1": pytest.approx(50.0), "threshold_raw": 150.0}
+    assert r["loss"]["keypoints2d"] == pytest.approx((1 + 0 + 1.5 + 0) / 16)   # plain L1 over the 16 pixels
     assert r["loss"]["depth_zbuffer"] == pytest.approx(0.0, abs=1e-7) and grad_on == [False]
 
 
