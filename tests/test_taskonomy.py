@@ -759,3 +759,21 @@ def test_taskset_and_meter_annotations_resolve():
                                                             "return": type(None)}
     assert typing.get_type_hints(TaskonomyMeter._add) == {"task": str, "key": str, "value": torch.Tensor,
                                                           "return": type(None)}
+
+
+def test_meter_normal_angles_at_the_edges():
+    """Three pixels: a prediction equal to the target (1, 1, 0) (0°, a hit; in fp32 its cosine is
+    2 / fl(√2)² = 2 / (2 − 2⁻²³) → 1 + 2⁻²³, just above 1, and must still give 0°, not NaN), the
+    opposite vector (180°; cosine −1 − 2⁻²³), and a prediction exactly 30° off (cosine == cos 30° in
+    fp32: not "< 30°", a miss).
+    acc30 = 100/3 %, mean angle (0 + 180 + 30)/3 = 70°."""
+    ts = TaskonomyTaskSet(["normal"])
+    x = torch.tensor([1.0, 1.0, 0.0])
+    c30 = float(torch.tensor(math.cos(math.radians(30.0)), dtype=torch.float32))
+    t = torch.stack([x, x, torch.tensor([0.0, 0.0, 1.0])], dim=1).view(1, 3, 1, 3)
+    p = torch.stack([x, -x, torch.tensor([0.5, 0.0, c30])], dim=1).view(1, 3, 1, 3)   # |(0.5, 0, c30)| = 1 in fp32
+    meter = ts.meter()
+    meter.update([p], {"targets": {"normal": t}})
+    m = meter.compute()["metrics"]["normal"]
+    assert m["acc30"] == pytest.approx(100 / 3)
+    assert m["mean_angle"] == pytest.approx(70.0, rel=1e-5)
