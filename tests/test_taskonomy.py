@@ -659,8 +659,10 @@ def test_meter_without_mask_by_hand():
     depth: errors (2, 0 | 3, 1): loss mean(1, 2) = 1.5, rmse sqrt(14/4), rmse_m = rmse·1000/512 m.
     normal, per pixel (target, prediction): (+z, +z/2) 0°; (+z, 0) a zero-length prediction, 90°,
     a miss; (+z, (1, 0, −1)) 135°; (+z/2, 3·(+z)) a short target, 0°. acc30 50 %, mean angle
-    56.25°; L1 per sample (0.5 + 1)/6 and (1 + 2 + 2.5)/6."""
-    ts = TaskonomyTaskSet(["depth_zbuffer", "normal"])
+    56.25°; L1 per sample (0.5 + 1)/6 and (1 + 2 + 2.5)/6. keypoints (normalised threshold 0):
+    predictions (1, 3 | 0, 0), targets (1, 0 | 0, −1): TP 1, FP 1, FN 0 (a target exactly at the
+    threshold is negative), F1 2/3; L1 per sample (0 + 3)/2, (0 + 1)/2, loss 1."""
+    ts = TaskonomyTaskSet(["depth_zbuffer", "normal", "keypoints2d"])
     meter = ts.meter()
     d_t = torch.zeros(2, 1, 1, 2)
     d_p = torch.tensor([[[[2.0, 0.0]]], [[[3.0, 1.0]]]])
@@ -671,7 +673,9 @@ def test_meter_without_mask_by_hand():
     n_p[0, 2, 0, 0] = 0.5
     n_p[1, 0, 0, 0], n_p[1, 2, 0, 0] = 1.0, -1.0
     n_p[1, 2, 0, 1] = 3.0
-    meter.update([d_p, n_p], {"targets": {"depth_zbuffer": d_t, "normal": n_t}})
+    kp_p = torch.tensor([[[[1.0, 3.0]]], [[[0.0, 0.0]]]])
+    kp_t = torch.tensor([[[[1.0, 0.0]]], [[[0.0, -1.0]]]])
+    meter.update([d_p, n_p, kp_p], {"targets": {"depth_zbuffer": d_t, "normal": n_t, "keypoints2d": kp_t}})
     r = meter.compute()
     assert r["count"] == 2
     assert r["loss"]["depth_zbuffer"] == pytest.approx(1.5)
@@ -679,7 +683,8 @@ def test_meter_without_mask_by_hand():
     assert r["metrics"]["depth_zbuffer"]["rmse_m"] == pytest.approx(math.sqrt(3.5) * 1000 / 512)
     assert r["metrics"]["normal"]["acc30"] == pytest.approx(50.0)
     assert r["metrics"]["normal"]["mean_angle"] == pytest.approx((0 + 90 + 135 + 0) / 4, rel=1e-5)
-    assert r["error"] == pytest.approx({"depth_zbuffer": math.sqrt(3.5), "normal": 50.0})
+    assert r["metrics"]["keypoints2d"]["f1"] == pytest.approx(200 / 3) and r["loss"]["keypoints2d"] == pytest.approx(1.0)
+    assert r["error"] == pytest.approx({"depth_zbuffer": math.sqrt(3.5), "normal": 50.0, "keypoints2d": 100 / 3})
     assert r["loss"]["normal"] == pytest.approx(((0.5 + 1) / 6 + (1 + 2 + 2.5) / 6) / 2)
 
 
