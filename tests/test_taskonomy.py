@@ -729,20 +729,20 @@ def test_meter_with_nothing_or_one_pixel_valid():
 
 def test_meter_keypoint_threshold_and_rotate_loss_without_autograd(monkeypatch):
     """A raw keypoint threshold of 150 is normalised value (150 − 50)/100 = 1: predictions
-    (0.5, 1.5, 2, 0.5) against targets (1.5, 1.5, 0.5, 0.5) (the other pixels 0) give TP 1, FP 1, FN 1, F1 50 % (the
-    default threshold 0 would find every pixel: 100 %). Edges at the default threshold: TP 2, FP 1,
-    FN 3, F1 2·2/(2·2 + 1 + 3) = 50 %. With the rotate loss a prediction shifted
+    (0.5, 1.5, 2, 0.5) against targets (0.5, 0.5, 0.5, 0.5) (the other pixels 0) give TP 0, FP 2,
+    FN 0, F1 0 % (the default threshold 0 would find every pixel: 100 %). Edges at the default
+    threshold: TP 3, FP 1, FN 4, F1 2·3/(2·3 + 1 + 4) = 6/11. With the rotate loss a prediction shifted
     by one pixel has loss 0 in the meter too; the meter computes without autograd."""
     from fastdmtg.tasks import taskonomy as T
     ts = TaskonomyTaskSet(["keypoints2d", "depth_zbuffer", "edge_texture"], rotate_loss=True,
                           f1_thresholds={"keypoints2d": 150.0})
     kp_p, kp_t = torch.zeros(1, 1, 4, 4), torch.zeros(1, 1, 4, 4)    # zeros: negative at either threshold
     kp_p[0, 0, 0] = torch.tensor([0.5, 1.5, 2.0, 0.5])
-    kp_t[0, 0, 0] = torch.tensor([1.5, 1.5, 0.5, 0.5])
+    kp_t[0, 0, 0] = torch.tensor([0.5, 0.5, 0.5, 0.5])
     ed_p, ed_t = torch.full((1, 1, 4, 4), -1.0), torch.full((1, 1, 4, 4), -1.0)
-    ed_p[0, 0, 0] = torch.tensor([1.0, 1.0, 1.0, -1.0])
-    ed_t[0, 0, 0] = torch.tensor([1.0, 1.0, -1.0, -1.0])
-    ed_t[0, 0, 1] = torch.tensor([1.0, 1.0, 1.0, -1.0])     # default threshold 0: TP 2, FP 1, FN 3 → 4/8
+    ed_p[0, 0, 0] = torch.tensor([1.0, 1.0, 1.0, 1.0])
+    ed_t[0, 0, 0] = torch.tensor([1.0, 1.0, 1.0, -1.0])
+    ed_t[0, 0, 1] = torch.tensor([1.0, 1.0, 1.0, 1.0])      # default threshold 0: TP 3, FP 1, FN 4 → 6/11
     d_t = torch.arange(16.0).view(1, 1, 4, 4)
     d_p = torch.roll(d_t, shifts=1, dims=-1).requires_grad_()
     grad_on = []
@@ -752,9 +752,9 @@ def test_meter_keypoint_threshold_and_rotate_loss_without_autograd(monkeypatch):
     meter.update([kp_p.requires_grad_(), d_p, ed_p],
                  {"targets": {"keypoints2d": kp_t, "depth_zbuffer": d_t, "edge_texture": ed_t}, "mask": torch.ones(1, 1, 4, 4, dtype=torch.bool)})
     r = meter.compute()
-    assert r["metrics"]["keypoints2d"] == {"f1": pytest.approx(50.0), "threshold_raw": 150.0}
-    assert r["loss"]["keypoints2d"] == pytest.approx((1 + 0 + 1.5 + 0) / 16)   # plain L1 over the 16 pixels
-    assert r["metrics"]["edge_texture"] == {"f1": pytest.approx(50.0), "threshold_raw": 718.0}
+    assert r["metrics"]["keypoints2d"] == {"f1": 0.0, "threshold_raw": 150.0}
+    assert r["loss"]["keypoints2d"] == pytest.approx((0 + 1 + 1.5 + 0) / 16)   # plain L1 over the 16 pixels
+    assert r["metrics"]["edge_texture"] == {"f1": pytest.approx(600 / 11), "threshold_raw": 718.0}
     assert r["loss"]["depth_zbuffer"] == pytest.approx(0.0, abs=1e-7) and grad_on == [False]
 
 
