@@ -69,10 +69,15 @@ TARGETS: dict[str, tuple[str, tuple[str, ...] | None, list[str]]] = {
     "taskonomy_tasks": ("fastdmtg/tasks/taskonomy.py", ("miou_from_confusion", "rotate_l1"),
                         ["tests/test_bug_guards.py", "tests/test_taskonomy.py", "-k",
                          "miou or loss or metric or meter"]),
-    # the task set (losses, heads) and the meter (metrics)
+    # the task set (losses, heads) and the meter (metrics), against the fast tests that call them
     "taskonomy_taskset": ("fastdmtg/tasks/taskonomy.py", ("TaskonomyTaskSet", "TaskonomyMeter"),
-                          ["tests/test_bug_guards.py", "tests/test_taskonomy.py", "-k",
-                           "miou or loss or metric or meter"]),
+                          ["tests/test_bug_guards.py::test_miou_ignores_class_zero",
+                           *[f"tests/test_fidelity.py::{t}" for t in
+                             ["test_meter_reports_the_chosen_miou", "test_taskset_from_config_reads_the_switches"]],
+                           *[f"tests/test_taskonomy.py::{t}" for t in
+                             ["test_head_losses_match_definitions", "test_rotate_loss_is_min_over_nine_shifts",
+                              "test_metrics_hand_computed", "test_meter_accumulates_over_the_set_not_per_batch",
+                              "test_annotations_resolve"]]]),
     # your own tasks: declarations, losses, predictions, metrics
     # the fast unit tests of the task set, the meter and the declarations (no training runs; ~2 s)
     "generic_tasks": ("fastdmtg/tasks/generic.py", None,

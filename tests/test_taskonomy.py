@@ -607,3 +607,185 @@ def test_annotations_resolve():
                                                 "mask": torch.Tensor | None, "return": torch.Tensor}
     assert typing.get_type_hints(miou_from_confusion) == {"conf": torch.Tensor, "definition": str,
                                                           "return": tuple[float, int]}
+
+
+# ------------------------------------------------------------------------------------------ task set and meter, edge cases
+def test_taskset_rejects_bad_arguments_and_reads_a_bare_config():
+    """Unknown mIoU definition, unknown task, duplicate task: a ValueError naming the field. A config
+    object without the Taskonomy switches gets the defaults (no rotate loss, reference mIoU)."""
+    with pytest.raises(ValueError, match=r"data.taskonomy_miou: expected reference\|mean, got 'iou'"):
+        TaskonomyTaskSet(["normal"], miou="iou")
+    with pytest.raises(ValueError, match=r"data.tasks: unknown Taskonomy task\(s\) \['depth'\]"):
+        TaskonomyTaskSet(["normal", "depth"])
+    with pytest.raises(ValueError, match="data.tasks: duplicate task names"):
+        TaskonomyTaskSet(["normal", "depth_zbuffer", "normal"])
+    ts = TaskonomyTaskSet(["normal"], miou="mean")
+    assert ts.miou == "mean" and ts.rotate_loss is False
+    bare = TaskonomyTaskSet.from_config(["normal"], object())
+    assert bare.rotate_loss is False and bare.miou == "reference"
+
+
+def test_head_losses_of_a_pruned_layout_and_the_rotate_total():
+    """``active``: task i's output holds only the heads active[i]; its losses equal the full
+    layout's at those heads, 0 elsewhere, and the total is Σ z·L over the active heads only (so
+    ∂total/∂z is L there and 0 elsewhere). With the rotate loss the total is Σ z·L too."""
+    k = 3
+    batch = _batch(h=6, seed=2)
+    active = [[0, 2], [1], [0, 1, 2], [2], [0, 1]]
+    zv = torch.tensor([[0.2, 0.3, 0.5], [0.6, 0.1, 0.3], [0.25, 0.25, 0.5], [0.7, 0.2, 0.1], [0.1, 0.8, 0.1]])
+    for rotate in (False, True):
+        ts = TaskonomyTaskSet(TASKONOMY_5, rotate_loss=rotate)
+        full = _outputs(k, h=6, seed=3)
+        z = zv.clone().requires_grad_()
+        total, L = ts.head_losses(full, batch, z, kernels="reference")
+        total.backward()
+        assert L.shape == (5, k)
+        assert float(total.detach()) == pytest.approx(float((zv * L).sum()), rel=1e-6)
+        torch.testing.assert_close(z.grad, L, rtol=1e-6, atol=0)     # ∂(Σ z·L)/∂z = L
+        sub = [o.detach()[a].requires_grad_() for o, a in zip(full, active)]
+        z2 = zv.clone().requires_grad_()
+        total2, L2 = ts.head_losses(sub, batch, z2, active=active, kernels="reference")
+        total2.backward()
+        keep = torch.zeros(5, k, dtype=torch.bool)
+        for i, a in enumerate(active):
+            keep[i, a] = True
+        torch.testing.assert_close(L2, torch.where(keep, L, torch.zeros(())), rtol=1e-6, atol=0)
+        assert float(total2.detach()) == pytest.approx(float((zv * L * keep).sum()), rel=1e-6)
+        torch.testing.assert_close(z2.grad, torch.where(keep, L, torch.zeros(())), rtol=1e-6, atol=0)
+
+
+def test_meter_without_mask_by_hand():
+    """No mask in the batch: every pixel counts. B = 2, H×W = 1×2 (not square), written out by hand.
+    depth: errors (2, 0 | 3, 1): loss mean(1, 2) = 1.5, rmse sqrt(14/4), rmse_m = rmse·1000/512 m.
+    normal, per pixel (target, prediction): (+z, +z/2) 0°; (+z, 0) a zero-length prediction, 90°,
+    a miss; (+z, (1, 0, −1)) 135°; (+z/2, 3·(+z)) a short target, 0°. acc30 50 %, mean angle
+    56.25°; L1 per sample (0.5 + 1)/6 and (1 + 2 + 2.5)/6. keypoints (normalised threshold 0):
+    predictions (1, 3 | 0, 0), targets (1, 0 | 0, −1): TP 1, FP 1, FN 0 (a target exactly at the
+    threshold is negative), F1 2/3; L1 per sample (0 + 3)/2, (0 + 1)/2, loss 1."""
+    ts = TaskonomyTaskSet(["depth_zbuffer", "normal", "keypoints2d"])
+    meter = ts.meter()
+    d_t = torch.zeros(2, 1, 1, 2)
+    d_p = torch.tensor([[[[2.0, 0.0]]], [[[3.0, 1.0]]]])
+    n_t = torch.zeros(2, 3, 1, 2)
+    n_t[0, 2, 0, :] = 1.0
+    n_t[1, 2, 0, 0], n_t[1, 2, 0, 1] = 1.0, 0.5
+    n_p = torch.zeros(2, 3, 1, 2)
+    n_p[0, 2, 0, 0] = 0.5
+    n_p[1, 0, 0, 0], n_p[1, 2, 0, 0] = 1.0, -1.0
+    n_p[1, 2, 0, 1] = 3.0
+    kp_p = torch.tensor([[[[1.0, 3.0]]], [[[0.0, 0.0]]]])
+    kp_t = torch.tensor([[[[1.0, 0.0]]], [[[0.0, -1.0]]]])
+    meter.update([d_p, n_p, kp_p], {"targets": {"depth_zbuffer": d_t, "normal": n_t, "keypoints2d": kp_t}})
+    r = meter.compute()
+    assert r["count"] == 2
+    assert r["loss"]["depth_zbuffer"] == pytest.approx(1.5)
+    assert r["metrics"]["depth_zbuffer"]["rmse"] == pytest.approx(math.sqrt(3.5))
+    assert r["metrics"]["depth_zbuffer"]["rmse_m"] == pytest.approx(math.sqrt(3.5) * 1000 / 512)
+    assert r["metrics"]["normal"]["acc30"] == pytest.approx(50.0)
+    assert r["metrics"]["normal"]["mean_angle"] == pytest.approx((0 + 90 + 135 + 0) / 4, rel=1e-5)
+    assert r["metrics"]["keypoints2d"]["f1"] == pytest.approx(200 / 3) and r["loss"]["keypoints2d"] == pytest.approx(1.0)
+    assert r["error"] == pytest.approx({"depth_zbuffer": math.sqrt(3.5), "normal": 50.0, "keypoints2d": 100 / 3})
+    assert r["loss"]["normal"] == pytest.approx(((0.5 + 1) / 6 + (1 + 2 + 2.5) / 6) / 2)
+
+
+def test_meter_with_nothing_or_one_pixel_valid():
+    """No valid pixel: depth rmse and normal acc30/mean angle are NaN (no value to report), the
+    segmentation loss 0 (no pixel to average). One valid pixel: rmse = |error|, acc30 0 or 100.
+    Segmentation loss = Σ CE / valid pixels: logits (ln 17 at class 1) on a class-1 pixel give
+    ln 2, zero logits on a class-2 pixel ln 18; the class-0 pixel is ignored → ln 36 / 2 = ln 6.
+    A zero-length normal target on a masked-out pixel does not turn the mean angle into NaN.
+    An empty meter refuses to compute."""
+    names = ["segment_semantic", "depth_zbuffer", "normal"]
+    ts = TaskonomyTaskSet(names)
+    with pytest.raises(ValueError, match="no samples were evaluated"):
+        ts.meter().compute()
+    seg_logits = torch.zeros(1, 18, 1, 3)
+    seg_logits[0, 5, 0, 0] = 9.0                              # an ignored pixel, confidently wrong
+    seg_logits[0, 1, 0, 1] = math.log(17.0)
+    d_p, d_t = torch.tensor([[[[2.0, 5.0, 1.0]]]]), torch.zeros(1, 1, 1, 3)
+    n_t = torch.zeros(1, 3, 1, 3)
+    n_t[0, 2] = 1.0
+    n_t[0, 2, 0, 0] = 0.0                                     # a zero-length target, masked out: no NaN
+    n_p = torch.zeros(1, 3, 1, 3)
+    n_p[0, 2] = 1.0
+    outs = [seg_logits, d_p, n_p]
+
+    def run(seg_t, mask):
+        m = ts.meter()
+        m.update(outs, {"targets": {"segment_semantic": seg_t, "depth_zbuffer": d_t, "normal": n_t},
+                        "mask": mask})
+        return m.compute()
+
+    none = run(torch.zeros(1, 1, 3, dtype=torch.long), torch.zeros(1, 1, 1, 3, dtype=torch.bool))
+    assert none["loss"]["segment_semantic"] == 0.0
+    assert none["metrics"]["segment_semantic"]["miou"] == 0.0 and none["metrics"]["segment_semantic"]["classes"] == 0
+    assert math.isnan(none["metrics"]["depth_zbuffer"]["rmse"]) and math.isnan(none["error"]["depth_zbuffer"])
+    assert math.isnan(none["metrics"]["normal"]["acc30"]) and math.isnan(none["metrics"]["normal"]["mean_angle"])
+    one = run(torch.tensor([[[0, 1, 2]]]), torch.tensor([[[[False, True, False]]]]))
+    assert one["loss"]["segment_semantic"] == pytest.approx(math.log(6.0), rel=1e-6)
+    assert one["metrics"]["depth_zbuffer"]["rmse"] == pytest.approx(5.0)
+    assert one["metrics"]["normal"]["acc30"] == 100.0 and one["metrics"]["normal"]["mean_angle"] == pytest.approx(0.0, abs=0.1)
+
+
+def test_meter_keypoint_threshold_and_rotate_loss_without_autograd(monkeypatch):
+    """A raw keypoint threshold of 150 is normalised value (150 − 50)/100 = 1: predictions
+    (0.5, 1.5, 2, 0.5) against targets (0.5, 0.5, 0.5, 0.5) (the other pixels 0) give TP 0, FP 2,
+    FN 0, F1 0 % (the default threshold 0 would find every pixel: 100 %). Edges at the default
+    threshold: TP 3, FP 1, FN 4, F1 2·3/(2·3 + 1 + 4) = 6/11. With the rotate loss a prediction shifted
+    by one pixel has loss 0 in the meter too; the meter computes without autograd."""
+    from fastdmtg.tasks import taskonomy as T
+    ts = TaskonomyTaskSet(["keypoints2d", "depth_zbuffer", "edge_texture"], rotate_loss=True,
+                          f1_thresholds={"keypoints2d": 150.0})
+    kp_p, kp_t = torch.zeros(1, 1, 4, 4), torch.zeros(1, 1, 4, 4)    # zeros: negative at either threshold
+    kp_p[0, 0, 0] = torch.tensor([0.5, 1.5, 2.0, 0.5])
+    kp_t[0, 0, 0] = torch.tensor([0.5, 0.5, 0.5, 0.5])
+    ed_p, ed_t = torch.full((1, 1, 4, 4), -1.0), torch.full((1, 1, 4, 4), -1.0)
+    ed_p[0, 0, 0] = torch.tensor([1.0, 1.0, 1.0, 1.0])
+    ed_t[0, 0, 0] = torch.tensor([1.0, 1.0, 1.0, -1.0])
+    ed_t[0, 0, 1] = torch.tensor([1.0, 1.0, 1.0, 1.0])      # default threshold 0: TP 3, FP 1, FN 4 → 6/11
+    d_t = torch.arange(16.0).view(1, 1, 4, 4)
+    d_p = torch.roll(d_t, shifts=1, dims=-1).requires_grad_()
+    grad_on = []
+    real = T.rotate_l1
+    monkeypatch.setattr(T, "rotate_l1", lambda *a: grad_on.append(torch.is_grad_enabled()) or real(*a))
+    meter = ts.meter()
+    meter.update([kp_p.requires_grad_(), d_p, ed_p],
+                 {"targets": {"keypoints2d": kp_t, "depth_zbuffer": d_t, "edge_texture": ed_t}, "mask": torch.ones(1, 1, 4, 4, dtype=torch.bool)})
+    r = meter.compute()
+    assert r["metrics"]["keypoints2d"] == {"f1": 0.0, "threshold_raw": 150.0}
+    assert r["loss"]["keypoints2d"] == pytest.approx((0 + 1 + 1.5 + 0) / 16)   # plain L1 over the 16 pixels
+    assert r["metrics"]["edge_texture"] == {"f1": pytest.approx(600 / 11), "threshold_raw": 718.0}
+    assert r["loss"]["depth_zbuffer"] == pytest.approx(0.0, abs=1e-7) and grad_on == [False]
+
+
+def test_taskset_and_meter_annotations_resolve():
+    """The annotations of the task set's and the meter's methods are valid types."""
+    import typing
+    from fastdmtg.tasks.taskonomy import TaskonomyMeter
+    hints = typing.get_type_hints(TaskonomyTaskSet.__init__)
+    assert hints == {"names": list[str], "rotate_loss": bool, "f1_thresholds": dict[str, float] | None,
+                     "miou": str}
+    assert typing.get_type_hints(TaskonomyTaskSet.head_losses) == {"outputs": list[torch.Tensor], "batch": dict,
+                                                                   "z": torch.Tensor, "kernels": str}
+    assert typing.get_type_hints(TaskonomyMeter.update) == {"outputs": list[torch.Tensor], "batch": dict,
+                                                            "return": type(None)}
+    assert typing.get_type_hints(TaskonomyMeter._add) == {"task": str, "key": str, "value": torch.Tensor,
+                                                          "return": type(None)}
+
+
+def test_meter_normal_angles_at_the_edges():
+    """Three pixels: a prediction equal to the target (1, 1, 0) (0°, a hit; in fp32 its cosine is
+    2 / fl(√2)² = 2 / (2 − 2⁻²³) → 1 + 2⁻²³, just above 1, and must still give 0°, not NaN), the
+    opposite vector (180°; cosine −1 − 2⁻²³), and a prediction exactly 30° off (cosine == cos 30° in
+    fp32: not "< 30°", a miss).
+    acc30 = 100/3 %, mean angle (0 + 180 + 30)/3 = 70°."""
+    ts = TaskonomyTaskSet(["normal"])
+    x = torch.tensor([1.0, 1.0, 0.0])
+    c30 = float(torch.tensor(math.cos(math.radians(30.0)), dtype=torch.float32))
+    t = torch.stack([x, x, torch.tensor([0.0, 0.0, 1.0])], dim=1).view(1, 3, 1, 3)
+    p = torch.stack([x, -x, torch.tensor([0.5, 0.0, c30])], dim=1).view(1, 3, 1, 3)   # |(0.5, 0, c30)| = 1 in fp32
+    meter = ts.meter()
+    meter.update([p], {"targets": {"normal": t}})
+    m = meter.compute()["metrics"]["normal"]
+    assert m["acc30"] == pytest.approx(100 / 3)
+    assert m["mean_angle"] == pytest.approx(70.0, rel=1e-5)
