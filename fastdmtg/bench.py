@@ -268,13 +268,16 @@ def with_switches(cfg: Config, on: tuple[str, ...] = ()) -> Config:
 
 def _batching_support(cfg: Config) -> tuple[bool, str]:
     """Whether model.batched=on can run for this architecture (built on the meta device: no memory)."""
+    from .config import resolved_branches
     from .models import build_multibranch
     from .models.batched import supports_batching
+    specs = _task_specs(cfg)
+    mcfg = resolved_branches(cfg, len(specs)).model          # model.branches=0 (auto) → K
     try:
         with torch.device("meta"):
-            model = build_multibranch(cfg.model, _task_specs(cfg), cfg.data.image_size)
+            model = build_multibranch(mcfg, specs, cfg.data.image_size)
     except Exception:          # a builder that cannot run on meta tensors: build it for real
-        model = build_multibranch(cfg.model, _task_specs(cfg), cfg.data.image_size)
+        model = build_multibranch(mcfg, specs, cfg.data.image_size)
     if supports_batching(model):
         return True, ""
     return False, f"model.batched=on is not supported for model.arch={cfg.model.arch}"

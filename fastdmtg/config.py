@@ -336,7 +336,11 @@ class Config:
     def num_branches(self) -> int | None:
         """K: model.branches, or for 0 (auto) the method's (method_branches); None while it depends on a
         number of tasks only the opened data knows (the builder resolves it then: resolved_branches)."""
-        return self.model.branches or method_branches(self, known_num_tasks(self.data))
+        if self.model.branches:
+            return self.model.branches
+        from .data import known_task_names
+        names = known_task_names(self.data)
+        return method_branches(self, None if names is None else len(names))
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -431,31 +435,6 @@ def method_branches(cfg: "Config", num_tasks: int | None) -> int | None:
     if method in ("fixed", "networks"):
         return len(cfg.grouping.groups)
     return None if num_tasks is None else min(3, num_tasks)
-
-
-def known_num_tasks(data: "DataConfig") -> int | None:
-    """N as far as the data section tells it without opening the data: explicit task names, a preset,
-    the built-in datasets' "all", a folder dataset's labels.csv header, the declarations of a tensors
-    dataset; None when it takes the data (e.g. a folder that is not there yet)."""
-    names = data.task_names()
-    if names is not None:
-        return len(names)
-    if data.dataset == "synthetic":
-        return data.synthetic_groups * data.synthetic_tasks_per_group
-    if data.dataset == "celeba":
-        return len(CELEBA_40)
-    if data.dataset == "taskonomy":
-        return len(TASKONOMY_5)
-    if data.dataset == "tensors" and data.folder_tasks:
-        return len(data.folder_tasks)
-    if data.dataset == "folder" and data.root:
-        from .data.folder import count_tasks, is_folder_dataset
-        if is_folder_dataset(data.root):
-            try:
-                return count_tasks(data.root)
-            except (OSError, ValueError):       # the data layer reports a bad labels.csv, naming the line
-                return None
-    return None
 
 
 def resolved_branches(cfg: "Config", num_tasks: int) -> "Config":

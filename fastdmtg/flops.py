@@ -88,9 +88,11 @@ def count_torch(model: nn.Module, x: torch.Tensor) -> float:
 def count_flops(cfg) -> dict:
     """Forward FLOPs per sample of the training network of a config: fvcore (1/MAC; None without
     fvcore) and torch (2/MAC), and the parameter count."""
+    from .config import resolved_branches
     from .data import task_specs
     from .models import build_multibranch
-    model = build_multibranch(cfg.model, task_specs(cfg), cfg.data.image_size).eval()
+    specs = task_specs(cfg)
+    model = build_multibranch(resolved_branches(cfg, len(specs)).model, specs, cfg.data.image_size).eval()
     x = torch.rand(1, 3, cfg.data.image_size, cfg.data.image_size)
     return {"torch_2_per_mac": count_torch(model, x), "params": sum(p.numel() for p in model.parameters()),
             "fvcore_1_per_mac": count_fvcore(model, x)}

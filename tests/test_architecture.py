@@ -215,3 +215,16 @@ def test_registries_import_on_first_use_and_name_the_field():
         get_format("x")
     with pytest.raises(ValueError, match=r"^grouping.method: unknown method 'y'; known: dmtg, naive-mtl, "):
         method_class("y")
+
+
+def test_flops_and_batching_check_build_the_auto_k():
+    """Every place that builds a model from a config resolves model.branches=0 (auto) first: the FLOP
+    count of a naive-MTL config with auto K is the one with K = 1 (before: K = 0, an error)."""
+    from fastdmtg import bench
+    from fastdmtg.flops import count_flops
+    base = apply_overrides(get_recipe("synthetic_k3"), ["grouping.method=naive-mtl", "model.branches=1",
+                                                        "data.image_size=16"])
+    auto = apply_overrides(base, ["model.branches=0"])
+    one = apply_overrides(base, ["model.branches=1"])
+    assert count_flops(auto) == count_flops(one)
+    assert bench._batching_support(auto) == bench._batching_support(one) == (True, "")

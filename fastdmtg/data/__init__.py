@@ -25,18 +25,39 @@ def taskset_for(cfg, names: list[str]):
     return get_format(cfg.data.dataset).taskset(cfg, names)
 
 
-def task_specs(cfg):
-    """The task specs a ``Config`` trains, without opening the data: data.tasks, or the dataset's
-    full task list (the synthetic set's planted tasks, Taskonomy-5, CelebA-40). For FLOP counts and
-    benchmarks on synthetic data."""
+def known_task_names(data) -> list[str] | None:
+    """The task names a ``DataConfig`` trains, as far as it tells them without opening the data: the
+    synthetic set's planted tasks, data.tasks, Taskonomy-5 / CelebA-40 for "all", a folder's
+    labels.csv header, a tensors dataset's declarations; None when only the data can tell (a folder
+    that is not there, or whose header does not parse: opening it reports that, naming the line)."""
     from ..config import CELEBA_40, TASK_PRESETS
-    if cfg.data.dataset == "synthetic":
+    if data.dataset == "synthetic":
         from .synthetic import task_names
-        names = task_names(cfg.data.synthetic_groups, cfg.data.synthetic_tasks_per_group)
-    else:
-        names = cfg.data.task_names() or (TASK_PRESETS["taskonomy5"] if cfg.data.dataset == "taskonomy" else CELEBA_40)
+        return task_names(data.synthetic_groups, data.synthetic_tasks_per_group)
+    names = data.task_names()
+    if names is not None:
+        return names
+    if data.dataset == "celeba":
+        return list(CELEBA_40)
+    if data.dataset == "taskonomy":
+        return list(TASK_PRESETS["taskonomy5"])
+    if data.dataset == "tensors":
+        return list(data.folder_tasks) or None
+    if data.dataset == "folder" and data.root:
+        from .folder import header_tasks
+        return header_tasks(data.root)
+    return None
+
+
+def task_specs(cfg):
+    """The task specs a ``Config`` trains, without opening the data (``known_task_names``). For FLOP
+    counts and benchmarks on synthetic data."""
+    names = known_task_names(cfg.data)
+    if names is None:
+        raise ValueError(f"data.dataset={cfg.data.dataset}: its tasks are known only once the data is opened "
+                         "(data.root)")
     return taskset_for(cfg, names).specs
 
 
-__all__ = ["open_dataset", "taskset_for", "task_specs", "get_format", "FORMATS", "Dataset", "DatasetFormat", "Field",
+__all__ = ["open_dataset", "taskset_for", "task_specs", "known_task_names", "get_format", "FORMATS", "Dataset", "DatasetFormat", "Field",
            "ArrayDataset", "image_label_fields", "DataFormatError", "SPLITS"]

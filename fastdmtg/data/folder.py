@@ -509,11 +509,15 @@ def folder_taskset(cfg, names: list[str]) -> GenericTaskSet:
     return GenericTaskSet.from_config(cfg.data.folder_tasks, names)
 
 
-def count_tasks(root: str | Path, tasks: list[str] | None = None) -> int:
-    """N, from the header of DIR/labels.csv (for K = min(3, N) before the data is opened)."""
-    if tasks is not None:
-        return len(tasks)
-    return len(LabelTable(Path(root) / LABELS_FILE).tasks)
+def header_tasks(root: str | Path) -> list[str] | None:
+    """The task columns of DIR/labels.csv, before the data is opened (K = min(3, N)); None when DIR
+    is not a folder dataset or its header does not parse (opening it reports that, naming the line)."""
+    if not is_folder_dataset(root):
+        return None
+    try:
+        return list(LabelTable(Path(root) / LABELS_FILE).tasks)
+    except (OSError, ValueError):
+        return None
 
 
 FORMAT = DatasetFormat("folder", open_folder, folder_taskset,
