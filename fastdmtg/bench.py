@@ -244,25 +244,24 @@ def measure_step(cfg: Config, device: torch.device, *, steps: int, repeats: int,
 # the switches each bench step row sets itself (a --set of one of them is replaced by the row's value)
 _SPEED_KEYS = ("train.cuda_graph", "train.compile", "train.kernels", "train.amp", "train.channels_last",
                "model.batched", "model.fused_stem")
-# a row's switch name → (section, field, value when on); every switch a row does not name is off
-_SWITCHES = {"bf16": ("train", "amp", "bf16"), "triton": ("train", "kernels", "triton"),
-             "graph": ("train", "cuda_graph", "on"), "compile": ("train", "compile", "on"),
-             "channels_last": ("train", "channels_last", "on"), "batched": ("model", "batched", "on"),
-             "fused_stem": ("model", "fused_stem", "on")}
-_OFF = {"amp": "off", "kernels": "reference", "cuda_graph": "off", "compile": "off", "channels_last": "off",
-        "batched": "off", "fused_stem": "off"}
+# a row's switch name → (section, field, value when on, value when off); every switch a row does not
+# name is off
+_SWITCHES = {"bf16": ("train", "amp", "bf16", "off"), "triton": ("train", "kernels", "triton", "reference"),
+             "graph": ("train", "cuda_graph", "on", "off"), "compile": ("train", "compile", "on", "off"),
+             "channels_last": ("train", "channels_last", "on", "off"), "batched": ("model", "batched", "on", "off"),
+             "fused_stem": ("model", "fused_stem", "on", "off")}
 #: the fastest measured combination without batching (the scaling table's and the fused-stem rows' base)
 _BEST = ("bf16", "triton", "graph", "compile", "channels_last")
 
 
 def with_switches(cfg: Config, on: tuple[str, ...] = ()) -> Config:
     """``cfg`` with the speed switches named in ``on`` (keys of _SWITCHES) on and every other one off."""
+    unknown = set(on) - set(_SWITCHES)
+    if unknown:
+        raise ValueError(f"speed switches {sorted(unknown)}: expected some of {', '.join(_SWITCHES)}")
     sections: dict[str, dict] = {"train": {}, "model": {}}
-    for sec, key, _ in _SWITCHES.values():
-        sections[sec][key] = _OFF[key]
-    for name in on:
-        sec, key, value = _SWITCHES[name]
-        sections[sec][key] = value
+    for name, (sec, key, value_on, value_off) in _SWITCHES.items():
+        sections[sec][key] = value_on if name in on else value_off
     return evolve(cfg, **sections)
 
 
