@@ -77,7 +77,14 @@ TARGETS: dict[str, tuple[str, tuple[str, ...] | None, list[str]]] = {
                            *[f"tests/test_taskonomy.py::{t}" for t in
                              ["test_head_losses_match_definitions", "test_rotate_loss_is_min_over_nine_shifts",
                               "test_metrics_hand_computed", "test_meter_accumulates_over_the_set_not_per_batch",
-                              "test_annotations_resolve"]]]),
+                              "test_annotations_resolve",
+                              # written from the survivors of the first run
+                              "test_taskset_rejects_bad_arguments_and_reads_a_bare_config",
+                              "test_head_losses_of_a_pruned_layout_and_the_rotate_total",
+                              "test_meter_without_mask_by_hand", "test_meter_with_nothing_or_one_pixel_valid",
+                              "test_meter_keypoint_threshold_and_rotate_loss_without_autograd",
+                              "test_meter_normal_angles_at_the_edges",
+                              "test_taskset_and_meter_annotations_resolve"]]]),
     # your own tasks: declarations, losses, predictions, metrics
     # the fast unit tests of the task set, the meter and the declarations (no training runs; ~2 s)
     "generic_tasks": ("fastdmtg/tasks/generic.py", None,
@@ -91,8 +98,20 @@ TARGETS: dict[str, tuple[str, tuple[str, ...] | None, list[str]]] = {
     # the value model and the exact DP solver (~290 of the module's ~1200 mutants)
     "grouping_search": ("fastdmtg/grouping_search.py",
                         ("mean_partner_values", "_finalise", "_submasks_with_lowbit", "select_dp"),
-                        ["tests/test_baselines.py", "-k", "not compare and not networks and not update_rule "
-                         "and not affinity"]),
+                        ["tests/test_grouping_search.py"]),
+    # the rest of the module, in two halves that can run side by side: the partitions, solvers and
+    # candidate sets of TAG/HOA/networks, then RSA and the BMTN tree search
+    "grouping_search_select": ("fastdmtg/grouping_search.py",
+                               ("set_partitions", "stirling2", "num_partitions", "check_value_model",
+                                "tag_value_model", "hoa_value_model", "all_subsets", "Selection", "_check_inputs",
+                                "select_exhaustive", "select_bnb", "_greedy_cover", "agglomerate",
+                                "linkage_partition", "restricted_candidates", "select_networks", "tag_select",
+                                "hoa_select"),
+                               ["tests/test_grouping_search.py"]),
+    "grouping_search_bmtn": ("fastdmtg/grouping_search.py",
+                             ("rankdata", "pearson", "spearman", "rdm", "rsa_affinity", "cluster_cost",
+                              "bmtn_tree_cost", "_best_partition", "bmtn_select"),
+                             ["tests/test_grouping_search.py"]),
     "ref_masked_l1": ("kernels/masked_l1.py", KERNEL_REF, ["tests/test_op_masked_l1.py", "tests/test_ops.py"]),
     "ref_ce_ignore": ("kernels/ce_ignore.py", KERNEL_REF, ["tests/test_op_ce_ignore.py", "tests/test_ops.py"]),
     "ref_grouped_ce": ("kernels/grouped_ce.py", KERNEL_REF, ["tests/test_op_grouped_ce.py", "tests/test_ops.py"]),

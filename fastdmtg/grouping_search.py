@@ -73,8 +73,7 @@ def set_partitions(n: int, max_groups: int | None = None, min_groups: int = 1):
             labels[t] = g
             yield from rec(t + 1, max(used, g + 1))
 
-    labels[0] = 0
-    yield from rec(1, 1)
+    yield from rec(1, 1)                    # task 0 opens block 0
 
 
 def stirling2(n: int, k: int) -> int:
@@ -260,22 +259,21 @@ def select_bnb(candidates, values: np.ndarray, n: int, budget: int, max_nodes: i
         left = budget - len(chosen)
         if left == 0 or start >= m:
             return
-        lb = np.minimum(cur, suffix[start])
-        if not np.isfinite(lb).all() or lb.sum() >= best["obj"] - 1e-12:
-            return
         uncovered = int((~covered).sum())
         if uncovered > left * size_suffix[start]:
             return
         for i in range(start, m):
             if cut[0]:
                 return
+            # the bound of the children from i on, checked before descending (cheap, prunes most of
+            # the tree): min(cur, suffix[i]) only grows with i (and best only falls), so once it
+            # fails — a task no longer coverable, or no better than best — every later child fails
+            lb_i = np.minimum(cur, suffix[i])
+            if not np.isfinite(lb_i).all() or lb_i.sum() >= best["obj"] - 1e-12:
+                break
             new = np.minimum(cur, Vo[i])
             if not (new < cur).any():
                 continue                    # improves no task: only spends budget
-            # bound for this child before descending (cheap, prunes most of the tree)
-            lb_i = np.minimum(new, suffix[i + 1])
-            if not np.isfinite(lb_i).all() or lb_i.sum() >= best["obj"] - 1e-12:
-                continue                    # some task can no longer be covered, or no better
             chosen.append(i)
             dfs(i + 1, chosen, new)
             chosen.pop()
@@ -406,16 +404,16 @@ def linkage_partition(pairwise: np.ndarray, groups: int) -> tuple[list[tuple[int
 
 def restricted_candidates(pairwise: np.ndarray, budget: int) -> list[tuple[int, ...]]:
     """Candidate networks for large N (the 2^N family is intractable), O(N²) of them: all
-    singletons and pairs; for every task t and size m, t with its m−1 best partners (by the
-    pairwise value onto t); every cluster formed by average-linkage agglomeration down to one
-    cluster, and the clusters of its cut at ``budget``."""
+    singletons and pairs; for every task t and size m = 3..N−1, t with its m−1 best partners (by
+    the pairwise value onto t); every cluster formed by average-linkage agglomeration down to one
+    cluster (the last one is the whole set), and the clusters of its cut at ``budget``."""
     W = np.asarray(pairwise, dtype=np.float64)
     n = W.shape[0]
     cands = {(t,) for t in range(n)}
     cands |= {(a, b) for a in range(n) for b in range(a + 1, n)}
     for t in range(n):
         partners = [int(u) for u in np.argsort(W[:, t], kind="stable") if u != t]   # lowest = best
-        for m in range(2, n + 1):
+        for m in range(3, n):               # sizes 2 and N are there already (pairs, last merge)
             cands.add(tuple(sorted([t, *partners[:m - 1]])))
     cut, _ = linkage_partition(W, budget)
     _, merges = linkage_partition(W, 1)
@@ -492,10 +490,12 @@ def rdm(features: np.ndarray) -> np.ndarray:
     (e.g. all-zero after a ReLU) has no defined correlation: it is treated as uncorrelated
     (dissimilarity 1) with every other image."""
     F = np.asarray(features, dtype=np.float64).reshape(len(features), -1)
+    # constant is decided on the raw values: the mean of a constant row can differ from it by a
+    # rounding step, and the normalised residue would then be noise with a correlation of ±1
+    varies = F.max(1) > F.min(1)
     F = F - F.mean(1, keepdims=True)
-    norm = np.linalg.norm(F, axis=1, keepdims=True)
-    ok = norm[:, 0] > 0
-    F = np.where(ok[:, None], F / np.where(norm > 0, norm, 1.0), 0.0)
+    F[~varies] = 0.0
+    F[varies] /= np.linalg.norm(F[varies], axis=1, keepdims=True)
     corr = F @ F.T
     np.fill_diagonal(corr, 1.0)
     return 1.0 - corr
