@@ -484,8 +484,11 @@ def test_invalid_json_and_corrupt_weights_name_the_file(finished, tmp_path, caps
 
 
 def test_ctrl_c_during_startup_exits_130_without_traceback(tmp_path):
-    """A real SIGINT while the data is being built (before the training loop's handler exists)."""
+    """A real SIGINT while the data is being built (before the training loop's handler exists). The
+    child first restores Python's own SIGINT handler, as in a terminal: a process started from a
+    background job inherits SIGINT ignored, and the signal would do nothing there."""
     code = ("import os, signal, sys\n"
+            "signal.signal(signal.SIGINT, signal.default_int_handler)\n"
             "import fastdmtg.train as t\n"
             "real = t.build_source\n"
             "def build_source(*a, **k):\n"
