@@ -568,6 +568,11 @@ def test_select_networks_switches_to_bnb_above_exact_max_n(monkeypatch):
     assert gs.select_networks(np.zeros((3, 3)), np.zeros(3), 2, exact_max_n=2).solver == "bnb"
 
 
+def _integer_values(r, n, cands):
+    """Values of ``cands`` from small random integers (pairwise −2..2, singles −1..1): many ties."""
+    return gs.mean_partner_values(r.integers(-2, 3, (n, n)).astype(float), r.integers(-1, 2, n).astype(float), cands)
+
+
 def test_bnb_search_effort_is_pinned():
     """Golden node counts of branch and bound (deterministic): its candidate order (regret per
     member, bigger sets first on ties), its bounds and its starting incumbent (greedy cover; the
@@ -584,7 +589,7 @@ def test_bnb_search_effort_is_pinned():
     for seed in (0, 1):
         r = np.random.default_rng(seed)
         cands = gs.all_subsets(6)
-        V = gs.mean_partner_values(r.integers(-2, 3, (6, 6)).astype(float), r.integers(-1, 2, 6).astype(float), cands)
+        V = _integer_values(r, 6, cands)
         counts.append(gs.select_bnb(cands, V, 6, 3).info["nodes"])
     Z = _block_affinity([[0, 1, 2], [3, 4, 5], [6, 7, 8], [9, 10, 11]], 12, noise=0.005)
     counts.append(gs.tag_select(Z, 4, exact_max_n=0).info["nodes"])
@@ -597,7 +602,7 @@ def test_bnb_search_effort_is_pinned():
     alls = gs.all_subsets(n)
     cands = [alls[i] for i in r.choice(len(alls), size=int(r.integers(n, 2 * n + 2)), replace=False)]
     cands += [(t,) for t in range(n) if (t,) not in cands]
-    V = gs.mean_partner_values(r.integers(-2, 3, (n, n)).astype(float), r.integers(-1, 2, n).astype(float), cands)
+    V = _integer_values(r, n, cands)
     counts.append(gs.select_bnb(cands, V, n, budget).info["nodes"])
     assert counts == [427, 2410, 1297, 10896, 9805, 263, 22294, 15]
 
@@ -608,7 +613,7 @@ def test_bnb_keeps_the_first_optimum_found():
     r = np.random.default_rng(3)
     n, budget = int(r.integers(3, 6)), int(r.integers(2, 4))
     cands = gs.all_subsets(n)
-    V = gs.mean_partner_values(r.integers(-2, 3, (n, n)).astype(float), r.integers(-1, 2, n).astype(float), cands)
+    V = _integer_values(r, n, cands)
     sel = gs.select_bnb(cands, V, n, budget)
     assert (n, budget) == (5, 2) and sel.networks == [(0, 1, 3, 4), (2, 3)]
     assert sel.objective == pytest.approx(gs.select_exhaustive(cands, V, n, budget).objective)
