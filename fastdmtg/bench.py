@@ -3,6 +3,8 @@
     fastdmtg bench flops [--taskonomy] [--out FILE]
     fastdmtg bench step  [--recipe celeba9_k3] [--set KEY=VALUE ...] [--steps 50] [--out FILE] [--scaling]
     fastdmtg profile     [--recipe celeba9_k3] [--set KEY=VALUE ...] [--steps 10] [--out DIR]
+    fastdmtg bench kernels-aot [--out FILE]     every fused kernel compiled for sm_80/89/90 (fastdmtg.aot)
+    fastdmtg bench roofline --recipe R --gpu h100|a100|4090   step lower bound (fastdmtg.roofline)
 
 ``bench step`` and ``profile`` take any recipe: CelebA-shaped ones (celeba*, synthetic*) and the
 Taskonomy ones (taskonomy5_k3/k4/k5, taskonomy5_vit_k3, taskonomy5_naive). ``--set`` (repeatable)
@@ -519,11 +521,25 @@ def _row_failed(name: str, e: BaseException) -> None:
     lg.error(f"{name}: failed: {type(e).__name__}: {_one_line(e)}")
 
 
+def kernels_aot_main(argv: list[str]) -> int:
+    """``fastdmtg bench kernels-aot``: fastdmtg.aot in a child process without TRITON_INTERPRET."""
+    from .aot import run_clean
+    return run_clean(argv)
+
+
+def roofline_main(argv: list[str]) -> int:
+    from .roofline import main
+    return main(argv)
+
+
+_BENCH = {"flops": flops_main, "step": step_main, "kernels-aot": kernels_aot_main, "roofline": roofline_main}
+
+
 def bench_main(argv: list[str]) -> int:
-    if not argv or argv[0] not in ("flops", "step"):
-        print("usage: fastdmtg bench flops|step [options]", file=sys.stderr)
+    if not argv or argv[0] not in _BENCH:
+        print(f"usage: fastdmtg bench {'|'.join(_BENCH)} [options]", file=sys.stderr)
         return 2
-    return {"flops": flops_main, "step": step_main}[argv[0]](argv[1:])
+    return _BENCH[argv[0]](argv[1:])
 
 
 # ------------------------------------------------------------------------------------- profile

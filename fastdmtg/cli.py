@@ -6,7 +6,7 @@
     fastdmtg recipes
     fastdmtg prepare taskonomy ROOT OUT [...]
     fastdmtg data verify PATH [...]
-    fastdmtg compare ... | fastdmtg bench flops|step ... | fastdmtg profile ...
+    fastdmtg compare ... | fastdmtg bench flops|step|kernels-aot|roofline ... | fastdmtg profile ...
     fastdmtg predict RUN_DIR IMAGE... [--out preds.csv]
     fastdmtg --version
     train/eval/compare/bench/profile: --progress/--no-progress, --quiet, --log-level (fastdmtg/log.py)
@@ -252,7 +252,7 @@ def _main(argv: list[str] | None = None) -> int:
     add_output_flags(pe)
     sub.add_parser("recipes", help="list the named recipes")
     for name, mod, hlp in (("compare", "compare", "run a set of grouping methods and write comparison tables"),
-                           ("bench", "bench", "benchmarks: flops | step"),
+                           ("bench", "bench", "benchmarks: flops | step | kernels-aot | roofline"),
                            ("profile", "bench", "torch.profiler trace of steady-state training steps"),
                            ("predict", "predict", "predict every task for your own images: predict RUN_DIR "
                                                   "IMAGE... [--out preds.csv]")):

@@ -63,8 +63,10 @@ def _sdpa_macs(inputs, outputs) -> int:
     return 2 * n * q[-2] * k[-2] * q[-1]
 
 
-def count_fvcore(model: nn.Module, x: torch.Tensor) -> float | None:
-    """fvcore's count (1 per multiply-add, its BN rule), or None when fvcore is not installed."""
+def fvcore_analysis(model: nn.Module, x: torch.Tensor, by_module: bool = False):
+    """fvcore's count (1 per multiply-add, its BN rule) — the total, or with ``by_module`` fvcore's
+    per-module Counter (qualified name → count, parents include their children; "" is the total) —
+    or None when fvcore is not installed."""
     try:
         from fvcore.nn import FlopCountAnalysis
     except ImportError:
@@ -74,7 +76,12 @@ def count_fvcore(model: nn.Module, x: torch.Tensor) -> float | None:
         fca = FlopCountAnalysis(model, x)
         fca.set_op_handle("aten::scaled_dot_product_attention", _sdpa_macs)   # ViT attention
         fca.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
-        return fca.total()
+        return fca.by_module() if by_module else fca.total()
+
+
+def count_fvcore(model: nn.Module, x: torch.Tensor) -> float | None:
+    """fvcore's count (1 per multiply-add, its BN rule), or None when fvcore is not installed."""
+    return fvcore_analysis(model, x)
 
 
 def count_torch(model: nn.Module, x: torch.Tensor) -> float:
@@ -85,15 +92,20 @@ def count_torch(model: nn.Module, x: torch.Tensor) -> float:
     return fc.get_total_flops()
 
 
-def count_flops(cfg) -> dict:
-    """Forward FLOPs per sample of the training network of a config: fvcore (1/MAC; None without
-    fvcore) and torch (2/MAC), and the parameter count."""
+def training_network(cfg) -> tuple[nn.Module, torch.Tensor]:
+    """(the training network of a config in eval mode, a batch-1 input): what every count here measures."""
     from .config import resolved_branches
     from .data import task_specs
     from .models import build_multibranch
     specs = task_specs(cfg)
     model = build_multibranch(resolved_branches(cfg, len(specs)).model, specs, cfg.data.image_size).eval()
-    x = torch.rand(1, 3, cfg.data.image_size, cfg.data.image_size)
+    return model, torch.rand(1, 3, cfg.data.image_size, cfg.data.image_size)
+
+
+def count_flops(cfg) -> dict:
+    """Forward FLOPs per sample of the training network of a config: fvcore (1/MAC; None without
+    fvcore) and torch (2/MAC), and the parameter count."""
+    model, x = training_network(cfg)
     return {"torch_2_per_mac": count_torch(model, x), "params": sum(p.numel() for p in model.parameters()),
             "fvcore_1_per_mac": count_fvcore(model, x)}
 
