@@ -1,13 +1,15 @@
 """Roofline lower bound of a training step on a named GPU: the "limit" every speed claim is held against.
 
     fastdmtg bench roofline --recipe celeba9_k3[,celeba40_k5,...] --gpu h100|a100|4090[,...]
-                            [--train-images N] [--out FILE]
+                            [--set KEY=VALUE ...] [--train-images N] [--out FILE]
 
 Per op group of one training step (batch B of the recipe) it estimates FLOPs and bytes moved, and
 bounds the group's time by max(FLOPs / peak, bytes / bandwidth); the step's bound is the sum over
 groups (each group is assumed to run at whichever roof limits it, and groups do not overlap), the
 100-epoch bound that × ceil(training images / B) × 100. Where a measured step exists in
-benchmarks/results (``MEASURED``) the table gives measured / bound.
+benchmarks/results (``MEASURED``; only for the recipe as it is, no ``--set`` changing it) the table
+gives measured / bound. ``--set`` applies to every recipe (e.g. ``--set model.branches=3`` for
+CelebA-40 at K = 3).
 
 Assumptions (also printed under the table):
 
@@ -183,28 +185,30 @@ def main(argv: list[str]) -> int:
                                  description="lower bound of a training step from FLOPs, bytes and a GPU's peaks")
     ap.add_argument("--recipe", default="celeba9_k3", help="recipe(s), comma-separated (default celeba9_k3)")
     ap.add_argument("--gpu", default="h100", help=f"GPU(s), comma-separated: {' | '.join(GPUS)} (default h100)")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a field of every recipe (repeatable), e.g. --set model.branches=3")
     ap.add_argument("--train-images", type=int, default=0,
                     help="training-set size for the 100-epoch bound (default: CelebA 162,770; Taskonomy: none)")
     ap.add_argument("--out", help="write the Markdown report here too")
     args = ap.parse_args(argv)
     from .bench import _train_images
-    from .config import ConfigError, get_recipe
+    from .config import ConfigError, apply_overrides, get_recipe
     gpus = [g for g in args.gpu.split(",") if g]
     bad = [g for g in gpus if g not in GPUS]
     if bad or not gpus:
         print(f"error: --gpu {args.gpu!r}: expected some of {', '.join(GPUS)}", file=sys.stderr)
         return 2
     try:
-        cfgs = [(r, get_recipe(r)) for r in args.recipe.split(",") if r]
-    except ConfigError as e:
-        print(f"error: --recipe: {e}", file=sys.stderr)
+        cfgs = [(r, apply_overrides(get_recipe(r), args.overrides)) for r in args.recipe.split(",") if r]
+    except (ConfigError, ValueError) as e:
+        print(f"error: --recipe/--set: {e}", file=sys.stderr)
         return 2
     lines = [f"# Roofline lower bound per training step — {', '.join(r for r, _ in cfgs)}", "",
              f"- command: `fastdmtg bench roofline {' '.join(argv)}`",
              f"- torch {torch.__version__}; FLOPs from fvcore (fastdmtg.flops), bytes from tensor sizes; "
              "assumptions below the tables", ""]
-    summary = ["| recipe | GPU | batch | GFLOP/step | MB/step | step bound ms | 100-epoch bound min | measured ms | "
-               "measured / bound |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    summary = ["| recipe | K | GPU | batch | GFLOP/step | MB/step | step bound ms | 100-epoch bound min | measured ms | "
+               "measured / bound |", "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
     detail = []
     for recipe, cfg in cfgs:
         print(f"counting {recipe} ...", file=sys.stderr, flush=True)
@@ -218,12 +222,13 @@ def main(argv: list[str]) -> int:
             byts = sum(g.bytes for g in groups.values())
             epochs = (f"{100 * math.ceil(n_train / B) * total / 60:.2f}" if n_train else
                       "— (give --train-images)")
-            meas = MEASURED.get((recipe, key))
+            as_is = cfg.to_dict() == get_recipe(recipe).to_dict()       # a measured step is of the recipe as is
+            meas = MEASURED.get((recipe, key)) if as_is else None
             mtxt = f"{meas[0]:.3f}" if meas else "—"
             ratio = f"{meas[0] / (total * 1e3):.1f}×" if meas else "—"
-            summary.append(f"| {recipe} | {gpu.name} | {B} | {flops / 1e9:,.1f} | {byts / 1e6:,.1f} | "
+            summary.append(f"| {recipe} | {cfg.num_branches} | {gpu.name} | {B} | {flops / 1e9:,.1f} | {byts / 1e6:,.1f} | "
                            f"{total * 1e3:.3f} | {epochs} | {mtxt} | {ratio} |")
-            detail += [f"### {recipe} on {gpu.name} (batch {B}, {params:,} parameters)", "",
+            detail += [f"### {recipe} (K = {cfg.num_branches}) on {gpu.name} (batch {B}, {params:,} parameters)", "",
                        "| op group | GFLOP | MB | compute ms | memory ms | bound ms | limit |",
                        "|---|---:|---:|---:|---:|---:|---|"]
             detail += [f"| {n} | {f:,.2f} | {b:,.1f} | {c:.4f} | {m:.4f} | {t:.4f} | {lim} |"

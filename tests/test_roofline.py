@@ -76,20 +76,30 @@ def test_bench_roofline_celeba9_k3_h100(tmp_path, capsys):
     out = tmp_path / "r.md"
     assert bench_main(["roofline", "--recipe", "celeba9_k3", "--gpu", "h100", "--out", str(out)]) == 0
     text = out.read_text()
-    row = next(ln for ln in text.splitlines() if ln.startswith("| celeba9_k3 | H100"))
+    row = next(ln for ln in text.splitlines() if ln.startswith("| celeba9_k3 | 3 | H100"))
     cells = [c.strip() for c in row.strip("|").split("|")]
-    gflop, step_ms, epochs_min, measured = float(cells[3].replace(",", "")), float(cells[5]), float(cells[6]), cells[7]
+    assert cells[1] == "3"
+    gflop, step_ms, epochs_min, measured = float(cells[4].replace(",", "")), float(cells[6]), float(cells[7]), cells[8]
     fv = count_flops(get_recipe("celeba9_k3"))["fvcore_1_per_mac"]
     assert gflop == pytest.approx(3 * 2 * fv * 256 / 1e9, rel=1e-3)
     assert epochs_min == pytest.approx(100 * 636 * step_ms / 1e3 / 60, rel=1e-3)      # ceil(162770/256) = 636
-    assert measured == "6.908" and cells[8] == f"{6.908 / step_ms:.1f}×"
+    assert measured == "6.908" and cells[9] == f"{6.908 / step_ms:.1f}×"
     # the per-group table sums to the step bound
     bounds = [float(m) for m in re.findall(r"\| [a-zA-Z/() ]+ \| [\d,.]+ \| [\d,.]+ \| [\d.]+ \| [\d.]+ \| ([\d.]+) \|",
                                             text)]
     assert len(bounds) == 6 and sum(bounds) == pytest.approx(step_ms, abs=1e-3)
 
 
-@pytest.mark.parametrize("args", [["--gpu", "v100"], ["--recipe", "nope"]])
+def test_a_changed_recipe_has_no_measured_step(tmp_path):
+    """--set model.branches=2 is not the measured celeba9_k3: no measured column."""
+    from fastdmtg.bench import bench_main
+    out = tmp_path / "r.md"
+    assert bench_main(["roofline", "--recipe", "celeba9_k3", "--set", "model.branches=2", "--out", str(out)]) == 0
+    row = next(ln for ln in out.read_text().splitlines() if ln.startswith("| celeba9_k3 | 2 | H100"))
+    assert row.endswith("| — | — |")
+
+
+@pytest.mark.parametrize("args", [["--gpu", "v100"], ["--recipe", "nope"], ["--set", "model.nope=1"]])
 def test_bench_roofline_bad_input_exits_2(args, capsys):
     from fastdmtg.bench import bench_main
     assert bench_main(["roofline", *args]) == 2
