@@ -220,7 +220,7 @@ def main(argv: list[str]) -> int:
             rows, total = bound_rows(groups, gpu)
             flops = sum(g.flops for g in groups.values())
             byts = sum(g.bytes for g in groups.values())
-            epochs = (f"{100 * math.ceil(n_train / B) * total / 60:.2f}" if n_train else
+            epochs = (f"{100 * math.ceil(n_train / B) * total / 60:.3f}" if n_train else
                       "— (give --train-images)")
             as_is = cfg.to_dict() == get_recipe(recipe).to_dict()       # a measured step is of the recipe as is
             meas = MEASURED.get((recipe, key)) if as_is else None
