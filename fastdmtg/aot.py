@@ -301,6 +301,19 @@ def _fmt_constexprs(launch: Launch) -> str:
     return ", ".join(items) + f"; warps {launch.kwargs.get('num_warps', 4)}"
 
 
+def specialisation(launch: Launch) -> str:
+    """The integer arguments triton specialises for this launch (module doc): "=1" (compiled as the
+    constant 1) and "÷16" (known divisible by 16); pointers, 16-byte aligned as from the CUDA
+    allocator, are left out. Two launches with the same constexprs can differ only here."""
+    sig, _, attrs, _ = bind(launch, TARGETS["sm_90"])
+    names = list(sig)
+    ones = [n for n, v in sig.items() if v == "constexpr" and n not in launch.kwargs]
+    div = [names[k[0]] for k, a in attrs.items()
+           if len(k) == 1 and not sig[names[k[0]]].startswith("*") and any("divisibility" in str(x) for x in a)]
+    parts = ([f"=1: {', '.join(ones)}"] if ones else []) + ([f"÷16: {', '.join(div)}"] if div else [])
+    return "; ".join(parts) or "—"
+
+
 def collect(recipes, ks, amps, ops=None, log=print) -> list[Launch]:
     """The distinct launches of every recipe × K × precision policy, each with the labels that launch it."""
     from .config import evolve, get_recipe
@@ -321,7 +334,7 @@ def collect(recipes, ks, amps, ops=None, log=print) -> list[Launch]:
                     if label not in seen[key].where:
                         seen[key].where.append(label)
             log(f"recorded {recipe} K={k}: {len(seen)} distinct launches so far")
-    return sorted(seen.values(), key=lambda ln: (ln.op, ln.kernel, _fmt_constexprs(ln)))
+    return sorted(seen.values(), key=lambda ln: (ln.op, ln.kernel, _fmt_constexprs(ln), specialisation(ln)))
 
 
 def _where(labels: list[str]) -> str:
@@ -385,9 +398,9 @@ def main(argv: list[str] | None = None) -> int:
             "- limits (CUDA C++ Programming Guide, technical specifications per compute capability): shared memory "
             "per block (opt-in) " + ", ".join(f"{t.name} {t.smem_per_block // 1024} KB" for t in targets) +
             "; 255 registers/thread; warps × 32 × registers ≤ 65,536; no spills", "",
-            "| op | kernel | constexprs; warps | used by | " + " | ".join(
+            "| op | kernel | constexprs; warps | specialised ints | used by | " + " | ".join(
                 f"{t.name} regs / smem B / spills" for t in targets) + " | status |",
-            "|---|---|---|---|" + "---:|" * len(targets) + "---|"]
+            "|---|---|---|---|---|" + "---:|" * len(targets) + "---|"]
     lines, failures, n = list(head), [], 0
     for ln in launches:
         cells, status = [], "ok"
@@ -397,15 +410,17 @@ def main(argv: list[str] | None = None) -> int:
             except Exception as e:  # a configuration that does not compile is a failed row
                 msg = str(e).strip().splitlines()[0][:160] if str(e).strip() else ""
                 cells.append(f"compile failed: {type(e).__name__}")
-                failures.append(f"{ln.op}.{ln.kernel} [{_fmt_constexprs(ln)}] on {t.name}: {type(e).__name__}: {msg}")
+                failures.append(f"{ln.op}.{ln.kernel} [{_fmt_constexprs(ln)}; {specialisation(ln)}] on {t.name}: "
+                                f"{type(e).__name__}: {msg}")
                 status = "FAIL"
                 continue
             n += 1
             cells.append(f"{r.regs} / {r.shared} / {r.spill_stores + r.spill_loads}")
             if r.problems:
                 status = "FAIL"
-                failures.append(f"{ln.op}.{ln.kernel} [{_fmt_constexprs(ln)}] on {t.name}: {'; '.join(r.problems)}")
-        lines.append(f"| {ln.op} | {ln.kernel} | {_fmt_constexprs(ln)} | {_where(ln.where)} | "
+                failures.append(f"{ln.op}.{ln.kernel} [{_fmt_constexprs(ln)}; {specialisation(ln)}] on {t.name}: "
+                                f"{'; '.join(r.problems)}")
+        lines.append(f"| {ln.op} | {ln.kernel} | {_fmt_constexprs(ln)} | {specialisation(ln)} | {_where(ln.where)} | "
                      + " | ".join(cells) + f" | {status} |")
         say(lines[-1])
     took = time.perf_counter() - t_start

@@ -66,15 +66,16 @@ def test_main_fails_with_the_offending_configuration_named(monkeypatch, tmp_path
     fake = aot.Launch("grouped_ce", "_fwd_kernel", None, (), {"K": 3, "BLOCK_B": 256, "num_warps": 4},
                       where=["celeba9 K=3 amp=mixed"])
     monkeypatch.setattr(aot, "collect", lambda *a, **k: [fake])
+    monkeypatch.setattr(aot, "specialisation", lambda ln: "÷16: B")
     monkeypatch.setattr(aot, "compile_one", lambda ln, t: (lambda r: (setattr(r, "problems", check_limits(r, t)), r)[1])(
         _r(regs=40, st=8 if t.name == "sm_89" else 0)))
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     out = tmp_path / "aot.md"
     assert aot.main(["--out", str(out)]) == 1
     text = out.read_text()
-    assert "| grouped_ce | _fwd_kernel | K=3, BLOCK_B=256; warps 4 | celeba9 K=3 amp=mixed |" in text
+    assert "| grouped_ce | _fwd_kernel | K=3, BLOCK_B=256; warps 4 | ÷16: B | celeba9 K=3 amp=mixed |" in text
     assert "40 / 0 / 0 | 40 / 0 / 8 | 40 / 0 / 0 | FAIL |" in text
-    assert "grouped_ce._fwd_kernel [K=3, BLOCK_B=256; warps 4] on sm_89: spills (8 B stores, 0 B loads)" in text
+    assert "grouped_ce._fwd_kernel [K=3, BLOCK_B=256; warps 4; ÷16: B] on sm_89: spills (8 B stores, 0 B loads)" in text
     assert "exceed a target's limits" in capsys.readouterr().err
 
 
@@ -111,6 +112,9 @@ def test_bench_kernels_aot_compiles_a_subset_for_sm90(tmp_path):
     assert f"K=3, BLOCK_B={bb}, BLOCK_C=2; warps {warps}" in kernels["_fwd_kernel"]
     assert f"K=3, BLOCK_B={bb}, BLOCK_C=2, BLOCK_K=4; warps {warps}" in kernels["_bwd_kernel"]
     assert "BLOCK_H=32, BLOCK_P=1" in kernels["_finalize_kernel"]          # H = N·K = 27, one partial per head
+    # batch 256 and N = 9 as the binder specialises them: B divisible by 16, N not, P = 1 a constant
+    assert "| =1: PB; ÷16: B |" in kernels["_fwd_kernel"] and "| ÷16: B |" in kernels["_bwd_kernel"]
+    assert "=1: P" in kernels["_finalize_kernel"]
     for r in rows:
         regs, smem, spills = (int(v) for v in re.search(r"\| (\d+) / (\d+) / (\d+) \| ok \|$", r).groups())
         assert 8 <= regs <= 255 and spills == 0
