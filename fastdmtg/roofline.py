@@ -142,17 +142,18 @@ def loss_bytes(model: nn.Module, x: torch.Tensor, target_bytes_per_sample: int, 
     return batch * (3 * n_out * head_bytes + 2 * target_bytes_per_sample)
 
 
-def step_groups(cfg) -> tuple[dict[str, Group], int]:
-    """(op groups of one training step of ``cfg``, parameter count)."""
+def step_groups(cfg, head_bytes: int = 4) -> tuple[dict[str, Group], int]:
+    """(op groups of one training step of ``cfg``, parameter count); ``head_bytes`` per head
+    activation (4: train.amp=mixed keeps the heads fp32; 2: train.amp=bf16)."""
     from .aot import _batch
     from .data import task_specs
     from .flops import training_network
     model, x = training_network(cfg)
     B = cfg.train.batch_size
-    groups = network_groups(model, x, B)
+    groups = network_groups(model, x, B, head_bytes=head_bytes)
     specs = task_specs(cfg)
     tb = sum(t.numel() * t.element_size() for t in _flat(_batch(specs, 1, cfg.data.image_size, "meta")))
-    groups["losses"].bytes = loss_bytes(model, x, tb, B)
+    groups["losses"].bytes = loss_bytes(model, x, tb, B, head_bytes)
     params = sum(p.numel() for p in model.parameters())
     name = cfg.optim.name
     if name not in OPTIMIZER_BYTES:
@@ -187,6 +188,9 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--gpu", default="h100", help=f"GPU(s), comma-separated: {' | '.join(GPUS)} (default h100)")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="override a field of every recipe (repeatable), e.g. --set model.branches=3")
+    ap.add_argument("--amp", default="mixed", choices=("mixed", "bf16"),
+                    help="precision policy of the byte count: mixed (the CUDA default: heads fp32) or bf16 "
+                         "(heads bf16 too); the trunk is bf16 in both (default mixed)")
     ap.add_argument("--train-images", type=int, default=0,
                     help="training-set size for the 100-epoch bound (default: CelebA 162,770; Taskonomy: none)")
     ap.add_argument("--out", help="write the Markdown report here too")
@@ -208,11 +212,11 @@ def main(argv: list[str]) -> int:
              f"- torch {torch.__version__}; FLOPs from fvcore (fastdmtg.flops), bytes from tensor sizes; "
              "assumptions below the tables", ""]
     summary = ["| recipe | K | GPU | batch | GFLOP/step | MB/step | step bound ms | 100-epoch bound min | measured ms | "
-               "measured / bound |", "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+               "measured / bound | MFU at the bound % |", "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     detail = []
     for recipe, cfg in cfgs:
         print(f"counting {recipe} ...", file=sys.stderr, flush=True)
-        groups, params = step_groups(cfg)
+        groups, params = step_groups(cfg, head_bytes=4 if args.amp == "mixed" else 2)
         n_train, _ = _train_images(cfg, args.train_images)
         B = cfg.train.batch_size
         for key in gpus:
@@ -227,7 +231,8 @@ def main(argv: list[str]) -> int:
             mtxt = f"{meas[0]:.3f}" if meas else "—"
             ratio = f"{meas[0] / (total * 1e3):.1f}×" if meas else "—"
             summary.append(f"| {recipe} | {cfg.num_branches} | {gpu.name} | {B} | {flops / 1e9:,.1f} | {byts / 1e6:,.1f} | "
-                           f"{total * 1e3:.3f} | {epochs} | {mtxt} | {ratio} |")
+                           f"{total * 1e3:.3f} | {epochs} | {mtxt} | {ratio} | "
+                           f"{100 * flops / (gpu.bf16_tflops * 1e12) / total:.1f} |")
             detail += [f"### {recipe} (K = {cfg.num_branches}) on {gpu.name} (batch {B}, {params:,} parameters)", "",
                        "| op group | GFLOP | MB | compute ms | memory ms | bound ms | limit |",
                        "|---|---:|---:|---:|---:|---:|---|"]
@@ -244,10 +249,13 @@ def main(argv: list[str]) -> int:
              "- FLOPs = 3 (forward + backward, backward ≈ 2× forward) × 2 (per multiply-add) × fvcore's count of the "
              "batch-1 forward × batch; losses, optimizer and element-wise ops count 0 FLOPs.",
              "- Bytes: each leaf module reads its inputs and writes its output once forward (trunk activations bf16, "
-             "heads fp32: train.amp=mixed, the CUDA default); backward 2× the forward's activation bytes; fp32 "
+             "heads fp32 under train.amp=mixed, the CUDA default, bf16 with --amp bf16); backward 2× the forward's activation bytes; fp32 "
              "weights 12 B/parameter (read forward, read backward, gradient written); losses read outputs + targets "
              "twice and write the outputs' gradient; Adam/AdamW 28 B/parameter (SGD 20). Unfused: fusion moves "
              "fewer bytes, so the memory side is an estimate, not a strict bound.",
+             "- MFU at the bound = (step FLOPs / peak) / step bound: the highest MFU this step could reach "
+             "if it moved no fewer bytes than estimated. The heads' FLOPs are held against the bf16 peak even "
+             "where train.amp=mixed runs them in fp32/TF32 (an optimistic, so still lower, bound).",
              "- Bound per group = max(compute, memory); step bound = sum over groups (no overlap between groups); "
              "100-epoch bound = 100 × ceil(training images / batch) × step bound (CelebA 162,770 training images).",
              ""]

@@ -47,6 +47,13 @@ def test_flops_and_bytes_per_group_by_hand():
     assert g["BN/ReLU/pool"].bytes == 0 and g["other (functional)"].flops == 0     # flatten is a view
 
 
+def test_bf16_heads_halve_the_head_activation_bytes():
+    torch.manual_seed(0)
+    g = network_groups(Tiny().eval(), torch.rand(1, 3, 8, 8), B, head_bytes=2)
+    assert g["heads"].bytes == 3 * (256 + 2) * 2 * B + 12 * (256 * 2 + 2)
+    assert g["encoder convs"].bytes == CONV_BYTES
+
+
 def test_bound_is_max_of_compute_and_memory_per_group_summed():
     # 1 MFLOP/s and 1 MB/s: the conv is compute-bound (0.41472 s > 0.028176 s), the head memory-bound
     gpu = GPU("toy", 1e-6, 1e-6, "")
@@ -84,6 +91,7 @@ def test_bench_roofline_celeba9_k3_h100(tmp_path, capsys):
     assert gflop == pytest.approx(3 * 2 * fv * 256 / 1e9, rel=1e-3)
     assert epochs_min == pytest.approx(100 * 636 * step_ms / 1e3 / 60, rel=5e-4)      # ceil(162770/256) = 636
     assert measured == "6.908" and cells[9] == f"{6.908 / step_ms:.1f}×"
+    assert float(cells[10]) == pytest.approx(100 * gflop * 1e9 / 989e12 / (step_ms / 1e3), abs=0.06)
     # the per-group table sums to the step bound
     bounds = [float(m) for m in re.findall(r"\| [a-zA-Z/() ]+ \| [\d,.]+ \| [\d,.]+ \| [\d.]+ \| [\d.]+ \| ([\d.]+) \|",
                                             text)]
@@ -96,7 +104,7 @@ def test_a_changed_recipe_has_no_measured_step(tmp_path):
     out = tmp_path / "r.md"
     assert bench_main(["roofline", "--recipe", "celeba9_k3", "--set", "model.branches=2", "--out", str(out)]) == 0
     row = next(ln for ln in out.read_text().splitlines() if ln.startswith("| celeba9_k3 | 2 | H100"))
-    assert row.endswith("| — | — |")
+    assert row.split(" | ")[-3:-1] == ["—", "—"]
 
 
 @pytest.mark.parametrize("args", [["--gpu", "v100"], ["--recipe", "nope"], ["--set", "model.nope=1"]])
@@ -104,3 +112,15 @@ def test_bench_roofline_bad_input_exits_2(args, capsys):
     from fastdmtg.bench import bench_main
     assert bench_main(["roofline", *args]) == 2
     assert capsys.readouterr().err.startswith("error: ")
+
+
+def test_amp_bf16_moves_fewer_bytes_than_mixed(tmp_path):
+    """--amp bf16 counts the heads' activations (and the losses' reads of them) at 2 B, not 4."""
+    from fastdmtg.bench import bench_main
+    mb = {}
+    for amp in ("mixed", "bf16"):
+        out = tmp_path / f"{amp}.md"
+        assert bench_main(["roofline", "--recipe", "celeba9_k3", "--amp", amp, "--out", str(out)]) == 0
+        row = next(ln for ln in out.read_text().splitlines() if ln.startswith("| celeba9_k3 | 3 | H100"))
+        mb[amp] = float(row.split(" | ")[5].replace(",", ""))
+    assert mb["bf16"] < mb["mixed"] - 10          # heads: 142 MB at fp32 per step
