@@ -303,14 +303,20 @@ def _fmt_constexprs(launch: Launch) -> str:
 
 def specialisation(launch: Launch) -> str:
     """The integer arguments triton specialises for this launch (module doc): "=1" (compiled as the
-    constant 1) and "÷16" (known divisible by 16); pointers, 16-byte aligned as from the CUDA
-    allocator, are left out. Two launches with the same constexprs can differ only here."""
+    constant 1) and "÷16" (known divisible by 16), and the pointers that are not 16-byte aligned
+    ("unaligned"; the others are, as from the CUDA allocator). Two launches with the same
+    constexprs can differ only here."""
     sig, _, attrs, _ = bind(launch, TARGETS["sm_90"])
     names = list(sig)
     ones = [n for n, v in sig.items() if v == "constexpr" and n not in launch.kwargs]
     div = [names[k[0]] for k, a in attrs.items()
            if len(k) == 1 and not sig[names[k[0]]].startswith("*") and any("divisibility" in str(x) for x in a)]
-    parts = ([f"=1: {', '.join(ones)}"] if ones else []) + ([f"÷16: {', '.join(div)}"] if div else [])
+    aligned = {names[k[0]] for k, a in attrs.items() if len(k) == 1 and any("divisibility" in str(x) for x in a)}
+    # a pointer into a tensor at an offset (e.g. the row z[i] of the grouping weights) may not be
+    # 16-byte aligned; triton then compiles without that assumption
+    unaligned = [n for n, v in sig.items() if v.startswith("*") and n not in aligned]
+    parts = ([f"=1: {', '.join(ones)}"] if ones else []) + ([f"÷16: {', '.join(div)}"] if div else []) + \
+        ([f"unaligned: {', '.join(unaligned)}"] if unaligned else [])
     return "; ".join(parts) or "—"
 
 
@@ -357,6 +363,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="precision policies (train.amp), comma-separated: mixed (the CUDA default: heads fp32, stem "
                          "bf16), bf16 (heads bf16 too), off (fp32); default mixed")
     ap.add_argument("--ops", default="", help="only these op files (comma-separated; default: all)")
+    ap.add_argument("--fresh-cache", action="store_true",
+                    help="compile into an empty triton cache (a temporary TRITON_CACHE_DIR): honest compile times")
     ap.add_argument("--out", help="write the Markdown table here too")
     args = ap.parse_args(argv)
     try:
@@ -380,6 +388,9 @@ def main(argv: list[str] | None = None) -> int:
     targets = [TARGETS[t] for t in args.targets.split(",")]
     ops = {o for o in args.ops.split(",") if o} or None
     say = lambda s: print(s, file=sys.stderr, flush=True)   # noqa: E731  progress on stderr
+    fresh = tempfile.TemporaryDirectory(prefix="fastdmtg-aot-cache-") if args.fresh_cache else None
+    if fresh is not None:
+        os.environ["TRITON_CACHE_DIR"] = fresh.name          # read by triton when it compiles
     t_start = time.perf_counter()
     try:
         launches = collect([r for r in args.recipes.split(",") if r], ks, args.amp.split(","), ops, say)
@@ -401,7 +412,7 @@ def main(argv: list[str] | None = None) -> int:
             "| op | kernel | constexprs; warps | specialised ints | used by | " + " | ".join(
                 f"{t.name} regs / smem B / spills" for t in targets) + " | status |",
             "|---|---|---|---|---|" + "---:|" * len(targets) + "---|"]
-    lines, failures, n = list(head), [], 0
+    lines, failures, n, times = list(head), [], 0, []
     for ln in launches:
         cells, status = [], "ok"
         for t in targets:
@@ -415,6 +426,7 @@ def main(argv: list[str] | None = None) -> int:
                 status = "FAIL"
                 continue
             n += 1
+            times.append((r.seconds, f"{ln.op}.{ln.kernel} [{_fmt_constexprs(ln)}] on {t.name}"))
             cells.append(f"{r.regs} / {r.shared} / {r.spill_stores + r.spill_loads}")
             if r.problems:
                 status = "FAIL"
@@ -424,8 +436,16 @@ def main(argv: list[str] | None = None) -> int:
                      + " | ".join(cells) + f" | {status} |")
         say(lines[-1])
     took = time.perf_counter() - t_start
-    lines += ["", f"{len(launches)} configurations × {len(targets)} targets = {n} compiled in {took:.0f} s "
-              f"(triton's cache, ~/.triton/cache, makes a repeat fast); {len(failures)} failing."]
+    cache = ("an empty triton cache (--fresh-cache)" if fresh is not None else
+             "triton's cache (~/.triton/cache or TRITON_CACHE_DIR): configurations compiled before are read back")
+    lines += ["", f"{len(launches)} configurations × {len(targets)} targets = {n} compiled in {took:.0f} s wall, "
+              f"into {cache}; {len(failures)} failing."]
+    if times:
+        slow = max(times)
+        lines.append(f"Compile time per configuration and target (triton.compile + ptxas -v): mean "
+                     f"{sum(t for t, _ in times) / len(times):.2f} s, max {slow[0]:.2f} s ({slow[1]}).")
+    if fresh is not None:
+        fresh.cleanup()
     if failures:
         lines += ["", "Failures:", ""] + [f"- {f}" for f in failures]
     text = "\n".join(lines) + "\n"
