@@ -163,7 +163,7 @@ def recording(sink: list):
             setattr(m, name, v)
 
 
-def _batch(specs, B: int, S: int, dev) -> dict:
+def step_batch(specs, B: int, S: int, dev) -> dict:
     """A batch in the layout the trainer's sources give the step (fastdmtg.bench module doc)."""
     if all(s.kind == "class" for s in specs):
         return {"labels": torch.empty((B, len(specs)), dtype=torch.int64, device=dev)}
@@ -215,7 +215,7 @@ def record_recipe(cfg, dtype: torch.dtype, stem_dtype: torch.dtype, ops: set | N
         loss_ops = {"class": {"grouped_ce"}, "segment": {"ce_ignore"}}
         if any(want(o) for s in specs for o in loss_ops.get(s.kind, {"masked_l1"})):
             out_arg = outs[0] if len(outs) == 1 and specs[0].kind == "class" else outs
-            _run(taskset.head_losses, out_arg, _batch(specs, B, S, dev), z, kernels="triton")
+            _run(taskset.head_losses, out_arg, step_batch(specs, B, S, dev), z, kernels="triton")
         stems = [m for m in model.modules() if isinstance(m, Stem)]
         if stems and want("bn_relu_maxpool"):
             st = stems[0]

@@ -145,14 +145,14 @@ def loss_bytes(model: nn.Module, x: torch.Tensor, target_bytes_per_sample: int, 
 def step_groups(cfg, head_bytes: int = 4) -> tuple[dict[str, Group], int]:
     """(op groups of one training step of ``cfg``, parameter count); ``head_bytes`` per head
     activation (4: train.amp=mixed keeps the heads fp32; 2: train.amp=bf16)."""
-    from .aot import _batch
+    from .aot import step_batch
     from .data import task_specs
     from .flops import training_network
     model, x = training_network(cfg)
     B = cfg.train.batch_size
     groups = network_groups(model, x, B, head_bytes=head_bytes)
     specs = task_specs(cfg)
-    tb = sum(t.numel() * t.element_size() for t in _flat(_batch(specs, 1, cfg.data.image_size, "meta")))
+    tb = sum(t.numel() * t.element_size() for t in _flat(step_batch(specs, 1, cfg.data.image_size, "meta")))
     groups["losses"].bytes = loss_bytes(model, x, tb, B, head_bytes)
     params = sum(p.numel() for p in model.parameters())
     name = cfg.optim.name
