@@ -197,6 +197,7 @@ def main(argv: list[str]) -> int:
     args = ap.parse_args(argv)
     from .bench import _train_images
     from .config import ConfigError, apply_overrides, get_recipe
+    from .data import task_specs
     gpus = [g for g in args.gpu.split(",") if g]
     bad = [g for g in gpus if g not in GPUS]
     if bad or not gpus:
@@ -204,6 +205,8 @@ def main(argv: list[str]) -> int:
         return 2
     try:
         cfgs = [(r, apply_overrides(get_recipe(r), args.overrides)) for r in args.recipe.split(",") if r]
+        for _, cfg in cfgs:      # a recipe whose tasks only its data knows (folder_*) has no network here
+            task_specs(cfg)
     except (ConfigError, ValueError) as e:
         print(f"error: --recipe/--set: {e}", file=sys.stderr)
         return 2

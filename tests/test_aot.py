@@ -86,7 +86,8 @@ def test_main_refuses_to_compile_under_the_interpreter(monkeypatch, capsys):
     assert "TRITON_INTERPRET=1" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("args", [["--k", "0"], ["--targets", "sm_70"], ["--amp", "fp16"]])
+@pytest.mark.parametrize("args", [["--k", "0"], ["--targets", "sm_70"], ["--amp", "fp16"], ["--recipes", "nope"],
+                                  ["--recipes", "folder_k3"]])
 def test_bad_arguments_exit_2(args, monkeypatch, capsys):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     assert aot.main(args) == 2

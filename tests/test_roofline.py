@@ -107,7 +107,8 @@ def test_a_changed_recipe_has_no_measured_step(tmp_path):
     assert row.split(" | ")[-3:-1] == ["—", "—"]
 
 
-@pytest.mark.parametrize("args", [["--gpu", "v100"], ["--recipe", "nope"], ["--set", "model.nope=1"]])
+@pytest.mark.parametrize("args", [["--gpu", "v100"], ["--recipe", "nope"], ["--set", "model.nope=1"],
+                                  ["--recipe", "folder_k3"]])
 def test_bench_roofline_bad_input_exits_2(args, capsys):
     from fastdmtg.bench import bench_main
     assert bench_main(["roofline", *args]) == 2
