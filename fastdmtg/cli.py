@@ -46,6 +46,9 @@ def _train_parser(sub):
     p.add_argument("--init-from", help="naive-MTL run folder or checkpoint to copy into all K branches")
     p.add_argument("--reference", help="naive-MTL run folder or results.json for NormGain")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run exactly")
+    p.add_argument("--logger", action="append", default=[], metavar="NAME",
+                   help="also log to this tracker next to TensorBoard: mlflow | wandb (repeatable or "
+                        "comma-separated; train.logger; docs/trackers.md)")
     p.add_argument("--config", metavar="FILE", help="a JSON (or YAML) file with a full or partial config, laid "
                                                     "over the recipe; --data-root/--method/--set apply on top")
     add_output_flags(p)
@@ -66,6 +69,8 @@ def _flag_overrides(args) -> list[str]:
         over.append(f"train.init_from={args.init_from}")
     if args.reference:
         over.append(f"train.reference={args.reference}")
+    if getattr(args, "logger", None):
+        over.append(f"train.logger={','.join(args.logger)}")
     return over
 
 
