@@ -8,6 +8,7 @@
     fastdmtg data verify PATH [...]
     fastdmtg compare ... | fastdmtg bench flops|step ... | fastdmtg profile ...
     fastdmtg predict RUN_DIR IMAGE... [--out preds.csv]
+    fastdmtg export RUN_DIR --format onnx|torchscript [--out FILE]
     fastdmtg --version
     train/eval/compare/bench/profile: --progress/--no-progress, --quiet, --log-level (fastdmtg/log.py)
 """
@@ -234,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0] in ("compare", "bench", "profile", "predict"):
+    if argv and argv[0] in ("compare", "bench", "profile", "predict", "export"):
         # these parse their own options (argparse's REMAINDER cannot pass a leading --option through)
         import importlib
         mod = importlib.import_module(f"fastdmtg.{'bench' if argv[0] == 'profile' else argv[0]}")
@@ -260,7 +261,9 @@ def _main(argv: list[str] | None = None) -> int:
                            ("bench", "bench", "benchmarks: flops | step"),
                            ("profile", "bench", "torch.profiler trace of steady-state training steps"),
                            ("predict", "predict", "predict every task for your own images: predict RUN_DIR "
-                                                  "IMAGE... [--out preds.csv]")):
+                                                  "IMAGE... [--out preds.csv]"),
+                           ("export", "export", "the grouped model with its post-processing as ONNX or "
+                                                "TorchScript: export RUN_DIR --format onnx|torchscript")):
         sp = sub.add_parser(name, help=hlp, add_help=False)
         sp.add_argument("rest", nargs=argparse.REMAINDER)
         sp.set_defaults(module=mod)
@@ -289,7 +292,7 @@ def _main(argv: list[str] | None = None) -> int:
             print("follows: paper = the paper where explicit, else the released code (docs/fidelity.md); "
                   "reference = the released code as it is; ours = fastdmtg's demo/test data")
             return 0
-        if args.cmd in ("compare", "bench", "profile", "predict"):
+        if args.cmd in ("compare", "bench", "profile", "predict", "export"):
             import importlib
             mod = importlib.import_module(f"fastdmtg.{args.module}")
             return getattr(mod, f"{args.cmd}_main")(args.rest)
