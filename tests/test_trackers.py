@@ -50,6 +50,7 @@ def interrupted_then_resumed(cfg, run: Path) -> dict:
 def mlflow_store(tmp_path, monkeypatch):
     need("mlflow", "sqlalchemy", "alembic", "tensorboard")
     monkeypatch.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
+    monkeypatch.chdir(tmp_path)         # a sqlite store's artifacts go to ./mlruns (MLflow's default root)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     return uri
