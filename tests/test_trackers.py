@@ -39,7 +39,7 @@ def tb_scalars(run: Path) -> dict[str, list[tuple[int, float]]]:
 
 
 def interrupted_then_resumed(cfg, run: Path) -> dict:
-    """Stop in epoch 2 (step 6 of 8), then resume to the end: both tracker sessions in one run."""
+    """Stop in epoch 2 (step 6 of 8), then resume to the end: both halves in one tracker run."""
     with pytest.raises(TrainingInterrupted):
         train(cfg, run, stop_after_steps=6)
     return train(cfg, run, resume=True)
@@ -86,7 +86,7 @@ def test_mlflow_gets_what_tensorboard_gets_and_a_resume_continues_the_run(tmp_pa
     assert series(f"grouping/p/{names[0]}/branch2") == [(s, pytest.approx(h["probabilities"][0][1]))
                                                        for s, h in zip(steps, hist)]
     assert series("train/epoch") == [(4, 1.0), (8, 2.0)]
-    # the same scalars as TensorBoard, step for step (both sessions: before and after the resume)
+    # the same scalars as TensorBoard, step for step (before and after the resume)
     tb = tb_scalars(run)
     assert set(r.data.metrics) == set(tb) | {"test/total_loss", "test/total_error", "best_epoch"}
     for tag, points in tb.items():
@@ -171,7 +171,7 @@ def test_wandb_offline_gets_what_tensorboard_gets_and_a_resume_keeps_the_run_id(
     state = json.loads((run / "trackers.json").read_text())["wandb"]
     assert state["project"] == "trackers-test"
     folders = sorted((run / "wandb").glob(f"offline-run-*-{state['id']}"))
-    assert len(folders) == 2                                  # the first session and the resumed one
+    assert len(folders) == 2                                  # the first process and the resumed one
     history, config, summary, runs = {}, {}, {}, []
     for f in folders:
         for rec in wandb_records(f / f"run-{state['id']}.wandb"):
