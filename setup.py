@@ -17,6 +17,7 @@ setup(
         "fastdmtg.data",
         "fastdmtg.methods",
         "fastdmtg.tasks",
+        "fastdmtg.trackers",
         "fastdmtg.kernels",
         "fastdmtg.pipelines",
     ],
@@ -43,6 +44,13 @@ setup(
         # FFCV is an sdist: needs Debian pkg-config libopencv-dev libturbojpeg0-dev libgl1 libglib2.0-0
         # (it already requires opencv-python; a second cv2 distribution would clash)
         "ffcv": ["ffcv==1.0.2", "numba>=0.57"],
+        # trackers next to TensorBoard (--logger; docs/trackers.md). MLflow: the client (mlflow-skinny) and
+        # SQLAlchemy + Alembic for MLflow's default local store (sqlite:///mlflow.db); the UI is the full
+        # `mlflow` package (pip install mlflow)
+        "mlflow": ["mlflow-skinny>=3.7", "sqlalchemy>=1.4,<3", "alembic>=1.8,!=1.10.0,<2"],
+        "wandb": ["wandb>=0.20"],
+        # fastdmtg export --format onnx (torch's exporter writes with onnxscript); onnxruntime runs the file
+        "export": ["onnx>=1.16", "onnxscript>=0.3", "onnxruntime>=1.18"],
     },
     entry_points={"console_scripts": ["fastdmtg=fastdmtg.cli:main"]},
 )

@@ -8,6 +8,7 @@
     fastdmtg data verify PATH [...]
     fastdmtg compare ... | fastdmtg bench flops|step|kernels-aot|roofline ... | fastdmtg profile ...
     fastdmtg predict RUN_DIR IMAGE... [--out preds.csv]
+    fastdmtg export RUN_DIR --format onnx|torchscript [--out FILE]
     fastdmtg --version
     train/eval/compare/bench/profile: --progress/--no-progress, --quiet, --log-level (fastdmtg/log.py)
 """
@@ -46,6 +47,9 @@ def _train_parser(sub):
     p.add_argument("--init-from", help="naive-MTL run folder or checkpoint to copy into all K branches")
     p.add_argument("--reference", help="naive-MTL run folder or results.json for NormGain")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run exactly")
+    p.add_argument("--logger", action="append", default=[], metavar="NAME",
+                   help="also log to this tracker next to TensorBoard: mlflow | wandb (repeatable or "
+                        "comma-separated; train.logger; docs/trackers.md)")
     p.add_argument("--config", metavar="FILE", help="a JSON (or YAML) file with a full or partial config, laid "
                                                     "over the recipe; --data-root/--method/--set apply on top")
     add_output_flags(p)
@@ -66,6 +70,8 @@ def _flag_overrides(args) -> list[str]:
         over.append(f"train.init_from={args.init_from}")
     if args.reference:
         over.append(f"train.reference={args.reference}")
+    if getattr(args, "logger", None):
+        over.append(f"train.logger={','.join(args.logger)}")
     return over
 
 
@@ -229,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0] in ("compare", "bench", "profile", "predict"):
+    if argv and argv[0] in ("compare", "bench", "profile", "predict", "export"):
         # these parse their own options (argparse's REMAINDER cannot pass a leading --option through)
         import importlib
         mod = importlib.import_module(f"fastdmtg.{'bench' if argv[0] == 'profile' else argv[0]}")
@@ -255,7 +261,9 @@ def _main(argv: list[str] | None = None) -> int:
                            ("bench", "bench", "benchmarks: flops | step | kernels-aot | roofline"),
                            ("profile", "bench", "torch.profiler trace of steady-state training steps"),
                            ("predict", "predict", "predict every task for your own images: predict RUN_DIR "
-                                                  "IMAGE... [--out preds.csv]")):
+                                                  "IMAGE... [--out preds.csv]"),
+                           ("export", "export", "the grouped model with its post-processing as ONNX or "
+                                                "TorchScript: export RUN_DIR --format onnx|torchscript")):
         sp = sub.add_parser(name, help=hlp, add_help=False)
         sp.add_argument("rest", nargs=argparse.REMAINDER)
         sp.set_defaults(module=mod)
@@ -284,7 +292,7 @@ def _main(argv: list[str] | None = None) -> int:
             print("follows: paper = the paper where explicit, else the released code (docs/fidelity.md); "
                   "reference = the released code as it is; ours = fastdmtg's demo/test data")
             return 0
-        if args.cmd in ("compare", "bench", "profile", "predict"):
+        if args.cmd in ("compare", "bench", "profile", "predict", "export"):
             import importlib
             mod = importlib.import_module(f"fastdmtg.{args.module}")
             return getattr(mod, f"{args.cmd}_main")(args.rest)

@@ -278,6 +278,11 @@ class TrainConfig:
     init: str = "scratch"               # scratch | naive
     reference: str = ""                 # naive-MTL results.json for NormGain
     tensorboard: bool = True
+    # trackers next to TensorBoard (fastdmtg/trackers, docs/trackers.md): comma-separated names, e.g.
+    # "mlflow" or "mlflow,wandb"; their runs are named after the run folder
+    logger: str = ""                    # "" | mlflow | wandb | mlflow,wandb
+    mlflow_uri: str = ""                # MLflow store; "" = MLFLOW_TRACKING_URI, else MLflow's default
+    experiment: str = ""                # MLflow experiment / W&B project; "" = the tracker's env, else "fastdmtg"
     # speed switches; auto = on for CUDA, off on CPU (measured fastest combination on H100, see
     # benchmarks/results/h100_2026-11-23_step.md)
     compile: str = "auto"               # torch.compile the step's forward: auto | on | off
@@ -306,6 +311,12 @@ class TrainConfig:
         _check(self.divergence_factor > 1, f"train.divergence_factor must be > 1, got {self.divergence_factor}")
         _check(self.on_divergence in ("error", "warn"),
                f"train.on_divergence: expected error|warn, got {self.on_divergence!r}")
+        from .trackers import TRACKERS, logger_names
+        for name in logger_names(self.logger):
+            _check(name != "tensorboard", "train.logger: TensorBoard is train.tensorboard (on by default); "
+                   f"train.logger names the trackers next to it: {'|'.join(n for n in TRACKERS if n != 'tensorboard')}")
+            _check(name in TRACKERS, f"train.logger: unknown tracker {name!r}; expected "
+                   f"{'|'.join(n for n in TRACKERS if n != 'tensorboard')} (comma-separated)")
 
 
 @dataclass
@@ -409,6 +420,9 @@ RESUME_SAFE: dict[str, str] = {
     "train.log_every": "steps between loss checks and TensorBoard scalars",
     "train.progress": "progress bars",
     "train.tensorboard": "TensorBoard scalars",
+    "train.logger": "trackers next to TensorBoard",
+    "train.mlflow_uri": "the MLflow store",
+    "train.experiment": "the MLflow experiment / W&B project",
     "train.eval_batch_size": "evaluation batch size (the same predictions)",
     "train.divergence_factor": "divergence rule",
     "train.on_divergence": "what a divergence does",

@@ -234,6 +234,12 @@ class Trainer:
         if self._lock is not None:
             self._lock.release()
             self._lock = None
+        if getattr(self, "writer", None) is not None:
+            # called from fit()'s `finally`: sys.exc_info() is the error that ended the run, if any
+            # (the trackers mark their run finished, killed (interrupted) or failed)
+            import sys
+            self.writer.close(sys.exc_info()[1])
+            self.writer = None
         if self._runlog is not None:
             self._runlog.close()
             self._runlog = None
@@ -246,6 +252,8 @@ class Trainer:
             os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "0")
         if not resume:
             check_init(cfg)                   # train.init=naive without a naive-MTL model: a clear error
+        from .trackers import check_installed
+        check_installed(cfg)                  # --logger mlflow without mlflow: say what to install, now
         ddp_device = dist_utils.setup(cfg.train.device)
         self.rank, self.world_size = dist_utils.world()
         self.is_main = self.rank == 0
@@ -300,13 +308,18 @@ class Trainer:
             self._apply_resume_changes(config_changes)
         elif self.is_main:
             cfg.save(self.run_dir / "config.json")
-        self.writer = None
-        if cfg.train.tensorboard and self.is_main:
+        # the trackers (TensorBoard, MLflow, W&B: fastdmtg/trackers), behind SummaryWriter's API; rank 0 only.
+        # A tracker that cannot start stops every rank here, before the first step
+        self.writer, err = None, None
+        if self.is_main:
+            from .trackers import open_trackers
             try:
-                from torch.utils.tensorboard import SummaryWriter
-                self.writer = SummaryWriter(str(self.run_dir / "tb"))
-            except ImportError:  # tensorboard is a dependency, but stay usable without it
-                self.writer = None
+                self.writer = open_trackers(cfg, self.run_dir, resume)
+            except (ValueError, OSError) as e:      # TrackerError (a ConfigError), a bad RUN/trackers.json
+                err = e
+        err = dist_utils.broadcast_from_main(err)
+        if err is not None:
+            raise err
 
     # ------------------------------------------------------------------ run folder
     def _claim_run_folder(self, resume: bool) -> tuple[dict | None, list]:
@@ -685,6 +698,7 @@ class Trainer:
         if self.writer is not None:
             from .tboard import log_epoch
             log_epoch(self.writer, rec, self.taskset.names, self.global_step)   # per-task val, probabilities
+            self.writer.flush()                   # each epoch's records reach every tracker's store
         self.epoch += 1
         self.step_in_epoch, self.epoch_loss_sum, self.epoch_samples = 0, 0.0, 0
         if self.is_main:

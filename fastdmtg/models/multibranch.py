@@ -319,6 +319,9 @@ class GroupedNet(nn.Module):
         order = [i for g in groups for i in g]
         # position of task i in the concatenation of group outputs
         self.register_buffer("_inverse", torch.argsort(torch.tensor(order)), persistent=False)
+        # the same permutation as Python ints for the list form: no device sync per task, and a graph
+        # export (torch.export / ONNX) sees a fixed order instead of values read from a tensor
+        self._inverse_list = self._inverse.tolist()
 
     def forward(self, x: torch.Tensor):
         f = self.shared(x)
@@ -326,7 +329,7 @@ class GroupedNet(nn.Module):
         if self.stacked:
             return torch.cat(per_group, 0)[self._inverse]                    # (N, B, C)
         flat = [o for outs in per_group for o in outs]
-        return [flat[int(j)] for j in self._inverse]
+        return [flat[j] for j in self._inverse_list]
 
     @classmethod
     def from_multibranch(cls, model: MultiBranchNet, assignment: list[int]) -> "GroupedNet":
