@@ -79,6 +79,59 @@ def test_16bit_png_decodes_to_the_top_8_bits_in_every_reader(tmp_path):
     assert np.array_equal(read_rgb(_png16(tmp_path / "g16.png")), np.repeat(V8[:, :, None], 3, axis=2))
 
 
+def _png48(path: Path, v16: np.ndarray) -> Path:
+    """A 48-bit RGB PNG (16 bits per channel, all three = ``v16``), written by hand (Pillow cannot)."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+    h, w = v16.shape
+    rgb = np.repeat(v16[:, :, None], 3, axis=2).astype(">u2")                     # (H, W, 3) big-endian
+    raw = b"".join(b"\0" + rgb[i].tobytes() for i in range(h))                    # filter 0 per row
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 16, 2, 0, 0, 0))
+                     + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
+    return path
+
+
+def test_16bit_gray_and_48bit_rgb_give_the_same_pixels(tmp_path):
+    """The 16 → 8 reduction of gray images is the one Pillow applies to 48-bit RGB."""
+    from fastdmtg.data.images import read_rgb
+    a = read_rgb(_png16(tmp_path / "g.png"))
+    b = read_rgb(_png48(tmp_path / "c.png", V16))
+    assert np.array_equal(a, b) and np.array_equal(a[:, :, 1], V8)
+
+
+def _folder_16bit(root: Path) -> Path:
+    rows = [[f"{i}.png", s, "xy"[i % 2], str(i + 0.5)] for i, s in enumerate(["train"] * 4 + ["val", "test"])]
+    write_folder(root, H, rows)
+    from PIL import Image
+    sq = np.tile(V16, (8, 4))                                                      # (16, 16) uint16
+    Image.fromarray(sq).save(root / "1.png")
+    return root
+
+
+@pytest.mark.parametrize("backend", ["torch", "dali"])
+def test_backends_on_a_16bit_folder_image(tmp_path, backend):
+    """torch (the reference decoder per batch) gives the top 8 bits; DALI, which rounds 16 → 8 bits
+    otherwise, refuses the file naming it (instead of other pixels)."""
+    from fastdmtg import pipelines as P
+    from fastdmtg.config import DataConfig
+    ok, why = P.backend_status(backend, deep=False)
+    if not ok:
+        pytest.skip(why)
+    root = _folder_16bit(tmp_path / "d")
+    cfg = DataConfig(dataset="folder", root=str(root), image_size=16, backend=backend, cache_dir=str(tmp_path / "c"),
+                     num_workers=0)
+    src = P.build_source(cfg, progress=False)
+    if backend == "dali":
+        with pytest.raises(FolderFormatError, match=r"labels\.csv:3:1: image \S*1\.png: a 16-bit PNG; "
+                                                    r"data\.backend=dali decodes it otherwise"):
+            for _ in src.batches("train", 4, shuffle=False):
+                pass
+        return
+    batch = next(iter(src.batches("train", 4, shuffle=False)))
+    got = (batch["image"][1] * 255).round().to(torch.uint8)                        # (3, 16, 16)
+    assert torch.equal(got, torch.from_numpy(np.broadcast_to(np.tile(V8, (8, 4)), (3, 16, 16)).copy()))
+
+
 @pytest.mark.parametrize("mode", ["I", "F"])
 def test_32bit_tiff_is_refused_naming_the_file(tmp_path, mode):
     from fastdmtg.data import celeba, folder

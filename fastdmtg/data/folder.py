@@ -603,6 +603,14 @@ class FolderDataset(Dataset):
     def missing_error(self, path: str) -> FolderFormatError:
         return FolderFormatError(f"{_line_of(str(self.csv_path), path)}image {path} is missing")
 
+    def check_encoded(self, field, buf, path):
+        from .images import high_bit_depth
+        why = high_bit_depth(buf)
+        if why:             # DALI would reduce it to 8 bits otherwise than load_image: other pixels
+            raise FolderFormatError(f"{_line_of(str(self.csv_path), path)}image {path}: a {why}; data.backend=dali "
+                                    "decodes it otherwise than the reference decoder: use another data.backend "
+                                    "(gpu-cache, memory, torch) or save the image with 8 bits")
+
     def resize(self, field, x):
         from .celeba import resize_like_reference
         return resize_like_reference(x, self.image_size)

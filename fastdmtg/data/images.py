@@ -68,6 +68,28 @@ def _is_16bit_png(im) -> bool:
     return getattr(im, "format", None) == "PNG"
 
 
+def high_bit_depth(buf) -> str | None:
+    """From an encoded file's header (bytes or a uint8 array): "16-bit PNG" etc. when its samples have
+    more than 8 bits, else None. For decoders other than ``read_rgb`` (DALI rounds 16 → 8 bits its own
+    way, v * 255 / 65535, where ``read_rgb`` keeps the top 8 bits): they refuse such files."""
+    import io
+    head = bytes(buf[:64])
+    if head[:8] == b"\x89PNG\r\n\x1a\n" and head[12:16] == b"IHDR":
+        return f"{head[24]}-bit PNG" if head[24] > 8 else None
+    from PIL import Image
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with Image.open(io.BytesIO(bytes(buf))) as im:                     # the header only
+                bits = im.tag_v2.get(258) if hasattr(im, "tag_v2") else None     # TIFF BitsPerSample
+                bits = max(bits) if isinstance(bits, tuple) else bits
+                if (bits and bits > 8) or im.mode in MODES_16 or im.mode in ("I", "F"):
+                    return f"{bits or 16}-bit {im.format or 'image'}"
+    except Exception:              # not for this check to judge: the decoder names unreadable files
+        return None
+    return None
+
+
 def read_rgb(path: str | Path) -> np.ndarray:
     """Decode the image file ``path`` → (H, W, 3) uint8 (module doc). Raises ``ImageReadError``."""
     from PIL import Image, UnidentifiedImageError
