@@ -4,10 +4,12 @@
     preds = model.predict(["face1.jpg", "face2.png"])      # {task: (B,) class index} (any image size)
     probs = model.predict(images, probabilities=True)      # {task: (B, C) class probabilities}
 
-    fastdmtg predict RUN_DIR IMAGE... [--out preds.csv]
+    fastdmtg predict RUN_DIR IMAGE_OR_FOLDER... [--out preds.csv]   (a folder: the image files in it)
 
 Images: file paths, PIL images, or (H, W, 3) uint8 numpy arrays, of any size; or one (M, 3, H, W)
-batch, uint8 or float in [0, 1]. Each is turned into
+batch, uint8 or float in [0, 1]. Files and PIL images go through the one reader of the package
+(``fastdmtg.data.images``: 16-bit reduced to the top 8 bits, 32-bit and decompression bombs refused).
+Each is turned into
 the training input exactly as the dataset's decoder does it: RGB, resized to the run's
 ``image_size`` with the same resampling (CelebA and the synthetic data: bilinear, half-pixel
 centres, no antialias, rounded to uint8 — ``fastdmtg.data.celeba.resize_like_reference``;

@@ -1,7 +1,9 @@
 """Your own tasks: a folder of images and one CSV table (``data.dataset=folder``).
 
     DIR/labels.csv     header + one row per image (UTF-8, a byte-order mark ignored; RFC 4180 quoting):
-                         image   path of the image file, relative to DIR (any format Pillow reads, any size)
+                         image   path of the image file, relative to DIR (any format Pillow reads, any size);
+                                 it stays inside DIR as written (no absolute path, no ``..``); symlinks
+                                 inside DIR are followed wherever they point
                          split   train | val | test
                          <task>  every other column is a task named by its header; an empty cell = the
                                  label is missing (the sample counts in neither the loss nor the metrics
@@ -16,20 +18,28 @@ Task types not declared are inferred from the non-empty cells of the training sp
     2 distinct values                                           → binary (class ids in sorted order:
                                                                   numeric when both are numbers)
     non-negative integers < 20 (more than 2 distinct)           → multiclass, classes = max + 1
-    other numbers                                               → regression
+    other numbers                                               → regression (a column of integers
+                                                                  made regression by one negative or
+                                                                  large value: the printed types name
+                                                                  that value and its cell)
     1 distinct value, or > 2 distinct values that are not all numbers → an error naming the column
 The resolved declarations (inferred or declared, with the regression mean/std) are printed when some
 are inferred, and always stored in the run's config (``data.folder_tasks``): a rerun, ``--resume``,
 ``eval`` and ``load_grouped`` use exactly them, whatever tasks.json or the data say later.
 
-Images: decoded, converted to RGB and bilinearly resized (half-pixel centres, no antialias — the
+Each image is in one split: the same file (or the same bytes under another path) in two splits is an
+error naming both rows; the same image twice in one split a warning with counts.
+
+Images: decoded by ``images.read_rgb`` (16-bit reduced to the top 8 bits; 32-bit and images above
+Pillow's decompression-bomb limit refused), converted to RGB and bilinearly resized (half-pixel centres, no antialias — the
 CelebA decoder) to S×S (``data.image_size``, default 64) ignoring the aspect ratio, stored as uint8;
 the model sees x / 255. Targets: (N,) float32 per sample — the class id, or the regression value in
 the data's units — NaN where the cell is empty (``fastdmtg/tasks/generic.py`` masks them).
 
 Every problem raises ``FolderFormatError`` naming the file, the line and the column: a malformed CSV
-(unterminated quote, wrong number of cells, empty or duplicate header names, no image/split column),
-an unknown split value, a missing or unreadable image, a task column with a single value, values that
+(an unterminated quote: where it opened; wrong number of cells, empty or duplicate header names, no image/split column),
+an unknown split value, an image path outside DIR, an image in two splits, a missing, unreadable,
+32-bit or too large image, a regression value beyond float32, a task column with a single value, values that
 contradict the declared (or inferred) type, a tasks.json that is not valid JSON or names an unknown
 column or key, a split without rows, a task without any label in a split.
 """
