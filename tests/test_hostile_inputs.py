@@ -189,9 +189,13 @@ def test_duplicate_rows_within_a_split_are_a_warning_with_counts(tmp_path, caplo
     rows = [list(r) for r in GOOD] + [["0.png", "train", "y", "7"], ["0.png", "train", "x", "8"],
                                       ["3.png", "val", "y", "1"]]
     root = write_folder(tmp_path / "d", H, rows)
+    # the same bytes under another name within one split: not an overlap (and no error)
+    (root / "0copy.png").write_bytes((root / "0.png").read_bytes())
+    with open(root / "labels.csv", "a") as f:
+        f.write("0copy.png,train,x,9\n")
     with caplog.at_level(logging.WARNING, logger="fastdmtg"):
         ds = FolderDataset(root, None, 8)
-    assert ds.num_samples("train") == 5
+    assert ds.num_samples("train") == 6
     text = caplog.text
     assert re.search(r"labels\.csv: 2 duplicate rows in the train split \(1 image listed more than once, e\.g\. "
                      r"'0\.png' at lines 2, 7, 8\)", text), text
@@ -270,8 +274,12 @@ def test_decompression_bomb_is_one_line_naming_the_file(tmp_path, monkeypatch):
     # between 1x and 2x the limit Pillow only warns: refused all the same, naming the size
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
     Image.fromarray(np.zeros((40, 40, 3), np.uint8)).save(tmp_path / "big.png")       # 1600 pixels
-    with pytest.raises(FolderFormatError, match=r"big\.png: image too large \(1,600 pixels\): above 1,000 "):
-        folder.load_image(str(tmp_path / "big.png"), 8)
+    import warnings
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        with pytest.raises(FolderFormatError, match=r"big\.png: image too large \(1,600 pixels\): above 1,000 "):
+            folder.load_image(str(tmp_path / "big.png"), 8)
+    assert not [w for w in seen if issubclass(w.category, Image.DecompressionBombWarning)]     # one line, no warning
 
 
 def test_label_overflowing_float32_is_rejected_naming_the_cell(tmp_path):
@@ -312,15 +320,27 @@ def test_negative_value_making_a_class_column_regression_is_said(tmp_path, capsy
     assert (ds.decls[0].type, ds.decls[0].classes) == ("multiclass", 3)
 
 
-def test_unterminated_quote_is_reported_where_it_opened(tmp_path):
+@pytest.mark.parametrize("cell", ['"y', '"y""z'])
+@pytest.mark.parametrize("later", ["", '"x""y"'])
+def test_unterminated_quote_is_reported_where_it_opened(tmp_path, cell, later):
+    """Line 3 opens a quote that its line does not close; with a quote on a later line csv fails there
+    (`',' expected after '"'`), without one at the end of the file: both name line 3, column 13."""
     root = write_folder(tmp_path / "d", H, GOOD)
     text = (root / "labels.csv").read_text().splitlines()
-    text[2] = text[2].replace("1.png,train,y", '1.png,train,"y')         # line 3 opens a quote never closed
+    text[2] = text[2].replace("1.png,train,y", f'1.png,train,{cell}')
+    if later:
+        text[4] = text[4].replace("3.png,val,x", f"3.png,val,{later}")
     (root / "labels.csv").write_text("\n".join(text) + "\n")
     with pytest.raises(FolderFormatError) as e:
         FolderDataset(root, None, 8)
-    assert re.search(r"labels\.csv:3:13: malformed CSV \(a quoted field opens here and never closes\)", str(e.value)), \
-        str(e.value)
+    want = (r"a quoted field opens here and runs on to line 5: ',' expected after '\"'\)" if later
+            else r"a quoted field opens here and never closes\)")
+    assert re.search(r"labels\.csv:3:13: malformed CSV \(" + want, str(e.value)), str(e.value)
+    # closed on its line, with a "" inside: parsed (the cell is y"q, a third value of the binary column)
+    text[2] = text[2].replace(cell, '"y""q"')
+    (root / "labels.csv").write_text("\n".join(text).replace(later, "x" if later else "") + "\n")
+    with pytest.raises(FolderFormatError, match=r"labels\.csv:6:3: task 'a' is binary with values 'x' and 'y\"q'"):
+        FolderDataset(root, None, 8)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -113,10 +113,15 @@ class LabelTable:
                 if cells and any(c.strip() for c in cells):
                     rows.append((reader.line_num, [c.strip() for c in cells]))
         except csv.Error as e:
-            opened = _unclosed_quote(lines, start)
-            if opened is not None:                 # csv says "unexpected end of data" at the last line
-                raise FolderFormatError(f"{path}:{opened[0]}:{opened[1]}: malformed CSV (a quoted field opens here "
+            # a quote that opens a field and is not closed on its line swallows the lines after it: csv
+            # then fails at the end of the file or lines later; name where that field opened
+            spans, open_at_end = _open_quote(lines, start, reader.line_num)
+            if spans is not None and open_at_end and reader.line_num >= len(lines):
+                raise FolderFormatError(f"{path}:{spans[0]}:{spans[1]}: malformed CSV (a quoted field opens here "
                                         "and never closes)") from None
+            if spans is not None and reader.line_num > spans[0]:
+                raise FolderFormatError(f"{path}:{spans[0]}:{spans[1]}: malformed CSV (a quoted field opens here and "
+                                        f"runs on to line {reader.line_num}: {e})") from None
             raise FolderFormatError(f"{path}:{reader.line_num}: malformed CSV ({e})") from None
         if not rows:
             raise FolderFormatError(f"{path}: empty; expected a header line `image,split,<task>,...` and one row "
@@ -149,12 +154,13 @@ class LabelTable:
         return f"{self.path}:{line}:{self.col[column] + 1} (column {column!r})"
 
 
-def _unclosed_quote(lines: list[str], first: int) -> tuple[int, int] | None:
-    """(line, column) where a quoted field that never closes opened, scanning from line ``first``
-    (a record's first line) with the csv module's rules (a quote opens a field only at its start,
-    ``""`` inside is a literal quote); None when every quote closes."""
-    opened, inq, prev = None, False, ","
-    for ln in range(first, len(lines) + 1):
+def _open_quote(lines: list[str], first: int, last: int) -> tuple[tuple[int, int] | None, bool]:
+    """Scan lines ``first``..``last`` (one record's, 1-based) with the csv module's rules (a quote opens
+    a field only at its start; ``""`` inside is a literal quote). Returns ((line, column) of the first
+    quoted field still open at the end of its line — where a field that runs on opened — or None,
+    whether a quoted field is open at the end of ``last``)."""
+    spans, inq, prev, opened = None, False, ",", (0, 0)
+    for ln in range(first, min(last, len(lines)) + 1):
         line, c = lines[ln - 1], 0
         while c < len(line):
             ch = line[c]
@@ -168,8 +174,10 @@ def _unclosed_quote(lines: list[str], first: int) -> tuple[int, int] | None:
                 inq, opened = True, (ln, c + 1)
             prev = ch
             c += 1
+        if inq and spans is None:
+            spans = opened
         prev = "\n" if not inq else prev
-    return opened if inq else None
+    return spans, inq
 
 
 def _number(s: str) -> float | None:
