@@ -473,18 +473,20 @@ def _digest(path: str) -> bytes:
 
 def check_overlap(table: LabelTable, root: Path, rows: dict[str, list]) -> None:
     """An image in two splits is an error naming both rows: the same file (the same path, or another
-    path to the same file) or the same bytes under another path. Only files whose size occurs in two
+    path, link or hard link to it: the same device and inode) or the same bytes under another path. Only files whose size occurs in two
     splits are hashed (blake2b), so a folder of distinct images costs one stat per row. The same
     image twice in one split is a warning with counts (each row stays a sample)."""
     import os
     ii = table.col["image"]
-    first: dict[str, tuple[str, int, str]] = {}                 # real path → (split, line, cell)
+    first: dict[tuple, tuple[str, int, str]] = {}               # (device, inode) → (split, line, cell)
     repeats: dict[str, dict[str, list[int]]] = {s: {} for s in SPLITS}
-    by_size: dict[int, list[tuple[str, int, str, str]]] = {}    # size → [(split, line, cell, real path)]
+    by_size: dict[int, list[tuple[str, int, str, str]]] = {}    # size → [(split, line, cell, path)]
     for s in SPLITS:
         for line, cells in rows[s]:
             rel = cells[ii]
-            real = os.path.realpath(root / rel)
+            path = os.path.join(root, rel)
+            st = os.stat(path)                     # follows links: (device, inode) names the file itself
+            real = (st.st_dev, st.st_ino)
             if real in first:
                 s0, line0, rel0 = first[real]
                 if s0 != s:
@@ -495,13 +497,13 @@ def check_overlap(table: LabelTable, root: Path, rows: dict[str, list]) -> None:
                 repeats[s].setdefault(rel0, [line0]).append(line)
                 continue
             first[real] = (s, line, rel)
-            by_size.setdefault(os.stat(real).st_size, []).append((s, line, rel, real))
+            by_size.setdefault(st.st_size, []).append((s, line, rel, path))
     for group in by_size.values():
         if len({g[0] for g in group}) < 2:
             continue
         seen: dict[bytes, tuple[str, int, str]] = {}
-        for s, line, rel, real in sorted(group, key=lambda g: g[1]):
-            d = _digest(real)
+        for s, line, rel, path in sorted(group, key=lambda g: g[1]):
+            d = _digest(path)
             if d in seen and seen[d][0] != s:
                 s0, line0, rel0 = seen[d]
                 raise FolderFormatError(f"{table.where(line, 'image')}: {rel!r} ({s}) has the same bytes as {rel0!r} "
