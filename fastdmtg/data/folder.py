@@ -31,17 +31,18 @@ Each image is in one split: the same file (or the same bytes under another path)
 error naming both rows; the same image twice in one split a warning with counts.
 
 Images: decoded by ``images.read_rgb`` (16-bit reduced to the top 8 bits; 32-bit and images above
-Pillow's decompression-bomb limit refused), converted to RGB and bilinearly resized (half-pixel centres, no antialias — the
-CelebA decoder) to S×S (``data.image_size``, default 64) ignoring the aspect ratio, stored as uint8;
-the model sees x / 255. Targets: (N,) float32 per sample — the class id, or the regression value in
+Pillow's decompression-bomb limit refused), converted to RGB and bilinearly resized (half-pixel
+centres, no antialias — the CelebA decoder) to S×S (``data.image_size``, default 64) ignoring the
+aspect ratio, stored as uint8; the model sees x / 255. Targets: (N,) float32 per sample — the class id, or the regression value in
 the data's units — NaN where the cell is empty (``fastdmtg/tasks/generic.py`` masks them).
 
 Every problem raises ``FolderFormatError`` naming the file, the line and the column: a malformed CSV
-(an unterminated quote: where it opened; wrong number of cells, empty or duplicate header names, no image/split column),
-an unknown split value, an image path outside DIR, an image in two splits, a missing, unreadable,
-32-bit or too large image, a regression value beyond float32, a task column with a single value, values that
-contradict the declared (or inferred) type, a tasks.json that is not valid JSON or names an unknown
-column or key, a split without rows, a task without any label in a split.
+(an unterminated quote: where it opened; wrong number of cells, empty or duplicate header names,
+no image/split column), an unknown split value, an image path outside DIR, an image in two splits,
+a missing, unreadable, 32-bit or too large image, a regression value beyond float32, a task column
+with a single value, values that contradict the declared (or inferred) type, a tasks.json that is
+not valid JSON or names an unknown column or key, a split without rows, a task without any label in
+a split.
 """
 from __future__ import annotations
 
@@ -473,8 +474,9 @@ def _digest(path: str) -> bytes:
 
 def check_overlap(table: LabelTable, root: Path, rows: dict[str, list]) -> None:
     """An image in two splits is an error naming both rows: the same file (the same path, or another
-    path, link or hard link to it: the same device and inode) or the same bytes under another path. Only files whose size occurs in two
-    splits are hashed (blake2b), so a folder of distinct images costs one stat per row. The same
+    path, link or hard link to it: the same device and inode) or the same bytes under another path.
+    Only files whose size occurs in two splits are hashed (blake2b): one stat per row, plus one read
+    of each such file (most files of a large JPEG folder, whose sizes collide: ~0.1 ms each). The same
     image twice in one split is a warning with counts (each row stays a sample)."""
     import os
     ii = table.col["image"]
