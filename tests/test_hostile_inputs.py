@@ -413,3 +413,19 @@ def test_cli_predict_hostile_inputs(folder_run, tmp_path):
     from fastdmtg.predict import ImageError, prepare_images
     with pytest.raises(ImageError, match=r"imgs: is a folder, not an image file"):
         prepare_images([str(imgs)], 8, "folder")
+
+
+def test_predict_write_failure_is_one_line_exit_5(folder_run, tmp_path, monkeypatch, capsys):
+    """Disk full (or any write error) while writing --out: one line naming the file, exit 5."""
+    from PIL import Image
+
+    from fastdmtg import checkpoint
+    from fastdmtg.cli import main
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "x.png")
+
+    def full(path, text):
+        raise checkpoint.WriteFailed(f"cannot write {path}: No space left on device")
+    monkeypatch.setattr(checkpoint, "atomic_write_text", full)
+    assert main(["predict", str(folder_run), str(tmp_path / "x.png"), "--out", str(tmp_path / "p.csv")]) == 5
+    err = capsys.readouterr().err.strip()
+    assert err == f"error: cannot write {tmp_path / 'p.csv'}: No space left on device"
