@@ -4,10 +4,12 @@
     preds = model.predict(["face1.jpg", "face2.png"])      # {task: (B,) class index} (any image size)
     probs = model.predict(images, probabilities=True)      # {task: (B, C) class probabilities}
 
-    fastdmtg predict RUN_DIR IMAGE... [--out preds.csv]
+    fastdmtg predict RUN_DIR IMAGE_OR_FOLDER... [--out preds.csv]   (a folder: the image files in it)
 
 Images: file paths, PIL images, or (H, W, 3) uint8 numpy arrays, of any size; or one (M, 3, H, W)
-batch, uint8 or float in [0, 1]. Each is turned into
+batch, uint8 or float in [0, 1]. Files and PIL images go through the one reader of the package
+(``fastdmtg.data.images``: 16-bit reduced to the top 8 bits, 32-bit and decompression bombs refused).
+Each is turned into
 the training input exactly as the dataset's decoder does it: RGB, resized to the run's
 ``image_size`` with the same resampling (CelebA and the synthetic data: bilinear, half-pixel
 centres, no antialias, rounded to uint8 — ``fastdmtg.data.celeba.resize_like_reference``;
@@ -40,26 +42,24 @@ class ImageError(ValueError):
 
 def _decode(item, i: int) -> torch.Tensor:
     """One image → (3, H, W) uint8."""
-    from PIL import Image, UnidentifiedImageError
-    if isinstance(item, (str, Path)):
-        p = Path(item)
-        if not p.is_file():
-            raise ImageError(f"{p}: no such image file")
-        try:
-            with Image.open(p) as im:
-                im.load()                                   # a truncated file fails here
-                arr = np.asarray(im.convert("RGB"), dtype=np.uint8)
-        except (UnidentifiedImageError, OSError, SyntaxError) as e:
-            raise ImageError(f"{p}: not a readable image ({e})") from None
-    elif isinstance(item, Image.Image):
-        arr = np.asarray(item.convert("RGB"), dtype=np.uint8)
-    elif isinstance(item, np.ndarray):
-        if item.dtype != np.uint8 or item.ndim != 3 or item.shape[2] != 3:
-            raise ImageError(f"image {i}: expected an (H, W, 3) uint8 array, got {item.dtype} {tuple(item.shape)}")
-        arr = item
-    else:
-        raise ImageError(f"image {i}: expected a file path, a PIL image or an (H, W, 3) uint8 array, "
-                         f"got {type(item).__name__}")
+    from PIL import Image
+
+    from .data.images import ImageReadError, read_rgb, to_rgb8
+    try:
+        if isinstance(item, (str, Path)):
+            arr = read_rgb(item)                   # the one reader (fastdmtg/data/images.py)
+        elif isinstance(item, Image.Image):
+            arr = to_rgb8(item, f"image {i}")
+        elif isinstance(item, np.ndarray):
+            if item.dtype != np.uint8 or item.ndim != 3 or item.shape[2] != 3:
+                raise ImageError(f"image {i}: expected an (H, W, 3) uint8 array, got {item.dtype} "
+                                 f"{tuple(item.shape)}")
+            arr = item
+        else:
+            raise ImageError(f"image {i}: expected a file path, a PIL image or an (H, W, 3) uint8 array, "
+                             f"got {type(item).__name__}")
+    except ImageReadError as e:
+        raise ImageError(str(e)) from None
     if arr.shape[0] < 1 or arr.shape[1] < 1:
         raise ImageError(f"image {i}: empty image")
     return torch.from_numpy(np.array(arr, dtype=np.uint8, copy=True)).permute(2, 0, 1)   # (3, H, W)
@@ -180,6 +180,36 @@ def predictions_csv(names: list[str], preds: dict[str, torch.Tensor], probs: dic
     return buf.getvalue()
 
 
+def check_out(out: str | None) -> None:
+    """``--out``: a CSV file path whose folder exists (an existing folder is not a file name)."""
+    if not out:
+        return
+    p = Path(out)
+    if p.is_dir():
+        raise ValueError(f"--out {p}: is a folder; expected a CSV file path (e.g. {p / 'predictions.csv'})")
+    if not p.parent.is_dir():
+        raise ValueError(f"--out {p}: its folder {p.parent} does not exist")
+
+
+def expand_folders(paths: list[str]) -> list[str]:
+    """The command line's images: a folder stands for the image files in it (not recursive, sorted by
+    name; files whose extension Pillow does not know are skipped); files stay as given."""
+    from PIL import Image
+    known = set(Image.registered_extensions())
+    out = []
+    for a in paths:
+        p = Path(a)
+        if not p.is_dir():
+            out.append(a)
+            continue
+        files = sorted(f for f in p.iterdir() if f.suffix.lower() in known and f.is_file())
+        if not files:
+            raise ImageError(f"{p}: a folder without image files (none with an extension Pillow reads: .png, "
+                             ".jpg, ...)")
+        out += [str(f) for f in files]
+    return out
+
+
 def predict_main(argv: list[str]) -> int:
     from .export import load_grouped
     from .train import resolve_device
@@ -187,23 +217,30 @@ def predict_main(argv: list[str]) -> int:
                                  description="predict every task of a finished run for your own images "
                                              "(any size; resized as in training)")
     ap.add_argument("run_dir", help="a finished run folder (holds grouped_model.json)")
-    ap.add_argument("images", nargs="+", help="image files (JPEG, PNG, ...)")
+    ap.add_argument("images", nargs="+", help="image files (JPEG, PNG, ...), or folders: every image file in "
+                                              "them (not recursive, sorted by name)")
     ap.add_argument("--out", help="write the predictions to this CSV file (default: print them)")
     ap.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     ap.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default 64)")
     args = ap.parse_args(argv)
+    check_out(args.out)                    # before the model runs: a bad --out would lose its work
+    images = expand_folders(args.images)
     model, meta = load_grouped(args.run_dir, resolve_device(args.device))
-    probs = model.predict(args.images, probabilities=True, batch_size=args.batch_size)
+    probs = model.predict(images, probabilities=True, batch_size=args.batch_size)
     preds = {t: (p.argmax(-1) if p.dim() == 2 else p) for t, p in probs.items()}
     dense = [t for t, p in preds.items() if p.dim() != 1]
     if dense:
         print(f"note: dense tasks {', '.join(dense)} are not written to CSV; use model.predict() in Python",
               file=sys.stderr)
-    text = predictions_csv(args.images, preds, probs)
+    text = predictions_csv(images, preds, probs)
     if args.out:
-        from .checkpoint import atomic_write_text
-        atomic_write_text(args.out, text)
-        print(f"predictions for {len(args.images)} images: {args.out}")
+        from .checkpoint import WriteFailed, atomic_write_text
+        try:
+            atomic_write_text(args.out, text)
+        except WriteFailed as e:           # disk full, permissions: the message names the file
+            print(f"error: {e}", file=sys.stderr)
+            return 5
+        print(f"predictions for {len(images)} images: {args.out}")
     else:
         sys.stdout.write(text)
     return 0

@@ -102,7 +102,7 @@ def test_predict_bad_images_are_one_line_errors(piped_run, tmp_path, capsys):
     bad.write_text("not an image")
     assert main(["predict", str(run), str(bad)]) == 2
     err = capsys.readouterr().err
-    assert err.strip() == f"error: {bad}: not a readable image (cannot identify image file '{bad}')"
+    assert err.strip() == f"error: {bad}: unreadable or truncated image (cannot identify image file '{bad}')"
     assert main(["predict", str(run), str(tmp_path / "missing.png")]) == 2
     assert "missing.png: no such image file" in capsys.readouterr().err
     import fastdmtg

@@ -143,16 +143,14 @@ def select_tasks(all_names: list[str], wanted: list[str] | None, path: str = ATT
 
 def load_image(path: str | Path, size: int) -> np.ndarray:
     """Decode one image → (3, size, size) uint8, bilinear (half-pixel, no antialias)."""
-    from PIL import Image, UnidentifiedImageError
+    from .images import ImageReadError, read_rgb
     path = Path(path)
-    if not path.exists():
-        raise CelebAFormatError(f"{path}: image listed in the annotations is missing")
     try:
-        with Image.open(path) as im:
-            im.load()  # forces a full decode: truncated files fail here, not later
-            arr = np.asarray(im.convert("RGB"), dtype=np.uint8)
-    except (UnidentifiedImageError, OSError, SyntaxError) as e:
-        raise CelebAFormatError(f"{path}: unreadable or truncated image ({e})") from None
+        arr = read_rgb(path)           # the one reader (fastdmtg/data/images.py): (H, W, 3) uint8
+    except ImageReadError as e:
+        if e.missing:
+            raise CelebAFormatError(f"{path}: image listed in the annotations is missing") from None
+        raise CelebAFormatError(str(e)) from None
     return resize_like_reference(torch.from_numpy(arr.copy()).permute(2, 0, 1)[None], size)[0].numpy()
 
 

@@ -1,7 +1,9 @@
 """Your own tasks: a folder of images and one CSV table (``data.dataset=folder``).
 
     DIR/labels.csv     header + one row per image (UTF-8, a byte-order mark ignored; RFC 4180 quoting):
-                         image   path of the image file, relative to DIR (any format Pillow reads, any size)
+                         image   path of the image file, relative to DIR (any format Pillow reads, any size);
+                                 it stays inside DIR as written (no absolute path, no ``..``); symlinks
+                                 inside DIR are followed wherever they point
                          split   train | val | test
                          <task>  every other column is a task named by its header; an empty cell = the
                                  label is missing (the sample counts in neither the loss nor the metrics
@@ -16,22 +18,31 @@ Task types not declared are inferred from the non-empty cells of the training sp
     2 distinct values                                           → binary (class ids in sorted order:
                                                                   numeric when both are numbers)
     non-negative integers < 20 (more than 2 distinct)           → multiclass, classes = max + 1
-    other numbers                                               → regression
+    other numbers                                               → regression (a column of integers
+                                                                  made regression by one negative or
+                                                                  large value: the printed types name
+                                                                  that value and its cell)
     1 distinct value, or > 2 distinct values that are not all numbers → an error naming the column
 The resolved declarations (inferred or declared, with the regression mean/std) are printed when some
 are inferred, and always stored in the run's config (``data.folder_tasks``): a rerun, ``--resume``,
 ``eval`` and ``load_grouped`` use exactly them, whatever tasks.json or the data say later.
 
-Images: decoded, converted to RGB and bilinearly resized (half-pixel centres, no antialias — the
-CelebA decoder) to S×S (``data.image_size``, default 64) ignoring the aspect ratio, stored as uint8;
-the model sees x / 255. Targets: (N,) float32 per sample — the class id, or the regression value in
+Each image is in one split: the same file (or the same bytes under another path) in two splits is an
+error naming both rows; the same image twice in one split a warning with counts.
+
+Images: decoded by ``images.read_rgb`` (16-bit reduced to the top 8 bits; 32-bit and images above
+Pillow's decompression-bomb limit refused), converted to RGB and bilinearly resized (half-pixel
+centres, no antialias — the CelebA decoder) to S×S (``data.image_size``, default 64) ignoring the
+aspect ratio, stored as uint8; the model sees x / 255. Targets: (N,) float32 per sample — the class id, or the regression value in
 the data's units — NaN where the cell is empty (``fastdmtg/tasks/generic.py`` masks them).
 
 Every problem raises ``FolderFormatError`` naming the file, the line and the column: a malformed CSV
-(unterminated quote, wrong number of cells, empty or duplicate header names, no image/split column),
-an unknown split value, a missing or unreadable image, a task column with a single value, values that
-contradict the declared (or inferred) type, a tasks.json that is not valid JSON or names an unknown
-column or key, a split without rows, a task without any label in a split.
+(an unterminated quote: where it opened; wrong number of cells, empty or duplicate header names,
+no image/split column), an unknown split value, an image path outside DIR, an image in two splits,
+a missing, unreadable, 32-bit or too large image, a regression value beyond float32, a task column
+with a single value, values that contradict the declared (or inferred) type, a tasks.json that is
+not valid JSON or names an unknown column or key, a split without rows, a task without any label in
+a split.
 """
 from __future__ import annotations
 
@@ -45,18 +56,23 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..log import get_logger
 from ..tasks.generic import TYPES, GenericTaskSet, TaskDecl
 from .base import SPLITS, DataFormatError, Dataset, DatasetFormat, Field, flip_rows
+
+log = get_logger("fastdmtg.data.folder")
 
 LABELS_FILE = "labels.csv"
 TASKS_FILE = "tasks.json"
 RESERVED = ("image", "split")
 #: inference: non-negative integers below this (and more than two distinct) make a multiclass task
 MAX_INFERRED_CLASSES = 20
+#: the largest float32: a target beyond it would be stored as inf
+F32_MAX = float(np.finfo(np.float32).max)
 #: tasks.json keys of one task
 TASKS_JSON_KEYS = {"type", "classes", "labels", "weight", "normalize"}
 #: bump when ``load_image`` changes what it computes: decoded caches made before are then rebuilt
-DECODE_VERSION = 1
+DECODE_VERSION = 2          # 2: 16-bit images reduced to their top 8 bits (were clipped to white)
 
 
 class FolderFormatError(DataFormatError):
@@ -85,13 +101,28 @@ class LabelTable:
             line = data.count(b"\n", 0, e.start) + 1
             col = e.start - (data.rfind(b"\n", 0, e.start) + 1) + 1
             raise FolderFormatError(f"{path}:{line}:{col}: byte 0x{data[e.start]:02x} is not UTF-8 text") from None
-        reader = csv.reader(text.splitlines(keepends=True), strict=True)
+        lines = text.splitlines(keepends=True)
+        reader = csv.reader(lines, strict=True)
         rows: list[tuple[int, list[str]]] = []
+        start = 1                                  # the first line of the record being read
         try:
-            for cells in reader:
+            while True:
+                start = reader.line_num + 1
+                cells = next(reader, None)
+                if cells is None:
+                    break
                 if cells and any(c.strip() for c in cells):
                     rows.append((reader.line_num, [c.strip() for c in cells]))
         except csv.Error as e:
+            # a quote that opens a field and is not closed on its line swallows the lines after it: csv
+            # then fails at the end of the file or lines later; name where that field opened
+            spans, open_at_end = _open_quote(lines, start, reader.line_num)
+            if spans is not None and open_at_end and reader.line_num >= len(lines):
+                raise FolderFormatError(f"{path}:{spans[0]}:{spans[1]}: malformed CSV (a quoted field opens here "
+                                        "and never closes)") from None
+            if spans is not None and reader.line_num > spans[0]:
+                raise FolderFormatError(f"{path}:{spans[0]}:{spans[1]}: malformed CSV (a quoted field opens here and "
+                                        f"runs on to line {reader.line_num}: {e})") from None
             raise FolderFormatError(f"{path}:{reader.line_num}: malformed CSV ({e})") from None
         if not rows:
             raise FolderFormatError(f"{path}: empty; expected a header line `image,split,<task>,...` and one row "
@@ -122,6 +153,32 @@ class LabelTable:
     def where(self, line: int, column: str) -> str:
         """``file:line:col (column NAME)`` of a cell."""
         return f"{self.path}:{line}:{self.col[column] + 1} (column {column!r})"
+
+
+def _open_quote(lines: list[str], first: int, last: int) -> tuple[tuple[int, int] | None, bool]:
+    """Scan lines ``first``..``last`` (one record's, 1-based) with the csv module's rules (a quote opens
+    a field only at its start; ``""`` inside is a literal quote). Returns ((line, column) of the first
+    quoted field still open at the end of its line — where a field that runs on opened — or None,
+    whether a quoted field is open at the end of ``last``)."""
+    spans, inq, prev, opened = None, False, ",", (0, 0)
+    for ln in range(first, min(last, len(lines)) + 1):
+        line, c = lines[ln - 1], 0
+        while c < len(line):
+            ch = line[c]
+            if inq:
+                if ch == '"':
+                    if line[c + 1:c + 2] == '"':
+                        c += 1                     # an escaped quote
+                    else:
+                        inq = False
+            elif ch == '"' and prev in ",\r\n":
+                inq, opened = True, (ln, c + 1)
+            prev = ch
+            c += 1
+        if inq and spans is None:
+            spans = opened
+        prev = "\n" if not inq else prev
+    return spans, inq
 
 
 def _number(s: str) -> float | None:
@@ -190,9 +247,11 @@ def _train_values(table: LabelTable, task: str) -> list[tuple[int, str]]:
     return [(line, cells[j]) for line, cells in table.rows if cells[s] == "train" and cells[j] != ""]
 
 
-def infer_decl(table: LabelTable, task: str, entry: dict | None = None) -> tuple[TaskDecl, bool]:
+def infer_decl(table: LabelTable, task: str, entry: dict | None = None,
+               notes: dict[str, str] | None = None) -> tuple[TaskDecl, bool]:
     """The declaration of ``task``: the tasks.json ``entry`` completed from the training split, or
-    inferred from it (module doc). Returns (declaration, inferred?)."""
+    inferred from it (module doc). Returns (declaration, inferred?). ``notes[task]``: why a column
+    of integers was inferred as regression (the value and cell that decided it)."""
     vals = _train_values(table, task)
     where = f"{table.path}: column {task!r} (column {table.col[task] + 1})"
     if not vals:
@@ -220,6 +279,15 @@ def infer_decl(table: LabelTable, task: str, entry: dict | None = None) -> tuple
             typ = "multiclass"
         elif numeric:
             typ = "regression"
+            if notes is not None and all(float(x).is_integer() for x in nums.values()):
+                # integers, yet not class ids: one negative or large value decides; say which, where
+                bad = min((v for v in distinct if nums[v] < 0), key=lambda v: nums[v], default=None)
+                if bad is None:
+                    bad = max(distinct, key=lambda v: nums[v])
+                line = next(ln for ln, v in vals if v == bad)
+                notes[task] = (f"{bad!r} at {table.path}:{line}:{table.col[task] + 1} is not a class id "
+                               f"0..{MAX_INFERRED_CLASSES - 1}; declare {{\"type\": \"multiclass\"}} in {TASKS_FILE} "
+                               "if it is a class column")
         else:
             bad = next(v for v in distinct if nums[v] is None)
             line = next(ln for ln, v in vals if v == bad)
@@ -281,6 +349,9 @@ def encode_cell(decl: TaskDecl, cell: str, where: str) -> float:
         if v is None:
             raise FolderFormatError(f"{where}: task {decl.name!r} is regression: expected a finite number, "
                                     f"got {cell!r}")
+        if abs(v) > F32_MAX:                # targets are stored as float32: inf, then NaN losses
+            raise FolderFormatError(f"{where}: task {decl.name!r} is regression: {cell!r} overflows float32 "
+                                    f"(largest magnitude {F32_MAX:.4g}); rescale the column")
         return v
     if decl.type == "binary":
         a, b = decl.labels
@@ -301,9 +372,11 @@ def encode_cell(decl: TaskDecl, cell: str, where: str) -> float:
     return float(v)
 
 
-def resolve_decls(table: LabelTable, tasks: list[str], stored: dict, tasks_json: Path) -> tuple[list[TaskDecl], list[str]]:
+def resolve_decls(table: LabelTable, tasks: list[str], stored: dict, tasks_json: Path,
+                  notes: dict[str, str] | None = None) -> tuple[list[TaskDecl], list[str]]:
     """The declarations of ``tasks``: from the run's config (``stored``, when it has them), else from
-    tasks.json and inference. Returns (declarations, names of the inferred ones)."""
+    tasks.json and inference. Returns (declarations, names of the inferred ones); ``notes``: as
+    ``infer_decl``'s."""
     if stored:
         from ..tasks.generic import decls_from_config
         try:
@@ -313,7 +386,7 @@ def resolve_decls(table: LabelTable, tasks: list[str], stored: dict, tasks_json:
     declared = read_tasks_json(tasks_json, table.tasks) if tasks_json.exists() else {}
     decls, inferred = [], []
     for t in tasks:
-        d, was_inferred = infer_decl(table, t, declared.get(t))
+        d, was_inferred = infer_decl(table, t, declared.get(t), notes)
         decls.append(d)
         if was_inferred:
             inferred.append(t)
@@ -349,24 +422,104 @@ def _line_of(csv_path: str, image: str) -> str:
 
 
 def load_image(path: str, size: int, csv_path: str = "") -> np.ndarray:
-    """Decode one image → (3, size, size) uint8, bilinear (half-pixel, no antialias)."""
-    from PIL import Image, UnidentifiedImageError
-
+    """Decode one image (``images.read_rgb``: 16-bit reduced to 8, 32-bit and bombs refused) →
+    (3, size, size) uint8, bilinear (half-pixel, no antialias)."""
     from .celeba import resize_like_reference
+    from .images import ImageReadError, read_rgb
     try:
-        with Image.open(path) as im:
-            im.load()              # a full decode: truncated files fail here
-            arr = np.asarray(im.convert("RGB"), dtype=np.uint8)
-    except FileNotFoundError:
-        raise FolderFormatError(f"{_line_of(csv_path, path)}image {path} is missing") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        raise FolderFormatError(f"{_line_of(csv_path, path)}image {path} is unreadable or truncated ({e})") from None
+        arr = read_rgb(path)                                                    # (H, W, 3) uint8
+    except ImageReadError as e:
+        if e.missing:
+            raise FolderFormatError(f"{_line_of(csv_path, path)}image {path} is missing") from None
+        raise FolderFormatError(f"{_line_of(csv_path, path)}image {e}") from None
     return resize_like_reference(torch.from_numpy(arr.copy()).permute(2, 0, 1)[None], size)[0].numpy()
 
 
 def decode_item(item: dict, size: int, csv_path: str = "") -> dict[str, np.ndarray]:
     """The reference decoder of one sample: {"image": (3, size, size) uint8}."""
     return {"image": load_image(item["image"], size, csv_path)}
+
+
+# ------------------------------------------------------------------------------------------------
+# image paths: confined to the folder; no image in two splits
+# ------------------------------------------------------------------------------------------------
+def _outside(rel: str) -> str:
+    """Why the image path ``rel`` (a labels.csv cell) may not be read, or "": paths are relative to
+    the dataset folder and stay inside it as written (no absolute path, no ``..``). Symlinks inside
+    the folder are followed wherever they point: whoever made the folder made them."""
+    import ntpath
+    import posixpath
+    if posixpath.isabs(rel) or ntpath.isabs(rel) or ntpath.splitdrive(rel)[0]:
+        return "is outside the dataset folder: an absolute path (image paths are relative to the folder)"
+    parts = rel.replace("\\", "/").split("/")
+    if ".." in parts:
+        if posixpath.normpath(rel.replace("\\", "/")).startswith(".."):
+            return "is outside the dataset folder: it climbs out with `..` (image paths stay inside the folder)"
+        return "has a `..` component: write the path without it (image paths stay inside the folder)"
+    return ""
+
+
+#: read this many bytes at a time when hashing images
+_HASH_CHUNK = 1 << 20
+
+
+def _digest(path: str) -> bytes:
+    import hashlib
+    h = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as f:
+        while chunk := f.read(_HASH_CHUNK):
+            h.update(chunk)
+    return h.digest()
+
+
+def check_overlap(table: LabelTable, root: Path, rows: dict[str, list]) -> None:
+    """An image in two splits is an error naming both rows: the same file (the same path, or another
+    path, link or hard link to it: the same device and inode) or the same bytes under another path.
+    Only files whose size occurs in two splits are hashed (blake2b): one stat per row, plus one read
+    of each such file (most files of a large JPEG folder, whose sizes collide: ~0.1 ms each). The same
+    image twice in one split is a warning with counts (each row stays a sample)."""
+    import os
+    ii = table.col["image"]
+    first: dict[tuple, tuple[str, int, str]] = {}               # (device, inode) → (split, line, cell)
+    repeats: dict[str, dict[str, list[int]]] = {s: {} for s in SPLITS}
+    by_size: dict[int, list[tuple[str, int, str, str]]] = {}    # size → [(split, line, cell, path)]
+    for s in SPLITS:
+        for line, cells in rows[s]:
+            rel = cells[ii]
+            path = os.path.join(root, rel)
+            st = os.stat(path)                     # follows links: (device, inode) names the file itself
+            real = (st.st_dev, st.st_ino)
+            if real in first:
+                s0, line0, rel0 = first[real]
+                if s0 != s:
+                    same = "is also listed" if rel == rel0 else f"is the same file as {rel0!r}"
+                    raise FolderFormatError(f"{table.where(line, 'image')}: {rel!r} ({s}) {same} at line {line0} "
+                                            f"({s0}): an image in two splits is measured on what it trained on; "
+                                            "keep it in one split")
+                repeats[s].setdefault(rel0, [line0]).append(line)
+                continue
+            first[real] = (s, line, rel)
+            by_size.setdefault(st.st_size, []).append((s, line, rel, path))
+    for group in by_size.values():
+        if len({g[0] for g in group}) < 2:
+            continue
+        seen: dict[bytes, tuple[str, int, str]] = {}
+        for s, line, rel, path in sorted(group, key=lambda g: g[1]):
+            d = _digest(path)
+            if d in seen and seen[d][0] != s:
+                s0, line0, rel0 = seen[d]
+                raise FolderFormatError(f"{table.where(line, 'image')}: {rel!r} ({s}) has the same bytes as {rel0!r} "
+                                        f"at line {line0} ({s0}): an image in two splits is measured on what it "
+                                        "trained on; keep it in one split")
+            seen.setdefault(d, (s, line, rel))
+    for s in SPLITS:
+        if repeats[s]:
+            extra = sum(len(v) - 1 for v in repeats[s].values())
+            rel0, lines = next(iter(repeats[s].items()))
+            n = len(repeats[s])
+            log.warning(f"{table.path}: {extra} duplicate row{'s' if extra > 1 else ''} in the {s} split ({n} image"
+                        f"{'s' if n > 1 else ''} listed more than once, e.g. {rel0!r} at lines "
+                        f"{', '.join(map(str, lines))}); each row counts as a sample")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -409,10 +562,14 @@ class FolderDataset(Dataset):
                                         "or test")
             if not cells[ii]:
                 raise FolderFormatError(f"{table.where(line, 'image')}: empty image path")
+            outside = _outside(cells[ii])
+            if outside:                            # refused before anything opens or stats it
+                raise FolderFormatError(f"{table.where(line, 'image')}: image {cells[ii]!r} {outside}")
             p = self.root / cells[ii]
             if not p.is_file():
                 raise FolderFormatError(f"{table.where(line, 'image')}: image {cells[ii]!r} not found ({p})")
             rows[s].append((line, cells))
+        check_overlap(table, self.root, rows)
         self.limits = {s: int((limits or {}).get(s, 0)) for s in SPLITS}
         for s in SPLITS:
             if not rows[s]:
@@ -420,7 +577,8 @@ class FolderDataset(Dataset):
                                         "image)")
             if self.limits[s]:
                 rows[s] = rows[s][:self.limits[s]]
-        self.decls, inferred = resolve_decls(table, tasks, stored or {}, self.root / TASKS_FILE)
+        self.notes: dict[str, str] = {}
+        self.decls, inferred = resolve_decls(table, tasks, stored or {}, self.root / TASKS_FILE, self.notes)
         self.inferred = inferred
         self.taskset = GenericTaskSet(self.decls)
         self.task_names = list(tasks)
@@ -467,6 +625,14 @@ class FolderDataset(Dataset):
     def missing_error(self, path: str) -> FolderFormatError:
         return FolderFormatError(f"{_line_of(str(self.csv_path), path)}image {path} is missing")
 
+    def check_encoded(self, field, buf, path):
+        from .images import high_bit_depth
+        why = high_bit_depth(buf)
+        if why:             # DALI would reduce it to 8 bits otherwise than load_image: other pixels
+            raise FolderFormatError(f"{_line_of(str(self.csv_path), path)}image {path}: a {why}; data.backend=dali "
+                                    "decodes it otherwise than the reference decoder: use another data.backend "
+                                    "(gpu-cache, memory, torch) or save the image with 8 bits")
+
     def resize(self, field, x):
         from .celeba import resize_like_reference
         return resize_like_reference(x, self.image_size)
@@ -496,7 +662,8 @@ def open_folder(cfg, progress: bool = True) -> FolderDataset:
               "change them; the run's config.json records them as data.folder_tasks):", file=sys.stderr)
         for d in ds.decls:
             mark = "inferred" if d.name in ds.inferred else "declared"
-            print(f"  {d.name}: {describe_decl(d)} ({mark})", file=sys.stderr)
+            note = f": {ds.notes[d.name]}" if d.name in ds.notes else ""
+            print(f"  {d.name}: {describe_decl(d)} ({mark}{note})", file=sys.stderr)
     if not cfg.folder_tasks:
         cfg.folder_tasks = ds.resolved()
     return ds
