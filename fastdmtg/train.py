@@ -225,9 +225,22 @@ class Trainer:
         self._runlog = None
         try:
             self._setup(cfg, run_dir, resume, progress)
-        except BaseException:
+        except BaseException as e:
+            self._log_startup_failure(e)
             self.close()                  # release the run folder (also on Ctrl-C during start-up)
             raise
+
+    def _log_startup_failure(self, e: BaseException) -> None:
+        """A start-up that fails once the folder is ours (bad data, a config the data refuses, Ctrl-C)
+        says why in RUN/train.log, so the folder it leaves (.lock, train.log, maybe config.json)
+        explains itself; the folder is kept, never deleted (a resume's folder holds a run). Written to
+        the file only: the command line prints the error itself."""
+        h = self._runlog.handler if self._runlog is not None else None
+        if h is not None:
+            import logging
+            what = "interrupted (Ctrl-C)" if isinstance(e, KeyboardInterrupt) else (str(e) or type(e).__name__)
+            h.handle(logging.LogRecord(log.name, logging.ERROR, __file__, 0,
+                                       f"the run stopped during start-up, before its first step: {what}", None, None))
 
     def close(self) -> None:
         """Release the run folder's lock (fit() does it when it returns or raises)."""
@@ -670,11 +683,12 @@ class Trainer:
             else:
                 crit = best_criterion(cfg, val)
                 if improves_best(cfg.train.best_rule, crit, train_loss, self.best_val, self.best_train):
-                    self.best_val, self.best_train, self.best_epoch = crit, train_loss, self.epoch
                     stop = self._save_best({"model": self.model.state_dict(), "method": self.method.state_dict(),
                                             "epoch": self.epoch, "val_total_loss": val["total_loss"],
                                             "best_rule": cfg.train.best_rule, "criterion": crit,
                                             "train_loss": train_loss})
+                    if stop is None:      # only once written: a failed write's message names what best.pt holds
+                        self.best_val, self.best_train, self.best_epoch = crit, train_loss, self.epoch
         stop = dist_utils.broadcast_from_main(stop)
         if stop is not None:
             raise stop
