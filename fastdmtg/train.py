@@ -35,7 +35,9 @@ from . import ops
 # the step's assembly lives in fastdmtg.builder; these names stay importable from here
 from .builder import (BATCHED_AUTO_ARCHS, FUSED_STEM_AUTO, build_optimizer, build_step_module,  # noqa: F401
                       build_training_step, prepare_model, resolve_device, resolve_speed, step_mode, use_bf16)
+from . import fingerprint
 from .config import Config, ConfigError, check_init, resume_changes
+from .fingerprint import data_fingerprint
 from .log import EPOCHS, RunLog, bars_on, get_logger
 from .pipelines import build_source
 from .methods import AffinityMeasured, HeadsPruned, StepContext
@@ -218,9 +220,11 @@ def groups_of(assignment: list[int], names: list[str]) -> list[list[str]]:
 
 class Trainer:
     def __init__(self, cfg: Config, run_dir: str | Path, resume: bool = False, progress: bool | None = None,
-                 dataset=None):
+                 dataset=None, accept_data_change: bool = False):
         # dataset: an opened fastdmtg.data.Dataset to train on instead of opening cfg.data (fastdmtg.api)
         self._dataset = dataset
+        # a resume on data that differs from the run's recorded fingerprint goes on (recorded) instead of stopping
+        self.accept_data_change = accept_data_change
         self._lock, self.finished_results, self.divergence, self.saved_last = None, None, None, None
         self._runlog = None
         try:
@@ -286,6 +290,7 @@ class Trainer:
         self.data = build_source(cfg.data, progress=self.progress, validate=cfg.data.validate, device=self.device,
                                  dataset=self._dataset)
         self.taskset = self.data.taskset
+        self.data_fingerprint = data_fingerprint(self.data)      # recorded in last.pt and results.json
         step = build_training_step(cfg, self.taskset, self.data.image_size, self.device, world_size=self.world_size,
                                    rank=self.rank, init_from=None if resume else cfg.train.init_from)
         self.model, self.method, self.optimizer, self.runner = step.model, step.method, step.optimizer, step.runner
@@ -310,7 +315,10 @@ class Trainer:
         if resume:
             self._load(resume_state)
             self._apply_head_mask()
-            self._apply_resume_changes(config_changes)
+            data_changes = fingerprint.check(resume_state.get("data_fingerprint"), self.data_fingerprint,
+                                             str(self.run_dir), self.accept_data_change,
+                                             f"fastdmtg train --resume {self.run_dir}")
+            self._apply_resume_changes(config_changes + [(f"data: {k}", o, n) for k, o, n in data_changes])
         elif self.is_main:
             cfg.save(self.run_dir / "config.json")
         self.writer = None
@@ -452,6 +460,7 @@ class Trainer:
             "train_time": self.train_time, "rng": _rng_state(self.device),
             "config": self.cfg.to_dict(), "initial_loss": self.initial_loss, "divergence": self.divergence,
             "config_changes": self.config_changes, "epoch_base": EPOCH_BASE,
+            "data_fingerprint": self.data_fingerprint,
         }
 
     def _load(self, st: dict) -> None:
@@ -807,6 +816,7 @@ class Trainer:
         if self.divergence is not None:
             res["divergence"] = dict(self.divergence, rule=_divergence_text(self.divergence))
         res["config_changes"] = [c for h in self.history for c in h.get("config_changes", [])] + self.config_changes
+        res["data_fingerprint"] = self.data_fingerprint
         try:
             from .plots import grouping_heatmap
             # the figure of the model that was kept: the selected (best) epoch's probabilities
@@ -842,6 +852,8 @@ def compare_to_reference(reference_path: str, test: dict) -> dict:
 
 
 def train(cfg: Config, run_dir: str | Path, resume: bool = False, progress: bool | None = None,
-          stop_after_steps: int | None = None, *, dataset=None) -> dict:
-    """Train (or resume) a run; returns the results dict also written to RUN_DIR/results.json."""
-    return Trainer(cfg, run_dir, resume=resume, progress=progress, dataset=dataset).fit(stop_after_steps)
+          stop_after_steps: int | None = None, *, dataset=None, accept_data_change: bool = False) -> dict:
+    """Train (or resume) a run; returns the results dict also written to RUN_DIR/results.json.
+    ``accept_data_change``: resume on data that differs from the run's (recorded; fastdmtg.fingerprint)."""
+    return Trainer(cfg, run_dir, resume=resume, progress=progress, dataset=dataset,
+                   accept_data_change=accept_data_change).fit(stop_after_steps)

@@ -94,6 +94,16 @@ class DecodeCache:
                           progress=self.progress, refuse_other_params=False)
         self._ready.add(split)
 
+    def content_digests(self) -> dict[str, str]:
+        """{split: digest of its source files' CRCs} for the splits checked so far (the content part of
+        a run's data fingerprint, ``fastdmtg.fingerprint``)."""
+        out = {}
+        for s in sorted(self._ready):
+            meta = store.split_meta(self.folder, s)
+            if meta is not None and meta.get("content"):
+                out[s] = meta["content"]
+        return out
+
     def check(self, split: str) -> None:
         """Check every CRC of the split's cache files (before a .beton is written from them); a
         damaged split is decoded again (one log line)."""

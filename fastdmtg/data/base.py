@@ -136,6 +136,22 @@ class Dataset:
         return {"files": files_digest([p for it in items for p in it.values()], self.missing_error),
                 "count": len(items)}
 
+    def fingerprint(self) -> dict[str, str]:
+        """{part: digest} of the data a run trains on, cheap (no image read; ``fastdmtg.fingerprint``):
+        per split the files' names (relative to ``root``) and sizes, or the arrays' ``split_key``
+        (checksums) when the split has no files. Formats add their annotation files by content."""
+        import json
+        from ..fingerprint import listing_digest
+        out = {}
+        for s in SPLITS:
+            items = self.items(s)
+            if items is None:
+                out[f"{s} arrays"] = json.dumps(self.split_key(s), sort_keys=True)
+            else:
+                out[f"{s} images"] = listing_digest([str(p) for it in items for p in it.values()],
+                                                    getattr(self, "root", None), self.missing_error)
+        return out
+
     def split_info(self, split: str) -> dict:
         """Extra, format-specific facts recorded with a prepared split (e.g. the sample ids)."""
         return {}
