@@ -11,7 +11,8 @@ cache was checked, its content digest of the source files (their CRC-32s, ``fast
 is added as ``<split> images (content)``: new bytes under the same names and sizes are a change too.
 
 A run records the fingerprint in checkpoints/last.pt and results.json. ``fastdmtg train --resume``
-and ``fastdmtg eval`` compare the parts both sides have; a difference stops with exit 2 naming the
+and ``fastdmtg eval`` compare the parts both sides have, once the data is opened (and, on resume, its
+decode caches checked: a changed image list is decoded again before the stop is reported); a difference stops with exit 2 naming the
 parts, unless ``--accept-data-change`` is given: the run then goes on with the new data and records
 each changed part (results.json and history.json ``config_changes``, field ``data: <part>``; eval:
 ``data_changes`` in eval_<split>.json). ``fastdmtg predict`` reads no dataset — it decodes the
