@@ -37,7 +37,6 @@ from .builder import (BATCHED_AUTO_ARCHS, FUSED_STEM_AUTO, build_optimizer, buil
                       build_training_step, prepare_model, resolve_device, resolve_speed, step_mode, use_bf16)
 from . import fingerprint
 from .config import Config, ConfigError, check_init, resume_changes
-from .fingerprint import data_fingerprint
 from .log import EPOCHS, RunLog, bars_on, get_logger
 from .pipelines import build_source
 from .methods import AffinityMeasured, HeadsPruned, StepContext
@@ -290,7 +289,7 @@ class Trainer:
         self.data = build_source(cfg.data, progress=self.progress, validate=cfg.data.validate, device=self.device,
                                  dataset=self._dataset)
         self.taskset = self.data.taskset
-        self.data_fingerprint = data_fingerprint(self.data)      # recorded in last.pt and results.json
+        self.data_fingerprint = fingerprint.data_fingerprint(self.data)   # recorded in last.pt and results.json
         step = build_training_step(cfg, self.taskset, self.data.image_size, self.device, world_size=self.world_size,
                                    rank=self.rank, init_from=None if resume else cfg.train.init_from)
         self.model, self.method, self.optimizer, self.runner = step.model, step.method, step.optimizer, step.runner
