@@ -331,6 +331,7 @@ def _same_content(out: Path, split: str, meta: dict, dataset, key: dict) -> str 
         if fresh[5] != r[5] or fresh[1] != r[1]:
             return f"stale: its source files changed since it was prepared ({r[0]}: other bytes)"
         new.append(fresh)
+    (out / INDEX).unlink(missing_ok=True)   # until materialize writes it again the folder is partial
     _atomic_write_json(out / split / SOURCES, {"version": 1, "files": new})
     meta["key"] = _key_of(key, new)
     _atomic_write_json(out / split / META, meta)
