@@ -25,8 +25,15 @@
    (without the wall-clock field ``train_time_s``), config.json, grouped_model.json and the bytes of
    grouped_model.safetensors; and no temporary file may be left in the folder.
 
+``--data folder``: your own tasks instead (``fastdmtg.data.folder.write_demo``: 256/64/64 16×16 PNGs,
+6 tasks of the three types, written under WORK/data; the folder_k3 recipe at width 4, batch 32, the
+decode cache under WORK/cache). ``--schedule step``: StepLR ×0.5 every 2 epochs (the LR changes during
+the run, so a resume must restore the scheduler's count too); ``plateau``: the recipe's plateau rule
+on the training loss; ``recipe`` (default): the recipe's own schedule.
+
 The test suite runs ``--when training`` with 3 kills and 4 epochs (tests/test_faults.py); the
-recorded 20-point results are in benchmarks/results/cpu_2026-11-30_kill_resume.md.
+recorded 20-point results are in benchmarks/results/cpu_2026-11-30_kill_resume.md, the folder +
+stepping-scheduler run in benchmarks/results/cpu_2026-12-07_kill_resume.md.
 """
 from __future__ import annotations
 
@@ -45,6 +52,26 @@ ARGS = ["--quiet", "--set", "train.tensorboard=false", "--set", "data.synthetic_
         "--set", "data.synthetic_val=64", "--set", "data.synthetic_test=64", "--set", "train.batch_size=32",
         "--set", "model.width=4", "--set", "data.image_size=32"]
 TIMING = ("train_time_s",)
+SCHEDULES = {"recipe": [], "step": ["optim.schedule=step", "optim.step_epochs=2", "optim.gamma=0.5"],
+             "plateau": ["optim.schedule=plateau", "optim.plateau_on=train", "optim.plateau_patience=0",
+                         "optim.plateau_threshold=0.5"]}
+
+
+def run_arguments(work: Path, data: str, schedule: str, epochs: int) -> list[str]:
+    """The training command's arguments for ``--data`` and ``--schedule`` (writes the folder dataset)."""
+    if data == "synthetic":
+        args = list(ARGS)
+    elif data == "folder":
+        from fastdmtg.data.folder import write_demo
+        root = work / "data"
+        if not (root / "labels.csv").exists():
+            write_demo(root, n_train=256, n_eval=64, size=16, seed=1)
+        args = ["--quiet", "--data-root", str(root), "--set", "train.tensorboard=false", "--set", "data.image_size=16",
+                "--set", "model.width=4", "--set", "train.batch_size=32", "--set", "train.eval_batch_size=64",
+                "--set", f"data.cache_dir={work / 'cache'}", "--set", "data.num_workers=0"]
+    else:
+        raise ValueError(f"data: expected synthetic|folder, got {data!r}")
+    return [*args, *[a for x in SCHEDULES[schedule] for a in ("--set", x)], "--set", f"train.epochs={epochs}"]
 
 
 def _env() -> dict:
@@ -121,12 +148,12 @@ def _resumable(run: Path) -> bool:
 
 
 def kill_resume(work: str | Path, points: int = 20, seed: int = 0, epochs: int = 6, when: str = "anywhere",
-                log=print) -> dict:
+                log=print, data: str = "synthetic", schedule: str = "recipe") -> dict:
     if when not in ("anywhere", "training"):
         raise ValueError(f"when: expected anywhere|training, got {when!r}")
     work = Path(work)
-    run_args = [*ARGS, "--set", f"train.epochs={epochs}"]
     work.mkdir(parents=True, exist_ok=True)
+    run_args = run_arguments(work, data, schedule, epochs)
     ref, run = work / "reference", work / "killed"
     for d in (ref, run, *work.glob("killed*")):          # the folders of an earlier invocation
         if d.exists():
@@ -202,6 +229,7 @@ def kill_resume(work: str | Path, points: int = 20, seed: int = 0, epochs: int =
         diffs = _differences(ref, run)
     return {"kills": sum(k["killed"] for k in kills), "identical": not diffs, "differences": diffs,
             "reference_s": T, "epoch_s": E, "epochs": epochs, "when": when, "points": kills,
+            "data": data, "schedule": schedule, "lrs": [h["lr"] for h in json.loads((ref / "history.json").read_text())],
             "reference_train_s": json.loads((ref / "results.json").read_text())["train_time_s"]}
 
 
@@ -226,11 +254,16 @@ def report(reps: list[dict], args) -> str:
     import torch
     out = [f"# SIGKILL at random moments → resume → bit-identical results\n",
            f"Command: `OMP_NUM_THREADS=1 .venv/bin/python benchmarks/kill_resume.py --points {args.points} "
-           f"--when {args.when} --seed {args.seed} --epochs {args.epochs} --work runs/kill --report FILE`\n",
+           f"--when {args.when} --seed {args.seed} --epochs {args.epochs} --data {args.data} --schedule {args.schedule} "
+           "--work runs/kill --report FILE`\n",
            f"Machine: {os.cpu_count()}-core CPU (shared with other jobs), torch {torch.__version__}, "
            f"Python {platform.python_version()}, {time.strftime('%Y-%m-%d')}.\n",
-           "Run: the embedded synthetic recipe at 32×32, width 4, 512/64/64 images, batch 32 (16 steps per "
-           "epoch), one thread. Compared: results.json and history.json without `train_time_s`, config.json, "
+           ("Run: the embedded synthetic recipe at 32×32, width 4, 512/64/64 images, batch 32 (16 steps per "
+            "epoch), one thread." if args.data == "synthetic" else
+            "Run: your own tasks (write_demo: 256/64/64 16×16 PNGs, 6 tasks of three types), folder_k3 at width 4, "
+            "batch 32 (8 steps per epoch), through the decode cache, one thread.") +
+           f" Schedule: {args.schedule} ({', '.join(SCHEDULES[args.schedule]) or 'the recipe'}); the reference's "
+           f"LR per epoch: {reps[0]['lrs']}. Compared: results.json and history.json without `train_time_s`, config.json, "
            "grouped_model.json, the bytes of grouped_model.safetensors; no temporary file may be left.\n"]
     for rep in reps:
         rows = "\n".join(f"| {k['n']} | {k['delay_s']:.2f} | {'yes' if k['killed'] else 'no: the run had finished'} "
@@ -260,11 +293,14 @@ def main(argv=None) -> int:
     ap.add_argument("--epochs", type=int, default=6)
     ap.add_argument("--work", default="runs/kill")
     ap.add_argument("--report", help="write a Markdown report here")
+    ap.add_argument("--data", choices=["synthetic", "folder"], default="synthetic")
+    ap.add_argument("--schedule", choices=sorted(SCHEDULES), default="recipe")
     args = ap.parse_args(argv)
     reps = []
     for when in (("anywhere", "training") if args.when == "both" else (args.when,)):
         epochs = max(args.epochs, args.points + 2) if when == "training" else args.epochs
-        reps.append(kill_resume(Path(args.work) / when, args.points, args.seed, epochs, when))
+        reps.append(kill_resume(Path(args.work) / when, args.points, args.seed, epochs, when, data=args.data,
+                                schedule=args.schedule))
         r = reps[-1]
         print(f"{when}: {'bit-identical' if r['identical'] else 'DIFFERENT'} after {r['kills']} kills "
               f"{r['differences'] or ''}", flush=True)

@@ -50,6 +50,9 @@ def _train_parser(sub):
     p.add_argument("--logger", action="append", default=[], metavar="NAME",
                    help="also log to this tracker next to TensorBoard: mlflow | wandb (repeatable or "
                         "comma-separated; train.logger; docs/trackers.md)")
+    p.add_argument("--accept-data-change", action="store_true",
+                   help="--resume on a dataset that changed since the run recorded it (labels, image list, "
+                        "annotation files): go on with the new data and record the change in results.json")
     p.add_argument("--config", metavar="FILE", help="a JSON (or YAML) file with a full or partial config, laid "
                                                     "over the recipe; --data-root/--method/--set apply on top")
     add_output_flags(p)
@@ -139,7 +142,8 @@ def cmd_train(args) -> int:
     from .distributed import cleanup
     from .train import Diverged, RunStopped, TrainingInterrupted, exit_code, train
     try:
-        res = _train_in_process_group(train, cleanup, cfg, run_dir, resume, progress=progress_flag(args))
+        res = _train_in_process_group(train, cleanup, cfg, run_dir, resume, progress=progress_flag(args),
+                                      accept_data_change=args.accept_data_change)
     except KeyboardInterrupt:      # Ctrl-C outside the training loop (start-up, final evaluation)
         if main_rank:
             then = (f"continue with: fastdmtg train --resume {run_dir}" if has_checkpoint(run_dir)
@@ -216,13 +220,27 @@ def cmd_eval(args) -> int:
         print(f"error: the dataset's tasks {data.taskset.names} differ from the model's {meta['tasks']}",
               file=sys.stderr)
         return 2
+    data_changes = _check_eval_data(run_dir, data, args)
     res = evaluate(model, data.taskset, data, args.split, cfg.train.eval_batch_size, device, progress=bars)
     res["split"], res["groups"] = args.split, [[meta["tasks"][i] for i in g] for g in meta["groups"]]
+    if data_changes:
+        res["data_changes"] = [{"part": k, "old": o, "new": n} for k, o, n in data_changes]
     atomic_write_json(run_dir / f"eval_{args.split}.json", res)
     log.info(f"per-task metrics written to {run_dir / f'eval_{args.split}.json'}")
     print(json.dumps({k: res[k] for k in ("split", "total_loss", "total_error", "loss", "error", "metrics") if k in res},
                      indent=2))
     return 0
+
+
+def _check_eval_data(run_dir: Path, data, args) -> list:
+    """The data against the fingerprint in RUN/results.json (fastdmtg.fingerprint): DataChanged (exit 2)
+    naming the changed parts, or with --accept-data-change the changes (recorded in eval_<split>.json)."""
+    from . import fingerprint
+    from .checkpoint import read_json
+    rp = run_dir / "results.json"
+    old = read_json(rp).get("data_fingerprint") if rp.exists() else None
+    return fingerprint.check(old, fingerprint.data_fingerprint(data), str(run_dir), args.accept_data_change,
+                             f"fastdmtg eval {run_dir}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -255,6 +273,9 @@ def _main(argv: list[str] | None = None) -> int:
     pe.add_argument("--split", default="test", choices=["train", "val", "test"])
     pe.add_argument("--data-root", help="dataset folder, if it moved since training")
     pe.add_argument("--device", default="auto")
+    pe.add_argument("--accept-data-change", action="store_true",
+                    help="evaluate on a dataset that changed since the run recorded it (recorded in "
+                         "eval_<split>.json)")
     add_output_flags(pe)
     sub.add_parser("recipes", help="list the named recipes")
     for name, mod, hlp in (("compare", "compare", "run a set of grouping methods and write comparison tables"),

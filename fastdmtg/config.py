@@ -222,6 +222,12 @@ class TagConfig:
         _check(self.affinity_every >= 1, f"tag.affinity_every must be >= 1, got {self.affinity_every}")
 
 
+#: the largest optim.lr accepted: no rate near it trains anything (Adam moves every weight by about lr
+#: in its first step), and from ~3e37 up the optimizers' step sizes overflow float32 (a traceback
+#: inside torch.optim instead of the run's non-finite-loss stop)
+MAX_LR = 1e6
+
+
 @dataclass
 class OptimConfig:
     name: str = "adam"                  # adam | adamw | sgd
@@ -242,6 +248,9 @@ class OptimConfig:
     def __post_init__(self):
         _check(self.name in ("adam", "adamw", "sgd"), f"optim.name: expected adam|adamw|sgd, got {self.name!r}")
         _check(self.lr > 0, f"optim.lr must be > 0, got {self.lr}")
+        # (inf is left to the finiteness check, which names it as such)
+        _check(self.lr <= MAX_LR or math.isinf(self.lr), f"optim.lr must be <= {MAX_LR:g} (a larger rate cannot "
+               f"train; docs: README, Configuration), got {self.lr:g}")
         _check(self.schedule in ("step", "plateau", "none"),
                f"optim.schedule: expected step|plateau|none, got {self.schedule!r}")
         _check(self.step_epochs >= 1, "optim.step_epochs must be >= 1")

@@ -35,6 +35,7 @@ from . import ops
 # the step's assembly lives in fastdmtg.builder; these names stay importable from here
 from .builder import (BATCHED_AUTO_ARCHS, FUSED_STEM_AUTO, build_optimizer, build_step_module,  # noqa: F401
                       build_training_step, prepare_model, resolve_device, resolve_speed, step_mode, use_bf16)
+from . import fingerprint
 from .config import Config, ConfigError, check_init, resume_changes
 from .log import EPOCHS, RunLog, bars_on, get_logger
 from .pipelines import build_source
@@ -218,16 +219,31 @@ def groups_of(assignment: list[int], names: list[str]) -> list[list[str]]:
 
 class Trainer:
     def __init__(self, cfg: Config, run_dir: str | Path, resume: bool = False, progress: bool | None = None,
-                 dataset=None):
+                 dataset=None, accept_data_change: bool = False):
         # dataset: an opened fastdmtg.data.Dataset to train on instead of opening cfg.data (fastdmtg.api)
         self._dataset = dataset
+        # a resume on data that differs from the run's recorded fingerprint goes on (recorded) instead of stopping
+        self.accept_data_change = accept_data_change
         self._lock, self.finished_results, self.divergence, self.saved_last = None, None, None, None
         self._runlog = None
         try:
             self._setup(cfg, run_dir, resume, progress)
-        except BaseException:
+        except BaseException as e:
+            self._log_startup_failure(e)
             self.close()                  # release the run folder (also on Ctrl-C during start-up)
             raise
+
+    def _log_startup_failure(self, e: BaseException) -> None:
+        """A start-up that fails once the folder is ours (bad data, a config the data refuses, Ctrl-C)
+        says why in RUN/train.log, so the folder it leaves (.lock, train.log, maybe config.json)
+        explains itself; the folder is kept, never deleted (a resume's folder holds a run). Written to
+        the file only: the command line prints the error itself."""
+        h = self._runlog.handler if self._runlog is not None else None
+        if h is not None:
+            import logging
+            what = "interrupted (Ctrl-C)" if isinstance(e, KeyboardInterrupt) else (str(e) or type(e).__name__)
+            h.handle(logging.LogRecord(log.name, logging.ERROR, __file__, 0,
+                                       f"the run stopped during start-up, before its first step: {what}", None, None))
 
     def close(self) -> None:
         """Release the run folder's lock (fit() does it when it returns or raises)."""
@@ -281,6 +297,7 @@ class Trainer:
         self.data = build_source(cfg.data, progress=self.progress, validate=cfg.data.validate, device=self.device,
                                  dataset=self._dataset)
         self.taskset = self.data.taskset
+        self.data_fingerprint = fingerprint.data_fingerprint(self.data)   # recorded in last.pt and results.json
         step = build_training_step(cfg, self.taskset, self.data.image_size, self.device, world_size=self.world_size,
                                    rank=self.rank, init_from=None if resume else cfg.train.init_from)
         self.model, self.method, self.optimizer, self.runner = step.model, step.method, step.optimizer, step.runner
@@ -305,7 +322,10 @@ class Trainer:
         if resume:
             self._load(resume_state)
             self._apply_head_mask()
-            self._apply_resume_changes(config_changes)
+            data_changes = fingerprint.check(resume_state.get("data_fingerprint"), self.data_fingerprint,
+                                             str(self.run_dir), self.accept_data_change,
+                                             f"fastdmtg train --resume {self.run_dir}")
+            self._apply_resume_changes(config_changes + [(f"data: {k}", o, n) for k, o, n in data_changes])
         elif self.is_main:
             cfg.save(self.run_dir / "config.json")
         # the trackers (TensorBoard, MLflow, W&B: fastdmtg/trackers), behind SummaryWriter's API; rank 0 only.
@@ -452,6 +472,7 @@ class Trainer:
             "train_time": self.train_time, "rng": _rng_state(self.device),
             "config": self.cfg.to_dict(), "initial_loss": self.initial_loss, "divergence": self.divergence,
             "config_changes": self.config_changes, "epoch_base": EPOCH_BASE,
+            "data_fingerprint": self.data_fingerprint,
         }
 
     def _load(self, st: dict) -> None:
@@ -683,11 +704,12 @@ class Trainer:
             else:
                 crit = best_criterion(cfg, val)
                 if improves_best(cfg.train.best_rule, crit, train_loss, self.best_val, self.best_train):
-                    self.best_val, self.best_train, self.best_epoch = crit, train_loss, self.epoch
                     stop = self._save_best({"model": self.model.state_dict(), "method": self.method.state_dict(),
                                             "epoch": self.epoch, "val_total_loss": val["total_loss"],
                                             "best_rule": cfg.train.best_rule, "criterion": crit,
                                             "train_loss": train_loss})
+                    if stop is None:      # only once written: a failed write's message names what best.pt holds
+                        self.best_val, self.best_train, self.best_epoch = crit, train_loss, self.epoch
         stop = dist_utils.broadcast_from_main(stop)
         if stop is not None:
             raise stop
@@ -807,6 +829,7 @@ class Trainer:
         if self.divergence is not None:
             res["divergence"] = dict(self.divergence, rule=_divergence_text(self.divergence))
         res["config_changes"] = [c for h in self.history for c in h.get("config_changes", [])] + self.config_changes
+        res["data_fingerprint"] = self.data_fingerprint
         try:
             from .plots import grouping_heatmap
             # the figure of the model that was kept: the selected (best) epoch's probabilities
@@ -842,6 +865,8 @@ def compare_to_reference(reference_path: str, test: dict) -> dict:
 
 
 def train(cfg: Config, run_dir: str | Path, resume: bool = False, progress: bool | None = None,
-          stop_after_steps: int | None = None, *, dataset=None) -> dict:
-    """Train (or resume) a run; returns the results dict also written to RUN_DIR/results.json."""
-    return Trainer(cfg, run_dir, resume=resume, progress=progress, dataset=dataset).fit(stop_after_steps)
+          stop_after_steps: int | None = None, *, dataset=None, accept_data_change: bool = False) -> dict:
+    """Train (or resume) a run; returns the results dict also written to RUN_DIR/results.json.
+    ``accept_data_change``: resume on data that differs from the run's (recorded; fastdmtg.fingerprint)."""
+    return Trainer(cfg, run_dir, resume=resume, progress=progress, dataset=dataset,
+                   accept_data_change=accept_data_change).fit(stop_after_steps)

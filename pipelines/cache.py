@@ -31,6 +31,7 @@ Where: ``data.cache_dir``; by default ``ROOT/.fastdmtg_cache`` for datasets whos
 from __future__ import annotations
 
 import argparse
+import errno
 import hashlib
 import json
 import os
@@ -42,7 +43,7 @@ import numpy as np
 
 from fastdmtg.data import store
 
-from .source import log
+from .source import PipelineError, log
 
 CACHE_VERSION = 1
 LARGE_DATASETS = ("taskonomy",)     # cached next to the data by default (a full decode is large)
@@ -55,6 +56,20 @@ def default_cache_dir(cache_dir: str, dataset) -> Path:
     if dataset.name in LARGE_DATASETS and root is not None and os.access(root, os.W_OK):
         return Path(root) / ".fastdmtg_cache"
     return Path.home() / ".cache" / "fastdmtg"
+
+
+def _make_cache_dir(base: Path) -> None:
+    """Create the cache directory, or one line naming the setting and the path (not errno text)."""
+    try:
+        base.mkdir(parents=True, exist_ok=True)
+        if not os.access(base, os.W_OK | os.X_OK):
+            raise PermissionError(13, "not writable")
+    except OSError as e:
+        why = {errno.EACCES: "permission denied", errno.EROFS: "read-only file system", errno.ENOSPC:
+               "no space left", errno.ENOTDIR: "a file is in the way", errno.EEXIST: "a file is in the way"}.get(
+            e.errno, e.strerror or type(e).__name__)
+        raise PipelineError(f"data.cache_dir: cannot create or write the decode cache folder {base} ({why}); "
+                            "set a writable folder with --set data.cache_dir=PATH") from None
 
 
 def _digest(obj) -> str:
@@ -74,9 +89,20 @@ class DecodeCache:
         if split in self._ready:
             return
         ds = self.dataset
+        _make_cache_dir(self.folder.parent)
         store.materialize(ds, self.folder, splits=(split,), params=ds.params(), info=ds.info(), workers=self.workers,
                           progress=self.progress, refuse_other_params=False)
         self._ready.add(split)
+
+    def content_digests(self) -> dict[str, str]:
+        """{split: digest of its source files' CRCs} for the splits checked so far (the content part of
+        a run's data fingerprint, ``fastdmtg.fingerprint``)."""
+        out = {}
+        for s in sorted(self._ready):
+            meta = store.split_meta(self.folder, s)
+            if meta is not None and meta.get("content"):
+                out[s] = meta["content"]
+        return out
 
     def check(self, split: str) -> None:
         """Check every CRC of the split's cache files (before a .beton is written from them); a

@@ -531,3 +531,80 @@ def test_sigkill_at_random_moments_then_resume_is_bit_identical(tmp_path):
     # each kill comes after the process's first checkpoint: the next process resumes mid-run
     assert rep["kills"] >= 1 and all(k["then"].startswith("last.pt: epoch ") for k in rep["points"] if k["killed"])
     assert rep["identical"], rep["differences"]
+
+
+# ----------------------------------------------------------------------------- 8. issue 28: start-up and messages
+
+def test_learning_rate_beyond_the_bound_is_a_one_line_error(capsys):
+    """optim.lr=1e38 passed validation and ended in a traceback inside Adam (its step size overflows
+    float32); the bound is config.MAX_LR, and the divergence tests' 1e4 stays accepted."""
+    rc, _, err = cli(capsys, "train", "--dry-run", "--set", "optim.lr=1e38")
+    line = one_line_error(err)
+    assert rc == 2 and "optim.lr must be <= 1e+06" in line and "got 1e+38" in line
+    assert cli(capsys, "train", "--dry-run", "--set", "optim.lr=1e6")[0] == 0
+    assert cli(capsys, "train", "--dry-run", "--set", "optim.lr=1e4")[0] == 0
+
+
+def test_disk_full_on_best_pt_names_the_epoch_best_pt_holds(tmp_path, monkeypatch):
+    """The second write of best.pt fails: the message said best.pt held the epoch it failed to write."""
+    run = tmp_path / "run"
+    full = _FullDisk("best.pt", after_calls=1)
+    monkeypatch.setattr(ckpt, "open", full, raising=False)
+    with pytest.raises(WriteStopped) as e:
+        train(tiny(["train.epochs=6", "optim.schedule=none"]), run)
+    monkeypatch.undo()
+    assert full.calls == 2                                        # the second write of best.pt failed
+    held = torch.load(run / "checkpoints" / "best.pt", weights_only=True)["epoch"] + 1
+    assert f"best.pt holds epoch {held} (best validation loss)" in str(e.value), str(e.value)
+    assert f"best.pt holds epoch {held + 1}" not in str(e.value)
+
+
+def test_duplicate_key_in_a_config_file_is_an_error_naming_it(tmp_path, capsys):
+    f = tmp_path / "c.json"
+    f.write_text('{"train": {"epochs": 2, "seed": 1, "epochs": 3}}')
+    rc, _, err = cli(capsys, "train", "--dry-run", "--config", f)
+    line = one_line_error(err)
+    assert rc == 2 and str(f) in line and "'train.epochs' given twice" in line
+    f.write_text('{"train": {"epochs": 2}, "model": {"width": 2}, "train": {"seed": 1}}')
+    rc, _, err = cli(capsys, "train", "--dry-run", "--config", f)
+    assert rc == 2 and "'train' given twice" in one_line_error(err)
+    f.write_text('{"train": {"epochs": 2}, "model": {"width": 2}}')            # the same keys once: fine
+    assert cli(capsys, "train", "--dry-run", "--config", f)[0] == 0
+
+
+def test_duplicate_key_in_a_yaml_config_file_is_an_error_naming_it(tmp_path, capsys):
+    pytest.importorskip("yaml")
+    f = tmp_path / "c.yaml"
+    f.write_text("train:\n  epochs: 2\n  epochs: 3\n")
+    rc, _, err = cli(capsys, "train", "--dry-run", "--config", f)
+    line = one_line_error(err)
+    assert rc == 2 and str(f) in line and "'epochs' given twice (lines 2 and 3)" in line
+
+
+def _declared_folder(root: Path) -> Path:
+    sys.path.insert(0, str(Path(__file__).parent))
+    from folder_fixture import mixed_folder
+    return mixed_folder(root, tasks_json={"smile": {"type": "binary"}, "hair": {"type": "multiclass", "classes": 3},
+                                          "age": {"type": "regression"}})
+
+
+def test_cache_dir_that_cannot_be_created_names_the_setting_and_the_run_log_says_why(tmp_path, capsys):
+    """data.cache_dir below a file: one line naming the setting and the path (was `[Errno 20] Not a
+    directory: ...`); the run folder start-up left (.lock and an empty train.log) holds the error in
+    train.log."""
+    root = _declared_folder(tmp_path / "d")
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    run = tmp_path / "run"
+    rc, _, err = cli(capsys, "train", "--out", run, "--data-root", root, *TINY_SET,
+                     "--set", f"data.cache_dir={blocker / 'cache'}")
+    line = one_line_error(err)
+    assert rc == 2 and line.startswith("error: data.cache_dir: ") and str(blocker / "cache") in line
+    assert "Errno" not in line and "a file is in the way" in line
+    log_text = (run / "train.log").read_text()
+    assert "the run stopped during start-up, before its first step: data.cache_dir: " in log_text
+    ckpt.RunLock(run).release()                                    # released
+    # the folder holds no run: a new one may start there once the setting is fixed
+    rc, _, err = cli(capsys, "train", "--out", run, "--data-root", root, *TINY_SET, "--quiet",
+                     "--set", "train.epochs=1", "--set", f"data.cache_dir={tmp_path / 'cache'}")
+    assert rc == 0, err

@@ -15,7 +15,7 @@ formats. The contract:
                                 when there are no files); ``decode_one(item)`` decodes one sample
                                 to {field: array} — the *reference decoder*
     cache_id() / split_key(s)   what the decoded arrays depend on (resolved root, decode parameters,
-                                format version; per split the file names, sizes and mtimes)
+                                format version; per split the files' names and ``stat_key``s)
     to_batch(raw, flips)        device-side: stored values (B, …) → the batch dict the task set eats
     resize(field, x)            device-side, batched: the reference decoder's resize (DALI decodes
                                 full-size files; the values must equal ``decode_one``'s)
@@ -128,13 +128,29 @@ class Dataset:
         return {}
 
     def split_key(self, split: str) -> dict:
-        """What the decoded arrays of ``split`` depend on: by default each file's name, size and
-        mtime (a changed or replaced file changes the key)."""
+        """What the decoded arrays of ``split`` depend on: by default each file's name and
+        ``stat_key`` (size, mtime, ctime, inode: a changed or replaced file changes the key)."""
         items = self.items(split)
         if items is None:
             return {}
         return {"files": files_digest([p for it in items for p in it.values()], self.missing_error),
                 "count": len(items)}
+
+    def fingerprint(self) -> dict[str, str]:
+        """{part: digest} of the data a run trains on, cheap (no image read; ``fastdmtg.fingerprint``):
+        per split the files' names (relative to ``root``) and sizes, or the arrays' ``split_key``
+        (checksums) when the split has no files. Formats add their annotation files by content."""
+        import json
+        from ..fingerprint import listing_digest
+        out = {}
+        for s in SPLITS:
+            items = self.items(s)
+            if items is None:
+                out[f"{s} arrays"] = json.dumps(self.split_key(s), sort_keys=True)
+            else:
+                out[f"{s} images"] = listing_digest([str(p) for it in items for p in it.values()],
+                                                    getattr(self, "root", None), self.missing_error)
+        return out
 
     def split_info(self, split: str) -> dict:
         """Extra, format-specific facts recorded with a prepared split (e.g. the sample ids)."""
@@ -192,16 +208,27 @@ class SampleReader:
         return out
 
 
+def stat_key(st: os.stat_result) -> tuple[int, int, int, int]:
+    """(size, mtime_ns, ctime_ns, inode) of a file: what changes whenever its bytes change. mtime can
+    be set back (``cp -p``, ``rsync -a``, ``tar x``, ``os.utime``), ctime cannot — writing the bytes
+    or setting the mtime both set it to the current time — and a file put in place by a rename has
+    another inode. (It also changes without new bytes: chmod, a copy of the whole folder; the decode
+    cache then compares the files' checksums before it decodes anything again.)"""
+    return st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino
+
+
 def files_digest(paths: list[str], missing_error: Callable[[str], Exception]) -> str:
-    """sha1 over (name, size, mtime_ns) of every file, in order: changes when any file is replaced,
-    rewritten, added or removed. A missing file raises ``missing_error(path)``."""
+    """sha1 over (name, ``stat_key``) of every file, in order: changes when any file is replaced,
+    rewritten (also with its size and mtime restored), added or removed. A missing file raises
+    ``missing_error(path)``."""
     h = hashlib.sha1()
     for p in paths:
         try:
             st = os.stat(p)
         except FileNotFoundError:
             raise missing_error(str(p)) from None
-        h.update(f"{p}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        size, mtime, ctime, ino = stat_key(st)
+        h.update(f"{p}\0{size}\0{mtime}\0{ctime}\0{ino}\n".encode())
     return h.hexdigest()
 
 

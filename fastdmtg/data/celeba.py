@@ -240,6 +240,12 @@ class CelebADataset(Dataset):
     def missing_error(self, path: str) -> CelebAFormatError:
         return CelebAFormatError(f"{path}: image listed in the annotations is missing")
 
+    def fingerprint(self) -> dict[str, str]:
+        """The attribute and partition files by content, the image list by names and sizes."""
+        from ..fingerprint import file_digest
+        return {ATTR_FILE: file_digest(self.root / ATTR_FILE), PARTITION_FILE: file_digest(self.root / PARTITION_FILE),
+                **super().fingerprint()}
+
     def resize(self, field, x):
         return resize_like_reference(x, self.image_size)
 

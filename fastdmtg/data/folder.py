@@ -633,6 +633,12 @@ class FolderDataset(Dataset):
                                     "decodes it otherwise than the reference decoder: use another data.backend "
                                     "(gpu-cache, memory, torch) or save the image with 8 bits")
 
+    def fingerprint(self) -> dict[str, str]:
+        """labels.csv and tasks.json by content, the image list by names and sizes (fastdmtg.fingerprint)."""
+        from ..fingerprint import file_digest
+        return {LABELS_FILE: file_digest(self.csv_path), TASKS_FILE: file_digest(self.root / TASKS_FILE),
+                **super().fingerprint()}
+
     def resize(self, field, x):
         from .celeba import resize_like_reference
         return resize_like_reference(x, self.image_size)

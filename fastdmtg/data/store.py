@@ -8,8 +8,17 @@ taskonomy`` and by the loaders' decode caches (``fastdmtg.pipelines.cache``).
                              "fields": {name: {"file", "dtype", "shape", "bytes", "crc32"}}}
     OUT/<split>/<field>.npy  (M, …) array, readable with np.load(path, mmap_mode="r")
 
-``key`` is what the split's arrays were decoded from (``Dataset.split_key``: the source files' names,
-sizes and mtimes); ``crc32`` is zlib's CRC-32 of the whole .npy file (header + payload).
+``key`` is what the split's arrays were decoded from (``Dataset.split_key``: the source files' names
+and ``stat_key``s — size, mtime, ctime, inode); ``crc32`` is zlib's CRC-32 of the whole .npy file
+(header + payload). A split decoded from files also has ``OUT/<split>/sources.json``: per source
+file its name, ``stat_key`` and CRC-32, and meta.json's ``content`` digests those CRCs.
+
+Content-true: mtime alone can be set back (``cp -p``, ``rsync -a``, ``tar x`` of new bytes keep size
+and mtime), ctime cannot, so new bytes always change the key. A key that changed without new bytes
+(chmod, the folder copied elsewhere, ``touch``) costs a CRC of the files whose ``stat_key`` changed,
+not a decode: when every such file's CRC is the recorded one the split is kept and its record
+updated. A file whose ctime is within ``RACY_NS`` of the moment it was recorded is recorded as
+unsettled (a change in the same clock tick would not move ctime): its CRC is compared at the next use.
 
 Writing: a split is decoded into ``OUT/.<split>.tmp-<pid>/``, its checksums computed, its
 meta.json written, and the folder renamed to ``OUT/<split>/`` — a split appears complete or not at
@@ -24,10 +33,12 @@ naming the folder and why. Different decode parameters are refused (prepare into
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
 import shutil
+import time
 import zlib
 from pathlib import Path
 
@@ -39,6 +50,10 @@ FORMAT = "fastdmtg-arrays"
 VERSION = 2
 INDEX = "index.json"
 META = "meta.json"
+SOURCES = "sources.json"
+#: a file changed less than this before its record was taken may change again within the same ctime
+#: tick: recorded as unsettled (its CRC is compared at the next use)
+RACY_NS = 2 * 10**9
 _CHUNK = 16 << 20
 
 log = logging.getLogger("fastdmtg.data")
@@ -241,6 +256,90 @@ def verify(folder: str | Path, progress: bool = False) -> list[str]:
 
 
 # ------------------------------------------------------------------------------------------------
+# source files: content-true records
+# ------------------------------------------------------------------------------------------------
+def _source_paths(dataset, split: str) -> list[str] | None:
+    items = dataset.items(split)
+    return None if items is None else [str(p) for it in items for p in it.values()]
+
+
+def _record(path: str, crc: str | None, missing_error) -> list:
+    """[name, size, mtime_ns, ctime_ns (-1: unsettled), inode, CRC-32] of one source file."""
+    from .base import stat_key
+    try:
+        st = os.stat(path)
+        if crc is None:
+            crc = crc32_file(path)
+    except FileNotFoundError:
+        raise missing_error(path) from None
+    size, mtime, ctime, ino = stat_key(st)
+    if time.time_ns() - ctime < RACY_NS:
+        ctime = -1
+    return [path, size, mtime, ctime, ino, crc]
+
+
+def source_records(dataset, split: str) -> list[list] | None:
+    """Every source file of ``split`` recorded (stat + CRC-32: one read of each file); None when the
+    split has no files."""
+    paths = _source_paths(dataset, split)
+    if paths is None:
+        return None
+    return [_record(p, None, dataset.missing_error) for p in paths]
+
+
+def content_digest(records: list[list]) -> str:
+    """sha1 over the sources' sizes and CRCs in order (not their names or folder): what the decoded
+    arrays were made from."""
+    h = hashlib.sha1()
+    for r in records:
+        h.update(f"{r[1]}:{r[5]}\n".encode())
+    return h.hexdigest()
+
+
+def _key_of(key: dict, records: list[list] | None) -> dict:
+    """The key to record: an unsettled file makes it one that the next ``split_key`` never equals."""
+    if records and any(r[3] == -1 for r in records):
+        return dict(key, unsettled=True)
+    return key
+
+
+def _same_content(out: Path, split: str, meta: dict, dataset, key: dict) -> str | None:
+    """The split's key changed: compare the CRC of every source file whose stat changed with the one
+    recorded. Same bytes everywhere → the record is updated (meta.json, sources.json) and None is
+    returned; else why the split is stale (naming the first changed file)."""
+    from .base import stat_key
+    paths = _source_paths(dataset, split)
+    try:
+        rec = _read_json(out / split / SOURCES)
+    except Damaged:
+        rec = None
+    if paths is None or not isinstance(rec, dict) or not isinstance(rec.get("files"), list):
+        return "stale: its source files changed since it was prepared"
+    old = rec["files"]
+    if [r[0] for r in old] != paths:
+        return "stale: its source files changed since it was prepared (files added, removed or renamed)"
+    new = []
+    for r in old:
+        try:
+            st = os.stat(r[0])
+        except FileNotFoundError:
+            raise dataset.missing_error(r[0]) from None
+        if r[3] != -1 and list(stat_key(st)) == r[1:5]:
+            new.append(r)
+            continue
+        fresh = _record(r[0], None, dataset.missing_error)
+        if fresh[5] != r[5] or fresh[1] != r[1]:
+            return f"stale: its source files changed since it was prepared ({r[0]}: other bytes)"
+        new.append(fresh)
+    (out / INDEX).unlink(missing_ok=True)   # until materialize writes it again the folder is partial
+    _atomic_write_json(out / split / SOURCES, {"version": 1, "files": new})
+    meta["key"] = _key_of(key, new)
+    _atomic_write_json(out / split / META, meta)
+    log.info("%s: source files touched but not changed (same checksums); kept", out / split)
+    return None
+
+
+# ------------------------------------------------------------------------------------------------
 # writing
 # ------------------------------------------------------------------------------------------------
 def _pid_alive(pid: int) -> bool:
@@ -265,9 +364,10 @@ def _remove_stale_tmp(out: Path, split: str) -> None:
 
 
 def build_split(out: Path, split: str, count: int, fields: dict[str, Field], fill, params: dict, key: dict,
-                info: dict) -> dict:
+                info: dict, sources: list[list] | None = None) -> dict:
     """Allocate the split's .npy files in a temporary folder, ``fill({field: path})`` them, checksum
-    them, write meta.json and rename the folder into place. Returns the split's manifest."""
+    them, write meta.json (and ``sources``' records, sources.json) and rename the folder into place.
+    Returns the split's manifest."""
     _remove_stale_tmp(out, split)
     tmp = out / f".{split}.tmp-{os.getpid()}"
     if tmp.exists():
@@ -284,7 +384,11 @@ def build_split(out: Path, split: str, count: int, fields: dict[str, Field], fil
         for name, p in files.items():
             entries[name] = {"file": f"{split}/{name}.npy", "dtype": fields[name].dtype.name,
                              "shape": [count, *fields[name].shape], "bytes": p.stat().st_size, "crc32": crc32_file(p)}
-        meta = {"split": split, "count": count, "params": params, "key": key, "info": info, "fields": entries}
+        meta = {"split": split, "count": count, "params": params, "key": _key_of(key, sources), "info": info,
+                "fields": entries}
+        if sources is not None:
+            meta["content"] = content_digest(sources)
+            _atomic_write_json(tmp / SOURCES, {"version": 1, "files": sources})
         _atomic_write_json(tmp / META, meta)
         final = out / split
         try:
@@ -292,7 +396,7 @@ def build_split(out: Path, split: str, count: int, fields: dict[str, Field], fil
         except OSError:
             # another process finished the same split first: keep theirs when it is sound
             other = split_meta(out, split)
-            if other is None or other.get("key") != key or other.get("params") != params:
+            if other is None or other.get("key") != meta["key"] or other.get("params") != params:
                 raise
             check_split(out, split, other)
             shutil.rmtree(tmp, ignore_errors=True)
@@ -339,8 +443,9 @@ def materialize(dataset, out: str | Path, *, splits: tuple[str, ...] = SPLITS, p
                                      + f"; prepare into another folder (or delete {final})")
                 why = "prepared with other settings"
             elif meta.get("key") != key:
-                why = "stale: its source files changed since it was prepared"
-            else:
+                # new bytes, or only a new ctime/inode/mtime (chmod, a copy, touch): the CRCs tell
+                why = _same_content(out, s, meta, dataset, key)
+            if why is None:
                 try:
                     check_split(out, s, meta)
                 except Damaged as e:
@@ -358,7 +463,9 @@ def materialize(dataset, out: str | Path, *, splits: tuple[str, ...] = SPLITS, p
 
         def fill(files, s=s):
             dataset.decode_into(s, files, workers=workers, progress=progress, desc=f"decode {dataset.name}/{s} -> {out}")
-        index["splits"][s] = build_split(out, s, n, fields, fill, params, key, dataset.split_info(s))
+        # recorded before the decode: a file changed during it fails its CRC at the next use
+        sources = source_records(dataset, s)
+        index["splits"][s] = build_split(out, s, n, fields, fill, params, key, dataset.split_info(s), sources)
     _atomic_write_json(out / INDEX, index)
     return index
 

@@ -596,6 +596,16 @@ class TaskonomyDataset(Dataset):
     def missing_error(self, path: str) -> TaskonomyFormatError:
         return TaskonomyFormatError(f"{path}: missing")
 
+    def fingerprint(self) -> dict[str, str]:
+        """Raw: the split file by content and the file list (names, sizes); prepared: its manifests'
+        checksums per split (``split_key``); arrays: their checksums."""
+        from ..fingerprint import file_digest
+        out = super().fingerprint()
+        if self.mode == "raw":
+            src = getattr(self, "split_source", "tiny")
+            out = {"split file": "tiny (built in)" if src == "tiny" else file_digest(src), **out}
+        return out
+
     def check_encoded(self, field, buf, path):
         check_png_bytes(buf, path, field, getattr(self, "side", None))
 
