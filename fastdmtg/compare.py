@@ -693,7 +693,8 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fastdmtg compare", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--recipe", default=None, help="named recipe (fastdmtg recipes); default synthetic_k3, or "
-                                                  "folder_k3 when --data-root holds labels.csv")
+                                                  "with --data-root the dataset found there (folder_k3, celeba9_k3, "
+                                                  "taskonomy5_k3)")
     p.add_argument("--methods", default=",".join(ALL_METHODS), help=f"comma list of {','.join(ALL_METHODS)}")
     p.add_argument("--k", default=None, help="comma list of K values (default: the recipe's model.branches)")
     p.add_argument("--out", required=True, help="comparison folder (one subfolder per run; re-run to resume)")
@@ -737,10 +738,10 @@ def compare_main(argv: list[str]) -> int:
     if args.seeds < 1 or args.rg_partitions < 1:
         print("error: --seeds and --rg-partitions must be >= 1", file=sys.stderr)
         return 2
-    from .data.folder import is_folder_dataset
-    if args.recipe is None:
-        args.recipe = "folder_k3" if args.data_root and is_folder_dataset(args.data_root) else "synthetic_k3"
     try:
+        if args.recipe is None:
+            from .cli import default_recipe
+            args.recipe = default_recipe(args.data_root)
         over = ([f"data.root={args.data_root}"] if args.data_root else []) + list(args.overrides)
         base = apply_overrides(get_recipe(args.recipe), over)
         naive_cfg = apply_overrides(get_recipe(args.naive_recipe), over) if args.naive_recipe else None
@@ -774,10 +775,11 @@ def compare_main(argv: list[str]) -> int:
     atomic_write_text(out / "per_task.csv", tables["per_task_csv"])
     from .seeds import write_extra_tables
     written = write_extra_tables(out, rows, cmp.names, naive, title=f"Comparison: {args.recipe}, K ∈ {ks}")
-    atomic_write_json(out / "comparison.json", {"recipe": args.recipe, "ks": ks, "methods": methods,
+    from .report import round_floats
+    atomic_write_json(out / "comparison.json", round_floats({"recipe": args.recipe, "ks": ks, "methods": methods,
                                                  "tasks": cmp.names, "seeds": args.seeds,
                                                  "rg_partitions": args.rg_partitions, "overlap": args.overlap,
-                                                 "rows": tables["rows"], "details": cmp.details})
+                                                 "rows": tables["rows"], "details": cmp.details}))
     print()
     print(tables["markdown"])
     print(f"tables: {out / 'comparison.md'}, {out / 'comparison.csv'}, {out / 'groupings.csv'}, "
