@@ -40,7 +40,9 @@ def _train_parser(sub):
                                     "taskonomy5_k3")
     p.add_argument("--data-root", help="dataset folder in its official layout (CelebA: img_align_celeba/ ...), or "
                                        "your own DIR/labels.csv (README: Your own tasks)")
-    p.add_argument("--method", choices=["dmtg", "naive-mtl"], help="grouping method (naive-mtl: the K=1 reference; the recipe's naive twin when it has one)")
+    p.add_argument("--method", choices=["dmtg", "naive-mtl", "naive"],
+                   help="grouping method (naive-mtl, or naive as compare calls it: the K=1 reference; the recipe's "
+                        "naive twin when it has one)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field, e.g. --set train.epochs=5 (repeatable)")
     p.add_argument("--out", help="run folder (default runs/<name>-<time>)")
@@ -113,6 +115,8 @@ def resume_config(args) -> Config:
 
 def cmd_train(args) -> int:
     import os
+    if args.method == "naive":              # compare's name for it; naive-mtl is the config's (and the output's)
+        args.method = "naive-mtl"
     main_rank = os.environ.get("RANK", "0") == "0"
     if args.resume:
         run_dir = Path(args.resume)

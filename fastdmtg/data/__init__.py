@@ -62,8 +62,8 @@ def detect_format(root) -> DatasetFormat:
         for f in fmts:
             if f.detect(root):
                 return f
-    wanted = ", ".join(f.looks_for for f in fmts)
-    raise DataFormatError(f"--data-root {root}: no dataset found: looked for {wanted}; found {_found(root)}")
+    wanted = "; ".join(f.looks_for for f in fmts)
+    raise DataFormatError(f"--data-root {root}: no dataset found: looked for {wanted} — found {_found(root)}")
 
 
 def _found(root, show: int = 6) -> str:
