@@ -414,13 +414,16 @@ def test_tensorboard_regression_units_task_losses_and_hparams(folder_run):
 
 
 def test_task_train_loss_is_the_assigned_heads_loss(tmp_path):
-    """Per-task training loss by hand: the naive model (K = 1) has one head per task, so Σ_t of the
-    tasks' losses (weight 1) is the epoch's mean training loss."""
+    """Per-task training loss by hand: with fixed groups (K = 3, task t in branch t // 3) each task's
+    loss weight is 1 on its own head and 0 elsewhere, so Σ_t of the tasks' losses at their assigned
+    heads is the epoch's mean training loss (any other head's loss would not add up to it)."""
     from fastdmtg.config import apply_overrides, get_recipe
     from fastdmtg.train import train
-    train(apply_overrides(get_recipe("synthetic_naive"), [*FAST, *TINY, "train.epochs=1", "train.progress=false"]),
+    train(apply_overrides(get_recipe("synthetic_k3"), [*FAST, *TINY, "train.epochs=1", "train.progress=false",
+                                                       "grouping.method=fixed", "grouping.groups=0,1,2|3,4,5|6,7,8"]),
           tmp_path / "n")
     h = json.loads((tmp_path / "n" / "history.json").read_text())[0]
+    assert h["assignment"] == [0, 0, 0, 1, 1, 1, 2, 2, 2]
     assert sum(h["train_task_loss"].values()) == pytest.approx(h["train_loss"], rel=1e-5)
 
 
