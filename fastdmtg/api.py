@@ -173,7 +173,8 @@ def predict(run, images, device="cpu", batch_size: int = 512) -> dict:
     """Per-task predictions of a finished run's pruned model on images ((M, 3, H, W) uint8 or float in
     [0, 1], any H×W: resized as the training data; or image files / PIL images). ``run``: a run folder,
     or ``(model, meta)`` from ``load_grouped``. Returns, over all M images, per task
-    ``fastdmtg.predict.predictions``' dict: {"class", "probabilities"(, "label")} or {"value"}."""
+    ``fastdmtg.predict.predictions``' dict: {"class", "probabilities", "label"} (label: the name as written, or
+    the class id when the task names none) or {"value"}."""
     from .export import load_grouped
     from .predict import predict as _predict
     model, meta = load_grouped(run, device) if isinstance(run, (str, Path)) else run

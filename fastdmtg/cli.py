@@ -36,11 +36,14 @@ NAIVE_OF.update({f"{k}_reference": f"{v}_reference" for k, v in NAIVE_OF.items()
 
 def _train_parser(sub):
     p = sub.add_parser("train", help="train a grouping run (default: DMTG on the embedded synthetic data)")
-    p.add_argument("--recipe", help=f"named recipe ({', '.join(sorted(RECIPES))}); default synthetic_k3, "
-                                    "or celeba9_k3 when --data-root is given")
+    p.add_argument("--recipe", help=f"named recipe ({', '.join(sorted(RECIPES))}); default synthetic_k3, or "
+                                    "with --data-root the dataset found there: folder_k3 (labels.csv), celeba9_k3, "
+                                    "taskonomy5_k3")
     p.add_argument("--data-root", help="dataset folder in its official layout (CelebA: img_align_celeba/ ...), or "
                                        "your own DIR/labels.csv (README: Your own tasks)")
-    p.add_argument("--method", choices=["dmtg", "naive-mtl"], help="grouping method (naive-mtl: the K=1 reference; the recipe's naive twin when it has one)")
+    p.add_argument("--method", choices=["dmtg", "naive-mtl", "naive"],
+                   help="grouping method (naive-mtl, or naive as compare calls it: the K=1 reference; the recipe's "
+                        "naive twin when it has one)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field, e.g. --set train.epochs=5 (repeatable)")
     p.add_argument("--out", help="run folder (default runs/<name>-<time>)")
@@ -78,10 +81,17 @@ def _flag_overrides(args) -> list[str]:
     return over
 
 
+def default_recipe(data_root: str | None) -> str:
+    """The recipe of `train`/`compare` without --recipe: the embedded synthetic set, or the recipe of
+    the dataset format that recognises --data-root (an error saying what was looked for when none does)."""
+    if not data_root:
+        return "synthetic_k3"
+    from .data import detect_format
+    return detect_format(data_root).recipe
+
+
 def build_config(args) -> Config:
-    from .data.folder import is_folder_dataset
-    recipe = args.recipe or (("folder_k3" if is_folder_dataset(args.data_root) else "celeba9_k3") if args.data_root
-                             else "synthetic_k3")
+    recipe = args.recipe or default_recipe(args.data_root)
     if args.method == "naive-mtl" and recipe in NAIVE_OF:
         recipe = NAIVE_OF[recipe]
     return apply_overrides(_with_file(get_recipe(recipe), args), _flag_overrides(args))
@@ -114,6 +124,8 @@ def resume_config(args) -> Config:
 
 def cmd_train(args) -> int:
     import os
+    if args.method == "naive":              # compare's name for it; naive-mtl is the config's (and the output's)
+        args.method = "naive-mtl"
     main_rank = os.environ.get("RANK", "0") == "0"
     if args.resume:
         run_dir = Path(args.resume)
@@ -180,21 +192,8 @@ def _train_in_process_group(train, cleanup, *args, **kw) -> dict:
 
 
 def format_results(res: dict) -> str:
-    lines = [f"method {res['method']}, K={res['num_branches']}, best epoch {res['best_epoch']} of {res['epochs']}"]
-    used = sorted(set(res["assignment"]))      # groups = the branches in use, in branch order (1..K)
-    for i, g in enumerate(res["groups"]):
-        lines.append(f"  group {i + 1}: {', '.join(g)}  (branch {used[i] + 1} of {res['num_branches']})")
-    t = res["test"]
-    lines.append(f"test total loss {t['total_loss']:.4f}" +
-                 (f", total error {t['total_error']:.2f}" if t.get("total_error") is not None else ""))
-    reg = {k: v for k, v in (t.get("metrics") or {}).items() if "mae" in v}
-    if reg:       # your own regression tasks: MAE / RMSE in the data's units (the errors are in results.json)
-        lines.append("test MAE / RMSE: " + ", ".join(f"{k} {v['mae']:.4g} / {v['rmse']:.4g}" for k, v in reg.items()))
-    for key in ("normgain_loss", "normgain_error"):
-        if key in res:
-            lines.append(f"{key}: {res[key]['value']:+.2f}%")
-    lines.append(f"train time {res['train_time_s']:.1f} s on {res['env']['device']}")
-    return "\n".join(lines)
+    from .report import format_results as fmt
+    return fmt(res)
 
 
 def cmd_eval(args) -> int:
@@ -225,10 +224,11 @@ def cmd_eval(args) -> int:
     res["split"], res["groups"] = args.split, [[meta["tasks"][i] for i in g] for g in meta["groups"]]
     if data_changes:
         res["data_changes"] = [{"part": k, "old": o, "new": n} for k, o, n in data_changes]
-    atomic_write_json(run_dir / f"eval_{args.split}.json", res)
+    from .report import round_floats
+    atomic_write_json(run_dir / f"eval_{args.split}.json", round_floats(res))
     log.info(f"per-task metrics written to {run_dir / f'eval_{args.split}.json'}")
-    print(json.dumps({k: res[k] for k in ("split", "total_loss", "total_error", "loss", "error", "metrics") if k in res},
-                     indent=2))
+    from .report import format_eval
+    print(format_eval(res, meta["tasks"]))
     return 0
 
 

@@ -560,29 +560,66 @@ def _groups_text(groups: list[list[int]], names: list[str]) -> str:
     return " ".join("{" + ",".join(names[t] for t in g) + "}" for g in groups)
 
 
-def build_tables(rows: list[Row], names: list[str], naive: dict) -> dict:
+#: the name the human-read tables (Markdown, LaTeX) give a method: naive MTL as `fastdmtg train`
+#: calls it (grouping.method); comparison.json / .csv keep the method keys of --methods
+DISPLAY = {"naive": "naive-mtl"}
+
+
+def display(method: str) -> str:
+    return DISPLAY.get(method, method)
+
+
+def _cite(tables: str, paper: bool) -> str:
+    """" (Tables …)" after a heading when the comparison runs one of the paper's recipes, else nothing:
+    on your own data the table numbers of the paper would be a false citation."""
+    return f" ({tables})" if paper else ""
+
+
+def _reference_metrics(row: Row, m: dict) -> dict:
+    """The naive-MTL row is the NormGain reference: its NormGain is "—" (empty in the CSV and null in the
+    JSON), not a number. (With --seeds the reference is the first naive seed; the other naive seeds
+    against it would measure seed noise, not a gain.)"""
+    if row.method != "naive" or not m:
+        return m
+    return dict(m, **{k: None for k in ("normgain_loss", "normgain_loss_std", "normgain_error", "normgain_error_std")})
+
+
+def _seeds_note(rows: list[Row]) -> str:
+    n = max((len(r.results) for r in rows if not r.error and r.method != "rg"), default=1)
+    rg = any(r.method == "rg" and not r.error for r in rows)
+    parts = ([f"each cell the mean of {n} seeds"] if n > 1 else []) + \
+        (["RG: the mean over its random partitions"] if rg else [])
+    return ("" if not parts else " — " + "; ".join(parts))
+
+
+def build_tables(rows: list[Row], names: list[str], naive: dict, paper: bool = False) -> dict:
+    """→ {"markdown": str, "csv": str, "groupings_csv": str, "per_task_csv": str, "rows": [...]}.
+    ``paper``: the recipe is one of the paper's (its table numbers are cited in the headings)."""
     from .seeds import fmt_flops, fmt_time
-    """→ {"markdown": str, "csv": str, "groupings_csv": str, "per_task_csv": str, "rows": [...]}"""
     has_flops = any(r.flops is not None for r in rows)
-    head = ["Method", "K", "Total loss ↓", "Total error ↓", "NormGain_L (%) ↑", "NormGain_E (%) ↑",
-            "Rel. encoder cost", "Train time", "Runs"] + (["FLOPs/image"] if has_flops else []) + ["Groups (served)"]
-    md = ["## Results (Tables 1 and 3)", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    ms = [_reference_metrics(r, row_metrics(r, naive)) for r in rows]
+    # a column no row has a value in is left out (e.g. the total error when a task is a regression)
+    has_te = any(m.get("total_error") is not None for m in ms)
+    has_nge = any(m.get("normgain_error") is not None for m in ms)
+    head = ["Method", "K", "Total loss ↓"] + (["Total error ↓"] if has_te else []) + ["NormGain_L (%) ↑"] + \
+        (["NormGain_E (%) ↑"] if has_nge else []) + \
+        ["Rel. encoder cost", "Train time", "Runs"] + (["FLOPs/image"] if has_flops else []) + ["Groups (served)"]
+    md = [f"## Results{_cite('Tables 1 and 3', paper)}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     csv_rows, json_rows = [], []
-    for row in rows:
-        m = row_metrics(row, naive)
+    for row, m in zip(rows, ms):
         k = "—" if row.k is None else str(row.k)
         if row.error:
-            md.append(f"| {row.method} | {k} | failed: {row.error} |" + " |" * (len(head) - 3))
+            md.append(f"| {display(row.method)} | {k} | failed: {row.error} |" + " |" * (len(head) - 3))
             json_rows.append({"method": row.method, "K": row.k, "error": row.error})
             continue
         groups = (_groups_text(row.groups[0], names) if len({format_groups(g) for g in row.groups}) == 1 else
                   f"{len(row.groups)} random partitions" if row.method == "rg" else
                   f"{len({format_groups(g) for g in row.groups})} groupings over {len(row.groups)} seeds")
-        cells = [row.method, k, _fmt(m["total_loss"], m["total_loss_std"], m["n"]),
-                 _fmt(m["total_error"], m["total_error_std"], m["n"], 2),
-                 _fmt(m["normgain_loss"], m["normgain_loss_std"], m["n"], 2, True) if row.method != "naive" else "—",
-                 _fmt(m["normgain_error"], m["normgain_error_std"], m["n"], 2, True) if row.method != "naive" else "—",
-                 f"{m['rel_encoder_cost']:.2f}", fmt_time(m["hours"]), str(m["runs"])]
+        cells = [display(row.method), k, _fmt(m["total_loss"], m["total_loss_std"], m["n"])] + \
+            ([_fmt(m["total_error"], m["total_error_std"], m["n"], 2)] if has_te else []) + \
+            [_fmt(m["normgain_loss"], m["normgain_loss_std"], m["n"], 2, True)] + \
+            ([_fmt(m["normgain_error"], m["normgain_error_std"], m["n"], 2, True)] if has_nge else []) + \
+            [f"{m['rel_encoder_cost']:.2f}", fmt_time(m["hours"]), str(m["runs"])]
         if has_flops:
             cells.append(fmt_flops(row.flops))
         cells.append(groups)
@@ -603,14 +640,14 @@ def build_tables(rows: list[Row], names: list[str], naive: dict) -> dict:
     if notes:
         md += ["", "Notes:"] + [f"- {m}{'' if k is None else f' K={k}'}: {n}" for m, k, n in notes]
     md += ["", "Total loss/error: sums over tasks on the test split (total error = Σ 100·(1 − acc)). NormGain vs "
-           "the naive-MTL run. Rel. encoder cost: Σ branches × epochs of every run the method needed / naive MTL's "
+           "the naive-MTL run (its own row: — , the reference). Rel. encoder cost: Σ branches × epochs of every run the method needed / naive MTL's "
            "(TAG's affinity run counts 1 + N/affinity_every); RG: per random partition. Train time: Σ train_time_s of "
            "those runs (one seed). ± : std over the seeds (--seeds) or RG's partitions." + (" FLOPs/image: forward per image of the evaluated training network (all K·N heads, batch 1), "
                             "1 FLOP per multiply-add (fastdmtg.bench.count_flops; the paper's thop convention)."
                             if has_flops else "")]
 
     # per-task table (Table 2 shape)
-    md += ["", "## Per task: test loss (NormGain_L %) (Table 2)", "",
+    md += ["", f"## Per task: test loss (NormGain_L %){_cite('Table 2', paper)}{_seeds_note(rows)}", "",
            "| Method | K | " + " | ".join(names) + " |", "|" + "---|" * (len(names) + 2)]
     pt_rows = []
     from .metrics import normgain
@@ -621,13 +658,13 @@ def build_tables(rows: list[Row], names: list[str], naive: dict) -> dict:
         per = [np.mean([r["test"]["loss"][t] for r in row.results]) for t in names]
         gain = [np.mean([normgain(naive["test"]["loss"], r["test"]["loss"])["per_task"].get(t, float("nan"))
                          for r in row.results]) for t in names]
-        md.append(f"| {row.method} | {k} | " + " | ".join(
-            f"{v:.3e}" + ("" if row.method == "naive" else f" ({g:+.1f})") for v, g in zip(per, gain)) + " |")
+        md.append(f"| {display(row.method)} | {k} | " + " | ".join(
+            f"{v:.4f}" + ("" if row.method == "naive" else f" ({g:+.1f})") for v, g in zip(per, gain)) + " |")
         pt_rows.append({"method": row.method, "K": row.k, **{f"loss:{t}": v for t, v in zip(names, per)},
                         **{f"gain:{t}": g for t, g in zip(names, gain)}, **_task_metrics(row.results, names)})
 
     # per-task metric table: the error where a task has one, MAE / RMSE for regression tasks (your own tasks)
-    md += ["", "## Per task: test error (%) or MAE / RMSE", "",
+    md += ["", f"## Per task: test error (%) or MAE / RMSE{_seeds_note(rows)}", "",
            "| Method | K | " + " | ".join(names) + " |", "|" + "---|" * (len(names) + 2)]
     for row in rows:
         if row.error or not row.results:
@@ -635,12 +672,12 @@ def build_tables(rows: list[Row], names: list[str], naive: dict) -> dict:
         m = _task_metrics(row.results, names)
         cells = [f"{m[f'error:{t}']:.2f}" if f"error:{t}" in m else
                  (f"{m[f'mae:{t}']:.4g} / {m[f'rmse:{t}']:.4g}" if f"mae:{t}" in m else "—") for t in names]
-        md.append(f"| {row.method} | {'—' if row.k is None else row.k} | " + " | ".join(cells) + " |")
+        md.append(f"| {display(row.method)} | {'—' if row.k is None else row.k} | " + " | ".join(cells) + " |")
 
     # two-shot ablation (Table 4 shape)
     ts = [r for r in rows if r.method.startswith("dmtg") and not r.error]
     if any(r.method.startswith("dmtg two-shot") for r in ts):
-        md += ["", "## One-shot vs two-shot with DMTG's groups (Table 4)", "",
+        md += ["", f"## One-shot vs two-shot with DMTG's groups{_cite('Table 4', paper)}", "",
                "| K | Method | Total loss ↓ | NormGain_L (%) ↑ | Total error ↓ | NormGain_E (%) ↑ |",
                "|---|---|---|---|---|---|"]
         order = {"dmtg two-shot (scratch)": 0, "dmtg two-shot (naive init)": 1, "dmtg": 2}
@@ -652,14 +689,14 @@ def build_tables(rows: list[Row], names: list[str], naive: dict) -> dict:
                       f"| {_fmt(m['total_error'], digits=2)} | {_fmt(m['normgain_error'], signed=True, digits=2)} |")
 
     # groupings (Tables A4/A5 shape): entry = the group serving the task (1-based); "+g" = also trained in g
-    md += ["", "## Groupings (Tables A4/A5): group serving each task; (+g) also trained in group g", "",
+    md += ["", f"## Groupings{_cite('Tables A4/A5', paper)}: group serving each task; (+g) also trained in group g", "",
            "| Method | K | " + " | ".join(names) + " |", "|" + "---|" * (len(names) + 2)]
     g_rows = []
     for row in rows:
         if row.error:
             continue
         for i, part in enumerate(row.groups):
-            label = row.method + (f" (seed {i})" if len(row.groups) > 1 else "")     # RG: partition i
+            label = display(row.method) + (f" (seed {i})" if len(row.groups) > 1 else "")     # RG: partition i
             served = {t: gi + 1 for gi, g in enumerate(part) for t in g}
             aux = {t: [] for t in range(len(names))}
             if i < len(row.networks):
@@ -693,8 +730,10 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fastdmtg compare", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--recipe", default=None, help="named recipe (fastdmtg recipes); default synthetic_k3, or "
-                                                  "folder_k3 when --data-root holds labels.csv")
-    p.add_argument("--methods", default=",".join(ALL_METHODS), help=f"comma list of {','.join(ALL_METHODS)}")
+                                                  "with --data-root the dataset found there (folder_k3, celeba9_k3, "
+                                                  "taskonomy5_k3)")
+    p.add_argument("--methods", default=",".join(ALL_METHODS), help=f"comma list of {','.join(ALL_METHODS)} "
+                                                                    "(naive = naive-mtl, as `train --method` calls it)")
     p.add_argument("--k", default=None, help="comma list of K values (default: the recipe's model.branches)")
     p.add_argument("--out", required=True, help="comparison folder (one subfolder per run; re-run to resume)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -737,10 +776,10 @@ def compare_main(argv: list[str]) -> int:
     if args.seeds < 1 or args.rg_partitions < 1:
         print("error: --seeds and --rg-partitions must be >= 1", file=sys.stderr)
         return 2
-    from .data.folder import is_folder_dataset
-    if args.recipe is None:
-        args.recipe = "folder_k3" if args.data_root and is_folder_dataset(args.data_root) else "synthetic_k3"
     try:
+        if args.recipe is None:
+            from .cli import default_recipe
+            args.recipe = default_recipe(args.data_root)
         over = ([f"data.root={args.data_root}"] if args.data_root else []) + list(args.overrides)
         base = apply_overrides(get_recipe(args.recipe), over)
         naive_cfg = apply_overrides(get_recipe(args.naive_recipe), over) if args.naive_recipe else None
@@ -766,7 +805,9 @@ def compare_main(argv: list[str]) -> int:
               if isinstance(e, TrainingInterrupted) else f"error: {e}", file=sys.stderr)
         return exit_code(e)
     naive = cmp.naive()
-    tables = build_tables(rows, cmp.names, naive)
+    from .config import RECIPE_FOLLOWS
+    paper = RECIPE_FOLLOWS.get(args.recipe) in ("paper", "reference")       # the paper's datasets and recipes
+    tables = build_tables(rows, cmp.names, naive, paper=paper)
     from .checkpoint import atomic_write_json, atomic_write_text
     atomic_write_text(out / "comparison.md", f"# Comparison: {args.recipe}, K ∈ {ks}\n\n" + tables["markdown"])
     atomic_write_text(out / "comparison.csv", tables["csv"])
@@ -774,10 +815,11 @@ def compare_main(argv: list[str]) -> int:
     atomic_write_text(out / "per_task.csv", tables["per_task_csv"])
     from .seeds import write_extra_tables
     written = write_extra_tables(out, rows, cmp.names, naive, title=f"Comparison: {args.recipe}, K ∈ {ks}")
-    atomic_write_json(out / "comparison.json", {"recipe": args.recipe, "ks": ks, "methods": methods,
+    from .report import round_floats
+    atomic_write_json(out / "comparison.json", round_floats({"recipe": args.recipe, "ks": ks, "methods": methods,
                                                  "tasks": cmp.names, "seeds": args.seeds,
                                                  "rg_partitions": args.rg_partitions, "overlap": args.overlap,
-                                                 "rows": tables["rows"], "details": cmp.details})
+                                                 "rows": tables["rows"], "details": cmp.details}))
     print()
     print(tables["markdown"])
     print(f"tables: {out / 'comparison.md'}, {out / 'comparison.csv'}, {out / 'groupings.csv'}, "

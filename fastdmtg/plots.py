@@ -15,10 +15,12 @@ _RULES = {"val_loss": "lowest validation loss",
 
 
 def grouping_heatmap(history: list[dict], task_names: list[str], path: str | Path,
-                     selected_epoch: int | None = None, rule: str | None = None, keep_figure: bool = False):
+                     selected_epoch: int | None = None, rule: str | None = None, keep_figure: bool = False,
+                     confidence: dict | None = None):
     """Write grouping.png atomically. ``history``: the history.json records (1-based "epoch");
     ``selected_epoch`` (1-based): the epoch whose probabilities are shown and marked (default:
-    the last recorded). Returns the matplotlib figure when ``keep_figure`` (the caller closes it,
+    the last recorded). ``confidence``: results.json "grouping_confidence" (fastdmtg.report): each
+    task's label then carries its margin, and an unsettled grouping is said in the title. Returns the matplotlib figure when ``keep_figure`` (the caller closes it,
     e.g. TensorBoard's add_figure does), else None; None too when no record has probabilities."""
     import matplotlib
     matplotlib.use("Agg")
@@ -40,13 +42,19 @@ def grouping_heatmap(history: list[dict], task_names: list[str], path: str | Pat
     ax = axes[0]
     im = ax.imshow(probs, vmin=0, vmax=1, cmap="viridis", aspect="auto")
     ax.set_xticks(range(k), [f"branch {j + 1}" for j in range(k)], rotation=45, ha="right")
-    ax.set_yticks(range(n), task_names)
+    per = (confidence or {}).get("per_task", {})
+    ax.set_yticks(range(n), [f"{t}  (margin {per[t]['margin']:.2f})" if t in per else t for t in task_names])
     for i in range(n):
         for j in range(k):
             ax.text(j, i, f"{probs[i, j]:.2f}", ha="center", va="center",
                     color="white" if probs[i, j] < 0.5 else "black", fontsize=7)
     why = f", chosen by {_RULES.get(rule, rule)}" if rule and selected_epoch is not None and sel["epoch"] == selected_epoch else ""
-    fig.suptitle(f"Task grouping of the kept model: epoch {sel['epoch']}{why}", fontsize=10)
+    state = ""
+    if confidence is not None:
+        from .report import SETTLED_MARGIN
+        state = (f"\ngrouping settled: every margin >= {SETTLED_MARGIN:g}" if confidence["settled"] else
+                 f"\ngrouping NOT settled: a margin < {SETTLED_MARGIN:g} (more epochs, a τ schedule, or seeds)")
+    fig.suptitle(f"Task grouping of the kept model: epoch {sel['epoch']}{why}{state}", fontsize=10)
     ax.set_title(f"Probability that a task uses a branch\n(epoch {sel['epoch']})", fontsize=9)
     fig.colorbar(im, ax=ax, fraction=0.05)
 

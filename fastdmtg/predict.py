@@ -120,6 +120,8 @@ def predictions(outputs, taskset) -> dict[str, dict]:
         if spec.kind in ("class", "segment"):
             p = o.softmax(-1 if spec.kind == "class" else 1)                    # (B, C) or (B, C, S, S)
             out[spec.name] = {"class": p.argmax(-1 if spec.kind == "class" else 1), "probabilities": p}
+            if spec.kind == "class":                                             # no names: the label is the id
+                out[spec.name]["label"] = out[spec.name]["class"].tolist()
         else:                                                                    # regression maps as output
             out[spec.name] = {"value": o}
     return out
@@ -161,9 +163,12 @@ def attach(model, meta: dict):
     return model
 
 
-def predictions_csv(names: list[str], preds: dict[str, torch.Tensor], probs: dict[str, torch.Tensor]) -> str:
-    """One row per image: the image, then per classification task its class and class probability, per
-    regression task its value (in the data's units)."""
+def predictions_csv(names: list[str], preds: dict[str, torch.Tensor], probs: dict[str, torch.Tensor],
+                    labels: dict[str, list] | None = None) -> str:
+    """One row per image: the image, then per classification task its class — the label as written in
+    the data (``labels[task][i]``, from ``predictions``' "label") where the task has one, else the
+    class id — and its probability, per regression task its value (in the data's units)."""
+    labels = labels or {}
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     tasks = [t for t in preds if preds[t].dim() == 1]
@@ -175,7 +180,7 @@ def predictions_csv(names: list[str], preds: dict[str, torch.Tensor], probs: dic
                 row.append(f"{float(probs[t][i]):.6g}")
                 continue
             k = int(preds[t][i])
-            row += [k, f"{float(probs[t][i, k]):.4f}"]
+            row += [labels[t][i] if t in labels else k, f"{float(probs[t][i, k]):.4f}"]
         w.writerow(row)
     return buf.getvalue()
 
@@ -226,13 +231,15 @@ def predict_main(argv: list[str]) -> int:
     check_out(args.out)                    # before the model runs: a bad --out would lose its work
     images = expand_folders(args.images)
     model, meta = load_grouped(args.run_dir, resolve_device(args.device))
-    probs = model.predict(images, probabilities=True, batch_size=args.batch_size)
+    det = model.predict(images, batch_size=args.batch_size, details=True)
+    probs = {t: d.get("probabilities", d.get("value")) for t, d in det.items()}
     preds = {t: (p.argmax(-1) if p.dim() == 2 else p) for t, p in probs.items()}
+    labels = {t: d["label"] for t, d in det.items() if "label" in d}
     dense = [t for t, p in preds.items() if p.dim() != 1]
     if dense:
         print(f"note: dense tasks {', '.join(dense)} are not written to CSV; use model.predict() in Python",
               file=sys.stderr)
-    text = predictions_csv(images, preds, probs)
+    text = predictions_csv(images, preds, probs, labels)
     if args.out:
         from .checkpoint import WriteFailed, atomic_write_text
         try:

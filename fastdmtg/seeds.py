@@ -83,7 +83,7 @@ def _pm(v, sd, n, digits, signed=False) -> str:
 
 def latex_table(rows, naive: dict, title: str) -> str:
     """The results table (Tables 1/3 shape) as a booktabs LaTeX table."""
-    from .compare import row_metrics
+    from .compare import display, row_metrics
     has_err = any(not r.error and any(x.get("total_error") is not None for x in r.results) for r in rows)
     cols = ["Method", "$K$", r"Total loss $\downarrow$"] + ([r"Total error $\downarrow$"] if has_err else []) + \
            [r"$\Delta_L$ (\%) $\uparrow$"] + ([r"$\Delta_E$ (\%) $\uparrow$"] if has_err else []) + \
@@ -94,12 +94,12 @@ def latex_table(rows, naive: dict, title: str) -> str:
     for row in rows:
         k = "--" if row.k is None else str(row.k)
         if row.error:
-            out.append(f"{_tex(row.method)} & {k} & \\multicolumn{{{len(cols) - 2}}}{{l}}{{failed}} \\\\")
+            out.append(f"{_tex(display(row.method))} & {k} & \\multicolumn{{{len(cols) - 2}}}{{l}}{{failed}} \\\\")
             continue
         m = row_metrics(row, naive)
         n = m["n"]
         base = row.method == "naive"
-        cells = [_tex(row.method), k, _pm(m["total_loss"], m["total_loss_std"], n, 4)]
+        cells = [_tex(display(row.method)), k, _pm(m["total_loss"], m["total_loss_std"], n, 4)]
         if has_err:
             cells.append(_pm(m["total_error"], m["total_error_std"], n, 2))
         cells.append("--" if base else _pm(m["normgain_loss"], m["normgain_loss_std"], n, 2, True))

@@ -212,6 +212,32 @@ def _renumber_record(rec: dict) -> dict:
     return rec
 
 
+#: the files of a finished run that a resume (e.g. more epochs) would replace
+RESULT_FILES = ("results.json", "grouped_model.json", "grouped_model.safetensors", "grouping.png",
+                "eval_train.json", "eval_val.json", "eval_test.json")
+
+
+def keep_previous_results(run_dir: Path) -> Path | None:
+    """Before a finished run is trained on (``--resume`` with more epochs), move its results
+    (RESULT_FILES) to RUN/previous/<n>/ (n = 1, 2, … per continuation) and say so → that folder, or
+    None when the run had not finished. Moved, not copied: results.json in RUN marks a finished run."""
+    if not (run_dir / "results.json").exists():
+        return None
+    n = 1
+    while (run_dir / "previous" / str(n)).exists():
+        n += 1
+    dest = run_dir / "previous" / str(n)
+    dest.mkdir(parents=True)
+    moved = []
+    for name in RESULT_FILES:
+        if (run_dir / name).exists():
+            (run_dir / name).replace(dest / name)
+            moved.append(name)
+    log.info(f"resume: the finished run's results ({', '.join(moved)}) moved to {dest}; "
+             "the continued run writes new ones")
+    return dest
+
+
 def groups_of(assignment: list[int], names: list[str]) -> list[list[str]]:
     used = sorted(set(assignment))
     return [[names[i] for i, a in enumerate(assignment) if a == k] for k in used]
@@ -283,6 +309,8 @@ class Trainer:
             self.finished_results = ckpt.read_json(self.run_dir / "results.json") if self.is_main else {}
             self.divergence = dist_utils.broadcast_from_main(self.finished_results.get("divergence"))
             return
+        if resume and self.is_main:
+            keep_previous_results(self.run_dir)     # a finished run trained on: its results are not overwritten
         # bars: --progress/--no-progress when given, else train.progress on a terminal only
         self.progress = bars_on(progress, cfg.train.progress) and self.is_main
         self.device = ddp_device if ddp_device is not None else resolve_device(cfg.train.device)
@@ -313,6 +341,7 @@ class Trainer:
         self.best_train = math.inf            # train.best_rule=reference: the training loss at the last save
         self.history: list[dict] = []
         self.epoch_loss_sum, self.epoch_samples = 0.0, 0
+        self.epoch_task_sum = None            # (N, K) float64: Σ batch size × head loss (per-task train loss)
         self.train_time = 0.0
         self._stop_signal = None
         self.initial_loss: float | None = None      # the first step's loss: the divergence rule's yardstick
@@ -469,6 +498,7 @@ class Trainer:
             "epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "global_step": self.global_step,
             "best_val": self.best_val, "best_epoch": self.best_epoch, "best_train": self.best_train,
             "epoch_loss_sum": self.epoch_loss_sum, "epoch_samples": self.epoch_samples,
+            "epoch_task_sum": None if self.epoch_task_sum is None else self.epoch_task_sum.tolist(),
             "train_time": self.train_time, "rng": _rng_state(self.device),
             "config": self.cfg.to_dict(), "initial_loss": self.initial_loss, "divergence": self.divergence,
             "config_changes": self.config_changes, "epoch_base": EPOCH_BASE,
@@ -495,6 +525,8 @@ class Trainer:
         self.best_val, self.best_epoch = st["best_val"], st["best_epoch"]
         self.best_train = st["best_train"]
         self.epoch_loss_sum, self.epoch_samples = st["epoch_loss_sum"], st["epoch_samples"]
+        ets = st.get("epoch_task_sum")           # absent in checkpoints of older versions
+        self.epoch_task_sum = None if ets is None else torch.tensor(ets, dtype=torch.float64)
         self.train_time = st["train_time"]
         _set_rng_state(st["rng"], self.device)
         self.initial_loss, self.divergence = st.get("initial_loss"), st.get("divergence")
@@ -613,6 +645,7 @@ class Trainer:
         self.method.on_epoch_start(self.epoch)
         self.model.train()
         running = torch.zeros((), device=self.device)        # device-side sum: no sync per step
+        running_L = None                                      # (N, K) Σ b·L, device-side
         running_n = 0
         bar = tqdm(total=nb, initial=self.step_in_epoch, desc=f"epoch {self.epoch + 1}/{cfg.train.epochs}",
                    unit="step", disable=not self.progress, dynamic_ncols=True)
@@ -628,6 +661,7 @@ class Trainer:
                 self._apply(decisions)
             b = batch["image"].shape[0]
             running += total.detach().float() * b
+            running_L = L.detach().float() * b if running_L is None else running_L + L.detach().float() * b
             running_n += b
             self.step_in_epoch += 1
             self.global_step += 1
@@ -644,6 +678,10 @@ class Trainer:
                         f"(lr {self.current_lr():.3g}); the run stopped; {self._kept()}")
                 self.epoch_loss_sum += value
                 self.epoch_samples += running_n
+                if running_L is not None:
+                    part = running_L.double().cpu()
+                    self.epoch_task_sum = part if self.epoch_task_sum is None else self.epoch_task_sum + part
+                    running_L = None
                 dt = time.perf_counter() - t0
                 bar.set_postfix(loss=f"{value / max(running_n, 1):.4f}", img_s=f"{seen / max(dt, 1e-9):.0f}")
                 if self.writer is not None:
@@ -673,6 +711,11 @@ class Trainer:
         rec = {"epoch": self.epoch + 1, "train_loss": train_loss, "lr": self.current_lr(),
                "global_step": self.global_step, "train_time_s": self.train_time}
         rec.update({k.split("/")[-1]: v for k, v in self.method.log_scalars().items()})
+        if self.epoch_task_sum is not None and self.epoch_samples:
+            # each task's training loss at its assigned head (rank 0's shard under DDP)
+            a = self.method.assignment().cpu().tolist()
+            rec["train_task_loss"] = {t: float(self.epoch_task_sum[i, a[i]]) / self.epoch_samples
+                                      for i, t in enumerate(self.taskset.names)}
         probs = self.method.probabilities()
         if probs is not None:
             rec["probabilities"] = probs.cpu().tolist()
@@ -723,8 +766,10 @@ class Trainer:
             self.writer.flush()                   # each epoch's records reach every tracker's store
         self.epoch += 1
         self.step_in_epoch, self.epoch_loss_sum, self.epoch_samples = 0, 0.0, 0
+        self.epoch_task_sum = None
         if self.is_main:
-            ckpt.atomic_write_json(self.run_dir / "history.json", self.history)
+            from .report import round_floats
+            ckpt.atomic_write_json(self.run_dir / "history.json", round_floats(self.history))
         self.save_last()
         return rec
 
@@ -774,6 +819,15 @@ class Trainer:
                 self.writer.flush()
         return self.finish()
 
+    def _grouping_confidence(self, res: dict) -> None:
+        """results.json "grouping_confidence" (fastdmtg.report), and a warning when not settled."""
+        from .report import grouping_confidence, unsettled_warning
+        conf = grouping_confidence(res.get("probabilities"), res["assignment"], res["tasks"])
+        if conf is not None:
+            res["grouping_confidence"] = conf
+            if not conf["settled"]:
+                log.warning(unsettled_warning(conf))
+
     def _print_epoch(self, rec: dict) -> None:
         if not self.is_main:
             return
@@ -784,6 +838,9 @@ class Trainer:
                 msg += f", val total error {rec['val']['total_error']:.2f}"
         names = self.taskset.names
         msg += f", groups {groups_of(rec['assignment'], names)}"
+        if "val" in rec:
+            from .report import epoch_task_lines
+            msg = "\n".join([msg] + epoch_task_lines(rec["val"], names))
         epoch_log.info(msg)
 
     # ------------------------------------------------------------------ end of run
@@ -820,6 +877,7 @@ class Trainer:
         probs = self.method.probabilities()
         if probs is not None:
             res["probabilities"] = probs.cpu().tolist()
+        self._grouping_confidence(res)
         res.update(self.method.extra_results())
         if prune_res is not None:
             res["pruning"] = prune_res
@@ -834,7 +892,8 @@ class Trainer:
             from .plots import grouping_heatmap
             # the figure of the model that was kept: the selected (best) epoch's probabilities
             fig = grouping_heatmap(self.history, names, self.run_dir / "grouping.png", selected_epoch=self.best_epoch + 1,
-                                   rule=cfg.train.best_rule, keep_figure=self.writer is not None)
+                                   rule=cfg.train.best_rule, keep_figure=self.writer is not None,
+                                   confidence=res.get("grouping_confidence"))
             if fig is not None and self.writer is not None:
                 self.writer.add_figure("grouping/selected_epoch", fig, self.global_step)
                 self.writer.flush()
@@ -844,6 +903,8 @@ class Trainer:
             from .tboard import log_hparams
             log_hparams(self.writer, cfg.to_dict(), res)
             self.writer.flush()
+        from .report import round_floats
+        res = round_floats(res)                                          # no float noise in what people read
         ckpt.atomic_write_json(self.run_dir / "results.json", res)      # last: the mark of a finished run
         dist_utils.barrier()
         return res

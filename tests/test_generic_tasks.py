@@ -223,7 +223,7 @@ def test_predictions_by_hand():
     assert p["b"]["class"].tolist() == [1, 0, 0] and p["b"]["class"].dtype == torch.int64
     assert p["b"]["label"] == ["yes", "no", "no"]
     torch.testing.assert_close(p["m"]["probabilities"][:2], torch.tensor([[0.25, 0.25, 0.5], [0.6, 0.2, 0.2]]))
-    assert p["m"]["class"].tolist() == [2, 0, 1] and "label" not in p["m"]
+    assert p["m"]["class"].tolist() == [2, 0, 1] and p["m"]["label"] == [2, 0, 1]      # no names: the id
     assert p["c"]["label"] == ["cat", "dog", "cat"]
     assert set(p["r"]) == {"value"}
     torch.testing.assert_close(p["r"]["value"], torch.tensor([12.0, 6.0, 10.0]))          # 10 + 4·out

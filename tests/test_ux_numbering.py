@@ -48,8 +48,11 @@ def test_console_results_history_and_plot_agree(tmp_path, capsys, monkeypatch):
     assert torch.load(run / "checkpoints" / "best.pt", weights_only=True)["epoch"] == best - 1
     # groups are the used branches in branch order, each line naming its branch (1-based)
     used = sorted(set(res["assignment"]))
+    # (each task with its assignment probability at the kept epoch: results.json "grouping_confidence")
+    p = res["grouping_confidence"]["per_task"]
     for i, (k, g) in enumerate(zip(used, res["groups"])):
-        assert f"group {i + 1}: {', '.join(g)}  (branch {k + 1} of 3)" in out
+        tasks = ", ".join(f"{t} {p[t]['probability']:.2f}" for t in g)
+        assert f"group {i + 1}: {tasks}  (branch {k + 1} of 3)" in out
     assert (run / "train.log").read_text().count("epoch 3/3:") == 1
 
 

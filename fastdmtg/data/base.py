@@ -310,8 +310,16 @@ def decode_parallel(items: list, decode, out: dict | None, workers: int = 0, pro
 class DatasetFormat:
     """A registered dataset: ``open(cfg, progress)`` parses and validates it (no decoding) and
     returns a ``Dataset``; ``taskset(cfg, names)`` is the task set those task names make (to
-    rebuild the heads of a saved run without its data)."""
+    rebuild the heads of a saved run without its data).
+
+    ``--data-root DIR`` without a recipe asks every format with a ``detect(Path) -> bool`` whether
+    DIR is its folder (``fastdmtg.data.detect_format``); the first that says yes gives ``recipe``.
+    ``looks_for`` says in a few words what ``detect`` checks, for the message listing what was looked
+    for when no format recognises the folder."""
     name: str
     open: Callable
     taskset: Callable
     about: str = ""
+    detect: Callable | None = None
+    looks_for: str = ""
+    recipe: str | None = None

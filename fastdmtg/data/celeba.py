@@ -264,5 +264,11 @@ def celeba_taskset(cfg, names: list[str]) -> AttributeTaskSet:
     return AttributeTaskSet(names, cfg.model.num_classes)
 
 
+def is_celeba_root(root: Path) -> bool:
+    """Whether ``root`` looks like the official release (its attribute file, or its image folder)."""
+    return (root / ATTR_FILE).is_file() or (root / IMAGE_DIR).is_dir()
+
+
 FORMAT = DatasetFormat("celeba", open_celeba, celeba_taskset,
-                       "CelebA official release: img_align_celeba/, list_attr_celeba.txt, list_eval_partition.txt")
+                       "CelebA official release: img_align_celeba/, list_attr_celeba.txt, list_eval_partition.txt",
+                       detect=is_celeba_root, looks_for=f"{ATTR_FILE} or {IMAGE_DIR}/ (CelebA)", recipe="celeba9_k3")

@@ -694,7 +694,8 @@ def header_tasks(root: str | Path) -> list[str] | None:
 
 
 FORMAT = DatasetFormat("folder", open_folder, folder_taskset,
-                       "your own tasks: DIR/labels.csv (image, split, one column per task) + optional tasks.json")
+                       "your own tasks: DIR/labels.csv (image, split, one column per task) + optional tasks.json",
+                       detect=is_folder_dataset, looks_for=f"{LABELS_FILE} (your own tasks)", recipe="folder_k3")
 
 
 #: the planted groups of ``write_demo``'s tasks

@@ -706,9 +706,22 @@ def taskonomy_taskset(cfg, names: list[str]) -> TaskonomyTaskSet:
     return TaskonomyTaskSet.from_config(names, cfg.data)
 
 
+def is_taskonomy_root(root: Path) -> bool:
+    """Whether ``root`` is a prepared folder (index.json) or a raw root in either layout."""
+    if (root / store.INDEX).is_file() or store.is_partial(root):
+        return True
+    try:
+        detect_layout(root)
+    except TaskonomyFormatError as e:
+        return "mixed layout" in str(e)        # it is Taskonomy: opening it reports the mix
+    return True
+
+
 FORMAT = DatasetFormat("taskonomy", open_taskonomy, taskonomy_taskset,
                        "Taskonomy: a raw root (ROOT/<domain>/<building>/*.png or ROOT/<building>/<domain>/) "
-                       "or a folder made by `fastdmtg prepare taskonomy`")
+                       "or a folder made by `fastdmtg prepare taskonomy`",
+                       detect=is_taskonomy_root, recipe="taskonomy5_k3",
+                       looks_for="rgb/<building>/, <building>/rgb/ or a prepared index.json (Taskonomy)")
 
 
 __all__ = ["prepare", "prepare_main", "open_taskonomy", "TaskonomyDataset", "TaskonomyFormatError", "load_domain",

@@ -185,7 +185,7 @@ class GenericTaskSet(TaskSet):
     def predictions(self, outputs) -> dict:
         """Per-task predictions from one-head-per-task outputs (a ``GroupedNet``'s, or ``evaluate``'s):
         ``outputs`` = N tensors (B, C_i) → {task: {"class": (B,) int64, "probabilities": (B, C) float32,
-        "label": [value as written]} for binary / multiclass, {"value": (B,) float32 in the data's
+        "label": [the value as written, or the class id when the task names none]} for binary / multiclass, {"value": (B,) float32 in the data's
         units} for regression}. This is what a predict command writes."""
         out = {}
         for d, o in zip(self.decls, outputs):
@@ -195,9 +195,9 @@ class GenericTaskSet(TaskSet):
             else:
                 p = o.softmax(-1).cpu()
                 cls = p.argmax(-1)
-                rec = {"class": cls, "probabilities": p}
-                if d.labels:
-                    rec["label"] = [d.labels[int(c)] for c in cls]
+                # the label as written in the data (labels.csv / tasks.json names), else the class id
+                rec = {"class": cls, "probabilities": p,
+                       "label": [d.labels[int(c)] if d.labels else int(c) for c in cls]}
                 out[d.name] = rec
         return out
 
