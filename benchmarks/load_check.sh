@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Load check: the README's test command with extra busy processes competing for the CPU cores, as
+# on a loaded CI machine. Reports the wall time, the load average and pytest's failures; exits with
+# pytest's status. A test that fails here and passes on an idle machine depends on speed: a bug.
+#
+#   bash benchmarks/load_check.sh                          # the whole suite, 2 busy processes
+#   BUSY=4 bash benchmarks/load_check.sh tests/test_x.py   # other files / pytest arguments, 4 busy
+#
+# The busy processes are plain shell loops (one core each while they run); they are ended when the
+# script ends, however it ends.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+BUSY=${BUSY:-2}
+PY=${PYTHON:-.venv/bin/python}
+LOG=${LOG:-$(mktemp -t load_check.XXXXXX.log)}
+[ $# -gt 0 ] || set -- tests
+busy=()
+stop() { [ ${#busy[@]} -eq 0 ] || kill "${busy[@]}" 2>/dev/null; wait "${busy[@]}" 2>/dev/null; busy=(); }
+trap stop EXIT
+trap 'stop; exit 130' INT TERM
+for _ in $(seq "$BUSY"); do
+  ( trap - INT TERM; while :; do :; done ) &
+  busy+=($!)
+done
+echo "load check: $BUSY busy processes on $(nproc) cores; load average $(cut -d' ' -f1-3 /proc/loadavg 2>/dev/null)"
+echo "+ $PY -m pytest -q $*"
+t0=$(date +%s)
+"$PY" -m pytest -q "$@" 2>&1 | tee "$LOG"
+rc=${PIPESTATUS[0]}
+t=$(( $(date +%s) - t0 ))
+load=$(cut -d' ' -f1-3 /proc/loadavg 2>/dev/null)
+stop
+echo
+echo "load check: $BUSY busy processes, $(( t / 60 )) min $(( t % 60 )) s, load average at the end $load, pytest exit $rc"
+echo "log: $LOG"
+echo "summary: $(grep -E '(passed|failed|error)' "$LOG" | tail -1)"
+grep -E '^(FAILED|ERROR) ' "$LOG" || true
+exit "$rc"
