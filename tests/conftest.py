@@ -81,7 +81,10 @@ def pytest_collection_modifyitems(session, config, items):
 
 def pytest_report_header(config):
     seed = os.environ.get("FASTDMTG_TEST_SHUFFLE")
-    return [f"test order shuffled: FASTDMTG_TEST_SHUFFLE={seed}"] if seed else []
+    h = signal.getsignal(signal.SIGINT)
+    sigint = {signal.SIG_IGN: "ignored (a background job, nohup)", signal.default_int_handler: "Python's default",
+              signal.SIG_DFL: "the OS default"}.get(h, repr(h))
+    return [f"SIGINT at start: {sigint}"] + ([f"test order shuffled: FASTDMTG_TEST_SHUFFLE={seed}"] if seed else [])
 
 
 @pytest.hookimpl(hookwrapper=True)

@@ -40,7 +40,7 @@ from fastdmtg.pipelines import plan as plan_mod
 from fastdmtg.pipelines.source import to_tensor
 
 sys.path.insert(0, str(Path(__file__).parent))
-from case_runner import run_cases  # noqa: E402
+from case_runner import hang_message, run_cases  # noqa: E402
 from celeba_fixture import write_celeba  # noqa: E402
 from taskonomy_fixture import write_fixture  # noqa: E402
 
@@ -399,7 +399,7 @@ def _torchrun_pairs(data, tmp: Path, pairs: list[str], limit: int, timeout: int)
         p = subprocess.run(cmd, cwd=tmp, env=env, capture_output=True, text=True, timeout=timeout)
         tail = (p.stdout + p.stderr)[-4000:]
     except subprocess.TimeoutExpired as e:
-        tail = f"torchrun timed out after {timeout} s: {(e.stderr or b'')[-3000:]!r}"
+        tail = f"{hang_message('torchrun', timeout)}: {(e.stderr or b'')[-3000:]!r}"
     ranks = [json.loads((tmp / f"rank{r}.json").read_text()) if (tmp / f"rank{r}.json").exists() else {}
              for r in (0, 1)]
     return ranks, tail
@@ -428,10 +428,10 @@ def check_ddp(ranks, tail, pair):
 @pytest.fixture(scope="module")
 def _ddp_in_process(data, tmp_path_factory):
     pairs = [f"{ds}/{be}" for ds in DATASETS for be in IN_PROCESS if P.backend_status(be, deep=False)[0]]
-    return _torchrun_pairs(data, tmp_path_factory.mktemp("ddp"), pairs, limit=120, timeout=420)
+    return _torchrun_pairs(data, tmp_path_factory.mktemp("ddp"), pairs, limit=300, timeout=900)
 
 
-@pytest.mark.timeout(600)
+@pytest.mark.timeout(1200)
 @pytest.mark.parametrize("dataset", DATASETS)
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_ddp_two_processes(_ddp_in_process, dataset, backend):
@@ -443,7 +443,7 @@ def test_ddp_two_processes(_ddp_in_process, dataset, backend):
 # ------------------------------------------------------------------------------------------------
 FFCV_CASES = [f"pair/{ds}" for ds in DATASETS] + ["training", "write_beton", "corrupt_beton", "jpeg_mode",
                                                    "prepare_cli"]
-FFCV_LIMIT = 90        # seconds per case
+FFCV_LIMIT = 300       # seconds per case: a hang guard (idle: under 30 s each)
 
 
 def _ffcv_case(d: dict, case: str, tmp: Path):
