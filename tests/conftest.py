@@ -53,6 +53,9 @@ import signal  # noqa: E402
 import time  # noqa: E402
 
 CHECKED_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+# started once and kept for the life of the process: inductor's compile workers, multiprocessing's
+# resource tracker and forkserver
+LIBRARY_HELPERS = ("compile_worker", "multiprocessing.resource_tracker", "multiprocessing.forkserver")
 CHILD_GRACE_S = 10     # a child a test ended may take a moment to go; only one still there after this is a leak
 
 
@@ -99,13 +102,13 @@ def pytest_runtest_makereport(item, call):
     e, secs = call.excinfo.value, None
     if isinstance(e, subprocess.TimeoutExpired):
         secs = e.timeout
-    elif type(e).__name__ == "Failed" and str(e).startswith("Timeout >"):
-        try:
-            secs = float(str(e)[len("Timeout >"):].rstrip("s"))
-        except ValueError:
-            pass
+    elif type(e).__name__ == "Failed" and str(e).startswith("Timeout"):
+        # pytest-timeout: "Timeout (>600.0s) from pytest-timeout." (older: "Timeout >600.0s")
+        import re
+        m = re.match(r"Timeout \(?>([0-9.]+)s", str(e))
+        secs = float(m.group(1)) if m else None
     if secs is not None:
-        rep.longrepr = (f"{item.nodeid} did not finish within {secs:g} s — a hang, not a wrong result "
+        rep.longrepr = (f"{item.nodeid} did not finish within {secs:.4g} s — a hang, not a wrong result "
                         f"(a hang guard; the limit is at least 10× the test's idle time)\n{rep.longrepr}")
 
 
@@ -116,8 +119,8 @@ def _start_method() -> str:
 
 def _live_children() -> dict[int, str]:
     """{pid: command line} of this process's children that are not zombies (Linux /proc; elsewhere
-    multiprocessing's own children). Kept-alive pools of a library (inductor's compile workers)
-    are not a test's leak."""
+    multiprocessing's own children). A library's helpers that live as long as the process
+    (``LIBRARY_HELPERS``) are not a test's leak."""
     me, out = os.getpid(), {}
     if os.path.isdir("/proc/self"):
         for d in os.listdir("/proc"):
@@ -130,7 +133,7 @@ def _live_children() -> dict[int, str]:
                     cmd = f.read().replace(b"\0", b" ").decode(errors="replace").strip()
             except (OSError, ValueError):
                 continue
-            if int(ppid) == me and state != "Z" and "compile_worker" not in cmd:
+            if int(ppid) == me and state != "Z" and not any(k in cmd for k in LIBRARY_HELPERS):
                 out[int(d)] = cmd[:200]
     else:
         out = {p.pid: p.name for p in multiprocessing.active_children()}
