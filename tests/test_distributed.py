@@ -19,6 +19,7 @@ def torchrun(tmp_path: Path, *args: str, timeout: int = 420) -> subprocess.Compl
     return subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=timeout)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_torchrun_two_processes_train_and_resume(tmp_path):
     run = tmp_path / "ddp"
@@ -38,6 +39,7 @@ def test_torchrun_two_processes_train_and_resume(tmp_path):
     assert [h["global_step"] for h in hist] == [7, 14, 21]
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_torchrun_two_processes_with_head_pruning_and_batched_branches(tmp_path):
     """Both ranks drop the same heads at the same steps (compared across ranks at every drop step;
