@@ -15,18 +15,29 @@ PY=${PYTHON:-.venv/bin/python}
 LOG=${LOG:-$(mktemp -t load_check.XXXXXX.log)}
 [ $# -gt 0 ] || set -- tests
 busy=()
-stop() { [ ${#busy[@]} -eq 0 ] || kill "${busy[@]}" 2>/dev/null; wait "${busy[@]}" 2>/dev/null; busy=(); }
+pytest_pid=
+stop() {
+  [ -z "$pytest_pid" ] || kill "$pytest_pid" 2>/dev/null
+  [ ${#busy[@]} -eq 0 ] || kill "${busy[@]}" 2>/dev/null
+  wait 2>/dev/null
+  busy=(); pytest_pid=
+}
 trap stop EXIT
 trap 'stop; exit 130' INT TERM
 for _ in $(seq "$BUSY"); do
   ( trap - INT TERM; while :; do :; done ) &
   busy+=($!)
 done
-echo "load check: $BUSY busy processes on $(nproc) cores; load average $(cut -d' ' -f1-3 /proc/loadavg 2>/dev/null)"
+echo "load check: $BUSY busy processes on $(getconf _NPROCESSORS_ONLN 2>/dev/null || nproc) cores; load average $(cut -d' ' -f1-3 /proc/loadavg 2>/dev/null)"
 echo "+ $PY -m pytest -q $*"
 t0=$(date +%s)
-"$PY" -m pytest -q "$@" 2>&1 | tee "$LOG"
-rc=${PIPESTATUS[0]}
+# pytest in the background and `wait`: a trapped signal interrupts `wait` at once (not a foreground command)
+"$PY" -m pytest -q "$@" > "$LOG" 2>&1 &
+pytest_pid=$!
+tail -n +1 -f --pid="$pytest_pid" "$LOG" &
+wait "$pytest_pid"
+rc=$?
+pytest_pid=
 t=$(( $(date +%s) - t0 ))
 load=$(cut -d' ' -f1-3 /proc/loadavg 2>/dev/null)
 stop

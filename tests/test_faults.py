@@ -519,6 +519,7 @@ def test_eval_on_a_missing_or_unfinished_folder(tmp_path, capsys):
 
 # ----------------------------------------------------------------------------- 7. SIGKILL anywhere
 
+@pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_sigkill_at_random_moments_then_resume_is_bit_identical(tmp_path):
     """A few random SIGKILLs of a small CPU run, each in the epoch after the process's first

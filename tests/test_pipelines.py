@@ -431,6 +431,7 @@ def _ddp_in_process(data, tmp_path_factory):
     return _torchrun_pairs(data, tmp_path_factory.mktemp("ddp"), pairs, limit=300, timeout=900)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(1200)
 @pytest.mark.parametrize("dataset", DATASETS)
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -687,6 +688,7 @@ def test_failed_writer_worker_always_stops_the_write(_writer_results, case):
     assert _writer_results[case] is None, _writer_results[case]
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(FFCV_LIMIT * len(FFCV_CASES) + 120)
 @pytest.mark.parametrize("case", FFCV_CASES)
 def test_ffcv(_ffcv_results, case):
@@ -702,6 +704,7 @@ def _ddp_ffcv(data, tmp_path_factory):
                            limit=FFCV_LIMIT, timeout=FFCV_LIMIT * len(DATASETS) + 60)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(FFCV_LIMIT * len(DATASETS) + 120)
 @pytest.mark.parametrize("dataset", DATASETS)
 def test_ddp_two_processes_ffcv(_ddp_ffcv, dataset):
