@@ -49,6 +49,30 @@ def child_main(spec_json: str) -> None:
         out.write_text(json.dumps(results))          # after every case: a later hang keeps this verdict
 
 
+def _kill_session(sid: int) -> None:
+    """SIGKILL every process of session ``sid`` (its process groups too: a writer that made its own),
+    found in /proc; elsewhere the group ``sid`` alone."""
+    pids = []
+    if os.path.isdir("/proc/self"):
+        for d in os.listdir("/proc"):
+            try:
+                with open(f"/proc/{d}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[-1].split()   # state ppid pgrp session ...
+                if int(fields[3]) == sid:
+                    pids.append(int(d))
+            except (OSError, ValueError, IndexError):
+                continue
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    try:
+        os.killpg(sid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
 def hang_message(what: str, limit: float) -> str:
     """How every wall-clock limit of the suite reports itself: a hang guard, not a speed check."""
     return f"{what} did not finish within {limit:g} s — a hang, not a wrong result"
@@ -58,8 +82,8 @@ def run_cases(module: str, function: str, arg, cases: list[str], limit: float, o
               env: dict | None = None) -> dict[str, str | None]:
     """{case: None (passed) or the failure text}. ``out`` is the results file (a fresh path).
 
-    Each child runs in its own session (process group); once it has ended, whatever it left
-    running in that group (a worker of a hung case) is killed. Its output goes to a file, not a
+    Each child runs in its own session; once it has ended, whatever it left running in that
+    session (a worker of a hung case, in its own process group or not) is killed. Its output goes to a file, not a
     pipe, so a leftover grandchild holding it open cannot stall the wait."""
     out = Path(out)
     remaining, results = list(cases), {}
@@ -80,10 +104,7 @@ def run_cases(module: str, function: str, arg, cases: list[str], limit: float, o
             except subprocess.TimeoutExpired:
                 late = hang_message("the child process", whole) + "\n"
             finally:
-                try:
-                    os.killpg(p.pid, signal.SIGKILL)     # the child if late, and anything it left behind
-                except ProcessLookupError:
-                    pass
+                _kill_session(p.pid)                     # the child if late, and anything it left behind
                 p.wait()
             f.seek(0)
             tail = late + f.read()[-4000:]

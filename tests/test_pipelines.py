@@ -577,14 +577,14 @@ def test_case_runner_isolates_a_hung_case(tmp_path):
 # a failed writer worker stops the write whatever the caller's SIGINT disposition or thread: the
 # ways a process is started (foreground: Python's handler; background job / nohup: ignored; an
 # application's own handler) and write_beton called from a thread other than the main one
-WRITER_CASES = ["sigint_default", "sigint_ignored", "sigint_handler", "other_thread", "worker_killed"]
+WRITER_CASES = ["sigint_default", "sigint_ignored", "sigint_handler", "other_thread", "worker_killed", "worker_hangs"]
 WRITER_LIMIT = 120     # seconds per case; idle about 3 s (ffcv imported in the child): a hang guard
 
 
 def _writer_case(tmp: str, case: str) -> None:
-    """One WRITER_CASES case, in a child of ``case_runner``: a worker fails at sample 3 → a
-    PipelineError naming the file, no file left behind, no process left behind; then the same
-    arrays write a readable .beton."""
+    """One WRITER_CASES case, in a child of ``case_runner``: a worker fails at sample 3 (raises, is
+    killed, or hangs under ``timeout=5``) → a PipelineError naming the file, no file left behind,
+    no process of the writer's group left behind; then the same arrays write a readable .beton."""
     import signal
     import threading
     import multiprocessing as mp
@@ -606,12 +606,16 @@ def _writer_case(tmp: str, case: str) -> None:
         if i == 3:
             if case == "worker_killed":     # dies without a word: seen by its exit code
                 os.kill(os.getpid(), signal.SIGKILL)
+            if case == "worker_hangs":      # never returns: write_beton's timeout, and the worker killed
+                import time
+                time.sleep(3600)
             return orig(self, 10 ** 9)       # IndexError inside _Rows.__getitem__, which sets ``failed``
         return orig(self, i)
 
     def write(name, out):
         try:
-            out.append(F.write_beton(tmp / name, {"image": x, "labels": y}, num_workers=1))
+            out.append(F.write_beton(tmp / name, {"image": x, "labels": y}, num_workers=1,
+                                     timeout=5 if case == "worker_hangs" else None))
         except BaseException as e:
             out.append(e)
 
@@ -635,7 +639,8 @@ def _writer_case(tmp: str, case: str) -> None:
     # the writer's process group was killed: none of its processes (FFCV's workers) is left running
     assert len(groups) == 1
     assert _wait_until(lambda: not _live_in_group(groups[0]), 30), _live_in_group(groups[0])
-    assert "b.beton" in str(out[0]) and "writer worker failed" in str(out[0]), out[0]
+    why = "timed out after 5 s" if case == "worker_hangs" else "writer worker failed"
+    assert "b.beton" in str(out[0]) and why in str(out[0]), out[0]
     assert not (tmp / "b.beton").exists() and not list(tmp.glob(".b.beton.tmp*"))
     assert mp.active_children() == [] and not seen
     p = F.write_beton(tmp / "c.beton", {"image": x, "labels": y}, num_workers=1)
