@@ -55,7 +55,7 @@ import time  # noqa: E402
 CHECKED_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 # started once and kept for the life of the process: inductor's compile workers, multiprocessing's
 # resource tracker and forkserver
-LIBRARY_HELPERS = ("compile_worker", "multiprocessing.resource_tracker", "multiprocessing.forkserver")
+LIBRARY_PROCESSES = ("compile_worker", "multiprocessing.resource_tracker", "multiprocessing.forkserver")
 CHILD_GRACE_S = 10     # a child a test ended may take a moment to go; only one still there after this is a leak
 
 
@@ -119,8 +119,8 @@ def _start_method() -> str:
 
 def _live_children() -> dict[int, str]:
     """{pid: command line} of this process's children that are not zombies (Linux /proc; elsewhere
-    multiprocessing's own children). A library's helpers that live as long as the process
-    (``LIBRARY_HELPERS``) are not a test's leak."""
+    multiprocessing's own children). Processes a library keeps for the life of the process
+    (``LIBRARY_PROCESSES``) are not a test's leak."""
     me, out = os.getpid(), {}
     if os.path.isdir("/proc/self"):
         try:        # the kernel's list of each thread's children: no scan of every process
@@ -138,7 +138,7 @@ def _live_children() -> dict[int, str]:
                     cmd = f.read().replace(b"\0", b" ").decode(errors="replace").strip()
             except (OSError, ValueError):
                 continue
-            if int(ppid) == me and state != "Z" and not any(k in cmd for k in LIBRARY_HELPERS):
+            if int(ppid) == me and state != "Z" and not any(k in cmd for k in LIBRARY_PROCESSES):
                 out[int(d)] = cmd[:200]
     else:
         out = {p.pid: p.name for p in multiprocessing.active_children()}
