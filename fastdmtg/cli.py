@@ -39,7 +39,10 @@ def _train_parser(sub):
                                     "or celeba9_k3 when --data-root is given")
     p.add_argument("--data-root", help="dataset folder in its official layout (CelebA: img_align_celeba/ ...), or "
                                        "your own DIR/labels.csv (README: Your own tasks)")
-    p.add_argument("--method", choices=["dmtg", "naive-mtl"], help="grouping method (naive-mtl: the K=1 reference; the recipe's naive twin when it has one)")
+    from .methods import AUGMENTATIONS
+    p.add_argument("--method", choices=["dmtg", "naive-mtl", *AUGMENTATIONS],
+                   help="grouping method (naive-mtl: the K=1 reference; the recipe's naive twin when it has one; "
+                        "uw, gradnorm, pcgrad, mgda, …: one shared network trained with that augmentation)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field, e.g. --set train.epochs=5 (repeatable)")
     p.add_argument("--out", help="run folder (default runs/<name>-<time>)")
@@ -73,7 +76,8 @@ def build_config(args) -> Config:
     from .data.folder import is_folder_dataset
     recipe = args.recipe or (("folder_k3" if is_folder_dataset(args.data_root) else "celeba9_k3") if args.data_root
                              else "synthetic_k3")
-    if args.method == "naive-mtl" and recipe in NAIVE_OF:
+    from .methods import AUGMENTATIONS
+    if (args.method == "naive-mtl" or args.method in AUGMENTATIONS) and recipe in NAIVE_OF:   # one shared network
         recipe = NAIVE_OF[recipe]
     return apply_overrides(_with_file(get_recipe(recipe), args), _flag_overrides(args))
 
