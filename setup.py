@@ -43,6 +43,9 @@ setup(
         # FFCV is an sdist: needs Debian pkg-config libopencv-dev libturbojpeg0-dev libgl1 libglib2.0-0
         # (it already requires opencv-python; a second cv2 distribution would clash)
         "ffcv": ["ffcv==1.0.2", "numba>=0.57"],
+        # the gradient aggregators (pcgrad, mgda, cagrad, nash-mtl, imtl, aligned-mtl, upgrad;
+        # fastdmtg/methods/aggregators.py) with the solvers CAGrad, Nash-MTL and UPGrad need
+        "aggregators": ["torchjd[cagrad,nash-mtl,quadprog-projector]>=0.18,<0.19"],
     },
     entry_points={"console_scripts": ["fastdmtg=fastdmtg.cli:main"]},
 )
