@@ -476,9 +476,12 @@ class Comparison:
         """TAG's selected networks trained with PCGrad (the TAG paper §5: the two are complementary)."""
         from .grouping_search import tag_select
         aff_run, Z = self.tag_affinity()
+        self.details["tag_affinity"] = {"matrix": Z.tolist(), "measurements": aff_run["tag_affinity_measurements"],
+                                        "every": aff_run["tag_affinity_every"], "run": aff_run["_key"]}
         rows = []
         for k in self.ks:
             sel = tag_select(Z, k)
+            self.details[f"tag_selection_k{k}"] = sel.to_dict()
             r = self.train_selection(f"tag-pcgrad/k{k}", f"tag+pcgrad K={k}", sel, train={"aggregator": "pcgrad"})
             rows.append(Row("tag+pcgrad", k, self.repeats(r, f"tag+pcgrad K={k}"), [self.cost(aff_run), self.cost(r)],
                             [sel.partition()], self._trained_networks(sel), notes=self._selection_notes(sel)))

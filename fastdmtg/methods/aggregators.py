@@ -5,7 +5,8 @@ the shared parameters.
 One step: one forward; the heads' losses L_m (m = the active heads (task, branch)); per shared block
 (``augment.shared_blocks``: the trunk, each branch) the Jacobian J_b (M_b, P_b) whose row m is
 ∇_{θ_b} L_m (one backward pass per head, over all shared parameters at once); the block's gradient is
-A(J_b) for the aggregator A; the task heads get ∂ Σ z·L / ∂ head (their own gradients). Cost: M + 1
+A(J_b) for the aggregator A (a block reached by one head only: that head's gradient, nothing to
+aggregate); the task heads get ∂ Σ z·L / ∂ head (their own gradients). Cost: M + 1
 backward passes (M = N for naive MTL) and a J of M × (shared parameters) floats.
 
 torchjd's own ``autojac.mtl_backward`` was evaluated and not used: it needs the last shared
@@ -34,11 +35,12 @@ INSTALL = "pip install 'fastdmtg[aggregators]'"
 
 def make_aggregator(name: str, cfg, num_rows: int):
     """The torchjd aggregator ``name`` for Jacobians of ``num_rows`` rows; a missing torchjd (or one of
-    an aggregator's solver packages) is an ImportError naming the install command."""
+    an aggregator's solver packages) is a ValueError naming the install command (the CLI: one line,
+    exit 2)."""
     try:
         from torchjd import aggregation as A
     except ImportError:
-        raise ImportError(f"train.aggregator / grouping.method {name} needs torchjd: {INSTALL}") from None
+        raise ValueError(f"{name} needs torchjd, which is not installed: {INSTALL}") from None
     a = cfg.aggregation
     build = {"pcgrad": lambda: A.PCGrad(), "mgda": lambda: A.MGDA(), "cagrad": lambda: A.CAGrad(c=a.cagrad_c),
              "nash-mtl": lambda: A.NashMTL(n_tasks=num_rows, max_norm=a.nash_max_norm,
@@ -46,8 +48,8 @@ def make_aggregator(name: str, cfg, num_rows: int):
              "imtl": lambda: A.IMTLG(), "aligned-mtl": lambda: A.AlignedMTL(), "upgrad": lambda: A.UPGrad()}
     try:
         return build[name]()
-    except ImportError as e:
-        raise ImportError(f"{name}: {e} (or {INSTALL})") from None
+    except ImportError as e:          # a solver package (cvxpy, quadprog, …) missing
+        raise ValueError(f"{name}: {e} (or {INSTALL})") from None
 
 
 class JacobianAggregation(StepBackward):
@@ -70,7 +72,10 @@ class JacobianAggregation(StepBackward):
         self.blocks = shared_blocks(model, z)
         self.heads = sorted({h for b in self.blocks for h in b.heads})
         self.head_params = head_params(model)
-        self.aggregators = [make_aggregator(self.name, self._cfg, len(b.heads)) for b in self.blocks]
+        # a block reached by one head has nothing to aggregate: it keeps that head's gradient (and
+        # torchjd's Nash-MTL cannot solve a one-task problem)
+        self.aggregators = [make_aggregator(self.name, self._cfg, len(b.heads)) if len(b.heads) > 1 else None
+                            for b in self.blocks]
 
     def forward(self, step, batch: dict):
         z = step.method.weights()                                              # (N, K) 0/1
@@ -90,7 +95,7 @@ class JacobianAggregation(StepBackward):
         for block, agg in zip(self.blocks, self.aggregators):
             J = torch.stack([torch.cat([rows[h][id(p)].reshape(-1) for p in block.params])
                              for h in block.heads])                           # (M_b, P_b)
-            v = agg(J)                                                         # (P_b,)
+            v = agg(J) if agg is not None else J[0]                            # (P_b,)
             record.append((J, v))
             off = 0
             for p in block.params:
