@@ -14,6 +14,10 @@ linear heads) in fp32 (``set_output_precision``); the losses are computed in fp3
 (the ops upcast their inputs and accumulate in fp32); evaluation runs without autocast. ``bf16`` is plain
 autocast everywhere (evaluation included), ``off`` is fp32.
 
+A method with a training augmentation (``methods.StepBackward``: UW, GradNorm, PCGrad, the torchjd
+aggregators) replaces forward + ``total.backward()`` by its own ``forward(step, batch)``, which uses
+``outputs`` and ``losses`` (per-head losses with one-hot weights); that step runs eagerly only.
+
 ``StepRunner`` runs forward + backward + optimizer step in one of three ways:
 
 * eager;
