@@ -354,6 +354,10 @@ def test_compare_tag_paper_methods_on_the_embedded_data(tmp_path, capsys):
     for name in ("uw", "gradnorm", "pcgrad"):
         c = json.loads((out / name / "config.json").read_text())
         assert c["grouping"]["method"] == name and Config.from_dict(c).num_branches == 1
+    uw = json.loads((out / "uw" / "results.json").read_text())["augmentation"]
+    assert uw["name"] == "uw" and len(uw["log_var"]) == 4 and any(v[0] != 0 for v in uw["log_var"])
+    gn = json.loads((out / "gradnorm" / "results.json").read_text())["augmentation"]
+    assert sum(v[0] for v in gn["weight"]) == pytest.approx(4) and gn["alpha"] == 1.5
     tp = json.loads((out / "tag-pcgrad" / "k2" / "config.json").read_text())
     tag_sel = data["details"]["tag_selection_k2"]
     assert tp["train"]["aggregator"] == "pcgrad" and tp["grouping"]["groups"] == tag_sel["networks"]

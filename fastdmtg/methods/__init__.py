@@ -76,6 +76,10 @@ class StepBackward(nn.Module):
         training loss is the unweighted one, whatever the augmentation optimises)."""
         raise NotImplementedError
 
+    def results(self) -> dict:
+        """results.json's ``augmentation`` entry: the name and any learned state (UW's σ², GradNorm's w)."""
+        return {"name": self.name}
+
 
 class GroupingMethod(nn.Module):
     name = "base"

@@ -106,3 +106,8 @@ class GradNorm(StepBackward):
         weighted, L = step.losses(outputs, batch, z * w)                      # Σ z·w·L, w constant
         weighted.backward()
         return (z * L).sum(), L
+
+    def results(self) -> dict:
+        self.renormalise()                       # the weights the next step would use
+        return {"name": self.name, "alpha": self.alpha, "weight": self.weight.detach().cpu().tolist(),
+                "initial_loss": self.initial_loss.cpu().tolist()}

@@ -50,3 +50,6 @@ class UncertaintyWeighting(StepBackward):
         weighted, L = step.losses(outputs, batch, z * scale)
         (weighted + (z * reg).sum()).backward()
         return (z * L).sum(), L
+
+    def results(self) -> dict:
+        return {"name": self.name, "form": self.form, "log_var": self.log_var.detach().cpu().tolist()}
