@@ -385,3 +385,69 @@ def test_compare_aggregator_switch_trains_the_selected_networks(tmp_path, capsys
     assert json.loads((out / "naive" / "config.json").read_text())["train"]["aggregator"] == "none"
     assert compare_main(["--out", str(out), "--aggregator", "bogus"]) == 2
     assert "unknown training augmentation" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- every dataset (shapes)
+
+def _one_step(cfg, expect_blocks):
+    """One step of ``cfg`` built as a run builds it: finite losses, a gradient on every shared parameter
+    of every block, J_b of shape (heads of the block, its parameters)."""
+    from fastdmtg.builder import build_training_step
+    from fastdmtg.pipelines import build_source
+    torch.manual_seed(0)
+    src = build_source(cfg.data, progress=False)
+    step = build_training_step(cfg, src.taskset, src.image_size, torch.device("cpu"))
+    batch = next(iter(src.batches("train", cfg.train.batch_size, shuffle=False, seed=0, epoch=0,
+                                  device=torch.device("cpu"), train=True)))
+    total, L = step.runner(batch)
+    assert torch.isfinite(total) and torch.isfinite(L).all()
+    aug = step.method.step_backward()
+    if hasattr(aug, "blocks"):
+        assert [b.name for b in aug.blocks] == expect_blocks
+        for block, (J, v) in zip(aug.blocks, aug.last):
+            assert tuple(J.shape) == (len(block.heads), sum(p.numel() for p in block.params))
+            assert all(p.grad is not None for p in block.params)
+    return step
+
+
+@pytest.mark.timeout(900)
+def test_pcgrad_on_the_taskonomy_fixture(tmp_path):
+    """Xception with a shared trunk and decoders (list heads), fixed groups {seg, depth}{normal, kp, edge}
+    trained with PCGrad: three blocks (the Xception costs ~30 s on an idle 2-core CPU: one test only);
+    UW's factors on the Taskonomy tasks: segmentation a classification, the rest regression."""
+    pytest.importorskip("torchjd")
+    from taskonomy_fixture import write_fixture
+    from fastdmtg.data import taskonomy as tx
+    raw = write_fixture(tmp_path / "raw", layout="domain", size=32)
+    tx.prepare(raw["root"], tmp_path / "prep", 32, split_file=raw["split_file"], workers=1, progress=False)
+    cfg = apply_overrides(get_recipe("taskonomy5_k3"), [
+        f"data.root={tmp_path / 'prep'}", "data.image_size=32", "data.num_workers=0", "data.backend=memory",
+        "grouping.method=fixed", "grouping.groups=0,1|2,3,4", "model.branches=0", "model.shared_blocks=4",
+        "train.aggregator=pcgrad", "train.batch_size=2", "train.init=scratch", "train.amp=off"])
+    step = _one_step(cfg, ["trunk", "branch 1", "branch 2"])
+    uw = build_method(evolve(cfg, train={"aggregator": "uw"}), 5).step_backward()
+    uw.bind(step.model, step.runner.eager_fn.taskset, step.method.weights())
+    assert [s.kind for s in step.runner.eager_fn.taskset.specs][0] == "segment"
+    assert uw.factor[:, 0].tolist() == [1.0, 0.5, 0.5, 0.5, 0.5]
+
+
+@pytest.mark.parametrize("name", ["uw", "gradnorm", "mgda"])
+def test_augmentations_on_celeba_and_your_own_folder(name, tmp_path):
+    """The CelebA ResNet variant on the CelebA-format fixture (9 attributes, one shared network) and your
+    own folder with a binary, a multiclass and a regression task."""
+    if name == "mgda":
+        pytest.importorskip("torchjd")
+    from celeba_fixture import write_celeba
+    from folder_fixture import mixed_folder
+    write_celeba(tmp_path / "celeba", n=8)
+    cfg = apply_overrides(get_recipe("celeba9_naive"), [
+        f"data.root={tmp_path / 'celeba'}", f"grouping.method={name}", "model.width=4", "train.batch_size=4",
+        "data.num_workers=0", "data.backend=memory"])
+    _one_step(cfg, ["branch 1"])
+    root = mixed_folder(tmp_path / "own", n=12, size=16)
+    cfg = apply_overrides(get_recipe("folder_naive"), [
+        f"data.root={root}", f"grouping.method={name}", "model.width=4", "train.batch_size=6", "data.image_size=16",
+        "data.num_workers=0", "data.backend=memory"])
+    step = _one_step(cfg, ["branch 1"])
+    if name == "uw":                  # smile (binary), hair (multiclass): 1; age (regression): ½
+        assert step.method.augment.factor[:, 0].tolist() == [1.0, 1.0, 0.5]
