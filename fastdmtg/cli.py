@@ -1,6 +1,6 @@
 """Command line: a thin layer over the library.
 
-    fastdmtg train [--recipe NAME] [--data-root PATH] [--method dmtg|naive-mtl] [--set key=value ...]
+    fastdmtg train [--recipe NAME] [--data-root PATH] [--method dmtg|naive-mtl|uw|gradnorm|pcgrad|…] [--set key=value ...]
                    [--out RUN_DIR] [--init-from RUN] [--reference RUN_OR_RESULTS] [--resume RUN_DIR]
     fastdmtg eval RUN_DIR [--split test] [--data-root PATH]
     fastdmtg recipes
