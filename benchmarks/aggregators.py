@@ -73,7 +73,6 @@ def main(argv=None) -> int:
             per[m].append(time_method(m, args))
             print(f"round {r + 1}: {m}: {per[m][-1] * 1e3:.1f} ms/step", flush=True)
     med = {m: statistics.median(v) for m, v in per.items()}
-    from fastdmtg.builder import build_training_step  # noqa: F401  (the step measured)
     n_params = sum(p.numel() for p in build("naive-mtl", args)[0].model.parameters())
     lines = ["# Training augmentations: step time vs naive MTL (CPU)", "",
              f"Command: `.venv/bin/python benchmarks/aggregators.py {' '.join(shlex.quote(a) for a in (argv or sys.argv[1:]))}`",

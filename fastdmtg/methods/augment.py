@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import AUGMENTATIONS, GroupingMethod, StepBackward
+from . import AUGMENTATIONS, StepBackward
 from .naive import NaiveMTL
 
 # task kinds (tasks.TaskSpec.kind) whose loss is a classification likelihood (UW's factor 1, not ½)
