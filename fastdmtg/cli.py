@@ -1,6 +1,6 @@
 """Command line: a thin layer over the library.
 
-    fastdmtg train [--recipe NAME] [--data-root PATH] [--method dmtg|naive-mtl] [--set key=value ...]
+    fastdmtg train [--recipe NAME] [--data-root PATH] [--method dmtg|naive-mtl|uw|gradnorm|pcgrad|…] [--set key=value ...]
                    [--out RUN_DIR] [--init-from RUN] [--reference RUN_OR_RESULTS] [--resume RUN_DIR]
     fastdmtg eval RUN_DIR [--split test] [--data-root PATH]
     fastdmtg recipes
@@ -41,9 +41,11 @@ def _train_parser(sub):
                                     "taskonomy5_k3")
     p.add_argument("--data-root", help="dataset folder in its official layout (CelebA: img_align_celeba/ ...), or "
                                        "your own DIR/labels.csv (README: Your own tasks)")
-    p.add_argument("--method", choices=["dmtg", "naive-mtl", "naive"],
+    from .methods import AUGMENTATIONS
+    p.add_argument("--method", choices=["dmtg", "naive-mtl", "naive", *AUGMENTATIONS],
                    help="grouping method (naive-mtl, or naive as compare calls it: the K=1 reference; the recipe's "
-                        "naive twin when it has one)")
+                        "naive twin when it has one; uw, gradnorm, pcgrad, mgda, …: one shared network trained with "
+                        "that augmentation)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field, e.g. --set train.epochs=5 (repeatable)")
     p.add_argument("--out", help="run folder (default runs/<name>-<time>)")
@@ -92,7 +94,8 @@ def default_recipe(data_root: str | None) -> str:
 
 def build_config(args) -> Config:
     recipe = args.recipe or default_recipe(args.data_root)
-    if args.method == "naive-mtl" and recipe in NAIVE_OF:
+    from .methods import AUGMENTATIONS
+    if (args.method in ("naive-mtl", "naive") or args.method in AUGMENTATIONS) and recipe in NAIVE_OF:   # one shared network
         recipe = NAIVE_OF[recipe]
     return apply_overrides(_with_file(get_recipe(recipe), args), _flag_overrides(args))
 

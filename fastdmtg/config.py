@@ -118,7 +118,7 @@ class DataConfig:
 class ModelConfig:
     arch: str = "resnet_celeba"         # resnet_celeba | xception | vit_base
     # K: the number of encoder branches (maximum number of groups). 0 = auto (method_branches): dmtg
-    # min(3, N), naive-mtl and tag-affinity 1, fixed / networks the number of groups; a value the method
+    # min(3, N), naive-mtl, tag-affinity, cs-affinity and the augmentations (uw, pcgrad, …) 1, fixed / networks the number of groups; a value the method
     # contradicts is an error, never silently replaced
     branches: int = 0
     width: int = 64                     # channels of the ResNet variant (64 = reference)
@@ -156,7 +156,8 @@ Partition = list[list[typing.Union[int, str]]]
 class GroupingConfig:
     """Which grouping method trains, and the groups of the methods that are given them. Each method's
     own settings live in its own section (``dmtg``, ``tag``)."""
-    method: str = "dmtg"                # dmtg | naive-mtl | fixed | tag-affinity | networks (fastdmtg.methods)
+    method: str = "dmtg"                # dmtg | naive-mtl | fixed | tag-affinity | networks | cs-affinity | uw | gradnorm |
+    # pcgrad | mgda | cagrad | nash-mtl | imtl | aligned-mtl | upgrad (fastdmtg.methods)
     # fixed / networks: the tasks of each group (fixed: a partition, every task once; networks: the tasks
     # trained in each network); --set 'grouping.groups=0,1|2' or names, "+t" marks t auxiliary (networks)
     groups: Partition = field(default_factory=list)
@@ -226,6 +227,50 @@ class TagConfig:
 #: in its first step), and from ~3e37 up the optimizers' step sizes overflow float32 (a traceback
 #: inside torch.optim instead of the run's non-finite-loss stop)
 MAX_LR = 1e6
+
+
+@dataclass
+class CSConfig:
+    """The TAG paper's cosine-similarity grouping baseline (grouping.method=cs-affinity): the
+    measurement run (fastdmtg/methods/cs.py)."""
+    every: int = 10                     # steps between measurements of the task gradients' cosines
+
+    def __post_init__(self):
+        _check(self.every >= 1, f"cs.every must be >= 1, got {self.every}")
+
+
+@dataclass
+class UWConfig:
+    """Uncertainty weighting (Kendall et al. 2018; grouping.method=uw or train.aggregator=uw)."""
+    # paper = eq. (7)/(10) with s = log σ²: classification exp(−s)·L + s/2, regression ½·exp(−s)·L + s/2;
+    # uniform = exp(−s)·L + s for every task (the form most implementations use)
+    form: str = "paper"                 # paper | uniform
+
+    def __post_init__(self):
+        _check(self.form in ("paper", "uniform"), f"uw.form: expected paper|uniform, got {self.form!r}")
+
+
+@dataclass
+class GradNormConfig:
+    """GradNorm (Chen et al. 2018; grouping.method=gradnorm or train.aggregator=gradnorm)."""
+    # the restoring-force asymmetry α; the TAG paper searches {0.1, 0.5, 1.0, 1.5, 2.0, 3.0, 5.0}
+    alpha: float = 1.5
+
+    def __post_init__(self):
+        _check(self.alpha >= 0, f"gradnorm.alpha must be >= 0, got {self.alpha}")
+
+
+@dataclass
+class AggregationConfig:
+    """The torchjd aggregators' hyper-parameters (grouping.method=cagrad | nash-mtl, or train.aggregator)."""
+    cagrad_c: float = 0.4               # CAGrad's ball radius scale c (the CAGrad paper's image-MTL value)
+    nash_max_norm: float = 1.0          # Nash-MTL: clip ‖Jᵀw‖ to this (0: off); the paper's code default
+    nash_update_every: int = 1          # Nash-MTL: solve for new weights every this many steps
+
+    def __post_init__(self):
+        _check(self.cagrad_c >= 0, f"aggregation.cagrad_c must be >= 0, got {self.cagrad_c}")
+        _check(self.nash_max_norm >= 0, f"aggregation.nash_max_norm must be >= 0, got {self.nash_max_norm}")
+        _check(self.nash_update_every >= 1, f"aggregation.nash_update_every must be >= 1, got {self.nash_update_every}")
 
 
 @dataclass
@@ -302,6 +347,9 @@ class TrainConfig:
     # exit 4 — warn = flag it and go on (exit 0)
     divergence_factor: float = 10.0
     on_divergence: str = "error"        # error | warn
+    # a training augmentation for the networks of a method with 0/1 weights (naive-mtl, fixed, networks):
+    # none | uw | gradnorm | pcgrad | mgda | cagrad | nash-mtl | imtl | aligned-mtl | upgrad (fastdmtg.methods.AUGMENTATIONS)
+    aggregator: str = "none"
 
     def __post_init__(self):
         _check(self.epochs >= 1, f"train.epochs must be >= 1, got {self.epochs}")
@@ -326,6 +374,9 @@ class TrainConfig:
                    f"train.logger names the trackers next to it: {'|'.join(n for n in TRACKERS if n != 'tensorboard')}")
             _check(name in TRACKERS, f"train.logger: unknown tracker {name!r}; expected "
                    f"{'|'.join(n for n in TRACKERS if n != 'tensorboard')} (comma-separated)")
+        from .methods import AUGMENTATIONS
+        _check(self.aggregator == "none" or self.aggregator in AUGMENTATIONS,
+               f"train.aggregator: expected none|{'|'.join(AUGMENTATIONS)}, got {self.aggregator!r}")
 
 
 @dataclass
@@ -336,6 +387,10 @@ class Config:
     grouping: GroupingConfig = field(default_factory=GroupingConfig)
     dmtg: DMTGConfig = field(default_factory=DMTGConfig)
     tag: TagConfig = field(default_factory=TagConfig)
+    cs: CSConfig = field(default_factory=CSConfig)
+    uw: UWConfig = field(default_factory=UWConfig)
+    gradnorm: GradNormConfig = field(default_factory=GradNormConfig)
+    aggregation: AggregationConfig = field(default_factory=AggregationConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
@@ -345,9 +400,10 @@ class Config:
         method = self.grouping.method
         if self.dmtg.prune_eps > 0:
             _check(method == "dmtg", f"dmtg.prune_eps > 0 (head pruning) needs grouping.method=dmtg, got {method}")
+        _check_aggregator(self)
         k = method_branches(self, None)
         if self.model.branches and k is not None and self.model.branches != k:
-            why = ("one encoder for all tasks" if method in ("naive-mtl", "tag-affinity")
+            why = ("one encoder for all tasks" if k == 1 and method not in ("fixed", "networks")
                    else f"one branch per group of grouping.groups ({k})")
             raise ConfigError(f"model.branches={self.model.branches}, but grouping.method={method} trains {k} "
                               f"branch(es) ({why}); set model.branches={k}, or 0 (auto)")
@@ -408,7 +464,21 @@ class Config:
 
 
 _SECTIONS = {"data": DataConfig, "model": ModelConfig, "grouping": GroupingConfig, "dmtg": DMTGConfig,
-             "tag": TagConfig, "optim": OptimConfig, "train": TrainConfig}
+             "tag": TagConfig, "cs": CSConfig, "uw": UWConfig, "gradnorm": GradNormConfig,
+             "aggregation": AggregationConfig, "optim": OptimConfig, "train": TrainConfig}
+
+
+def _check_aggregator(cfg: "Config") -> None:
+    """train.aggregator trains the networks of a method with constant 0/1 weights; a method that is
+    itself an augmentation (grouping.method=pcgrad, …) already names its own."""
+    from .methods import AUGMENTABLE, AUGMENTATIONS
+    agg, method = cfg.train.aggregator, cfg.grouping.method
+    if agg == "none":
+        return
+    _check(method not in AUGMENTATIONS, f"train.aggregator={agg}: grouping.method={method} already trains with "
+                                        f"{method}; use one of the two")
+    _check(method in AUGMENTABLE, f"train.aggregator={agg} applies to the networks of grouping.method "
+                                  f"{'|'.join(AUGMENTABLE)} (constant 0/1 weights), not {method}")
 
 # Paths in the config, stored absolute (resolved against the working folder where they were typed),
 # so that eval / --resume / --init-from work from any working folder. Symlinks are kept as typed.
@@ -448,12 +518,14 @@ _EXPECT = {bool: "true or false", int: "an integer", float: "a number", str: "a 
 
 
 def method_branches(cfg: "Config", num_tasks: int | None) -> int | None:
-    """K for model.branches=0 (auto): naive-mtl and tag-affinity 1 (one encoder for all tasks), fixed
+    """K for model.branches=0 (auto): naive-mtl, tag-affinity, cs-affinity and the
+    augmentations (uw, gradnorm, pcgrad, …) 1 (one encoder for all tasks), fixed
     and networks one branch per group, dmtg min(3, N) (3: the paper's CelebA-9 / Taskonomy default; a
     folder of fewer tasks gets one branch per task at most). None: not known yet (dmtg before the number
     of tasks N is known: the builder resolves it with the opened data)."""
     method = cfg.grouping.method
-    if method in ("naive-mtl", "tag-affinity"):
+    from .methods import AUGMENTATIONS
+    if method in ("naive-mtl", "tag-affinity", "cs-affinity") or method in AUGMENTATIONS:
         return 1
     if method in ("fixed", "networks"):
         return len(cfg.grouping.groups)

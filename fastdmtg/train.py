@@ -879,6 +879,8 @@ class Trainer:
             res["probabilities"] = probs.cpu().tolist()
         self._grouping_confidence(res)
         res.update(self.method.extra_results())
+        if self.method.step_backward() is not None:           # a training augmentation: its learned state
+            res["augmentation"] = self.method.step_backward().results()
         if prune_res is not None:
             res["pruning"] = prune_res
         if cfg.train.reference:
