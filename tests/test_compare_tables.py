@@ -86,7 +86,7 @@ def test_results_table_normgain_totals_and_cost(rows):
     t = build_tables(rs, NAMES, naive)
     main = {(r[0], r[1]): r[2:9] for r in _table(t["markdown"], "Results")}
     # Total loss, total error, NormGain_L, NormGain_E, rel. encoder cost, train time, runs
-    assert main[("naive", "—")] == ["7.0000", "70.00", "—", "—", "1.00", "30 s", "1"]
+    assert main[("naive-mtl", "—")] == ["7.0000", "70.00", "—", "—", "1.00", "30 s", "1"]
     # dmtg: totals (5.5, 4.5) → 5 ± 0.7071, (55, 40) → 47.5 ± 10.61; NormGain_L (8.33, 25) → 16.67 ±
     # 11.79; NormGain_E (25, 33.33) → 29.17 ± 5.89; cost 2 branches × 10 epochs / naive's 10 epochs
     assert main[("dmtg", "2")] == ["5.0000 ± 0.7071", "47.50 ± 10.61", "+16.67 ± 11.79", "+29.17 ± 5.89",
@@ -109,7 +109,7 @@ def test_results_table_normgain_totals_and_cost(rows):
     assert d["rel_encoder_cost"] == pytest.approx(2.0) and d["n"] == 2 and d["runs"] == 1
     assert js[("rg", 2)]["normgain_loss"] == pytest.approx(-100 / 3)
     assert js[("rg", 2)]["rel_encoder_cost"] == pytest.approx(2.0) and js[("rg", 2)]["hours"] == pytest.approx(60 / 3600)
-    assert js[("naive", None)]["normgain_loss"] == pytest.approx(0.0)
+    assert js[("naive", None)]["normgain_loss"] is None     # the reference: no gain against itself (README, docs/baselines.md)
     assert d["groups"] == [[["a", "b"], ["c"]]] * 2
     # and in comparison.csv
     csv = {ln.split(",")[0]: ln.split(",") for ln in t["csv"].splitlines()}
@@ -138,14 +138,14 @@ def test_per_task_tables(rows):
     naive, rs = rows
     t = build_tables(rs, NAMES, naive)
     per = {(r[0], r[1]): r[2:] for r in _table(t["markdown"], "Per task: test loss")}
-    assert per[("naive", "—")] == ["2.000e+00", "4.000e+00", "1.000e+00"]
+    assert per[("naive-mtl", "—")] == ["2.0000", "4.0000", "1.0000"]
     # dmtg: mean losses (1.25, 2.5, 1.25); per-task gains averaged over seeds: a (50 + 25)/2,
     # b (25 + 50)/2, c (−50 + 0)/2
-    assert per[("dmtg", "2")] == ["1.250e+00 (+37.5)", "2.500e+00 (+37.5)", "1.250e+00 (-25.0)"]
+    assert per[("dmtg", "2")] == ["1.2500 (+37.5)", "2.5000 (+37.5)", "1.2500 (-25.0)"]
     # rg: (2.5, 5, 1.5); a (−50 + 0)/2, b (0 − 50)/2, c (0 − 100)/2
-    assert per[("rg", "2")] == ["2.500e+00 (-25.0)", "5.000e+00 (-25.0)", "1.500e+00 (-50.0)"]
+    assert per[("rg", "2")] == ["2.5000 (-25.0)", "5.0000 (-25.0)", "1.5000 (-50.0)"]
     err = {(r[0], r[1]): r[2:] for r in _table(t["markdown"], "Per task: test error")}
-    assert err[("naive", "—")] == ["10.00", "20.00", "40.00"]
+    assert err[("naive-mtl", "—")] == ["10.00", "20.00", "40.00"]
     assert err[("dmtg", "2")] == ["7.50", "15.00", "25.00"] and err[("rg", "2")] == ["15.00", "20.00", "40.00"]
     csv = {ln.split(",")[0]: ln.split(",") for ln in t["per_task_csv"].splitlines()}
     head = csv["method"]
@@ -165,7 +165,7 @@ def test_two_shot_and_groupings_tables(rows):
     # the group serving each task (1-based); seed 0's networks [{a, b}, {a, c}]: a also trained in 2
     assert g["dmtg (seed 0)"] == ["2", "1 (+2)", "1", "2"] and g["dmtg (seed 1)"] == ["2", "1", "1", "2"]
     assert g["rg (seed 0)"] == ["2", "1", "2", "2"] and g["rg (seed 1)"] == ["2", "1", "2", "1"]
-    assert g["naive"] == ["—", "1", "1", "1"]
+    assert g["naive-mtl"] == ["—", "1", "1", "1"]
 
 
 def test_regression_tasks_have_no_normgain_e(tmp_path):
@@ -178,8 +178,11 @@ def test_regression_tasks_have_no_normgain_e(tmp_path):
     r1 = _result(tmp_path, "m1", (1.5, 2, 1), None, metrics=met[1])
     t = build_tables([Row("naive", None, [naive], [_cost(naive)], [[[0, 1, 2]]]),
                       Row("dmtg", 2, [r0, r1], [_cost(r0)], [[[0, 1], [2]]] * 2)], NAMES, naive)
-    main = {(r[0], r[1]): r[2:6] for r in _table(t["markdown"], "Results")}
-    assert main[("dmtg", "2")] == ["5.0000 ± 0.7071", "—", "+16.67 ± 11.79", "—"]
+    # the total error and NormGain_E columns have no value in any row: dropped from the table
+    head = t["markdown"].split("## Results", 1)[1].splitlines()[2]
+    assert "Total error" not in head and "NormGain_E" not in head and "NormGain_L" in head
+    main = {(r[0], r[1]): r[2:4] for r in _table(t["markdown"], "Results")}
+    assert main[("dmtg", "2")] == ["5.0000 ± 0.7071", "+16.67 ± 11.79"]
     err = {(r[0], r[1]): r[2:] for r in _table(t["markdown"], "Per task: test error")}
     assert err[("dmtg", "2")] == ["1 / 2", "1 / 2", "3 / 6"]
 
@@ -191,7 +194,7 @@ def test_latex_table_numbers(rows):
     cells = [c.strip() for c in line.rstrip("\\ ").split("&")]
     assert cells[2:] == [r"$5.0000 \pm 0.7071$", r"$47.50 \pm 10.61$", r"$+16.67 \pm 11.79$",
                          r"$+29.17 \pm 5.89$", "2.00", "36 s", "2"]
-    line = next(ln for ln in tex.splitlines() if ln.startswith("naive & --"))
+    line = next(ln for ln in tex.splitlines() if ln.startswith("naive-mtl & --"))
     assert [c.strip() for c in line.rstrip("\\ ").split("&")][2:] == ["$7.0000$", "$70.00$", "--", "--", "1.00",
                                                                       "30 s", "1"]
 
