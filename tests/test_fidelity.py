@@ -1,10 +1,12 @@
 """Fidelity switches (docs/fidelity.md): each does what it says.
 
-mIoU definitions on a hand-made confusion matrix; the best-checkpoint rule on a scripted sequence of
-(train, val) losses, alone and wired into the Trainer; the plateau target and the validation cadence;
-the recipes' scheduler values (naive MTL: PyTorch's ReduceLROnPlateau defaults) and the reference
-preset; naive-MTL initialisation as a clear error; the precision policy's fp32 layers under bf16
-autocast on CPU; shared vs per-rank Gumbel noise on two gloo ranks (torchrun).
+mIoU definitions on a hand-made confusion matrix (and the classes they count); the best-checkpoint rule
+on a scripted sequence of (train, val) losses, alone and wired into the Trainer (the validation loss for
+classification too), and its sentence in --dry-run; the plateau target and the validation cadence;
+the recipes' scheduler values (naive MTL: PyTorch's ReduceLROnPlateau defaults), the reference preset
+(no stop on divergence, fp32), the Table 6 recipes; naive-MTL initialisation as a clear error; the
+precision policy's fp32 layers under bf16 autocast on CPU and the decoders' flag under every train.amp;
+the precision benchmark's paired test; shared vs per-rank Gumbel noise on two gloo ranks (torchrun).
 """
 from __future__ import annotations
 
@@ -454,6 +456,33 @@ def test_evaluation_runs_in_fp32_unless_plain_bf16():
         with eval_autocast(cfg, dev):
             assert ((x @ x).dtype == torch.bfloat16) == eval_bf16
     assert use_bf16(apply_overrides(get_recipe("synthetic_k3"), ["train.amp=auto"]), torch.device("cuda"))
+
+
+def test_precision_benchmark_paired_test_by_hand(tmp_path):
+    """benchmarks/precision.py's analysis: the paired t-test of the per-seed test errors. Student's t
+    quantiles against table values (t_0.975 with 1, 2, 10 degrees of freedom: 12.706, 4.303, 2.228);
+    on the results file's seeds (off 40.90 / 64.50 / 53.60, mixed 40.30 / 69.60 / 53.80): differences
+    −0.6, 5.1, 0.2 → mean 1.5667, sd 3.0860, se 1.7817, 95 % CI 1.5667 ± 4.3027·1.7817 = [−6.10, 9.23];
+    --reanalyse rewrites a report's analysis from its own table."""
+    import importlib.util
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("precision_bench", root / "benchmarks" / "precision.py")
+    P = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(P)
+    for df, want in ((1, 12.7062), (2, 4.3027), (10, 2.2281)):
+        assert P.t_quantile(0.975, df) == pytest.approx(want, abs=1e-4)
+    r = P.paired_shift([40.90, 64.50, 53.60], [40.30, 69.60, 53.80])
+    assert (r["n"], r["mean"], r["sd"], r["se"]) == (3, pytest.approx(1.566667, abs=1e-6),
+                                                     pytest.approx(3.085990, abs=1e-6), pytest.approx(1.781697, abs=1e-6))
+    assert (r["lo"], r["hi"]) == (pytest.approx(-6.0994, abs=1e-4), pytest.approx(9.2327, abs=1e-4))
+    with pytest.raises(ValueError, match="at least 2 pairs"):
+        P.paired_shift([1.0], [2.0])
+    report = tmp_path / "r.md"
+    report.write_text("# t\n\n| seed | off | mixed |\n|---|---:|---:|\n| 0 | 40.90 | 40.30 |\n| 1 | 64.50 | 69.60 |\n"
+                      "| 2 | 53.60 | 53.80 |\n| mean ± std | 53.00 ± 11.81 | 54.57 ± 14.67 |\n\n- old line\n")
+    text = P.reanalyse(str(report))
+    assert "old line" not in text and "| mean ± std |" in text
+    assert "mixed − off, paired by seed (n = 3): mean shift +1.57 total-error points, 95 % CI [-6.10, +9.23]" in text
 
 
 # ------------------------------------------------------------------------------------------ DDP
