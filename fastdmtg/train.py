@@ -400,7 +400,7 @@ class Trainer:
             where = f"the end of epoch {e}" if s == 0 else f"epoch {e + 1}, step {g}"
             kept = f"{path} holds the state at {where} (step {g})"
         if getattr(self, "best_epoch", -1) >= 0 and (self.ckpt_dir / ckpt.BEST).exists():
-            kept += f"; {self.ckpt_dir / ckpt.BEST} holds epoch {self.best_epoch + 1} (best validation loss)"
+            kept += f"; {self.ckpt_dir / ckpt.BEST} holds epoch {self.best_epoch + 1} (train.best_rule)"
         return kept
 
     def _save_best(self, state: dict) -> BaseException | None:
