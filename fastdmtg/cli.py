@@ -277,12 +277,12 @@ def _main(argv: list[str] | None = None) -> int:
         if args.cmd == "eval":
             return cmd_eval(args)
         if args.cmd == "recipes":
-            print(f"{'recipe':30s} {'follows':9s} {'dataset':10s} {'tasks':10s} {'arch':14s} {'K':>2s}  "
+            print(f"{'recipe':33s} {'follows':9s} {'dataset':10s} {'tasks':10s} {'arch':14s} {'K':>2s}  "
                   f"{'method':9s} epochs")
             for name in sorted(RECIPES):
                 c = get_recipe(name)
                 tasks = c.data.tasks if isinstance(c.data.tasks, str) else f"{len(c.data.tasks)} tasks"
-                print(f"{name:30s} {RECIPE_FOLLOWS.get(name, 'ours'):9s} {c.data.dataset:10s} {tasks:10s} "
+                print(f"{name:33s} {RECIPE_FOLLOWS.get(name, 'ours'):9s} {c.data.dataset:10s} {tasks:10s} "
                       f"{c.model.arch:14s} {c.num_branches or 'auto':>2}  {c.grouping.method:9s} {c.train.epochs}")
             print("follows: paper = the paper where explicit, else the released code (docs/fidelity.md); "
                   "reference = the released code as it is; ours = fastdmtg's demo/test data")
