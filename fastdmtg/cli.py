@@ -31,6 +31,7 @@ NAIVE_OF = {"taskonomy5_k3": "taskonomy5_naive", "taskonomy5_k4": "taskonomy5_na
             "synthetic_k3": "synthetic_naive", "celeba9_k2": "celeba9_naive", "celeba9_k3": "celeba9_naive",
             "celeba9_k4": "celeba9_naive", "celeba9_k5": "celeba9_naive", "celeba40_k5": "celeba40_naive",
             "folder_k3": "folder_naive"}
+NAIVE_OF.update({f"taskonomy5_k3_share{n}": f"taskonomy5_naive_share{n}" for n in (0, 3, 6, 9)})   # Table 6
 NAIVE_OF.update({f"{k}_reference": f"{v}_reference" for k, v in NAIVE_OF.items() if f"{v}_reference" in RECIPES})
 
 
@@ -147,7 +148,9 @@ def cmd_train(args) -> int:
             print(f"config written to {args.save_config} (start from it with --config {args.save_config})",
                   file=sys.stderr)          # stderr: stdout holds only the JSON of --dry-run
         if args.dry_run:
+            from .train import best_rule_text
             print(json.dumps(resolved.to_dict(), indent=2))
+            print(best_rule_text(resolved), file=sys.stderr)
             if auto:
                 print(f"auto resolved for this machine: {', '.join(auto)}", file=sys.stderr)
             return 0
@@ -306,12 +309,12 @@ def _main(argv: list[str] | None = None) -> int:
         if args.cmd == "eval":
             return cmd_eval(args)
         if args.cmd == "recipes":
-            print(f"{'recipe':30s} {'follows':9s} {'dataset':10s} {'tasks':10s} {'arch':14s} {'K':>2s}  "
+            print(f"{'recipe':33s} {'follows':9s} {'dataset':10s} {'tasks':10s} {'arch':14s} {'K':>2s}  "
                   f"{'method':9s} epochs")
             for name in sorted(RECIPES):
                 c = get_recipe(name)
                 tasks = c.data.tasks if isinstance(c.data.tasks, str) else f"{len(c.data.tasks)} tasks"
-                print(f"{name:30s} {RECIPE_FOLLOWS.get(name, 'ours'):9s} {c.data.dataset:10s} {tasks:10s} "
+                print(f"{name:33s} {RECIPE_FOLLOWS.get(name, 'ours'):9s} {c.data.dataset:10s} {tasks:10s} "
                       f"{c.model.arch:14s} {c.num_branches or 'auto':>2}  {c.grouping.method:9s} {c.train.epochs}")
             print("follows: paper = the paper where explicit, else the released code (docs/fidelity.md); "
                   "reference = the released code as it is; ours = fastdmtg's demo/test data")

@@ -585,17 +585,15 @@ def _ms(values: list[float | None]) -> tuple[float | None, float | None]:
 
 
 def row_metrics(row: Row, naive: dict) -> dict:
-    from .metrics import normgain
+    from .metrics import normgain, normgain_error
     if row.error:
         return {}
     tl = [r["total_loss"] for r in row.results]
     te = [r.get("total_error") for r in row.results]
     ngl = [normgain(naive["test"]["loss"], r["test"]["loss"])["value"] for r in row.results]
-    # NormGain_E over the tasks that have an error (all of them for CelebA; the classification tasks
-    # of a folder dataset with regression tasks too)
-    nge = [normgain(naive["test"]["error"], r["test"]["error"])["value"]
-           if r["test"].get("error") and naive["test"].get("error") else None
-           for r in row.results]
+    # NormGain_E over the tasks that have an evaluation metric (all of them for CelebA and Taskonomy; the
+    # classification tasks of a folder dataset with regression tasks too)
+    nge = [(normgain_error(naive["test"], r["test"]) or {}).get("value") for r in row.results]
     naive_units = naive["epochs"]
     # RG: one row holds S independent partitions; its cost is that of one of them (mean)
     per = max(len(row.results), 1) if row.method == "rg" else 1

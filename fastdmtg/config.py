@@ -74,6 +74,10 @@ class DataConfig:
     # (the release's IoU meter; the paper's Table A2); mean = mean IoU over classes 1..17 present in the
     # target or the prediction
     taskonomy_miou: str = "reference"      # reference | mean
+    # evaluation loss per task: set = the mean over the whole split (pixels of the set; exact whatever the
+    # evaluation batch size); batch_mean = the mean over evaluation batches of each batch's mean (the
+    # release's Averager; depends on train.eval_batch_size) — docs/taskonomy.md §5
+    taskonomy_eval_loss: str = "set"       # set | batch_mean
     # folder / tensors datasets (your own tasks, fastdmtg/data/folder.py): the resolved task declarations
     # {task: {type, classes, labels, weight, mean, std}}; empty = read tasks.json / infer from the training
     # split, then filled in when the data is opened, so the run's config.json makes a rerun exact
@@ -96,6 +100,8 @@ class DataConfig:
                f"data.taskonomy_seg_resize: expected nearest|bilinear, got {self.taskonomy_seg_resize!r}")
         _check(self.taskonomy_miou in ("reference", "mean"),
                f"data.taskonomy_miou: expected reference|mean, got {self.taskonomy_miou!r}")
+        _check(self.taskonomy_eval_loss in ("set", "batch_mean"),
+               f"data.taskonomy_eval_loss: expected set|batch_mean, got {self.taskonomy_eval_loss!r}")
         if self.folder_tasks:
             from .tasks.generic import decls_from_config
             try:
@@ -133,8 +139,13 @@ class ModelConfig:
     # resnet_celeba: BN → ReLU → MaxPool of the stem as one fused op in training (docs/kernels.md);
     # auto stays off until a GPU measurement decides (fastdmtg.builder.FUSED_STEM_AUTO)
     fused_stem: str = "auto"            # auto | on | off
+    # vit_base: a timm (vit_base_patch16_224) or torchvision (vit_b_16) state-dict file on disk to start the
+    # encoder from (fastdmtg/models/vit.py: load_pretrained); "" = from scratch
+    pretrained: str = ""
 
     def __post_init__(self):
+        _check(not self.pretrained or self.arch == "vit_base",
+               f"model.pretrained: only model.arch=vit_base loads pretrained weights, got arch {self.arch!r}")
         _check(self.branches >= 0, f"model.branches (K) must be >= 1, or 0 (auto), got {self.branches}")
         _check(self.branches <= 64, f"model.branches (K) must be <= 64, got {self.branches}")
         _check(self.width >= 1, f"model.width must be >= 1, got {self.width}")
@@ -319,9 +330,9 @@ class TrainConfig:
     kernels: str = "auto"               # auto (Triton on CUDA) | triton | reference
     val_every: int = 1                  # epochs between validations (the last epoch always validates)
     val_first_epoch: bool = True        # validate after epoch 1 too (the release)
-    # best.pt: reference = saved when the validation criterion (total error when every task is a
-    # classification, else total loss) AND the epoch's training loss both improve on the values at the
-    # last save (the release); val_loss = the lowest validation total loss
+    # best.pt: reference = saved when the validation total loss (for every dataset, classification
+    # included, as the release) AND the epoch's training loss both improve on the values at the last save
+    # (the release); val_loss = the lowest validation total loss
     best_rule: str = "reference"        # reference | val_loss
     log_every: int = 20                 # steps between TensorBoard scalars
     progress: bool = True               # tqdm progress bars
@@ -483,7 +494,7 @@ def _check_aggregator(cfg: "Config") -> None:
 # Paths in the config, stored absolute (resolved against the working folder where they were typed),
 # so that eval / --resume / --init-from work from any working folder. Symlinks are kept as typed.
 PATH_FIELDS = (("data", "root"), ("data", "cache_dir"), ("data", "taskonomy_split_file"),
-               ("train", "init_from"), ("train", "reference"))
+               ("train", "init_from"), ("train", "reference"), ("model", "pretrained"))
 
 # The fields a run may change when it is resumed (`fastdmtg train --resume RUN --set KEY=VALUE`, or an
 # edit of RUN/config.json): they change how long it runs, what it logs and how fast it computes, never
@@ -734,16 +745,22 @@ def synthetic_naive() -> Config:
 
 def _reference_common(cfg: Config) -> Config:
     """The switches where fastdmtg's default differs from the released code whatever the recipe: fp32
-    (no autocast), the plateau schedule on the training loss, no naive-MTL initialisation, and for
-    Taskonomy the bilinear resize of segmentation ids (the release's bug, kept for reproduction).
+    (no autocast), the plateau schedule on the training loss, no naive-MTL initialisation, no stop on
+    divergence (the release stops only on a NaN loss: train.on_divergence=warn flags it in results.json
+    and trains on), and for Taskonomy the bilinear resize of segmentation ids (the release's bug, kept
+    for reproduction) and the evaluation loss as a mean of per-batch means (the release's Averager)
+    over batches of the training batch size (the release's validation batch per process).
     Everything else the recipes already set to the release's values (best-checkpoint rule, validation
     after epoch 1, mIoU definition, SyncBatchNorm, shared Gumbel noise, rotate loss, 1/√K scaling)."""
     cfg.name += "_reference"
     cfg.train.amp = "off"
     cfg.train.init = "scratch"
+    cfg.train.on_divergence = "warn"
     cfg.optim.plateau_on = "train"
     if cfg.data.dataset == "taskonomy":
         cfg.data.taskonomy_seg_resize = "bilinear"
+        cfg.data.taskonomy_eval_loss = "batch_mean"
+        cfg.train.eval_batch_size = cfg.train.batch_size     # its validation batch = the training batch per process
     return cfg
 
 
@@ -761,7 +778,9 @@ def _celeba_cfg(tasks: str, k: int, name: str, follows: str = "paper") -> Config
         dmtg=DMTGConfig(tau=2.5),
         optim=OptimConfig(name="adam", lr=8e-4, schedule="plateau", gamma=0.5, plateau_patience=3,
                           plateau_threshold=0.1, min_lr=3e-5, plateau_on="val"),
-        train=TrainConfig(epochs=100, batch_size=256, init="naive"),
+        # fp32 (train.amp=off): the paper and the release train without autocast, and the measured cost of
+        # the mixed policy is not yet bounded on real-size data (docs/fidelity.md, "Precision")
+        train=TrainConfig(epochs=100, batch_size=256, init="naive", amp="off"),
     )
     if follows == "reference":
         cfg.optim = OptimConfig(name="adam", lr=8e-4, schedule="step", step_epochs=15, gamma=0.5)
@@ -815,11 +834,36 @@ def _taskonomy(k: int, batch: int, name: str, arch: str = "xception", follows: s
         dmtg=DMTGConfig(tau=4.0),
         optim=OptimConfig(name="adam", lr=1e-4, schedule="plateau", gamma=0.5, plateau_patience=3,
                           plateau_threshold=0.1, min_lr=3e-5, plateau_on="val"),
-        train=TrainConfig(epochs=100, batch_size=batch, eval_batch_size=2 * batch, val_every=2, init="naive"),
+        train=TrainConfig(epochs=100, batch_size=batch, eval_batch_size=2 * batch, val_every=2, init="naive",
+                          amp="off"),          # fp32, as _celeba_cfg
     )
     if follows == "reference":
         cfg.optim.lr = 1e-3
         _reference_common(cfg)
+    return cfg
+
+
+#: Table 6 (shared blocks "0/3/6/9" of the paper's "12-block" Xception, K = 3) → model.shared_blocks: the
+#: release's ablation configs split at entry p = 0/3/6/9 of its width list (conv1, conv2, blocks…), which is
+#: s = p − 2 of our blocks for p ≥ 3 (docs/taskonomy.md §4); p = 0 shares nothing
+TABLE6_SHARED_BLOCKS = {0: 0, 3: 1, 6: 4, 9: 7}
+
+
+def _taskonomy_share(label: int, follows: str = "paper") -> Config:
+    """Taskonomy-5 DMTG, Xception, K = 3, Table 6's "{label} shared blocks" as the release's
+    ``…_3_groups_5_tasks_share_{label}.yaml`` runs it: batch 16 per process (not 24), split at its width-list
+    entry {label} (model.shared_blocks = TABLE6_SHARED_BLOCKS[label]); everything else as taskonomy5_k3."""
+    cfg = _taskonomy(3, 16, f"taskonomy5_k3_share{label}", follows=follows)
+    cfg.model.shared_blocks = TABLE6_SHARED_BLOCKS[label]
+    return cfg
+
+
+def _taskonomy_naive_share(label: int) -> Config:
+    """The naive-MTL model a Table 6 recipe starts from (train.init=naive) and is measured against:
+    taskonomy5_naive with the same encoder split (K = 1 computes the same network whatever the split;
+    the split only lays out its parameters so that --init-from maps them onto every branch)."""
+    cfg = _taskonomy_naive(f"taskonomy5_naive_share{label}")
+    cfg.model.shared_blocks = TABLE6_SHARED_BLOCKS[label]
     return cfg
 
 
@@ -899,6 +943,21 @@ def _register_builtin() -> None:
         register_recipe(name, fn, "paper")
     for name, fn in naive.items():
         register_recipe(name, fn, "paper")
+    for label in TABLE6_SHARED_BLOCKS:       # Table 6 ablation: taskonomy5_k3_share{0,3,6,9} (+ _reference)
+        naive_fn = _doc(lambda lb=label: _taskonomy_naive_share(lb),
+                        _PAPER.format(f"Taskonomy-5 naive MTL, Xception, split as taskonomy5_k3_share{label}",
+                                      "_taskonomy_naive_share"))
+        register_recipe(f"taskonomy5_naive_share{label}", naive_fn, "paper")
+        register_recipe(f"taskonomy5_naive_share{label}_reference",
+                        _reference_of(f"taskonomy5_naive_share{label}", naive_fn), "reference")
+        for follows in ("paper", "reference"):
+            fn = (lambda lb=label, f=follows: _taskonomy_share(lb, f))
+            what = (f"Taskonomy-5 DMTG, Xception, K=3, Table 6 \"{label} shared blocks\" (batch 16, "
+                    f"model.shared_blocks={TABLE6_SHARED_BLOCKS[label]})")
+            doc = (_PAPER.format(what, "_taskonomy_share") if follows == "paper" else
+                   f"Reference code as released: {what} (the release's schedule and lr; _reference_common).")
+            register_recipe(f"taskonomy5_k3_share{label}" + ("_reference" if follows == "reference" else ""),
+                            _doc(fn, doc), follows)
     # the release as it is; the DMTG celeba/taskonomy ones get their reference schedules from the builders
     ref = "Reference code as released: {} (the release's schedule and lr; _reference_common)."
     ref_builders = {"taskonomy5_k3": lambda: _taskonomy(3, 24, "taskonomy5_k3", follows="reference"),
