@@ -62,7 +62,12 @@ def _flat(d: dict, prefix: str = "") -> dict:
 
 def log_hparams(writer, cfg_dict: dict, res: dict) -> None:
     """The run's config (flattened, section.key) with its final test metrics, in TensorBoard's
-    HPARAMS tab."""
+    HPARAMS tab (and, through the trackers, MLflow's params/metrics and W&B's config/summary)."""
+    writer.add_hparams(_flat(cfg_dict), hparam_metrics(res), run_name="hparams")
+
+
+def hparam_metrics(res: dict) -> dict[str, float]:
+    """The final metrics recorded next to the hparams, from a results.json dict."""
     metrics = {"test/total_loss": res.get("total_loss")}
     if res.get("total_error") is not None:
         metrics["test/total_error"] = res["total_error"]
@@ -85,4 +90,4 @@ def log_hparams(writer, cfg_dict: dict, res: dict) -> None:
         metrics["train_time_s"] = res["train_time_s"]
     metrics = {k: float(v) for k, v in metrics.items() if v is not None and _number(v)}
     metrics["best_epoch"] = float(res["best_epoch"])
-    writer.add_hparams(_flat(cfg_dict), metrics, run_name="hparams")
+    return metrics

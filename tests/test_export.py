@@ -63,8 +63,8 @@ def _check_against_predict(got: dict, rows, want):
         torch.testing.assert_close(p, want[t]["probabilities"], rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(p.sum(-1), torch.ones(len(rows)))
         for i, r in enumerate(rows):
-            k = int(r[t])
-            assert int(p[i].argmax()) == k
+            k = int(want[t]["class"][i])                 # the CSV writes the class's label name
+            assert r[t] == str(want[t]["label"][i]) and int(p[i].argmax()) == k
             assert float(r[f"{t}:p"]) == pytest.approx(float(p[i, k]), abs=6e-5)
     assert got["age"].shape == (len(rows),)
     torch.testing.assert_close(got["age"], want["age"]["value"], rtol=1e-5, atol=1e-5)

@@ -69,3 +69,7 @@ class WandbTracker(Tracker):
         self.flush()
         # W&B's state from the exit code: 0 finished, else failed (130: interrupted, as the CLI's exit)
         self.run.finish(exit_code={"finished": 0, "killed": 130}.get(status, 1))
+        # stop W&B's service process (wandb-core) now: it would otherwise outlive the run in a Python
+        # session, and its token stays in os.environ (WANDB_SERVICE), so that a child started later
+        # (torchrun, a compare run) would connect to a socket that no longer answers
+        self.wandb.teardown()
