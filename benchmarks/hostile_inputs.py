@@ -225,6 +225,72 @@ def run(r: Runner) -> None:
     (w / "empty").mkdir()
     r.record("predict EMPTY_DIR/", "exit 2, one line", r.cli("predict", run_dir, w / "empty"), code=2,
              pattern=r"a folder without image files")
+    run_resume_cases(r)
+
+
+def run_resume_cases(r: Runner) -> None:
+    """The run / resume half: changed data on --resume and eval, a content change that keeps size and
+    mtime, start-up errors (learning rate, config file, cache folder)."""
+    import json
+    w = r.work
+    d = folder(w / "resume_data")
+    name = "resume_data"
+    base = ["--set", f"data.cache_dir={w / 'cache' / name}", "--quiet", "--set", "data.image_size=16",
+            "--set", "model.width=2", "--set", "train.batch_size=4", "--set", "train.eval_batch_size=4"]
+    run_dir = w / "runs" / name
+    p = r.cli("train", "--data-root", d, "--out", run_dir, "--set", "train.epochs=1", *base)
+    if p.returncode != 0:
+        raise SystemExit(f"the resume case's first run failed:\n{p.stderr}")
+    (d / "labels.csv").write_text((d / "labels.csv").read_text().replace(",x,", ",y,", 1))
+    r.record("resume: labels.csv changed since the run started", "exit 2 naming labels.csv, nothing trained",
+             r.cli("train", "--resume", run_dir, "--set", "train.epochs=2"), code=2,
+             pattern=r"the data changed since the run recorded it \(labels\.csv: ")
+    r.record("eval: labels.csv changed since the run", "exit 2 naming labels.csv",
+             r.cli("eval", run_dir), code=2, pattern=r"the data changed since the run recorded it \(labels\.csv: ")
+    p = r.cli("train", "--resume", run_dir, "--set", "train.epochs=2", "--accept-data-change")
+    try:
+        ch = json.loads((run_dir / "results.json").read_text()).get("config_changes", [])
+        rec = any(c.get("field") == "data: labels.csv" for c in ch)
+    except (OSError, ValueError):
+        rec = False
+    r.record("resume --accept-data-change", "exit 0, the change recorded in results.json", p, code=0, check=rec,
+             note="recorded as config_changes 'data: labels.csv'" if rec else "not recorded")
+    # new bytes, same size and mtime (cp -p / rsync -a of new images): the decode cache must not serve old pixels
+    from PIL import Image
+    d = folder(w / "cache_bytes")
+    p1 = r.cli("train", "--data-root", d, "--out", w / "runs" / "cb1", "--set", "train.epochs=1", *base[2:],
+               "--set", f"data.cache_dir={w / 'cache' / 'cb'}")
+    img = d / "9.png"                                         # a test image
+    st = img.stat()
+    a = np.asarray(Image.open(img)).copy()
+    a[..., 0] = 255 - a[..., 0]
+    Image.fromarray(a).save(img)
+    if img.stat().st_size == st.st_size:
+        os.utime(img, ns=(st.st_atime_ns, st.st_mtime_ns))
+        same = "same size and mtime"
+    else:                                                     # PNG sizes differ: the stat key alone then moves
+        same = "other size"
+    p2 = r.cli("train", "--data-root", d, "--out", w / "runs" / "cb2", "--set", "train.epochs=1", *base[2:],
+               "--set", f"data.cache_dir={w / 'cache' / 'cb'}", "--log-level", "INFO")
+    redecoded = "decoding it again" in (p2.stdout + p2.stderr) or "other bytes" in (p2.stdout + p2.stderr)
+    r.record(f"train: an image's bytes changed ({same}), cache kept", "exit 0, that image decoded again", p2,
+             code=0, check=p1.returncode == 0 and redecoded, note="decoded again" if redecoded else "old pixels served")
+    # start-up errors
+    r.record("train: optim.lr=1e38", "exit 2, one line (the bound)", r.cli("train", "--out", w / "runs" / "lr",
+             "--set", "optim.lr=1e38", *TINY), code=2, pattern=r"optim\.lr")
+    cfgf = w / "dup.json"
+    cfgf.write_text('{"train": {"epochs": 1, "epochs": 2}}')
+    r.record("--config with a duplicate key", "exit 2 naming the key and the file",
+             r.cli("train", "--config", cfgf, "--out", w / "runs" / "dup", *TINY), code=2, pattern=r"train\.epochs")
+    blocker = w / "blocker"
+    blocker.write_text("a file")
+    out = w / "runs" / "cachedir"
+    p = r.cli("train", "--data-root", folder(w / "cachedir"), "--out", out, *TINY,
+              "--set", f"data.cache_dir={blocker / 'cache'}")
+    log = (out / "train.log").read_text() if (out / "train.log").exists() else ""
+    r.record("train: data.cache_dir not creatable", "exit 2 naming the setting; train.log says why", p, code=2,
+             pattern=r"error: data\.cache_dir: ", note="train.log says why" if "data.cache_dir" in log else
+             "train.log empty")
 
 
 def overlap_cost(work: Path, repo: Path) -> str:
