@@ -11,29 +11,14 @@ import dataclasses
 import json
 import math
 import os
+import sys
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .data import registry as _formats
 from .data.registry import FORMATS
-
-CELEBA_40 = [
-    "5_o_Clock_Shadow", "Arched_Eyebrows", "Attractive", "Bags_Under_Eyes", "Bald", "Bangs",
-    "Big_Lips", "Big_Nose", "Black_Hair", "Blond_Hair", "Blurry", "Brown_Hair", "Bushy_Eyebrows",
-    "Chubby", "Double_Chin", "Eyeglasses", "Goatee", "Gray_Hair", "Heavy_Makeup", "High_Cheekbones",
-    "Male", "Mouth_Slightly_Open", "Mustache", "Narrow_Eyes", "No_Beard", "Oval_Face", "Pale_Skin",
-    "Pointy_Nose", "Receding_Hairline", "Rosy_Cheeks", "Sideburns", "Smiling", "Straight_Hair",
-    "Wavy_Hair", "Wearing_Earrings", "Wearing_Hat", "Wearing_Lipstick", "Wearing_Necklace",
-    "Wearing_Necktie", "Young",
-]
-CELEBA_9 = [
-    "5_o_Clock_Shadow", "Black_Hair", "Blond_Hair", "Brown_Hair", "Goatee", "Mustache",
-    "No_Beard", "Rosy_Cheeks", "Wearing_Hat",
-]
-TASKONOMY_5 = ["segment_semantic", "depth_zbuffer", "normal", "keypoints2d", "edge_texture"]
-TASK_PRESETS = {"celeba9": CELEBA_9, "celeba40": CELEBA_40, "taskonomy5": TASKONOMY_5}
-
 
 class ConfigError(ValueError):
     """A configuration value is invalid; the message names the field."""
@@ -89,9 +74,12 @@ class DataConfig:
         _check(self.limit_train >= 0 and self.limit_eval >= 0, "data.limit_train/limit_eval must be >= 0")
         _check(self.synthetic_groups >= 1 and self.synthetic_tasks_per_group >= 1,
                "data.synthetic_groups and data.synthetic_tasks_per_group must be >= 1")
-        if self.dataset == "taskonomy":
-            _check(self.image_size % 16 == 0, f"data.image_size: Taskonomy models need a multiple of 16, "
-                                              f"got {self.image_size}")
+        check = _formats.get_format(self.dataset).check      # what the format itself requires
+        if check is not None:
+            try:
+                check(self)
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
         _check(self.taskonomy_seg_resize in ("nearest", "bilinear"),
                f"data.taskonomy_seg_resize: expected nearest|bilinear, got {self.taskonomy_seg_resize!r}")
         _check(self.taskonomy_miou in ("reference", "mean"),
@@ -108,8 +96,9 @@ class DataConfig:
         if isinstance(self.tasks, str):
             if self.tasks == "all":
                 return None
-            if self.tasks in TASK_PRESETS:
-                return list(TASK_PRESETS[self.tasks])
+            presets = _formats.task_presets()
+            if self.tasks in presets:
+                return list(presets[self.tasks])
             return [t.strip() for t in self.tasks.split(",") if t.strip()]
         return list(self.tasks)
 
@@ -633,226 +622,40 @@ def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
 #   ours       fastdmtg's own test and demo settings (the synthetic planted-group data).
 # docs/fidelity.md has one row per difference between the two, with the switch that selects it.
 
-def synthetic_k3() -> Config:
-    """Ours — the embedded default: 3 planted groups x 3 tasks, 32x32, 1-channel ResNet variant, K=3
-    (~30 s on CPU).
-
-    The 1-channel width is what plants the groups (see fastdmtg/data/synthetic.py): a branch can carry
-    one colour projection, so the optimum is one planted group per branch. lr 1e-2 because the tiny
-    net trains slowly at the CelebA rate; tau is the CelebA default. Per-rank BatchNorm (model.sync_bn
-    false), so it also runs under CPU (gloo) DDP."""
-    return Config(
-        name="synthetic_k3",
-        data=DataConfig(dataset="synthetic", image_size=32, tasks="all"),
-        model=ModelConfig(arch="resnet_celeba", branches=3, width=1, sync_bn=False),
-        dmtg=DMTGConfig(tau=2.5),
-        optim=OptimConfig(lr=1e-2, schedule="none"),
-        train=TrainConfig(epochs=10, batch_size=128, eval_batch_size=500),
-    )
-
-
-def synthetic_naive() -> Config:
-    """Ours — naive MTL (K = 1) on the embedded planted-group data."""
-    cfg = synthetic_k3()
-    cfg.name = "synthetic_naive"
-    cfg.grouping.method = "naive-mtl"
-    cfg.model.branches = 1
-    return cfg
-
-
-def _reference_common(cfg: Config) -> Config:
+def reference_common(cfg: Config) -> Config:
     """The switches where fastdmtg's default differs from the released code whatever the recipe: fp32
-    (no autocast), the plateau schedule on the training loss, no naive-MTL initialisation, and for
-    Taskonomy the bilinear resize of segmentation ids (the release's bug, kept for reproduction).
-    Everything else the recipes already set to the release's values (best-checkpoint rule, validation
-    after epoch 1, mIoU definition, SyncBatchNorm, shared Gumbel noise, rotate loss, 1/√K scaling)."""
+    (no autocast), the plateau schedule on the training loss, no naive-MTL initialisation. A format adds
+    its own (Taskonomy: the release's bilinear resize of segmentation ids). Everything else the recipes
+    already set to the release's values (best-checkpoint rule, validation after epoch 1, mIoU
+    definition, SyncBatchNorm, shared Gumbel noise, rotate loss, 1/√K scaling)."""
     cfg.name += "_reference"
     cfg.train.amp = "off"
     cfg.train.init = "scratch"
     cfg.optim.plateau_on = "train"
-    if cfg.data.dataset == "taskonomy":
-        cfg.data.taskonomy_seg_resize = "bilinear"
     return cfg
 
 
-def _celeba_cfg(tasks: str, k: int, name: str, follows: str = "paper") -> Config:
-    """CelebA DMTG. Paper §4.1: Adam lr 8e-4, plateau decay ×0.5 on the validation loss, 100 epochs,
-    τ 2.5, initialised from the trained naive-MTL model (train.init=naive: pass --init-from); the
-    plateau's patience / threshold / floor, which the paper does not give, are the release's only
-    plateau settings (its Taskonomy configs: 3, relative 0.1, 3e-5). Reference: MultiStepLR ×0.5 at
-    epochs 15, 30, …, 90 (= ×0.5 every 15 epochs over 100), from scratch."""
-    # data.root stays empty in recipes: the CLI fills it from --data-root, the loader says if it is missing
-    cfg = Config(
-        name=name,
-        data=DataConfig(dataset="celeba", tasks=tasks, image_size=64),
-        model=ModelConfig(arch="resnet_celeba", branches=k, width=64),
-        dmtg=DMTGConfig(tau=2.5),
-        optim=OptimConfig(name="adam", lr=8e-4, schedule="plateau", gamma=0.5, plateau_patience=3,
-                          plateau_threshold=0.1, min_lr=3e-5, plateau_on="val"),
-        train=TrainConfig(epochs=100, batch_size=256, init="naive"),
-    )
-    if follows == "reference":
-        cfg.optim = OptimConfig(name="adam", lr=8e-4, schedule="step", step_epochs=15, gamma=0.5)
-        _reference_common(cfg)
-    return cfg
-
-
-def _celeba_naive(tasks: str, name: str) -> Config:
-    """CelebA naive MTL (the NormGain reference and the source of train.init=naive). The paper does not
-    describe its training: the release's mtl config — SGD lr 5e-4 momentum 0.9, ×0.5 every 15 epochs
-    (the base config's MultiStepLR)."""
-    cfg = _celeba_cfg(tasks, 1, name)
-    cfg.grouping.method = "naive-mtl"
-    cfg.optim = OptimConfig(name="sgd", lr=5e-4, momentum=0.9, schedule="step", step_epochs=15, gamma=0.5)
-    cfg.train.init = "scratch"
-    return cfg
-
-
-def _doc(fn, text: str):
-    fn.__doc__ = text
-    return fn
-
-
-_PAPER = "Paper (where explicit; else the release): {}. See {} for the values."
-celeba9_k2 = _doc(lambda: _celeba_cfg("celeba9", 2, "celeba9_k2"), _PAPER.format("CelebA-9 DMTG, K=2", "_celeba_cfg"))
-celeba9_k3 = _doc(lambda: _celeba_cfg("celeba9", 3, "celeba9_k3"), _PAPER.format("CelebA-9 DMTG, K=3", "_celeba_cfg"))
-celeba9_k4 = _doc(lambda: _celeba_cfg("celeba9", 4, "celeba9_k4"), _PAPER.format("CelebA-9 DMTG, K=4", "_celeba_cfg"))
-celeba9_k5 = _doc(lambda: _celeba_cfg("celeba9", 5, "celeba9_k5"), _PAPER.format("CelebA-9 DMTG, K=5", "_celeba_cfg"))
-celeba40_k5 = _doc(lambda: _celeba_cfg("celeba40", 5, "celeba40_k5"), _PAPER.format("CelebA-40 DMTG, K=5", "_celeba_cfg"))
-celeba9_naive = _doc(lambda: _celeba_naive("celeba9", "celeba9_naive"),
-                     _PAPER.format("CelebA-9 naive MTL (the paper is silent: the release's values)", "_celeba_naive"))
-celeba40_naive = _doc(lambda: _celeba_naive("celeba40", "celeba40_naive"),
-                      _PAPER.format("CelebA-40 naive MTL (the paper is silent: the release's values)", "_celeba_naive"))
-
-
-def _taskonomy(k: int, batch: int, name: str, arch: str = "xception", follows: str = "paper") -> Config:
-    """Taskonomy-5 DMTG. Paper §4.1: Adam lr 1e-4, plateau decay ×0.5 on the validation loss, 100
-    epochs, τ 4, initialised from the trained naive-MTL model (train.init=naive: pass --init-from).
-    Where the paper is silent, the release: plateau patience 3, relative threshold 0.1, floor 3e-5;
-    batch 24 per process at K=3 (16 at K=4, 12 at K=5; ViT 20), launched on 2 processes (global batch
-    2×, SyncBatchNorm, one shared Gumbel draw per step — the same as one process with the doubled
-    batch); validation every 2 epochs and after epoch 1; rotate loss on (every shipped Taskonomy
-    config); split after Xception block 4 (ViT: 6 shared layers); 1/√K gradient scaling.
-    Reference: Adam lr 1e-3, plateau on the training loss, from scratch."""
-    cfg = Config(
-        name=name,
-        data=DataConfig(dataset="taskonomy", tasks="taskonomy5", image_size=256, num_workers=8,
-                        taskonomy_rotate_loss=True),
-        model=ModelConfig(arch=arch, branches=k, shared_blocks=6 if arch == "vit_base" else 4,
-                          grad_scale="reference"),
-        dmtg=DMTGConfig(tau=4.0),
-        optim=OptimConfig(name="adam", lr=1e-4, schedule="plateau", gamma=0.5, plateau_patience=3,
-                          plateau_threshold=0.1, min_lr=3e-5, plateau_on="val"),
-        train=TrainConfig(epochs=100, batch_size=batch, eval_batch_size=2 * batch, val_every=2, init="naive"),
-    )
-    if follows == "reference":
-        cfg.optim.lr = 1e-3
-        _reference_common(cfg)
-    return cfg
-
-
-def _taskonomy_naive(name: str, arch: str = "xception") -> Config:
-    """Taskonomy-5 naive MTL (the NormGain reference and the source of train.init=naive). The paper does
-    not describe its training: the release's naive config — SGD lr 0.1 momentum 0.9 weight decay 1e-4,
-    ReduceLROnPlateau with PyTorch's defaults (×0.1, patience 10, relative threshold 1e-4) and floor
-    3e-5 on the training loss, validation every 10 epochs and after epoch 1, batch 24 per process; the
-    same encoder split as the DMTG recipes (so --init-from maps it onto every branch)."""
-    cfg = _taskonomy(1, 24, name, arch=arch)
-    cfg.grouping.method = "naive-mtl"
-    cfg.optim = OptimConfig(name="sgd", lr=0.1, momentum=0.9, weight_decay=1e-4, schedule="plateau",
-                            gamma=0.1, plateau_patience=10, plateau_threshold=1e-4, min_lr=3e-5,
-                            plateau_on="train")
-    cfg.train.val_every = 10
-    cfg.train.init = "scratch"
-    return cfg
-
-
-taskonomy5_k3 = _doc(lambda: _taskonomy(3, 24, "taskonomy5_k3"),
-                     _PAPER.format("Taskonomy-5 DMTG, Xception, K=3 (Tables 1, 2)", "_taskonomy"))
-taskonomy5_k4 = _doc(lambda: _taskonomy(4, 16, "taskonomy5_k4"),
-                     _PAPER.format("Taskonomy-5 DMTG, Xception, K=4", "_taskonomy"))
-taskonomy5_k5 = _doc(lambda: _taskonomy(5, 12, "taskonomy5_k5"),
-                     _PAPER.format("Taskonomy-5 DMTG, Xception, K=5", "_taskonomy"))
-taskonomy5_vit_k3 = _doc(lambda: _taskonomy(3, 20, "taskonomy5_vit_k3", arch="vit_base"),
-                         _PAPER.format("Taskonomy-5 DMTG, ViT-Base, K=3 (Table 5; 6 shared layers, batch 20 "
-                                       "as the release's ViT config)", "_taskonomy"))
-taskonomy5_naive = _doc(lambda: _taskonomy_naive("taskonomy5_naive"),
-                        _PAPER.format("Taskonomy-5 naive MTL, Xception (the paper is silent: the release's "
-                                      "values)", "_taskonomy_naive"))
-taskonomy5_vit_naive = _doc(lambda: _taskonomy_naive("taskonomy5_vit_naive", arch="vit_base"),
-                            _PAPER.format("Taskonomy-5 naive MTL, ViT-Base (the paper is silent: the release's "
-                                          "values)", "_taskonomy_naive"))
-
-
-def folder_k3() -> Config:
-    """Ours — your own tasks (DIR/labels.csv, fastdmtg/data/folder.py): DMTG with the CelebA ResNet variant
-    (width 64) at data.image_size 64, per-task heads of each task's size, K = min(3, N) (model.branches=0,
-    auto), from scratch. Optimiser as the CelebA paper recipe (Adam 8e-4,
-    plateau ×0.5 on the validation loss); 30 epochs."""
-    return Config(
-        name="folder_k3",
-        data=DataConfig(dataset="folder", tasks="all", image_size=64),
-        model=ModelConfig(arch="resnet_celeba", branches=0, width=64),
-        dmtg=DMTGConfig(tau=2.5),
-        optim=OptimConfig(name="adam", lr=8e-4, schedule="plateau", gamma=0.5, plateau_patience=3,
-                          plateau_threshold=0.1, min_lr=3e-5, plateau_on="val"),
-        train=TrainConfig(epochs=30, batch_size=256, init="scratch"),
-    )
-
-
-def folder_naive() -> Config:
-    """Ours — naive MTL (K = 1) on your own tasks: the NormGain reference of folder_k3."""
-    cfg = folder_k3()
-    cfg.name = "folder_naive"
-    cfg.grouping.method = "naive-mtl"
-    return cfg
-
-
+# The recipes are the dataset formats' (each format's ``recipes``, fastdmtg/data/base.py), with the
+# naive-MTL twin of each (``--method naive-mtl`` switches a recipe to its twin).
 RECIPES: dict[str, typing.Callable[[], Config]] = {}
 RECIPE_FOLLOWS: dict[str, str] = {}       # recipe -> paper | reference | ours
-
-
-def _reference_of(name: str, fn: typing.Callable[[], Config]) -> typing.Callable[[], Config]:
-    return _doc(lambda: _reference_common(fn()),
-                f"Reference code as released: {name} with the release's values (_reference_common).")
+NAIVE_OF: dict[str, str] = {}             # recipe -> its naive-MTL twin
 
 
 def _register_builtin() -> None:
-    paper = {"taskonomy5_k3": taskonomy5_k3, "taskonomy5_k4": taskonomy5_k4, "taskonomy5_k5": taskonomy5_k5,
-             "taskonomy5_vit_k3": taskonomy5_vit_k3, "celeba9_k2": celeba9_k2, "celeba9_k3": celeba9_k3,
-             "celeba9_k4": celeba9_k4, "celeba9_k5": celeba9_k5, "celeba40_k5": celeba40_k5}
-    naive = {"taskonomy5_naive": taskonomy5_naive, "taskonomy5_vit_naive": taskonomy5_vit_naive,
-             "celeba9_naive": celeba9_naive, "celeba40_naive": celeba40_naive}
-    for name, fn in paper.items():
-        register_recipe(name, fn, "paper")
-    for name, fn in naive.items():
-        register_recipe(name, fn, "paper")
-    # the release as it is; the DMTG celeba/taskonomy ones get their reference schedules from the builders
-    ref = "Reference code as released: {} (the release's schedule and lr; _reference_common)."
-    ref_builders = {"taskonomy5_k3": lambda: _taskonomy(3, 24, "taskonomy5_k3", follows="reference"),
-                    "taskonomy5_k4": lambda: _taskonomy(4, 16, "taskonomy5_k4", follows="reference"),
-                    "taskonomy5_k5": lambda: _taskonomy(5, 12, "taskonomy5_k5", follows="reference"),
-                    "taskonomy5_vit_k3": lambda: _taskonomy(3, 20, "taskonomy5_vit_k3", "vit_base", "reference"),
-                    "celeba9_k2": lambda: _celeba_cfg("celeba9", 2, "celeba9_k2", "reference"),
-                    "celeba9_k3": lambda: _celeba_cfg("celeba9", 3, "celeba9_k3", "reference"),
-                    "celeba9_k4": lambda: _celeba_cfg("celeba9", 4, "celeba9_k4", "reference"),
-                    "celeba9_k5": lambda: _celeba_cfg("celeba9", 5, "celeba9_k5", "reference"),
-                    "celeba40_k5": lambda: _celeba_cfg("celeba40", 5, "celeba40_k5", "reference")}
-    for name, fn in ref_builders.items():
-        register_recipe(name + "_reference", _doc(fn, ref.format(name)), "reference")
-    for name, fn in naive.items():
-        register_recipe(name + "_reference", _reference_of(name, fn), "reference")
-    register_recipe("synthetic_k3", synthetic_k3, "ours")
-    register_recipe("synthetic_naive", synthetic_naive, "ours")
-    register_recipe("folder_k3", folder_k3, "ours")
-    register_recipe("folder_naive", folder_naive, "ours")
+    for r in _formats.recipes(sys.modules[__name__]):
+        register_recipe(r.name, r.build, r.follows, r.naive)
 
 
-def register_recipe(name: str, fn: typing.Callable[[], Config], follows: str = "ours") -> None:
-    """Add a named recipe; ``follows`` says what it reproduces: paper | reference | ours."""
+def register_recipe(name: str, fn: typing.Callable[[], Config], follows: str = "ours",
+                    naive: str | None = None) -> None:
+    """Add a named recipe; ``follows`` says what it reproduces: paper | reference | ours; ``naive`` is
+    its naive-MTL twin (the recipe ``--method naive-mtl`` runs instead), if it has one."""
     _check(follows in ("paper", "reference", "ours"), f"recipe {name}: follows must be paper|reference|ours")
     RECIPES[name] = fn
     RECIPE_FOLLOWS[name] = follows
+    if naive is not None:
+        NAIVE_OF[name] = naive
 
 
 _register_builtin()

@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from fastdmtg import bench
-from fastdmtg.config import TASKONOMY_5, DataConfig, apply_overrides, get_recipe
+from fastdmtg.config import DataConfig, apply_overrides, get_recipe
+from fastdmtg.data.taskonomy import TASKONOMY_5
 
 sys.path.insert(0, str(Path(__file__).parent))
 from taskonomy_fixture import write_fixture  # noqa: E402

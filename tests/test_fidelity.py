@@ -19,7 +19,8 @@ import pytest
 import torch
 
 from fastdmtg.config import (RECIPE_FOLLOWS, RECIPES, ConfigError, ModelConfig, apply_overrides, check_init,
-                             get_recipe, TASKONOMY_5)
+                             get_recipe)
+from fastdmtg.data.taskonomy import TASKONOMY_5
 from fastdmtg.tasks.taskonomy import TaskonomyTaskSet, miou_from_confusion
 from fastdmtg.train import build_scheduler, improves_best, plateau_step, validation_due
 

@@ -20,3 +20,15 @@ FORMATS = {
 def get_format(name: str):
     """The ``DatasetFormat`` registered as ``name``."""
     return lazy_lookup(FORMATS, name, "data.dataset", "dataset")
+
+
+def task_presets() -> dict[str, list[str]]:
+    """Every format's task presets (data.tasks="celeba9"), by preset name."""
+    return {k: v for name in FORMATS for k, v in get_format(name).presets.items()}
+
+
+def recipes(config_module) -> list:
+    """Every format's ``Recipe``s, in registry order (``config_module`` = fastdmtg.config, handed to
+    each format's ``recipes`` so that formats never import the config)."""
+    return [r for name in FORMATS if get_format(name).recipes is not None
+            for r in get_format(name).recipes(config_module)]
