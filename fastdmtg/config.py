@@ -642,9 +642,16 @@ RECIPE_FOLLOWS: dict[str, str] = {}       # recipe -> paper | reference | ours
 NAIVE_OF: dict[str, str] = {}             # recipe -> its naive-MTL twin
 
 
-def _register_builtin() -> None:
-    for r in _formats.recipes(sys.modules[__name__]):
-        register_recipe(r.name, r.build, r.follows, r.naive)
+_FORMATS_WITH_RECIPES: set[str] = set()
+
+
+def register_format_recipes() -> None:
+    """Register the recipes of every format of ``FORMATS`` not registered yet: the built-in ones at
+    import, a format added to FORMATS later (a plugin outside the package) on its first recipe lookup."""
+    for name in [n for n in FORMATS if n not in _FORMATS_WITH_RECIPES]:
+        _FORMATS_WITH_RECIPES.add(name)
+        for r in _formats.recipes_of(name, sys.modules[__name__]):
+            register_recipe(r.name, r.build, r.follows, r.naive)
 
 
 def register_recipe(name: str, fn: typing.Callable[[], Config], follows: str = "ours",
@@ -658,10 +665,11 @@ def register_recipe(name: str, fn: typing.Callable[[], Config], follows: str = "
         NAIVE_OF[name] = naive
 
 
-_register_builtin()
+register_format_recipes()
 
 
 def get_recipe(name: str) -> Config:
+    register_format_recipes()
     if name not in RECIPES:
         raise ConfigError(f"unknown recipe {name!r}; known: {', '.join(sorted(RECIPES))}")
     try:        # recipes edit fields after construction: validated again as a whole

@@ -27,8 +27,8 @@ def task_presets() -> dict[str, list[str]]:
     return {k: v for name in FORMATS for k, v in get_format(name).presets.items()}
 
 
-def recipes(config_module) -> list:
-    """Every format's ``Recipe``s, in registry order (``config_module`` = fastdmtg.config, handed to
-    each format's ``recipes`` so that formats never import the config)."""
-    return [r for name in FORMATS if get_format(name).recipes is not None
-            for r in get_format(name).recipes(config_module)]
+def recipes_of(name: str, config_module) -> list:
+    """The ``Recipe``s of format ``name`` (``config_module`` = fastdmtg.config, handed to the format's
+    ``recipes`` so that formats never import the config)."""
+    fmt = get_format(name)
+    return [] if fmt.recipes is None else fmt.recipes(config_module)

@@ -1,0 +1,79 @@
+"""Extension points as plugins: a dataset format added the way docs/pipelines.md "Adding a dataset"
+says (its two code blocks run literally, the module written to a temporary folder on sys.path) is
+known to the config, the recipe table, the naive-MTL switch, predict's resize and trains."""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+import sys
+from pathlib import Path
+
+import pytest
+
+DOC = Path(__file__).resolve().parents[1] / "docs" / "pipelines.md"
+
+
+def _doc_blocks() -> list[str]:
+    text = DOC.read_text()
+    section = text.split("## Adding a dataset\n", 1)[1].split("\n## ", 1)[0]
+    return re.findall(r"```python\n(.*?)```", section, flags=re.S)
+
+
+@pytest.fixture
+def mydata(tmp_path, monkeypatch):
+    """The doc's format module as tmp_path/mydata.py, registered by the doc's registry block."""
+    from fastdmtg.data import registry
+    blocks = _doc_blocks()
+    assert len(blocks) == 2, "the section has the module and the registry line"
+    (tmp_path / "mydata.py").write_text(blocks[0])
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(registry, "FORMATS", dict(registry.FORMATS))   # the doc's line edits this copy
+    import fastdmtg.config as C
+    monkeypatch.setattr(C, "FORMATS", registry.FORMATS)
+    saved = [dict(t) for t in (C.RECIPES, C.RECIPE_FOLLOWS, C.NAIVE_OF)], set(C._FORMATS_WITH_RECIPES)
+    exec(compile(blocks[1], "docs/pipelines.md (registry block)", "exec"), {})
+    yield
+    for t, old in zip((C.RECIPES, C.RECIPE_FOLLOWS, C.NAIVE_OF), saved[0]):
+        t.clear()
+        t.update(old)
+    C._FORMATS_WITH_RECIPES.clear()
+    C._FORMATS_WITH_RECIPES.update(saved[1])
+    sys.modules.pop("mydata", None)
+
+
+def test_the_doc_registry_line_names_module_and_attribute():
+    """The in-tree form of the line is "module:attribute" (a bare module name fails at lookup)."""
+    from fastdmtg.data.registry import FORMATS
+    assert all(re.fullmatch(r"[\w.]+:\w+", v) for v in FORMATS.values())
+    assert re.search(r'FORMATS\["mydata"\] = "mydata:FORMAT"', _doc_blocks()[1])
+
+
+def test_doc_dataset_is_known_everywhere_and_trains(mydata, tmp_path):
+    from fastdmtg.cli import _train_parser, build_config
+    from fastdmtg.config import NAIVE_OF, RECIPE_FOLLOWS, DataConfig, get_recipe
+    from fastdmtg.data import known_task_names
+    from fastdmtg.predict import resize_uint8
+    from fastdmtg.train import train
+
+    DataConfig(dataset="mydata")                                   # the config accepts the new name
+    cfg = get_recipe("mydata_k2")                                 # its recipes are in the table
+    assert (cfg.data.dataset, cfg.num_branches, RECIPE_FOLLOWS["mydata_k2"]) == ("mydata", 2, "ours")
+    assert NAIVE_OF["mydata_k2"] == "mydata_naive"
+    ap = argparse.ArgumentParser()
+    _train_parser(ap.add_subparsers(dest="cmd"))
+    naive = build_config(ap.parse_args(["train", "--recipe", "mydata_k2", "--method", "naive-mtl"]))
+    assert naive.grouping.method == "naive-mtl" and naive.name == "mydata_naive" and naive.num_branches == 1
+    assert known_task_names(cfg.data) == ["red", "green"]
+    import torch
+    x = torch.full((1, 3, 32, 32), 200, dtype=torch.uint8)
+    from fastdmtg.data.celeba import resize_like_reference
+    assert torch.equal(resize_uint8(x, 16, "mydata"), resize_like_reference(x, 16))   # the format's resize
+
+    res = train(cfg, tmp_path / "run", progress=False)             # one tiny epoch through the library
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert saved["data"]["dataset"] == "mydata"
+    assert res["dataset"] == "mydata" and res["tasks"] == ["red", "green"] and res["epochs"] == 1
+    assert sorted(t for g in res["groups"] for t in g) == ["green", "red"]
+    assert math.isfinite(res["total_error"])
