@@ -19,6 +19,7 @@ from typing import Any
 
 from .data import registry as _formats
 from .data.registry import FORMATS
+from .registry import LOADER_BACKENDS
 
 class ConfigError(ValueError):
     """A configuration value is invalid; the message names the field."""
@@ -66,8 +67,8 @@ class DataConfig:
 
     def __post_init__(self):
         _check(self.dataset in FORMATS, f"data.dataset: expected {'|'.join(FORMATS)}, got {self.dataset!r}")
-        _check(self.backend in ("auto", "gpu-cache", "memory", "torch", "ffcv", "dali"),
-               f"data.backend: expected auto|gpu-cache|memory|torch|ffcv|dali, got {self.backend!r}")
+        _check(self.backend == "auto" or self.backend in LOADER_BACKENDS,
+               f"data.backend: expected {'|'.join(['auto', *LOADER_BACKENDS])}, got {self.backend!r}")
         _check(self.num_workers >= 0, f"data.num_workers must be >= 0, got {self.num_workers}")
         _check(self.image_size >= 16 and self.image_size % 4 == 0,
                f"data.image_size: expected a multiple of 4 >= 16, got {self.image_size}")

@@ -12,3 +12,16 @@ def lazy_lookup(table: dict[str, str], name: str, field: str, kind: str):
         raise ValueError(f"{field}: unknown {kind} {name!r}; known: {', '.join(table)}")
     module, _, attr = table[name].partition(":")
     return getattr(importlib.import_module(module), attr)
+
+
+# data.backend name -> "module:attribute" of the loader backend's ``LoaderBackend`` (its name, its
+# availability check, how it builds its source: fastdmtg/pipelines/source.py). Adding a backend = its
+# file + one line here. The table lives here, not in fastdmtg.pipelines, because the config validates
+# data.backend against it and fastdmtg.pipelines imports the config.
+LOADER_BACKENDS = {
+    "gpu-cache": "fastdmtg.pipelines.resident:GPU_CACHE",
+    "memory": "fastdmtg.pipelines.resident:MEMORY",
+    "torch": "fastdmtg.pipelines.torch_files:BACKEND",
+    "ffcv": "fastdmtg.pipelines.ffcv_source:BACKEND",
+    "dali": "fastdmtg.pipelines.dali_source:BACKEND",
+}

@@ -77,3 +77,42 @@ def test_doc_dataset_is_known_everywhere_and_trains(mydata, tmp_path):
     assert res["dataset"] == "mydata" and res["tasks"] == ["red", "green"] and res["epochs"] == 1
     assert sorted(t for g in res["groups"] for t in g) == ["green", "red"]
     assert math.isfinite(res["total_error"])
+
+
+# ----------------------------------------------------------------------------- loader backends
+
+def test_backend_table_is_the_one_list_config_and_pipelines_use():
+    from fastdmtg import pipelines as P
+    from fastdmtg.config import ConfigError, DataConfig
+    from fastdmtg.registry import LOADER_BACKENDS
+    assert P.BACKENDS == tuple(LOADER_BACKENDS)
+    for name in LOADER_BACKENDS:                         # each entry declares its own name and check
+        b = P.backend(name)
+        assert b.name == name and isinstance(b.status(deep=False)[0], bool)
+        DataConfig(backend=name)
+    with pytest.raises(ConfigError, match=r"data.backend: expected auto\|gpu-cache\|memory\|torch\|ffcv\|dali, "
+                                          r"got 'nope'"):
+        DataConfig(backend="nope")
+
+
+class _Mine:
+    """A throwaway backend: host memory under its own name."""
+    @staticmethod
+    def build(ds, cache, cfg, kw, frac):
+        from fastdmtg.pipelines import ResidentSource
+        src = ResidentSource(ds, placement="host", cache=cache, fraction=frac, **kw)
+        src.built_by = "mine"
+        return src
+
+
+def test_a_backend_added_by_one_registry_line_is_accepted_and_built(monkeypatch):
+    from fastdmtg.config import ConfigError, DataConfig
+    from fastdmtg.pipelines import LoaderBackend, build_source
+    from fastdmtg.registry import LOADER_BACKENDS
+    with pytest.raises(ConfigError):
+        DataConfig(backend="mine")
+    monkeypatch.setattr(sys.modules[__name__], "MINE", LoaderBackend("mine", _Mine.build), raising=False)
+    monkeypatch.setitem(LOADER_BACKENDS, "mine", f"{__name__}:MINE")
+    cfg = DataConfig(backend="mine", synthetic_train=8, synthetic_val=4, synthetic_test=4, image_size=16)
+    src = build_source(cfg, progress=False)
+    assert src.built_by == "mine"
