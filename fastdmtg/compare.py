@@ -57,12 +57,8 @@ from .partition import format_groups
 
 ALL_METHODS = ["naive", "stl", "rg", "tag", "hoa", "bmtn", "dmtg", "dmtg-two-shot"]
 ALIASES = {"naive-mtl": "naive", "two-shot": "dmtg-two-shot"}
-# config keys that may differ between invocations without invalidating a finished run: display,
-# paths, and speed switches that do not change what is computed
-_VOLATILE = {("train", "progress"), ("train", "tensorboard"), ("train", "device"), ("data", "root"),
-             ("data", "cache_dir"), ("data", "num_workers"), ("data", "backend"), ("train", "kernels"),
-             ("train", "compile"), ("train", "cuda_graph"), ("train", "channels_last"), ("model", "batched"),
-             ("optim", "fused")}
+# config keys that may differ between invocations without invalidating a finished run (config.FIELD_EFFECTS)
+from .config import SAME_RESULTS_FIELDS as _VOLATILE  # noqa: E402
 
 
 def _comparable(cfg_dict: dict) -> dict:

@@ -405,34 +405,53 @@ _SECTIONS = {"data": DataConfig, "model": ModelConfig, "grouping": GroupingConfi
 PATH_FIELDS = (("data", "root"), ("data", "cache_dir"), ("data", "taskonomy_split_file"),
                ("train", "init_from"), ("train", "reference"))
 
-# The fields a run may change when it is resumed (`fastdmtg train --resume RUN --set KEY=VALUE`, or an
-# edit of RUN/config.json): they change how long it runs, what it logs and how fast it computes, never
-# what a step computes. Any other difference from the config stored in checkpoints/last.pt stops the
-# resume (exit 2) with the list of fields, old → new. The speed switches compute the same function with
-# another float rounding: a run resumed with one of them changed is not bit-identical to an
-# uninterrupted run. Not here, on purpose: train.device and train.amp (numerics), model.batched (another
-# parameter layout), data.backend (another image decoder), data.root (another dataset).
-RESUME_SAFE: dict[str, str] = {
-    "name": "the run's label",
-    "train.epochs": "the run's length (not below the epochs already trained)",
-    "train.val_every": "validation cadence",
-    "train.log_every": "steps between loss checks and TensorBoard scalars",
-    "train.progress": "progress bars",
-    "train.tensorboard": "TensorBoard scalars",
-    "train.logger": "trackers next to TensorBoard",
-    "train.mlflow_uri": "the MLflow store",
-    "train.experiment": "the MLflow experiment / W&B project",
-    "train.eval_batch_size": "evaluation batch size (the same predictions)",
-    "train.divergence_factor": "divergence rule",
-    "train.on_divergence": "what a divergence does",
-    "train.kernels": "kernel backend (speed)",
-    "train.compile": "torch.compile (speed)",
-    "train.cuda_graph": "CUDA graphs (speed)",
-    "train.channels_last": "memory layout (speed)",
-    "optim.fused": "fused optimizer kernels (speed)",
-    "data.num_workers": "loader processes (speed)",
-    "data.cache_dir": "where decoded caches live",
+# What a change of each field does to a run's results — the one table behind both rules "which fields
+# may differ": a resume (RESUME_SAFE) and compare's reuse of a finished run (SAME_RESULTS_FIELDS). A
+# field not listed changes results. field → (effect, resumable, what it is):
+#   effect    none      does not touch what is computed (display, logging, paths, loader parallelism)
+#             rounding  the same function with another float rounding (speed switches, device, decoder)
+#             results   changes the results (the run's length, validation cadence, divergence rule)
+#   resumable whether a resume may change it (`fastdmtg train --resume RUN --set KEY=VALUE`, or an edit of
+#             RUN/config.json); any other difference from the config stored in checkpoints/last.pt stops
+#             the resume (exit 2) with the list of fields, old → new. Not resumable although they do not
+#             change results: what the checkpoint's state depends on (train.device: optimizer and RNG
+#             state of another device; model.batched: another parameter layout; data.backend: another
+#             image decoder; data.root: another dataset for the recorded data fingerprint).
+# A run resumed with a "rounding" field changed is not bit-identical to an uninterrupted run.
+FIELD_EFFECTS: dict[str, tuple[str, bool, str]] = {
+    "name": ("none", True, "the run's label"),
+    "train.epochs": ("results", True, "the run's length (not below the epochs already trained)"),
+    "train.val_every": ("results", True, "validation cadence"),
+    "train.log_every": ("results", True, "steps between loss checks and TensorBoard scalars"),
+    "train.progress": ("none", True, "progress bars"),
+    "train.tensorboard": ("none", True, "TensorBoard scalars"),
+    "train.logger": ("none", True, "trackers next to TensorBoard"),
+    "train.mlflow_uri": ("none", True, "the MLflow store"),
+    "train.experiment": ("none", True, "the MLflow experiment / W&B project"),
+    "train.eval_batch_size": ("rounding", True, "evaluation batch size (the same predictions)"),
+    "train.divergence_factor": ("results", True, "divergence rule"),
+    "train.on_divergence": ("results", True, "what a divergence does"),
+    "train.kernels": ("rounding", True, "kernel backend (speed)"),
+    "train.compile": ("rounding", True, "torch.compile (speed)"),
+    "train.cuda_graph": ("rounding", True, "CUDA graphs (speed)"),
+    "train.channels_last": ("rounding", True, "memory layout (speed)"),
+    "optim.fused": ("rounding", True, "fused optimizer kernels (speed)"),
+    "data.num_workers": ("none", True, "loader processes (speed)"),
+    "data.cache_dir": ("none", True, "where decoded caches live"),
+    "train.device": ("rounding", False, "the device"),
+    "model.batched": ("rounding", False, "the batched form of the branches (another parameter layout)"),
+    "data.backend": ("rounding", False, "the loader (another image decoder)"),
+    "data.root": ("none", False, "where the dataset is (the data fingerprint says whether it is the same)"),
 }
+EFFECTS = ("none", "rounding", "results")
+
+# the fields a resume may change, with what they are (listed by the resume's error message)
+RESUME_SAFE: dict[str, str] = {k: what for k, (_, resumable, what) in FIELD_EFFECTS.items() if resumable}
+# the (section, key) fields whose change leaves a finished run's results as they are up to float rounding
+# (compare reuses such a run instead of training it again); the run's name is not a section field
+SAME_RESULTS_FIELDS: frozenset[tuple[str, str]] = frozenset(
+    tuple(k.split(".")) for k, (effect, _, _) in FIELD_EFFECTS.items() if effect != "results" and "." in k)
+
 
 _EXPECT = {bool: "true or false", int: "an integer", float: "a number", str: "a string", dict: "a JSON object"}
 

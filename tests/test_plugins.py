@@ -116,3 +116,54 @@ def test_a_backend_added_by_one_registry_line_is_accepted_and_built(monkeypatch)
     cfg = DataConfig(backend="mine", synthetic_train=8, synthetic_val=4, synthetic_test=4, image_size=16)
     src = build_source(cfg, progress=False)
     assert src.built_by == "mine"
+
+
+# ----------------------------------------------------------------------------- fields that don't change results
+
+def test_resume_and_compare_rules_derive_from_one_table():
+    from fastdmtg import compare
+    from fastdmtg.config import EFFECTS, FIELD_EFFECTS, RESUME_SAFE, SAME_RESULTS_FIELDS, _SECTIONS
+    assert compare._VOLATILE is SAME_RESULTS_FIELDS
+    for key, (effect, resumable, what) in FIELD_EFFECTS.items():
+        assert effect in EFFECTS and isinstance(resumable, bool) and what
+        if "." in key:                                         # every field named exists in its section
+            sec, name = key.split(".")
+            assert name in _SECTIONS[sec].__dataclass_fields__, key
+    # consistent: a field a resume may change that does not change results is one compare ignores, and a
+    # field compare ignores but a resume may not change is one the checkpoint's state depends on
+    for key, (effect, resumable, _) in FIELD_EFFECTS.items():
+        if "." in key:
+            assert (tuple(key.split(".")) in SAME_RESULTS_FIELDS) == (effect != "results"), key
+        assert (key in RESUME_SAFE) == resumable, key
+    not_resumable = {k for k, (e, r, _) in FIELD_EFFECTS.items() if not r}
+    assert not_resumable == {"train.device", "model.batched", "data.backend", "data.root"}
+    # the resume rule as it was (hand-kept list before the table): unchanged, in the same order
+    assert list(RESUME_SAFE) == [
+        "name", "train.epochs", "train.val_every", "train.log_every", "train.progress", "train.tensorboard",
+        "train.logger", "train.mlflow_uri", "train.experiment", "train.eval_batch_size", "train.divergence_factor",
+        "train.on_divergence", "train.kernels", "train.compile", "train.cuda_graph", "train.channels_last",
+        "optim.fused", "data.num_workers", "data.cache_dir"]
+    # compare's rule: the earlier hand-kept set, plus the no-effect / rounding fields the resume list had
+    old = {("train", "progress"), ("train", "tensorboard"), ("train", "device"), ("data", "root"),
+           ("data", "cache_dir"), ("data", "num_workers"), ("data", "backend"), ("train", "kernels"),
+           ("train", "compile"), ("train", "cuda_graph"), ("train", "channels_last"), ("model", "batched"),
+           ("optim", "fused")}
+    assert SAME_RESULTS_FIELDS - old == {("train", "logger"), ("train", "mlflow_uri"), ("train", "experiment"),
+                                         ("train", "eval_batch_size")}
+    assert old <= SAME_RESULTS_FIELDS
+
+
+def test_both_rules_act_on_the_table():
+    from fastdmtg.compare import _same_config
+    from fastdmtg.config import ConfigError, apply_overrides, get_recipe, resume_changes
+    base = get_recipe("synthetic_k3")
+    for change, resume_ok, same in (("train.kernels=reference", True, True), ("train.logger=mlflow", True, True),
+                                    ("data.backend=memory", False, True), ("train.epochs=11", True, False),
+                                    ("optim.lr=0.5", False, False)):
+        new = apply_overrides(base, [change])
+        assert _same_config(base.to_dict(), new.to_dict()) == same, change
+        if resume_ok:
+            assert resume_changes(base, new, 1)
+        else:
+            with pytest.raises(ConfigError, match=change.split("=")[0]):
+                resume_changes(base, new, 1)
