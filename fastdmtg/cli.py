@@ -194,7 +194,8 @@ def cmd_eval(args) -> int:
     from .export import load_grouped
     from .pipelines import build_source
     from .log import bars_on
-    from .train import evaluate, resolve_device
+    from .builder import resolve_device
+    from .train import evaluate
     run_dir = Path(args.run_dir)
     if not run_dir.is_dir():
         raise FileNotFoundError(f"{run_dir}: no such run folder")

@@ -655,6 +655,14 @@ def reference_common(cfg: Config) -> Config:
     return cfg
 
 
+def naive_twin(cfg: Config, name: str) -> Config:
+    """The naive-MTL twin of a DMTG recipe's config, named ``name``: the same data, model and schedule,
+    one encoder for all tasks (grouping.method=naive-mtl; model.branches=0 resolves to K = 1)."""
+    cfg.name = name
+    cfg.grouping.method = "naive-mtl"
+    return cfg
+
+
 # The recipes are the dataset formats' (each format's ``recipes``, fastdmtg/data/base.py), with the
 # naive-MTL twin of each (``--method naive-mtl`` switches a recipe to its twin).
 RECIPES: dict[str, typing.Callable[[], Config]] = {}

@@ -217,7 +217,7 @@ def expand_folders(paths: list[str]) -> list[str]:
 
 def predict_main(argv: list[str]) -> int:
     from .export import load_grouped
-    from .train import resolve_device
+    from .builder import resolve_device
     ap = argparse.ArgumentParser(prog="fastdmtg predict",
                                  description="predict every task of a finished run for your own images "
                                              "(any size; resized as in training)")

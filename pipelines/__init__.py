@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch.distributed as dist
 
 from fastdmtg.data import SPLITS, Dataset, open_dataset
-from fastdmtg.registry import LOADER_BACKENDS, lazy_lookup
+from fastdmtg.registry import LOADER_BACKENDS
 
 from .cache import DecodeCache, default_cache_dir, verify_path
 from .dali_source import DaliSource
@@ -32,9 +32,7 @@ AUTO = "gpu-cache"
 BACKENDS = tuple(LOADER_BACKENDS)        # the data.backend names (auto aside), one table: fastdmtg.registry
 
 
-def backend(name: str) -> LoaderBackend:
-    """The ``LoaderBackend`` registered as ``name``."""
-    return lazy_lookup(LOADER_BACKENDS, name, "data.backend", "backend")
+backend = LOADER_BACKENDS.load     # name → its LoaderBackend
 
 
 def backend_status(name: str, deep: bool = True) -> tuple[bool, str]:

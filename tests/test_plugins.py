@@ -29,9 +29,8 @@ def mydata(tmp_path, monkeypatch):
     assert len(blocks) == 2, "the section has the module and the registry line"
     (tmp_path / "mydata.py").write_text(blocks[0])
     monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.setattr(registry, "FORMATS", dict(registry.FORMATS))   # the doc's line edits this copy
     import fastdmtg.config as C
-    monkeypatch.setattr(C, "FORMATS", registry.FORMATS)
+    monkeypatch.setitem(registry.FORMATS, "mydata", "")       # undone after the test (the doc's line sets it)
     saved = [dict(t) for t in (C.RECIPES, C.RECIPE_FOLLOWS, C.NAIVE_OF)], set(C._FORMATS_WITH_RECIPES)
     exec(compile(blocks[1], "docs/pipelines.md (registry block)", "exec"), {})
     yield
@@ -167,3 +166,27 @@ def test_both_rules_act_on_the_table():
         else:
             with pytest.raises(ConfigError, match=change.split("=")[0]):
                 resume_changes(base, new, 1)
+
+
+# ----------------------------------------------------------------------------- one registry type, no re-exports
+
+def test_every_extension_table_is_one_registry_type():
+    from fastdmtg import pipelines
+    from fastdmtg.data import registry as data_registry
+    from fastdmtg.methods import METHODS, method_class
+    from fastdmtg.registry import LOADER_BACKENDS, Registry
+    for table, load, field in ((data_registry.FORMATS, data_registry.get_format, "data.dataset"),
+                               (METHODS, method_class, "grouping.method"),
+                               (LOADER_BACKENDS, pipelines.backend, "data.backend")):
+        assert isinstance(table, Registry) and load == table.load
+        with pytest.raises(ValueError, match=rf"^{field}: unknown .* 'nope'; known: {', '.join(table)}$"):
+            load("nope")
+
+
+def test_no_compatibility_reexports():
+    """train.py and bench.py export what they define, not names kept for old import paths."""
+    from fastdmtg import bench, train
+    for name in ("BATCHED_AUTO_ARCHS", "FUSED_STEM_AUTO", "build_optimizer", "build_step_module", "prepare_model",
+                 "resolve_speed", "step_mode"):
+        assert not hasattr(train, name), name
+    assert not {"write_taskonomy_raw", "synthetic_taskonomy", "synthetic_celeba", "count_flops"} & set(bench.__all__)

@@ -723,10 +723,7 @@ def folder_k3(c) -> Config:
 
 def folder_naive(c) -> Config:
     """Ours — naive MTL (K = 1) on your own tasks: the NormGain reference of folder_k3."""
-    cfg = folder_k3(c)
-    cfg.name = "folder_naive"
-    cfg.grouping.method = "naive-mtl"
-    return cfg
+    return c.naive_twin(folder_k3(c), "folder_naive")
 
 
 def folder_recipes(c) -> list[Recipe]:

@@ -6,20 +6,16 @@ Adding a dataset = one format module (a ``Dataset`` subclass + ``FORMAT = Datase
 """
 from __future__ import annotations
 
-from ..registry import lazy_lookup
+from ..registry import Registry
 
-FORMATS = {
+FORMATS = Registry("dataset", "data.dataset", {
     "synthetic": "fastdmtg.data.synthetic:FORMAT",
     "celeba": "fastdmtg.data.celeba:FORMAT",
     "taskonomy": "fastdmtg.data.taskonomy:FORMAT",
     "folder": "fastdmtg.data.folder:FORMAT",
     "tensors": "fastdmtg.data.tensors:FORMAT",
-}
-
-
-def get_format(name: str):
-    """The ``DatasetFormat`` registered as ``name``."""
-    return lazy_lookup(FORMATS, name, "data.dataset", "dataset")
+})
+get_format = FORMATS.load          # name → its DatasetFormat
 
 
 def task_presets() -> dict[str, list[str]]:

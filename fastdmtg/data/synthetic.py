@@ -21,12 +21,17 @@ an ``ArrayDataset`` (fields ``image`` (3, S, S) uint8, ``labels`` (G·T,) uint8)
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from ..tasks.attributes import AttributeTaskSet
 from .arrays import ArrayDataset, image_label_fields
 from .base import DatasetFormat, Recipe, recipe_fn
 from .celeba import resize_like_reference
+
+if TYPE_CHECKING:
+    from ..config import Config
 
 ALPHA, SIGMA = 0.2, 0.1
 ENV_PEAK = 1.2
@@ -101,7 +106,7 @@ def synthetic_known_tasks(cfg) -> list[str]:
     return task_names(cfg.synthetic_groups, cfg.synthetic_tasks_per_group)
 
 
-def synthetic_k3(c) -> "Config":
+def synthetic_k3(c) -> Config:
     """Ours — the embedded default: 3 planted groups x 3 tasks, 32x32, 1-channel ResNet variant, K=3
     (~30 s on CPU).
 
@@ -119,11 +124,9 @@ def synthetic_k3(c) -> "Config":
     )
 
 
-def synthetic_naive(c) -> "Config":
+def synthetic_naive(c) -> Config:
     """Ours — naive MTL (K = 1) on the embedded planted-group data."""
-    cfg = synthetic_k3(c)
-    cfg.name = "synthetic_naive"
-    cfg.grouping.method = "naive-mtl"
+    cfg = c.naive_twin(synthetic_k3(c), "synthetic_naive")
     cfg.model.branches = 1
     return cfg
 
