@@ -51,6 +51,9 @@ setup(
         "wandb": ["wandb>=0.20"],
         # fastdmtg export --format onnx (torch's exporter writes with onnxscript); onnxruntime runs the file
         "export": ["onnx>=1.16", "onnxscript>=0.3", "onnxruntime>=1.18"],
+        # the gradient aggregators (pcgrad, mgda, cagrad, nash-mtl, imtl, aligned-mtl, upgrad;
+        # fastdmtg/methods/aggregators.py) with the solvers CAGrad, Nash-MTL and UPGrad need
+        "aggregators": ["torchjd[cagrad,nash-mtl,quadprog-projector]>=0.18,<0.19"],
     },
     entry_points={"console_scripts": ["fastdmtg=fastdmtg.cli:main"]},
 )

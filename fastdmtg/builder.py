@@ -81,6 +81,7 @@ def resolve_speed(cfg: Config, device: torch.device, world_size: int) -> dict:
         elif cfg.model.sync_bn:
             raise ValueError("train.cuda_graph=on under DDP is not verified with model.sync_bn=true; "
                              "use train.cuda_graph=off")
+    _eager_for_augmentation(cfg, out, world_size)
     if out["batched"] and cfg.dmtg.prune_eps > 0 and cfg.model.sync_bn and world_size > 1:
         # batched branches skip dead branches through their own BN layers, which SyncBatchNorm
         # conversion replaces (docs/pruning.md): per-branch modules then
@@ -89,6 +90,34 @@ def resolve_speed(cfg: Config, device: torch.device, world_size: int) -> dict:
                              "model.sync_bn=true under DDP; use model.batched=off")
         out["batched"] = False
     return out
+
+
+def _eager_for_augmentation(cfg: Config, speed: dict, world_size: int) -> None:
+    """A training augmentation (methods.StepBackward) takes per-head losses and per-task gradients
+    outside any graph: the step runs eagerly (compile and CUDA graph off), on per-branch modules
+    (batched off: its blocks are per-branch parameters), on one process (its gradients are not DDP's
+    all-reduced ones). An explicit ``on`` is an error; ``auto`` turns off with one log line."""
+    from .methods import augmentation_of
+    name = augmentation_of(cfg)
+    if name is None:
+        return
+    if world_size > 1:
+        raise ValueError(f"training augmentation {name}: not supported under DDP (its per-task gradients are "
+                         "not all-reduced); run on one process")
+    switched = []
+    for key, field in (("compile", cfg.train.compile), ("cuda_graph", cfg.train.cuda_graph),
+                       ("batched", cfg.model.batched)):
+        if field == "on":
+            where = "model.batched" if key == "batched" else f"train.{key}"
+            raise ValueError(f"{where}=on: training augmentation {name} runs eagerly on per-branch modules; "
+                             f"set {where}=auto or off")
+        if speed[key]:
+            switched.append(key)
+        speed[key] = False
+    from .log import get_logger
+    get_logger("fastdmtg.builder").info(
+        f"training augmentation {name}: eager step{' (' + ', '.join(switched) + ' off)' if switched else ''}: "
+        "it computes per-head losses and per-task gradients outside any graph")
 
 
 def step_mode(speed: dict) -> str:
@@ -203,7 +232,11 @@ def build_training_step(cfg: Config, taskset, image_size: int, device: torch.dev
         module = wrap_ddp(module, device, pruning, for_graph=speed["cuda_graph"])
         warmup = DDP_GRAPH_WARMUP if speed["cuda_graph"] else warmup
     mode = step_mode(speed)
-    runner = StepRunner(module, optimizer, mode, warmup=warmup, full_batch=cfg.train.batch_size)
+    augment = method.step_backward()            # a training augmentation, or None: plain backward
+    if augment is not None:
+        augment.bind(model, taskset, method.weights())
+    runner = StepRunner(module, optimizer, mode, warmup=warmup, full_batch=cfg.train.batch_size,
+                        step_backward=augment)
     if speed["compile"] and pruning:
         _raise_dynamo_limits(cfg, taskset.num_tasks)
     return TrainingStep(model, method, optimizer, runner, speed, mode, kernels)

@@ -1,6 +1,6 @@
 """Command line: a thin layer over the library.
 
-    fastdmtg train [--recipe NAME] [--data-root PATH] [--method dmtg|naive-mtl] [--set key=value ...]
+    fastdmtg train [--recipe NAME] [--data-root PATH] [--method dmtg|naive-mtl|uw|gradnorm|pcgrad|…] [--set key=value ...]
                    [--out RUN_DIR] [--init-from RUN] [--reference RUN_OR_RESULTS] [--resume RUN_DIR]
     fastdmtg eval RUN_DIR [--split test] [--data-root PATH]
     fastdmtg recipes
@@ -34,9 +34,11 @@ def _train_parser(sub):
                                     "taskonomy5_k3")
     p.add_argument("--data-root", help="dataset folder in its official layout (CelebA: img_align_celeba/ ...), or "
                                        "your own DIR/labels.csv (README: Your own tasks)")
-    p.add_argument("--method", choices=["dmtg", "naive-mtl", "naive"],
+    from .methods import AUGMENTATIONS
+    p.add_argument("--method", choices=["dmtg", "naive-mtl", "naive", *AUGMENTATIONS],
                    help="grouping method (naive-mtl, or naive as compare calls it: the K=1 reference; the recipe's "
-                        "naive twin when it has one)")
+                        "naive twin when it has one; uw, gradnorm, pcgrad, mgda, …: one shared network trained with "
+                        "that augmentation)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field, e.g. --set train.epochs=5 (repeatable)")
     p.add_argument("--out", help="run folder (default runs/<name>-<time>)")
@@ -85,7 +87,8 @@ def default_recipe(data_root: str | None) -> str:
 
 def build_config(args) -> Config:
     recipe = args.recipe or default_recipe(args.data_root)
-    if args.method == "naive-mtl" and recipe in NAIVE_OF:
+    from .methods import AUGMENTATIONS
+    if (args.method in ("naive-mtl", "naive") or args.method in AUGMENTATIONS) and recipe in NAIVE_OF:   # one shared network
         recipe = NAIVE_OF[recipe]
     return apply_overrides(_with_file(get_recipe(recipe), args), _flag_overrides(args))
 
@@ -137,7 +140,9 @@ def cmd_train(args) -> int:
             print(f"config written to {args.save_config} (start from it with --config {args.save_config})",
                   file=sys.stderr)          # stderr: stdout holds only the JSON of --dry-run
         if args.dry_run:
+            from .train import best_rule_text
             print(json.dumps(resolved.to_dict(), indent=2))
+            print(best_rule_text(resolved), file=sys.stderr)
             if auto:
                 print(f"auto resolved for this machine: {', '.join(auto)}", file=sys.stderr)
             return 0
@@ -297,12 +302,12 @@ def _main(argv: list[str] | None = None) -> int:
         if args.cmd == "eval":
             return cmd_eval(args)
         if args.cmd == "recipes":
-            print(f"{'recipe':30s} {'follows':9s} {'dataset':10s} {'tasks':10s} {'arch':14s} {'K':>2s}  "
+            print(f"{'recipe':33s} {'follows':9s} {'dataset':10s} {'tasks':10s} {'arch':14s} {'K':>2s}  "
                   f"{'method':9s} epochs")
             for name in sorted(RECIPES):
                 c = get_recipe(name)
                 tasks = c.data.tasks if isinstance(c.data.tasks, str) else f"{len(c.data.tasks)} tasks"
-                print(f"{name:30s} {RECIPE_FOLLOWS.get(name, 'ours'):9s} {c.data.dataset:10s} {tasks:10s} "
+                print(f"{name:33s} {RECIPE_FOLLOWS.get(name, 'ours'):9s} {c.data.dataset:10s} {tasks:10s} "
                       f"{c.model.arch:14s} {c.num_branches or 'auto':>2}  {c.grouping.method:9s} {c.train.epochs}")
             print("follows: paper = the paper where explicit, else the released code (docs/fidelity.md); "
                   "reference = the released code as it is; ours = fastdmtg's demo/test data")

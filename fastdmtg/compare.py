@@ -18,6 +18,11 @@ Methods (docs/baselines.md has the details and the deviations from the papers):
     bmtn           BMTN: RSA affinity from the STL networks → split point + clustering → train
     dmtg           DMTG (one shot)
     dmtg-two-shot  DMTG's groups retrained from scratch and from the naive-MTL weights (Table 4)
+    cs             the TAG paper's CS: gradient cosine similarity (cs-affinity run) → tag_select → train
+    uw, gradnorm, pcgrad, mgda, cagrad, nash-mtl, imtl, aligned-mtl, upgrad
+                   training augmentations on one shared network (fastdmtg.methods.AUGMENTATIONS)
+    tag-pcgrad     TAG's selected networks trained with PCGrad (the TAG paper §5)
+    --aggregator NAME trains every grouping method's selected networks with NAME (rows METHOD+NAME)
 
 Outputs in DIR: comparison.md (all tables), comparison.csv (one row per method × K),
 groupings.csv (Table A4/A5 shape), per_task.csv, comparison.json (everything, including the
@@ -57,6 +62,26 @@ from .partition import format_groups
 
 ALL_METHODS = ["naive", "stl", "rg", "tag", "hoa", "bmtn", "dmtg", "dmtg-two-shot"]
 ALIASES = {"naive-mtl": "naive", "two-shot": "dmtg-two-shot"}
+# the TAG paper's comparison (§5): the CS grouping, the training augmentations on one shared network
+# (fastdmtg.methods.AUGMENTATIONS: uw, gradnorm, pcgrad, and the torchjd aggregators) and TAG's groups
+# trained with PCGrad; tables in the paper's order: grouping methods, augmentations, combinations
+GROUPING_EXTRA = ["cs"]
+COMBINATIONS = ["tag-pcgrad"]
+# grouping methods whose selected networks (fixed / networks runs) --aggregator trains
+AGGREGATED = ("stl", "rg", "tag", "hoa", "bmtn", "dmtg-two-shot", "cs")
+
+
+def known_methods() -> list[str]:
+    from .methods import AUGMENTATIONS
+    return ALL_METHODS + GROUPING_EXTRA + list(AUGMENTATIONS) + COMBINATIONS
+
+
+def method_order(m: str) -> int:
+    """0 grouping methods, 1 training augmentations, 2 combinations (the TAG paper's layout)."""
+    from .methods import AUGMENTATIONS
+    return 2 if m in COMBINATIONS else 1 if m in AUGMENTATIONS else 0
+
+
 # config keys that may differ between invocations without invalidating a finished run (config.FIELD_EFFECTS)
 from .config import SAME_RESULTS_FIELDS as _VOLATILE  # noqa: E402
 
@@ -124,8 +149,9 @@ class Row:
 class Comparison:
     def __init__(self, base: Config, out: Path, ks: list[int], seeds: int = 3, overlap: str = "train",
                  rsa_images: int = 256, naive_cfg: Config | None = None, progress: bool | None = False,
-                 flops: bool = True, log=_info, train_seeds: int = 1):
+                 flops: bool = True, log=_info, train_seeds: int = 1, aggregator: str | None = None):
         from .pipelines import build_source
+        self.aggregator = aggregator            # --aggregator: the grouping methods' networks train with it
         self.base, self.out, self.ks, self.seeds = base, Path(out), ks, seeds
         self.overlap, self.rsa_images, self.progress, self.log = overlap, rsa_images, progress, log
         self.flops = flops
@@ -151,6 +177,8 @@ class Comparison:
         e.g. ``model={"shared": "none"}``). K = ``branches``, or 0: the method's own (auto)."""
         grouping = {"method": method, "groups": groups or [], "auxiliary": auxiliary or []}
         train = {"progress": self.progress is not False, **sections.pop("train", {})}
+        if self.aggregator and method in ("fixed", "networks"):
+            train.setdefault("aggregator", self.aggregator)
         model = {"branches": branches, **sections.pop("model", {})}
         return evolve(base or self.base, grouping=grouping, train=train, model=model, **sections)
 
@@ -251,15 +279,16 @@ class Comparison:
         return self.once(f"dmtg{k}", lambda: self.run(f"dmtg/k{k}", self.cfg("dmtg", branches=k, train=train),
                                                       f"dmtg K={k}"))
 
-    def train_selection(self, key: str, label: str, sel) -> dict:
+    def train_selection(self, key: str, label: str, sel, **sections) -> dict:
         """Train a TAG/HOA selection: overlapping networks as such (``networks`` method: a task is
         trained in every chosen network containing it, served by its best one), or — with
-        --overlap partition — only the served partition (``fixed``)."""
+        --overlap partition — only the served partition (``fixed``). ``sections``: config fields
+        per section (e.g. train={"aggregator": "pcgrad"})."""
         aux = any(sel.auxiliary())
         if aux and self.overlap == "train":
-            cfg = self.cfg("networks", [list(s) for s in sel.networks], [list(a) for a in sel.auxiliary()])
+            cfg = self.cfg("networks", [list(s) for s in sel.networks], [list(a) for a in sel.auxiliary()], **sections)
         else:
-            cfg = self.cfg("fixed", sel.partition())
+            cfg = self.cfg("fixed", sel.partition(), **sections)
         return self.run(key, cfg, label)
 
     # ------------------------------------------------------------------ methods
@@ -411,14 +440,64 @@ class Comparison:
                             [self.cost(d), self.cost(nv), self.cost(init)], [groups]))
         return rows
 
+    # ------------------------------------------------------------------ the TAG paper's comparison
+    def m_cs(self) -> list[Row]:
+        """CS: the cosine similarity of the tasks' gradients measured in one naive-MTL run
+        (cs-affinity), then TAG's selection on it; each selection trained as TAG's."""
+        from .grouping_search import tag_select
+        def go():
+            cfg = self.cfg("cs-affinity")
+            r = self.run("cs/affinity", cfg, "cs similarity", cost_factor=1.0 + self.n / cfg.cs.every)
+            if r.get("cs_similarity") is None:
+                raise ValueError("the CS run recorded no measurement (cs.every larger than the number of steps?)")
+            return r, np.array(r["cs_similarity"])
+        run, C = self.once("cs_similarity", go)
+        self.details["cs_similarity"] = {"matrix": C.tolist(), "measurements": run["cs_measurements"],
+                                         "every": run["cs_every"], "run": run["_key"]}
+        rows = []
+        for k in self.ks:
+            sel = tag_select(C, k)
+            self.details[f"cs_selection_k{k}"] = sel.to_dict()
+            r = self.train_selection(f"cs/k{k}", f"cs K={k}", sel)
+            rows.append(Row("cs", k, self.repeats(r, f"cs K={k}"), [self.cost(run), self.cost(r)], [sel.partition()],
+                            self._trained_networks(sel), notes=self._selection_notes(sel)))
+        return rows
+
+    def m_augmentation(self, name: str) -> list[Row]:
+        """A training augmentation (UW, GradNorm, PCGrad, a torchjd aggregator) on one shared network."""
+        r = self.run(name, self.cfg(name), name)
+        return [Row(name, None, self.repeats(r, name), [self.cost(r)], [partition_of(r["assignment"])],
+                    notes=["one shared network (naive-MTL shape); Train time includes the augmentation's "
+                           "extra backward passes"])]
+
+    def m_tag_pcgrad(self) -> list[Row]:
+        """TAG's selected networks trained with PCGrad (the TAG paper §5: the two are complementary)."""
+        from .grouping_search import tag_select
+        aff_run, Z = self.tag_affinity()
+        self.details["tag_affinity"] = {"matrix": Z.tolist(), "measurements": aff_run["tag_affinity_measurements"],
+                                        "every": aff_run["tag_affinity_every"], "run": aff_run["_key"]}
+        rows = []
+        for k in self.ks:
+            sel = tag_select(Z, k)
+            self.details[f"tag_selection_k{k}"] = sel.to_dict()
+            r = self.train_selection(f"tag-pcgrad/k{k}", f"tag+pcgrad K={k}", sel, train={"aggregator": "pcgrad"})
+            rows.append(Row("tag+pcgrad", k, self.repeats(r, f"tag+pcgrad K={k}"), [self.cost(aff_run), self.cost(r)],
+                            [sel.partition()], self._trained_networks(sel), notes=self._selection_notes(sel)))
+        return rows
+
     def run_methods(self, methods: list[str]) -> tuple[list[Row], int]:
         from .train import TrainingInterrupted, WriteStopped
         rows, failed = [], 0
         self.naive()                                   # the reference of every NormGain
+        from .methods import AUGMENTATIONS
         for m in methods:
-            fn = getattr(self, "m_" + m.replace("-", "_"))
+            fn = (lambda m=m: self.m_augmentation(m)) if m in AUGMENTATIONS else getattr(self, "m_" + m.replace("-", "_"))
             try:
-                rows.extend(fn())
+                new = fn()
+                if self.aggregator and m in AGGREGATED:
+                    for row in new:
+                        row.method += f"+{self.aggregator}"
+                rows.extend(new)
             except (TrainingInterrupted, WriteStopped):       # stop the comparison: resumable / disk full
                 raise
             except (ValueError, NotImplementedError, RuntimeError, FileNotFoundError) as e:
@@ -504,17 +583,15 @@ def _ms(values: list[float | None]) -> tuple[float | None, float | None]:
 
 
 def row_metrics(row: Row, naive: dict) -> dict:
-    from .metrics import normgain
+    from .metrics import normgain, normgain_error
     if row.error:
         return {}
     tl = [r["total_loss"] for r in row.results]
     te = [r.get("total_error") for r in row.results]
     ngl = [normgain(naive["test"]["loss"], r["test"]["loss"])["value"] for r in row.results]
-    # NormGain_E over the tasks that have an error (all of them for CelebA; the classification tasks
-    # of a folder dataset with regression tasks too)
-    nge = [normgain(naive["test"]["error"], r["test"]["error"])["value"]
-           if r["test"].get("error") and naive["test"].get("error") else None
-           for r in row.results]
+    # NormGain_E over the tasks that have an evaluation metric (all of them for CelebA and Taskonomy; the
+    # classification tasks of a folder dataset with regression tasks too)
+    nge = [(normgain_error(naive["test"], r["test"]) or {}).get("value") for r in row.results]
     naive_units = naive["epochs"]
     # RG: one row holds S independent partitions; its cost is that of one of them (mean)
     per = max(len(row.results), 1) if row.method == "rg" else 1
@@ -729,7 +806,12 @@ def _parser() -> argparse.ArgumentParser:
                                                   "with --data-root the dataset found there (folder_k3, celeba9_k3, "
                                                   "taskonomy5_k3)")
     p.add_argument("--methods", default=",".join(ALL_METHODS), help=f"comma list of {','.join(ALL_METHODS)} "
-                                                                    "(naive = naive-mtl, as `train --method` calls it)")
+                   "(naive = naive-mtl, as `train --method` calls it); also "
+                   "cs, tag-pcgrad and the training augmentations uw, gradnorm, pcgrad, mgda, cagrad, nash-mtl, imtl, "
+                   "aligned-mtl, upgrad (one shared network each)")
+    p.add_argument("--aggregator", default=None, metavar="NAME",
+                   help="train the grouping methods' selected networks (stl, rg, tag, hoa, bmtn, cs, dmtg-two-shot) "
+                        "with this training augmentation (train.aggregator; rows named METHOD+NAME)")
     p.add_argument("--k", default=None, help="comma list of K values (default: the recipe's model.branches)")
     p.add_argument("--out", required=True, help="comparison folder (one subfolder per run; re-run to resume)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -764,11 +846,17 @@ def compare_main(argv: list[str]) -> int:
     methods = []
     for m in (x.strip() for x in args.methods.split(",") if x.strip()):
         m = ALIASES.get(m, m)
-        if m not in ALL_METHODS:
-            print(f"error: --methods: unknown method {m!r}; known: {', '.join(ALL_METHODS)}", file=sys.stderr)
+        if m not in known_methods():
+            print(f"error: --methods: unknown method {m!r}; known: {', '.join(known_methods())}", file=sys.stderr)
             return 2
         if m not in methods:
             methods.append(m)
+    methods.sort(key=method_order)            # grouping methods, augmentations, combinations (stable)
+    from .methods import AUGMENTATIONS
+    if args.aggregator is not None and args.aggregator not in AUGMENTATIONS:
+        print(f"error: --aggregator: unknown training augmentation {args.aggregator!r}; known: "
+              f"{', '.join(AUGMENTATIONS)}", file=sys.stderr)
+        return 2
     if args.seeds < 1 or args.rg_partitions < 1:
         print("error: --seeds and --rg-partitions must be >= 1", file=sys.stderr)
         return 2
@@ -787,7 +875,8 @@ def compare_main(argv: list[str]) -> int:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         cmp = Comparison(base, out, ks, seeds=args.rg_partitions, train_seeds=args.seeds, overlap=args.overlap, rsa_images=args.rsa_images,
-                         naive_cfg=naive_cfg, progress=progress_flag(args), flops=not args.no_flops)
+                         naive_cfg=naive_cfg, progress=progress_flag(args), flops=not args.no_flops,
+                         aggregator=args.aggregator)
         _log.info(f"comparison of {', '.join(methods)} on {args.recipe} ({cmp.n} tasks), K ∈ {ks}, in {out}")
         rows, failed = cmp.run_methods(methods)
     except WriteFailed as e:
@@ -813,6 +902,7 @@ def compare_main(argv: list[str]) -> int:
     written = write_extra_tables(out, rows, cmp.names, naive, title=f"Comparison: {args.recipe}, K ∈ {ks}")
     from .report import round_floats
     atomic_write_json(out / "comparison.json", round_floats({"recipe": args.recipe, "ks": ks, "methods": methods,
+                                                 "aggregator": args.aggregator,
                                                  "tasks": cmp.names, "seeds": args.seeds,
                                                  "rg_partitions": args.rg_partitions, "overlap": args.overlap,
                                                  "rows": tables["rows"], "details": cmp.details}))

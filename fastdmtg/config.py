@@ -60,6 +60,10 @@ class DataConfig:
     # (the release's IoU meter; the paper's Table A2); mean = mean IoU over classes 1..17 present in the
     # target or the prediction
     taskonomy_miou: str = "reference"      # reference | mean
+    # evaluation loss per task: set = the mean over the whole split (pixels of the set; exact whatever the
+    # evaluation batch size); batch_mean = the mean over evaluation batches of each batch's mean (the
+    # release's Averager; depends on train.eval_batch_size) — docs/taskonomy.md §5
+    taskonomy_eval_loss: str = "set"       # set | batch_mean
     # folder / tensors datasets (your own tasks, fastdmtg/data/folder.py): the resolved task declarations
     # {task: {type, classes, labels, weight, mean, std}}; empty = read tasks.json / infer from the training
     # split, then filled in when the data is opened, so the run's config.json makes a rerun exact
@@ -85,6 +89,8 @@ class DataConfig:
                f"data.taskonomy_seg_resize: expected nearest|bilinear, got {self.taskonomy_seg_resize!r}")
         _check(self.taskonomy_miou in ("reference", "mean"),
                f"data.taskonomy_miou: expected reference|mean, got {self.taskonomy_miou!r}")
+        _check(self.taskonomy_eval_loss in ("set", "batch_mean"),
+               f"data.taskonomy_eval_loss: expected set|batch_mean, got {self.taskonomy_eval_loss!r}")
         if self.folder_tasks:
             from .tasks.generic import decls_from_config
             try:
@@ -108,7 +114,7 @@ class DataConfig:
 class ModelConfig:
     arch: str = "resnet_celeba"         # resnet_celeba | xception | vit_base
     # K: the number of encoder branches (maximum number of groups). 0 = auto (method_branches): dmtg
-    # min(3, N), naive-mtl and tag-affinity 1, fixed / networks the number of groups; a value the method
+    # min(3, N), naive-mtl, tag-affinity, cs-affinity and the augmentations (uw, pcgrad, …) 1, fixed / networks the number of groups; a value the method
     # contradicts is an error, never silently replaced
     branches: int = 0
     width: int = 64                     # channels of the ResNet variant (64 = reference)
@@ -123,8 +129,13 @@ class ModelConfig:
     # resnet_celeba: BN → ReLU → MaxPool of the stem as one fused op in training (docs/kernels.md);
     # auto stays off until a GPU measurement decides (fastdmtg.builder.FUSED_STEM_AUTO)
     fused_stem: str = "auto"            # auto | on | off
+    # vit_base: a timm (vit_base_patch16_224) or torchvision (vit_b_16) state-dict file on disk to start the
+    # encoder from (fastdmtg/models/vit.py: load_pretrained); "" = from scratch
+    pretrained: str = ""
 
     def __post_init__(self):
+        _check(not self.pretrained or self.arch == "vit_base",
+               f"model.pretrained: only model.arch=vit_base loads pretrained weights, got arch {self.arch!r}")
         _check(self.branches >= 0, f"model.branches (K) must be >= 1, or 0 (auto), got {self.branches}")
         _check(self.branches <= 64, f"model.branches (K) must be <= 64, got {self.branches}")
         _check(self.width >= 1, f"model.width must be >= 1, got {self.width}")
@@ -146,7 +157,8 @@ Partition = list[list[typing.Union[int, str]]]
 class GroupingConfig:
     """Which grouping method trains, and the groups of the methods that are given them. Each method's
     own settings live in its own section (``dmtg``, ``tag``)."""
-    method: str = "dmtg"                # dmtg | naive-mtl | fixed | tag-affinity | networks (fastdmtg.methods)
+    method: str = "dmtg"                # dmtg | naive-mtl | fixed | tag-affinity | networks | cs-affinity | uw | gradnorm |
+    # pcgrad | mgda | cagrad | nash-mtl | imtl | aligned-mtl | upgrad (fastdmtg.methods)
     # fixed / networks: the tasks of each group (fixed: a partition, every task once; networks: the tasks
     # trained in each network); --set 'grouping.groups=0,1|2' or names, "+t" marks t auxiliary (networks)
     groups: Partition = field(default_factory=list)
@@ -219,6 +231,50 @@ MAX_LR = 1e6
 
 
 @dataclass
+class CSConfig:
+    """The TAG paper's cosine-similarity grouping baseline (grouping.method=cs-affinity): the
+    measurement run (fastdmtg/methods/cs.py)."""
+    every: int = 10                     # steps between measurements of the task gradients' cosines
+
+    def __post_init__(self):
+        _check(self.every >= 1, f"cs.every must be >= 1, got {self.every}")
+
+
+@dataclass
+class UWConfig:
+    """Uncertainty weighting (Kendall et al. 2018; grouping.method=uw or train.aggregator=uw)."""
+    # paper = eq. (7)/(10) with s = log σ²: classification exp(−s)·L + s/2, regression ½·exp(−s)·L + s/2;
+    # uniform = exp(−s)·L + s for every task (the form most implementations use)
+    form: str = "paper"                 # paper | uniform
+
+    def __post_init__(self):
+        _check(self.form in ("paper", "uniform"), f"uw.form: expected paper|uniform, got {self.form!r}")
+
+
+@dataclass
+class GradNormConfig:
+    """GradNorm (Chen et al. 2018; grouping.method=gradnorm or train.aggregator=gradnorm)."""
+    # the restoring-force asymmetry α; the TAG paper searches {0.1, 0.5, 1.0, 1.5, 2.0, 3.0, 5.0}
+    alpha: float = 1.5
+
+    def __post_init__(self):
+        _check(self.alpha >= 0, f"gradnorm.alpha must be >= 0, got {self.alpha}")
+
+
+@dataclass
+class AggregationConfig:
+    """The torchjd aggregators' hyper-parameters (grouping.method=cagrad | nash-mtl, or train.aggregator)."""
+    cagrad_c: float = 0.4               # CAGrad's ball radius scale c (the CAGrad paper's image-MTL value)
+    nash_max_norm: float = 1.0          # Nash-MTL: clip ‖Jᵀw‖ to this (0: off); the paper's code default
+    nash_update_every: int = 1          # Nash-MTL: solve for new weights every this many steps
+
+    def __post_init__(self):
+        _check(self.cagrad_c >= 0, f"aggregation.cagrad_c must be >= 0, got {self.cagrad_c}")
+        _check(self.nash_max_norm >= 0, f"aggregation.nash_max_norm must be >= 0, got {self.nash_max_norm}")
+        _check(self.nash_update_every >= 1, f"aggregation.nash_update_every must be >= 1, got {self.nash_update_every}")
+
+
+@dataclass
 class OptimConfig:
     name: str = "adam"                  # adam | adamw | sgd
     lr: float = 8e-4
@@ -264,9 +320,9 @@ class TrainConfig:
     kernels: str = "auto"               # auto (Triton on CUDA) | triton | reference
     val_every: int = 1                  # epochs between validations (the last epoch always validates)
     val_first_epoch: bool = True        # validate after epoch 1 too (the release)
-    # best.pt: reference = saved when the validation criterion (total error when every task is a
-    # classification, else total loss) AND the epoch's training loss both improve on the values at the
-    # last save (the release); val_loss = the lowest validation total loss
+    # best.pt: reference = saved when the validation total loss (for every dataset, classification
+    # included, as the release) AND the epoch's training loss both improve on the values at the last save
+    # (the release); val_loss = the lowest validation total loss
     best_rule: str = "reference"        # reference | val_loss
     log_every: int = 20                 # steps between TensorBoard scalars
     progress: bool = True               # tqdm progress bars
@@ -292,6 +348,9 @@ class TrainConfig:
     # exit 4 — warn = flag it and go on (exit 0)
     divergence_factor: float = 10.0
     on_divergence: str = "error"        # error | warn
+    # a training augmentation for the networks of a method with 0/1 weights (naive-mtl, fixed, networks):
+    # none | uw | gradnorm | pcgrad | mgda | cagrad | nash-mtl | imtl | aligned-mtl | upgrad (fastdmtg.methods.AUGMENTATIONS)
+    aggregator: str = "none"
 
     def __post_init__(self):
         _check(self.epochs >= 1, f"train.epochs must be >= 1, got {self.epochs}")
@@ -316,6 +375,9 @@ class TrainConfig:
                    f"train.logger names the trackers next to it: {'|'.join(n for n in TRACKERS if n != 'tensorboard')}")
             _check(name in TRACKERS, f"train.logger: unknown tracker {name!r}; expected "
                    f"{'|'.join(n for n in TRACKERS if n != 'tensorboard')} (comma-separated)")
+        from .methods import AUGMENTATIONS
+        _check(self.aggregator == "none" or self.aggregator in AUGMENTATIONS,
+               f"train.aggregator: expected none|{'|'.join(AUGMENTATIONS)}, got {self.aggregator!r}")
 
 
 @dataclass
@@ -326,6 +388,10 @@ class Config:
     grouping: GroupingConfig = field(default_factory=GroupingConfig)
     dmtg: DMTGConfig = field(default_factory=DMTGConfig)
     tag: TagConfig = field(default_factory=TagConfig)
+    cs: CSConfig = field(default_factory=CSConfig)
+    uw: UWConfig = field(default_factory=UWConfig)
+    gradnorm: GradNormConfig = field(default_factory=GradNormConfig)
+    aggregation: AggregationConfig = field(default_factory=AggregationConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
@@ -335,9 +401,10 @@ class Config:
         method = self.grouping.method
         if self.dmtg.prune_eps > 0:
             _check(method == "dmtg", f"dmtg.prune_eps > 0 (head pruning) needs grouping.method=dmtg, got {method}")
+        _check_aggregator(self)
         k = method_branches(self, None)
         if self.model.branches and k is not None and self.model.branches != k:
-            why = ("one encoder for all tasks" if method in ("naive-mtl", "tag-affinity")
+            why = ("one encoder for all tasks" if k == 1 and method not in ("fixed", "networks")
                    else f"one branch per group of grouping.groups ({k})")
             raise ConfigError(f"model.branches={self.model.branches}, but grouping.method={method} trains {k} "
                               f"branch(es) ({why}); set model.branches={k}, or 0 (auto)")
@@ -398,12 +465,26 @@ class Config:
 
 
 _SECTIONS = {"data": DataConfig, "model": ModelConfig, "grouping": GroupingConfig, "dmtg": DMTGConfig,
-             "tag": TagConfig, "optim": OptimConfig, "train": TrainConfig}
+             "tag": TagConfig, "cs": CSConfig, "uw": UWConfig, "gradnorm": GradNormConfig,
+             "aggregation": AggregationConfig, "optim": OptimConfig, "train": TrainConfig}
+
+
+def _check_aggregator(cfg: "Config") -> None:
+    """train.aggregator trains the networks of a method with constant 0/1 weights; a method that is
+    itself an augmentation (grouping.method=pcgrad, …) already names its own."""
+    from .methods import AUGMENTABLE, AUGMENTATIONS
+    agg, method = cfg.train.aggregator, cfg.grouping.method
+    if agg == "none":
+        return
+    _check(method not in AUGMENTATIONS, f"train.aggregator={agg}: grouping.method={method} already trains with "
+                                        f"{method}; use one of the two")
+    _check(method in AUGMENTABLE, f"train.aggregator={agg} applies to the networks of grouping.method "
+                                  f"{'|'.join(AUGMENTABLE)} (constant 0/1 weights), not {method}")
 
 # Paths in the config, stored absolute (resolved against the working folder where they were typed),
 # so that eval / --resume / --init-from work from any working folder. Symlinks are kept as typed.
 PATH_FIELDS = (("data", "root"), ("data", "cache_dir"), ("data", "taskonomy_split_file"),
-               ("train", "init_from"), ("train", "reference"))
+               ("train", "init_from"), ("train", "reference"), ("model", "pretrained"))
 
 # What a change of each field does to a run's results — the one table behind both rules "which fields
 # may differ": a resume (RESUME_SAFE) and compare's reuse of a finished run (SAME_RESULTS_FIELDS). A
@@ -457,12 +538,14 @@ _EXPECT = {bool: "true or false", int: "an integer", float: "a number", str: "a 
 
 
 def method_branches(cfg: "Config", num_tasks: int | None) -> int | None:
-    """K for model.branches=0 (auto): naive-mtl and tag-affinity 1 (one encoder for all tasks), fixed
+    """K for model.branches=0 (auto): naive-mtl, tag-affinity, cs-affinity and the
+    augmentations (uw, gradnorm, pcgrad, …) 1 (one encoder for all tasks), fixed
     and networks one branch per group, dmtg min(3, N) (3: the paper's CelebA-9 / Taskonomy default; a
     folder of fewer tasks gets one branch per task at most). None: not known yet (dmtg before the number
     of tasks N is known: the builder resolves it with the opened data)."""
     method = cfg.grouping.method
-    if method in ("naive-mtl", "tag-affinity"):
+    from .methods import AUGMENTATIONS
+    if method in ("naive-mtl", "tag-affinity", "cs-affinity") or method in AUGMENTATIONS:
         return 1
     if method in ("fixed", "networks"):
         return len(cfg.grouping.groups)
@@ -644,13 +727,16 @@ def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
 
 def reference_common(cfg: Config) -> Config:
     """The switches where fastdmtg's default differs from the released code whatever the recipe: fp32
-    (no autocast), the plateau schedule on the training loss, no naive-MTL initialisation. A format adds
-    its own (Taskonomy: the release's bilinear resize of segmentation ids). Everything else the recipes
+    (no autocast), the plateau schedule on the training loss, no naive-MTL initialisation, no stop on
+    divergence (the release stops only on a NaN loss: train.on_divergence=warn flags it in results.json
+    and trains on). A format adds its own (Taskonomy: the release's bilinear resize of segmentation ids
+    and its evaluation loss). Everything else the recipes
     already set to the release's values (best-checkpoint rule, validation after epoch 1, mIoU
     definition, SyncBatchNorm, shared Gumbel noise, rotate loss, 1/√K scaling)."""
     cfg.name += "_reference"
     cfg.train.amp = "off"
     cfg.train.init = "scratch"
+    cfg.train.on_divergence = "warn"
     cfg.optim.plateau_on = "train"
     return cfg
 

@@ -14,6 +14,10 @@ linear heads) in fp32 (``set_output_precision``); the losses are computed in fp3
 (the ops upcast their inputs and accumulate in fp32); evaluation runs without autocast. ``bf16`` is plain
 autocast everywhere (evaluation included), ``off`` is fp32.
 
+A method with a training augmentation (``methods.StepBackward``: UW, GradNorm, PCGrad, the torchjd
+aggregators) replaces forward + ``total.backward()`` by its own ``forward(step, batch)``, which uses
+``outputs`` and ``losses`` (per-head losses with one-hot weights); that step runs eagerly only.
+
 ``StepRunner`` runs forward + backward + optimizer step in one of three ways:
 
 * eager;
@@ -60,11 +64,19 @@ class StepModule(nn.Module):
 
     def forward(self, batch: dict):
         z = self.method.weights()                                             # (N, K)
+        return self.losses(self.outputs(batch), batch, z)
+
+    def outputs(self, batch: dict):
+        """The model's outputs for the batch (stacked (K, N, B, C) or N × (K, B, ...))."""
         image = batch["image"]
         if self.channels_last:
             image = image.contiguous(memory_format=torch.channels_last)
         with self._autocast():
-            outputs = self.model(image)
+            return self.model(image)
+
+    def losses(self, outputs, batch: dict, z: torch.Tensor):
+        """(total = Σ z·L, L (N, K) detached) for weights ``z`` (N, K); a training augmentation
+        (methods.StepBackward) calls it once per head with a one-hot z to get that head's loss."""
         task_branches = self.model.task_branches                              # models.BranchedNet
         if task_branches is None:
             return self.taskset.head_losses(outputs, batch, z, kernels=self.kernels)
@@ -124,9 +136,14 @@ class CudaGraphs:
 
 class StepRunner:
     def __init__(self, forward: nn.Module, optimizer: torch.optim.Optimizer, mode: str = "eager",
-                 warmup: int = 3, full_batch: int | None = None, graphs=None):
+                 warmup: int = 3, full_batch: int | None = None, graphs=None, step_backward=None):
         if mode not in ("eager", "compile", "graph", "compile+graph"):
             raise ValueError(f"unknown step mode {mode!r}")
+        # a training augmentation (methods.StepBackward: UW, GradNorm, PCGrad, the aggregators) replaces
+        # ``total.backward()``; it computes per-head losses or gradients outside any graph: eager only
+        if step_backward is not None and mode != "eager":
+            raise ValueError(f"a training augmentation ({step_backward.name}) runs eagerly, not in mode {mode!r}")
+        self.step_backward = step_backward
         self.optimizer, self.mode, self.warmup = optimizer, mode, warmup
         self.full_batch = full_batch        # batches of another size run eagerly (compile/graph modes)
         self.eager_fn = forward
@@ -149,8 +166,11 @@ class StepRunner:
 
     def _eager_step(self, fn, batch):
         self.optimizer.zero_grad(set_to_none=True)
-        total, L = fn(batch)
-        total.backward()
+        if self.step_backward is None:
+            total, L = fn(batch)
+            total.backward()
+        else:
+            total, L = self.step_backward(fn, batch)       # the augmentation's loss and gradients
         self.optimizer.step()
         return total.detach(), L
 

@@ -38,7 +38,7 @@ from .config import Config, ConfigError, check_init, resume_changes
 from .log import EPOCHS, RunLog, bars_on, get_logger
 from .pipelines import build_source
 from .methods import AffinityMeasured, HeadsPruned, StepContext
-from .metrics import normgain, summarize
+from .metrics import normgain, normgain_error, summarize
 from .models import BranchedNet, GroupedNet
 
 log = get_logger("fastdmtg.train")
@@ -118,12 +118,20 @@ def validation_due(cfg: Config, epoch: int) -> bool:
 
 
 def best_criterion(cfg: Config, val: dict) -> float:
-    """The validation number best.pt is chosen on: train.best_rule=reference takes the total error when
-    every task has a comparable error (classification; the release's ``error``) and the total loss
-    otherwise; val_loss takes the total loss."""
-    if cfg.train.best_rule == "reference" and val.get("total_error") is not None:
-        return float(val["total_error"])
+    """The validation number best.pt is chosen on: the total validation loss under either rule, for every
+    dataset. The release ranks on the loss for classification too: its accuracy accumulator exists only
+    with ``run.is_classify``, which no training config sets (``train.py:163, 298``), so
+    ``val_losses.pop("error", val_losses.pop("total"))`` returns the total loss."""
     return float(val["total_loss"])
+
+
+def best_rule_text(cfg: Config) -> str:
+    """What best.pt is chosen on, in words (``fastdmtg train --dry-run``)."""
+    if cfg.train.best_rule == "reference":
+        return ("best.pt: lowest validation total loss among the validations where the training loss also "
+                "improved (both compared with their values at the last save; train.best_rule=reference, as the "
+                "release)")
+    return "best.pt: lowest validation total loss (train.best_rule=val_loss)"
 
 
 def improves_best(rule: str, val: float, train_loss: float, best_val: float, best_train: float) -> bool:
@@ -452,7 +460,7 @@ class Trainer:
             where = f"the end of epoch {e}" if s == 0 else f"epoch {e + 1}, step {g}"
             kept = f"{path} holds the state at {where} (step {g})"
         if getattr(self, "best_epoch", -1) >= 0 and (self.ckpt_dir / ckpt.BEST).exists():
-            kept += f"; {self.ckpt_dir / ckpt.BEST} holds epoch {self.best_epoch + 1} (best validation loss)"
+            kept += f"; {self.ckpt_dir / ckpt.BEST} holds epoch {self.best_epoch + 1} (train.best_rule)"
         return kept
 
     def _save_best(self, state: dict) -> BaseException | None:
@@ -877,6 +885,8 @@ class Trainer:
             res["probabilities"] = probs.cpu().tolist()
         self._grouping_confidence(res)
         res.update(self.method.extra_results())
+        if self.method.step_backward() is not None:           # a training augmentation: its learned state
+            res["augmentation"] = self.method.step_backward().results()
         if prune_res is not None:
             res["pruning"] = prune_res
         if cfg.train.reference:
@@ -918,8 +928,9 @@ def compare_to_reference(reference_path: str, test: dict) -> dict:
     if not (isinstance(ref, dict) and isinstance(ref.get("test"), dict) and isinstance(ref["test"].get("loss"), dict)):
         raise ckpt.RunFileError(f"{p}: not a fastdmtg results.json (no test.loss) (train.reference)")
     out = {"reference": str(p), "normgain_loss": normgain(ref["test"]["loss"], test["loss"])}
-    if test.get("error") is not None and ref["test"].get("error") is not None:
-        out["normgain_error"] = normgain(ref["test"]["error"], test["error"])
+    nge = normgain_error(ref["test"], test)
+    if nge is not None:
+        out["normgain_error"] = nge
     return out
 
 

@@ -17,10 +17,14 @@ Each .beton gets a manifest (``cache.write_manifest``: its key, size, CRC-32) wr
 written again (a log line names it).
 
 Every array is validated (dtype, shape, contiguity) before FFCV sees it: FFCV's writer does not
-check dtypes, and an exception in one of its worker processes leaves the parent waiting forever.
-On top of that a watchdog turns a crashed writer worker, or ``timeout``, into a ``PipelineError``
-(only when writing from the main thread, where it can interrupt the wait). Files are written to a
-temporary name and renamed, so a crash never leaves a half-written .beton under the final name.
+check dtypes, and an exception in one of its worker processes leaves its parent waiting forever.
+So FFCV's writer runs in a forked child process with its own process group, which the caller
+watches (``_watch_writer``): a worker that raises or ends with a non-zero exit code, the child's
+own error, or ``timeout`` makes the caller SIGKILL the whole group, delete the temporary file and
+raise a ``PipelineError`` naming the .beton and the reason. Nothing depends on a signal reaching
+the caller (SIGINT is ignored in background jobs and under nohup) nor on which thread calls.
+Files are written to a temporary name and renamed, so a crash never leaves a half-written .beton
+under the final name.
 
 Reading (``FfcvSource``), per batch:
 
@@ -122,7 +126,6 @@ def write_beton(path: str | Path, arrays: dict[str, np.ndarray], *, image_fields
     (``image_mode`` raw | jpg); every other field becomes an NDArrayField of its dtype and row shape.
     Returns ``path``."""
     from ffcv.fields import NDArrayField, RGBImageField
-    from ffcv.writer import DatasetWriter
     import multiprocessing as mp
     if image_mode not in ("raw", "jpg"):
         raise ValueError(f"image_mode must be raw|jpg, got {image_mode!r}")
@@ -139,52 +142,135 @@ def write_beton(path: str | Path, arrays: dict[str, np.ndarray], *, image_fields
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     workers = num_workers or min(8, os.cpu_count() or 1)
-    failed = mp.get_context("fork").Event()
+    ctx = mp.get_context("fork")
+    failed = ctx.Event()                           # set by a failing worker (or the child's worker check)
     rows = _Rows(arrays, tuple(image_fields), failed)
-    writer = DatasetWriter(str(tmp), fields, num_workers=workers)
-
-    before = set(mp.active_children())
-    done = threading.Event()
-    why: list[str] = []
-    watch = threading.current_thread() is threading.main_thread()
-
-    def watchdog():
-        t0 = time.monotonic()
-        while not done.wait(0.1):
-            if failed.is_set() or any(p.exitcode not in (None, 0) for p in mp.active_children() if p not in before):
-                why.append("a writer worker failed (its traceback is above)")
-            elif timeout is not None and time.monotonic() - t0 > timeout:
-                why.append(f"timed out after {timeout:.0f} s")
-            if why:
-                import _thread
-                _thread.interrupt_main()
-                return
-
-    import ffcv.writer as fw
-    old_tqdm = fw.tqdm
-    if not progress:                              # FFCV's writer always draws a progress bar
-        fw.tqdm = functools.partial(old_tqdm, disable=True)
-    thread = threading.Thread(target=watchdog, daemon=True) if watch else None
+    chunksize = max(1, min(100, n // workers or 1))
+    recv, send = ctx.Pipe(duplex=False)            # the child's error message, if it raises
+    child = ctx.Process(target=_write_child, args=(str(tmp), fields, workers, rows, chunksize, progress, failed, send),
+                        name="fastdmtg-beton-writer", daemon=False)
+    why, said = None, {}
     try:
-        if thread is not None:
-            thread.start()
-        writer.from_indexed_dataset(rows, chunksize=max(1, min(100, n // workers or 1)))
-    except KeyboardInterrupt:
-        if not why:
-            raise
-        raise PipelineError(f"{path}: writing the .beton failed: {why[0]}") from None
+        child.start()
+        send.close()
+        try:
+            os.setpgid(child.pid, child.pid)      # also done in the child; whichever runs first (no race)
+        except OSError:
+            pass
+        why = _watch_writer(child, failed, recv, timeout, said)
     finally:
-        done.set()
-        for p in mp.active_children():            # the writer's workers, if it was interrupted
-            if p not in before:
-                p.terminate()
-        fw.tqdm = old_tqdm
-        if tmp.exists() and (why or sys.exc_info()[0] is not None):
+        # on failure, on timeout, or on an exception here (a real Ctrl-C): the child and every
+        # writer worker it forked go, whatever their signal handlers, and the partial file with them
+        if child.pid is not None and (why is not None or child.exitcode != 0):
+            _kill_group(child)
+            _unlink_shm(said.get("shm"))
+        recv.close()
+        if tmp.exists() and (why is not None or sys.exc_info()[0] is not None):
             tmp.unlink()
-    if why:
-        raise PipelineError(f"{path}: writing the .beton failed: {why[0]}")
+    if why is not None:
+        raise PipelineError(f"{path}: writing the .beton failed: {why}")
     os.replace(tmp, path)
     return path
+
+
+def _write_child(tmp: str, fields: dict, workers: int, rows: _Rows, chunksize: int, progress: bool,
+                 failed, send) -> None:
+    """The forked writer process: its own process group (the parent kills the group: this process
+    and FFCV's workers), FFCV's ``DatasetWriter`` in the main thread, and a thread that sets
+    ``failed`` when a worker ends with a non-zero exit code (killed, crashed) without saying so, and
+    kills the group when the caller itself has died."""
+    import signal
+    import traceback
+    os.setpgid(0, 0)
+    # the parent decides when this process stops (a terminal's Ctrl-C goes to the parent's group)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)   # the forking thread is this process's main thread
+    from ffcv.writer import DatasetWriter
+    import ffcv.writer as fw
+    import multiprocessing as mp
+    if not progress:                              # FFCV's writer always draws a progress bar
+        fw.tqdm = functools.partial(fw.tqdm, disable=True)
+    started: list = []                            # FFCV's workers (mp.active_children() forgets the dead ones)
+
+    class Worker(mp.Process):
+        def start(self):
+            super().start()
+            started.append(self)
+
+    fw.Process = Worker                           # this process only: it ends with the write
+    parent = os.getppid()
+
+    def check_workers():
+        while not failed.is_set():
+            if any(p.exitcode not in (None, 0) for p in list(started)):
+                failed.set()                      # a worker killed or crashed before it could say so
+            if os.getppid() != parent:            # the caller is gone (killed): nobody would stop us
+                os.killpg(0, signal.SIGKILL)
+            time.sleep(0.1)
+
+    class Writer(DatasetWriter):
+        def prepare(self):
+            super().prepare()
+            # FFCV's metadata lives in shared memory, unlinked only at its end: the parent unlinks
+            # it when it kills this process
+            send.send(("shm", self.metadata_sm.name))
+
+    threading.Thread(target=check_workers, daemon=True).start()
+    try:
+        Writer(tmp, fields, num_workers=workers).from_indexed_dataset(rows, chunksize=chunksize)
+    except BaseException as e:
+        traceback.print_exc()
+        sys.stderr.flush()
+        send.send(("error", f"{type(e).__name__}: {e}"[:2000]))
+        os._exit(1)
+    send.close()
+
+
+def _watch_writer(child, failed, recv, timeout: float | None, said: dict) -> str | None:
+    """Wait for the writer process: None when it wrote the file, else why it failed (the process
+    is then still running, or has ended). ``said``: what the writer sent ({"shm": name, "error": …})."""
+    t0 = time.monotonic()
+    while True:
+        child.join(0.1)
+        try:
+            while recv.poll():
+                key, value = recv.recv()
+                said[key] = value
+        except (EOFError, OSError):
+            pass
+        if failed.is_set():
+            return "a writer worker failed (if it raised, its traceback is above)"
+        if child.exitcode is not None:
+            if child.exitcode == 0:
+                return None
+            if "error" in said:
+                return said["error"]
+            return (f"the writer process was killed by signal {-child.exitcode}" if child.exitcode < 0 else
+                    f"the writer process exited with status {child.exitcode}")
+        if timeout is not None and time.monotonic() - t0 > timeout:
+            return f"timed out after {timeout:.0f} s"
+
+
+def _unlink_shm(name: str | None) -> None:
+    if name is None:
+        return
+    from multiprocessing import shared_memory
+    try:
+        shared_memory.SharedMemory(name=name).unlink()
+    except FileNotFoundError:                      # the writer got as far as unlinking it
+        pass
+
+
+def _kill_group(child) -> None:
+    """SIGKILL the writer's process group (the writer and FFCV's workers), then reap the writer."""
+    import signal
+    # the group outlives the writer while one of its workers lives, so its id cannot be reused yet
+    try:
+        os.killpg(child.pid, signal.SIGKILL)
+    except ProcessLookupError:                     # nothing left in the group
+        pass
+    except PermissionError:                        # not its own group after all: the writer alone
+        child.kill()
+    child.join()
 
 
 def check_beton(path: str | Path, fields: dict[str, str] | None = None, num_samples: int | None = None):

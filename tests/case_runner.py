@@ -6,9 +6,10 @@ interrupt).
 this folder) and calls ``function(arg, case)`` for each case in turn. Before a case starts, the
 child records it as current, and arms ``faulthandler.dump_traceback_later(limit, exit=True)``: a
 case that runs past its limit ends the child with every thread's stack on stderr. The parent then
-records that case as failed — "did not finish within its N s limit", with the stack dump — and
-starts a new child for the cases after it. A hang costs its own case and ``limit`` seconds, never
-the cases after it nor the whole module's time budget.
+records that case as failed — "did not finish within N s — a hang, not a wrong result", with the
+stack dump — and starts a new child for the cases after it. A hang costs its own case and ``limit``
+seconds, never the cases after it nor the whole module's time budget. ``limit`` is a hang guard:
+at least 10× the case's time on an idle machine, never a check of speed.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import faulthandler
 import importlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -47,29 +49,71 @@ def child_main(spec_json: str) -> None:
         out.write_text(json.dumps(results))          # after every case: a later hang keeps this verdict
 
 
+def _kill_session(sid: int) -> None:
+    """SIGKILL every process of session ``sid`` (its process groups too: a writer that made its own),
+    found in /proc; elsewhere the group ``sid`` alone."""
+    pids = []
+    if os.path.isdir("/proc/self"):
+        for d in os.listdir("/proc"):
+            try:
+                with open(f"/proc/{d}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[-1].split()   # state ppid pgrp session ...
+                if int(fields[3]) == sid:
+                    pids.append(int(d))
+            except (OSError, ValueError, IndexError):
+                continue
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    try:
+        os.killpg(sid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def hang_message(what: str, limit: float) -> str:
+    """How every wall-clock limit of the suite reports itself: a hang guard, not a speed check."""
+    return f"{what} did not finish within {limit:g} s — a hang, not a wrong result"
+
+
 def run_cases(module: str, function: str, arg, cases: list[str], limit: float, out: Path,
               env: dict | None = None) -> dict[str, str | None]:
-    """{case: None (passed) or the failure text}. ``out`` is the results file (a fresh path)."""
+    """{case: None (passed) or the failure text}. ``out`` is the results file (a fresh path).
+
+    Each child runs in its own session; once it has ended, whatever it left running in that
+    session (a worker of a hung case, in its own process group or not) is killed. Its output goes to a file, not a
+    pipe, so a leftover grandchild holding it open cannot stall the wait."""
     out = Path(out)
     remaining, results = list(cases), {}
     code = "import sys; sys.path.insert(0, sys.argv[1]); import case_runner; case_runner.child_main(sys.argv[2])"
     env = dict(os.environ if env is None else env, PYTHONUNBUFFERED="1")
+    log = out.with_name(out.name + ".log")
     while remaining:
         spec = json.dumps({"module": module, "function": function, "arg": arg, "cases": remaining,
                            "limit": limit, "out": str(out)})
-        try:
-            # start-up (imports) is not under the per-case limit: allow a minute for it
-            p = subprocess.run([sys.executable, "-c", code, str(HERE), spec], env=env, capture_output=True,
-                               text=True, timeout=limit * len(remaining) + 60)
-            tail = (p.stdout + p.stderr)[-4000:]
-        except subprocess.TimeoutExpired as e:
-            tail = f"the child process ran past {limit * len(remaining) + 60:.0f} s: {(e.stderr or b'')[-3000:]!r}"
+        # start-up (imports) is not under the per-case limit: allow a minute for it
+        whole = limit * len(remaining) + 60
+        with open(log, "w+") as f:
+            p = subprocess.Popen([sys.executable, "-c", code, str(HERE), spec], env=env, stdout=f,
+                                 stderr=subprocess.STDOUT, start_new_session=True)
+            try:
+                p.wait(timeout=whole)
+                late = ""
+            except subprocess.TimeoutExpired:
+                late = hang_message("the child process", whole) + "\n"
+            finally:
+                _kill_session(p.pid)                     # the child if late, and anything it left behind
+                p.wait()
+            f.seek(0)
+            tail = late + f.read()[-4000:]
         results = json.loads(out.read_text()) if out.exists() else {}
         current = results.pop(CURRENT, None)
         done = [c for c in remaining if c in results]
         if current is not None and current not in results:
-            results[current] = (f"case {current!r} did not finish within its {limit:g} s limit (or its process "
-                                f"crashed); stacks and output of the child:\n{tail}")
+            results[current] = (hang_message(f"case {current!r}", limit) + " (or its process crashed); stacks "
+                                f"and output of the child:\n{tail}")
             done.append(current)
         if not done:                                 # the child died before its first case
             for c in remaining:
@@ -83,6 +127,10 @@ def run_cases(module: str, function: str, arg, cases: list[str], limit: float, o
 def _selftest(arg, case: str) -> None:
     """Cases for tests/test_pipelines.py::test_case_runner_isolates_a_hung_case."""
     if case == "hang":
+        time.sleep(3600)
+    if case == "hang_with_child":               # a leftover process holding the child's output
+        p = subprocess.Popen(["sleep", "3600"])
+        Path(arg, "orphan.pid").write_text(str(p.pid))
         time.sleep(3600)
     if case == "fail":
         raise ValueError("planted failure")

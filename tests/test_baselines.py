@@ -181,6 +181,7 @@ def _rows(out):
     return {(r["method"], r["K"]): r for r in json.loads((out / "comparison.json").read_text())["rows"]}
 
 
+@pytest.mark.slow
 def test_compare_planted_groups_dmtg_and_tag_beat_naive(tmp_path, capsys):
     """The synthetic_k3 recipe at 16 px (a few seconds per run): DMTG (seed 0), TAG and BMTN all
     recover the three planted groups and beat naive MTL by a wide margin. (HOA does too, but its 36
@@ -188,7 +189,10 @@ def test_compare_planted_groups_dmtg_and_tag_beat_naive(tmp_path, capsys):
     out = tmp_path / "cmp"
     args = ["--recipe", "synthetic_k3", "--methods", "naive,tag,dmtg,bmtn", "--k", "3", "--out", str(out),
             *FAST, "--set", "data.image_size=16", "--no-flops"]
-    assert compare_main(args) == 0
+    rc = compare_main(args)
+    # 130: a training run stopped by SIGINT/SIGTERM from outside — e.g. a `timeout` around a loaded
+    # test run: the trainer saves and stops, the suite goes on (docs/testing.md); not a wrong result
+    assert rc == 0, f"compare exited {rc}" + (" (interrupted by a signal from outside)" if rc == 130 else "")
     first = capsys.readouterr().out
     rows = _rows(out)
     planted = _sorted_groups([[f"g{g}_t{j}" for j in range(3)] for g in range(3)])
@@ -217,6 +221,7 @@ def test_compare_planted_groups_dmtg_and_tag_beat_naive(tmp_path, capsys):
     assert "— training (" not in again and again.count("finished earlier, reused") == 5
 
 
+@pytest.mark.slow
 def test_compare_all_methods_tiny(tmp_path, capsys):
     """Every method on a 4-task problem with a shared stem: runs, tables, STL's trunk override,
     HOA's pair networks, BMTN's split choice, RG seeds, the two-shot ablation."""

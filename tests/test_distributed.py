@@ -12,14 +12,15 @@ ARGS = ["--quiet", "--set", "train.tensorboard=false", "--set", "data.synthetic_
         "--set", "model.width=2"]
 
 
-def torchrun(tmp_path: Path, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+def torchrun(tmp_path: Path, *args: str, timeout: int = 420) -> subprocess.CompletedProcess:
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            "-m", "fastdmtg", "train", *args]
     return subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=timeout)
 
 
-@pytest.mark.timeout(600)
+@pytest.mark.slow
+@pytest.mark.timeout(900)
 def test_torchrun_two_processes_train_and_resume(tmp_path):
     run = tmp_path / "ddp"
     p = torchrun(tmp_path, "--out", str(run), "--set", "train.epochs=2", *ARGS)
@@ -38,7 +39,8 @@ def test_torchrun_two_processes_train_and_resume(tmp_path):
     assert [h["global_step"] for h in hist] == [7, 14, 21]
 
 
-@pytest.mark.timeout(600)
+@pytest.mark.slow
+@pytest.mark.timeout(900)
 def test_torchrun_two_processes_with_head_pruning_and_batched_branches(tmp_path):
     """Both ranks drop the same heads at the same steps (compared across ranks at every drop step;
     a mismatch would stop the run) and the batched net skips the dead branch on both."""

@@ -95,7 +95,7 @@ def test_lock_is_released_when_its_holder_is_killed(tmp_path):
     ckpt.RunLock(run).release()                                   # the OS released it with the process
 
 
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(600)
 def test_ddp_ranks_stop_together_on_a_locked_folder(tmp_path):
     """Only rank 0 takes the lock; the other rank learns the outcome from it and exits 2 by itself
     (two ranks started as torchrun starts them, without torchrun's agent, which would otherwise
@@ -113,7 +113,7 @@ def test_ddp_ranks_stop_together_on_a_locked_folder(tmp_path):
                                        WORLD_SIZE="2", RANK=str(r), LOCAL_RANK=str(r), LOCAL_WORLD_SIZE="2"))
              for r in range(2)]
     try:
-        outs = [p.communicate(timeout=120) for p in procs]
+        outs = [p.communicate(timeout=300) for p in procs]
     finally:
         for p in procs:
             p.kill()
@@ -519,6 +519,7 @@ def test_eval_on_a_missing_or_unfinished_folder(tmp_path, capsys):
 
 # ----------------------------------------------------------------------------- 7. SIGKILL anywhere
 
+@pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_sigkill_at_random_moments_then_resume_is_bit_identical(tmp_path):
     """A few random SIGKILLs of a small CPU run, each in the epoch after the process's first

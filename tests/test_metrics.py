@@ -100,3 +100,88 @@ def test_evaluate_matches_a_plain_loop_over_the_split():
         assert got["error"][name] == pytest.approx(100 * (1 - acc))
     assert got["total_loss"] == pytest.approx(sum(got["loss"].values()))
     assert got["total_error"] == pytest.approx(sum(got["error"].values()))
+
+
+# ------------------------------------------------------------------------------------------ NormGain_E
+# DMTG paper, Table A2 (Taskonomy-5): Naive MTL and "Ours" at K = 3, as printed — the metric columns and
+# the NormGain_E (%) columns. RMSE lower is better; normal acc. (< 30°), mIoU and F1 higher is better.
+TABLE_A2_NAIVE = {"depth_zbuffer": 8.67e-3, "normal": 84.32, "segment_semantic": 48.21, "keypoints2d": 76.08,
+                  "edge_texture": 76.56}
+TABLE_A2_OURS_K3 = {"depth_zbuffer": 1.19e-7, "normal": 84.52, "segment_semantic": 48.93, "keypoints2d": 86.34,
+                    "edge_texture": 87.94}
+TABLE_A2_GAIN_K3 = {"depth_zbuffer": 100.00, "normal": 0.24, "segment_semantic": 1.50, "keypoints2d": 13.50,
+                    "edge_texture": 14.86}
+TABLE_A2_AVG_K3 = 26.02
+_METRIC = {"depth_zbuffer": "rmse", "normal": "acc30", "segment_semantic": "miou_reference", "keypoints2d": "f1",
+           "edge_texture": "f1"}
+
+
+def _taskonomy_split(values: dict, miou: str = "reference") -> dict:
+    """A Taskonomy test split as the meter reports it (metrics per task, the error column 100 − metric,
+    the task set's gain_metric), holding Table A2's numbers; losses are not used here."""
+    from fastdmtg.data.taskonomy import TASKONOMY_5
+    from fastdmtg.tasks.taskonomy import TaskonomyTaskSet
+    metrics = {t: {_METRIC[t]: v} for t, v in values.items()}
+    metrics["segment_semantic"] = {"miou": values["segment_semantic"], f"miou_{miou}": values["segment_semantic"]}
+    error = {t: (v if t == "depth_zbuffer" else 100.0 - v) for t, v in values.items()}
+    return {"loss": {t: 1.0 for t in values}, "error": error, "metrics": metrics,
+            "gain_metric": TaskonomyTaskSet(TASKONOMY_5, miou=miou).gain_metric(), "count": 1}
+
+
+def _bound(t: str) -> float:
+    """How far a gain computed from Table A2's rounded metric columns may lie from the printed gain: the
+    metrics are printed to 2 decimals (RMSE to 3 significant digits: ±0.005 of the mantissa), so each may
+    be off by half a unit, moving 100·(m − r)/r by up to 100·(δm/r + m·δr/r²); plus the 0.005 of the
+    printed gain's own rounding."""
+    r, m = TABLE_A2_NAIVE[t], TABLE_A2_OURS_K3[t]
+    dr, dm = (0.005e-3, 0.005e-7) if t == "depth_zbuffer" else (0.005, 0.005)
+    return 100 * (dm / r + abs(m) * dr / r ** 2) + 0.005
+
+
+def test_normgain_error_reproduces_table_a2_through_the_compare_tables():
+    """Table A2's K=3 gains (normal 0.24, mIoU 1.50, keypoint F1 13.50, edge F1 14.86, depth 100.00;
+    average 26.02) from its own metric columns: the relative change of each metric, sign turned for the
+    lower-is-better RMSE — computed by fastdmtg.metrics.normgain_error, and by compare.row_metrics (the
+    function behind `fastdmtg compare`'s NormGain_E column)."""
+    from fastdmtg.compare import Row, row_metrics
+    from fastdmtg.metrics import normgain_error
+    naive, ours = _taskonomy_split(TABLE_A2_NAIVE), _taskonomy_split(TABLE_A2_OURS_K3)
+    got = normgain_error(naive, ours)
+    for t, printed in TABLE_A2_GAIN_K3.items():
+        r, m = TABLE_A2_NAIVE[t], TABLE_A2_OURS_K3[t]
+        want = 100 * (r - m) / r if t == "depth_zbuffer" else 100 * (m - r) / r       # by hand
+        assert got["per_task"][t] == pytest.approx(want, rel=1e-12)
+        assert abs(got["per_task"][t] - printed) <= _bound(t), t
+    # (e_ref − e)/e_ref on e = 100 − metric would give 1.28 / 1.39 / 42.89 / 48.55: not the paper's
+    assert got["per_task"]["keypoints2d"] < 14 and got["per_task"]["edge_texture"] < 15
+    row = Row(method="dmtg", k=3, results=[{"total_loss": 5.0, "test": ours}], cost_runs=[("dmtg", 100.0, 1.0)])
+    m = row_metrics(row, {"test": naive, "epochs": 100})
+    assert m["normgain_error"] == pytest.approx(got["value"])
+    assert abs(m["normgain_error"] - TABLE_A2_AVG_K3) <= sum(_bound(t) for t in TABLE_A2_GAIN_K3) / 5
+
+
+def test_normgain_error_of_classification_is_eq8_on_the_error():
+    """CelebA (paper eq. 8, Table 3): the metric is the classification error E = 100·(1 − acc), lower is
+    better: 100·(E_ref − E)/E_ref, from the meter's output, which names no other metric."""
+    from fastdmtg.metrics import normgain_error
+    ref = {"loss": {"a": 1.0, "b": 1.0}, "error": {"a": 10.0, "b": 20.0}, "metrics": {"a": {"accuracy": 0.9},
+                                                                                          "b": {"accuracy": 0.8}}}
+    ours = {"loss": {"a": 1.0, "b": 1.0}, "error": {"a": 8.0, "b": 25.0}, "metrics": {"a": {"accuracy": 0.92},
+                                                                                         "b": {"accuracy": 0.75}}}
+    r = normgain_error(ref, ours)
+    assert r["per_task"] == pytest.approx({"a": 20.0, "b": -25.0}) and r["value"] == pytest.approx(-2.5)
+    ts = AttributeTaskSet(["a"])
+    meter = ts.meter()
+    meter.update(torch.tensor([[[2.0, 0.0], [0.0, 1.0]]]), {"labels": torch.tensor([[0], [0]])})
+    assert "gain_metric" not in meter.compute()                          # → the error column
+    assert normgain_error({"error": None}, {"error": None}) is None      # regression tasks only: no NormGain_E
+
+
+def test_normgain_error_uses_the_chosen_miou_and_names_a_missing_metric():
+    from fastdmtg.metrics import normgain_error
+    ours = _taskonomy_split(TABLE_A2_OURS_K3, miou="mean")
+    assert ours["gain_metric"]["segment_semantic"] == {"metric": "miou_mean", "higher_is_better": True}
+    assert ours["gain_metric"]["depth_zbuffer"] == {"metric": "rmse", "higher_is_better": False}
+    naive = _taskonomy_split(TABLE_A2_NAIVE, miou="reference")       # evaluated with the other definition
+    with pytest.raises(ValueError, match=r"reference run has no test metric 'miou_mean' for task 'segment_semantic'"):
+        normgain_error(naive, ours)

@@ -40,7 +40,7 @@ from fastdmtg.pipelines import plan as plan_mod
 from fastdmtg.pipelines.source import to_tensor
 
 sys.path.insert(0, str(Path(__file__).parent))
-from case_runner import run_cases  # noqa: E402
+from case_runner import hang_message, run_cases  # noqa: E402
 from celeba_fixture import write_celeba  # noqa: E402
 from taskonomy_fixture import write_fixture  # noqa: E402
 
@@ -399,7 +399,7 @@ def _torchrun_pairs(data, tmp: Path, pairs: list[str], limit: int, timeout: int)
         p = subprocess.run(cmd, cwd=tmp, env=env, capture_output=True, text=True, timeout=timeout)
         tail = (p.stdout + p.stderr)[-4000:]
     except subprocess.TimeoutExpired as e:
-        tail = f"torchrun timed out after {timeout} s: {(e.stderr or b'')[-3000:]!r}"
+        tail = f"{hang_message('torchrun', timeout)}: {(e.stderr or b'')[-3000:]!r}"
     ranks = [json.loads((tmp / f"rank{r}.json").read_text()) if (tmp / f"rank{r}.json").exists() else {}
              for r in (0, 1)]
     return ranks, tail
@@ -428,10 +428,11 @@ def check_ddp(ranks, tail, pair):
 @pytest.fixture(scope="module")
 def _ddp_in_process(data, tmp_path_factory):
     pairs = [f"{ds}/{be}" for ds in DATASETS for be in IN_PROCESS if P.backend_status(be, deep=False)[0]]
-    return _torchrun_pairs(data, tmp_path_factory.mktemp("ddp"), pairs, limit=120, timeout=420)
+    return _torchrun_pairs(data, tmp_path_factory.mktemp("ddp"), pairs, limit=300, timeout=900)
 
 
-@pytest.mark.timeout(600)
+@pytest.mark.slow
+@pytest.mark.timeout(1200)
 @pytest.mark.parametrize("dataset", DATASETS)
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_ddp_two_processes(_ddp_in_process, dataset, backend):
@@ -443,7 +444,7 @@ def test_ddp_two_processes(_ddp_in_process, dataset, backend):
 # ------------------------------------------------------------------------------------------------
 FFCV_CASES = [f"pair/{ds}" for ds in DATASETS] + ["training", "write_beton", "corrupt_beton", "jpeg_mode",
                                                    "prepare_cli"]
-FFCV_LIMIT = 90        # seconds per case
+FFCV_LIMIT = 300       # seconds per case: a hang guard (idle: under 30 s each)
 
 
 def _ffcv_case(d: dict, case: str, tmp: Path):
@@ -561,14 +562,138 @@ def _ffcv_results(data, tmp_path_factory):
 def test_case_runner_isolates_a_hung_case(tmp_path):
     """A case that hangs fails alone with a clear message (and its stack); the cases after it still
     run in a new child; a failing case reports its traceback."""
-    res = run_cases("case_runner", "_selftest", str(tmp_path), ["a", "hang", "fail", "b"], 2,
+    res = run_cases("case_runner", "_selftest", str(tmp_path), ["a", "hang", "fail", "hang_with_child", "b"], 2,
                     tmp_path / "results.json")
     assert res["a"] is None and res["b"] is None
+    # what a hung case left running is killed with it (it held the output open: the wait must not stall)
+    assert "'hang_with_child' did not finish within 2 s" in res["hang_with_child"]
+    assert _wait_until(lambda: not _alive(int((tmp_path / "orphan.pid").read_text())), 10)
     assert (tmp_path / "a").read_text() == (tmp_path / "b").read_text() == "ran"
-    assert "'hang' did not finish within its 2 s limit" in res["hang"] and "in _selftest" in res["hang"]
+    assert "'hang' did not finish within 2 s — a hang, not a wrong result" in res["hang"]
+    assert "in _selftest" in res["hang"]
     assert "ValueError: planted failure" in res["fail"]
 
 
+# a failed writer worker stops the write whatever the caller's SIGINT disposition or thread: the
+# ways a process is started (foreground: Python's handler; background job / nohup: ignored; an
+# application's own handler) and write_beton called from a thread other than the main one
+WRITER_CASES = ["sigint_default", "sigint_ignored", "sigint_handler", "other_thread", "worker_killed", "worker_hangs"]
+WRITER_LIMIT = 120     # seconds per case; idle about 3 s (ffcv imported in the child): a hang guard
+
+
+def _writer_case(tmp: str, case: str) -> None:
+    """One WRITER_CASES case, in a child of ``case_runner``: a worker fails at sample 3 (raises, is
+    killed, or hangs under ``timeout=5``) → a PipelineError naming the file, no file left behind,
+    no process of the writer's group left behind; then the same arrays write a readable .beton."""
+    import signal
+    import threading
+    import multiprocessing as mp
+    from fastdmtg.pipelines import ffcv_source as F
+    tmp = Path(tmp) / case
+    tmp.mkdir(parents=True, exist_ok=True)
+    x = np.random.default_rng(0).integers(0, 256, (6, 3, 8, 8), dtype=np.uint8)
+    y = np.arange(12, dtype=np.int16).reshape(6, 2)
+    seen = []
+    if case == "sigint_ignored":
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+    elif case == "sigint_handler":
+        signal.signal(signal.SIGINT, lambda *a: seen.append(a))     # records, raises nothing
+    else:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    orig = F._Rows.__getitem__
+
+    def boom(self, i):
+        if i == 3:
+            if case == "worker_killed":     # dies without a word: seen by its exit code
+                os.kill(os.getpid(), signal.SIGKILL)
+            if case == "worker_hangs":      # never returns: write_beton's timeout, and the worker killed
+                import time
+                time.sleep(3600)
+            return orig(self, 10 ** 9)       # IndexError inside _Rows.__getitem__, which sets ``failed``
+        return orig(self, i)
+
+    def write(name, out):
+        try:
+            out.append(F.write_beton(tmp / name, {"image": x, "labels": y}, num_workers=1,
+                                     timeout=5 if case == "worker_hangs" else None))
+        except BaseException as e:
+            out.append(e)
+
+    groups = []
+    kill = getattr(F, "_kill_group", None)         # (absent before the writer ran in a child process)
+    F._kill_group = lambda child: (groups.append(child.pid), kill(child))
+    F._Rows.__getitem__ = boom
+    try:
+        out = []
+        if case == "other_thread":
+            t = threading.Thread(target=write, args=("b.beton", out))
+            t.start()
+            t.join()
+        else:
+            write("b.beton", out)
+    finally:
+        F._Rows.__getitem__ = orig
+        if kill is not None:
+            F._kill_group = kill
+    assert isinstance(out[0], P.PipelineError), out[0]
+    # the writer's process group was killed: none of its processes (FFCV's workers) is left running
+    assert len(groups) == 1
+    assert _wait_until(lambda: not _live_in_group(groups[0]), 30), _live_in_group(groups[0])
+    why = "timed out after 5 s" if case == "worker_hangs" else "writer worker failed"
+    assert "b.beton" in str(out[0]) and why in str(out[0]), out[0]
+    assert not (tmp / "b.beton").exists() and not list(tmp.glob(".b.beton.tmp*"))
+    assert mp.active_children() == [] and not seen
+    p = F.write_beton(tmp / "c.beton", {"image": x, "labels": y}, num_workers=1)
+    assert F.check_beton(p, {"image": "image", "labels": "ndarray"}, 6).num_samples == 6
+
+
+def _live_in_group(pgid: int) -> list[int]:
+    """Pids of the processes of group ``pgid`` that are not zombies (Linux /proc)."""
+    pids = []
+    for d in Path("/proc").iterdir():
+        try:
+            stat = (d / "stat").read_text()
+        except OSError:
+            continue
+        fields = stat.rsplit(")", 1)[-1].split()        # after "pid (comm)": state ppid pgrp ...
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            pids.append(int(d.name))
+    return pids
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[-1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _wait_until(cond, seconds: float) -> bool:
+    import time
+    end = time.monotonic() + seconds
+    while not cond():
+        if time.monotonic() > end:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+@pytest.fixture(scope="module")
+def _writer_results(tmp_path_factory):
+    ok, why = P.backend_status("ffcv", deep=False)
+    if not ok:
+        pytest.skip(why)
+    tmp = tmp_path_factory.mktemp("ffcv_writer")
+    return run_cases("test_pipelines", "_writer_case", str(tmp), WRITER_CASES, WRITER_LIMIT, tmp / "results.json")
+
+
+@pytest.mark.parametrize("case", WRITER_CASES)
+def test_failed_writer_worker_always_stops_the_write(_writer_results, case):
+    assert _writer_results[case] is None, _writer_results[case]
+
+
+@pytest.mark.slow
 @pytest.mark.timeout(FFCV_LIMIT * len(FFCV_CASES) + 120)
 @pytest.mark.parametrize("case", FFCV_CASES)
 def test_ffcv(_ffcv_results, case):
@@ -584,6 +709,7 @@ def _ddp_ffcv(data, tmp_path_factory):
                            limit=FFCV_LIMIT, timeout=FFCV_LIMIT * len(DATASETS) + 60)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(FFCV_LIMIT * len(DATASETS) + 120)
 @pytest.mark.parametrize("dataset", DATASETS)
 def test_ddp_two_processes_ffcv(_ddp_ffcv, dataset):

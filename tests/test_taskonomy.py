@@ -350,6 +350,151 @@ def test_vit_shapes_and_counts():
     assert [tuple(o.shape) for o in out] == [(2, 2, c, 32, 32) for c in (18, 1, 3, 1, 1)]
 
 
+# ------------------------------------------------------------------------------------------ pretrained ViT
+_TINY = {"DIM": 32, "HEADS": 4, "MLP": 64}                 # the ViT-B/16 layout at a test's size
+
+
+def _timm_state_dict(grid: int, seed: int = 0) -> dict:
+    """Random tensors under timm's vit_base_patch16_224 key names (timm/models/vision_transformer.py:
+    VisionTransformer, Block, Attention, Mlp), at the _TINY width: class token and position embedding
+    over 1 + grid² tokens, 12 blocks, final norm, a 10-class head."""
+    g = torch.Generator().manual_seed(seed)
+    d, m = _TINY["DIM"], _TINY["MLP"]
+    r = lambda *shape: torch.randn(*shape, generator=g)         # noqa: E731
+    sd = {"cls_token": r(1, 1, d), "pos_embed": r(1, 1 + grid * grid, d),
+          "patch_embed.proj.weight": r(d, 3, 16, 16), "patch_embed.proj.bias": r(d)}
+    for i in range(12):
+        b = f"blocks.{i}."
+        sd.update({b + "norm1.weight": r(d), b + "norm1.bias": r(d), b + "attn.qkv.weight": r(3 * d, d),
+                   b + "attn.qkv.bias": r(3 * d), b + "attn.proj.weight": r(d, d), b + "attn.proj.bias": r(d),
+                   b + "norm2.weight": r(d), b + "norm2.bias": r(d), b + "mlp.fc1.weight": r(m, d),
+                   b + "mlp.fc1.bias": r(m), b + "mlp.fc2.weight": r(d, m), b + "mlp.fc2.bias": r(d)})
+    sd.update({"norm.weight": r(d), "norm.bias": r(d), "head.weight": r(10, d), "head.bias": r(10)})
+    return sd
+
+
+def _as_torchvision(sd: dict) -> dict:
+    """The same tensors under torchvision's vit_b_16 names (torchvision/models/vision_transformer.py)."""
+    out = {"class_token": sd["cls_token"], "encoder.pos_embedding": sd["pos_embed"],
+           "conv_proj.weight": sd["patch_embed.proj.weight"], "conv_proj.bias": sd["patch_embed.proj.bias"],
+           "encoder.ln.weight": sd["norm.weight"], "encoder.ln.bias": sd["norm.bias"],
+           "heads.head.weight": sd["head.weight"], "heads.head.bias": sd["head.bias"]}
+    names = {"norm1": "ln_1", "norm2": "ln_2", "attn.qkv.weight": "self_attention.in_proj_weight",
+             "attn.qkv.bias": "self_attention.in_proj_bias", "attn.proj": "self_attention.out_proj",
+             "mlp.fc1": "mlp.0", "mlp.fc2": "mlp.3"}
+    for k, v in sd.items():
+        if k.startswith("blocks."):
+            _, i, rest = k.split(".", 2)
+            for a, b in names.items():
+                rest = rest.replace(a, b) if rest.startswith(a) else rest
+            out[f"encoder.layers.encoder_layer_{i}.{rest}"] = v
+    return out
+
+
+def _timm_block(sd: dict, i: int, x: torch.Tensor) -> torch.Tensor:
+    """timm's Block.forward written out from the file's tensors: x + proj(attn(norm1 x)), then
+    x + fc2(gelu(fc1(norm2 x))); LayerNorm eps 1e-6, heads split from qkv as (3, heads, head_dim)."""
+    import torch.nn.functional as F
+    b, d, h = f"blocks.{i}.", _TINY["DIM"], _TINY["HEADS"]
+    y = F.layer_norm(x, (d,), sd[b + "norm1.weight"], sd[b + "norm1.bias"], 1e-6)
+    q, k, v = F.linear(y, sd[b + "attn.qkv.weight"], sd[b + "attn.qkv.bias"]).view(
+        x.shape[0], x.shape[1], 3, h, d // h).permute(2, 0, 3, 1, 4)
+    a = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(d // h), -1) @ v           # (B, H, L, d_h)
+    x = x + F.linear(a.transpose(1, 2).reshape(x.shape), sd[b + "attn.proj.weight"], sd[b + "attn.proj.bias"])
+    y = F.layer_norm(x, (d,), sd[b + "norm2.weight"], sd[b + "norm2.bias"], 1e-6)
+    y = F.linear(F.gelu(F.linear(y, sd[b + "mlp.fc1.weight"], sd[b + "mlp.fc1.bias"])),
+                 sd[b + "mlp.fc2.weight"], sd[b + "mlp.fc2.bias"])
+    return x + y
+
+
+@pytest.mark.parametrize("layout", ["timm", "torchvision"])
+@pytest.mark.parametrize("shared", [0, 2])
+def test_vit_loads_a_pretrained_state_dict_file(tmp_path, monkeypatch, layout, shared):
+    """model.pretrained=FILE: every encoder tensor of the file lands in its place in the shared part and
+    in all K branches; the class token's position entry is dropped (this encoder has none); each layer
+    computes timm's block on the file's tensors; the 1×1 projection keeps its initialisation."""
+    from fastdmtg.models import vit
+    for k, v in _TINY.items():
+        monkeypatch.setattr(vit, k, v)
+    sd = _timm_state_dict(grid=2)                                   # 32×32 input: a 2×2 grid, as the model
+    path = tmp_path / f"{layout}.pth"
+    torch.save(sd if layout == "timm" else _as_torchvision(sd), path)
+    cfg = ModelConfig(arch="vit_base", branches=2, shared_blocks=shared, pretrained=str(path))
+    specs = TaskonomyTaskSet(["depth_zbuffer"]).specs
+    torch.manual_seed(0)
+    model = build_multibranch(cfg, specs, 32)
+    torch.manual_seed(0)
+    scratch = build_multibranch(ModelConfig(arch="vit_base", branches=2, shared_blocks=shared), specs, 32)
+    for k in range(2):
+        mods = (list(model.shared) if shared else []) + list(model.branches[k])
+        patch = next(m for m in mods if isinstance(m, vit.PatchEmbed))
+        layers = [m for m in mods if isinstance(m, vit.Layer)]
+        end = mods[-1]
+        assert len(layers) == 12 and isinstance(end, vit.ToMap)
+        assert torch.equal(patch.proj.weight, sd["patch_embed.proj.weight"])
+        assert torch.equal(patch.proj.bias, sd["patch_embed.proj.bias"])
+        assert torch.equal(patch.pos, sd["pos_embed"][:, 1:])
+        assert torch.equal(end.norm.weight, sd["norm.weight"]) and torch.equal(end.norm.bias, sd["norm.bias"])
+        scratch_end = list(scratch.branches[k])[-1]
+        assert torch.equal(end.proj.weight, scratch_end.proj.weight)        # not in the file: initialised
+        x = torch.randn(2, 4, _TINY["DIM"], generator=torch.Generator().manual_seed(k))
+        for i, layer in enumerate(layers):
+            with torch.no_grad():
+                assert torch.allclose(layer(x), _timm_block(sd, i, x), rtol=1e-5, atol=1e-4), (k, i)
+
+
+def test_vit_pretrained_resamples_another_grid(tmp_path, monkeypatch):
+    """A file made for another image size (3×3 grid + class token) → the grid resampled bicubically to
+    the model's 2×2, as timm does (PyTorch's interpolate as the reference)."""
+    import torch.nn.functional as F
+    from fastdmtg.models import vit
+    for k, v in _TINY.items():
+        monkeypatch.setattr(vit, k, v)
+    sd = _timm_state_dict(grid=3)
+    torch.save(sd, tmp_path / "w.pth")
+    parts = build_parts(ModelConfig(arch="vit_base", branches=1, shared_blocks=1, pretrained=str(tmp_path / "w.pth")),
+                        TaskonomyTaskSet(["depth_zbuffer"]).specs, 32)
+    grid = sd["pos_embed"][:, 1:].reshape(1, 3, 3, -1).permute(0, 3, 1, 2)
+    want = F.interpolate(grid, size=(2, 2), mode="bicubic", align_corners=False).permute(0, 2, 3, 1).reshape(1, 4, -1)
+    assert torch.allclose(parts.shared[0].pos, want)
+
+
+def test_vit_pretrained_errors_name_the_file_and_the_key(tmp_path, monkeypatch):
+    from fastdmtg.config import ConfigError
+    from fastdmtg.models import vit
+    for k, v in _TINY.items():
+        monkeypatch.setattr(vit, k, v)
+    specs = TaskonomyTaskSet(["depth_zbuffer"]).specs
+
+    def build(sd, name="w.pth"):
+        p = tmp_path / name
+        if sd is not None:
+            torch.save(sd, p)
+        build_parts(ModelConfig(arch="vit_base", branches=1, shared_blocks=1, pretrained=str(p)), specs, 32)
+        return p
+    sd = _timm_state_dict(grid=2)
+    broken = {k: v for k, v in sd.items() if k != "blocks.5.mlp.fc2.bias"}
+    with pytest.raises(ValueError, match=r"model.pretrained: .*w.pth: key 'blocks.5.mlp.fc2.bias' missing"):
+        build(broken)
+    wide = dict(sd, **{"blocks.0.attn.qkv.weight": torch.zeros(3 * 48, 32)})
+    with pytest.raises(ValueError, match=r"w.pth: key 'blocks.0.attn.qkv.weight' has shape \(144, 32\), "
+                                         r"this vit_base expects \(96, 32\)"):
+        build(wide)
+    with pytest.raises(ValueError, match=r"w.pth: key 'blocks.0.ls1.gamma' has no place"):
+        build(dict(sd, **{"blocks.0.ls1.gamma": torch.ones(32)}))
+    with pytest.raises(ValueError, match=r"w.pth: neither a timm nor a torchvision ViT state dict"):
+        build({"conv1.weight": torch.zeros(1)})
+    with pytest.raises(ValueError, match=r"w.pth: expected a dict of tensors"):
+        build([torch.zeros(1)])
+    with pytest.raises(FileNotFoundError, match=r"model.pretrained: .*nothing.pth: no such file"):
+        build(None, "nothing.pth")
+    (tmp_path / "text.pth").write_text("not a checkpoint")
+    with pytest.raises(ValueError, match=r"text.pth: not a readable torch state dict"):
+        build(None, "text.pth")
+    with pytest.raises(ConfigError, match="model.pretrained: only model.arch=vit_base"):
+        ModelConfig(arch="xception", pretrained="w.pth")
+
+
 # ------------------------------------------------------------------------------------------ losses
 def _batch(b=2, h=8, seed=0):
     g = torch.Generator().manual_seed(seed)
@@ -516,6 +661,41 @@ def test_meter_accumulates_over_the_set_not_per_batch():
     two.update([p[1:]], {"targets": {"depth_zbuffer": t[1:]}, "mask": mask[1:]})
     a, b = one.compute(), two.compute()
     assert a["loss"] == pytest.approx(b["loss"]) and a["error"] == pytest.approx(b["error"])
+
+
+def test_eval_loss_mean_of_batch_means_or_set_mean_by_hand():
+    """Three evaluation batches of 1, 2 and 1 samples (1×4 pixels). Segmentation: labelled pixels 1, 3
+    and 0, each pixel's CE = log(e^v + 17) − v for its target logit v, every other logit 0. Keypoints:
+    |p − t| = 1, 3, 0.5. set: the mean over every labelled pixel / sample of the split; batch_mean
+    (the release's Averager): the plain mean of the three batches' means (a batch without a labelled
+    pixel counts 0, as in training). The metrics do not depend on the switch."""
+    ce = lambda v: math.log(math.exp(v) + 17) - v                   # noqa: E731
+    batches = []
+    for tgt, vals, kp in (([[1, 0, 0, 0]], [[0.0, 0, 0, 0]], 1.0),
+                          ([[2, 2, 2, 0], [0, 0, 0, 0]], [[1.0, 2.0, 3.0, 0], [0, 0, 0, 0]], 3.0),
+                          ([[0, 0, 0, 0]], [[0.0, 0, 0, 0]], 0.5)):
+        t = torch.tensor(tgt).view(-1, 1, 4)
+        logits = torch.zeros(len(tgt), 18, 1, 4)
+        for b, (row_t, row_v) in enumerate(zip(tgt, vals)):
+            for j, (c, v) in enumerate(zip(row_t, row_v)):
+                logits[b, c, 0, j] = v
+        n = len(tgt)
+        batches.append(([logits, torch.full((n, 1, 1, 4), kp)],
+                        {"targets": {"segment_semantic": t, "keypoints2d": torch.zeros(n, 1, 1, 4)}}))
+    res = {}
+    for mode in ("set", "batch_mean"):
+        meter = TaskonomyTaskSet(["segment_semantic", "keypoints2d"], eval_loss=mode).meter()
+        for out, batch in batches:
+            meter.update(out, batch)
+        res[mode] = meter.compute()
+    c0, c123 = ce(0.0), [ce(1.0), ce(2.0), ce(3.0)]
+    assert res["set"]["loss"]["segment_semantic"] == pytest.approx((c0 + sum(c123)) / 4)
+    assert res["batch_mean"]["loss"]["segment_semantic"] == pytest.approx((c0 + sum(c123) / 3 + 0.0) / 3)
+    assert res["set"]["loss"]["keypoints2d"] == pytest.approx((1 * 1 + 2 * 3 + 1 * 0.5) / 4)
+    assert res["batch_mean"]["loss"]["keypoints2d"] == pytest.approx((1 + 3 + 0.5) / 3)
+    assert res["set"]["metrics"] == res["batch_mean"]["metrics"] and res["set"]["error"] == res["batch_mean"]["error"]
+    with pytest.raises(ValueError, match="data.taskonomy_eval_loss: expected set|batch_mean"):
+        TaskonomyTaskSet(["keypoints2d"], eval_loss="batches")
 
 
 # ------------------------------------------------------------------------------------------ end to end
@@ -765,13 +945,15 @@ def test_taskset_and_meter_annotations_resolve():
     from fastdmtg.tasks.taskonomy import TaskonomyMeter
     hints = typing.get_type_hints(TaskonomyTaskSet.__init__)
     assert hints == {"names": list[str], "rotate_loss": bool, "f1_thresholds": dict[str, float] | None,
-                     "miou": str}
+                     "miou": str, "eval_loss": str}
     assert typing.get_type_hints(TaskonomyTaskSet.head_losses) == {"outputs": list[torch.Tensor], "batch": dict,
                                                                    "z": torch.Tensor, "kernels": str}
     assert typing.get_type_hints(TaskonomyMeter.update) == {"outputs": list[torch.Tensor], "batch": dict,
                                                             "return": type(None)}
     assert typing.get_type_hints(TaskonomyMeter._add) == {"task": str, "key": str, "value": torch.Tensor,
                                                           "return": type(None)}
+    assert typing.get_type_hints(TaskonomyMeter._add_loss) == {"task": str, "total": torch.Tensor, "n": torch.Tensor,
+                                                               "return": type(None)}
 
 
 def test_meter_normal_angles_at_the_edges():

@@ -741,10 +741,13 @@ def resize_like_decoder(x: torch.Tensor, size: int) -> torch.Tensor:
 
 
 def _reference(c, cfg: Config) -> Config:
-    """The release's switches (reference_common) and its bilinear resize of segmentation ids (a bug,
-    kept for reproduction)."""
+    """The release's switches (reference_common), its bilinear resize of segmentation ids (a bug, kept
+    for reproduction) and its evaluation loss as a mean of per-batch means (the release's Averager) over
+    batches of the training batch size (the release's validation batch per process)."""
     c.reference_common(cfg)
     cfg.data.taskonomy_seg_resize = "bilinear"
+    cfg.data.taskonomy_eval_loss = "batch_mean"
+    cfg.train.eval_batch_size = cfg.train.batch_size     # its validation batch = the training batch per process
     return cfg
 
 
@@ -766,7 +769,8 @@ def _taskonomy(c, k: int, batch: int, name: str, arch: str = "xception", follows
         dmtg=c.DMTGConfig(tau=4.0),
         optim=c.OptimConfig(name="adam", lr=1e-4, schedule="plateau", gamma=0.5, plateau_patience=3,
                             plateau_threshold=0.1, min_lr=3e-5, plateau_on="val"),
-        train=c.TrainConfig(epochs=100, batch_size=batch, eval_batch_size=2 * batch, val_every=2, init="naive"),
+        train=c.TrainConfig(epochs=100, batch_size=batch, eval_batch_size=2 * batch, val_every=2, init="naive",
+                            amp="off"),          # fp32, as _celeba_cfg
     )
     if follows == "reference":
         cfg.optim.lr = 1e-3
@@ -788,6 +792,51 @@ def _taskonomy_naive(c, name: str, arch: str = "xception", follows: str = "paper
     cfg.train.val_every = 10
     cfg.train.init = "scratch"
     return _reference(c, cfg) if follows == "reference" else cfg
+
+
+#: Table 6 (shared blocks "0/3/6/9" of the paper's "12-block" Xception, K = 3) → model.shared_blocks: the
+#: release's ablation configs split at entry p = 0/3/6/9 of its width list (conv1, conv2, blocks…), which is
+#: s = p − 2 of our blocks for p ≥ 3 (docs/taskonomy.md §4); p = 0 shares nothing
+TABLE6_SHARED_BLOCKS = {0: 0, 3: 1, 6: 4, 9: 7}
+
+
+def _taskonomy_share(c, label: int, follows: str = "paper") -> Config:
+    """Taskonomy-5 DMTG, Xception, K = 3, Table 6's "{label} shared blocks" as the release's
+    ``…_3_groups_5_tasks_share_{label}.yaml`` runs it: batch 16 per process (not 24), split at its width-list
+    entry {label} (model.shared_blocks = TABLE6_SHARED_BLOCKS[label]); everything else as taskonomy5_k3."""
+    cfg = _taskonomy(c, 3, 16, f"taskonomy5_k3_share{label}", follows=follows)
+    cfg.model.shared_blocks = TABLE6_SHARED_BLOCKS[label]
+    return cfg
+
+
+def _taskonomy_naive_share(c, label: int, follows: str = "paper") -> Config:
+    """The naive-MTL model a Table 6 recipe starts from (train.init=naive) and is measured against:
+    taskonomy5_naive with the same encoder split (K = 1 computes the same network whatever the split;
+    the split only lays out its parameters so that --init-from maps them onto every branch)."""
+    cfg = _taskonomy_naive(c, f"taskonomy5_naive_share{label}")
+    cfg.model.shared_blocks = TABLE6_SHARED_BLOCKS[label]
+    return _reference(c, cfg) if follows == "reference" else cfg
+
+
+def _table6_recipes(c, paper: str, naive_ref: str) -> list[Recipe]:
+    """Table 6 ablation: taskonomy5_k3_share{0,3,6,9} and their naive twins (+ _reference)."""
+    out = []
+    for label in TABLE6_SHARED_BLOCKS:
+        naive = f"taskonomy5_naive_share{label}"
+        out.append(Recipe(naive, recipe_fn(_taskonomy_naive_share, c, label, doc=paper.format(
+            f"Taskonomy-5 naive MTL, Xception, split as taskonomy5_k3_share{label}", "_taskonomy_naive_share")),
+            "paper"))
+        out.append(Recipe(naive + "_reference", recipe_fn(_taskonomy_naive_share, c, label, "reference",
+                                                          doc=naive_ref.format(naive)), "reference"))
+        what = (f"Taskonomy-5 DMTG, Xception, K=3, Table 6 \"{label} shared blocks\" (batch 16, "
+                f"model.shared_blocks={TABLE6_SHARED_BLOCKS[label]})")
+        for follows, suffix, doc in (("paper", "", paper.format(what, "_taskonomy_share")),
+                                     ("reference", "_reference", f"Reference code as released: {what} (the "
+                                                                 "release's schedule and lr; reference_common).")):
+            out.append(Recipe(f"taskonomy5_k3_share{label}{suffix}", recipe_fn(_taskonomy_share, c, label, follows,
+                                                                                doc=doc),
+                              follows, naive=naive + suffix))
+    return out
 
 
 def taskonomy_recipes(c) -> list[Recipe]:
@@ -816,7 +865,7 @@ def taskonomy_recipes(c) -> list[Recipe]:
                           "paper"))
         out.append(Recipe(name + "_reference", recipe_fn(_taskonomy_naive, c, name, arch, "reference",
                                                          doc=naive_ref.format(name)), "reference"))
-    return out
+    return out + _table6_recipes(c, paper, naive_ref)
 
 
 FORMAT = DatasetFormat("taskonomy", open_taskonomy, taskonomy_taskset,

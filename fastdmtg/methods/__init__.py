@@ -10,7 +10,9 @@ A method owns the grouping state (e.g. DMTG's logits S) and answers:
   the step); the trainer applies them (``HeadsPruned``: the model computes only the remaining
   heads, the step runner re-captures; ``AffinityMeasured``: recorded in the log and TensorBoard). A method changes only its own state, never the model,
   optimizer or trainer;
-* ``on_epoch_start(epoch)`` (schedules), ``state_dict`` / ``load_state_dict`` (resume).
+* ``on_epoch_start(epoch)`` (schedules), ``state_dict`` / ``load_state_dict`` (resume);
+* ``step_backward()`` -> the step's training augmentation (``StepBackward``: UW, GradNorm, PCGrad,
+  the torchjd aggregators), or None: the plain ``total.backward()`` with every fast path.
 """
 from __future__ import annotations
 
@@ -53,12 +55,45 @@ class HeadsPruned:
     mask: torch.Tensor
 
 
+class StepBackward(nn.Module):
+    """A training augmentation: how one step turns the head losses into gradients when it is not the
+    plain ``total.backward()`` — a loss weighting (UW, GradNorm) or a gradient aggregation of the
+    per-task gradients on the shared parameters (PCGrad, MGDA, …). The one extension point for them
+    (fastdmtg/methods/augment.py has the shared machinery, one file per family).
+
+    It is a submodule of the method (``GroupingMethod.augment``): its parameters (UW's log-variances,
+    GradNorm's weights) are optimised by the run's optimizer and its state is checkpointed with the
+    method. The step runner calls ``forward(step, batch)`` instead of ``step(batch)`` +
+    ``total.backward()`` and runs eagerly (no torch.compile, no CUDA graph: per-head losses and
+    per-task gradients are taken outside any graph); every other method keeps its fast path."""
+    name = "base"
+
+    def bind(self, model, taskset, z: torch.Tensor) -> None:
+        """Called once by the builder: the built model (its shared blocks), the tasks, and the
+        method's (N, K) weights (constant 0/1 for the methods an augmentation applies to)."""
+
+    def forward(self, step, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """One step's forward and backward on ``step`` (a step.StepModule): leaves the gradients in
+        the parameters' ``.grad``; returns (Σ z·L, L (N, K)) as the plain step does (the logged
+        training loss is the unweighted one, whatever the augmentation optimises)."""
+        raise NotImplementedError
+
+    def results(self) -> dict:
+        """results.json's ``augmentation`` entry: the name and any learned state (UW's σ², GradNorm's w)."""
+        return {"name": self.name}
+
+
 class GroupingMethod(nn.Module):
     name = "base"
 
     def __init__(self, num_tasks: int, num_branches: int):
         super().__init__()
         self.num_tasks, self.num_branches = num_tasks, num_branches
+        self.augment = None               # a StepBackward (train.aggregator, or the method's own)
+
+    def step_backward(self) -> StepBackward | None:
+        """The training augmentation of this method's step, or None (plain backward, fast paths)."""
+        return self.augment
 
     def weights(self) -> torch.Tensor:
         raise NotImplementedError
@@ -98,10 +133,38 @@ METHODS = Registry("method", "grouping.method", {
     "fixed": "fastdmtg.methods.fixed:FixedGroups",
     "tag-affinity": "fastdmtg.methods.tag:TagAffinity",
     "networks": "fastdmtg.methods.networks:NetworkGroups",
+    "cs-affinity": "fastdmtg.methods.cs:GradientCosine",
 })
+
+# training augmentations (StepBackward): name -> "module:Class". Each is also a grouping method of its
+# own (one shared network, naive MTL + the augmentation: ``--method pcgrad``), and any method with
+# constant 0/1 weights (naive-mtl, fixed, networks) can train with one (train.aggregator)
+AUGMENTATIONS: dict[str, str] = {
+    "uw": "fastdmtg.methods.uw:UncertaintyWeighting",
+    "gradnorm": "fastdmtg.methods.gradnorm:GradNorm",
+    **{name: "fastdmtg.methods.aggregators:JacobianAggregation"
+       for name in ("pcgrad", "mgda", "cagrad", "nash-mtl", "imtl", "aligned-mtl", "upgrad")},
+}
+METHODS.update({name: "fastdmtg.methods.augment:AugmentedMTL" for name in AUGMENTATIONS})
+# the methods whose weights are constant 0/1 (the networks an augmentation can train)
+AUGMENTABLE = ("naive-mtl", "fixed", "networks")
+
+
+def augmentation_of(cfg) -> str | None:
+    """The training augmentation a config trains with (its method's, or train.aggregator), or None."""
+    if cfg.grouping.method in AUGMENTATIONS:
+        return cfg.grouping.method
+    return None if cfg.train.aggregator == "none" else cfg.train.aggregator
+
+
 method_class = METHODS.load        # name → its GroupingMethod class
 
 
 def build_method(cfg, num_tasks: int, task_names: list[str] | None = None) -> GroupingMethod:
-    """Every method class is built as ``cls.from_config(cfg, num_tasks, task_names)``."""
-    return method_class(cfg.grouping.method).from_config(cfg, num_tasks, task_names)
+    """Every method class is built as ``cls.from_config(cfg, num_tasks, task_names)``; with
+    train.aggregator set, it trains with that augmentation."""
+    method = method_class(cfg.grouping.method).from_config(cfg, num_tasks, task_names)
+    if cfg.train.aggregator != "none":
+        from .augment import build_augmentation
+        method.augment = build_augmentation(cfg.train.aggregator, cfg, num_tasks, method.num_branches)
+    return method

@@ -21,7 +21,7 @@ and (no shared trunk) K networks in one model train exactly like K separate netw
 Tasks in no network are *untrained*: they are evaluated from branch 0 with their untouched head,
 so their metrics are meaningless; ``results.json`` lists them under ``untrained_tasks`` and
 readers must ignore them (fastdmtg.compare does). Note the trainer's best-epoch choice uses the
-total validation error or loss of all tasks (train.best_rule), untrained ones included; HOA
+total validation loss of all tasks (train.best_rule), untrained ones included; HOA
 therefore reads each network's own best epoch from history.json instead.
 """
 from __future__ import annotations

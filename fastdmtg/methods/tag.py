@@ -126,11 +126,12 @@ def update_direction(kind: str, theta: torch.Tensor, grad: torch.Tensor, state: 
     return theta - (lr / bc1) * m / (v.sqrt() / bc2_sqrt + h["eps"])
 
 
-def lookahead_affinity(model, snap: dict, batch: dict, taskset, kernels: str = "auto") -> torch.Tensor:
-    """Z (N, N) float64, Z[i, j] = Z_{i→j}, at the snapshot's parameters on ``batch``; the head losses
-    on the ``kernels`` backend (train.kernels, as the training step)."""
-    names = snap["names"]
-    params = snap["params"]
+def task_gradients(model, snap: dict, batch: dict, taskset, kernels: str = "auto"):
+    """∇_{θ_s} L_i of every task i at the snapshot's parameters on ``batch``, in fp32 with
+    batch-statistics BN on copies of the running buffers (the model is not changed) →
+    (L (N,) float64 losses, per task the gradients aligned with ``snap["names"]``). Shared by TAG's
+    lookahead and CS's gradient cosines (fastdmtg/methods/cs.py)."""
+    names, params = snap["names"], snap["params"]
     device = next(iter(params.values())).device
     n_tasks = taskset.num_tasks
     buffers = {n: b.clone() for n, b in model.named_buffers()}   # BN running stats: copies, discarded
@@ -150,7 +151,25 @@ def lookahead_affinity(model, snap: dict, batch: dict, taskset, kernels: str = "
                     before = L[:, 0].detach().double()
                 g = torch.autograd.grad(total_i, enc_list, retain_graph=i < n_tasks - 1, allow_unused=True)
                 grads.append([torch.zeros_like(p) if gi is None else gi for p, gi in zip(enc_list, g)])
-            del out
+    finally:
+        model.train(was_training)
+    return before, grads
+
+
+def lookahead_affinity(model, snap: dict, batch: dict, taskset, kernels: str = "auto") -> torch.Tensor:
+    """Z (N, N) float64, Z[i, j] = Z_{i→j}, at the snapshot's parameters on ``batch``; the head losses
+    on the ``kernels`` backend (train.kernels, as the training step)."""
+    names = snap["names"]
+    params = snap["params"]
+    device = next(iter(params.values())).device
+    n_tasks = taskset.num_tasks
+    before, grads = task_gradients(model, snap, batch, taskset, kernels)
+    buffers = {n: b.clone() for n, b in model.named_buffers()}   # BN running stats: copies, discarded
+    heads = {n: p for n, p in params.items() if n not in set(names)}
+    was_training = model.training
+    model.train()                                                 # batch statistics, as in training
+    try:
+        with torch.autocast(device_type=device.type, enabled=False):
             ones = torch.ones(n_tasks, 1, device=device)
             Z = torch.empty(n_tasks, n_tasks, dtype=torch.float64, device=device)
             with torch.no_grad():
@@ -202,7 +221,7 @@ class TagAffinity(GroupingMethod):
         pending, self._pending = self._pending, None
         out = []
         if pending is not None and pending["step"] == step and pending["epoch"] == ctx.epoch:
-            Z = lookahead_affinity(ctx.model, pending, ctx.batch, ctx.taskset, kernels=self.kernels)
+            Z = self.measure(ctx.model, pending, ctx.batch, ctx.taskset)
             self.affinity_sum += Z.to(self.affinity_sum.device)
             self.affinity_count += 1
             self.last = Z
@@ -214,6 +233,11 @@ class TagAffinity(GroupingMethod):
             snap.update(step=step + 1, epoch=ctx.epoch)
             self._pending = snap
         return out
+
+    def measure(self, model, snap: dict, batch: dict, taskset) -> torch.Tensor:
+        """One (N, N) measurement at the snapshot's parameters on the step's batch (TAG: the lookahead
+        affinity; fastdmtg.methods.cs: the gradients' cosine similarity)."""
+        return lookahead_affinity(model, snap, batch, taskset, kernels=self.kernels)
 
     def affinity(self) -> torch.Tensor | None:
         total, count = self._latest if self._latest is not None else (self.affinity_sum, self.affinity_count)

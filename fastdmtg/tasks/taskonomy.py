@@ -22,11 +22,15 @@ pred[..., dy:dy+H−2, dx:dx+W−2]), each shift's per-sample loss is Σ |p − 
 the minimum over the 9 shifts is taken per sample, then the mean over the batch. It tolerates a
 one-pixel misregistration; it runs in plain PyTorch (not the fused op).
 
-Evaluation (``TaskonomyMeter``; one head per task; everything accumulated over the whole set,
+Evaluation (``TaskonomyMeter``; one head per task; the metrics accumulated over the whole set,
 never averaged per batch):
 
     loss     the training definitions above, as dataset means (L1: mean over all elements of
-             all images; CE: mean over all non-ignored pixels of the set).
+             all images; CE: mean over all non-ignored pixels of the set) — ``eval_loss="set"``,
+             the default; ``eval_loss="batch_mean"`` (the release's ``Averager``): the unweighted
+             mean over evaluation batches of each batch's loss as training defines it (CE: over the
+             batch's labelled pixels, 0 when it has none), so it depends on the evaluation batch
+             size, and for segmentation differs from the set mean even with equal batches.
     depth    rmse: sqrt(Σ_valid (pred − t)² / n_valid) over mask pixels, in normalised units
              (1 unit = 1000 raw = 1000/512 m ≈ 1.95 m; rmse_m gives metres). "Aligning the
              transformation and scale" (paper Table A2) is read as: both in the normalised
@@ -46,10 +50,14 @@ never averaged per batch):
              i.e. normalised value > 0; F1 = 2TP/(2TP+FP+FN), 100 when there is nothing to
              find and nothing is found.
 
-Error (lower is better, for NormGain_E): depth rmse; normal 100 − acc30; segmentation 100 − miou;
-keypoints/edges 100 − f1. The errors are in different units, so ``unified_error`` is False
-(no single "total error"); NormGain_E = mean_i (e_ref,i − e_i)/e_ref,i is still well defined
-per task and is what the paper's Table A2 reports.
+Error (lower is better; the per-task table of ``fastdmtg compare``): depth rmse; normal 100 − acc30;
+segmentation 100 − miou; keypoints/edges 100 − f1. The errors are in different units, so
+``unified_error`` is False (no single "total error").
+
+NormGain_E (fastdmtg.metrics.normgain_error) uses each task's own metric, as the paper's Table A2:
+the relative change (m − m_ref)/m_ref of acc30, miou (of the chosen definition: ``miou_reference`` or
+``miou_mean``) and f1, and (m_ref − m)/m_ref of the depth rmse — named per task under
+``"gain_metric"`` in the meter's output (``TaskonomyTaskSet.gain_metric``).
 """
 from __future__ import annotations
 
@@ -74,6 +82,7 @@ DEFAULT_F1_THRESHOLDS = {"keypoints2d": 50.0, "edge_texture": 718.0}
 IGNORE_CLASS = 0
 NUM_SEG_CLASSES = 18
 MIOU_DEFINITIONS = ("reference", "mean")
+EVAL_LOSSES = ("set", "batch_mean")
 _COS30 = math.cos(math.radians(30.0))
 _DEPTH_UNIT_M = 1000.0 / 512.0           # one normalised depth unit in metres (raw unit = 1/512 m)
 
@@ -120,9 +129,11 @@ class TaskonomyTaskSet(TaskSet):
     unified_error = False
 
     def __init__(self, names: list[str], rotate_loss: bool = False,
-                 f1_thresholds: dict[str, float] | None = None, miou: str = "reference"):
+                 f1_thresholds: dict[str, float] | None = None, miou: str = "reference", eval_loss: str = "set"):
         if miou not in MIOU_DEFINITIONS:
             raise ValueError(f"data.taskonomy_miou: expected {'|'.join(MIOU_DEFINITIONS)}, got {miou!r}")
+        if eval_loss not in EVAL_LOSSES:
+            raise ValueError(f"data.taskonomy_eval_loss: expected {'|'.join(EVAL_LOSSES)}, got {eval_loss!r}")
         unknown = [n for n in names if n not in TASKS]
         if unknown:
             raise ValueError(f"data.tasks: unknown Taskonomy task(s) {unknown}; known: {', '.join(TASKS)}")
@@ -131,14 +142,22 @@ class TaskonomyTaskSet(TaskSet):
         self.specs = [TaskSpec(n, TASKS[n][0], TASKS[n][1]) for n in names]
         self.rotate_loss = rotate_loss
         self.miou = miou
+        self.eval_loss = eval_loss
         self.f1_thresholds = dict(DEFAULT_F1_THRESHOLDS, **(f1_thresholds or {}))
 
     @classmethod
     def from_config(cls, names: list[str], dcfg) -> "TaskonomyTaskSet":
-        """The task set a ``DataConfig`` asks for (rotate loss, mIoU definition): the one place data
-        sources build it from a config."""
+        """The task set a ``DataConfig`` asks for (rotate loss, mIoU definition, evaluation loss): the one
+        place data sources build it from a config."""
         return cls(names, rotate_loss=bool(getattr(dcfg, "taskonomy_rotate_loss", False)),
-                   miou=getattr(dcfg, "taskonomy_miou", "reference"))
+                   miou=getattr(dcfg, "taskonomy_miou", "reference"),
+                   eval_loss=getattr(dcfg, "taskonomy_eval_loss", "set"))
+
+    def gain_metric(self) -> dict:
+        """Per task, the metric NormGain_E compares and its direction (paper Table A2; module doc):
+        {task: {"metric": name in the meter's metrics[task], "higher_is_better": bool}}."""
+        name = {"depth": "rmse", "normal": "acc30", "segment": f"miou_{self.miou}", "keypoints": "f1", "edges": "f1"}
+        return {s.name: {"metric": name[s.kind], "higher_is_better": s.kind != "depth"} for s in self.specs}
 
     def head_losses(self, outputs: list[torch.Tensor], batch: dict, z: torch.Tensor, active=None,
                     kernels: str = "auto"):
@@ -194,12 +213,20 @@ class TaskonomyMeter(Meter):
     def __init__(self, taskset: TaskonomyTaskSet):
         self.ts = taskset
         self.count = 0
+        self.batches = 0
         self.acc: dict[str, dict[str, torch.Tensor]] = {}
 
     def _add(self, task: str, key: str, value: torch.Tensor) -> None:
         d = self.acc.setdefault(task, {})
         v = value.detach().to(torch.float64)
         d[key] = d[key] + v if key in d else v
+
+    def _add_loss(self, task: str, total: torch.Tensor, n: torch.Tensor) -> None:
+        """One batch's loss: its sum over n terms (pixels or samples), for the set mean and the mean of
+        batch means (a batch with n = 0 — no labelled pixel — has loss 0, as in training)."""
+        self._add(task, "loss_sum", total)
+        self._add(task, "loss_n", n)
+        self._add(task, "batch_mean_sum", total.to(torch.float64) / n.to(torch.float64).clamp_min(1.0))
 
     @torch.no_grad()
     def update(self, outputs: list[torch.Tensor], batch: dict) -> None:
@@ -216,8 +243,7 @@ class TaskonomyMeter(Meter):
                 t = t.long()                                                # (B, H, W)
                 valid = t != IGNORE_CLASS
                 ce = F.cross_entropy(p, t, ignore_index=IGNORE_CLASS, reduction="sum")
-                self._add(name, "loss_sum", ce)
-                self._add(name, "loss_n", valid.sum())
+                self._add_loss(name, ce, valid.sum())
                 c = spec.out_channels
                 pred = p.argmax(1)                                          # (B, H, W)
                 conf = torch.bincount((t[valid] * c + pred[valid]).flatten(), minlength=c * c)
@@ -229,8 +255,7 @@ class TaskonomyMeter(Meter):
                     per = rotate_l1(p, t, mask)                             # (B,)
                 else:
                     per = ((p - t).abs() * mf).mean(dim=(1, 2, 3))          # (B,)
-                self._add(name, "loss_sum", per.sum())
-                self._add(name, "loss_n", torch.tensor(b, device=p.device))
+                self._add_loss(name, per.sum(), torch.tensor(b, device=p.device))
                 self._add(name, "valid", mf.sum())
                 if spec.kind == "depth":
                     self._add(name, "sq_err", ((p - t) ** 2 * mf).sum())
@@ -241,8 +266,7 @@ class TaskonomyMeter(Meter):
                     ang = torch.rad2deg(torch.acos(cos.clamp(-1.0, 1.0)))
                     self._add(name, "angle_sum", (ang * mf).sum())
             else:
-                self._add(name, "loss_sum", (p - t).abs().mean(dim=(1, 2, 3)).sum())
-                self._add(name, "loss_n", torch.tensor(b, device=p.device))
+                self._add_loss(name, (p - t).abs().mean(dim=(1, 2, 3)).sum(), torch.tensor(b, device=p.device))
                 off, sc = _NORM[name]
                 thr = (self.ts.f1_thresholds[name] - off) / sc              # raw threshold → normalised
                 pp, tp = p > thr, t > thr
@@ -250,6 +274,7 @@ class TaskonomyMeter(Meter):
                 self._add(name, "fp", (pp & ~tp).sum())
                 self._add(name, "fn", (~pp & tp).sum())
         self.count += b
+        self.batches += 1
 
     def compute(self) -> dict:
         if self.count == 0:
@@ -258,7 +283,10 @@ class TaskonomyMeter(Meter):
         for spec in self.ts.specs:
             a = {k: v.cpu() for k, v in self.acc[spec.name].items()}
             name = spec.name
-            loss[name] = float(a["loss_sum"] / a["loss_n"]) if float(a["loss_n"]) > 0 else 0.0
+            if self.ts.eval_loss == "batch_mean":
+                loss[name] = float(a["batch_mean_sum"]) / self.batches
+            else:
+                loss[name] = float(a["loss_sum"] / a["loss_n"]) if float(a["loss_n"]) > 0 else 0.0
             if spec.kind == "depth":
                 rmse = math.sqrt(float(a["sq_err"] / a["valid"])) if float(a["valid"]) > 0 else float("nan")
                 metrics[name] = {"rmse": rmse, "rmse_m": rmse * _DEPTH_UNIT_M}
@@ -280,4 +308,5 @@ class TaskonomyMeter(Meter):
                 f1 = 100.0 if tp + fp + fn == 0 else 100.0 * 2 * tp / (2 * tp + fp + fn)
                 metrics[name] = {"f1": f1, "threshold_raw": self.ts.f1_thresholds[name]}
                 error[name] = 100.0 - f1
-        return {"loss": loss, "error": error, "metrics": metrics, "count": self.count}
+        return {"loss": loss, "error": error, "metrics": metrics, "gain_metric": self.ts.gain_metric(),
+                "count": self.count}
