@@ -73,8 +73,7 @@ import torch
 from .config import Config, apply_overrides, evolve, get_recipe
 from .data import task_specs as _task_specs
 from .flops import count_flops, taskonomy_table
-# synthetic data and raw-file writers (fastdmtg.testing): importable from here as before
-from .testing import (TASKONOMY_SPLIT_FILE, synthetic_celeba, synthetic_taskonomy, write_celeba_raw,  # noqa: F401
+from .testing import (TASKONOMY_SPLIT_FILE, synthetic_celeba, synthetic_taskonomy, write_celeba_raw,
                       write_taskonomy_raw)
 
 # DMTG paper Table A1 (one RTX 4090): (GFLOPs, hours) — see ../shared/reference-notes.md
@@ -353,7 +352,7 @@ def step_main(argv: list[str]) -> int:
     ap.add_argument("--out", help="write the Markdown report here too (and the rows as JSON beside it)")
     args = ap.parse_args(argv)
     _setup_logging(args)
-    from .train import resolve_device
+    from .builder import resolve_device
     device = resolve_device(args.device)
     replaced = [o for o in args.overrides if o.split("=", 1)[0].strip() in _SPEED_KEYS]
     if replaced:
@@ -551,7 +550,7 @@ def profile_main(argv: list[str]) -> int:
     _setup_logging(args)
     from torch.profiler import ProfilerActivity, profile
 
-    from .train import resolve_device
+    from .builder import resolve_device
     device = resolve_device(args.device)
     cfg = apply_overrides(get_recipe(args.recipe), args.overrides)
     step, info = build_stepper(cfg, device)
@@ -606,5 +605,4 @@ def profile_main(argv: list[str]) -> int:
     return 0
 
 
-__all__ = ["bench_main", "profile_main", "count_flops", "measure_step", "build_stepper", "peak_bf16_tflops",
-           "write_taskonomy_raw", "synthetic_taskonomy", "synthetic_celeba"]
+__all__ = ["bench_main", "profile_main", "measure_step", "build_stepper", "peak_bf16_tflops"]

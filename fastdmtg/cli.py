@@ -20,19 +20,11 @@ import sys
 import time
 from pathlib import Path
 
-from .config import RECIPE_FOLLOWS, RECIPES, Config, ConfigError, apply_overrides, get_recipe
+from .config import NAIVE_OF, RECIPE_FOLLOWS, RECIPES, Config, ConfigError, apply_overrides, get_recipe
 from .log import add_output_flags, get_logger, progress_flag
 from .log import setup as setup_logging
 
 log = get_logger("fastdmtg.cli")
-
-NAIVE_OF = {"taskonomy5_k3": "taskonomy5_naive", "taskonomy5_k4": "taskonomy5_naive",
-            "taskonomy5_k5": "taskonomy5_naive", "taskonomy5_vit_k3": "taskonomy5_vit_naive",
-            "synthetic_k3": "synthetic_naive", "celeba9_k2": "celeba9_naive", "celeba9_k3": "celeba9_naive",
-            "celeba9_k4": "celeba9_naive", "celeba9_k5": "celeba9_naive", "celeba40_k5": "celeba40_naive",
-            "folder_k3": "folder_naive"}
-NAIVE_OF.update({f"taskonomy5_k3_share{n}": f"taskonomy5_naive_share{n}" for n in (0, 3, 6, 9)})   # Table 6
-NAIVE_OF.update({f"{k}_reference": f"{v}_reference" for k, v in NAIVE_OF.items() if f"{v}_reference" in RECIPES})
 
 
 def _train_parser(sub):
@@ -207,7 +199,8 @@ def cmd_eval(args) -> int:
     from .export import load_grouped
     from .pipelines import build_source
     from .log import bars_on
-    from .train import evaluate, resolve_device
+    from .builder import resolve_device
+    from .train import evaluate
     run_dir = Path(args.run_dir)
     if not run_dir.is_dir():
         raise FileNotFoundError(f"{run_dir}: no such run folder")
@@ -338,12 +331,13 @@ def _main(argv: list[str] | None = None) -> int:
                     return 2
                 from .pipelines import prepare_ffcv_main
                 return prepare_ffcv_main([args.dataset] + args.rest)
-            if args.dataset != "taskonomy":
-                print("error: `prepare celeba` only makes FFCV files (--format ffcv); the default CelebA "
-                      "cache is built automatically on first use", file=sys.stderr)
+            from .data import get_format
+            prepare = get_format(args.dataset).prepare
+            if prepare is None:
+                print(f"error: `prepare {args.dataset}` only makes FFCV files (--format ffcv); its default "
+                      "decode cache is built automatically on first use", file=sys.stderr)
                 return 2
-            from .data import taskonomy
-            return taskonomy.prepare_main(args.rest)
+            return prepare(args.rest)
     except (ConfigError, FileNotFoundError, FileExistsError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -80,12 +80,10 @@ def method_order(m: str) -> int:
     """0 grouping methods, 1 training augmentations, 2 combinations (the TAG paper's layout)."""
     from .methods import AUGMENTATIONS
     return 2 if m in COMBINATIONS else 1 if m in AUGMENTATIONS else 0
-# config keys that may differ between invocations without invalidating a finished run: display,
-# paths, and speed switches that do not change what is computed
-_VOLATILE = {("train", "progress"), ("train", "tensorboard"), ("train", "device"), ("data", "root"),
-             ("data", "cache_dir"), ("data", "num_workers"), ("data", "backend"), ("train", "kernels"),
-             ("train", "compile"), ("train", "cuda_graph"), ("train", "channels_last"), ("model", "batched"),
-             ("optim", "fused")}
+
+
+# config keys that may differ between invocations without invalidating a finished run (config.FIELD_EFFECTS)
+from .config import SAME_RESULTS_FIELDS as _VOLATILE  # noqa: E402
 
 
 def _comparable(cfg_dict: dict) -> dict:

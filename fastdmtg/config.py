@@ -11,29 +11,15 @@ import dataclasses
 import json
 import math
 import os
+import sys
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .data import registry as _formats
 from .data.registry import FORMATS
-
-CELEBA_40 = [
-    "5_o_Clock_Shadow", "Arched_Eyebrows", "Attractive", "Bags_Under_Eyes", "Bald", "Bangs",
-    "Big_Lips", "Big_Nose", "Black_Hair", "Blond_Hair", "Blurry", "Brown_Hair", "Bushy_Eyebrows",
-    "Chubby", "Double_Chin", "Eyeglasses", "Goatee", "Gray_Hair", "Heavy_Makeup", "High_Cheekbones",
-    "Male", "Mouth_Slightly_Open", "Mustache", "Narrow_Eyes", "No_Beard", "Oval_Face", "Pale_Skin",
-    "Pointy_Nose", "Receding_Hairline", "Rosy_Cheeks", "Sideburns", "Smiling", "Straight_Hair",
-    "Wavy_Hair", "Wearing_Earrings", "Wearing_Hat", "Wearing_Lipstick", "Wearing_Necklace",
-    "Wearing_Necktie", "Young",
-]
-CELEBA_9 = [
-    "5_o_Clock_Shadow", "Black_Hair", "Blond_Hair", "Brown_Hair", "Goatee", "Mustache",
-    "No_Beard", "Rosy_Cheeks", "Wearing_Hat",
-]
-TASKONOMY_5 = ["segment_semantic", "depth_zbuffer", "normal", "keypoints2d", "edge_texture"]
-TASK_PRESETS = {"celeba9": CELEBA_9, "celeba40": CELEBA_40, "taskonomy5": TASKONOMY_5}
-
+from .registry import LOADER_BACKENDS
 
 class ConfigError(ValueError):
     """A configuration value is invalid; the message names the field."""
@@ -85,17 +71,20 @@ class DataConfig:
 
     def __post_init__(self):
         _check(self.dataset in FORMATS, f"data.dataset: expected {'|'.join(FORMATS)}, got {self.dataset!r}")
-        _check(self.backend in ("auto", "gpu-cache", "memory", "torch", "ffcv", "dali"),
-               f"data.backend: expected auto|gpu-cache|memory|torch|ffcv|dali, got {self.backend!r}")
+        _check(self.backend == "auto" or self.backend in LOADER_BACKENDS,
+               f"data.backend: expected {'|'.join(['auto', *LOADER_BACKENDS])}, got {self.backend!r}")
         _check(self.num_workers >= 0, f"data.num_workers must be >= 0, got {self.num_workers}")
         _check(self.image_size >= 16 and self.image_size % 4 == 0,
                f"data.image_size: expected a multiple of 4 >= 16, got {self.image_size}")
         _check(self.limit_train >= 0 and self.limit_eval >= 0, "data.limit_train/limit_eval must be >= 0")
         _check(self.synthetic_groups >= 1 and self.synthetic_tasks_per_group >= 1,
                "data.synthetic_groups and data.synthetic_tasks_per_group must be >= 1")
-        if self.dataset == "taskonomy":
-            _check(self.image_size % 16 == 0, f"data.image_size: Taskonomy models need a multiple of 16, "
-                                              f"got {self.image_size}")
+        check = _formats.get_format(self.dataset).check      # what the format itself requires
+        if check is not None:
+            try:
+                check(self)
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
         _check(self.taskonomy_seg_resize in ("nearest", "bilinear"),
                f"data.taskonomy_seg_resize: expected nearest|bilinear, got {self.taskonomy_seg_resize!r}")
         _check(self.taskonomy_miou in ("reference", "mean"),
@@ -114,8 +103,9 @@ class DataConfig:
         if isinstance(self.tasks, str):
             if self.tasks == "all":
                 return None
-            if self.tasks in TASK_PRESETS:
-                return list(TASK_PRESETS[self.tasks])
+            presets = _formats.task_presets()
+            if self.tasks in presets:
+                return list(presets[self.tasks])
             return [t.strip() for t in self.tasks.split(",") if t.strip()]
         return list(self.tasks)
 
@@ -496,34 +486,53 @@ def _check_aggregator(cfg: "Config") -> None:
 PATH_FIELDS = (("data", "root"), ("data", "cache_dir"), ("data", "taskonomy_split_file"),
                ("train", "init_from"), ("train", "reference"), ("model", "pretrained"))
 
-# The fields a run may change when it is resumed (`fastdmtg train --resume RUN --set KEY=VALUE`, or an
-# edit of RUN/config.json): they change how long it runs, what it logs and how fast it computes, never
-# what a step computes. Any other difference from the config stored in checkpoints/last.pt stops the
-# resume (exit 2) with the list of fields, old → new. The speed switches compute the same function with
-# another float rounding: a run resumed with one of them changed is not bit-identical to an
-# uninterrupted run. Not here, on purpose: train.device and train.amp (numerics), model.batched (another
-# parameter layout), data.backend (another image decoder), data.root (another dataset).
-RESUME_SAFE: dict[str, str] = {
-    "name": "the run's label",
-    "train.epochs": "the run's length (not below the epochs already trained)",
-    "train.val_every": "validation cadence",
-    "train.log_every": "steps between loss checks and TensorBoard scalars",
-    "train.progress": "progress bars",
-    "train.tensorboard": "TensorBoard scalars",
-    "train.logger": "trackers next to TensorBoard",
-    "train.mlflow_uri": "the MLflow store",
-    "train.experiment": "the MLflow experiment / W&B project",
-    "train.eval_batch_size": "evaluation batch size (the same predictions)",
-    "train.divergence_factor": "divergence rule",
-    "train.on_divergence": "what a divergence does",
-    "train.kernels": "kernel backend (speed)",
-    "train.compile": "torch.compile (speed)",
-    "train.cuda_graph": "CUDA graphs (speed)",
-    "train.channels_last": "memory layout (speed)",
-    "optim.fused": "fused optimizer kernels (speed)",
-    "data.num_workers": "loader processes (speed)",
-    "data.cache_dir": "where decoded caches live",
+# What a change of each field does to a run's results — the one table behind both rules "which fields
+# may differ": a resume (RESUME_SAFE) and compare's reuse of a finished run (SAME_RESULTS_FIELDS). A
+# field not listed changes results. field → (effect, resumable, what it is):
+#   effect    none      does not touch what is computed (display, logging, paths, loader parallelism)
+#             rounding  the same function with another float rounding (speed switches, device, decoder)
+#             results   changes the results (the run's length, validation cadence, divergence rule)
+#   resumable whether a resume may change it (`fastdmtg train --resume RUN --set KEY=VALUE`, or an edit of
+#             RUN/config.json); any other difference from the config stored in checkpoints/last.pt stops
+#             the resume (exit 2) with the list of fields, old → new. Not resumable although they do not
+#             change results: what the checkpoint's state depends on (train.device: optimizer and RNG
+#             state of another device; model.batched: another parameter layout; data.backend: another
+#             image decoder; data.root: another dataset for the recorded data fingerprint).
+# A run resumed with a "rounding" field changed is not bit-identical to an uninterrupted run.
+FIELD_EFFECTS: dict[str, tuple[str, bool, str]] = {
+    "name": ("none", True, "the run's label"),
+    "train.epochs": ("results", True, "the run's length (not below the epochs already trained)"),
+    "train.val_every": ("results", True, "validation cadence"),
+    "train.log_every": ("results", True, "steps between loss checks and TensorBoard scalars"),
+    "train.progress": ("none", True, "progress bars"),
+    "train.tensorboard": ("none", True, "TensorBoard scalars"),
+    "train.logger": ("none", True, "trackers next to TensorBoard"),
+    "train.mlflow_uri": ("none", True, "the MLflow store"),
+    "train.experiment": ("none", True, "the MLflow experiment / W&B project"),
+    "train.eval_batch_size": ("rounding", True, "evaluation batch size (the same predictions)"),
+    "train.divergence_factor": ("results", True, "divergence rule"),
+    "train.on_divergence": ("results", True, "what a divergence does"),
+    "train.kernels": ("rounding", True, "kernel backend (speed)"),
+    "train.compile": ("rounding", True, "torch.compile (speed)"),
+    "train.cuda_graph": ("rounding", True, "CUDA graphs (speed)"),
+    "train.channels_last": ("rounding", True, "memory layout (speed)"),
+    "optim.fused": ("rounding", True, "fused optimizer kernels (speed)"),
+    "data.num_workers": ("none", True, "loader processes (speed)"),
+    "data.cache_dir": ("none", True, "where decoded caches live"),
+    "train.device": ("rounding", False, "the device"),
+    "model.batched": ("rounding", False, "the batched form of the branches (another parameter layout)"),
+    "data.backend": ("rounding", False, "the loader (another image decoder)"),
+    "data.root": ("none", False, "where the dataset is (the data fingerprint says whether it is the same)"),
 }
+EFFECTS = ("none", "rounding", "results")
+
+# the fields a resume may change, with what they are (listed by the resume's error message)
+RESUME_SAFE: dict[str, str] = {k: what for k, (_, resumable, what) in FIELD_EFFECTS.items() if resumable}
+# the (section, key) fields whose change leaves a finished run's results as they are up to float rounding
+# (compare reuses such a run instead of training it again); the run's name is not a section field
+SAME_RESULTS_FIELDS: frozenset[tuple[str, str]] = frozenset(
+    tuple(k.split(".")) for k, (effect, _, _) in FIELD_EFFECTS.items() if effect != "results" and "." in k)
+
 
 _EXPECT = {bool: "true or false", int: "an integer", float: "a number", str: "a string", dict: "a JSON object"}
 
@@ -716,280 +725,65 @@ def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
 #   ours       fastdmtg's own test and demo settings (the synthetic planted-group data).
 # docs/fidelity.md has one row per difference between the two, with the switch that selects it.
 
-def synthetic_k3() -> Config:
-    """Ours — the embedded default: 3 planted groups x 3 tasks, 32x32, 1-channel ResNet variant, K=3
-    (~30 s on CPU).
-
-    The 1-channel width is what plants the groups (see fastdmtg/data/synthetic.py): a branch can carry
-    one colour projection, so the optimum is one planted group per branch. lr 1e-2 because the tiny
-    net trains slowly at the CelebA rate; tau is the CelebA default. Per-rank BatchNorm (model.sync_bn
-    false), so it also runs under CPU (gloo) DDP."""
-    return Config(
-        name="synthetic_k3",
-        data=DataConfig(dataset="synthetic", image_size=32, tasks="all"),
-        model=ModelConfig(arch="resnet_celeba", branches=3, width=1, sync_bn=False),
-        dmtg=DMTGConfig(tau=2.5),
-        optim=OptimConfig(lr=1e-2, schedule="none"),
-        train=TrainConfig(epochs=10, batch_size=128, eval_batch_size=500),
-    )
-
-
-def synthetic_naive() -> Config:
-    """Ours — naive MTL (K = 1) on the embedded planted-group data."""
-    cfg = synthetic_k3()
-    cfg.name = "synthetic_naive"
-    cfg.grouping.method = "naive-mtl"
-    cfg.model.branches = 1
-    return cfg
-
-
-def _reference_common(cfg: Config) -> Config:
+def reference_common(cfg: Config) -> Config:
     """The switches where fastdmtg's default differs from the released code whatever the recipe: fp32
     (no autocast), the plateau schedule on the training loss, no naive-MTL initialisation, no stop on
     divergence (the release stops only on a NaN loss: train.on_divergence=warn flags it in results.json
-    and trains on), and for Taskonomy the bilinear resize of segmentation ids (the release's bug, kept
-    for reproduction) and the evaluation loss as a mean of per-batch means (the release's Averager)
-    over batches of the training batch size (the release's validation batch per process).
-    Everything else the recipes already set to the release's values (best-checkpoint rule, validation
-    after epoch 1, mIoU definition, SyncBatchNorm, shared Gumbel noise, rotate loss, 1/√K scaling)."""
+    and trains on). A format adds its own (Taskonomy: the release's bilinear resize of segmentation ids
+    and its evaluation loss). Everything else the recipes
+    already set to the release's values (best-checkpoint rule, validation after epoch 1, mIoU
+    definition, SyncBatchNorm, shared Gumbel noise, rotate loss, 1/√K scaling)."""
     cfg.name += "_reference"
     cfg.train.amp = "off"
     cfg.train.init = "scratch"
     cfg.train.on_divergence = "warn"
     cfg.optim.plateau_on = "train"
-    if cfg.data.dataset == "taskonomy":
-        cfg.data.taskonomy_seg_resize = "bilinear"
-        cfg.data.taskonomy_eval_loss = "batch_mean"
-        cfg.train.eval_batch_size = cfg.train.batch_size     # its validation batch = the training batch per process
     return cfg
 
 
-def _celeba_cfg(tasks: str, k: int, name: str, follows: str = "paper") -> Config:
-    """CelebA DMTG. Paper §4.1: Adam lr 8e-4, plateau decay ×0.5 on the validation loss, 100 epochs,
-    τ 2.5, initialised from the trained naive-MTL model (train.init=naive: pass --init-from); the
-    plateau's patience / threshold / floor, which the paper does not give, are the release's only
-    plateau settings (its Taskonomy configs: 3, relative 0.1, 3e-5). Reference: MultiStepLR ×0.5 at
-    epochs 15, 30, …, 90 (= ×0.5 every 15 epochs over 100), from scratch."""
-    # data.root stays empty in recipes: the CLI fills it from --data-root, the loader says if it is missing
-    cfg = Config(
-        name=name,
-        data=DataConfig(dataset="celeba", tasks=tasks, image_size=64),
-        model=ModelConfig(arch="resnet_celeba", branches=k, width=64),
-        dmtg=DMTGConfig(tau=2.5),
-        optim=OptimConfig(name="adam", lr=8e-4, schedule="plateau", gamma=0.5, plateau_patience=3,
-                          plateau_threshold=0.1, min_lr=3e-5, plateau_on="val"),
-        # fp32 (train.amp=off): the paper and the release train without autocast, and the measured cost of
-        # the mixed policy is not yet bounded on real-size data (docs/fidelity.md, "Precision")
-        train=TrainConfig(epochs=100, batch_size=256, init="naive", amp="off"),
-    )
-    if follows == "reference":
-        cfg.optim = OptimConfig(name="adam", lr=8e-4, schedule="step", step_epochs=15, gamma=0.5)
-        _reference_common(cfg)
-    return cfg
-
-
-def _celeba_naive(tasks: str, name: str) -> Config:
-    """CelebA naive MTL (the NormGain reference and the source of train.init=naive). The paper does not
-    describe its training: the release's mtl config — SGD lr 5e-4 momentum 0.9, ×0.5 every 15 epochs
-    (the base config's MultiStepLR)."""
-    cfg = _celeba_cfg(tasks, 1, name)
-    cfg.grouping.method = "naive-mtl"
-    cfg.optim = OptimConfig(name="sgd", lr=5e-4, momentum=0.9, schedule="step", step_epochs=15, gamma=0.5)
-    cfg.train.init = "scratch"
-    return cfg
-
-
-def _doc(fn, text: str):
-    fn.__doc__ = text
-    return fn
-
-
-_PAPER = "Paper (where explicit; else the release): {}. See {} for the values."
-celeba9_k2 = _doc(lambda: _celeba_cfg("celeba9", 2, "celeba9_k2"), _PAPER.format("CelebA-9 DMTG, K=2", "_celeba_cfg"))
-celeba9_k3 = _doc(lambda: _celeba_cfg("celeba9", 3, "celeba9_k3"), _PAPER.format("CelebA-9 DMTG, K=3", "_celeba_cfg"))
-celeba9_k4 = _doc(lambda: _celeba_cfg("celeba9", 4, "celeba9_k4"), _PAPER.format("CelebA-9 DMTG, K=4", "_celeba_cfg"))
-celeba9_k5 = _doc(lambda: _celeba_cfg("celeba9", 5, "celeba9_k5"), _PAPER.format("CelebA-9 DMTG, K=5", "_celeba_cfg"))
-celeba40_k5 = _doc(lambda: _celeba_cfg("celeba40", 5, "celeba40_k5"), _PAPER.format("CelebA-40 DMTG, K=5", "_celeba_cfg"))
-celeba9_naive = _doc(lambda: _celeba_naive("celeba9", "celeba9_naive"),
-                     _PAPER.format("CelebA-9 naive MTL (the paper is silent: the release's values)", "_celeba_naive"))
-celeba40_naive = _doc(lambda: _celeba_naive("celeba40", "celeba40_naive"),
-                      _PAPER.format("CelebA-40 naive MTL (the paper is silent: the release's values)", "_celeba_naive"))
-
-
-def _taskonomy(k: int, batch: int, name: str, arch: str = "xception", follows: str = "paper") -> Config:
-    """Taskonomy-5 DMTG. Paper §4.1: Adam lr 1e-4, plateau decay ×0.5 on the validation loss, 100
-    epochs, τ 4, initialised from the trained naive-MTL model (train.init=naive: pass --init-from).
-    Where the paper is silent, the release: plateau patience 3, relative threshold 0.1, floor 3e-5;
-    batch 24 per process at K=3 (16 at K=4, 12 at K=5; ViT 20), launched on 2 processes (global batch
-    2×, SyncBatchNorm, one shared Gumbel draw per step — the same as one process with the doubled
-    batch); validation every 2 epochs and after epoch 1; rotate loss on (every shipped Taskonomy
-    config); split after Xception block 4 (ViT: 6 shared layers); 1/√K gradient scaling.
-    Reference: Adam lr 1e-3, plateau on the training loss, from scratch."""
-    cfg = Config(
-        name=name,
-        data=DataConfig(dataset="taskonomy", tasks="taskonomy5", image_size=256, num_workers=8,
-                        taskonomy_rotate_loss=True),
-        model=ModelConfig(arch=arch, branches=k, shared_blocks=6 if arch == "vit_base" else 4,
-                          grad_scale="reference"),
-        dmtg=DMTGConfig(tau=4.0),
-        optim=OptimConfig(name="adam", lr=1e-4, schedule="plateau", gamma=0.5, plateau_patience=3,
-                          plateau_threshold=0.1, min_lr=3e-5, plateau_on="val"),
-        train=TrainConfig(epochs=100, batch_size=batch, eval_batch_size=2 * batch, val_every=2, init="naive",
-                          amp="off"),          # fp32, as _celeba_cfg
-    )
-    if follows == "reference":
-        cfg.optim.lr = 1e-3
-        _reference_common(cfg)
-    return cfg
-
-
-#: Table 6 (shared blocks "0/3/6/9" of the paper's "12-block" Xception, K = 3) → model.shared_blocks: the
-#: release's ablation configs split at entry p = 0/3/6/9 of its width list (conv1, conv2, blocks…), which is
-#: s = p − 2 of our blocks for p ≥ 3 (docs/taskonomy.md §4); p = 0 shares nothing
-TABLE6_SHARED_BLOCKS = {0: 0, 3: 1, 6: 4, 9: 7}
-
-
-def _taskonomy_share(label: int, follows: str = "paper") -> Config:
-    """Taskonomy-5 DMTG, Xception, K = 3, Table 6's "{label} shared blocks" as the release's
-    ``…_3_groups_5_tasks_share_{label}.yaml`` runs it: batch 16 per process (not 24), split at its width-list
-    entry {label} (model.shared_blocks = TABLE6_SHARED_BLOCKS[label]); everything else as taskonomy5_k3."""
-    cfg = _taskonomy(3, 16, f"taskonomy5_k3_share{label}", follows=follows)
-    cfg.model.shared_blocks = TABLE6_SHARED_BLOCKS[label]
-    return cfg
-
-
-def _taskonomy_naive_share(label: int) -> Config:
-    """The naive-MTL model a Table 6 recipe starts from (train.init=naive) and is measured against:
-    taskonomy5_naive with the same encoder split (K = 1 computes the same network whatever the split;
-    the split only lays out its parameters so that --init-from maps them onto every branch)."""
-    cfg = _taskonomy_naive(f"taskonomy5_naive_share{label}")
-    cfg.model.shared_blocks = TABLE6_SHARED_BLOCKS[label]
-    return cfg
-
-
-def _taskonomy_naive(name: str, arch: str = "xception") -> Config:
-    """Taskonomy-5 naive MTL (the NormGain reference and the source of train.init=naive). The paper does
-    not describe its training: the release's naive config — SGD lr 0.1 momentum 0.9 weight decay 1e-4,
-    ReduceLROnPlateau with PyTorch's defaults (×0.1, patience 10, relative threshold 1e-4) and floor
-    3e-5 on the training loss, validation every 10 epochs and after epoch 1, batch 24 per process; the
-    same encoder split as the DMTG recipes (so --init-from maps it onto every branch)."""
-    cfg = _taskonomy(1, 24, name, arch=arch)
-    cfg.grouping.method = "naive-mtl"
-    cfg.optim = OptimConfig(name="sgd", lr=0.1, momentum=0.9, weight_decay=1e-4, schedule="plateau",
-                            gamma=0.1, plateau_patience=10, plateau_threshold=1e-4, min_lr=3e-5,
-                            plateau_on="train")
-    cfg.train.val_every = 10
-    cfg.train.init = "scratch"
-    return cfg
-
-
-taskonomy5_k3 = _doc(lambda: _taskonomy(3, 24, "taskonomy5_k3"),
-                     _PAPER.format("Taskonomy-5 DMTG, Xception, K=3 (Tables 1, 2)", "_taskonomy"))
-taskonomy5_k4 = _doc(lambda: _taskonomy(4, 16, "taskonomy5_k4"),
-                     _PAPER.format("Taskonomy-5 DMTG, Xception, K=4", "_taskonomy"))
-taskonomy5_k5 = _doc(lambda: _taskonomy(5, 12, "taskonomy5_k5"),
-                     _PAPER.format("Taskonomy-5 DMTG, Xception, K=5", "_taskonomy"))
-taskonomy5_vit_k3 = _doc(lambda: _taskonomy(3, 20, "taskonomy5_vit_k3", arch="vit_base"),
-                         _PAPER.format("Taskonomy-5 DMTG, ViT-Base, K=3 (Table 5; 6 shared layers, batch 20 "
-                                       "as the release's ViT config)", "_taskonomy"))
-taskonomy5_naive = _doc(lambda: _taskonomy_naive("taskonomy5_naive"),
-                        _PAPER.format("Taskonomy-5 naive MTL, Xception (the paper is silent: the release's "
-                                      "values)", "_taskonomy_naive"))
-taskonomy5_vit_naive = _doc(lambda: _taskonomy_naive("taskonomy5_vit_naive", arch="vit_base"),
-                            _PAPER.format("Taskonomy-5 naive MTL, ViT-Base (the paper is silent: the release's "
-                                          "values)", "_taskonomy_naive"))
-
-
-def folder_k3() -> Config:
-    """Ours — your own tasks (DIR/labels.csv, fastdmtg/data/folder.py): DMTG with the CelebA ResNet variant
-    (width 64) at data.image_size 64, per-task heads of each task's size, K = min(3, N) (model.branches=0,
-    auto), from scratch. Optimiser as the CelebA paper recipe (Adam 8e-4,
-    plateau ×0.5 on the validation loss); 30 epochs."""
-    return Config(
-        name="folder_k3",
-        data=DataConfig(dataset="folder", tasks="all", image_size=64),
-        model=ModelConfig(arch="resnet_celeba", branches=0, width=64),
-        dmtg=DMTGConfig(tau=2.5),
-        optim=OptimConfig(name="adam", lr=8e-4, schedule="plateau", gamma=0.5, plateau_patience=3,
-                          plateau_threshold=0.1, min_lr=3e-5, plateau_on="val"),
-        train=TrainConfig(epochs=30, batch_size=256, init="scratch"),
-    )
-
-
-def folder_naive() -> Config:
-    """Ours — naive MTL (K = 1) on your own tasks: the NormGain reference of folder_k3."""
-    cfg = folder_k3()
-    cfg.name = "folder_naive"
+def naive_twin(cfg: Config, name: str) -> Config:
+    """The naive-MTL twin of a DMTG recipe's config, named ``name``: the same data, model and schedule,
+    one encoder for all tasks (grouping.method=naive-mtl; model.branches=0 resolves to K = 1)."""
+    cfg.name = name
     cfg.grouping.method = "naive-mtl"
     return cfg
 
 
+# The recipes are the dataset formats' (each format's ``recipes``, fastdmtg/data/base.py), with the
+# naive-MTL twin of each (``--method naive-mtl`` switches a recipe to its twin).
 RECIPES: dict[str, typing.Callable[[], Config]] = {}
 RECIPE_FOLLOWS: dict[str, str] = {}       # recipe -> paper | reference | ours
+NAIVE_OF: dict[str, str] = {}             # recipe -> its naive-MTL twin
 
 
-def _reference_of(name: str, fn: typing.Callable[[], Config]) -> typing.Callable[[], Config]:
-    return _doc(lambda: _reference_common(fn()),
-                f"Reference code as released: {name} with the release's values (_reference_common).")
+_FORMATS_WITH_RECIPES: set[str] = set()
 
 
-def _register_builtin() -> None:
-    paper = {"taskonomy5_k3": taskonomy5_k3, "taskonomy5_k4": taskonomy5_k4, "taskonomy5_k5": taskonomy5_k5,
-             "taskonomy5_vit_k3": taskonomy5_vit_k3, "celeba9_k2": celeba9_k2, "celeba9_k3": celeba9_k3,
-             "celeba9_k4": celeba9_k4, "celeba9_k5": celeba9_k5, "celeba40_k5": celeba40_k5}
-    naive = {"taskonomy5_naive": taskonomy5_naive, "taskonomy5_vit_naive": taskonomy5_vit_naive,
-             "celeba9_naive": celeba9_naive, "celeba40_naive": celeba40_naive}
-    for name, fn in paper.items():
-        register_recipe(name, fn, "paper")
-    for name, fn in naive.items():
-        register_recipe(name, fn, "paper")
-    for label in TABLE6_SHARED_BLOCKS:       # Table 6 ablation: taskonomy5_k3_share{0,3,6,9} (+ _reference)
-        naive_fn = _doc(lambda lb=label: _taskonomy_naive_share(lb),
-                        _PAPER.format(f"Taskonomy-5 naive MTL, Xception, split as taskonomy5_k3_share{label}",
-                                      "_taskonomy_naive_share"))
-        register_recipe(f"taskonomy5_naive_share{label}", naive_fn, "paper")
-        register_recipe(f"taskonomy5_naive_share{label}_reference",
-                        _reference_of(f"taskonomy5_naive_share{label}", naive_fn), "reference")
-        for follows in ("paper", "reference"):
-            fn = (lambda lb=label, f=follows: _taskonomy_share(lb, f))
-            what = (f"Taskonomy-5 DMTG, Xception, K=3, Table 6 \"{label} shared blocks\" (batch 16, "
-                    f"model.shared_blocks={TABLE6_SHARED_BLOCKS[label]})")
-            doc = (_PAPER.format(what, "_taskonomy_share") if follows == "paper" else
-                   f"Reference code as released: {what} (the release's schedule and lr; _reference_common).")
-            register_recipe(f"taskonomy5_k3_share{label}" + ("_reference" if follows == "reference" else ""),
-                            _doc(fn, doc), follows)
-    # the release as it is; the DMTG celeba/taskonomy ones get their reference schedules from the builders
-    ref = "Reference code as released: {} (the release's schedule and lr; _reference_common)."
-    ref_builders = {"taskonomy5_k3": lambda: _taskonomy(3, 24, "taskonomy5_k3", follows="reference"),
-                    "taskonomy5_k4": lambda: _taskonomy(4, 16, "taskonomy5_k4", follows="reference"),
-                    "taskonomy5_k5": lambda: _taskonomy(5, 12, "taskonomy5_k5", follows="reference"),
-                    "taskonomy5_vit_k3": lambda: _taskonomy(3, 20, "taskonomy5_vit_k3", "vit_base", "reference"),
-                    "celeba9_k2": lambda: _celeba_cfg("celeba9", 2, "celeba9_k2", "reference"),
-                    "celeba9_k3": lambda: _celeba_cfg("celeba9", 3, "celeba9_k3", "reference"),
-                    "celeba9_k4": lambda: _celeba_cfg("celeba9", 4, "celeba9_k4", "reference"),
-                    "celeba9_k5": lambda: _celeba_cfg("celeba9", 5, "celeba9_k5", "reference"),
-                    "celeba40_k5": lambda: _celeba_cfg("celeba40", 5, "celeba40_k5", "reference")}
-    for name, fn in ref_builders.items():
-        register_recipe(name + "_reference", _doc(fn, ref.format(name)), "reference")
-    for name, fn in naive.items():
-        register_recipe(name + "_reference", _reference_of(name, fn), "reference")
-    register_recipe("synthetic_k3", synthetic_k3, "ours")
-    register_recipe("synthetic_naive", synthetic_naive, "ours")
-    register_recipe("folder_k3", folder_k3, "ours")
-    register_recipe("folder_naive", folder_naive, "ours")
+def register_format_recipes() -> None:
+    """Register the recipes of every format of ``FORMATS`` not registered yet: the built-in ones at
+    import, a format added to FORMATS later (a plugin outside the package) on its first recipe lookup."""
+    for name in [n for n in FORMATS if n not in _FORMATS_WITH_RECIPES]:
+        _FORMATS_WITH_RECIPES.add(name)
+        for r in _formats.recipes_of(name, sys.modules[__name__]):
+            register_recipe(r.name, r.build, r.follows, r.naive)
 
 
-def register_recipe(name: str, fn: typing.Callable[[], Config], follows: str = "ours") -> None:
-    """Add a named recipe; ``follows`` says what it reproduces: paper | reference | ours."""
+def register_recipe(name: str, fn: typing.Callable[[], Config], follows: str = "ours",
+                    naive: str | None = None) -> None:
+    """Add a named recipe; ``follows`` says what it reproduces: paper | reference | ours; ``naive`` is
+    its naive-MTL twin (the recipe ``--method naive-mtl`` runs instead), if it has one."""
     _check(follows in ("paper", "reference", "ours"), f"recipe {name}: follows must be paper|reference|ours")
     RECIPES[name] = fn
     RECIPE_FOLLOWS[name] = follows
+    if naive is not None:
+        NAIVE_OF[name] = naive
 
 
-_register_builtin()
+register_format_recipes()
 
 
 def get_recipe(name: str) -> Config:
+    register_format_recipes()
     if name not in RECIPES:
         raise ConfigError(f"unknown recipe {name!r}; known: {', '.join(sorted(RECIPES))}")
     try:        # recipes edit fields after construction: validated again as a whole

@@ -108,7 +108,7 @@ def merge_config(base: Config, partial: dict, source: str | Path) -> Config:
 def resolve_auto(cfg: Config) -> tuple[Config, list[str]]:
     """→ (the config with ``auto`` resolved for this machine, the fields that were auto)."""
     from . import ops
-    from .train import resolve_device, resolve_speed, use_bf16
+    from .builder import resolve_device, resolve_speed, use_bf16
     d = cfg.to_dict()
     device = resolve_device(cfg.train.device)
     speed = resolve_speed(cfg, device, 1)

@@ -144,7 +144,8 @@ def heads_share(model, x) -> float:
 
 def taskonomy_table(argv: list[str] | None = None) -> int:
     """The Taskonomy-5 table (ROWS): params, fvcore, torch and thop-style GFLOPs beside the paper's."""
-    from .config import TASKONOMY_5, ModelConfig
+    from .config import ModelConfig
+    from .data.taskonomy import TASKONOMY_5
     from .models import build_multibranch
     from .tasks.taskonomy import TaskonomyTaskSet
     ap = argparse.ArgumentParser(prog="fastdmtg bench flops --taskonomy", description="Taskonomy-5 FLOPs table")

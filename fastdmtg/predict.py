@@ -82,11 +82,11 @@ def images_uint8(images) -> torch.Tensor:
 
 def resize_uint8(x: torch.Tensor, image_size: int, dataset: str) -> torch.Tensor:
     """(B, 3, H, W) uint8 → (B, 3, S, S) uint8, resized as the dataset's decoder does."""
-    if dataset == "taskonomy":
-        from .data.taskonomy import resize_batch
-        return resize_batch(x, image_size, "bilinear", 8)
-    from .data.celeba import resize_like_reference
-    return resize_like_reference(x, image_size)
+    from .data import get_format
+    resize = get_format(dataset).resize
+    if resize is None:
+        raise ValueError(f"data.dataset={dataset}: this dataset format declares no resize for predict")
+    return resize(x, image_size)
 
 
 def prepare_images(images, image_size: int, dataset: str) -> torch.Tensor:
@@ -217,7 +217,7 @@ def expand_folders(paths: list[str]) -> list[str]:
 
 def predict_main(argv: list[str]) -> int:
     from .export import load_grouped
-    from .train import resolve_device
+    from .builder import resolve_device
     ap = argparse.ArgumentParser(prog="fastdmtg predict",
                                  description="predict every task of a finished run for your own images "
                                              "(any size; resized as in training)")

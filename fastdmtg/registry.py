@@ -12,3 +12,32 @@ def lazy_lookup(table: dict[str, str], name: str, field: str, kind: str):
         raise ValueError(f"{field}: unknown {kind} {name!r}; known: {', '.join(table)}")
     module, _, attr = table[name].partition(":")
     return getattr(importlib.import_module(module), attr)
+
+
+class Registry(dict):
+    """One extension point's table: name → "module:attribute", the module imported on first ``load``.
+    A dict, so that listing and checking names (config validation, ``fastdmtg recipes``) imports none
+    of the modules; ``kind`` and ``field`` name the thing and its config field in the error for an
+    unknown name."""
+
+    def __init__(self, kind: str, field: str, entries: dict[str, str]):
+        super().__init__(entries)
+        self.kind, self.field = kind, field
+
+    def load(self, name: str):
+        """The attribute registered as ``name``; an unknown name is a ValueError naming the field and
+        the known names."""
+        return lazy_lookup(self, name, self.field, self.kind)
+
+
+# data.backend name -> "module:attribute" of the loader backend's ``LoaderBackend`` (its name, its
+# availability check, how it builds its source: fastdmtg/pipelines/source.py). Adding a backend = its
+# file + one line here. The table lives here, not in fastdmtg.pipelines, because the config validates
+# data.backend against it and fastdmtg.pipelines imports the config.
+LOADER_BACKENDS = Registry("backend", "data.backend", {
+    "gpu-cache": "fastdmtg.pipelines.resident:GPU_CACHE",
+    "memory": "fastdmtg.pipelines.resident:MEMORY",
+    "torch": "fastdmtg.pipelines.torch_files:BACKEND",
+    "ffcv": "fastdmtg.pipelines.ffcv_source:BACKEND",
+    "dali": "fastdmtg.pipelines.dali_source:BACKEND",
+})

@@ -30,7 +30,7 @@ def write_celeba_raw(root: str | Path, n: int) -> None:
     import numpy as np
     from PIL import Image
 
-    from .config import CELEBA_40
+    from .data.celeba import CELEBA_40
     root = Path(root)
     rng = np.random.default_rng(0)
     (root / "img_align_celeba").mkdir(parents=True, exist_ok=True)
@@ -74,10 +74,9 @@ def synthetic_taskonomy(cfg: Config, n: int, seed: int = 0):
     sources exactly like a prepared folder (values aside)."""
     import numpy as np
 
-    from .config import TASKONOMY_5
     from .data import taskonomy as tx
     d = cfg.data
-    names = d.task_names() or list(TASKONOMY_5)
+    names = d.task_names() or list(tx.TASKONOMY_5)
     rng = np.random.default_rng(seed)
     arrays = {dom: _taskonomy_maps(rng, dom, n, d.image_size) for dom in tx.needed_domains(names)}
     return tx.TaskonomyDataset.from_arrays({s: arrays for s in ("train", "val", "test")}, names, d.image_size,

@@ -32,9 +32,7 @@ import torch
 from . import checkpoint as ckpt
 from . import distributed as dist_utils
 from . import ops
-# the step's assembly lives in fastdmtg.builder; these names stay importable from here
-from .builder import (BATCHED_AUTO_ARCHS, FUSED_STEM_AUTO, build_optimizer, build_step_module,  # noqa: F401
-                      build_training_step, prepare_model, resolve_device, resolve_speed, step_mode, use_bf16)
+from .builder import build_training_step, resolve_device, use_bf16
 from . import fingerprint
 from .config import Config, ConfigError, check_init, resume_changes
 from .log import EPOCHS, RunLog, bars_on, get_logger

@@ -14,64 +14,33 @@ batches in the same order for every dataset. See docs/pipelines.md.
 """
 from __future__ import annotations
 
-import importlib.util
-
 import torch.distributed as dist
 
 from fastdmtg.data import SPLITS, Dataset, open_dataset
+from fastdmtg.registry import LOADER_BACKENDS
 
 from .cache import DecodeCache, default_cache_dir, verify_path
 from .dali_source import DaliSource
 from .ffcv_source import FfcvSource, prepare_ffcv_main, write_beton
 from .plan import epoch_permutation, flip_flags, plan_epoch, resolve_shard, shard_num_batches, shard_positions
 from .resident import ResidentSource
-from .source import PipelineError, Source
+from .source import LoaderBackend, PipelineError, Source
 from .torch_files import TorchSource
 
 #: what data.backend=auto runs (on a CPU it holds the data in host memory: the same as memory)
 AUTO = "gpu-cache"
-BACKENDS = ("gpu-cache", "memory", "torch", "ffcv", "dali")
+BACKENDS = tuple(LOADER_BACKENDS)        # the data.backend names (auto aside), one table: fastdmtg.registry
+
+
+backend = LOADER_BACKENDS.load     # name → its LoaderBackend
 
 
 def backend_status(name: str, deep: bool = True) -> tuple[bool, str]:
     """(usable, reason) — whether a backend's packages are there, and why not. ``deep=False`` only
     looks for the packages without importing them (importing ffcv costs seconds of numba JIT)."""
-    if name in ("gpu-cache", "memory", "torch"):
-        return True, "built in"
-    if name == "ffcv":
-        try:
-            if deep:
-                import ffcv.loader  # noqa: F401
-                import cv2  # noqa: F401   (opencv needs libGL.so.1 / libglib at import)
-            elif importlib.util.find_spec("ffcv") is None or importlib.util.find_spec("cv2") is None:
-                raise ImportError("No module named 'ffcv'")
-        except Exception as e:   # ImportError, or opencv's missing libGL (OSError)
-            return False, (f"ffcv is not importable ({type(e).__name__}: {e}); install it with "
-                           "`bash .ci/install-pipelines.sh VENV` or `pip install fastdmtg[ffcv]` after the "
-                           "Debian packages pkg-config libopencv-dev libturbojpeg0-dev libgl1 libglib2.0-0")
-        return True, "installed"
-    if name == "dali":
-        try:
-            if deep:
-                import nvidia.dali  # noqa: F401
-            elif importlib.util.find_spec("nvidia") is None or importlib.util.find_spec("nvidia.dali") is None:
-                raise ImportError("No module named 'nvidia.dali'")
-        except Exception as e:
-            return False, (f"nvidia-dali is not importable ({type(e).__name__}: {e}); install it with "
-                           "`pip install fastdmtg[dali]` (nvidia-dali-cuda130 or -cuda120)")
-        return True, "installed"
-    raise ValueError(f"data.backend: unknown backend {name!r}; known: auto, {', '.join(BACKENDS)}")
-
-
-#: backend name → how to build its source from (dataset, decode cache, DataConfig, common keywords, fraction)
-_BUILD = {
-    "gpu-cache": lambda ds, cache, cfg, kw, frac: ResidentSource(ds, placement="device", cache=cache, fraction=frac, **kw),
-    "memory": lambda ds, cache, cfg, kw, frac: ResidentSource(ds, placement="host", cache=cache, fraction=frac, **kw),
-    "torch": lambda ds, cache, cfg, kw, frac: TorchSource(ds, **kw),
-    "ffcv": lambda ds, cache, cfg, kw, frac: FfcvSource(ds, cache=cache, **kw,
-                                                        beton_dir=default_cache_dir(cfg.cache_dir, ds) / "ffcv"),
-    "dali": lambda ds, cache, cfg, kw, frac: DaliSource(ds, **kw),
-}
+    if name not in LOADER_BACKENDS:
+        raise ValueError(f"data.backend: unknown backend {name!r}; known: auto, {', '.join(BACKENDS)}")
+    return backend(name).status(deep)
 
 
 def build_source(cfg, progress: bool = True, *, dataset: Dataset | None = None, rank: int | None = None,
@@ -85,16 +54,16 @@ def build_source(cfg, progress: bool = True, *, dataset: Dataset | None = None, 
     device (host) memory gpu-cache (memory) may take per split before it moves the split down (a log
     line says so). ``validate``: decode every split — or check its cache — now, placing it for
     ``device`` (under DDP rank 0 first, so caches are built once)."""
-    backend = AUTO if cfg.backend == "auto" else cfg.backend
-    ok, why = backend_status(backend)
+    name = AUTO if cfg.backend == "auto" else cfg.backend
+    ok, why = backend_status(name)
     if not ok:
-        raise PipelineError(f"data.backend={backend}: {why}; or use data.backend=gpu-cache|memory|torch")
+        raise PipelineError(f"data.backend={name}: {why}; or use data.backend=gpu-cache|memory|torch")
     ds = dataset if dataset is not None else open_dataset(cfg, progress)
     cache = None
     if any(ds.arrays(s) is None for s in SPLITS):     # something to decode: a decode cache
         cache = DecodeCache(ds, default_cache_dir(cfg.cache_dir, ds), workers=0, progress=progress)
     common = dict(rank=rank, world_size=world_size, flip=flip, num_workers=cfg.num_workers, progress=progress)
-    src = _BUILD[backend](ds, cache, cfg, common, device_fraction)
+    src = backend(name).build(ds, cache, cfg, common, device_fraction)
     if validate:
         validate_source(src, progress, device)
     return src
@@ -109,11 +78,11 @@ def validate_source(src: Source, progress: bool = False, device="cpu") -> None:
     if dist.get_rank() == 0:
         src.validate(progress, device)
     dist.barrier()
-    if dist.get_rank() != 0 and src.backend in ("gpu-cache", "memory", "ffcv"):
+    if dist.get_rank() != 0 and backend(src.backend).checks_on_every_rank:
         src.validate(False, device)
 
 
-__all__ = ["AUTO", "BACKENDS", "build_source", "validate_source", "backend_status", "Source", "PipelineError",
+__all__ = ["AUTO", "BACKENDS", "LoaderBackend", "backend", "build_source", "validate_source", "backend_status", "Source", "PipelineError",
            "ResidentSource", "TorchSource", "FfcvSource", "DaliSource",
            "DecodeCache", "default_cache_dir", "verify_path", "write_beton", "prepare_ffcv_main", "epoch_permutation",
            "flip_flags", "plan_epoch", "resolve_shard", "shard_num_batches", "shard_positions"]

@@ -29,13 +29,15 @@ the reference decoder.
 """
 from __future__ import annotations
 
+import importlib.util
+
 import numpy as np
 import torch
 
 from fastdmtg.data import DataFormatError
 from fastdmtg.data.base import uint16_as_int16
 
-from .source import PipelineError, Source, decode_check
+from .source import LoaderBackend, PipelineError, Source, decode_check
 
 
 def _to_torch(tl, device: torch.device) -> torch.Tensor | list[torch.Tensor]:
@@ -191,3 +193,19 @@ class DaliSource(Source):
 
 
 __all__ = ["DaliSource"]
+
+
+def dali_status(deep: bool = True) -> tuple[bool, str]:
+    """Whether nvidia-dali imports; ``deep=False`` only looks for the package."""
+    try:
+        if deep:
+            import nvidia.dali  # noqa: F401
+        elif importlib.util.find_spec("nvidia") is None or importlib.util.find_spec("nvidia.dali") is None:
+            raise ImportError("No module named 'nvidia.dali'")
+    except Exception as e:
+        return False, (f"nvidia-dali is not importable ({type(e).__name__}: {e}); install it with "
+                       "`pip install fastdmtg[dali]` (nvidia-dali-cuda130 or -cuda120)")
+    return True, "installed"
+
+
+BACKEND = LoaderBackend("dali", lambda ds, cache, cfg, kw, frac: DaliSource(ds, **kw), status=dali_status)

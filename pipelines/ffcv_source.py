@@ -43,6 +43,7 @@ from __future__ import annotations
 import argparse
 import functools
 import hashlib
+import importlib.util
 import json
 import os
 import sys
@@ -59,7 +60,7 @@ from fastdmtg.data import FORMATS, open_dataset
 from fastdmtg.data.base import uint16_as_int16
 
 from .cache import DecodeCache, default_cache_dir, file_problem, write_manifest
-from .source import PipelineError, Source, log
+from .source import LoaderBackend, PipelineError, Source, log
 
 #: dtypes an NDArray field may have (compact and torch-convertible)
 ND_DTYPES = (np.uint8, np.int8, np.int16, np.uint16, np.int32, np.int64, np.float16, np.float32)
@@ -467,3 +468,24 @@ class FfcvSource(Source):
             yield self._batch(raw, pb.flip)
         if n_out != len(plan):
             raise PipelineError(f"ffcv: loader gave {n_out} batches, the plan has {len(plan)}")
+
+
+def ffcv_status(deep: bool = True) -> tuple[bool, str]:
+    """Whether ffcv (and opencv, which it needs) imports; ``deep=False`` only looks for the packages
+    (importing ffcv costs seconds of numba JIT)."""
+    try:
+        if deep:
+            import ffcv.loader  # noqa: F401
+            import cv2  # noqa: F401   (opencv needs libGL.so.1 / libglib at import)
+        elif importlib.util.find_spec("ffcv") is None or importlib.util.find_spec("cv2") is None:
+            raise ImportError("No module named 'ffcv'")
+    except Exception as e:   # ImportError, or opencv's missing libGL (OSError)
+        return False, (f"ffcv is not importable ({type(e).__name__}: {e}); install it with "
+                       "`bash .ci/install-pipelines.sh VENV` or `pip install fastdmtg[ffcv]` after the "
+                       "Debian packages pkg-config libopencv-dev libturbojpeg0-dev libgl1 libglib2.0-0")
+    return True, "installed"
+
+
+BACKEND = LoaderBackend("ffcv", lambda ds, cache, cfg, kw, frac: FfcvSource(
+    ds, cache=cache, **kw, beton_dir=default_cache_dir(cfg.cache_dir, ds) / "ffcv"),
+    status=ffcv_status, checks_on_every_rank=True)

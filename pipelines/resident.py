@@ -20,7 +20,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .source import PipelineError, Source, fits, gather_rows, log, to_tensor
+from .source import LoaderBackend, PipelineError, Source, fits, gather_rows, log, to_tensor
 
 
 class _MappedRows(torch.utils.data.Dataset):
@@ -132,3 +132,9 @@ class ResidentSource(Source):
 
 
 __all__ = ["ResidentSource"]
+
+
+GPU_CACHE = LoaderBackend("gpu-cache", lambda ds, cache, cfg, kw, frac: ResidentSource(
+    ds, placement="device", cache=cache, fraction=frac, **kw), checks_on_every_rank=True)
+MEMORY = LoaderBackend("memory", lambda ds, cache, cfg, kw, frac: ResidentSource(
+    ds, placement="host", cache=cache, fraction=frac, **kw), checks_on_every_rank=True)

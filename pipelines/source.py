@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import logging
 import os
+from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import torch
@@ -26,6 +28,19 @@ from fastdmtg.data.base import decode_parallel, uint16_as_int16
 from .plan import PlannedBatch, plan_epoch, resolve_shard, shard_num_batches
 
 log = logging.getLogger("fastdmtg.pipelines")
+
+
+@dataclass(frozen=True)
+class LoaderBackend:
+    """A data.backend (registered in ``fastdmtg.registry.LOADER_BACKENDS``): ``status(deep) -> (usable,
+    reason)`` says whether its packages are there and why not (``deep=False`` only looks for them,
+    without importing); ``build(dataset, decode_cache, data_config, common_kwargs, device_fraction)``
+    returns its ``Source``; ``checks_on_every_rank``: under DDP, ranks other than 0 check the caches
+    rank 0 built (backends with caches)."""
+    name: str
+    build: Callable
+    status: Callable = lambda deep=True: (True, "built in")
+    checks_on_every_rank: bool = False
 
 
 class PipelineError(ValueError):

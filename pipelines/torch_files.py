@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from .source import Source, decode_check, to_tensor
+from .source import LoaderBackend, Source, decode_check, to_tensor
 
 
 class _Samples(torch.utils.data.Dataset):
@@ -56,3 +56,6 @@ class TorchSource(Source):
 
 
 __all__ = ["TorchSource"]
+
+
+BACKEND = LoaderBackend("torch", lambda ds, cache, cfg, kw, frac: TorchSource(ds, **kw))

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fastdmtg.config import CELEBA_40
+from fastdmtg.data.celeba import CELEBA_40
 
 
 def write_celeba(root: Path, n: int = 24, seed: int = 0, names: list[str] = CELEBA_40,

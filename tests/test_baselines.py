@@ -17,7 +17,8 @@ from fastdmtg.methods.networks import NetworkGroups
 from fastdmtg.partition import parse_text, resolve_networks
 from fastdmtg.methods.tag import TagAffinity, update_direction
 from fastdmtg.models import build_multibranch
-from fastdmtg.train import build_optimizer, train
+from fastdmtg.builder import build_optimizer
+from fastdmtg.train import train
 
 FAST = ["--set", "train.tensorboard=false", "--set", "train.progress=false"]
 

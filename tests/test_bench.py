@@ -13,8 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from fastdmtg import bench
-from fastdmtg.config import TASKONOMY_5, DataConfig, apply_overrides, get_recipe
+from fastdmtg import bench, testing
+from fastdmtg.config import DataConfig, apply_overrides, get_recipe
+from fastdmtg.data.taskonomy import TASKONOMY_5
 
 sys.path.insert(0, str(Path(__file__).parent))
 from taskonomy_fixture import write_fixture  # noqa: E402
@@ -132,7 +133,7 @@ def test_taskonomy_stepper_layout_loss_and_update(tmp_path):
 
 def test_write_taskonomy_raw_is_official_format(tmp_path):
     from fastdmtg.data import taskonomy as tx
-    split = bench.write_taskonomy_raw(tmp_path / "raw", n=3, side=32)
+    split = testing.write_taskonomy_raw(tmp_path / "raw", n=3, side=32)
     assert json.loads(split.read_text())["train"] == ["benchtrain"]
     root = tmp_path / "raw"
     assert tx.detect_layout(root) == tx.LAYOUT_DOMAIN_FIRST

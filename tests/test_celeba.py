@@ -3,7 +3,8 @@ import numpy as np
 import pytest
 import torch
 
-from fastdmtg.config import CELEBA_9, CELEBA_40, DataConfig
+from fastdmtg.config import DataConfig
+from fastdmtg.data.celeba import CELEBA_9, CELEBA_40
 from fastdmtg.data.celeba import CelebAFormatError, CelebAIndex, load_image, parse_attributes, parse_partition
 from fastdmtg.pipelines import build_source
 

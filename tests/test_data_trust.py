@@ -261,17 +261,17 @@ def test_trainer_torch_backend_on_a_raw_taskonomy_root_decodes_pngs(tx_raw, tmp_
 def test_bench_reference_row_runs_the_torch_backend_over_raw_files(tmp_path, recipe):
     """bench step's "reference style … (PNG/JPEG decode)" row: the source that runs decodes the raw
     files (for Taskonomy it used to time .npy memmap reads)."""
-    from fastdmtg import bench
+    from fastdmtg import bench, testing
     from fastdmtg.config import apply_overrides, get_recipe
     sets = (["data.image_size=32", "train.batch_size=2", "model.branches=2", "model.shared_blocks=11"]
             if recipe.startswith("taskonomy") else ["data.image_size=32", "train.batch_size=4", "model.width=4"])
     cfg = apply_overrides(get_recipe(recipe), sets + [])
     raw = tmp_path / "raw"
     if recipe.startswith("taskonomy"):
-        bench.write_taskonomy_raw(raw, n=4, side=64)
+        testing.write_taskonomy_raw(raw, n=4, side=64)
     else:
         raw.mkdir()
-        bench.write_celeba_raw(raw, 10)
+        testing.write_celeba_raw(raw, 10)
     step, info = bench.build_stepper(cfg, torch.device("cpu"), loader="torch", raw_root=raw, num_workers=0)
     src = info["source"]
     assert next(iter(src.batches("train", 2, shuffle=False)))["image"].shape == (2, 3, 32, 32)

@@ -21,7 +21,8 @@ import pytest
 import torch
 
 from fastdmtg.config import (RECIPE_FOLLOWS, RECIPES, ConfigError, ModelConfig, apply_overrides, check_init,
-                             get_recipe, TASKONOMY_5)
+                             get_recipe)
+from fastdmtg.data.taskonomy import TASKONOMY_5
 from fastdmtg.tasks.taskonomy import TaskonomyTaskSet, miou_from_confusion
 from fastdmtg.train import build_scheduler, improves_best, plateau_step, validation_due
 
@@ -337,7 +338,7 @@ def _record(seen: dict, key: str):
 def test_precision_policy_keeps_decoders_and_losses_fp32(amp):
     from fastdmtg.models.xception import Decoder
     from fastdmtg.step import StepModule, autocast_factory, set_output_precision
-    from fastdmtg.train import prepare_model
+    from fastdmtg.builder import prepare_model
     model, ts = _tiny_taskonomy_model()
     decoders = [m for m in model.modules() if isinstance(m, Decoder)]
     assert set_output_precision(model, keep_fp32=False) == 2 * 5               # K·N decoders
@@ -384,7 +385,7 @@ def test_decoder_fp32_flag_follows_train_amp(amp):
     """prepare_model marks every decoder fp32 unless train.amp=bf16: under auto (mixed on CUDA) and off
     too, so a CUDA default run keeps its heads in fp32."""
     from fastdmtg.models.xception import Decoder
-    from fastdmtg.train import prepare_model
+    from fastdmtg.builder import prepare_model
     model, _ = _tiny_taskonomy_model()
     decoders = [m for m in model.modules() if isinstance(m, Decoder)]
     for d in decoders:
@@ -406,7 +407,7 @@ def test_precision_policy_keeps_linear_heads_fp32(batched, monkeypatch):
     from fastdmtg.models.batched import BatchedMultiBranchNet
     from fastdmtg.step import set_output_precision
     from fastdmtg.tasks import TaskSpec
-    from fastdmtg.train import prepare_model
+    from fastdmtg.builder import prepare_model
     torch.manual_seed(0)
     specs = [TaskSpec(f"t{i}", "class", 2) for i in range(3)]
     x = torch.rand(4, 3, 32, 32)
@@ -446,7 +447,8 @@ def test_head_policy_traces_under_torch_compile():
 
 
 def test_evaluation_runs_in_fp32_unless_plain_bf16():
-    from fastdmtg.train import eval_autocast, use_bf16
+    from fastdmtg.builder import use_bf16
+    from fastdmtg.train import eval_autocast
     dev = torch.device("cpu")
     x = torch.ones(2, 2)
     for amp, train_bf16, eval_bf16 in (("mixed", True, False), ("bf16", True, True), ("off", False, False),

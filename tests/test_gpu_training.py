@@ -201,7 +201,7 @@ def test_torchrun_ddp_cuda_graph(tmp_path):
 def test_cuda_graph_under_ddp_is_opt_in():
     """(Runs on CPU: only the policy.) train.cuda_graph=auto keeps graphs off under DDP; =on turns them
     on, except with head pruning or SyncBatchNorm, which are refused with the field named."""
-    from fastdmtg.train import resolve_speed
+    from fastdmtg.builder import resolve_speed
     dev = torch.device("cuda")                   # resolve_speed only looks at the device type
     base = apply_overrides(get_recipe("celeba9_k3"), ["model.sync_bn=false"])   # SyncBN is the default under DDP
     assert resolve_speed(base, dev, 1)["cuda_graph"] is True

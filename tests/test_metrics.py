@@ -119,7 +119,7 @@ _METRIC = {"depth_zbuffer": "rmse", "normal": "acc30", "segment_semantic": "miou
 def _taskonomy_split(values: dict, miou: str = "reference") -> dict:
     """A Taskonomy test split as the meter reports it (metrics per task, the error column 100 − metric,
     the task set's gain_metric), holding Table A2's numbers; losses are not used here."""
-    from fastdmtg.config import TASKONOMY_5
+    from fastdmtg.data.taskonomy import TASKONOMY_5
     from fastdmtg.tasks.taskonomy import TaskonomyTaskSet
     metrics = {t: {_METRIC[t]: v} for t, v in values.items()}
     metrics["segment_semantic"] = {"miou": values["segment_semantic"], f"miou_{miou}": values["segment_semantic"]}

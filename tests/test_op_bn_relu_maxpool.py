@@ -122,7 +122,7 @@ def test_eval_mode_and_reference_backend_are_the_unfused_sequence():
 # the CelebA ResNet variant with model.fused_stem on == off
 # ----------------------------------------------------------------------------------------------
 def _tiny_model(batched: bool):
-    from fastdmtg.bench import _task_specs
+    from fastdmtg.data import task_specs as _task_specs
     from fastdmtg.config import apply_overrides, get_recipe
     from fastdmtg.models import build_multibranch
     from fastdmtg.models.batched import BatchedMultiBranchNet
@@ -159,7 +159,7 @@ def test_celeba_model_fused_stem_equals_unfused(batched, channels_last):
 def test_fused_stem_switch():
     """model.fused_stem: auto stays off (until a GPU measurement decides); on needs the CelebA stem."""
     from fastdmtg.config import apply_overrides, get_recipe
-    from fastdmtg.train import FUSED_STEM_AUTO, prepare_model, resolve_speed
+    from fastdmtg.builder import FUSED_STEM_AUTO, prepare_model, resolve_speed
     assert FUSED_STEM_AUTO is False
     cfg = get_recipe("celeba9_k3")
     assert resolve_speed(cfg, torch.device("cuda"), 1)["fused_stem"] is False

@@ -163,7 +163,7 @@ _NO_TRITON = textwrap.dedent("""
     from fastdmtg import ops
     from fastdmtg.config import apply_overrides, get_recipe
     from fastdmtg.models import build_multibranch
-    from fastdmtg.bench import _task_specs
+    from fastdmtg.data import task_specs as _task_specs
     from fastdmtg.models.resnet_celeba import set_fused_stem
     assert "triton" not in sys.modules
     assert not ops.triton_available() and "blocked" in ops.TRITON_IMPORT_ERROR

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from fastdmtg.config import TASKONOMY_5, DataConfig, ModelConfig
+from fastdmtg.config import DataConfig, ModelConfig
+from fastdmtg.data.taskonomy import TASKONOMY_5
 from fastdmtg.data import taskonomy as tx
 from fastdmtg.data.taskonomy import TaskonomyFormatError
 from fastdmtg.models import build_multibranch, build_parts

@@ -27,27 +27,12 @@ def taskset_for(cfg, names: list[str]):
 
 
 def known_task_names(data) -> list[str] | None:
-    """The task names a ``DataConfig`` trains, as far as it tells them without opening the data: the
-    synthetic set's planted tasks, data.tasks, Taskonomy-5 / CelebA-40 for "all", a folder's
-    labels.csv header, a tensors dataset's declarations; None when only the data can tell (a folder
-    that is not there, or whose header does not parse: opening it reports that, naming the line)."""
-    from ..config import CELEBA_40, TASK_PRESETS
-    if data.dataset == "synthetic":
-        from .synthetic import task_names
-        return task_names(data.synthetic_groups, data.synthetic_tasks_per_group)
-    names = data.task_names()
-    if names is not None:
-        return names
-    if data.dataset == "celeba":
-        return list(CELEBA_40)
-    if data.dataset == "taskonomy":
-        return list(TASK_PRESETS["taskonomy5"])
-    if data.dataset == "tensors":
-        return list(data.folder_tasks) or None
-    if data.dataset == "folder" and data.root:
-        from .folder import header_tasks
-        return header_tasks(data.root)
-    return None
+    """The task names a ``DataConfig`` trains, as far as it tells them without opening the data (its
+    format's ``known_tasks``; data.tasks for a format that declares none); None when only the data can
+    tell (a folder that is not there, or whose header does not parse: opening it reports that, naming
+    the line)."""
+    fmt = get_format(data.dataset)
+    return fmt.known_tasks(data) if fmt.known_tasks is not None else data.task_names()
 
 
 def detect_format(root) -> DatasetFormat:

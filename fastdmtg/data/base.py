@@ -31,7 +31,7 @@ from __future__ import annotations
 import hashlib
 import os
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -315,7 +315,18 @@ class DatasetFormat:
     ``--data-root DIR`` without a recipe asks every format with a ``detect(Path) -> bool`` whether
     DIR is its folder (``fastdmtg.data.detect_format``); the first that says yes gives ``recipe``.
     ``looks_for`` says in a few words what ``detect`` checks, for the message listing what was looked
-    for when no format recognises the folder."""
+    for when no format recognises the folder.
+
+    What the rest of fastdmtg knows about a dataset, it asks its format (the core has no branch on a
+    dataset's name):
+      ``presets``      task-set names for data.tasks (``{"celeba9": [...]}``);
+      ``known_tasks``  ``DataConfig -> task names | None`` without opening the data (None: only the data
+                       can tell); left out = data.tasks as written;
+      ``check``        ``DataConfig -> None``, raises ValueError naming the field (config validation);
+      ``resize``       ``(B, 3, H, W) uint8, S -> (B, 3, S, S) uint8`` as the decoder resizes (predict);
+      ``prepare``      ``argv -> exit code``: ``fastdmtg prepare NAME ROOT OUT`` (its own prepared form);
+      ``recipes``      ``config module -> [Recipe]``: the format's named recipes (the config module is
+                       passed in, so a format never imports the config: no cycle)."""
     name: str
     open: Callable
     taskset: Callable
@@ -323,3 +334,29 @@ class DatasetFormat:
     detect: Callable | None = None
     looks_for: str = ""
     recipe: str | None = None
+    presets: dict = field(default_factory=dict)
+    known_tasks: Callable | None = None
+    check: Callable | None = None
+    resize: Callable | None = None
+    prepare: Callable | None = None
+    recipes: Callable | None = None
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A named recipe a format ships: ``build() -> Config``; ``follows`` = paper | reference | ours;
+    ``naive`` = the recipe ``--method naive-mtl`` switches to (its naive-MTL twin), None if none."""
+    name: str
+    build: Callable
+    follows: str = "ours"
+    naive: str | None = None
+
+
+def recipe_fn(fn: Callable, *args, doc: str | None = None) -> Callable:
+    """``fn(*args)`` as the zero-argument builder a recipe table holds, with ``fn``'s docstring (or
+    ``doc``): ``fastdmtg recipes`` and the docs show it."""
+    def build():
+        return fn(*args)
+    build.__doc__ = fn.__doc__ if doc is None else doc
+    return build
+

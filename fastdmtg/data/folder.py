@@ -52,13 +52,18 @@ import json
 import math
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from ..log import get_logger
 from ..tasks.generic import TYPES, GenericTaskSet, TaskDecl
-from .base import SPLITS, DataFormatError, Dataset, DatasetFormat, Field, flip_rows
+from .base import SPLITS, DataFormatError, Dataset, DatasetFormat, Field, Recipe, flip_rows, recipe_fn
+from .celeba import resize_like_reference
+
+if TYPE_CHECKING:
+    from ..config import Config
 
 log = get_logger("fastdmtg.data.folder")
 
@@ -424,7 +429,6 @@ def _line_of(csv_path: str, image: str) -> str:
 def load_image(path: str, size: int, csv_path: str = "") -> np.ndarray:
     """Decode one image (``images.read_rgb``: 16-bit reduced to 8, 32-bit and bombs refused) →
     (3, size, size) uint8, bilinear (half-pixel, no antialias)."""
-    from .celeba import resize_like_reference
     from .images import ImageReadError, read_rgb
     try:
         arr = read_rgb(path)                                                    # (H, W, 3) uint8
@@ -640,8 +644,7 @@ class FolderDataset(Dataset):
                 **super().fingerprint()}
 
     def resize(self, field, x):
-        from .celeba import resize_like_reference
-        return resize_like_reference(x, self.image_size)
+            return resize_like_reference(x, self.image_size)
 
     def to_batch(self, raw, flags):
         return targets_batch(raw, flags)
@@ -693,9 +696,45 @@ def header_tasks(root: str | Path) -> list[str] | None:
         return None
 
 
+def folder_known_tasks(cfg) -> list[str] | None:
+    """data.tasks, else the labels.csv header (None when the folder is not there or its header does not
+    parse: opening it reports that, naming the line)."""
+    names = cfg.task_names()
+    if names is not None:
+        return names
+    return header_tasks(cfg.root) if cfg.root else None
+
+
+def folder_k3(c) -> Config:
+    """Ours — your own tasks (DIR/labels.csv, fastdmtg/data/folder.py): DMTG with the CelebA ResNet variant
+    (width 64) at data.image_size 64, per-task heads of each task's size, K = min(3, N) (model.branches=0,
+    auto), from scratch. Optimiser as the CelebA paper recipe (Adam 8e-4,
+    plateau ×0.5 on the validation loss); 30 epochs."""
+    return c.Config(
+        name="folder_k3",
+        data=c.DataConfig(dataset="folder", tasks="all", image_size=64),
+        model=c.ModelConfig(arch="resnet_celeba", branches=0, width=64),
+        dmtg=c.DMTGConfig(tau=2.5),
+        optim=c.OptimConfig(name="adam", lr=8e-4, schedule="plateau", gamma=0.5, plateau_patience=3,
+                            plateau_threshold=0.1, min_lr=3e-5, plateau_on="val"),
+        train=c.TrainConfig(epochs=30, batch_size=256, init="scratch"),
+    )
+
+
+def folder_naive(c) -> Config:
+    """Ours — naive MTL (K = 1) on your own tasks: the NormGain reference of folder_k3."""
+    return c.naive_twin(folder_k3(c), "folder_naive")
+
+
+def folder_recipes(c) -> list[Recipe]:
+    return [Recipe("folder_k3", recipe_fn(folder_k3, c), "ours", naive="folder_naive"),
+            Recipe("folder_naive", recipe_fn(folder_naive, c), "ours")]
+
+
 FORMAT = DatasetFormat("folder", open_folder, folder_taskset,
                        "your own tasks: DIR/labels.csv (image, split, one column per task) + optional tasks.json",
-                       detect=is_folder_dataset, looks_for=f"{LABELS_FILE} (your own tasks)", recipe="folder_k3")
+                       detect=is_folder_dataset, looks_for=f"{LABELS_FILE} (your own tasks)", recipe="folder_k3",
+                       known_tasks=folder_known_tasks, resize=resize_like_reference, recipes=folder_recipes)
 
 
 #: the planted groups of ``write_demo``'s tasks

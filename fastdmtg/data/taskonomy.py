@@ -61,15 +61,22 @@ import struct
 import sys
 import zlib
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..config import TASKONOMY_5
 from ..tasks.taskonomy import TaskonomyTaskSet
 from . import store
-from .base import SPLITS, DataFormatError, Dataset, DatasetFormat, Field, files_digest, flip_rows, u16
+from .base import (SPLITS, DataFormatError, Dataset, DatasetFormat, Field, Recipe, files_digest, flip_rows, recipe_fn,
+                   u16)
+
+if TYPE_CHECKING:
+    from ..config import Config
+
+# the paper's Taskonomy-5 task set (data.tasks=taskonomy5, and "all")
+TASKONOMY_5 = ["segment_semantic", "depth_zbuffer", "normal", "keypoints2d", "edge_texture"]
 
 #: bump when decoding/resizing changes what it computes: prepared folders made before are refused
 #: (user folders: re-run prepare) or decoded again (caches)
@@ -717,13 +724,160 @@ def is_taskonomy_root(root: Path) -> bool:
     return True
 
 
+def taskonomy_known_tasks(cfg) -> list[str]:
+    """data.tasks, or Taskonomy-5 for "all"."""
+    names = cfg.task_names()
+    return list(TASKONOMY_5) if names is None else names
+
+
+def check_taskonomy(cfg) -> None:
+    if cfg.image_size % 16:
+        raise ValueError(f"data.image_size: Taskonomy models need a multiple of 16, got {cfg.image_size}")
+
+
+def resize_like_decoder(x: torch.Tensor, size: int) -> torch.Tensor:
+    """(B, 3, H, W) uint8 → (B, 3, S, S) uint8 as the RGB domain is decoded (bilinear, 8 bits)."""
+    return resize_batch(x, size, "bilinear", 8)
+
+
+def _reference(c, cfg: Config) -> Config:
+    """The release's switches (reference_common), its bilinear resize of segmentation ids (a bug, kept
+    for reproduction) and its evaluation loss as a mean of per-batch means (the release's Averager) over
+    batches of the training batch size (the release's validation batch per process)."""
+    c.reference_common(cfg)
+    cfg.data.taskonomy_seg_resize = "bilinear"
+    cfg.data.taskonomy_eval_loss = "batch_mean"
+    cfg.train.eval_batch_size = cfg.train.batch_size     # its validation batch = the training batch per process
+    return cfg
+
+
+def _taskonomy(c, k: int, batch: int, name: str, arch: str = "xception", follows: str = "paper") -> Config:
+    """Taskonomy-5 DMTG. Paper §4.1: Adam lr 1e-4, plateau decay ×0.5 on the validation loss, 100
+    epochs, τ 4, initialised from the trained naive-MTL model (train.init=naive: pass --init-from).
+    Where the paper is silent, the release: plateau patience 3, relative threshold 0.1, floor 3e-5;
+    batch 24 per process at K=3 (16 at K=4, 12 at K=5; ViT 20), launched on 2 processes (global batch
+    2×, SyncBatchNorm, one shared Gumbel draw per step — the same as one process with the doubled
+    batch); validation every 2 epochs and after epoch 1; rotate loss on (every shipped Taskonomy
+    config); split after Xception block 4 (ViT: 6 shared layers); 1/√K gradient scaling.
+    Reference: Adam lr 1e-3, plateau on the training loss, from scratch."""
+    cfg = c.Config(
+        name=name,
+        data=c.DataConfig(dataset="taskonomy", tasks="taskonomy5", image_size=256, num_workers=8,
+                          taskonomy_rotate_loss=True),
+        model=c.ModelConfig(arch=arch, branches=k, shared_blocks=6 if arch == "vit_base" else 4,
+                            grad_scale="reference"),
+        dmtg=c.DMTGConfig(tau=4.0),
+        optim=c.OptimConfig(name="adam", lr=1e-4, schedule="plateau", gamma=0.5, plateau_patience=3,
+                            plateau_threshold=0.1, min_lr=3e-5, plateau_on="val"),
+        train=c.TrainConfig(epochs=100, batch_size=batch, eval_batch_size=2 * batch, val_every=2, init="naive",
+                            amp="off"),          # fp32, as _celeba_cfg
+    )
+    if follows == "reference":
+        cfg.optim.lr = 1e-3
+        _reference(c, cfg)
+    return cfg
+
+
+def _taskonomy_naive(c, name: str, arch: str = "xception", follows: str = "paper") -> Config:
+    """Taskonomy-5 naive MTL (the NormGain reference and the source of train.init=naive). The paper does
+    not describe its training: the release's naive config — SGD lr 0.1 momentum 0.9 weight decay 1e-4,
+    ReduceLROnPlateau with PyTorch's defaults (×0.1, patience 10, relative threshold 1e-4) and floor
+    3e-5 on the training loss, validation every 10 epochs and after epoch 1, batch 24 per process; the
+    same encoder split as the DMTG recipes (so --init-from maps it onto every branch)."""
+    cfg = _taskonomy(c, 1, 24, name, arch=arch)
+    cfg.grouping.method = "naive-mtl"
+    cfg.optim = c.OptimConfig(name="sgd", lr=0.1, momentum=0.9, weight_decay=1e-4, schedule="plateau",
+                              gamma=0.1, plateau_patience=10, plateau_threshold=1e-4, min_lr=3e-5,
+                              plateau_on="train")
+    cfg.train.val_every = 10
+    cfg.train.init = "scratch"
+    return _reference(c, cfg) if follows == "reference" else cfg
+
+
+#: Table 6 (shared blocks "0/3/6/9" of the paper's "12-block" Xception, K = 3) → model.shared_blocks: the
+#: release's ablation configs split at entry p = 0/3/6/9 of its width list (conv1, conv2, blocks…), which is
+#: s = p − 2 of our blocks for p ≥ 3 (docs/taskonomy.md §4); p = 0 shares nothing
+TABLE6_SHARED_BLOCKS = {0: 0, 3: 1, 6: 4, 9: 7}
+
+
+def _taskonomy_share(c, label: int, follows: str = "paper") -> Config:
+    """Taskonomy-5 DMTG, Xception, K = 3, Table 6's "{label} shared blocks" as the release's
+    ``…_3_groups_5_tasks_share_{label}.yaml`` runs it: batch 16 per process (not 24), split at its width-list
+    entry {label} (model.shared_blocks = TABLE6_SHARED_BLOCKS[label]); everything else as taskonomy5_k3."""
+    cfg = _taskonomy(c, 3, 16, f"taskonomy5_k3_share{label}", follows=follows)
+    cfg.model.shared_blocks = TABLE6_SHARED_BLOCKS[label]
+    return cfg
+
+
+def _taskonomy_naive_share(c, label: int, follows: str = "paper") -> Config:
+    """The naive-MTL model a Table 6 recipe starts from (train.init=naive) and is measured against:
+    taskonomy5_naive with the same encoder split (K = 1 computes the same network whatever the split;
+    the split only lays out its parameters so that --init-from maps them onto every branch)."""
+    cfg = _taskonomy_naive(c, f"taskonomy5_naive_share{label}")
+    cfg.model.shared_blocks = TABLE6_SHARED_BLOCKS[label]
+    return _reference(c, cfg) if follows == "reference" else cfg
+
+
+def _table6_recipes(c, paper: str, naive_ref: str) -> list[Recipe]:
+    """Table 6 ablation: taskonomy5_k3_share{0,3,6,9} and their naive twins (+ _reference)."""
+    out = []
+    for label in TABLE6_SHARED_BLOCKS:
+        naive = f"taskonomy5_naive_share{label}"
+        out.append(Recipe(naive, recipe_fn(_taskonomy_naive_share, c, label, doc=paper.format(
+            f"Taskonomy-5 naive MTL, Xception, split as taskonomy5_k3_share{label}", "_taskonomy_naive_share")),
+            "paper"))
+        out.append(Recipe(naive + "_reference", recipe_fn(_taskonomy_naive_share, c, label, "reference",
+                                                          doc=naive_ref.format(naive)), "reference"))
+        what = (f"Taskonomy-5 DMTG, Xception, K=3, Table 6 \"{label} shared blocks\" (batch 16, "
+                f"model.shared_blocks={TABLE6_SHARED_BLOCKS[label]})")
+        for follows, suffix, doc in (("paper", "", paper.format(what, "_taskonomy_share")),
+                                     ("reference", "_reference", f"Reference code as released: {what} (the "
+                                                                 "release's schedule and lr; reference_common).")):
+            out.append(Recipe(f"taskonomy5_k3_share{label}{suffix}", recipe_fn(_taskonomy_share, c, label, follows,
+                                                                                doc=doc),
+                              follows, naive=naive + suffix))
+    return out
+
+
+def taskonomy_recipes(c) -> list[Recipe]:
+    """Taskonomy-5 with Xception at K = 3, 4, 5 and ViT-Base at K = 3 (paper Tables 1, 2, 5), their
+    naive-MTL twins, and each as the release has it (``*_reference``)."""
+    paper = "Paper (where explicit; else the release): {}. See {} for the values."
+    ref = "Reference code as released: {} (the release's schedule and lr; reference_common)."
+    naive_ref = "Reference code as released: {} with the release's values (reference_common)."
+    dmtg = {"taskonomy5_k3": (3, 24, "xception", "Taskonomy-5 DMTG, Xception, K=3 (Tables 1, 2)"),
+            "taskonomy5_k4": (4, 16, "xception", "Taskonomy-5 DMTG, Xception, K=4"),
+            "taskonomy5_k5": (5, 12, "xception", "Taskonomy-5 DMTG, Xception, K=5"),
+            "taskonomy5_vit_k3": (3, 20, "vit_base", "Taskonomy-5 DMTG, ViT-Base, K=3 (Table 5; 6 shared layers, "
+                                                     "batch 20 as the release's ViT config)")}
+    out = []
+    for name, (k, batch, arch, text) in dmtg.items():
+        naive = "taskonomy5_vit_naive" if arch == "vit_base" else "taskonomy5_naive"
+        out.append(Recipe(name, recipe_fn(_taskonomy, c, k, batch, name, arch, doc=paper.format(text, "_taskonomy")),
+                          "paper", naive=naive))
+        out.append(Recipe(name + "_reference", recipe_fn(_taskonomy, c, k, batch, name, arch, "reference",
+                                                         doc=ref.format(name)), "reference",
+                          naive=naive + "_reference"))
+    for name, arch, pretty in (("taskonomy5_naive", "xception", "Xception"),
+                               ("taskonomy5_vit_naive", "vit_base", "ViT-Base")):
+        text = f"Taskonomy-5 naive MTL, {pretty} (the paper is silent: the release's values)"
+        out.append(Recipe(name, recipe_fn(_taskonomy_naive, c, name, arch, doc=paper.format(text, "_taskonomy_naive")),
+                          "paper"))
+        out.append(Recipe(name + "_reference", recipe_fn(_taskonomy_naive, c, name, arch, "reference",
+                                                         doc=naive_ref.format(name)), "reference"))
+    return out + _table6_recipes(c, paper, naive_ref)
+
+
 FORMAT = DatasetFormat("taskonomy", open_taskonomy, taskonomy_taskset,
                        "Taskonomy: a raw root (ROOT/<domain>/<building>/*.png or ROOT/<building>/<domain>/) "
                        "or a folder made by `fastdmtg prepare taskonomy`",
                        detect=is_taskonomy_root, recipe="taskonomy5_k3",
-                       looks_for="rgb/<building>/, <building>/rgb/ or a prepared index.json (Taskonomy)")
+                       looks_for="rgb/<building>/, <building>/rgb/ or a prepared index.json (Taskonomy)",
+                       presets={"taskonomy5": TASKONOMY_5}, known_tasks=taskonomy_known_tasks,
+                       check=check_taskonomy, resize=resize_like_decoder, recipes=taskonomy_recipes,
+                       prepare=prepare_main)
 
 
-__all__ = ["prepare", "prepare_main", "open_taskonomy", "TaskonomyDataset", "TaskonomyFormatError", "load_domain",
+__all__ = ["TASKONOMY_5", "prepare", "prepare_main", "open_taskonomy", "TaskonomyDataset", "TaskonomyFormatError", "load_domain",
            "resize_map", "resize_batch", "detect_layout", "index_samples", "load_split", "make_batch",
            "needed_domains", "read_index", "TINY_SPLIT", "DOMAINS", "SPLITS"]

@@ -11,6 +11,7 @@ import numpy as np
 from ..tasks.generic import GenericTaskSet
 from .arrays import ArrayDataset
 from .base import DataFormatError, DatasetFormat, Field
+from .celeba import resize_like_reference
 from .folder import folder_taskset, targets_batch
 
 
@@ -28,5 +29,12 @@ def open_tensors(cfg, progress: bool = True):
                           "pass it again through fastdmtg.api (train_tensors / evaluate_tensors)")
 
 
+def tensors_known_tasks(cfg) -> list[str] | None:
+    """data.tasks, else the declarations the config carries."""
+    names = cfg.task_names()
+    return names if names is not None else (list(cfg.folder_tasks) or None)
+
+
 FORMAT = DatasetFormat("tensors", open_tensors, folder_taskset,
-                       "your own tasks from Python tensors (fastdmtg.api.train_tensors)")
+                       "your own tasks from Python tensors (fastdmtg.api.train_tensors)",
+                       known_tasks=tensors_known_tasks, resize=resize_like_reference)

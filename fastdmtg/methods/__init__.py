@@ -22,6 +22,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..registry import Registry
+
 
 @dataclass(frozen=True)
 class StepContext:
@@ -125,14 +127,14 @@ class GroupingMethod(nn.Module):
 
 
 # name -> "module:Class"; a method file registers itself here (one file per method)
-METHODS: dict[str, str] = {
+METHODS = Registry("method", "grouping.method", {
     "dmtg": "fastdmtg.methods.dmtg:DMTG",
     "naive-mtl": "fastdmtg.methods.naive:NaiveMTL",
     "fixed": "fastdmtg.methods.fixed:FixedGroups",
     "tag-affinity": "fastdmtg.methods.tag:TagAffinity",
     "networks": "fastdmtg.methods.networks:NetworkGroups",
     "cs-affinity": "fastdmtg.methods.cs:GradientCosine",
-}
+})
 
 # training augmentations (StepBackward): name -> "module:Class". Each is also a grouping method of its
 # own (one shared network, naive MTL + the augmentation: ``--method pcgrad``), and any method with
@@ -155,9 +157,7 @@ def augmentation_of(cfg) -> str | None:
     return None if cfg.train.aggregator == "none" else cfg.train.aggregator
 
 
-def method_class(name: str):
-    from ..registry import lazy_lookup
-    return lazy_lookup(METHODS, name, "grouping.method", "method")
+method_class = METHODS.load        # name → its GroupingMethod class
 
 
 def build_method(cfg, num_tasks: int, task_names: list[str] | None = None) -> GroupingMethod:

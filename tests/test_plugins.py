@@ -1,0 +1,192 @@
+"""Extension points as plugins: a dataset format added the way docs/pipelines.md "Adding a dataset"
+says (its two code blocks run literally, the module written to a temporary folder on sys.path) is
+known to the config, the recipe table, the naive-MTL switch, predict's resize and trains."""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+import sys
+from pathlib import Path
+
+import pytest
+
+DOC = Path(__file__).resolve().parents[1] / "docs" / "pipelines.md"
+
+
+def _doc_blocks() -> list[str]:
+    text = DOC.read_text()
+    section = text.split("## Adding a dataset\n", 1)[1].split("\n## ", 1)[0]
+    return re.findall(r"```python\n(.*?)```", section, flags=re.S)
+
+
+@pytest.fixture
+def mydata(tmp_path, monkeypatch):
+    """The doc's format module as tmp_path/mydata.py, registered by the doc's registry block."""
+    from fastdmtg.data import registry
+    blocks = _doc_blocks()
+    assert len(blocks) == 2, "the section has the module and the registry line"
+    (tmp_path / "mydata.py").write_text(blocks[0])
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import fastdmtg.config as C
+    monkeypatch.setitem(registry.FORMATS, "mydata", "")       # undone after the test (the doc's line sets it)
+    saved = [dict(t) for t in (C.RECIPES, C.RECIPE_FOLLOWS, C.NAIVE_OF)], set(C._FORMATS_WITH_RECIPES)
+    exec(compile(blocks[1], "docs/pipelines.md (registry block)", "exec"), {})
+    yield
+    for t, old in zip((C.RECIPES, C.RECIPE_FOLLOWS, C.NAIVE_OF), saved[0]):
+        t.clear()
+        t.update(old)
+    C._FORMATS_WITH_RECIPES.clear()
+    C._FORMATS_WITH_RECIPES.update(saved[1])
+    sys.modules.pop("mydata", None)
+
+
+def test_the_doc_registry_line_names_module_and_attribute():
+    """The in-tree form of the line is "module:attribute" (a bare module name fails at lookup)."""
+    from fastdmtg.data.registry import FORMATS
+    assert all(re.fullmatch(r"[\w.]+:\w+", v) for v in FORMATS.values())
+    assert re.search(r'FORMATS\["mydata"\] = "mydata:FORMAT"', _doc_blocks()[1])
+
+
+def test_doc_dataset_is_known_everywhere_and_trains(mydata, tmp_path):
+    from fastdmtg.cli import _train_parser, build_config
+    from fastdmtg.config import NAIVE_OF, RECIPE_FOLLOWS, DataConfig, get_recipe
+    from fastdmtg.data import known_task_names
+    from fastdmtg.predict import resize_uint8
+    from fastdmtg.train import train
+
+    DataConfig(dataset="mydata")                                   # the config accepts the new name
+    cfg = get_recipe("mydata_k2")                                 # its recipes are in the table
+    assert (cfg.data.dataset, cfg.num_branches, RECIPE_FOLLOWS["mydata_k2"]) == ("mydata", 2, "ours")
+    assert NAIVE_OF["mydata_k2"] == "mydata_naive"
+    ap = argparse.ArgumentParser()
+    _train_parser(ap.add_subparsers(dest="cmd"))
+    naive = build_config(ap.parse_args(["train", "--recipe", "mydata_k2", "--method", "naive-mtl"]))
+    assert naive.grouping.method == "naive-mtl" and naive.name == "mydata_naive" and naive.num_branches == 1
+    assert known_task_names(cfg.data) == ["red", "green"]
+    import torch
+    x = torch.full((1, 3, 32, 32), 200, dtype=torch.uint8)
+    from fastdmtg.data.celeba import resize_like_reference
+    assert torch.equal(resize_uint8(x, 16, "mydata"), resize_like_reference(x, 16))   # the format's resize
+
+    res = train(cfg, tmp_path / "run", progress=False)             # one tiny epoch through the library
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert saved["data"]["dataset"] == "mydata"
+    assert res["dataset"] == "mydata" and res["tasks"] == ["red", "green"] and res["epochs"] == 1
+    assert sorted(t for g in res["groups"] for t in g) == ["green", "red"]
+    assert math.isfinite(res["total_error"])
+
+
+# ----------------------------------------------------------------------------- loader backends
+
+def test_backend_table_is_the_one_list_config_and_pipelines_use():
+    from fastdmtg import pipelines as P
+    from fastdmtg.config import ConfigError, DataConfig
+    from fastdmtg.registry import LOADER_BACKENDS
+    assert P.BACKENDS == tuple(LOADER_BACKENDS)
+    for name in LOADER_BACKENDS:                         # each entry declares its own name and check
+        b = P.backend(name)
+        assert b.name == name and isinstance(b.status(deep=False)[0], bool)
+        DataConfig(backend=name)
+    with pytest.raises(ConfigError, match=r"data.backend: expected auto\|gpu-cache\|memory\|torch\|ffcv\|dali, "
+                                          r"got 'nope'"):
+        DataConfig(backend="nope")
+
+
+class _Mine:
+    """A throwaway backend: host memory under its own name."""
+    @staticmethod
+    def build(ds, cache, cfg, kw, frac):
+        from fastdmtg.pipelines import ResidentSource
+        src = ResidentSource(ds, placement="host", cache=cache, fraction=frac, **kw)
+        src.built_by = "mine"
+        return src
+
+
+def test_a_backend_added_by_one_registry_line_is_accepted_and_built(monkeypatch):
+    from fastdmtg.config import ConfigError, DataConfig
+    from fastdmtg.pipelines import LoaderBackend, build_source
+    from fastdmtg.registry import LOADER_BACKENDS
+    with pytest.raises(ConfigError):
+        DataConfig(backend="mine")
+    monkeypatch.setattr(sys.modules[__name__], "MINE", LoaderBackend("mine", _Mine.build), raising=False)
+    monkeypatch.setitem(LOADER_BACKENDS, "mine", f"{__name__}:MINE")
+    cfg = DataConfig(backend="mine", synthetic_train=8, synthetic_val=4, synthetic_test=4, image_size=16)
+    src = build_source(cfg, progress=False)
+    assert src.built_by == "mine"
+
+
+# ----------------------------------------------------------------------------- fields that don't change results
+
+def test_resume_and_compare_rules_derive_from_one_table():
+    from fastdmtg import compare
+    from fastdmtg.config import EFFECTS, FIELD_EFFECTS, RESUME_SAFE, SAME_RESULTS_FIELDS, _SECTIONS
+    assert compare._VOLATILE is SAME_RESULTS_FIELDS
+    for key, (effect, resumable, what) in FIELD_EFFECTS.items():
+        assert effect in EFFECTS and isinstance(resumable, bool) and what
+        if "." in key:                                         # every field named exists in its section
+            sec, name = key.split(".")
+            assert name in _SECTIONS[sec].__dataclass_fields__, key
+    # consistent: a field a resume may change that does not change results is one compare ignores, and a
+    # field compare ignores but a resume may not change is one the checkpoint's state depends on
+    for key, (effect, resumable, _) in FIELD_EFFECTS.items():
+        if "." in key:
+            assert (tuple(key.split(".")) in SAME_RESULTS_FIELDS) == (effect != "results"), key
+        assert (key in RESUME_SAFE) == resumable, key
+    not_resumable = {k for k, (e, r, _) in FIELD_EFFECTS.items() if not r}
+    assert not_resumable == {"train.device", "model.batched", "data.backend", "data.root"}
+    # the resume rule as it was (hand-kept list before the table): unchanged, in the same order
+    assert list(RESUME_SAFE) == [
+        "name", "train.epochs", "train.val_every", "train.log_every", "train.progress", "train.tensorboard",
+        "train.logger", "train.mlflow_uri", "train.experiment", "train.eval_batch_size", "train.divergence_factor",
+        "train.on_divergence", "train.kernels", "train.compile", "train.cuda_graph", "train.channels_last",
+        "optim.fused", "data.num_workers", "data.cache_dir"]
+    # compare's rule: the earlier hand-kept set, plus the no-effect / rounding fields the resume list had
+    old = {("train", "progress"), ("train", "tensorboard"), ("train", "device"), ("data", "root"),
+           ("data", "cache_dir"), ("data", "num_workers"), ("data", "backend"), ("train", "kernels"),
+           ("train", "compile"), ("train", "cuda_graph"), ("train", "channels_last"), ("model", "batched"),
+           ("optim", "fused")}
+    assert SAME_RESULTS_FIELDS - old == {("train", "logger"), ("train", "mlflow_uri"), ("train", "experiment"),
+                                         ("train", "eval_batch_size")}
+    assert old <= SAME_RESULTS_FIELDS
+
+
+def test_both_rules_act_on_the_table():
+    from fastdmtg.compare import _same_config
+    from fastdmtg.config import ConfigError, apply_overrides, get_recipe, resume_changes
+    base = get_recipe("synthetic_k3")
+    for change, resume_ok, same in (("train.kernels=reference", True, True), ("train.logger=mlflow", True, True),
+                                    ("data.backend=memory", False, True), ("train.epochs=11", True, False),
+                                    ("optim.lr=0.5", False, False)):
+        new = apply_overrides(base, [change])
+        assert _same_config(base.to_dict(), new.to_dict()) == same, change
+        if resume_ok:
+            assert resume_changes(base, new, 1)
+        else:
+            with pytest.raises(ConfigError, match=change.split("=")[0]):
+                resume_changes(base, new, 1)
+
+
+# ----------------------------------------------------------------------------- one registry type, no re-exports
+
+def test_every_extension_table_is_one_registry_type():
+    from fastdmtg import pipelines
+    from fastdmtg.data import registry as data_registry
+    from fastdmtg.methods import METHODS, method_class
+    from fastdmtg.registry import LOADER_BACKENDS, Registry
+    for table, load, field in ((data_registry.FORMATS, data_registry.get_format, "data.dataset"),
+                               (METHODS, method_class, "grouping.method"),
+                               (LOADER_BACKENDS, pipelines.backend, "data.backend")):
+        assert isinstance(table, Registry) and load == table.load
+        with pytest.raises(ValueError, match=rf"^{field}: unknown .* 'nope'; known: {', '.join(table)}$"):
+            load("nope")
+
+
+def test_no_compatibility_reexports():
+    """train.py and bench.py export what they define, not names kept for old import paths."""
+    from fastdmtg import bench, train
+    for name in ("BATCHED_AUTO_ARCHS", "FUSED_STEM_AUTO", "build_optimizer", "build_step_module", "prepare_model",
+                 "resolve_speed", "step_mode"):
+        assert not hasattr(train, name), name
+    assert not {"write_taskonomy_raw", "synthetic_taskonomy", "synthetic_celeba", "count_flops"} & set(bench.__all__)
