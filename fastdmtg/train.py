@@ -315,8 +315,6 @@ class Trainer:
             self.finished_results = ckpt.read_json(self.run_dir / "results.json") if self.is_main else {}
             self.divergence = dist_utils.broadcast_from_main(self.finished_results.get("divergence"))
             return
-        if resume and self.is_main:
-            keep_previous_results(self.run_dir)     # a finished run trained on: its results are not overwritten
         # bars: --progress/--no-progress when given, else train.progress on a terminal only
         self.progress = bars_on(progress, cfg.train.progress) and self.is_main
         self.device = ddp_device if ddp_device is not None else resolve_device(cfg.train.device)
@@ -375,6 +373,10 @@ class Trainer:
         err = dist_utils.broadcast_from_main(err)
         if err is not None:
             raise err
+        if resume and self.is_main:
+            # a finished run trained on: its results are not overwritten. Last of the start-up, so that a
+            # continuation refused on the way (changed data or config, a tracker) leaves them in place
+            keep_previous_results(self.run_dir)
 
     # ------------------------------------------------------------------ run folder
     def _claim_run_folder(self, resume: bool) -> tuple[dict | None, list]:

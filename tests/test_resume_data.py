@@ -98,6 +98,19 @@ def test_resume_after_labels_changed_stops_naming_the_file_unless_accepted(tmp_p
     assert res["data_fingerprint"]["labels.csv"] == ch[0]["new"]
 
 
+def test_refused_resume_of_a_finished_run_leaves_its_results_in_place(tmp_path, capsys):
+    """A finished run continued for more epochs moves its results to previous/<n>/ — but only once the
+    continuation has passed every start-up check: a resume refused for changed data (exit 2) leaves
+    results.json and the grouped model where they were, and ``eval`` still works."""
+    root, cache, run = folder(tmp_path / "d"), tmp_path / "c", tmp_path / "run"
+    train(folder_cfg(root, cache, ["train.epochs=1"]), run)
+    files = {f: (run / f).read_bytes() for f in ("results.json", "grouped_model.json")}
+    edit_label(root)
+    rc, _, err = cli(capsys, "train", "--resume", run, "--quiet", "--set", "train.epochs=2")
+    assert rc == 2 and "the data changed since the run recorded it" in last_line(err)
+    assert {f: (run / f).read_bytes() for f in files} == files and not (run / "previous").exists()
+
+
 def test_resume_names_the_changed_image_list_and_tasks_json(tmp_path):
     root, cache, run = folder(tmp_path / "d"), tmp_path / "c", tmp_path / "run"
     cfg = folder_cfg(root, cache)
