@@ -861,6 +861,9 @@ class Trainer:
         best = ckpt.load_checkpoint(self.ckpt_dir / "best.pt", map_location=self.device)
         self.model.load_state_dict(best["model"])
         self.method.load_state_dict(best["method"])
+        # the kept epoch's heads: best.pt may predate later drops (the best epoch on the validation loss
+        # can come before the pruning finished), and its assignment may use a head dropped since
+        self._apply_head_mask()
         assignment = self.method.assignment().cpu().tolist()
         names = self.taskset.names
         test = evaluate(self.model, self.taskset, self.data, "test", cfg.train.eval_batch_size, self.device,
