@@ -556,7 +556,7 @@ def test_disk_full_on_best_pt_names_the_epoch_best_pt_holds(tmp_path, monkeypatc
     monkeypatch.undo()
     assert full.calls == 2                                        # the second write of best.pt failed
     held = torch.load(run / "checkpoints" / "best.pt", weights_only=True)["epoch"] + 1
-    assert f"best.pt holds epoch {held} (best validation loss)" in str(e.value), str(e.value)
+    assert f"best.pt holds epoch {held} (train.best_rule)" in str(e.value), str(e.value)
     assert f"best.pt holds epoch {held + 1}" not in str(e.value)
 
 
