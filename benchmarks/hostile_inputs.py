@@ -346,7 +346,7 @@ def main(argv=None) -> int:
     if a.report:
         commit = subprocess.run(["git", "-C", str(r.repo), "rev-parse", "--short", "HEAD"], capture_output=True,
                                 text=True).stdout.strip() or "unknown"
-        head = (f"# Hostile image and folder inputs — CPU, {time.strftime('%Y-%m-%d')}, commit {commit}\n\n"
+        head = (f"# Hostile inputs (images, folders, runs and resumes) — CPU, {time.strftime('%Y-%m-%d')}, commit {commit}\n\n"
                 "`OMP_NUM_THREADS=1 python benchmarks/hostile_inputs.py --work runs/hostile --report ...` "
                 "(each case built in a scratch folder WORK and run through the command line; verdicts: ok, "
                 "silent-wrong, traceback, unexpected).\n\n")
