@@ -288,7 +288,11 @@ def run_on_ray(cmp: Comparison, methods: list[str], opts: RayOptions, log=_log.i
     started = False
     if not ray.is_initialized():
         kw = {"address": opts.address} if opts.address else {"num_cpus": opts.num_cpus, "include_dashboard": False}
-        ray.init(log_to_driver=False, **kw)
+        try:
+            ray.init(log_to_driver=False, **kw)
+        except (ConnectionError, RuntimeError, ValueError) as e:
+            raise ValueError(f"--ray-address {opts.address}: cannot connect to a Ray cluster there ({e})"
+                             if opts.address else f"cannot start a local Ray instance: {e}") from None
         started = True
     gpus = opts.gpus_per_run if opts.gpus_per_run is not None else (1.0 if torch.cuda.is_available() else 0.0)
     task = ray.remote(_train_task).options(num_cpus=opts.cpus_per_run, num_gpus=gpus,
@@ -308,15 +312,18 @@ def run_on_ray(cmp: Comparison, methods: list[str], opts: RayOptions, log=_log.i
             for r in todo:               # plan order: a run's dependencies come before it
                 deps = [refs[d] for d in r.deps if d in refs]
                 refs[r.key] = task.remote(r.cfg, str(r.run_dir), opts.cpus_per_run, *deps)
-            done = 0
-            for key, ref in refs.items():
+            keys = {ref: key for key, ref in refs.items()}
+            left, done = list(refs.values()), 0
+            while left:                  # in the order the runs finish
+                ready, left = ray.wait(left, num_returns=1)
+                done += 1
                 try:
-                    ray.get(ref)
-                    done += 1
-                    log(f"[{done}/{len(refs)}] ray: {key} done")
+                    ray.get(ready[0])
+                    log(f"[{done}/{len(refs)}] ray: {keys[ready[0]]} done")
                 except Exception as e:     # noqa: BLE001 — ray wraps the run's error
-                    failed.add(key)
-                    log(f"ray: {key} failed ({type(e).__name__}); the local pass reports it")
+                    failed.add(keys[ready[0]])
+                    log(f"[{done}/{len(refs)}] ray: {keys[ready[0]]} failed ({type(e).__name__}); "
+                        "the local pass trains it again and reports it")
     finally:
         if started:
             ray.shutdown()

@@ -1,0 +1,161 @@
+"""compare plans first (--dry-run) and runs on Ray (--executor ray) with the tables of --executor local
+(issue 33; fastdmtg/compare_plan.py)."""
+import json
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from fastdmtg import compare_plan
+from fastdmtg.compare import compare_main
+
+SETS = ["train.tensorboard=false", "train.progress=false", "data.synthetic_groups=2",
+        "data.synthetic_tasks_per_group=2", "data.synthetic_train=256", "data.synthetic_val=64",
+        "data.synthetic_test=64", "train.epochs=2", "train.batch_size=64", "data.image_size=16", "model.width=2"]
+SMALL = ["--recipe", "synthetic_k3", "--k", "2", "--rg-partitions", "2", "--no-flops",
+         *[x for s in SETS for x in ("--set", s)]]
+TABLES = ("comparison.md", "groupings.csv", "per_task.csv", "comparison.tex")
+
+
+def _plan_lines(out: str) -> list[str]:
+    return [ln.strip() for ln in out.splitlines() if ln.startswith("  ")]
+
+
+def test_dry_run_plan_by_hand(tmp_path, capsys):
+    """naive, stl, rg ×2, dmtg (from the naive model), TAG (affinity, then its selection) and the
+    two-shot retraining (after DMTG): the runs, their dependencies and the stages known later; nothing
+    is trained."""
+    out = tmp_path / "cmp"
+    rc = compare_main(["--methods", "naive,stl,rg,dmtg,tag,dmtg-two-shot", "--out", str(out), "--dry-run",
+                       *SMALL, "--set", "train.init=naive"])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "plan: 6 runs to train, 2 stage(s) known later" in text
+    assert _plan_lines(text) == [
+        "naive: 1 run", "naive (K=1, 2 epochs)",
+        "stl: 1 run", "stl (K=4, 2 epochs)",
+        "rg: 2 runs", "rg/k2/seed0 (K=2, 2 epochs)", "rg/k2/seed1 (K=2, 2 epochs)",
+        "dmtg: 1 run", "dmtg/k2 (K=2, 2 epochs) ← after naive",
+        "tag: 1 run", "tag/affinity (K=1, 2 epochs)",
+        "tag: + the selected networks (known after tag/affinity)",
+        "dmtg-two-shot: + the retrained groups (known after dmtg/k2)"]
+    assert "ETA on auto: unknown" in text
+    assert sorted(p.name for p in out.iterdir()) == []          # nothing trained, no run folder made
+
+
+def test_plan_after_runs_finished(tmp_path, capsys):
+    """With the naive run finished the plan reuses it (no dependency left) and measures an ETA from it."""
+    out = tmp_path / "cmp"
+    assert compare_main(["--methods", "naive", "--out", str(out), *SMALL, "--set", "train.init=naive"]) == 0
+    assert "[1/1] naive: naive — training" in capsys.readouterr().out        # progress: [done/total]
+    rc = compare_main(["--methods", "naive,dmtg", "--out", str(out), "--dry-run", *SMALL, "--set", "train.init=naive"])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "plan: 1 runs to train, 1 finished (reused)" in text
+    assert "dmtg/k2 (K=2, 2 epochs)" in _plan_lines(text)                    # no "← after": naive is there
+    res = json.loads((out / "naive" / "results.json").read_text())
+    rate = res["train_time_s"] / (1 * res["epochs"])
+    assert f"({rate:.1f} s per branch-epoch" in text
+
+
+def test_ray_missing_one_line(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(compare_plan, "ray_available", lambda: False)
+    rc = compare_main(["--methods", "naive", "--out", str(tmp_path / "x"), "--executor", "ray", *SMALL])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and err == compare_plan.RAY_MISSING and 'pip install -e ".[ray]"' in err
+    assert not (tmp_path / "x" / "naive").exists()
+
+
+# ------------------------------------------------------------------------------------------------ Ray
+
+try:
+    import ray
+except ImportError:
+    ray = None
+needs_ray = pytest.mark.skipif(ray is None, reason="Ray is an optional extra: pip install -e '.[ray]' "
+                                                   "(.ci/setup.sh installs it)")
+METHODS = ["--methods", "naive,stl,rg,dmtg"]
+
+
+def _tables(out: Path) -> dict:
+    """The tables, byte for byte, except the Train time column (wall-clock seconds of each run)."""
+    got = {f: (out / f).read_bytes() for f in TABLES}
+    csv = (out / "comparison.csv").read_text().splitlines()
+    col = csv[0].split(",").index("hours")
+    got["comparison.csv"] = [ln.split(",")[:col] + ln.split(",")[col + 1:] for ln in csv]
+    return got
+
+
+@pytest.fixture(scope="module")
+def local_tables(tmp_path_factory):
+    out = tmp_path_factory.mktemp("local") / "cmp"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)                 # as each Ray task (--ray-cpus-per-run 1)
+    try:
+        assert compare_main([*METHODS, "--out", str(out), *SMALL]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    return _tables(out)
+
+
+@needs_ray
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_ray_tables_identical_to_local(tmp_path, capsys, local_tables):
+    out = tmp_path / "cmp"
+    assert compare_main([*METHODS, "--out", str(out), "--executor", "ray", "--ray-num-cpus", "2", *SMALL]) == 0
+    log = capsys.readouterr().out
+    assert "ray wave 1: 5 runs" in log and log.count("— finished earlier, reused") == 5   # all trained on Ray
+    assert "[5/5] dmtg K=2: dmtg/k2" in log
+    assert _tables(out) == local_tables
+    assert not ray.is_initialized()
+
+
+@needs_ray
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_ray_worker_killed_mid_run_same_tables(tmp_path, capsys, local_tables):
+    """SIGKILL the worker training a run after its first epoch (its checkpoint saved): Ray retries the
+    task, the run resumes from last.pt, and the tables are those of the local comparison."""
+    out = tmp_path / "cmp"
+    killed: list[str] = []
+    stop = threading.Event()
+
+    def killer():
+        while not stop.is_set() and not killed:
+            for lock in out.glob("**/.lock"):
+                run = lock.parent
+                hist = run / "history.json"
+                if (run / "results.json").exists() or not hist.exists() or not (run / "checkpoints").exists():
+                    continue
+                try:
+                    if len(json.loads(hist.read_text())) != 1:
+                        continue
+                    pid = json.loads(lock.read_text())["pid"]
+                except (OSError, ValueError, KeyError):
+                    continue
+                if pid == os.getpid():
+                    continue
+                os.kill(pid, signal.SIGKILL)
+                killed.append(str(run.relative_to(out)))
+                return
+            time.sleep(0.02)
+
+    t = threading.Thread(target=killer, daemon=True)
+    t.start()
+    try:
+        rc = compare_main([*METHODS, "--out", str(out), "--executor", "ray", "--ray-num-cpus", "2", *SMALL])
+    finally:
+        stop.set()
+        t.join(10)
+    assert killed, "no run was caught between its first and last epoch"
+    assert rc == 0
+    log = capsys.readouterr().out
+    assert "failed" not in log and log.count("— finished earlier, reused") == 5
+    hist = json.loads((out / killed[0] / "history.json").read_text())
+    assert len(hist) == 2                      # resumed after epoch 1, not restarted into a 3rd record
+    assert _tables(out) == local_tables
