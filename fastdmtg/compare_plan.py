@@ -283,13 +283,18 @@ def run_on_ray(cmp: Comparison, methods: list[str], opts: RayOptions, log=_log.i
     """Train every run of the comparison on Ray (waves of plans, see the module's docstring); returns
     when nothing is left to train. Failed runs are left to the local pass that writes the tables
     (it trains them again in this process and reports the failure as today)."""
+    import signal
+
     import ray
     import torch
     started = False
+    # ray.init installs its own SIGTERM handler in this process and leaves it there; the local pass
+    # that follows needs the trainer's (a stop request saves the run): restored at the end
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     if not ray.is_initialized():
         kw = {"address": opts.address} if opts.address else {"num_cpus": opts.num_cpus, "include_dashboard": False}
         try:
-            ray.init(log_to_driver=False, **kw)
+            ray.init(log_to_driver=False, configure_logging=False, **kw)    # fastdmtg's log format stays
         except (ConnectionError, RuntimeError, ValueError) as e:
             raise ValueError(f"--ray-address {opts.address}: cannot connect to a Ray cluster there ({e})"
                              if opts.address else f"cannot start a local Ray instance: {e}") from None
@@ -327,3 +332,5 @@ def run_on_ray(cmp: Comparison, methods: list[str], opts: RayOptions, log=_log.i
     finally:
         if started:
             ray.shutdown()
+        for sig, h in handlers.items():
+            signal.signal(sig, h)
