@@ -15,7 +15,8 @@ from fastdmtg.compare import compare_main
 
 SETS = ["train.tensorboard=false", "train.progress=false", "data.synthetic_groups=2",
         "data.synthetic_tasks_per_group=2", "data.synthetic_train=256", "data.synthetic_val=64",
-        "data.synthetic_test=64", "train.epochs=2", "train.batch_size=64", "data.image_size=16", "model.width=2"]
+        "data.synthetic_test=64", "train.epochs=2", "train.batch_size=64", "data.image_size=16", "model.width=2",
+        "train.init=naive"]     # DMTG starts from the naive model: a dependency the executors must respect
 SMALL = ["--recipe", "synthetic_k3", "--k", "2", "--rg-partitions", "2", "--no-flops",
          *[x for s in SETS for x in ("--set", s)]]
 TABLES = ("comparison.md", "groupings.csv", "per_task.csv", "comparison.tex")
@@ -31,7 +32,7 @@ def test_dry_run_plan_by_hand(tmp_path, capsys):
     is trained."""
     out = tmp_path / "cmp"
     rc = compare_main(["--methods", "naive,stl,rg,dmtg,tag,dmtg-two-shot", "--out", str(out), "--dry-run",
-                       *SMALL, "--set", "train.init=naive"])
+                       *SMALL])
     assert rc == 0
     text = capsys.readouterr().out
     assert "plan: 6 runs to train, 2 stage(s) known later" in text
@@ -50,9 +51,9 @@ def test_dry_run_plan_by_hand(tmp_path, capsys):
 def test_plan_after_runs_finished(tmp_path, capsys):
     """With the naive run finished the plan reuses it (no dependency left) and measures an ETA from it."""
     out = tmp_path / "cmp"
-    assert compare_main(["--methods", "naive", "--out", str(out), *SMALL, "--set", "train.init=naive"]) == 0
+    assert compare_main(["--methods", "naive", "--out", str(out), *SMALL]) == 0
     assert "[1/1] naive: naive — training" in capsys.readouterr().out        # progress: [done/total]
-    rc = compare_main(["--methods", "naive,dmtg", "--out", str(out), "--dry-run", *SMALL, "--set", "train.init=naive"])
+    rc = compare_main(["--methods", "naive,dmtg", "--out", str(out), "--dry-run", *SMALL])
     assert rc == 0
     text = capsys.readouterr().out
     assert "plan: 1 runs to train, 1 finished (reused)" in text
@@ -111,6 +112,7 @@ def test_ray_tables_identical_to_local(tmp_path, capsys, local_tables):
     log = capsys.readouterr().out
     assert "ray wave 1: 5 runs" in log and log.count("— finished earlier, reused") == 5   # all trained on Ray
     assert "[5/5] dmtg K=2: dmtg/k2" in log
+    assert "the local pass trains it again" not in log     # dmtg/k2 waited for naive (its init_from)
     assert _tables(out) == local_tables
     assert not ray.is_initialized()
 
