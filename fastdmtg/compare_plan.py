@@ -329,6 +329,9 @@ def run_on_ray(cmp: Comparison, methods: list[str], opts: RayOptions, log=_log.i
                     failed.add(keys[ready[0]])
                     log(f"[{done}/{len(refs)}] ray: {keys[ready[0]]} failed ({type(e).__name__}); "
                         "the local pass trains it again and reports it")
+    except KeyboardInterrupt:
+        from .train import TrainingInterrupted
+        raise TrainingInterrupted("interrupted while the runs trained on Ray (each keeps its last checkpoint)") from None
     finally:
         if started:
             ray.shutdown()

@@ -28,22 +28,24 @@ def _plan_lines(out: str) -> list[str]:
 
 
 def test_dry_run_plan_by_hand(tmp_path, capsys):
-    """naive, stl, rg ×2, dmtg (from the naive model), TAG (affinity, then its selection) and the
-    two-shot retraining (after DMTG): the runs, their dependencies and the stages known later; nothing
-    is trained."""
+    """naive, stl, rg ×2, dmtg (from the naive model), TAG (affinity, then its selection), HOA (its six
+    pair networks at once; the selection after STL and the pairs) and the two-shot retraining (after
+    DMTG): the runs, their dependencies and the stages known later; nothing is trained."""
     out = tmp_path / "cmp"
-    rc = compare_main(["--methods", "naive,stl,rg,dmtg,tag,dmtg-two-shot", "--out", str(out), "--dry-run",
+    rc = compare_main(["--methods", "naive,stl,rg,dmtg,tag,hoa,dmtg-two-shot", "--out", str(out), "--dry-run",
                        *SMALL])
     assert rc == 0
     text = capsys.readouterr().out
-    assert "plan: 6 runs to train, 2 stage(s) known later" in text
+    assert "plan: 12 runs to train, 3 stage(s) known later" in text
     assert _plan_lines(text) == [
         "naive: 1 run", "naive (K=1, 2 epochs)",
         "stl: 1 run", "stl (K=4, 2 epochs)",
         "rg: 2 runs", "rg/k2/seed0 (K=2, 2 epochs)", "rg/k2/seed1 (K=2, 2 epochs)",
         "dmtg: 1 run", "dmtg/k2 (K=2, 2 epochs) ← after naive",
         "tag: 1 run", "tag/affinity (K=1, 2 epochs)",
+        "hoa: 6 runs", *[f"hoa/pair_{a}_{b} (K=1, 2 epochs)" for a, b in ((0, 1), (0, 2), (0, 3), (1, 2), (1, 3), (2, 3))],
         "tag: + the selected networks (known after tag/affinity)",
+        "hoa: + the selected networks (known after stl)",
         "dmtg-two-shot: + the retrained groups (known after dmtg/k2)"]
     assert "ETA on auto: unknown" in text
     assert sorted(p.name for p in out.iterdir()) == []          # nothing trained, no run folder made
