@@ -7,7 +7,9 @@ Every method is a grouping method of the same trainer on the same models, data a
 module only decides which runs a method needs (each in its own folder under DIR, trained by
 ``fastdmtg.train.train``), reads their results and writes the tables. Resumable: a run folder with
 results.json is reused, one with only checkpoints is resumed; re-running the same command continues
-an interrupted comparison. One progress line per run.
+an interrupted comparison. One progress line per run ([done/total]). The runs are planned first
+(``--dry-run`` prints the plan) and trained by ``--executor local`` (here, one after the other) or
+``--executor ray`` (fastdmtg/compare_plan.py; docs/cluster.md).
 
 Methods (docs/baselines.md has the details and the deviations from the papers):
     naive          naive MTL, one encoder (the NormGain reference)
