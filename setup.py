@@ -54,6 +54,8 @@ setup(
         # the gradient aggregators (pcgrad, mgda, cagrad, nash-mtl, imtl, aligned-mtl, upgrad;
         # fastdmtg/methods/aggregators.py) with the solvers CAGrad, Nash-MTL and UPGrad need
         "aggregators": ["torchjd[cagrad,nash-mtl,quadprog-projector]>=0.18,<0.19"],
+        # fastdmtg compare --executor ray (fastdmtg/compare_plan.py; docs/cluster.md): every run a Ray task
+        "ray": ["ray>=2.9"],
     },
     entry_points={"console_scripts": ["fastdmtg=fastdmtg.cli:main"]},
 )

@@ -3,7 +3,8 @@
 # the pinned CPU torch first, this project), then what the tests need: the triton that torch 2.13's
 # CUDA build pins (so CPU CI tests the kernels a GPU user runs, via TRITON_INTERPRET=1), the optional
 # data-pipeline backends (FFCV, DALI; .ci/install-pipelines.sh), the [dev] extras, the [aggregators] extra
-# (torchjd) and the optional trackers (MLflow, W&B) and ONNX export packages.
+# (torchjd), the [ray] extra (compare --executor ray; ~20 s, ~240 MB) and the optional trackers (MLflow, W&B)
+# and ONNX export packages.
 # Idempotent: re-running only checks what is installed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -21,5 +22,5 @@ fi
 # it (torchjd requires an unpinned torch)
 CONSTRAINTS="$(mktemp)"; trap 'rm -f "$CONSTRAINTS"' EXIT
 "$VENV/bin/python" -c 'import importlib.metadata as m; print("torch==" + m.version("torch"))' >"$CONSTRAINTS"
-$PIP install -q -c "$CONSTRAINTS" -e ".[dev,aggregators,mlflow,wandb,export]"
+$PIP install -q -c "$CONSTRAINTS" -e ".[dev,aggregators,ray,mlflow,wandb,export]"
 echo "setup: done in $(( $(date +%s) - t0 )) s ($("$VENV/bin/python" -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__)'))"

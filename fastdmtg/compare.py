@@ -7,7 +7,9 @@ Every method is a grouping method of the same trainer on the same models, data a
 module only decides which runs a method needs (each in its own folder under DIR, trained by
 ``fastdmtg.train.train``), reads their results and writes the tables. Resumable: a run folder with
 results.json is reused, one with only checkpoints is resumed; re-running the same command continues
-an interrupted comparison. One progress line per run.
+an interrupted comparison. One progress line per run ([done/total]). The runs are planned first
+(``--dry-run`` prints the plan) and trained by ``--executor local`` (here, one after the other) or
+``--executor ray`` (fastdmtg/compare_plan.py; docs/cluster.md).
 
 Methods (docs/baselines.md has the details and the deviations from the papers):
     naive          naive MTL, one encoder (the NormGain reference)
@@ -129,6 +131,8 @@ def random_partition(n: int, k: int, seed: int) -> list[list[int]]:
 
 
 def partition_of(assignment: list[int]) -> list[list[int]]:
+    if hasattr(assignment, "pending_key"):        # a planned run's grouping (compare_plan): known after it
+        return assignment
     used = sorted(set(assignment), key=lambda a: assignment.index(a))
     return [[t for t, a in enumerate(assignment) if a == k] for k in used]
 
@@ -165,6 +169,7 @@ class Comparison:
         self.n = len(self.names)
         self.naive_base = naive_cfg
         self.count = 0
+        self.total: str | None = None           # the plan's run count ("12", or "12+" with stages to expand)
         self._cost: dict[str, tuple[float, float]] = {}
         self._by_config: dict[str, str] = {}
         self._memo: dict[str, object] = {}
@@ -185,12 +190,11 @@ class Comparison:
     def run(self, key: str, cfg: Config, label: str, cost_factor: float = 1.0) -> dict:
         """Train (or reuse) the run in OUT/key; returns its results with '_dir' and '_key'."""
         from .checkpoint import has_checkpoint, read_json
-        from .train import train
         self.count += 1
         run_dir = self.out / key
         cfg = evolve(cfg, name=key.replace('/', '-'))
         ident = json.dumps(_comparable(cfg.to_dict()), sort_keys=True)
-        tag = f"[{self.count}] {label}: {key}"
+        tag = f"[{self.count}{'' if self.total is None else '/' + self.total}] {label}: {key}"
         same = self._by_config.get(ident)
         if same is not None and same != key and (self.out / same / "results.json").exists():
             res = read_json(self.out / same / "results.json")
@@ -213,13 +217,19 @@ class Comparison:
                 self.log(f"{tag} — {'resuming' if resume else 'training'} "
                          f"({cfg.grouping.method}, K={cfg.num_branches}, {cfg.train.epochs} epochs)", flush=True)
                 t0 = time.perf_counter()
-                res = train(cfg, run_dir, resume=resume, progress=self.progress)
-                self.log(f"    done in {time.perf_counter() - t0:.0f} s: {_summary(res)}", flush=True)
+                res = self._train(cfg, run_dir, resume)
+                if not res.get("_planned"):
+                    self.log(f"    done in {time.perf_counter() - t0:.0f} s: {_summary(res)}", flush=True)
             self._by_config[ident] = key
         res["_dir"], res["_key"] = str(run_dir), key
         self._cfgs[key] = cfg
         self._cost[key] = (res["num_branches"] * res["epochs"] * cost_factor, float(res["train_time_s"]))
         return res
+
+    def _train(self, cfg: Config, run_dir: Path, resume: bool) -> dict:
+        """Train one run in this process (fastdmtg.compare_plan.Planner records it instead)."""
+        from .train import train
+        return train(cfg, run_dir, resume=resume, progress=self.progress)
 
     def repeats(self, r: dict, label: str) -> list[dict]:
         """``r`` and its repeats with training seeds train.seed + 1 … + (--seeds − 1) (folders KEY-seedS),
@@ -362,16 +372,15 @@ class Comparison:
         """Single-task and pair validation losses, each network at its own best epoch."""
         def go():
             stl = self.stl()
-            single = np.array([v[0] for v in _best_val_losses(stl, [[t] for t in range(self.n)])])
             pair = np.full((self.n, self.n), np.nan)
-            runs = []
-            for a in range(self.n):
-                for b in range(a + 1, self.n):
-                    cfg = self.cfg("networks", [[a, b]])
-                    r = self.run(f"hoa/pair_{a}_{b}", cfg, f"hoa pair ({self.names[a]}, {self.names[b]})")
-                    runs.append(r)
-                    la, lb = _best_val_losses(r, [[a, b]])[0]
-                    pair[a, b], pair[b, a] = la, lb
+            pairs = [(a, b) for a in range(self.n) for b in range(a + 1, self.n)]
+            # every pair run before any result is read: a plan (compare_plan) lists them all at once
+            runs = [self.run(f"hoa/pair_{a}_{b}", self.cfg("networks", [[a, b]]),
+                             f"hoa pair ({self.names[a]}, {self.names[b]})") for a, b in pairs]
+            single = np.array([v[0] for v in _best_val_losses(stl, [[t] for t in range(self.n)])])
+            for (a, b), r in zip(pairs, runs):
+                la, lb = _best_val_losses(r, [[a, b]])[0]
+                pair[a, b], pair[b, a] = la, lb
             return single, pair, runs
         return self.once("hoa_tables", go)
 
@@ -532,8 +541,8 @@ def _best_val_losses(res: dict, task_sets: list[list[int]]) -> list[list[float]]
     loss is lowest (a network's own best epoch; the trainer's best epoch would also count
     untrained tasks of a partial run). Single tasks each get their own best epoch."""
     from .checkpoint import read_json
+    names = res["tasks"]                      # first: a planned run (compare_plan) stops here, not at the file
     hist = read_json(Path(res["_dir"]) / "history.json")
-    names = res["tasks"]
     vals = [h["val"]["loss"] for h in hist if "val" in h]
     if not vals:
         raise ValueError(f"{res['_dir']}: no validation results in history.json")
@@ -829,10 +838,54 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--rsa-images", type=int, default=256, help="BMTN: images for the RDMs (default 256)")
     add_output_flags(p, "the trainer's progress bars")
     p.add_argument("--no-flops", action="store_true", help="skip the FLOPs column (fastdmtg.bench.count_flops)")
+    add_executor_flags(p)
     p.add_argument("--stability", nargs="+", metavar="RUN_DIR",
                    help="only write the grouping-stability matrix of these finished runs (e.g. DMTG trained with "
                         "several --set train.seed=S) to --out, and exit")
     return p
+
+
+def add_executor_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the plan (runs, dependencies, estimated cost) and exit; trains nothing")
+    p.add_argument("--executor", choices=["local", "ray"], default="local",
+                   help="local: one run after the other in this process (default); ray: every run a Ray task "
+                        "(pip install -e \".[ray]\"; docs/cluster.md)")
+    p.add_argument("--ray-address", default=None, help="an existing Ray cluster (ray start --head); default: a "
+                                                      "local Ray instance on this machine's CPUs/GPUs")
+    p.add_argument("--ray-cpus-per-run", type=float, default=1.0,
+                   help="Ray: CPUs per run, also its torch threads (default 1)")
+    p.add_argument("--ray-gpus-per-run", type=float, default=None,
+                   help="Ray: GPUs per run (default 1 when this machine has a GPU, else 0)")
+    p.add_argument("--ray-max-retries", type=int, default=3,
+                   help="Ray: retries of a run whose worker died; it resumes from its last checkpoint (default 3)")
+    p.add_argument("--ray-num-cpus", type=int, default=None, help="Ray: CPUs of the local instance (default: all)")
+
+
+def execute(cmp: Comparison, methods: list[str], args) -> int | None:
+    """Plan; with --dry-run print the plan (→ exit 0); with --executor ray train every run on Ray. Then
+    (None) the local pass trains what is left in this process and writes the tables."""
+    from .compare_plan import RAY_MISSING, RayOptions, add_flops, format_plan, make_plan, ray_available, run_on_ray
+    if args.executor == "ray" and not ray_available():
+        print(RAY_MISSING, file=sys.stderr)
+        return 2
+    if args.ray_cpus_per_run <= 0 or (args.ray_gpus_per_run or 0) < 0 or args.ray_max_retries < 0:
+        print("error: --ray-cpus-per-run must be > 0, --ray-gpus-per-run and --ray-max-retries >= 0", file=sys.stderr)
+        return 2
+    plan = make_plan(cmp, methods)
+    if args.dry_run:
+        if cmp.flops:
+            add_flops(plan)
+        print(format_plan(plan, device=cmp.base.train.device))
+        return 0
+    _log.info(f"plan: {len(plan.runs)} runs to train, {plan.total} in all"
+              + (f" (+ the runs known after {', '.join(sorted({k for _, k in plan.stages}))})" if plan.stages else ""))
+    if args.executor == "ray":
+        run_on_ray(cmp, methods, RayOptions(args.ray_address, args.ray_cpus_per_run, args.ray_gpus_per_run,
+                                            args.ray_max_retries, args.ray_num_cpus))
+        plan = make_plan(cmp, methods)
+    cmp.total = plan.total
+    return None
 
 
 def compare_main(argv: list[str]) -> int:
@@ -878,6 +931,9 @@ def compare_main(argv: list[str]) -> int:
                          naive_cfg=naive_cfg, progress=progress_flag(args), flops=not args.no_flops,
                          aggregator=args.aggregator)
         _log.info(f"comparison of {', '.join(methods)} on {args.recipe} ({cmp.n} tasks), K ∈ {ks}, in {out}")
+        code = execute(cmp, methods, args)        # the plan; --dry-run prints it; --executor ray trains the runs
+        if code is not None:
+            return code
         rows, failed = cmp.run_methods(methods)
     except WriteFailed as e:
         print(f"error: {e}", file=sys.stderr)

@@ -58,3 +58,39 @@ def test_torchrun_two_processes_with_head_pruning_and_batched_branches(tmp_path)
     act = res["pruning"]["active"]
     assert all(act[i][a] for i, a in enumerate(res["assignment"]))
     assert not all(any(r[k] for r in act) for k in range(3))             # a branch died
+
+
+def _free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_torchrun_two_nodes_same_as_one_node(tmp_path):
+    """Two "nodes" on 127.0.0.1 (torchrun --nnodes 2 --node-rank R, one process each, the c10d
+    rendezvous; docs/cluster.md) train exactly as one node with two processes: same global batch, same
+    history and test results; one run folder written once, by rank 0."""
+    one = tmp_path / "one"
+    p = torchrun(tmp_path, "--out", str(one), "--set", "train.epochs=1", *ARGS)
+    assert p.returncode == 0, p.stderr[-3000:]
+    two = tmp_path / "two"
+    port = _free_port()
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    procs = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node-rank", str(r),
+                               "--nproc-per-node", "1", "--rdzv-backend", "c10d", "--rdzv-id", "fastdmtg-test",
+                               "--rdzv-endpoint", f"127.0.0.1:{port}", "-m", "fastdmtg", "train", "--out", str(two),
+                               "--set", "train.epochs=1", *ARGS],
+                              cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for r in (0, 1)]
+    outs = [pr.communicate(timeout=600) for pr in procs]
+    assert [pr.returncode for pr in procs] == [0, 0], [o[1][-2000:] for o in outs]
+    a, b = (json.loads((d / "results.json").read_text()) for d in (one, two))
+    assert b["batch"] == a["batch"] == {"per_rank": 32, "world_size": 2, "global": 64}
+    assert b["test"] == a["test"] and b["groups"] == a["groups"]
+    ha, hb = (json.loads((d / "history.json").read_text()) for d in (one, two))
+    assert [h["val"] for h in hb] == [h["val"] for h in ha] and [h["global_step"] for h in hb] == [7]
+    assert (two / ".lock").exists() and (two / "checkpoints").is_dir()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["one", "two"]     # nothing else written
