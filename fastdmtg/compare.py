@@ -339,6 +339,11 @@ class Comparison:
         return self.once("tag_affinity", go)
 
     def m_tag(self) -> list[Row]:
+        return self._tag_rows("tag", "tag", "tag")
+
+    def _tag_rows(self, method: str, key: str, label: str, **sections) -> list[Row]:
+        """TAG's selection per K from the one affinity run, each trained (``sections``: config fields
+        per section, e.g. train={"aggregator": "pcgrad"} for TAG + PCGrad)."""
         from .grouping_search import tag_select
         aff_run, Z = self.tag_affinity()
         self.details["tag_affinity"] = {"matrix": Z.tolist(), "measurements": aff_run["tag_affinity_measurements"],
@@ -347,10 +352,9 @@ class Comparison:
         for k in self.ks:
             sel = tag_select(Z, k)
             self.details[f"tag_selection_k{k}"] = sel.to_dict()
-            r = self.train_selection(f"tag/k{k}", f"tag K={k}", sel)
-            notes = self._selection_notes(sel)
-            rows.append(Row("tag", k, self.repeats(r, f"tag K={k}"), [self.cost(aff_run), self.cost(r)], [sel.partition()],
-                            self._trained_networks(sel), notes=notes))
+            r = self.train_selection(f"{key}/k{k}", f"{label} K={k}", sel, **sections)
+            rows.append(Row(method, k, self.repeats(r, f"{label} K={k}"), [self.cost(aff_run), self.cost(r)],
+                            [sel.partition()], self._trained_networks(sel), notes=self._selection_notes(sel)))
         return rows
 
     def _trained_networks(self, sel) -> list:
@@ -481,18 +485,7 @@ class Comparison:
 
     def m_tag_pcgrad(self) -> list[Row]:
         """TAG's selected networks trained with PCGrad (the TAG paper §5: the two are complementary)."""
-        from .grouping_search import tag_select
-        aff_run, Z = self.tag_affinity()
-        self.details["tag_affinity"] = {"matrix": Z.tolist(), "measurements": aff_run["tag_affinity_measurements"],
-                                        "every": aff_run["tag_affinity_every"], "run": aff_run["_key"]}
-        rows = []
-        for k in self.ks:
-            sel = tag_select(Z, k)
-            self.details[f"tag_selection_k{k}"] = sel.to_dict()
-            r = self.train_selection(f"tag-pcgrad/k{k}", f"tag+pcgrad K={k}", sel, train={"aggregator": "pcgrad"})
-            rows.append(Row("tag+pcgrad", k, self.repeats(r, f"tag+pcgrad K={k}"), [self.cost(aff_run), self.cost(r)],
-                            [sel.partition()], self._trained_networks(sel), notes=self._selection_notes(sel)))
-        return rows
+        return self._tag_rows("tag+pcgrad", "tag-pcgrad", "tag+pcgrad", train={"aggregator": "pcgrad"})
 
     def run_methods(self, methods: list[str]) -> tuple[list[Row], int]:
         from .train import TrainingInterrupted, WriteStopped
