@@ -61,7 +61,7 @@ TARGETS: dict[str, tuple[str, tuple[str, ...] | None, list[str]]] = {
     "dmtg": ("fastdmtg/methods/dmtg.py", None,
              ["tests/test_grouping.py", *[f"tests/test_pruning.py::{t}" for t in PRUNING_UNIT],
               "tests/test_bug_guards.py::test_trainer_applies_the_tau_schedule_each_epoch"]),
-    "pruning": ("fastdmtg/pruning.py", None,
+    "pruning": ("fastdmtg/methods/dmtg_pruning.py", None,
                 [f"tests/test_pruning.py::{t}"
                  for t in [*PRUNING_UNIT, "test_rule_on_hand_states", "test_per_part_flops_by_hand"]]),
     "attributes": ("fastdmtg/tasks/attributes.py", None, ["tests/test_grouping.py", "tests/test_metrics.py"]),
