@@ -205,6 +205,34 @@ def test_trainer_applies_the_methods_pruning_decisions(tmp_path):
     assert t.model.task_branches == tuple(tuple(b for b in range(k) if mask[i, b]) for i in range(n))
 
 
+def test_the_trainer_applies_the_decisions_mask(tmp_path):
+    """HeadsPruned carries its mask and the trainer applies that mask (not the method's state, which
+    here has dropped nothing: head_mask() is None)."""
+    from fastdmtg.methods import HeadsPruned
+    from fastdmtg.train import Trainer
+    cfg = apply_overrides(get_recipe("synthetic_k3"), TINY)
+    t = Trainer(cfg, tmp_path / "run")
+    try:
+        assert t.method.head_mask() is None and t.model.task_branches is None
+        mask = torch.tensor([[True, False, True], [True, True, True], [False, False, True], [True, True, False]])
+        t._apply([HeadsPruned(1, (), mask, "")])
+        assert t.model.task_branches == ((0, 2), (0, 1, 2), (2,), (0, 1))
+    finally:
+        t.close()
+
+
+def test_dmtg_decision_mask_is_a_copy():
+    """A decision is a value: later drops change the method's state, not a decision already made."""
+    from fastdmtg.methods.dmtg import DMTG, DMTGConfig
+    m = DMTG(2, 3, DMTGConfig(tau=0.05, prune_eps=0.1, prune_patience=1))
+    with torch.no_grad():
+        m.logits.copy_(torch.tensor([[5.0, 0.0, 0.0], [0.0, 5.0, 0.0]]))
+    (d,) = m.observe_step(StepContext(0, 0))
+    assert d.mask.tolist() == [[True, False, False], [False, True, False]] and d.rule == "< eps=0.1 for 1 steps"
+    m.prune_active.fill_(True)
+    assert d.mask.tolist() == [[True, False, False], [False, True, False]]
+
+
 def test_registries_import_on_first_use_and_name_the_field():
     """Datasets and methods are looked up through one lazy table lookup (fastdmtg.registry)."""
     from fastdmtg.data import get_format
