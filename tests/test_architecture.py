@@ -334,3 +334,22 @@ def test_a_method_added_as_one_file_has_its_section_and_trains(tmp_path):
     # this process did not see the entry point: no toy section here
     from fastdmtg.config import METHOD_SECTIONS
     assert "toy" not in METHOD_SECTIONS
+
+
+def test_the_config_gathers_the_method_sections_and_names_none():
+    """The methods' sections are declared by the method classes and gathered from the registry, in its
+    order (config.json's order); config.py neither defines nor reads any of them."""
+    import re
+    from pathlib import Path
+
+    from fastdmtg import config
+    from fastdmtg.methods import AUGMENTATIONS, METHODS
+    from fastdmtg.registry import lazy_lookup
+    declared = [lazy_lookup(t, n, "f", "k").config_section for t in (METHODS, AUGMENTATIONS) for n in t]
+    expected = list(dict.fromkeys(d[0] for d in declared if d is not None))
+    assert list(config.METHOD_SECTIONS) == expected == ["dmtg", "tag", "cs", "uw", "gradnorm", "aggregation"]
+    assert list(Config().to_dict()) == ["name", "data", "model", "grouping", *expected, "optim", "train"]
+    src = Path(config.__file__).read_text()
+    for sec, cls in config.METHOD_SECTIONS.items():
+        assert cls.__module__.startswith("fastdmtg.methods.") and cls.__name__ not in src
+        assert not re.search(rf"\.{sec}\.", src), f"config.py reads the {sec} section"
