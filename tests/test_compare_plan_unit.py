@@ -138,6 +138,7 @@ def test_rate_of_the_finished_runs():
     assert CP._rate(Path("."), {"free": (0.0, 7.0)}, {}) is None             # no cost
     assert CP._rate(Path("."), {"n": (1.0, nan)}, {}) is None
     assert CP._rate(Path("."), {}, {}) is None
+    assert CP._rate(Path("."), {"one": (1.0, 4.0)}, {}) == 4.0               # 1 branch × 1 epoch: the least cost
 
 
 # ----------------------------------------------------------------------------- the placeholder result
