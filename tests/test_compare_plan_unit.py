@@ -205,6 +205,10 @@ def test_format_plan_by_hand():
         "plan: 1 runs to train", "  naive: 1 run", "    naive (K=1, 3 epochs)",
         "ETA on cpu: 1.00 h for the planned runs, sequentially (1200.0 s per branch-epoch measured by the "
         "finished runs)"]
+    runs[0].branch_epochs = 1.0                                        # just under an hour: minutes
+    assert CP.format_plan(CP.Plan(runs=runs[:1], sec_per_branch_epoch=3599.9)).splitlines()[-1] == (
+        "ETA on cpu: 60.0 min for the planned runs, sequentially (3599.9 s per branch-epoch measured by the "
+        "finished runs)")
 
 
 def _flops_cfg(arch, method):
