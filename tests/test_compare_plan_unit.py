@@ -149,6 +149,8 @@ def test_pending_result_knows_its_folder_and_nothing_else(tmp_path):
     r = CP.PendingResult("dmtg/k2", tmp_path / "d", planner, cfg)
     assert r["_key"] == "dmtg/k2" and r["_planned"] is True
     assert r["num_branches"] == 3 and r["epochs"] == 3 and math.isnan(r["train_time_s"])
+    with pytest.raises(CP.Pending):
+        r["_affinity"]                                  # any other field: not a read of the folder's files
     assert planner.touched == set()
     assert r["_dir"] == str(tmp_path / "d") and planner.touched == {"dmtg/k2"}
     assert r["assignment"].pending_key == "dmtg/k2"
