@@ -643,7 +643,7 @@ def test_cs_similarity_of_short_and_long_gradients_and_its_results():
 
 def test_uw_and_gradnorm_with_heads_off_a_branch():
     """K = 2, z = [[1, 0], [0, 1]]: the inactive heads' log-variances get no gradient (UW), and the
-    logged loss of both is Σ z·L over the active heads (L_00 = 1 + 1 = 2, L_11 = 2 + 1 = 3)."""
+    logged loss of both is Σ z·L over the active heads (UW: L_00 = 1 + 1 = 2, L_11 = 2 + 1 = 3)."""
     z = [[1.0, 0.0], [0.0, 1.0]]
     toy = ToyStepK([[1.0, 0.0], [0.0, 1.0]], [1.0, 1.0], [[1.0, 1.0], [2.0, 2.0]], [0.0, 0.0], z,
                    kinds=["class", "regression"])
@@ -651,8 +651,12 @@ def test_uw_and_gradnorm_with_heads_off_a_branch():
     total, L = aug(toy, BATCH)
     assert float(total) == pytest.approx(2.0 + 3.0)
     assert aug.log_var.grad.tolist() == [pytest.approx([-1.0 * 2.0 + 0.5, 0.0]), pytest.approx([0.0, -0.5 * 3.0 + 0.5])]
-    toy = ToyStepK([[1.0, 0.0], [0.0, 1.0]], [1.0, 1.0], [[1.0, 1.0], [2.0, 2.0]], [0.0, 0.0], z)
+    # GradNorm: one task per branch, so G_i = Ḡ and r_i = 1 on each: no weight moves (‖∇L_0‖ = 3 on
+    # branch 1, ‖∇L_1‖ = 1 on branch 2: a task counted on the other branch would make them differ)
+    toy = ToyStepK([[3.0, 0.0], [0.0, 1.0]], [1.0, 1.0], [[1.0, 1.0], [2.0, 2.0]], [0.0, 0.0], z)
     aug = _bound("gradnorm", toy, groups=[[0], [1]])
     aug.weight.data = aug.weight.data.double()
     total, L = aug(toy, BATCH)
-    assert float(total) == pytest.approx(2.0 + 3.0)
+    assert float(total) == pytest.approx(4.0 + 3.0)
+    assert aug.weight.grad.tolist() == [[0.0, 0.0], [0.0, 0.0]]
+    assert aug.last["G"] == {(0, 0): pytest.approx(3.0), (1, 1): pytest.approx(1.0)}
