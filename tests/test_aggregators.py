@@ -545,10 +545,12 @@ def test_pcgrad_per_branch_and_on_the_trunk():
     z = [[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]]
     toy = ToyStepK([[1.0, 0.0], [-1.0, 1.0], [2.0, -3.0]], [1.0, 1.0, 1.0], [[0.3, -0.2], [0.1, 0.1]],
                    [2.0, -3.0, 1.0], z)
+    toy.model.heads.append(_Param([0.0]))                   # a head the step does not run: no gradient
     aug = _bound("pcgrad", toy, groups=[[0, 1], [2]])
     assert [(b.name, b.heads) for b in aug.blocks] == [("branch 1", [(0, 0), (1, 0)]), ("branch 2", [(2, 1)])]
     assert aug.aggregators[1] is None
     aug(toy, BATCH)
+    assert toy.model.heads[1].weight.grad is None
     assert toy.model.branches[0].weight.grad.view(-1).tolist() == pytest.approx([0.5, 1.5])
     assert toy.model.branches[1].weight.grad.view(-1).tolist() == pytest.approx([2.0, -3.0])
     assert toy.model.heads[0].weight.grad.tolist() == pytest.approx([2.0, -3.0, 1.0])
