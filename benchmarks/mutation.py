@@ -163,7 +163,7 @@ TARGETS: dict[str, tuple[str, tuple[str, ...] | None, list[str]]] = {
                  _aggr("test_gradnorm_two_weight_updates_by_hand",
                        "test_gradnorm_renormalises_per_branch_and_leaves_other_weights",
                        "test_gradnorm_skips_a_branch_without_tasks_and_uses_the_trunk_without_branch_weights",
-                       "test_uw_and_gradnorm_with_heads_off_a_branch")),
+                       "test_uw_and_gradnorm_with_heads_off_a_branch", "test_gradnorm_with_more_networks_than_tasks")),
     "cs": ("fastdmtg/methods/cs.py", None,
            _aggr("test_cs_similarity_matrix_from_known_gradients",
                  "test_cs_measures_the_cosine_of_the_task_gradients_of_the_measured_step",

@@ -662,3 +662,18 @@ def test_uw_and_gradnorm_with_heads_off_a_branch():
     assert float(total) == pytest.approx(4.0 + 3.0)
     assert aug.weight.grad.tolist() == [[0.0, 0.0], [0.0, 0.0]]
     assert aug.last["G"] == {(0, 0): pytest.approx(3.0), (1, 1): pytest.approx(1.0)}
+
+
+def test_gradnorm_with_more_networks_than_tasks():
+    """Overlapping networks {0}, {1}, {0, 1} (K = 3 > N = 2): the third network's two tasks are
+    balanced as in the one-branch hand test (∂L_grad/∂w = (+3, −1)), the one-task networks not at all."""
+    toy = ToyStepK([[3.0, 0.0], [0.0, 1.0]], [1.0, 1.0], [[1.0, 1.0]] * 3, [0.0, 0.0], [[1.0, 0.0, 1.0], [0.0, 1.0, 1.0]])
+    cfg = evolve(get_recipe("synthetic_naive"), grouping={"method": "networks", "groups": [[0], [1], [0, 1]],
+                                                         "auxiliary": [[], [], [0, 1]]},
+                 model={"branches": 0}, train={"aggregator": "gradnorm"})
+    aug = build_method(cfg, 2).step_backward()
+    aug.bind(toy.model, toy.taskset, toy.method.weights())
+    aug.weight.data = aug.weight.data.double()
+    aug(toy, BATCH)
+    assert aug.weight.grad.tolist() == [[0.0, 0.0, 3.0], [0.0, 0.0, -1.0]]
+    assert sorted(aug.last["G"]) == [(0, 0), (0, 2), (1, 1), (1, 2)]
