@@ -475,7 +475,8 @@ class ToyNetK(nn.Module):
 
 
 class ToyStepK:
-    def __init__(self, A, b, thetas, heads, z, trunk=None, kinds=None):
+    def __init__(self, A, b, thetas, heads, z, trunk=None, kinds=None, saves=False):
+        self.saves = saves
         self.A, self.b = torch.tensor(A, dtype=torch.float64), torch.tensor(b, dtype=torch.float64)
         self.model = ToyNetK(thetas, heads, trunk)
         self.method = _Weights(z)
@@ -484,7 +485,10 @@ class ToyStepK:
     def outputs(self, batch):
         thetas = [br.weight.view(-1) if isinstance(br, _Param) else self.model.shared.weight.view(-1)
                   for br in self.model.branches]
-        return torch.stack(thetas, 1)                                   # (2, K)
+        out = torch.stack(thetas, 1)                                    # (2, K)
+        # ** 1.0 keeps the values and gradients but saves its input for the backward, as a network's
+        # layers do: a backward pass that frees the graph makes a later one through it fail
+        return out ** 1.0 if self.saves else out
 
     def losses(self, outputs, batch, z):
         h = self.model.heads[0].weight
@@ -531,7 +535,8 @@ def test_last_layer_is_the_last_weight_of_two_or_more_dimensions():
     assert last_layer([conv, lin, bn]) is lin
     assert last_layer([lin, conv, bn, bias]) is conv
     assert last_layer([lin]) is lin
-    assert last_layer([bias, bn]) is bn                                 # only 1-d: the last one
+    one = torch.zeros(1)
+    assert last_layer([bias, bn, one]) is one and last_layer([bias, bn]) is bn    # only 1-d: the last one
     net = ToyNetK([[1.0, 0.0]], [1.0, 2.0])
     net.heads.append(_Param([3.0]))
     net.heads[1].weight.requires_grad_(False)
@@ -667,7 +672,8 @@ def test_uw_and_gradnorm_with_heads_off_a_branch():
 def test_gradnorm_with_more_networks_than_tasks():
     """Overlapping networks {0}, {1}, {0, 1} (K = 3 > N = 2): the third network's two tasks are
     balanced as in the one-branch hand test (∂L_grad/∂w = (+3, −1)), the one-task networks not at all."""
-    toy = ToyStepK([[3.0, 0.0], [0.0, 1.0]], [1.0, 1.0], [[1.0, 1.0]] * 3, [0.0, 0.0], [[1.0, 0.0, 1.0], [0.0, 1.0, 1.0]])
+    toy = ToyStepK([[3.0, 0.0], [0.0, 1.0]], [1.0, 1.0], [[1.0, 1.0]] * 3, [0.0, 0.0], [[1.0, 0.0, 1.0], [0.0, 1.0, 1.0]],
+                   saves=True)
     cfg = evolve(get_recipe("synthetic_naive"), grouping={"method": "networks", "groups": [[0], [1], [0, 1]],
                                                          "auxiliary": [[], [], [0, 1]]},
                  model={"branches": 0}, train={"aggregator": "gradnorm"})
