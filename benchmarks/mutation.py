@@ -63,7 +63,8 @@ PCGRAD = ("test_pcgrad_projects_conflicting_gradients_by_hand", "test_pcgrad_lea
 #: the planner's tests of tests/test_compare_plan_unit.py (node ids: a -k word matches file names too)
 PLAN_UNIT = ["test_plan_runs_dependencies_and_stages", "test_identical_configs_are_planned_once",
              "test_a_method_that_reads_a_planned_runs_files_waits_for_the_first_of_them",
-             "test_stages_are_listed_once", "test_plan_after_runs_finished_reuses_them_and_measures_the_eta",
+             "test_stages_are_listed_once", "test_every_string_of_a_config_is_a_possible_dependency",
+             "test_plan_after_runs_finished_reuses_them_and_measures_the_eta",
              "test_rate_of_the_finished_runs", "test_pending_result_knows_its_folder_and_nothing_else",
              "test_plan_total_and_eta", "test_format_plan_by_hand", "test_add_flops_counts_each_distinct_model_once",
              "test_add_flops_without_the_counter_leaves_the_plan_alone"]

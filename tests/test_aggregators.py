@@ -551,6 +551,8 @@ def test_pcgrad_per_branch_and_on_the_trunk():
     toy = ToyStepK([[1.0, 0.0], [-1.0, 1.0], [2.0, -3.0]], [1.0, 1.0, 1.0], [[0.3, -0.2], [0.1, 0.1]],
                    [2.0, -3.0, 1.0], z)
     toy.model.heads.append(_Param([0.0]))                   # a head the step does not run: no gradient
+    # a shared parameter no loss reaches (a layer the forward skips): a zero column of J, a zero update
+    toy.model.branches[0].unused = nn.Parameter(torch.ones(3, dtype=torch.float64))
     aug = _bound("pcgrad", toy, groups=[[0, 1], [2]])
     assert [(b.name, b.heads) for b in aug.blocks] == [("branch 1", [(0, 0), (1, 0)]), ("branch 2", [(2, 1)])]
     assert aug.aggregators[1] is None
@@ -560,7 +562,8 @@ def test_pcgrad_per_branch_and_on_the_trunk():
     assert toy.model.branches[1].weight.grad.view(-1).tolist() == pytest.approx([2.0, -3.0])
     assert toy.model.heads[0].weight.grad.tolist() == pytest.approx([2.0, -3.0, 1.0])
     (J1, v1), (J2, v2) = aug.last
-    assert J1.tolist() == [[1.0, 0.0], [-1.0, 1.0]] and J2.tolist() == [[2.0, -3.0]]
+    assert J1.tolist() == [[1.0, 0.0, 0.0, 0.0, 0.0], [-1.0, 1.0, 0.0, 0.0, 0.0]] and J2.tolist() == [[2.0, -3.0]]
+    assert toy.model.branches[0].unused.grad.tolist() == [0.0, 0.0, 0.0]
     # a trunk shared by both branches, the branches without parameters: one block, the trunk, all heads
     toy = ToyStepK([[1.0, 0.0], [-1.0, 1.0], [2.0, 2.0]], [1.0, 1.0, 1.0], [None, None], [0.0, 0.0, 0.0], z,
                    trunk=[0.0, 0.0])

@@ -128,6 +128,13 @@ def test_plan_after_runs_finished_reuses_them_and_measures_the_eta(tmp_path):
                                      "measured by the finished runs)")
 
 
+def test_every_string_of_a_config_is_a_possible_dependency():
+    """A run depends on a planned run whose folder appears anywhere in its config: nested sections,
+    lists and tuples included."""
+    d = {"a": "x", "b": {"c": ["y", ("z", {"d": "w"}), 3]}, "e": 1.5, "f": None}
+    assert list(CP._strings(d)) == ["x", "y", "z", "w"]
+
+
 def test_rate_of_the_finished_runs():
     """Seconds per branch-epoch: Σ seconds / Σ branch-epochs over the finished runs with a time and a
     cost; planned runs never count; nothing measured → None."""
