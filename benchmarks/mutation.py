@@ -67,7 +67,7 @@ PLAN_UNIT = ["test_plan_runs_dependencies_and_stages", "test_identical_configs_a
              "test_plan_after_runs_finished_reuses_them_and_measures_the_eta",
              "test_rate_of_the_finished_runs", "test_pending_result_knows_its_folder_and_nothing_else",
              "test_plan_total_and_eta", "test_format_plan_by_hand", "test_add_flops_counts_each_distinct_model_once",
-             "test_add_flops_without_the_counter_leaves_the_plan_alone"]
+             "test_add_flops_without_the_counter_leaves_the_plan_alone", "test_annotations_resolve"]
 #: … and the Ray executor's (a stand-in ray module)
 RAY_UNIT = ["test_ray_waves_dependencies_and_failures", "test_ray_on_a_running_cluster_is_left_running",
             "test_ray_address_and_start_errors", "test_ray_interrupted_is_a_training_interruption_and_shuts_down",

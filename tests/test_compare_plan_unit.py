@@ -146,6 +146,7 @@ def test_rate_of_the_finished_runs():
     assert CP._rate(Path("."), {"n": (1.0, nan)}, {}) is None
     assert CP._rate(Path("."), {}, {}) is None
     assert CP._rate(Path("."), {"one": (1.0, 4.0)}, {}) == 4.0               # 1 branch × 1 epoch: the least cost
+    assert CP._rate(Path("."), {"quick": (2.0, 0.5)}, {}) == 0.25            # under a second in all
 
 
 # ----------------------------------------------------------------------------- the placeholder result
