@@ -146,6 +146,7 @@ TARGETS: dict[str, tuple[str, tuple[str, ...] | None, list[str]]] = {
     "aggregators": ("fastdmtg/methods/aggregators.py", None,
                     _aggr(*PCGRAD, "test_pcgrad_per_branch_and_on_the_trunk",
                           "test_aggregator_solver_missing_names_the_install",
+                          "test_aggregation_frees_the_steps_graph_with_the_last_task_backward",
                           "test_aggregator_update_is_the_aggregator_of_the_jacobian[pcgrad]",
                           "test_aggregator_update_is_the_aggregator_of_the_jacobian[mgda]",
                           "test_without_torchjd_the_aggregators_say_how_to_install_it")),

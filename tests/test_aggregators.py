@@ -488,7 +488,10 @@ class ToyStepK:
         out = torch.stack(thetas, 1)                                    # (2, K)
         # ** 1.0 keeps the values and gradients but saves its input for the backward, as a network's
         # layers do: a backward pass that frees the graph makes a later one through it fail
-        return out ** 1.0 if self.saves else out
+        if self.saves:
+            self.last_out = out ** 1.0
+            return self.last_out
+        return out
 
     def losses(self, outputs, batch, z):
         h = self.model.heads[0].weight
@@ -686,3 +689,17 @@ def test_gradnorm_with_more_networks_than_tasks():
     aug(toy, BATCH)
     assert aug.weight.grad.tolist() == [[0.0, 0.0, 3.0], [0.0, 0.0, -1.0]]
     assert sorted(aug.last["G"]) == [(0, 0), (0, 2), (1, 1), (1, 2)]
+
+
+def test_aggregation_frees_the_steps_graph_with_the_last_task_backward():
+    """The last per-task backward pass frees the step's graph (its saved activations are not held
+    while the aggregator solves): a backward through the step's outputs afterwards fails."""
+    pytest.importorskip("torchjd")
+    z = [[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]]
+    toy = ToyStepK([[1.0, 0.0], [-1.0, 1.0], [2.0, -3.0]], [1.0, 1.0, 1.0], [[0.3, -0.2], [0.1, 0.1]],
+                   [2.0, -3.0, 1.0], z, saves=True)
+    aug = _bound("pcgrad", toy, groups=[[0, 1], [2]])
+    aug(toy, BATCH)
+    assert toy.model.branches[0].weight.grad.view(-1).tolist() == pytest.approx([0.5, 1.5])
+    with pytest.raises(RuntimeError, match="second time"):
+        toy.last_out.sum().backward()
