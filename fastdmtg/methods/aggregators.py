@@ -105,8 +105,10 @@ class JacobianAggregation(StepBackward):
         losses = per_head_losses(step, outputs, batch, self.heads, z.shape)
         shared = [p for b in self.blocks for p in b.params]
         rows = {}
-        for j, (h, loss) in enumerate(zip(self.heads, losses)):
-            g = torch.autograd.grad(loss, shared, retain_graph=j < len(losses) - 1, allow_unused=True)
+        for h, loss in zip(self.heads, losses):
+            # the graph is kept for the next head's pass and freed by the last one (not held while the
+            # aggregator solves)
+            g = torch.autograd.grad(loss, shared, retain_graph=loss is not losses[-1], allow_unused=True)
             rows[h] = {id(p): (torch.zeros_like(p) if gi is None else gi) for p, gi in zip(shared, g)}
         record = []
         for block, agg in zip(self.blocks, self.aggregators):
