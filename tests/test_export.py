@@ -120,8 +120,8 @@ def test_output_plan_matches_predictions_for_every_task_kind():
     """The exported post-processing against fastdmtg.predict.predictions on the same raw outputs:
     CelebA-style attributes (stacked (N, B, C)), Taskonomy (segmentation softmax over dim 1, dense maps
     as they are), your own tasks (softmax, y * std + mean)."""
-    from fastdmtg.export import Exportable, output_plan
-    from fastdmtg.predict import predictions
+    from fastdmtg.export import Exportable
+    from fastdmtg.predict import output_plan, predictions
     from fastdmtg.tasks.attributes import AttributeTaskSet
     from fastdmtg.tasks.generic import GenericTaskSet, TaskDecl
     from fastdmtg.tasks.taskonomy import TaskonomyTaskSet
