@@ -40,11 +40,8 @@ def functions(root: Path = ROOT):
         for f in sorted((root / folder).rglob("*.py")):
             rel = f.relative_to(root).as_posix()
             for block in radon_complexity.cc_visit(f.read_text()):
-                if isinstance(block, radon_visitors.Class):
-                    for m in block.methods:
-                        yield rel, f"{block.name}.{m.name}", m.complexity
-                else:
-                    yield rel, block.name, block.complexity
+                if not isinstance(block, radon_visitors.Class):     # functions and methods (Class.method)
+                    yield rel, block.fullname, block.complexity
 
 
 def too_complex(root: Path = ROOT) -> list[tuple[str, str, int, int]]:
