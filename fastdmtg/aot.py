@@ -144,7 +144,7 @@ def recording(sink: list):
     and strides but no memory). Restores both on exit."""
     from triton.runtime.jit import JITFunction
 
-    from . import kernels as _k  # noqa: F401  (imports every op file)
+    from . import ops as _ops  # noqa: F401  (imports every op file: each is registered there)
     from .kernels import _common
     mods = [m for name, m in sys.modules.items() if name.startswith("fastdmtg.kernels.")]
     saved = []

@@ -77,6 +77,8 @@ class Dataset:
     fields: dict[str, Field] = {}
     #: the flip augmentation's default (the reference's choice per dataset)
     default_flip: bool = False
+    #: its decode cache goes next to the data by default (a full decode is large), when that is writable
+    cache_beside_data: bool = False
     #: the fields ``table`` gives (parsed, not decoded)
     table_fields: tuple[str, ...] = ()
     #: the reference decoder, item -> {decoded field: array}; picklable (a module-level function or a

@@ -405,6 +405,7 @@ class TaskonomyDataset(Dataset):
     written by ``prepare``: memory-mapped arrays) or ``from_arrays`` (in memory, e.g. benchmarks)."""
 
     name = "taskonomy"
+    cache_beside_data = True          # a full decode is large: next to the data by default
     default_flip = True           # the reference flips Taskonomy samples in training
 
     def __init__(self, task_names: list[str], image_size: int, domains: tuple[str, ...], *, rotate_loss: bool = False,
