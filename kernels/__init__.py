@@ -17,4 +17,3 @@ reduction the losses end with). triton is optional: without it everything import
 references run. The public API is ``fastdmtg.ops``: an op is registered there (its import line and
 its name in ``__all__``); importing ``fastdmtg.ops`` imports every op file.
 """
-from ._common import TRITON_IMPORT_ERROR, resolve_backend, triton_available  # noqa: F401

@@ -139,3 +139,22 @@ def test_declaration_errors(tmp_path, column, entry, message):
     with pytest.raises(FolderFormatError) as e:
         infer_decl(t, "t", entry)
     assert str(e.value) == message.format(path=t.path, dir=t.path.parent)
+
+
+def test_file_formats_cache_ids_by_hand(tmp_path):
+    """The decode caches of the file formats are named by (format, resolved root, image size, decoder
+    version, limits in effect): the same key as before the two formats shared Dataset.cache_id, so
+    caches written earlier stay valid."""
+    from celeba_fixture import write_celeba
+    from folder_fixture import mixed_folder
+
+    from fastdmtg.data.celeba import CelebADataset
+    from fastdmtg.data.folder import FolderDataset
+    write_celeba(tmp_path / "c")
+    ds = CelebADataset(tmp_path / "c", None, 16, limits={"train": 5, "val": 0})
+    assert ds.cache_id() == {"dataset": "celeba", "root": str((tmp_path / "c").resolve()),
+                             "params": {"image_size": 16, "decode_version": 1}, "limits": {"train": 5}}
+    root = mixed_folder(tmp_path / "f")
+    ds = FolderDataset(root, None, 8)
+    assert ds.cache_id() == {"dataset": "folder", "root": str(root.resolve()),
+                             "params": {"image_size": 8, "decode_version": 2}, "limits": {}}

@@ -81,6 +81,8 @@ class Dataset:
     cache_beside_data: bool = False
     #: the fields ``table`` gives (parsed, not decoded)
     table_fields: tuple[str, ...] = ()
+    #: the version of the format's decoder (in ``params``: a new version decodes again); None: none given
+    decode_version: int | None = None
     #: the reference decoder, item -> {decoded field: array}; picklable (a module-level function or a
     #: functools.partial of one) so decode workers can receive it
     decode_one: Callable[[dict], dict[str, np.ndarray]] | None = None
@@ -118,12 +120,16 @@ class Dataset:
 
     def cache_id(self) -> dict:
         """What the decoded arrays of every split depend on besides the files: resolved root,
-        ``params()``, limits (names a cache folder)."""
-        raise NotImplementedError
+        ``params()``, limits (names a cache folder). By default: the format's name, ``root`` (resolved
+        by the format), ``params()`` and the ``limits`` {split: samples} in effect."""
+        return {"dataset": self.name, "root": str(self.root), "params": self.params(),
+                "limits": {s: v for s, v in self.limits.items() if v}}
 
     def params(self) -> dict:
-        """The decode parameters (image size, resize modes, the format's decode version)."""
-        return {"image_size": self.image_size}
+        """The decode parameters (image size, resize modes, the format's ``decode_version``)."""
+        if self.decode_version is None:
+            return {"image_size": self.image_size}
+        return {"image_size": self.image_size, "decode_version": self.decode_version}
 
     def info(self) -> dict:
         """Format-specific facts recorded in a prepared folder's index."""

@@ -220,6 +220,7 @@ class CelebADataset(Dataset):
     """The parsed official release: labels in memory, images decoded on demand (or from a cache)."""
 
     name = "celeba"
+    decode_version = DECODE_VERSION
     table_fields = ("labels",)
     default_flip = False          # the reference trains CelebA without augmentation
 
@@ -248,13 +249,6 @@ class CelebADataset(Dataset):
 
     def table(self, split):
         return {"labels": self.index.labels(split)[:self.num_samples(split)].astype(np.uint8)}
-
-    def cache_id(self) -> dict:
-        return {"dataset": self.name, "root": str(self.root), "params": self.params(),
-                "limits": {s: v for s, v in self.limits.items() if v}}
-
-    def params(self) -> dict:
-        return {"image_size": self.image_size, "decode_version": DECODE_VERSION}
 
     def missing_error(self, path: str) -> CelebAFormatError:
         return CelebAFormatError(f"{path}: image listed in the annotations is missing")

@@ -592,6 +592,7 @@ class FolderDataset(Dataset):
     """A parsed folder: targets in memory, images decoded on demand (or from a decode cache)."""
 
     name = "folder"
+    decode_version = DECODE_VERSION
     table_fields = ("targets",)
     default_flip = False
 
@@ -677,13 +678,6 @@ class FolderDataset(Dataset):
 
     def table(self, split):
         return {"targets": self._targets[split]}
-
-    def cache_id(self) -> dict:
-        return {"dataset": self.name, "root": str(self.root), "params": self.params(),
-                "limits": {s: v for s, v in self.limits.items() if v}}
-
-    def params(self) -> dict:
-        return {"image_size": self.image_size, "decode_version": DECODE_VERSION}
 
     def missing_error(self, path: str) -> FolderFormatError:
         return FolderFormatError(f"{_line_of(str(self.csv_path), path)}image {path} is missing")
