@@ -62,9 +62,14 @@ def test_tasks_json_file_errors_and_a_good_file(tmp_path):
             read_tasks_json(p, ["t", "s"])
         assert str(e.value) == message
     good = {"t": {"type": "regression", "normalize": {"mean": 1.5, "std": 2}, "weight": 0},
-            "s": {"type": "multiclass", "classes": 3, "labels": ["a", "b", "c"]}}
+            "s": {"type": "multiclass", "classes": 3, "labels": ["a", "b", "c"]},
+            "u": {"type": "multiclass", "classes": 2, "weight": 2.5, "normalize": "standard"}}
     p.write_text(json.dumps(good))
-    assert read_tasks_json(p, ["t", "s"]) == good
+    with pytest.raises(FolderFormatError, match="applies to regression tasks only"):
+        read_tasks_json(p, ["t", "s", "u"])
+    del good["u"]["normalize"]
+    p.write_text(json.dumps(good))
+    assert read_tasks_json(p, ["t", "s", "u"]) == good
 
 
 @pytest.mark.parametrize("column, entry, want", [
