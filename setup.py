@@ -37,7 +37,7 @@ setup(
         "tensorboard>=2.12",
     ],
     extras_require={
-        "dev": ["pytest>=7", "pytest-timeout>=2", "fvcore>=0.1.5"],
+        "dev": ["pytest>=7", "pytest-timeout>=2", "fvcore>=0.1.5", "radon>=6"],
         "triton": ["triton>=3.0"],
         # DALI: the CUDA-13 wheel (smaller); CUDA-12 users: pip install nvidia-dali-cuda120==2.4.0
         "dali": ["nvidia-dali-cuda130==2.4.0"],

@@ -1,5 +1,5 @@
 """fastdmtg: fast one-shot differentiable multi-task grouping (DMTG) and baselines in PyTorch."""
-__version__ = "0.1.0"
+from ._version import __version__  # noqa: F401
 
 from .config import Config, get_recipe  # noqa: E402,F401
 

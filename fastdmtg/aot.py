@@ -144,7 +144,7 @@ def recording(sink: list):
     and strides but no memory). Restores both on exit."""
     from triton.runtime.jit import JITFunction
 
-    from . import kernels as _k  # noqa: F401  (imports every op file)
+    from . import ops as _ops  # noqa: F401  (imports every op file: each is registered there)
     from .kernels import _common
     mods = [m for name, m in sys.modules.items() if name.startswith("fastdmtg.kernels.")]
     saved = []
@@ -179,11 +179,49 @@ def _run(fn, *args, **kwargs):
     first.backward(torch.empty_like(first))
 
 
+def _record_gumbel(N: int, K: int, hard: bool, dev) -> None:
+    from . import ops as fops
+    logits = torch.empty((N, K), dtype=torch.float32, device=dev, requires_grad=True)
+    tau = torch.empty((), dtype=torch.float32, device=dev)         # DMTG keeps tau in a tensor
+    seed = torch.empty((), dtype=torch.int64, device=dev)
+    _run(fops.gumbel_softmax_mask, logits, tau, seed, hard=hard, backend="triton")
+    fops.gumbel_uniforms(seed, N, K, backend="triton")
+
+
+def _record_losses(model, taskset, specs, shape: tuple[int, int, int, int], dtype, dev, want) -> None:
+    """The fused losses of the task set on the model's head outputs in ``dtype``; ``shape`` = (N, K, B, S)."""
+    N, K, B, S = shape
+    for m in model.modules():      # autocast has no meta device; the dtype is set below anyway
+        if getattr(m, "keep_fp32", False):
+            m.keep_fp32 = False
+    with torch.no_grad():
+        outs = model(torch.empty((B, 3, S, S), device=dev))
+    outs = outs if isinstance(outs, (list, tuple)) else [outs]
+    outs = [o.detach().to(dtype).requires_grad_() for o in outs]
+    z = torch.empty((N, K), dtype=torch.float32, device=dev)
+    loss_ops = {"class": {"grouped_ce"}, "segment": {"ce_ignore"}}
+    if any(want(o) for s in specs for o in loss_ops.get(s.kind, {"masked_l1"})):
+        out_arg = outs[0] if len(outs) == 1 and specs[0].kind == "class" else outs
+        _run(taskset.head_losses, out_arg, step_batch(specs, B, S, dev), z, kernels="triton")
+
+
+def _record_stem(st, B: int, S: int, stem_dtype, dev, sink: list) -> None:
+    """The fused stem in both memory layouts (train.channels_last), tagged by layout."""
+    from . import ops as fops
+    x = st[0](torch.empty((B, 3, S, S), device=dev)).detach().to(stem_dtype)   # the conv's output
+    bn = st[1]
+    for fmt in (torch.contiguous_format, torch.channels_last):
+        xf = x.contiguous(memory_format=fmt).requires_grad_()
+        n0 = len(sink)
+        _run(fops.bn_relu_maxpool, xf, None, None, bn.weight, bn.bias, True, 0.1, bn.eps, backend="triton")
+        for ln in sink[n0:]:
+            ln.tag = "channels_last" if fmt is torch.channels_last else "contiguous"
+
+
 def record_recipe(cfg, dtype: torch.dtype, stem_dtype: torch.dtype, ops: set | None = None) -> list[Launch]:
     """The kernel launches of one training step of ``cfg`` (losses, Gumbel mask, fused stem in both
     memory layouts), forward and backward, head outputs in ``dtype`` and the stem's input in
     ``stem_dtype``; on the meta device."""
-    from . import ops as fops
     from .config import resolved_branches
     from .data import task_specs, taskset_for
     from .models import build_multibranch
@@ -199,38 +237,19 @@ def record_recipe(cfg, dtype: torch.dtype, stem_dtype: torch.dtype, ops: set | N
     want = (lambda name: True) if not ops else (lambda name: name in ops)
     with recording(sink):
         if want("gumbel_mask"):
-            logits = torch.empty((N, K), dtype=torch.float32, device=dev, requires_grad=True)
-            tau = torch.empty((), dtype=torch.float32, device=dev)         # DMTG keeps tau in a tensor
-            seed = torch.empty((), dtype=torch.int64, device=dev)
-            _run(fops.gumbel_softmax_mask, logits, tau, seed, hard=cfg.dmtg.hard, backend="triton")
-            fops.gumbel_uniforms(seed, N, K, backend="triton")
-        for m in model.modules():      # autocast has no meta device; the dtype is set below anyway
-            if getattr(m, "keep_fp32", False):
-                m.keep_fp32 = False
-        with torch.no_grad():
-            outs = model(torch.empty((B, 3, S, S), device=dev))
-        outs = outs if isinstance(outs, (list, tuple)) else [outs]
-        outs = [o.detach().to(dtype).requires_grad_() for o in outs]
-        z = torch.empty((N, K), dtype=torch.float32, device=dev)
-        loss_ops = {"class": {"grouped_ce"}, "segment": {"ce_ignore"}}
-        if any(want(o) for s in specs for o in loss_ops.get(s.kind, {"masked_l1"})):
-            out_arg = outs[0] if len(outs) == 1 and specs[0].kind == "class" else outs
-            _run(taskset.head_losses, out_arg, step_batch(specs, B, S, dev), z, kernels="triton")
+            _record_gumbel(N, K, cfg.dmtg.hard, dev)
+        _record_losses(model, taskset, specs, (N, K, B, S), dtype, dev, want)
         stems = [m for m in model.modules() if isinstance(m, Stem)]
         if stems and want("bn_relu_maxpool"):
-            st = stems[0]
-            x = st[0](torch.empty((B, 3, S, S), device=dev)).detach().to(stem_dtype)   # the conv's output
-            bn = st[1]
-            for fmt in (torch.contiguous_format, torch.channels_last):              # train.channels_last
-                xf = x.contiguous(memory_format=fmt).requires_grad_()
-                n0 = len(sink)
-                _run(fops.bn_relu_maxpool, xf, None, None, bn.weight, bn.bias, True, 0.1, bn.eps,
-                     backend="triton")
-                for ln in sink[n0:]:
-                    ln.tag = "channels_last" if fmt is torch.channels_last else "contiguous"
+            _record_stem(stems[0], B, S, stem_dtype, dev, sink)
     if ops:
         sink = [s for s in sink if s.op in ops or s.op == "_partials"]
     return sink
+
+
+def _all_class_heads(cfg) -> bool:
+    from .data import task_specs
+    return all(s.kind == "class" for s in task_specs(cfg))
 
 
 def grouped_bce_launches(cfg, dtype) -> list[Launch]:
@@ -330,7 +349,8 @@ def collect(recipes, ks, amps, ops=None, log=print) -> list[Launch]:
             base = recipe.split("_")[0]
             for dname in amps:
                 got = record_recipe(cfg, *AMP[dname], ops)
-                if cfg.data.dataset != "taskonomy" and (not ops or "grouped_bce" in ops):
+                # grouped_bce's launches at the shapes of recipes whose heads are all classifications
+                if _all_class_heads(cfg) and (not ops or "grouped_bce" in ops):
                     got += grouped_bce_launches(cfg, AMP[dname][0])
                 for ln in got:
                     label = f"{base} K={k} amp={dname}" + (f" {ln.tag}" if ln.tag else "")
@@ -352,7 +372,7 @@ def _where(labels: list[str]) -> str:
     return "; ".join(f"{b} K={','.join(ks)} {rest}" for (b, rest), ks in groups.items())
 
 
-def main(argv: list[str] | None = None) -> int:
+def _args(argv: list[str] | None):
     ap = argparse.ArgumentParser(prog="fastdmtg bench kernels-aot",
                                  description="compile every fused kernel for sm_80/89/90 without a GPU")
     ap.add_argument("--recipes", default=",".join(DEFAULT_RECIPES),
@@ -366,44 +386,38 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--fresh-cache", action="store_true",
                     help="compile into an empty triton cache (a temporary TRITON_CACHE_DIR): honest compile times")
     ap.add_argument("--out", help="write the Markdown table here too")
-    args = ap.parse_args(argv)
+    return ap.parse_args(argv)
+
+
+def _check_args(args) -> str | None:
+    """What is wrong with the command line (the error line), or None; ``args.ks`` = the K list."""
     try:
-        ks = [int(k) for k in args.k.split(",") if k]
-        if not ks or min(ks) < 1:
+        args.ks = [int(k) for k in args.k.split(",") if k]
+        if not args.ks or min(args.ks) < 1:
             raise ValueError
     except ValueError:
-        print(f"error: --k {args.k!r}: expected comma-separated integers >= 1", file=sys.stderr)
-        return 2
+        return f"--k {args.k!r}: expected comma-separated integers >= 1"
     bad = [t for t in args.targets.split(",") if t not in TARGETS]
     badd = [d for d in args.amp.split(",") if d not in AMP]
     if bad or badd:
-        print(f"error: --targets {bad} / --amp {badd}: expected some of {', '.join(TARGETS)} / "
-              f"{', '.join(AMP)}", file=sys.stderr)
-        return 2
+        return f"--targets {bad} / --amp {badd}: expected some of {', '.join(TARGETS)} / {', '.join(AMP)}"
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
-        print("error: TRITON_INTERPRET=1 replaces the kernels by the interpreter; run "
-              "`fastdmtg bench kernels-aot` (it starts a clean child) or unset it", file=sys.stderr)
-        return 2
-    from .config import ConfigError
-    targets = [TARGETS[t] for t in args.targets.split(",")]
-    ops = {o for o in args.ops.split(",") if o} or None
-    say = lambda s: print(s, file=sys.stderr, flush=True)   # noqa: E731  progress on stderr
-    fresh = tempfile.TemporaryDirectory(prefix="fastdmtg-aot-cache-") if args.fresh_cache else None
-    if fresh is not None:
-        os.environ["TRITON_CACHE_DIR"] = fresh.name          # read by triton when it compiles
-    from .config import get_recipe
+        return ("TRITON_INTERPRET=1 replaces the kernels by the interpreter; run `fastdmtg bench kernels-aot` (it "
+                "starts a clean child) or unset it")
+    from .config import ConfigError, get_recipe
     from .data import task_specs
-    recipes = [r for r in args.recipes.split(",") if r]
     try:                          # a recipe whose tasks only its data knows (folder_*) cannot be shaped here
-        for r in recipes:
-            task_specs(get_recipe(r))
+        for r in args.recipes.split(","):
+            if r:
+                task_specs(get_recipe(r))
     except (ConfigError, ValueError) as e:
-        print(f"error: --recipes: {e}", file=sys.stderr)
-        return 2
-    t_start = time.perf_counter()
-    launches = collect(recipes, ks, args.amp.split(","), ops, say)
+        return f"--recipes: {e}"
+    return None
+
+
+def _head(args, argv: list[str] | None, targets: list) -> list[str]:
     import triton
-    head = [f"# Fused kernels compiled ahead of time for {', '.join(f'{t.name} ({t.gpu})' for t in targets)}", "",
+    return [f"# Fused kernels compiled ahead of time for {', '.join(f'{t.name} ({t.gpu})' for t in targets)}", "",
             f"- command: `fastdmtg bench kernels-aot {' '.join(argv if argv is not None else sys.argv[1:])}`",
             f"- triton {triton.__version__} (its bundled ptxas), torch {torch.__version__}; no GPU: "
             "`triton.compile(ASTSource, target=GPUTarget('cuda', cc, 32))`, registers and spills from `ptxas -v`, "
@@ -417,34 +431,53 @@ def main(argv: list[str] | None = None) -> int:
             "| op | kernel | constexprs; warps | specialised ints | used by | " + " | ".join(
                 f"{t.name} regs / smem B / spills" for t in targets) + " | status |",
             "|---|---|---|---|---|" + "---:|" * len(targets) + "---|"]
-    lines, failures, n, times = list(head), [], 0, []
+
+
+def _compile_row(ln, targets: list, failures: list[str], times: list) -> str:
+    """One launch compiled for every target → its table row; failures and compile times appended."""
+    cells, status = [], "ok"
+    what = f"{ln.op}.{ln.kernel} [{_fmt_constexprs(ln)}; {specialisation(ln)}]"
+    for t in targets:
+        try:
+            r = compile_one(ln, t)
+        except Exception as e:  # a configuration that does not compile is a failed row
+            msg = str(e).strip().splitlines()[0][:160] if str(e).strip() else ""
+            cells.append(f"compile failed: {type(e).__name__}")
+            failures.append(f"{what} on {t.name}: {type(e).__name__}: {msg}")
+            status = "FAIL"
+            continue
+        times.append((r.seconds, f"{ln.op}.{ln.kernel} [{_fmt_constexprs(ln)}] on {t.name}"))
+        cells.append(f"{r.regs} / {r.shared} / {r.spill_stores + r.spill_loads}")
+        if r.problems:
+            status = "FAIL"
+            failures.append(f"{what} on {t.name}: {'; '.join(r.problems)}")
+    return (f"| {ln.op} | {ln.kernel} | {_fmt_constexprs(ln)} | {specialisation(ln)} | {_where(ln.where)} | "
+            + " | ".join(cells) + f" | {status} |")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _args(argv)
+    error = _check_args(args)
+    if error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    targets = [TARGETS[t] for t in args.targets.split(",")]
+    ops = {o for o in args.ops.split(",") if o} or None
+    say = lambda s: print(s, file=sys.stderr, flush=True)   # noqa: E731  progress on stderr
+    fresh = tempfile.TemporaryDirectory(prefix="fastdmtg-aot-cache-") if args.fresh_cache else None
+    if fresh is not None:
+        os.environ["TRITON_CACHE_DIR"] = fresh.name          # read by triton when it compiles
+    t_start = time.perf_counter()
+    launches = collect([r for r in args.recipes.split(",") if r], args.ks, args.amp.split(","), ops, say)
+    lines, failures, times = _head(args, argv, targets), [], []
     for ln in launches:
-        cells, status = [], "ok"
-        for t in targets:
-            try:
-                r = compile_one(ln, t)
-            except Exception as e:  # a configuration that does not compile is a failed row
-                msg = str(e).strip().splitlines()[0][:160] if str(e).strip() else ""
-                cells.append(f"compile failed: {type(e).__name__}")
-                failures.append(f"{ln.op}.{ln.kernel} [{_fmt_constexprs(ln)}; {specialisation(ln)}] on {t.name}: "
-                                f"{type(e).__name__}: {msg}")
-                status = "FAIL"
-                continue
-            n += 1
-            times.append((r.seconds, f"{ln.op}.{ln.kernel} [{_fmt_constexprs(ln)}] on {t.name}"))
-            cells.append(f"{r.regs} / {r.shared} / {r.spill_stores + r.spill_loads}")
-            if r.problems:
-                status = "FAIL"
-                failures.append(f"{ln.op}.{ln.kernel} [{_fmt_constexprs(ln)}; {specialisation(ln)}] on {t.name}: "
-                                f"{'; '.join(r.problems)}")
-        lines.append(f"| {ln.op} | {ln.kernel} | {_fmt_constexprs(ln)} | {specialisation(ln)} | {_where(ln.where)} | "
-                     + " | ".join(cells) + f" | {status} |")
+        lines.append(_compile_row(ln, targets, failures, times))
         say(lines[-1])
     took = time.perf_counter() - t_start
     cache = ("an empty triton cache (--fresh-cache)" if fresh is not None else
              "triton's cache (~/.triton/cache or TRITON_CACHE_DIR): configurations compiled before are read back")
-    lines += ["", f"{len(launches)} configurations × {len(targets)} targets = {n} compiled in {took:.0f} s wall, "
-              f"into {cache}; {len(failures)} failing."]
+    lines += ["", f"{len(launches)} configurations × {len(targets)} targets = {len(times)} compiled in {took:.0f} s "
+              f"wall, into {cache}; {len(failures)} failing."]
     if times:
         slow = max(times)
         lines.append(f"Compile time per configuration and target (triton.compile + ptxas -v): mean "

@@ -37,14 +37,15 @@ __all__ = ["train_tensors", "evaluate_tensors", "predict", "prepare_images", "te
 
 
 def prepare_images(images, size: int) -> np.ndarray:
-    """(M, 3, H, W) uint8 or float in [0, 1] (tensor or array) → (M, 3, size, size) uint8, as the
-    folder format stores decoded images (fastdmtg.predict: the same decoding as a prediction's)."""
+    """(M, 3, H, W) uint8 or float in [0, 1] (tensor or array) → (M, 3, size, size) uint8, resized as
+    the runs of this module's format (data.dataset=tensors) declare it: what ``predict`` applies to them
+    later (fastdmtg.predict: the same decoding as a prediction's)."""
     from .predict import ImageError, images_uint8, resize_uint8
     try:
         x = images_uint8(images)
     except ImageError as e:
         raise ValueError(str(e)) from None
-    out = [resize_uint8(x[i:i + 256], size, "folder") for i in range(0, len(x), 256)]
+    out = [resize_uint8(x[i:i + 256], size, "tensors") for i in range(0, len(x), 256)]
     return torch.cat(out).numpy() if out else np.zeros((0, 3, size, size), np.uint8)
 
 

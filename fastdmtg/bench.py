@@ -73,8 +73,7 @@ import torch
 from .config import Config, apply_overrides, evolve, get_recipe
 from .data import task_specs as _task_specs
 from .flops import count_flops, taskonomy_table
-from .testing import (TASKONOMY_SPLIT_FILE, synthetic_celeba, synthetic_taskonomy, write_celeba_raw,
-                      write_taskonomy_raw)
+from .testing import bench_data, train_images
 
 # DMTG paper Table A1 (one RTX 4090): (GFLOPs, hours) — see ../shared/reference-notes.md
 PAPER_A1 = {"celeba9_k2": (0.15, 0.99), "celeba9_k3": (0.22, 1.27), "celeba9_k4": (0.29, 1.55),
@@ -86,9 +85,6 @@ H100_BF16_DENSE_TFLOPS = 989.0   # datasheet (SXM); the device notes measured ~7
 _BF16_PEAKS = (("H100 PCIe", 756.0, "H100 PCIe datasheet"), ("NVL", 835.0, "NVL datasheet"),
                ("H200", 989.0, "H200 datasheet"), ("H100", H100_BF16_DENSE_TFLOPS, "H100 SXM datasheet"),
                ("A100", 312.0, "A100 datasheet"))
-CELEBA_TRAIN_IMAGES = 162_770
-# the reference per-GPU batch of Taskonomy-5 at K (recipes taskonomy5_k3/k4/k5)
-TASKONOMY_SCALING = {3: "taskonomy5_k3", 4: "taskonomy5_k4", 5: "taskonomy5_k5"}
 
 
 def peak_bf16_tflops(gpu_name: str) -> tuple[float, str]:
@@ -155,25 +151,19 @@ class _Timer:
 def _source(cfg: Config, loader: str, raw_root: Path | None, num_workers: int, n_batches: int | None):
     """The training source of a bench run, built by ``fastdmtg.pipelines.build_source`` as the
     trainer builds it: ``loader`` is the backend (gpu-cache | memory over random arrays in memory;
-    torch over the raw files under ``raw_root``)."""
+    torch over the raw files under ``raw_root``). The dataset format's ``BenchData`` makes the data."""
     from .pipelines import build_source
-    bs = cfg.train.batch_size
-    taskonomy = cfg.data.dataset == "taskonomy"
+    bd = bench_data(cfg)
     if loader == "torch":
         if raw_root is None:
             raise ValueError("loader='torch' needs raw_root (a folder written by testing.write_taskonomy_raw / "
                              "testing.write_celeba_raw)")
         data = replace(cfg.data, root=str(raw_root), backend="torch", num_workers=num_workers, limit_train=0,
-                       limit_eval=0)
-        if taskonomy:
-            data = replace(data, taskonomy_split_file=str(Path(raw_root) / TASKONOMY_SPLIT_FILE))
-        else:
-            data = replace(data, dataset="celeba")
+                       limit_eval=0, **bd.raw_data(raw_root))
         return build_source(data, progress=False)
     if loader not in ("gpu-cache", "memory"):
         raise ValueError(f"loader: expected gpu-cache|memory|torch, got {loader!r}")
-    n = bs * (n_batches or (16 if taskonomy else 64))
-    ds = synthetic_taskonomy(cfg, n) if taskonomy else synthetic_celeba(cfg, n)
+    ds = bd.synthetic(cfg, cfg.train.batch_size * (n_batches or bd.batches))
     return build_source(replace(cfg.data, backend=loader), progress=False, dataset=ds)
 
 
@@ -283,39 +273,17 @@ def _batching_support(cfg: Config) -> tuple[bool, str]:
     return False, f"model.batched=on is not supported for model.arch={cfg.model.arch}"
 
 
-def _train_images(cfg: Config, given: int) -> tuple[int | None, str]:
-    """(training-set size, how the header states it) for the projected hours; None: unknown."""
-    epochs = cfg.train.epochs
-    if given:
-        return given, f"{epochs} epochs × {given:,} train images (--train-images) / throughput (training steps only)"
-    if cfg.data.dataset == "celeba":
-        n = cfg.data.limit_train or CELEBA_TRAIN_IMAGES
-        return n, f"{epochs} epochs × {n:,} CelebA train images / throughput (training steps only)"
-    if cfg.data.dataset == "synthetic":
-        n = cfg.data.limit_train or cfg.data.synthetic_train
-        return n, f"{epochs} epochs × {n:,} synthetic train images / throughput (training steps only)"
-    return None, ("not computed: the Taskonomy tiny split's training-set size is not recorded in this "
-                  "repository (the DMTG paper says ≈300k images for train+val+test, the BMTN paper 275k train + "
-                  "52k val + 54k test); give it with --train-images N (a prepared folder's index.json has the "
-                  "count)")
-
-
 def _scaling_configs(base_recipe: Config, recipe: str, overrides: list[str], best: list[str] = (),
-                     celeba: tuple[str, ...] = ("celeba9_k2", "celeba9_k3", "celeba9_k4", "celeba9_k5", "celeba40_k5")
-                     ) -> list[tuple[str, Config]]:
-    """(label, config) of the scaling table's rows: CelebA K=2..5 and N=40; Taskonomy the given
-    recipe at K=3/4/5 with the reference per-GPU batch of taskonomy5_k<K>. ``overrides`` (--set)
-    apply to every row, then the _BEST switches, then ``best`` (--scaling-set)."""
-    def row(cfg: Config) -> Config:
-        return apply_overrides(with_switches(apply_overrides(cfg, overrides), _BEST), best)
-    if base_recipe.data.dataset == "taskonomy":
-        out = []
-        for k, ref in TASKONOMY_SCALING.items():
-            b = get_recipe(ref).train.batch_size
-            cfg = row(evolve(get_recipe(recipe), model={"branches": k}, train={"batch_size": b}))
-            out.append((f"{recipe} K={k} (batch {cfg.train.batch_size})", cfg))
-        return out
-    return [(name, row(get_recipe(name))) for name in celeba]
+                     names: tuple[str, ...] | None = None) -> list[tuple[str, Config]]:
+    """(label, config) of the scaling table's rows, as the recipe's dataset format lists them (its
+    ``BenchData.scaling``: CelebA K=2..5 and N=40, or ``names``; Taskonomy the given recipe at K=3/4/5
+    with the reference per-GPU batch of taskonomy5_k<K>). ``overrides`` (--set) apply to every row,
+    then the _BEST switches, then ``best`` (--scaling-set)."""
+    out = []
+    for label, cfg in bench_data(base_recipe).scaling(recipe, names):
+        cfg = apply_overrides(with_switches(apply_overrides(cfg, overrides), _BEST), best)
+        out.append((label.format(batch=cfg.train.batch_size), cfg))
+    return out
 
 
 def _step_parser(prog: str, what: str, set_help: str, steps: int, steps_help: str) -> argparse.ArgumentParser:
@@ -331,7 +299,7 @@ def _step_parser(prog: str, what: str, set_help: str, steps: int, steps_help: st
     return ap
 
 
-def step_main(argv: list[str]) -> int:
+def _step_args(argv: list[str]):
     ap = _step_parser("fastdmtg bench step", "time", "override a recipe field before the rows (repeatable), e.g. "
                       "--set data.image_size=32", 50, "timed steps per repeat, every row")
     ap.add_argument("--repeats", type=int, default=5, help="repeats per row; the median is reported (default 5)")
@@ -350,26 +318,17 @@ def step_main(argv: list[str]) -> int:
     ap.add_argument("--train-images", type=int, default=0,
                     help="training-set size for the projected hours (default: CelebA 162,770; Taskonomy: none)")
     ap.add_argument("--out", help="write the Markdown report here too (and the rows as JSON beside it)")
-    args = ap.parse_args(argv)
-    _setup_logging(args)
-    from .builder import resolve_device
-    device = resolve_device(args.device)
-    replaced = [o for o in args.overrides if o.split("=", 1)[0].strip() in _SPEED_KEYS]
-    if replaced:
-        print(f"note: {' '.join(replaced)}: each row sets the speed switches itself; use --only to pick rows",
-              file=sys.stderr)
-    base = with_switches(apply_overrides(get_recipe(args.recipe), args.overrides))
-    taskonomy = base.data.dataset == "taskonomy"
+    return ap.parse_args(argv)
+
+
+def _step_rows(base: Config, device: torch.device, only: str) -> tuple[list[tuple], list[str]]:
+    """The rows of ``bench step`` (label, the switches on, the loader) this device and --only run, and
+    the notes on rows not run."""
+    bd = bench_data(base)
     where = "GPU-resident" if device.type == "cuda" else "host-memory (CPU)"
-    flops = count_flops(base)
-    fwd_macs = flops["fvcore_1_per_mac"] or flops["torch_2_per_mac"] / 2
-    train_flops_per_sample = 3 * 2 * fwd_macs
-    fvcore_note = "" if flops["fvcore_1_per_mac"] else " (fvcore not installed: MACs = torch.utils.flop_counter / 2)"
-    rows = [   # (label, the switches on, the loader)
-        ("reference style: eager fp32 + torch DataLoader (JPEG decode)" if not taskonomy else
-         "reference style: eager fp32 + torch DataLoader (PNG decode + resize)", (), "torch"),
-        (f"eager fp32, {where} uint8 cache" if not taskonomy else
-         f"eager fp32, {where} uint8/uint16 cache", (), "gpu-cache"),
+    rows = [
+        (f"reference style: eager fp32 + torch DataLoader ({bd.decode})", (), "torch"),
+        (f"eager fp32, {where} {bd.cache} cache", (), "gpu-cache"),
         ("+ bf16 autocast", ("bf16",), "gpu-cache"),
         ("+ Triton kernels", ("bf16", "triton"), "gpu-cache"),
         ("+ CUDA graph (whole step)", ("bf16", "triton", "graph"), "gpu-cache"),
@@ -386,8 +345,8 @@ def step_main(argv: list[str]) -> int:
                  ("+ fused stem op (separate branches)", _BEST + ("fused_stem",), "memory")]
     if device.type != "cuda":
         rows = [r for r in rows if "graph" not in r[1] and "triton" not in r[1]]
-    if args.only:
-        keep = set(args.only.split(","))          # "none": no rows (e.g. only the --scaling table)
+    if only:
+        keep = set(only.split(","))          # "none": no rows (e.g. only the --scaling table)
         rows = [r for i, r in enumerate(rows) if str(i) in keep]
     notes = []
     if any("batched" in r[1] for r in rows):
@@ -397,104 +356,149 @@ def step_main(argv: list[str]) -> int:
             rows = [r for r in rows if "batched" not in r[1]]
             notes.append(f"- not run: {'; '.join(skipped)} — {why}")
             print(notes[-1], file=sys.stderr)
-    raw_dir = None
-    out = []
-    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    peak, peak_label = peak_bf16_tflops(gpu)
-    n_train, hours_text = _train_images(base, args.train_images)
-    lines = [f"## bench step — {args.recipe}", "",
-             f"- device: {gpu}; torch {torch.__version__}; python {sys.version.split()[0]}",
-             f"- command: `fastdmtg bench step {' '.join(argv)}`",
-             f"- batch {base.train.batch_size}, {args.steps} timed steps × {args.repeats} repeats (median), "
-             f"{args.warmup} warm-up steps; " + ("CUDA events" if device.type == "cuda" else "CPU wall clock (perf_counter)"),
-             f"- training FLOPs/sample = 3 × 2 × fvcore MACs = {train_flops_per_sample / 1e9:.3f} GFLOP{fvcore_note}; " +
-             (f"MFU against {peak:.0f} TFLOP/s dense bf16 ({peak_label})" if device.type == "cuda"
-              else "no MFU on CPU (it is defined against a GPU's peak)"),
-             f"- projected hours: {hours_text}"]
-    if taskonomy:
-        lines.append(f"- data: Taskonomy {base.data.image_size}×{base.data.image_size}, tasks "
-                     f"{', '.join(s.name for s in _task_specs(base))}; synthetic raw maps resident on the device "
-                     f"(gpu-cache source: gather, normalise, flip per batch), rotate loss "
-                     f"{'on' if base.data.taskonomy_rotate_loss else 'off'}")
-    paper = PAPER_A1.get(args.recipe, (None, None))
-    if taskonomy and paper[1] is not None and not args.overrides:
-        lines.append(f"- paper Table A1: {paper[0]} GFLOPs (thop-style count), {paper[1]} h on one RTX 4090")
-    hours_head = f"{base.train.epochs}-epoch hours"
-    lines += ["", f"| configuration | mode | kernels | ms/step | img/s | speed-up | MFU % | {hours_head} | data (source that ran) |",
-              "|---|---|---|---:|---:|---:|---:|---:|---|"]
-    ref_ips = None
-    failed = 0
-    for name, on, loader in rows:
-        cfg = with_switches(base, on)
-        how = {}                                   # the reference-style row: a DataLoader over the raw files
+    return rows, notes
+
+
+class _StepReport:
+    """The state of one ``bench step`` run: the rows' table lines, their JSON, failures, the raw files of
+    the DataLoader row (written once, removed at the end)."""
+
+    def __init__(self, args, argv: list[str], base: Config, device: torch.device):
+        self.args, self.base, self.device = args, base, device
+        self.cuda = device.type == "cuda"
+        flops = count_flops(base)
+        fwd_macs = flops["fvcore_1_per_mac"] or flops["torch_2_per_mac"] / 2
+        self.train_flops = 3 * 2 * fwd_macs
+        fvcore_note = "" if flops["fvcore_1_per_mac"] else " (fvcore not installed: MACs = torch.utils.flop_counter / 2)"
+        gpu = torch.cuda.get_device_name(device) if self.cuda else "cpu"
+        self.peak, peak_label = peak_bf16_tflops(gpu)
+        self.n_train, hours_text = train_images(base, args.train_images)
+        self.raw_dir, self.out, self.failed, self.ref_ips = None, [], 0, None
+        self.lines = [
+            f"## bench step — {args.recipe}", "",
+            f"- device: {gpu}; torch {torch.__version__}; python {sys.version.split()[0]}",
+            f"- command: `fastdmtg bench step {' '.join(argv)}`",
+            f"- batch {base.train.batch_size}, {args.steps} timed steps × {args.repeats} repeats (median), "
+            f"{args.warmup} warm-up steps; " + ("CUDA events" if self.cuda else "CPU wall clock (perf_counter)"),
+            f"- training FLOPs/sample = 3 × 2 × fvcore MACs = {self.train_flops / 1e9:.3f} GFLOP{fvcore_note}; " +
+            (f"MFU against {self.peak:.0f} TFLOP/s dense bf16 ({peak_label})" if self.cuda
+             else "no MFU on CPU (it is defined against a GPU's peak)"),
+            f"- projected hours: {hours_text}"]
+        bd = bench_data(base)
+        if bd.describe is not None:
+            self.lines.append(f"- data: {bd.describe(base, [s.name for s in _task_specs(base)])}")
+        paper = PAPER_A1.get(args.recipe, (None, None))
+        if bd.paper_line and paper[1] is not None and not args.overrides:
+            self.lines.append(f"- paper Table A1: {paper[0]} GFLOPs (thop-style count), {paper[1]} h on one RTX 4090")
+        self.lines += ["", f"| configuration | mode | kernels | ms/step | img/s | speed-up | MFU % | "
+                           f"{base.train.epochs}-epoch hours | data (source that ran) |",
+                       "|---|---|---|---:|---:|---:|---:|---:|---|"]
+
+    def raw_loader(self, name: str) -> dict | None:
+        """The measure_step arguments of the reference-style row (a DataLoader over raw files written
+        once, as the dataset format writes them); None: the row is skipped (--jpegs 0 / --raw-samples 0)."""
+        a, base, bd = self.args, self.base, bench_data(self.base)
+        if bd.raw_per_step:
+            n = a.raw_samples if a.raw_samples >= 0 else base.train.batch_size * (a.warmup + a.repeats * a.steps + 2)
+            if n <= 0:
+                print(f"{name}: skipped (--raw-samples 0)", file=sys.stderr)
+                return None
+        elif a.jpegs <= 0:
+            return None
+        else:
+            n = a.jpegs
+        if self.raw_dir is None:
+            self.raw_dir = Path(tempfile.mkdtemp(prefix="fastdmtg-raw-"))
+            t0 = time.perf_counter()
+            bd.write_raw(self.raw_dir, n, base.data.image_size)
+            print(f"wrote {n} raw samples to {self.raw_dir} in {time.perf_counter() - t0:.1f} s", file=sys.stderr,
+                  flush=True)
+        return dict(loader="torch", raw_root=self.raw_dir, num_workers=a.workers)
+
+    def run_row(self, name: str, on: tuple, loader: str) -> None:
+        a = self.args
+        how = {}
         if loader == "torch":
-            if taskonomy:
-                n_raw = args.raw_samples if args.raw_samples >= 0 else \
-                    base.train.batch_size * (args.warmup + args.repeats * args.steps + 2)
-                if n_raw <= 0:
-                    print(f"{name}: skipped (--raw-samples 0)", file=sys.stderr)
-                    continue
-            elif args.jpegs <= 0:
-                continue
-            if raw_dir is None:
-                raw_dir = Path(tempfile.mkdtemp(prefix="fastdmtg-raw-" if taskonomy else "fastdmtg-jpegs-"))
-                if taskonomy:
-                    side = 2 * base.data.image_size
-                    t0 = time.perf_counter()
-                    write_taskonomy_raw(raw_dir, n_raw, side)
-                    print(f"wrote {n_raw} Taskonomy samples ({side}×{side}, 6 PNGs each) to {raw_dir} in "
-                          f"{time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
-                else:
-                    write_celeba_raw(raw_dir, args.jpegs)
-            how = dict(loader="torch", raw_root=raw_dir, num_workers=args.workers)
+            how = self.raw_loader(name)
+            if how is None:
+                return
         try:
-            r = measure_step(cfg, device, steps=args.steps, repeats=args.repeats, warmup=args.warmup, **how)
+            r = measure_step(with_switches(self.base, on), self.device, steps=a.steps, repeats=a.repeats,
+                             warmup=a.warmup, **how)
         except Exception as e:  # report, don't hide: a row of the table and a non-zero exit
-            failed += 1
+            self.failed += 1
             _row_failed(name, e)
-            lines.append(f"| {name} | — | — | failed: {type(e).__name__}: {_one_line(e)} | | | | | |")
-            continue
-        ref_ips = ref_ips or r["img_per_s"]
-        mfu = 100 * r["img_per_s"] * train_flops_per_sample / (peak * 1e12) if device.type == "cuda" else None
-        hours = f"{base.train.epochs * n_train / r['img_per_s'] / 3600:.3f}" if n_train else "—"
-        lines.append(f"| {name} | {r['mode']} | {r['kernels']} | {r['ms_per_step']:.3f} | {r['img_per_s']:,.0f} | "
-                     f"{r['img_per_s'] / ref_ips:.1f}× | {'—' if mfu is None else f'{mfu:.2f}'} | {hours} | {r['data']} |")
-        out.append({"name": name, **r, "mfu_percent": mfu, "train_flops_per_sample": train_flops_per_sample,
-                    "peak_tflops": peak if device.type == "cuda" else None})
-        print(lines[-1], file=sys.stderr, flush=True)       # progress; the report prints once, below
-    if notes:
-        lines += [""] + notes
-    if args.scaling and device.type != "cuda":
-        print("--scaling: skipped (its rows use CUDA graphs and Triton kernels)", file=sys.stderr)
-    if args.scaling and device.type == "cuda":
-        lines += ["", f"### scaling ({' + '.join(_BEST + tuple(args.scaling_set))})", "",
-                  "| recipe | K | N | ms/step | img/s |", "|---|---:|---:|---:|---:|"]
-        celeba = tuple(r for r in args.scaling_recipes.split(",") if r) or None
-        for name, cfg in _scaling_configs(base, args.recipe, args.overrides, args.scaling_set,
-                                          **({"celeba": celeba} if celeba else {})):
+            self.lines.append(f"| {name} | — | — | failed: {type(e).__name__}: {_one_line(e)} | | | | | |")
+            return
+        self.ref_ips = self.ref_ips or r["img_per_s"]
+        mfu = 100 * r["img_per_s"] * self.train_flops / (self.peak * 1e12) if self.cuda else None
+        hours = f"{self.base.train.epochs * self.n_train / r['img_per_s'] / 3600:.3f}" if self.n_train else "—"
+        self.lines.append(f"| {name} | {r['mode']} | {r['kernels']} | {r['ms_per_step']:.3f} | {r['img_per_s']:,.0f} | "
+                          f"{r['img_per_s'] / self.ref_ips:.1f}× | {'—' if mfu is None else f'{mfu:.2f}'} | {hours} | "
+                          f"{r['data']} |")
+        self.out.append({"name": name, **r, "mfu_percent": mfu, "train_flops_per_sample": self.train_flops,
+                         "peak_tflops": self.peak if self.cuda else None})
+        print(self.lines[-1], file=sys.stderr, flush=True)       # progress; the report prints once, below
+
+    def scaling(self) -> None:
+        """The --scaling table (CUDA only: its rows use CUDA graphs and Triton kernels)."""
+        a = self.args
+        if not self.cuda:
+            print("--scaling: skipped (its rows use CUDA graphs and Triton kernels)", file=sys.stderr)
+            return
+        self.lines += ["", f"### scaling ({' + '.join(_BEST + tuple(a.scaling_set))})", "",
+                       "| recipe | K | N | ms/step | img/s |", "|---|---:|---:|---:|---:|"]
+        names = tuple(r for r in a.scaling_recipes.split(",") if r) or None
+        for name, cfg in _scaling_configs(self.base, a.recipe, a.overrides, a.scaling_set, names):
+            n_tasks = len(_task_specs(cfg))
             try:
-                r = measure_step(cfg, device, steps=args.steps, repeats=args.repeats, warmup=args.warmup)
+                r = measure_step(cfg, self.device, steps=a.steps, repeats=a.repeats, warmup=a.warmup)
             except Exception as e:
-                failed += 1
+                self.failed += 1
                 _row_failed(name, e)
-                lines.append(f"| {name} | {cfg.num_branches} | {len(_task_specs(cfg))} | failed: {type(e).__name__} | |")
+                self.lines.append(f"| {name} | {cfg.num_branches} | {n_tasks} | failed: {type(e).__name__} | |")
                 continue
-            lines.append(f"| {name} | {cfg.num_branches} | {len(_task_specs(cfg))} | {r['ms_per_step']:.3f} | "
-                         f"{r['img_per_s']:,.0f} |")
-            print(lines[-1], file=sys.stderr, flush=True)
-    if raw_dir is not None:
-        import shutil
-        shutil.rmtree(raw_dir, ignore_errors=True)
-    report = "\n".join(lines) + "\n"
-    print("\n" + report)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(report)
-        Path(args.out).with_suffix(".json").write_text(json.dumps(out, indent=2))
-    if failed:
-        print(f"error: {failed} row(s) failed (see the table; --log-level DEBUG for the tracebacks)", file=sys.stderr)
-        return 1
-    return 0
+            self.lines.append(f"| {name} | {cfg.num_branches} | {n_tasks} | {r['ms_per_step']:.3f} | "
+                              f"{r['img_per_s']:,.0f} |")
+            print(self.lines[-1], file=sys.stderr, flush=True)
+
+    def finish(self, notes: list[str]) -> int:
+        if notes:
+            self.lines += [""] + notes
+        if self.raw_dir is not None:
+            import shutil
+            shutil.rmtree(self.raw_dir, ignore_errors=True)
+        report = "\n".join(self.lines) + "\n"
+        print("\n" + report)
+        if self.args.out:
+            out = Path(self.args.out)
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(report)
+            out.with_suffix(".json").write_text(json.dumps(self.out, indent=2))
+        if self.failed:
+            print(f"error: {self.failed} row(s) failed (see the table; --log-level DEBUG for the tracebacks)",
+                  file=sys.stderr)
+            return 1
+        return 0
+
+
+def step_main(argv: list[str]) -> int:
+    args = _step_args(argv)
+    _setup_logging(args)
+    from .builder import resolve_device
+    device = resolve_device(args.device)
+    replaced = [o for o in args.overrides if o.split("=", 1)[0].strip() in _SPEED_KEYS]
+    if replaced:
+        print(f"note: {' '.join(replaced)}: each row sets the speed switches itself; use --only to pick rows",
+              file=sys.stderr)
+    base = with_switches(apply_overrides(get_recipe(args.recipe), args.overrides))
+    rows, notes = _step_rows(base, device, args.only)
+    report = _StepReport(args, argv, base, device)
+    for row in rows:
+        report.run_row(*row)
+    if args.scaling:
+        report.scaling()
+    return report.finish(notes)
 
 
 def _output_flags(ap) -> None:
@@ -590,9 +594,9 @@ def profile_main(argv: list[str]) -> int:
              f"- device {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}, torch {torch.__version__}",
              f"- mode {r['mode']}, kernels {r['kernels']}; {r['ms_per_step']:.3f} ms/step over {args.steps} steps",
              f"- trace: {trace}"]
-    if cfg.data.dataset == "taskonomy":
-        lines.append(f"- batch {info['batch']} of synthetic Taskonomy {cfg.data.image_size}×{cfg.data.image_size} maps "
-                     f"resident on the device (gpu-cache source), tasks {', '.join(info['taskset'].names)}")
+    about = bench_data(cfg).describe
+    if about is not None:
+        lines.append(f"- batch {info['batch']}; data: {about(cfg, info['taskset'].names)}")
     if device.type == "cuda":
         lines.append(f"- GPU busy (union of kernel intervals): {busy_us / 1e3:.2f} ms of {wall_ms:.2f} ms wall "
                      f"({100 * busy_us / 1e3 / wall_ms:.1f}%); launch gaps / idle: {wall_ms - busy_us / 1e3:.2f} ms")

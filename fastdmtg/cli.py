@@ -118,6 +118,26 @@ def resume_config(args) -> Config:
     return apply_overrides(_with_file(Config.load(run_dir / "config.json"), args), _flag_overrides(args))
 
 
+def _resolved_config(args, cfg: Config) -> bool:
+    """--save-config FILE / --dry-run: the config with every auto switch resolved for this machine,
+    written to FILE / printed. True when the command ends here (--dry-run)."""
+    from .configfile import resolve_auto
+    resolved, auto = resolve_auto(cfg)
+    if args.save_config:
+        from .checkpoint import atomic_write_json
+        atomic_write_json(args.save_config, resolved.to_dict())
+        print(f"config written to {args.save_config} (start from it with --config {args.save_config})",
+              file=sys.stderr)          # stderr: stdout holds only the JSON of --dry-run
+    if not args.dry_run:
+        return False
+    from .train import best_rule_text
+    print(json.dumps(resolved.to_dict(), indent=2))
+    print(best_rule_text(resolved), file=sys.stderr)
+    if auto:
+        print(f"auto resolved for this machine: {', '.join(auto)}", file=sys.stderr)
+    return True
+
+
 def cmd_train(args) -> int:
     import os
     if args.method == "naive":              # compare's name for it; naive-mtl is the config's (and the output's)
@@ -131,21 +151,8 @@ def cmd_train(args) -> int:
         cfg = build_config(args)
         run_dir = Path(args.out) if args.out else Path("runs") / f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
         resume = False
-    if args.dry_run or args.save_config:
-        from .configfile import resolve_auto
-        resolved, auto = resolve_auto(cfg)
-        if args.save_config:
-            from .checkpoint import atomic_write_json
-            atomic_write_json(args.save_config, resolved.to_dict())
-            print(f"config written to {args.save_config} (start from it with --config {args.save_config})",
-                  file=sys.stderr)          # stderr: stdout holds only the JSON of --dry-run
-        if args.dry_run:
-            from .train import best_rule_text
-            print(json.dumps(resolved.to_dict(), indent=2))
-            print(best_rule_text(resolved), file=sys.stderr)
-            if auto:
-                print(f"auto resolved for this machine: {', '.join(auto)}", file=sys.stderr)
-            return 0
+    if (args.dry_run or args.save_config) and _resolved_config(args, cfg):
+        return 0
     if main_rank:
         log.info(f"run folder: {run_dir}")
     from .checkpoint import WriteFailed, has_checkpoint
@@ -250,18 +257,27 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
-def _main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0] in ("compare", "bench", "profile", "predict", "export"):
-        # these parse their own options (argparse's REMAINDER cannot pass a leading --option through)
-        import importlib
-        mod = importlib.import_module(f"fastdmtg.{'bench' if argv[0] == 'profile' else argv[0]}")
-        try:
-            return getattr(mod, f"{argv[0]}_main")(argv[1:])
-        except (ConfigError, FileNotFoundError, FileExistsError, ValueError) as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
-    from . import __version__
+#: the commands that parse their own options (argparse's REMAINDER cannot pass a leading --option
+#: through): command → (module, its main, help)
+OWN_PARSERS = {
+    "compare": ("compare", "compare_main", "run a set of grouping methods and write comparison tables"),
+    "bench": ("bench", "bench_main", "benchmarks: flops | step | kernels-aot | roofline"),
+    "profile": ("bench", "profile_main", "torch.profiler trace of steady-state training steps"),
+    "predict": ("export", "predict_main", "predict every task for your own images: predict RUN_DIR IMAGE... "
+                "[--out preds.csv]"),
+    "export": ("export", "export_main", "the grouped model with its post-processing as ONNX or TorchScript: "
+               "export RUN_DIR --format onnx|torchscript"),
+}
+
+
+def _run_own_parser(cmd: str, rest: list[str]) -> int:
+    import importlib
+    module, fn, _ = OWN_PARSERS[cmd]
+    return getattr(importlib.import_module(f"fastdmtg.{module}"), fn)(rest)
+
+
+def _parser() -> argparse.ArgumentParser:
+    from ._version import __version__
     ap = argparse.ArgumentParser(prog="fastdmtg", description=__doc__.split("\n\n")[0])
     ap.add_argument("--version", action="version", version=f"fastdmtg {__version__}")
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -277,68 +293,77 @@ def _main(argv: list[str] | None = None) -> int:
                          "eval_<split>.json)")
     add_output_flags(pe)
     sub.add_parser("recipes", help="list the named recipes")
-    for name, mod, hlp in (("compare", "compare", "run a set of grouping methods and write comparison tables"),
-                           ("bench", "bench", "benchmarks: flops | step | kernels-aot | roofline"),
-                           ("profile", "bench", "torch.profiler trace of steady-state training steps"),
-                           ("predict", "predict", "predict every task for your own images: predict RUN_DIR "
-                                                  "IMAGE... [--out preds.csv]"),
-                           ("export", "export", "the grouped model with its post-processing as ONNX or "
-                                                "TorchScript: export RUN_DIR --format onnx|torchscript")):
+    for name, (_, _, hlp) in OWN_PARSERS.items():
         sp = sub.add_parser(name, help=hlp, add_help=False)
         sp.add_argument("rest", nargs=argparse.REMAINDER)
-        sp.set_defaults(module=mod)
     pd = sub.add_parser("data", help="data verify PATH...: check the checksums of prepared folders, decode caches "
                                      "and .beton files (exit 1 when something is damaged)")
     pd.add_argument("rest", nargs=argparse.REMAINDER, help="verify PATH...")
     pp = sub.add_parser("prepare", help="convert a dataset to the fast on-disk format")
-    pp.add_argument("dataset", choices=["taskonomy", "celeba"],
-                    help="taskonomy ROOT OUT: fast .npy format; add --format ffcv for .beton files (celeba or taskonomy)")
+    pp.add_argument("dataset", help="a dataset format (taskonomy ROOT OUT: its fast .npy format; add --format ffcv "
+                                    "for .beton files of any format with files: celeba, taskonomy, folder)")
     pp.add_argument("rest", nargs=argparse.REMAINDER, help="ROOT OUT [options]")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def cmd_recipes(args) -> int:
+    print(f"{'recipe':33s} {'follows':9s} {'dataset':10s} {'tasks':10s} {'arch':14s} {'K':>2s}  "
+          f"{'method':9s} epochs")
+    for name in sorted(RECIPES):
+        c = get_recipe(name)
+        tasks = c.data.tasks if isinstance(c.data.tasks, str) else f"{len(c.data.tasks)} tasks"
+        print(f"{name:33s} {RECIPE_FOLLOWS.get(name, 'ours'):9s} {c.data.dataset:10s} {tasks:10s} "
+              f"{c.model.arch:14s} {c.num_branches or 'auto':>2}  {c.grouping.method:9s} {c.train.epochs}")
+    print("follows: paper = the paper where explicit, else the released code (docs/fidelity.md); "
+          "reference = the released code as it is; ours = fastdmtg's demo/test data")
+    return 0
+
+
+def cmd_data(args) -> int:
+    if args.rest[:1] != ["verify"]:
+        print("usage: fastdmtg data verify PATH [PATH ...]", file=sys.stderr)
+        return 2
+    from .pipelines.cache import verify_main
+    return verify_main(args.rest[1:])
+
+
+def cmd_prepare(args) -> int:
+    """`prepare NAME ROOT OUT`: the format's own prepared form (its ``prepare``); with --format ffcv the
+    .beton files (fastdmtg.pipelines), for any format."""
+    if "--format" in args.rest:
+        i = args.rest.index("--format")
+        fmt = args.rest[i + 1] if i + 1 < len(args.rest) else ""
+        if fmt != "ffcv":
+            print(f"error: --format: expected ffcv, got {fmt!r}", file=sys.stderr)
+            return 2
+        from .pipelines import prepare_ffcv_main
+        return prepare_ffcv_main([args.dataset] + args.rest)
+    from .data import get_format
+    prepare = get_format(args.dataset).prepare
+    if prepare is None:
+        print(f"error: `prepare {args.dataset}` only makes FFCV files (--format ffcv); its default "
+              "decode cache is built automatically on first use", file=sys.stderr)
+        return 2
+    return prepare(args.rest)
+
+
+_COMMANDS = {"train": cmd_train, "eval": cmd_eval, "recipes": cmd_recipes, "data": cmd_data, "prepare": cmd_prepare}
+
+
+def _main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in OWN_PARSERS:
+        try:
+            return _run_own_parser(argv[0], argv[1:])
+        except (ConfigError, FileNotFoundError, FileExistsError, ValueError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+    args = _parser().parse_args(argv)
     setup_logging(getattr(args, "log_level", None))
     try:
-        if args.cmd == "train":
-            return cmd_train(args)
-        if args.cmd == "eval":
-            return cmd_eval(args)
-        if args.cmd == "recipes":
-            print(f"{'recipe':33s} {'follows':9s} {'dataset':10s} {'tasks':10s} {'arch':14s} {'K':>2s}  "
-                  f"{'method':9s} epochs")
-            for name in sorted(RECIPES):
-                c = get_recipe(name)
-                tasks = c.data.tasks if isinstance(c.data.tasks, str) else f"{len(c.data.tasks)} tasks"
-                print(f"{name:33s} {RECIPE_FOLLOWS.get(name, 'ours'):9s} {c.data.dataset:10s} {tasks:10s} "
-                      f"{c.model.arch:14s} {c.num_branches or 'auto':>2}  {c.grouping.method:9s} {c.train.epochs}")
-            print("follows: paper = the paper where explicit, else the released code (docs/fidelity.md); "
-                  "reference = the released code as it is; ours = fastdmtg's demo/test data")
-            return 0
-        if args.cmd in ("compare", "bench", "profile", "predict", "export"):
-            import importlib
-            mod = importlib.import_module(f"fastdmtg.{args.module}")
-            return getattr(mod, f"{args.cmd}_main")(args.rest)
-        if args.cmd == "data":
-            if args.rest[:1] != ["verify"]:
-                print("usage: fastdmtg data verify PATH [PATH ...]", file=sys.stderr)
-                return 2
-            from .pipelines.cache import verify_main
-            return verify_main(args.rest[1:])
-        if args.cmd == "prepare":
-            if "--format" in args.rest:
-                i = args.rest.index("--format")
-                fmt = args.rest[i + 1] if i + 1 < len(args.rest) else ""
-                if fmt != "ffcv":
-                    print(f"error: --format: expected ffcv, got {fmt!r}", file=sys.stderr)
-                    return 2
-                from .pipelines import prepare_ffcv_main
-                return prepare_ffcv_main([args.dataset] + args.rest)
-            from .data import get_format
-            prepare = get_format(args.dataset).prepare
-            if prepare is None:
-                print(f"error: `prepare {args.dataset}` only makes FFCV files (--format ffcv); its default "
-                      "decode cache is built automatically on first use", file=sys.stderr)
-                return 2
-            return prepare(args.rest)
+        if args.cmd in OWN_PARSERS:
+            return _run_own_parser(args.cmd, args.rest)
+        return _COMMANDS[args.cmd](args)
     except (ConfigError, FileNotFoundError, FileExistsError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    return 0

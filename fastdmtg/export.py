@@ -1,4 +1,5 @@
-"""Save / load the pruned grouped model so it predicts on its own.
+"""Save / load the pruned grouped model so it predicts on its own; `fastdmtg predict` and `fastdmtg
+export` (both read a finished run's grouped model).
 
 Files in the run folder:
     grouped_model.json         {"format": 1, "config": <resolved config>, "tasks": [...], "groups": [[task idx]],
@@ -17,6 +18,7 @@ from . import checkpoint as ckpt
 from .config import Config
 from .data import taskset_for
 from .models import GroupedNet, build_grouped
+from .predict import attach, output_plan, postprocess
 
 FORMAT = 1
 
@@ -68,7 +70,6 @@ def load_grouped(run_dir: str | Path, device: str | torch.device = "cpu") -> tup
     except RuntimeError as e:
         raise ckpt.RunFileError(f"{weights}: does not fit the model of {meta_path} "
                                 f"({ckpt._reason(e).split('. ')[0]})") from None
-    from .predict import attach
     return attach(model.to(device).eval(), meta), meta       # model.predict(images) → {task: prediction}
 
 
@@ -79,8 +80,8 @@ def task_specs_for(cfg: Config, names: list[str]):
 
 # ------------------------------------------------------------------ ONNX / TorchScript
 # `fastdmtg export RUN --format onnx|torchscript [--out FILE]`: the grouped model with each task's
-# post-processing, as `fastdmtg predict` applies it (fastdmtg.predict.predictions and the task set's own
-# ``predictions``; tests/test_export.py checks the two agree on every task kind):
+# post-processing, as `fastdmtg predict` applies it (one rule: fastdmtg.predict.output_plan and
+# postprocess, applied by both fastdmtg.predict.predictions and Exportable):
 #   classification (CelebA attributes, your own binary / multiclass tasks)  softmax → (B, C) probabilities
 #   regression (your own tasks)           the head's output de-standardised: y · std + mean → (B,) in data units
 #   segmentation (Taskonomy)              softmax over the classes → (B, C, S, S) probabilities
@@ -90,28 +91,6 @@ def task_specs_for(cfg: Config, names: list[str]):
 # mean/std normalisation (the model was trained on x / 255). The batch axis is dynamic.
 FORMATS = {"onnx": ".onnx", "torchscript": ".pt"}
 OPSET = 18
-
-
-def output_plan(taskset) -> list[dict]:
-    """Per task (in task order) what the exported graph returns: {"name", "output": probabilities |
-    value | map, ...} — the post-processing of fastdmtg.predict.predictions, as data."""
-    plan = []
-    for i, spec in enumerate(taskset.specs):
-        if hasattr(taskset, "predictions"):          # your own tasks (fastdmtg.tasks.generic): their declarations
-            d = taskset.decls[i]
-            if d.type == "regression":
-                plan.append({"name": spec.name, "output": "value", "std": float(d.std), "mean": float(d.mean)})
-                continue
-            entry = {"name": spec.name, "output": "probabilities", "dim": -1, "classes": spec.out_channels}
-            if getattr(d, "labels", None):
-                entry["labels"] = list(d.labels)
-            plan.append(entry)
-        elif spec.kind in ("class", "segment"):
-            plan.append({"name": spec.name, "output": "probabilities", "dim": -1 if spec.kind == "class" else 1,
-                         "classes": spec.out_channels})
-        else:
-            plan.append({"name": spec.name, "output": "map", "channels": spec.out_channels})
-    return plan
 
 
 class Exportable(torch.nn.Module):
@@ -124,14 +103,7 @@ class Exportable(torch.nn.Module):
 
     def forward(self, image: torch.Tensor):
         out = self.model(image)                      # (N, B, C) stacked, or a list of N tensors
-        res = []
-        for i, p in enumerate(self.plan):
-            o = out[i].float()
-            if p["output"] == "probabilities":
-                o = o.softmax(p["dim"])
-            elif p["output"] == "value":
-                o = o[:, 0] * p["std"] + p["mean"]   # (B,) in the data's units
-            res.append(o)
+        res = [postprocess(out[i], p) for i, p in enumerate(self.plan)]
         if self.as_dict:
             return {p["name"]: o for p, o in zip(self.plan, res)}
         return tuple(res)
@@ -140,7 +112,7 @@ class Exportable(torch.nn.Module):
 def export_metadata(meta: dict, plan: list[dict], fmt: str) -> dict:
     """What a consumer of the file needs, stored inside it (ONNX metadata_props / a TorchScript extra
     file ``fastdmtg.json``)."""
-    from . import __version__
+    from ._version import __version__
     s = int(meta["image_size"])
     return {"format": 1, "exporter": f"fastdmtg {__version__}", "kind": fmt,
             "input": {"name": "image", "shape": ["batch", 3, s, s], "dtype": "float32", "layout": "NCHW, RGB",
@@ -239,4 +211,45 @@ def export_main(argv: list[str]) -> int:
         else:
             what = "the map as the model outputs it"
         print(f"output {o['name']}: {what}")
+    return 0
+
+
+def predict_main(argv: list[str]) -> int:
+    import argparse
+    import sys
+
+    from .builder import resolve_device
+    from .predict import check_out, expand_folders, predictions_csv
+    ap = argparse.ArgumentParser(prog="fastdmtg predict",
+                                 description="predict every task of a finished run for your own images "
+                                             "(any size; resized as in training)")
+    ap.add_argument("run_dir", help="a finished run folder (holds grouped_model.json)")
+    ap.add_argument("images", nargs="+", help="image files (JPEG, PNG, ...), or folders: every image file in "
+                                              "them (not recursive, sorted by name)")
+    ap.add_argument("--out", help="write the predictions to this CSV file (default: print them)")
+    ap.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    ap.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default 64)")
+    args = ap.parse_args(argv)
+    check_out(args.out)                    # before the model runs: a bad --out would lose its work
+    images = expand_folders(args.images)
+    model, meta = load_grouped(args.run_dir, resolve_device(args.device))
+    det = model.predict(images, batch_size=args.batch_size, details=True)
+    probs = {t: d.get("probabilities", d.get("value")) for t, d in det.items()}
+    preds = {t: (p.argmax(-1) if p.dim() == 2 else p) for t, p in probs.items()}
+    labels = {t: d["label"] for t, d in det.items() if "label" in d}
+    dense = [t for t, p in preds.items() if p.dim() != 1]
+    if dense:
+        print(f"note: dense tasks {', '.join(dense)} are not written to CSV; use model.predict() in Python",
+              file=sys.stderr)
+    text = predictions_csv(images, preds, probs, labels)
+    if args.out:
+        from .checkpoint import WriteFailed, atomic_write_text
+        try:
+            atomic_write_text(args.out, text)
+        except WriteFailed as e:           # disk full, permissions: the message names the file
+            print(f"error: {e}", file=sys.stderr)
+            return 5
+        print(f"predictions for {len(images)} images: {args.out}")
+    else:
+        sys.stdout.write(text)
     return 0

@@ -21,41 +21,11 @@ nothing to compare.
 """
 from __future__ import annotations
 
-import hashlib
-import os
-from pathlib import Path
-
 from .config import ConfigError
 
 
 class DataChanged(ConfigError):
     """The dataset differs from the one the run recorded (exit 2); the message names the parts."""
-
-
-def file_digest(path: str | Path) -> str:
-    """``sha1 <hex>`` of a file's bytes, or ``absent``."""
-    h = hashlib.sha1()
-    try:
-        with open(path, "rb") as f:
-            for b in iter(lambda: f.read(1 << 20), b""):
-                h.update(b)
-    except FileNotFoundError:
-        return "absent"
-    return f"sha1 {h.hexdigest()}"
-
-
-def listing_digest(paths: list[str], root: str | Path | None, missing_error) -> str:
-    """``N files, sha1 <hex>`` over each file's name (relative to ``root``) and size, in order."""
-    h = hashlib.sha1()
-    root = str(root) + os.sep if root is not None else ""
-    for p in paths:
-        try:
-            size = os.stat(p).st_size
-        except FileNotFoundError:
-            raise missing_error(str(p)) from None
-        name = p[len(root):] if root and p.startswith(root) else p
-        h.update(f"{name}\0{size}\n".encode())
-    return f"{len(paths)} files, sha1 {h.hexdigest()}"
 
 
 def data_fingerprint(source) -> dict[str, str]:

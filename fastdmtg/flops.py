@@ -31,6 +31,7 @@ import sys
 import time
 import warnings
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import nn
@@ -110,6 +111,18 @@ def count_flops(cfg) -> dict:
             "fvcore_1_per_mac": count_fvcore(model, x)}
 
 
+def forward_with_hooks(model: nn.Module, x: torch.Tensor, hooks: list[tuple[nn.Module, Callable]]) -> None:
+    """One no-grad forward of ``model`` on ``x`` with each (module, forward hook) registered, the hooks
+    removed afterwards whatever happens (the per-module counts here and in fastdmtg.roofline)."""
+    handles = [m.register_forward_hook(h) for m, h in hooks]
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        for h in handles:
+            h.remove()
+
+
 def count_thop_style(model: nn.Module, x: torch.Tensor) -> float:
     """thop.profile's rules (module docstring), in G."""
     total = [0]
@@ -123,14 +136,8 @@ def count_thop_style(model: nn.Module, x: torch.Tensor) -> float:
         elif isinstance(m, nn.Linear):
             total[0] += out.numel() * m.in_features
 
-    hs = [m.register_forward_hook(hook) for m in model.modules()
-          if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d, nn.BatchNorm2d, nn.LayerNorm, nn.Linear))]
-    try:
-        with torch.no_grad():
-            model(x)
-    finally:
-        for h in hs:
-            h.remove()
+    forward_with_hooks(model, x, [(m, hook) for m in model.modules()
+                                  if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d, nn.BatchNorm2d, nn.LayerNorm, nn.Linear))])
     return total[0] / 1e9
 
 

@@ -3,7 +3,8 @@ r"""DMTG hot-path operators: the public API the trainer, task sets and methods c
 Every op lives in one file of ``fastdmtg.kernels`` (``kernels/<op>.py`` in the repository): its
 Triton kernels, launchers, PyTorch reference, and its registration as ``torch.library`` custom ops
 (fake + autograd) with the eager fast path generated from the same description. This module only
-re-exports them.
+re-exports them: adding an op = its file in ``kernels/`` + its registration here (the import line
+and its name in ``__all__``; tests/test_file_counts.py adds a throwaway one that way).
 
 Each op takes ``backend`` = ``"auto" | "triton" | "reference"`` (the config value ``train.kernels``;
 None means auto), resolved per call against the input's device by :func:`resolve_backend`: auto is

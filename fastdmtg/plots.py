@@ -14,6 +14,31 @@ _RULES = {"val_loss": "lowest validation loss",
           "reference": "validation and training both improved"}
 
 
+def _settled_text(confidence: dict | None) -> str:
+    """The title's line on whether the grouping settled (none without ``confidence``)."""
+    if confidence is None:
+        return ""
+    from .report import SETTLED_MARGIN
+    return (f"\ngrouping settled: every margin >= {SETTLED_MARGIN:g}" if confidence["settled"] else
+            f"\ngrouping NOT settled: a margin < {SETTLED_MARGIN:g} (more epochs, a τ schedule, or seeds)")
+
+
+def _probabilities_panel(fig, ax, probs, task_names: list[str], confidence: dict | None, epoch: int) -> None:
+    """The left panel: the (N, K) probabilities of the selected epoch, each cell written, each task's
+    margin beside its name."""
+    n, k = probs.shape
+    im = ax.imshow(probs, vmin=0, vmax=1, cmap="viridis", aspect="auto")
+    ax.set_xticks(range(k), [f"branch {j + 1}" for j in range(k)], rotation=45, ha="right")
+    per = (confidence or {}).get("per_task", {})
+    ax.set_yticks(range(n), [f"{t}  (margin {per[t]['margin']:.2f})" if t in per else t for t in task_names])
+    for i in range(n):
+        for j in range(k):
+            ax.text(j, i, f"{probs[i, j]:.2f}", ha="center", va="center",
+                    color="white" if probs[i, j] < 0.5 else "black", fontsize=7)
+    ax.set_title(f"Probability that a task uses a branch\n(epoch {epoch})", fontsize=9)
+    fig.colorbar(im, ax=ax, fraction=0.05)
+
+
 def grouping_heatmap(history: list[dict], task_names: list[str], path: str | Path,
                      selected_epoch: int | None = None, rule: str | None = None, keep_figure: bool = False,
                      confidence: dict | None = None):
@@ -39,24 +64,9 @@ def grouping_heatmap(history: list[dict], task_names: list[str], path: str | Pat
     epochs = [r["epoch"] for r in recs]
     fig, axes = plt.subplots(1, 2, figsize=(5 + 0.6 * k + 0.25 * len(recs), 2.2 + 0.3 * n),
                              gridspec_kw={"width_ratios": [k + 1, max(len(recs), 3)]})
-    ax = axes[0]
-    im = ax.imshow(probs, vmin=0, vmax=1, cmap="viridis", aspect="auto")
-    ax.set_xticks(range(k), [f"branch {j + 1}" for j in range(k)], rotation=45, ha="right")
-    per = (confidence or {}).get("per_task", {})
-    ax.set_yticks(range(n), [f"{t}  (margin {per[t]['margin']:.2f})" if t in per else t for t in task_names])
-    for i in range(n):
-        for j in range(k):
-            ax.text(j, i, f"{probs[i, j]:.2f}", ha="center", va="center",
-                    color="white" if probs[i, j] < 0.5 else "black", fontsize=7)
+    _probabilities_panel(fig, axes[0], probs, task_names, confidence, sel["epoch"])
     why = f", chosen by {_RULES.get(rule, rule)}" if rule and selected_epoch is not None and sel["epoch"] == selected_epoch else ""
-    state = ""
-    if confidence is not None:
-        from .report import SETTLED_MARGIN
-        state = (f"\ngrouping settled: every margin >= {SETTLED_MARGIN:g}" if confidence["settled"] else
-                 f"\ngrouping NOT settled: a margin < {SETTLED_MARGIN:g} (more epochs, a τ schedule, or seeds)")
-    fig.suptitle(f"Task grouping of the kept model: epoch {sel['epoch']}{why}{state}", fontsize=10)
-    ax.set_title(f"Probability that a task uses a branch\n(epoch {sel['epoch']})", fontsize=9)
-    fig.colorbar(im, ax=ax, fraction=0.05)
+    fig.suptitle(f"Task grouping of the kept model: epoch {sel['epoch']}{why}{_settled_text(confidence)}", fontsize=10)
 
     traj = np.array([r["assignment"] for r in recs]).T                         # (N, epochs)
     ax = axes[1]

@@ -25,10 +25,8 @@ folder with ``details=True``.
 """
 from __future__ import annotations
 
-import argparse
 import csv
 import io
-import sys
 import types
 from pathlib import Path
 
@@ -105,25 +103,59 @@ def prepare_images(images, image_size: int, dataset: str) -> torch.Tensor:
     return torch.cat(batches).to(torch.float32).div_(255.0)                      # (B, 3, S, S)
 
 
+def output_plan(taskset) -> list[dict]:
+    """Per task (in task order) its post-processing, as data: {"name", "output": probabilities (softmax
+    over ``dim``; "classes", your own tasks' "labels") | value (``o[:, 0] * std + mean``: a regression in
+    the data's units) | map (the output as it is; "channels")}. ``predictions`` and the exported graph
+    (fastdmtg.export.Exportable) both apply it: one rule for what a task's output means."""
+    from .tasks.generic import GenericTaskSet
+    plan = []
+    for i, spec in enumerate(taskset.specs):
+        if isinstance(taskset, GenericTaskSet):     # your own tasks (fastdmtg.tasks.generic): their declarations
+            d = taskset.decls[i]
+            if d.type == "regression":
+                plan.append({"name": spec.name, "output": "value", "std": float(d.std), "mean": float(d.mean)})
+                continue
+            entry = {"name": spec.name, "output": "probabilities", "dim": -1, "classes": spec.out_channels}
+            if getattr(d, "labels", None):
+                entry["labels"] = list(d.labels)
+            plan.append(entry)
+        elif spec.kind in ("class", "segment"):
+            plan.append({"name": spec.name, "output": "probabilities", "dim": -1 if spec.kind == "class" else 1,
+                         "classes": spec.out_channels})
+        else:
+            plan.append({"name": spec.name, "output": "map", "channels": spec.out_channels})
+    return plan
+
+
+def postprocess(o: torch.Tensor, entry: dict) -> torch.Tensor:
+    """One task's raw output → what it means (``output_plan``'s ``entry``): class probabilities
+    ((B, C) or (B, C, S, S)), a regression value (B,) in the data's units, or the map as it is."""
+    o = o.float()
+    if entry["output"] == "probabilities":
+        return o.softmax(entry["dim"])
+    if entry["output"] == "value":
+        return o[:, 0] * entry["std"] + entry["mean"]
+    return o
+
+
 def predictions(outputs, taskset) -> dict[str, dict]:
     """The model's outputs ((N, B, C) for attribute tasks, else a per-task list) → per task a dict:
-    classification {"class": (B,) int64, "probabilities": (B, C)} (+ "label": the classes as written,
-    for your own tasks), segmentation the same per pixel ((B, S, S), (B, C, S, S)), a regression
-    {"value": ...} — your own tasks' in the data's units (their task set's ``predictions``,
-    fastdmtg.tasks.generic), dense maps as the model outputs them. The only place here that knows
-    task kinds."""
-    if hasattr(taskset, "predictions"):
-        return taskset.predictions(outputs)
+    classification {"class": (B,) int64, "probabilities": (B, C), "label": the class as written in your
+    own tasks' data, else its id}, segmentation the same per pixel ((B, S, S), (B, C, S, S); no label),
+    a regression {"value": (B,)} in the data's units, other dense maps {"value": the map as the model
+    outputs it}. ``output_plan`` says which task is which: the only place here that knows task kinds."""
     out = {}
-    for i, spec in enumerate(taskset.specs):
-        o = outputs[i].detach().float()
-        if spec.kind in ("class", "segment"):
-            p = o.softmax(-1 if spec.kind == "class" else 1)                    # (B, C) or (B, C, S, S)
-            out[spec.name] = {"class": p.argmax(-1 if spec.kind == "class" else 1), "probabilities": p}
-            if spec.kind == "class":                                             # no names: the label is the id
-                out[spec.name]["label"] = out[spec.name]["class"].tolist()
-        else:                                                                    # regression maps as output
-            out[spec.name] = {"value": o}
+    for i, entry in enumerate(output_plan(taskset)):
+        o = postprocess(outputs[i].detach(), entry)
+        if entry["output"] != "probabilities":
+            out[entry["name"]] = {"value": o}
+            continue
+        cls = o.argmax(entry["dim"])
+        out[entry["name"]] = rec = {"class": cls, "probabilities": o}
+        if entry["dim"] == -1:                       # classification: the label as written, else the class id
+            labels = entry.get("labels")
+            rec["label"] = [labels[c] for c in cls.tolist()] if labels else cls.tolist()
     return out
 
 
@@ -213,41 +245,3 @@ def expand_folders(paths: list[str]) -> list[str]:
                              ".jpg, ...)")
         out += [str(f) for f in files]
     return out
-
-
-def predict_main(argv: list[str]) -> int:
-    from .export import load_grouped
-    from .builder import resolve_device
-    ap = argparse.ArgumentParser(prog="fastdmtg predict",
-                                 description="predict every task of a finished run for your own images "
-                                             "(any size; resized as in training)")
-    ap.add_argument("run_dir", help="a finished run folder (holds grouped_model.json)")
-    ap.add_argument("images", nargs="+", help="image files (JPEG, PNG, ...), or folders: every image file in "
-                                              "them (not recursive, sorted by name)")
-    ap.add_argument("--out", help="write the predictions to this CSV file (default: print them)")
-    ap.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    ap.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default 64)")
-    args = ap.parse_args(argv)
-    check_out(args.out)                    # before the model runs: a bad --out would lose its work
-    images = expand_folders(args.images)
-    model, meta = load_grouped(args.run_dir, resolve_device(args.device))
-    det = model.predict(images, batch_size=args.batch_size, details=True)
-    probs = {t: d.get("probabilities", d.get("value")) for t, d in det.items()}
-    preds = {t: (p.argmax(-1) if p.dim() == 2 else p) for t, p in probs.items()}
-    labels = {t: d["label"] for t, d in det.items() if "label" in d}
-    dense = [t for t, p in preds.items() if p.dim() != 1]
-    if dense:
-        print(f"note: dense tasks {', '.join(dense)} are not written to CSV; use model.predict() in Python",
-              file=sys.stderr)
-    text = predictions_csv(images, preds, probs, labels)
-    if args.out:
-        from .checkpoint import WriteFailed, atomic_write_text
-        try:
-            atomic_write_text(args.out, text)
-        except WriteFailed as e:           # disk full, permissions: the message names the file
-            print(f"error: {e}", file=sys.stderr)
-            return 5
-        print(f"predictions for {len(images)} images: {args.out}")
-    else:
-        sys.stdout.write(text)
-    return 0

@@ -97,7 +97,7 @@ def network_groups(model: nn.Module, x: torch.Tensor, batch: int, act_bytes: int
     from one batch-1 forward of ``model`` on ``x``: fvcore per leaf module (``flops.fvcore_analysis``),
     activation bytes from forward hooks. Modules under ``heads_prefix`` are the heads (``head_bytes``
     per activation), the rest the trunk (``act_bytes``)."""
-    from .flops import fvcore_analysis
+    from .flops import forward_with_hooks, fvcore_analysis
     by_module = fvcore_analysis(model, x, by_module=True)
     if by_module is None:
         raise RuntimeError("the roofline needs fvcore (pip install fvcore): its FLOP count per module")
@@ -112,13 +112,7 @@ def network_groups(model: nn.Module, x: torch.Tensor, batch: int, act_bytes: int
                         if isinstance(t, torch.Tensor))
             act[name] = act.get(name, 0) + n_in + n_out
         return f
-    hs = [m.register_forward_hook(hook(n)) for n, m in leaves.items() if not isinstance(m, _VIEWS)]
-    try:
-        with torch.no_grad():
-            model(x)
-    finally:
-        for h in hs:
-            h.remove()
+    forward_with_hooks(model, x, [(m, hook(n)) for n, m in leaves.items() if not isinstance(m, _VIEWS)])
     leaf_macs = 0.0
     for n, m in leaves.items():
         g = groups[_group_of(n, m, heads_prefix)]
@@ -181,6 +175,33 @@ def bound_rows(groups: dict[str, Group], gpu: GPU) -> tuple[list[tuple], float]:
     return rows, total
 
 
+def _gpu_rows(recipe: str, cfg, key: str, groups: dict[str, Group], params: int, n_train: int | None,
+              as_is: bool) -> tuple[str, list[str]]:
+    """One recipe on one GPU: its summary row and its detail table (with the measured step, when
+    ``MEASURED`` has one for the recipe as it is)."""
+    gpu = GPUS[key]
+    B = cfg.train.batch_size
+    rows, total = bound_rows(groups, gpu)
+    flops = sum(g.flops for g in groups.values())
+    byts = sum(g.bytes for g in groups.values())
+    epochs = f"{100 * math.ceil(n_train / B) * total / 60:.3f}" if n_train else "— (give --train-images)"
+    meas = MEASURED.get((recipe, key)) if as_is else None
+    mtxt = f"{meas[0]:.3f}" if meas else "—"
+    ratio = f"{meas[0] / (total * 1e3):.1f}×" if meas else "—"
+    summary = (f"| {recipe} | {cfg.num_branches} | {gpu.name} | {B} | {flops / 1e9:,.1f} | {byts / 1e6:,.1f} | "
+               f"{total * 1e3:.3f} | {epochs} | {mtxt} | {ratio} | "
+               f"{100 * flops / (gpu.bf16_tflops * 1e12) / total:.1f} |")
+    detail = [f"### {recipe} (K = {cfg.num_branches}) on {gpu.name} (batch {B}, {params:,} parameters)", "",
+              "| op group | GFLOP | MB | compute ms | memory ms | bound ms | limit |",
+              "|---|---:|---:|---:|---:|---:|---|"]
+    detail += [f"| {n} | {f:,.2f} | {b:,.1f} | {c:.4f} | {m:.4f} | {t:.4f} | {lim} |" for n, f, b, c, m, t, lim in rows]
+    detail += [f"| **step** | {flops / 1e9:,.2f} | {byts / 1e6:,.1f} | | | **{total * 1e3:.4f}** | |", ""]
+    if meas:
+        detail += [f"Measured: {meas[0]:.3f} ms/step ({meas[1]}; {meas[2]}) = {meas[0] / (total * 1e3):.1f}× the bound.",
+                   ""]
+    return summary, detail
+
+
 def main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(prog="fastdmtg bench roofline",
                                  description="lower bound of a training step from FLOPs, bytes and a GPU's peaks")
@@ -195,7 +216,7 @@ def main(argv: list[str]) -> int:
                     help="training-set size for the 100-epoch bound (default: CelebA 162,770; Taskonomy: none)")
     ap.add_argument("--out", help="write the Markdown report here too")
     args = ap.parse_args(argv)
-    from .bench import _train_images
+    from .testing import train_images
     from .config import ConfigError, apply_overrides, get_recipe
     from .data import task_specs
     gpus = [g for g in args.gpu.split(",") if g]
@@ -220,31 +241,12 @@ def main(argv: list[str]) -> int:
     for recipe, cfg in cfgs:
         print(f"counting {recipe} ...", file=sys.stderr, flush=True)
         groups, params = step_groups(cfg, head_bytes=4 if args.amp == "mixed" else 2)
-        n_train, _ = _train_images(cfg, args.train_images)
-        B = cfg.train.batch_size
+        n_train, _ = train_images(cfg, args.train_images)
+        as_is = cfg.to_dict() == get_recipe(recipe).to_dict()       # a measured step is of the recipe as is
         for key in gpus:
-            gpu = GPUS[key]
-            rows, total = bound_rows(groups, gpu)
-            flops = sum(g.flops for g in groups.values())
-            byts = sum(g.bytes for g in groups.values())
-            epochs = (f"{100 * math.ceil(n_train / B) * total / 60:.3f}" if n_train else
-                      "— (give --train-images)")
-            as_is = cfg.to_dict() == get_recipe(recipe).to_dict()       # a measured step is of the recipe as is
-            meas = MEASURED.get((recipe, key)) if as_is else None
-            mtxt = f"{meas[0]:.3f}" if meas else "—"
-            ratio = f"{meas[0] / (total * 1e3):.1f}×" if meas else "—"
-            summary.append(f"| {recipe} | {cfg.num_branches} | {gpu.name} | {B} | {flops / 1e9:,.1f} | {byts / 1e6:,.1f} | "
-                           f"{total * 1e3:.3f} | {epochs} | {mtxt} | {ratio} | "
-                           f"{100 * flops / (gpu.bf16_tflops * 1e12) / total:.1f} |")
-            detail += [f"### {recipe} (K = {cfg.num_branches}) on {gpu.name} (batch {B}, {params:,} parameters)", "",
-                       "| op group | GFLOP | MB | compute ms | memory ms | bound ms | limit |",
-                       "|---|---:|---:|---:|---:|---:|---|"]
-            detail += [f"| {n} | {f:,.2f} | {b:,.1f} | {c:.4f} | {m:.4f} | {t:.4f} | {lim} |"
-                       for n, f, b, c, m, t, lim in rows]
-            detail += [f"| **step** | {flops / 1e9:,.2f} | {byts / 1e6:,.1f} | | | **{total * 1e3:.4f}** | |", ""]
-            if meas:
-                detail += [f"Measured: {meas[0]:.3f} ms/step ({meas[1]}; {meas[2]}) = "
-                           f"{meas[0] / (total * 1e3):.1f}× the bound.", ""]
+            row, more = _gpu_rows(recipe, cfg, key, groups, params, n_train, as_is)
+            summary.append(row)
+            detail += more
     notes = ["## Assumptions", "",
              "- Peaks (dense bf16 with fp32 accumulate; DRAM bandwidth): " +
              "; ".join(f"{g.name}: {g.bf16_tflops:g} TFLOP/s, {g.tb_per_s:g} TB/s — {g.source}"

@@ -7,6 +7,8 @@ used by training.
     synthetic_taskonomy(cfg, n)     TaskonomyDataset of n random raw maps (every split)
     write_celeba_raw(root, n)       an official-format CelebA folder of n random 178×218 JPEGs
     write_taskonomy_raw(root, n, s) an official-format Taskonomy root + split file
+    bench_data(cfg)                 how the benchmarks run cfg's dataset format (its ``BenchData``)
+    train_images(cfg, given)        the training-set size the benchmarks project hours from
 """
 from __future__ import annotations
 
@@ -151,3 +153,29 @@ def write_taskonomy_raw(root: str | Path, n: int, side: int, *, variants: int = 
     split.write_text(json.dumps({"train": [_TX_TRAIN_BUILDING], "val": [_TX_HELDOUT_BUILDING],
                                  "test": [_TX_HELDOUT_BUILDING]}))
     return split
+
+
+# ------------------------------------------------------------------------------------- benchmarks
+def bench_data(cfg: Config):
+    """The ``BenchData`` of ``cfg``'s dataset format (``DatasetFormat.bench``, handed this module and the
+    config module); a format without one is a ValueError naming it."""
+    import sys
+
+    from . import config
+    from .data import get_format
+    fmt = get_format(cfg.data.dataset)
+    if fmt.bench is None:
+        raise ValueError(f"data.dataset={cfg.data.dataset}: the benchmarks have no synthetic data for this format")
+    return fmt.bench(sys.modules[__name__], config)
+
+
+def train_images(cfg: Config, given: int) -> tuple[int | None, str]:
+    """(training-set size, how the header states it) for the projected hours; None: unknown (the text
+    says why). ``given``: --train-images (0: the format's figure)."""
+    epochs = cfg.train.epochs
+    if given:
+        return given, f"{epochs} epochs × {given:,} train images (--train-images) / throughput (training steps only)"
+    n, what = bench_data(cfg).train_images(cfg)
+    if n is None:
+        return None, what
+    return n, f"{epochs} epochs × {n:,} {what} train images / throughput (training steps only)"

@@ -14,7 +14,6 @@ from one description by ``_fused.FusedOp``:
 Shared: ``_common`` (the guarded triton import and backend resolution), ``_fused`` (the op
 description → custom op + autograd.Function generator), ``_partials`` (the deterministic two-stage
 reduction the losses end with). triton is optional: without it everything imports and the
-references run. The public API is ``fastdmtg.ops``.
+references run. The public API is ``fastdmtg.ops``: an op is registered there (its import line and
+its name in ``__all__``); importing ``fastdmtg.ops`` imports every op file.
 """
-from . import bn_relu_maxpool, ce_ignore, grouped_bce, grouped_ce, gumbel_mask, masked_l1  # noqa: F401
-from ._common import TRITON_IMPORT_ERROR, resolve_backend, triton_available  # noqa: F401

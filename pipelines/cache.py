@@ -46,14 +46,13 @@ from fastdmtg.data import store
 from .source import PipelineError, log
 
 CACHE_VERSION = 1
-LARGE_DATASETS = ("taskonomy",)     # cached next to the data by default (a full decode is large)
 
 
 def default_cache_dir(cache_dir: str, dataset) -> Path:
     if cache_dir:
         return Path(cache_dir).expanduser().resolve()
     root = getattr(dataset, "root", None)
-    if dataset.name in LARGE_DATASETS and root is not None and os.access(root, os.W_OK):
+    if dataset.cache_beside_data and root is not None and os.access(root, os.W_OK):
         return Path(root) / ".fastdmtg_cache"
     return Path.home() / ".cache" / "fastdmtg"
 

@@ -56,7 +56,7 @@ import numpy as np
 import torch
 
 from fastdmtg.config import DataConfig
-from fastdmtg.data import FORMATS, open_dataset
+from fastdmtg.data import FORMATS, get_format, open_dataset
 from fastdmtg.data.base import uint16_as_int16
 
 from .cache import DecodeCache, default_cache_dir, file_problem, write_manifest
@@ -373,11 +373,13 @@ def prepare_ffcv_main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="fastdmtg prepare --format ffcv",
                                  description="Write FFCV .beton files of a dataset (for data.backend=ffcv).")
     ap.add_argument("--format", choices=("ffcv",), default="ffcv", help=argparse.SUPPRESS)
-    ap.add_argument("dataset", choices=tuple(d for d in FORMATS if d != "synthetic"))
+    # the formats with a folder to read (the others are generated or handed in as arrays)
+    ap.add_argument("dataset", choices=tuple(d for d in FORMATS if get_format(d).detect is not None))
     ap.add_argument("root", help="dataset root (CelebA official layout; Taskonomy raw root or prepared folder)")
     ap.add_argument("out", nargs="?", default=None,
                     help="folder for the .beton files (default: CACHE_DIR/ffcv, where data.backend=ffcv looks)")
-    ap.add_argument("--image-size", type=int, default=None, help="default: 64 (celeba), 256 (taskonomy)")
+    ap.add_argument("--image-size", type=int, default=None,
+                    help="default: the format's (DatasetFormat.image_size: 64; taskonomy 256)")
     ap.add_argument("--tasks", default="all")
     ap.add_argument("--cache-dir", default="")
     ap.add_argument("--image-mode", choices=("raw", "jpg"), default="raw")
@@ -388,7 +390,7 @@ def prepare_ffcv_main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workers", type=int, default=0)
     ap.add_argument("--no-progress", action="store_true")
     a = ap.parse_args(argv)
-    size = a.image_size or (64 if a.dataset == "celeba" else 256)
+    size = a.image_size or get_format(a.dataset).image_size
     try:
         cfg = DataConfig(dataset=a.dataset, root=a.root, tasks=a.tasks, image_size=size, cache_dir=a.cache_dir,
                          taskonomy_split_file=a.split_file, taskonomy_seg_resize=a.seg_resize)

@@ -164,6 +164,10 @@ def test_scaling_rows():
     assert all(c.train.batch_size == 2 and c.train.amp == "bf16" for _, c in rows)
     cel = bench._scaling_configs(get_recipe("celeba9_k3"), "celeba9_k3", [], [])
     assert [n for n, _ in cel] == ["celeba9_k2", "celeba9_k3", "celeba9_k4", "celeba9_k5", "celeba40_k5"]
+    assert [n for n, _ in bench._scaling_configs(get_recipe("synthetic_k3"), "synthetic_k3", [], [],
+                                                 ("celeba9_k2",))] == ["celeba9_k2"]
+    assert [n for n, _ in bench._scaling_configs(tx_base, "taskonomy5_k3", [], [])] == [
+        "taskonomy5_k3 K=3 (batch 24)", "taskonomy5_k3 K=4 (batch 16)", "taskonomy5_k3 K=5 (batch 12)"]
 
 
 @pytest.mark.parametrize("name,peak", [("NVIDIA H100 80GB HBM3", 989.0), ("NVIDIA H200", 989.0),
@@ -173,6 +177,10 @@ def test_peak_by_gpu_name(name, peak):
 
 
 def test_train_images():
-    assert bench._train_images(get_recipe("celeba9_k3"), 0)[0] == 162_770
-    assert bench._train_images(get_recipe("taskonomy5_k3"), 0)[0] is None          # unknown: no hours
-    assert bench._train_images(get_recipe("taskonomy5_k3"), 5000)[0] == 5000
+    """The training-set size of the projected hours, from each dataset format's BenchData."""
+    from fastdmtg.testing import train_images
+    assert train_images(get_recipe("celeba9_k3"), 0) == (
+        162_770, "100 epochs × 162,770 CelebA train images / throughput (training steps only)")
+    assert train_images(get_recipe("synthetic_k3"), 0)[0] == get_recipe("synthetic_k3").data.synthetic_train
+    assert train_images(get_recipe("taskonomy5_k3"), 0)[0] is None          # unknown: no hours
+    assert train_images(get_recipe("taskonomy5_k3"), 5000)[0] == 5000

@@ -117,32 +117,51 @@ def test_onnx_export_gives_predicts_values_with_a_dynamic_batch(folder_run, tmp_
 
 
 def test_output_plan_matches_predictions_for_every_task_kind():
-    """The exported post-processing against fastdmtg.predict.predictions on the same raw outputs:
-    CelebA-style attributes (stacked (N, B, C)), Taskonomy (segmentation softmax over dim 1, dense maps
-    as they are), your own tasks (softmax, y * std + mean)."""
-    from fastdmtg.export import Exportable, output_plan
-    from fastdmtg.predict import predictions
+    """One post-processing rule (fastdmtg.predict.output_plan) for the exported graph and for
+    predictions, checked against PyTorch written out here: CelebA-style attributes (stacked (N, B, C),
+    softmax over the classes), Taskonomy (segmentation softmax over dim 1, dense maps as they are), your
+    own tasks (softmax with the labels as written, y * std + mean) — and your own tasks' own
+    GenericTaskSet.predictions gives the same."""
+    from fastdmtg.export import Exportable
+    from fastdmtg.predict import output_plan, predictions
     from fastdmtg.tasks.attributes import AttributeTaskSet
     from fastdmtg.tasks.generic import GenericTaskSet, TaskDecl
     from fastdmtg.tasks.taskonomy import TaskonomyTaskSet
     g = torch.Generator().manual_seed(0)
-    cases = [
-        (AttributeTaskSet(["a", "b", "c"]), torch.randn(3, 4, 2, generator=g)),
-        (TaskonomyTaskSet(["segment_semantic", "depth_zbuffer", "normal"]),
-         [torch.randn(4, 18, 8, 8, generator=g), torch.randn(4, 1, 8, 8, generator=g),
-          torch.randn(4, 3, 8, 8, generator=g)]),
-        (GenericTaskSet([TaskDecl("r", "regression", mean=31.5, std=4.25), TaskDecl("m", "multiclass", classes=4),
-                         TaskDecl("b", "binary", classes=2, labels=("no", "yes"))]),
-         [torch.randn(4, 1, generator=g), torch.randn(4, 4, generator=g), torch.randn(4, 2, generator=g)]),
+    att = torch.randn(3, 4, 2, generator=g)
+    tx = [torch.randn(4, 18, 8, 8, generator=g), torch.randn(4, 1, 8, 8, generator=g),
+          torch.randn(4, 3, 8, 8, generator=g)]
+    own = [torch.randn(4, 1, generator=g), torch.randn(4, 4, generator=g), torch.randn(4, 2, generator=g)]
+    generic = GenericTaskSet([TaskDecl("r", "regression", mean=31.5, std=4.25), TaskDecl("m", "multiclass", classes=4),
+                              TaskDecl("b", "binary", classes=2, labels=("no", "yes"))])
+    cases = [  # (task set, raw outputs, {task: (what, its value by hand)})
+        (AttributeTaskSet(["a", "b", "c"]), att, {t: ("probabilities", att[i].softmax(-1)) for i, t in enumerate("abc")}),
+        (TaskonomyTaskSet(["segment_semantic", "depth_zbuffer", "normal"]), tx,
+         {"segment_semantic": ("probabilities", tx[0].softmax(1)), "depth_zbuffer": ("value", tx[1]),
+          "normal": ("value", tx[2])}),
+        (generic, own, {"r": ("value", own[0][:, 0] * 4.25 + 31.5), "m": ("probabilities", own[1].softmax(-1)),
+                        "b": ("probabilities", own[2].softmax(-1))}),
     ]
-    for ts, raw in cases:
+    for ts, raw, hand in cases:
         want = predictions(raw, ts)
         got = Exportable(lambda x, raw=raw: raw, output_plan(ts))(None)
-        assert len(got) == len(ts.specs)
+        assert len(got) == len(ts.specs) and list(want) == [s.name for s in ts.specs]
         for spec, o in zip(ts.specs, got):
-            w = want[spec.name]
-            ref = w["value"] if "value" in w else w["probabilities"]
+            what, ref = hand[spec.name]
             torch.testing.assert_close(o, ref, rtol=0, atol=0, msg=f"{type(ts).__name__} {spec.name}")
+            torch.testing.assert_close(want[spec.name][what], ref, rtol=0, atol=0)
+            if what == "probabilities":
+                torch.testing.assert_close(want[spec.name]["class"], ref.argmax(1 if spec.kind == "segment" else -1))
+    p = predictions(own, generic)
+    assert p["b"]["label"] == [("no", "yes")[int(c)] for c in own[2].argmax(-1)]
+    assert p["m"]["label"] == own[1].argmax(-1).tolist()
+    assert predictions(att, cases[0][0])["a"]["label"] == att[0].argmax(-1).tolist()
+    assert "label" not in predictions(tx, cases[1][0])["segment_semantic"]
+    theirs = generic.predictions(own)
+    for t in p:
+        assert p[t].keys() == theirs[t].keys()
+        for k, v in p[t].items():
+            assert v == theirs[t][k] if isinstance(v, list) else torch.equal(v, theirs[t][k]), (t, k)
 
 
 def test_an_unfinished_or_missing_run_is_a_clear_error(tmp_path, capsys):

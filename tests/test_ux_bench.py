@@ -18,7 +18,8 @@ def test_failed_row_is_reported_and_exits_nonzero(monkeypatch, capsys, tmp_path)
         return {"ms_per_step": 2.0, "img_per_s": 2000.0, "mode": "eager", "kernels": "reference",
                 "data": "gpu-cache", "spread_ms": (2.0, 2.0), "loss": 1.0}
     monkeypatch.setattr(bench, "measure_step", fake)
-    monkeypatch.setattr(bench, "write_celeba_raw", lambda root, n: None)
+    from fastdmtg import testing                  # the raw writer the format's BenchData calls
+    monkeypatch.setattr(testing, "write_celeba_raw", lambda root, n: None)
     out = tmp_path / "r.md"
     rc = bench.step_main(["--recipe", "synthetic_k3", *SMALL, "--only", "0,1", "--steps", "7", "--repeats", "2",
                           "--warmup", "3", "--device", "cpu", "--out", str(out)])

@@ -77,8 +77,12 @@ class Dataset:
     fields: dict[str, Field] = {}
     #: the flip augmentation's default (the reference's choice per dataset)
     default_flip: bool = False
+    #: its decode cache goes next to the data by default (a full decode is large), when that is writable
+    cache_beside_data: bool = False
     #: the fields ``table`` gives (parsed, not decoded)
     table_fields: tuple[str, ...] = ()
+    #: the version of the format's decoder (in ``params``: a new version decodes again); None: none given
+    decode_version: int | None = None
     #: the reference decoder, item -> {decoded field: array}; picklable (a module-level function or a
     #: functools.partial of one) so decode workers can receive it
     decode_one: Callable[[dict], dict[str, np.ndarray]] | None = None
@@ -116,12 +120,16 @@ class Dataset:
 
     def cache_id(self) -> dict:
         """What the decoded arrays of every split depend on besides the files: resolved root,
-        ``params()``, limits (names a cache folder)."""
-        raise NotImplementedError
+        ``params()``, limits (names a cache folder). By default: the format's name, ``root`` (resolved
+        by the format), ``params()`` and the ``limits`` {split: samples} in effect."""
+        return {"dataset": self.name, "root": str(self.root), "params": self.params(),
+                "limits": {s: v for s, v in self.limits.items() if v}}
 
     def params(self) -> dict:
-        """The decode parameters (image size, resize modes, the format's decode version)."""
-        return {"image_size": self.image_size}
+        """The decode parameters (image size, resize modes, the format's ``decode_version``)."""
+        if self.decode_version is None:
+            return {"image_size": self.image_size}
+        return {"image_size": self.image_size, "decode_version": self.decode_version}
 
     def info(self) -> dict:
         """Format-specific facts recorded in a prepared folder's index."""
@@ -141,7 +149,6 @@ class Dataset:
         per split the files' names (relative to ``root``) and sizes, or the arrays' ``split_key``
         (checksums) when the split has no files. Formats add their annotation files by content."""
         import json
-        from ..fingerprint import listing_digest
         out = {}
         for s in SPLITS:
             items = self.items(s)
@@ -230,6 +237,33 @@ def files_digest(paths: list[str], missing_error: Callable[[str], Exception]) ->
         size, mtime, ctime, ino = stat_key(st)
         h.update(f"{p}\0{size}\0{mtime}\0{ctime}\0{ino}\n".encode())
     return h.hexdigest()
+
+
+# file_digest / listing_digest: the digests of Dataset.fingerprint (fastdmtg.fingerprint compares them)
+def file_digest(path: str | Path) -> str:
+    """``sha1 <hex>`` of a file's bytes, or ``absent``."""
+    h = hashlib.sha1()
+    try:
+        with open(path, "rb") as f:
+            for b in iter(lambda: f.read(1 << 20), b""):
+                h.update(b)
+    except FileNotFoundError:
+        return "absent"
+    return f"sha1 {h.hexdigest()}"
+
+
+def listing_digest(paths: list[str], root: str | Path | None, missing_error) -> str:
+    """``N files, sha1 <hex>`` over each file's name (relative to ``root``) and size, in order."""
+    h = hashlib.sha1()
+    root = str(root) + os.sep if root is not None else ""
+    for p in paths:
+        try:
+            size = os.stat(p).st_size
+        except FileNotFoundError:
+            raise missing_error(str(p)) from None
+        name = p[len(root):] if root and p.startswith(root) else p
+        h.update(f"{name}\0{size}\n".encode())
+    return f"{len(paths)} files, sha1 {h.hexdigest()}"
 
 
 def uint16_as_int16(a: np.ndarray) -> np.ndarray:
@@ -326,7 +360,10 @@ class DatasetFormat:
       ``resize``       ``(B, 3, H, W) uint8, S -> (B, 3, S, S) uint8`` as the decoder resizes (predict);
       ``prepare``      ``argv -> exit code``: ``fastdmtg prepare NAME ROOT OUT`` (its own prepared form);
       ``recipes``      ``config module -> [Recipe]``: the format's named recipes (the config module is
-                       passed in, so a format never imports the config: no cycle)."""
+                       passed in, so a format never imports the config: no cycle);
+      ``bench``        ``(fastdmtg.testing, config module) -> BenchData``: how the benchmarks run its
+                       recipes without its data (None: they cannot);
+      ``image_size``   the image side a command uses when none is given (``prepare --format ffcv``)."""
     name: str
     open: Callable
     taskset: Callable
@@ -340,6 +377,40 @@ class DatasetFormat:
     resize: Callable | None = None
     prepare: Callable | None = None
     recipes: Callable | None = None
+    bench: Callable | None = None
+    image_size: int = 64
+
+
+@dataclass(frozen=True)
+class BenchData:
+    """How ``fastdmtg bench step`` / ``profile`` / ``bench roofline`` run a format's recipes without its
+    data (``DatasetFormat.bench``; ``fastdmtg.testing.bench_data(cfg)`` asks the config's format):
+
+      ``synthetic``      ``(cfg, n) -> Dataset``: n random samples in the real shapes and dtypes (in memory)
+      ``batches``        how many random batches the in-memory rows hold by default
+      ``write_raw``      ``(root, n, image_size) -> None``: n samples as raw files in the official layout
+                         (the reference-style DataLoader row)
+      ``raw_data``       ``root -> {DataConfig field: value}``: the data config that reads those files
+      ``raw_per_step``   the raw row's sample count: True = ``--raw-samples`` (default: enough for the
+                         row's steps in one epoch), False = ``--jpegs``
+      ``decode``, ``cache``  the row labels' words: what the DataLoader decodes, the stored dtypes
+      ``train_images``   ``cfg -> (training-set size | None, its name in the header | why unknown)``
+      ``describe``       ``(cfg, task names) -> a header line | None``
+      ``scaling``        ``(recipe, names | None) -> [(label, config)]``: the rows of ``--scaling`` (before
+                         the bench's switches; ``{batch}`` in a label = the row's final batch size);
+                         ``names`` = ``--scaling-recipes``
+      ``paper_line``     the header quotes the paper's Table A1 figures for the recipe"""
+    synthetic: Callable
+    write_raw: Callable
+    raw_data: Callable
+    train_images: Callable
+    scaling: Callable
+    batches: int = 64
+    raw_per_step: bool = False
+    decode: str = "JPEG decode"
+    cache: str = "uint8"
+    describe: Callable | None = None
+    paper_line: bool = False
 
 
 @dataclass(frozen=True)

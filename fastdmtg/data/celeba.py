@@ -29,7 +29,8 @@ import torch.nn.functional as F
 
 from ..methods.dmtg import DMTGConfig
 from ..tasks.attributes import AttributeTaskSet
-from .base import SPLITS, DataFormatError, Dataset, DatasetFormat, Field, Recipe, image_labels_batch, recipe_fn
+from .base import (SPLITS, BenchData, DataFormatError, Dataset, DatasetFormat, Field, Recipe, image_labels_batch,
+                   recipe_fn)
 
 if TYPE_CHECKING:
     from ..config import Config
@@ -220,6 +221,7 @@ class CelebADataset(Dataset):
     """The parsed official release: labels in memory, images decoded on demand (or from a cache)."""
 
     name = "celeba"
+    decode_version = DECODE_VERSION
     table_fields = ("labels",)
     default_flip = False          # the reference trains CelebA without augmentation
 
@@ -249,19 +251,12 @@ class CelebADataset(Dataset):
     def table(self, split):
         return {"labels": self.index.labels(split)[:self.num_samples(split)].astype(np.uint8)}
 
-    def cache_id(self) -> dict:
-        return {"dataset": self.name, "root": str(self.root), "params": self.params(),
-                "limits": {s: v for s, v in self.limits.items() if v}}
-
-    def params(self) -> dict:
-        return {"image_size": self.image_size, "decode_version": DECODE_VERSION}
-
     def missing_error(self, path: str) -> CelebAFormatError:
         return CelebAFormatError(f"{path}: image listed in the annotations is missing")
 
     def fingerprint(self) -> dict[str, str]:
         """The attribute and partition files by content, the image list by names and sizes."""
-        from ..fingerprint import file_digest
+        from .base import file_digest
         return {ATTR_FILE: file_digest(self.root / ATTR_FILE), PARTITION_FILE: file_digest(self.root / PARTITION_FILE),
                 **super().fingerprint()}
 
@@ -358,8 +353,24 @@ def celeba_recipes(c) -> list[Recipe]:
     return out
 
 
+#: CelebA's official training split (list_eval_partition.txt: 162,770 train, 19,867 val, 19,962 test)
+CELEBA_TRAIN_IMAGES = 162_770
+#: the CelebA rows of ``bench step --scaling``: K = 2..5 and N = 40
+CELEBA_SCALING = ("celeba9_k2", "celeba9_k3", "celeba9_k4", "celeba9_k5", "celeba40_k5")
+
+
+def celeba_bench(t, c, train_images=None) -> BenchData:
+    """CelebA-shaped benchmark data (``DatasetFormat.bench``; ``t`` = fastdmtg.testing, ``c`` = the
+    config module): random uint8 images and 0/1 labels; the DataLoader row decodes CelebA JPEGs."""
+    def scaling(recipe, names):
+        return [(name, c.get_recipe(name)) for name in (names or CELEBA_SCALING)]
+    return BenchData(synthetic=t.synthetic_celeba, write_raw=lambda root, n, size: t.write_celeba_raw(root, n),
+                     raw_data=lambda root: {"dataset": "celeba"}, scaling=scaling,
+                     train_images=train_images or (lambda cfg: (cfg.data.limit_train or CELEBA_TRAIN_IMAGES, "CelebA")))
+
+
 FORMAT = DatasetFormat("celeba", open_celeba, celeba_taskset,
                        "CelebA official release: img_align_celeba/, list_attr_celeba.txt, list_eval_partition.txt",
                        detect=is_celeba_root, looks_for=f"{ATTR_FILE} or {IMAGE_DIR}/ (CelebA)", recipe="celeba9_k3",
                        presets={"celeba9": CELEBA_9, "celeba40": CELEBA_40}, known_tasks=celeba_known_tasks,
-                       resize=resize_like_reference, recipes=celeba_recipes)
+                       resize=resize_like_reference, recipes=celeba_recipes, bench=celeba_bench)

@@ -216,36 +216,70 @@ def read_tasks_json(path: Path, columns: list[str]) -> dict:
         if name not in columns:
             raise FolderFormatError(f"{path}: task {name!r} is not a column of {LABELS_FILE} "
                                     f"(its task columns: {', '.join(columns)})")
-        if not isinstance(entry, dict):
-            raise FolderFormatError(f"{path}: task {name!r}: expected an object like {{\"type\": \"binary\"}}, "
-                                    f"got {json.dumps(entry)}")
-        unknown = set(entry) - TASKS_JSON_KEYS
-        if unknown:
-            raise FolderFormatError(f"{path}: task {name!r}: unknown key(s) {sorted(unknown)}; expected "
-                                    f"{sorted(TASKS_JSON_KEYS)}")
-        if entry.get("type") not in TYPES:
-            raise FolderFormatError(f"{path}: task {name!r}: \"type\" must be one of {'|'.join(TYPES)}, got "
-                                    f"{json.dumps(entry.get('type'))}")
-        if "classes" in entry and (not isinstance(entry["classes"], int) or isinstance(entry["classes"], bool)
-                                   or entry["classes"] < 2):
-            raise FolderFormatError(f"{path}: task {name!r}: \"classes\" must be an integer >= 2, got "
-                                    f"{json.dumps(entry['classes'])}")
-        if "labels" in entry and not (isinstance(entry["labels"], list)
-                                      and all(isinstance(x, str) for x in entry["labels"])):
-            raise FolderFormatError(f"{path}: task {name!r}: \"labels\" must be a list of strings")
-        w = entry.get("weight", 1.0)
-        if not isinstance(w, (int, float)) or isinstance(w, bool) or not math.isfinite(w) or w < 0:
-            raise FolderFormatError(f"{path}: task {name!r}: \"weight\" must be a number >= 0, got {json.dumps(w)}")
-        norm = entry.get("normalize", "standard")
-        ok = norm in ("standard", "none") or (isinstance(norm, dict) and set(norm) == {"mean", "std"} and all(
-            isinstance(norm[k], (int, float)) and not isinstance(norm[k], bool) and math.isfinite(norm[k])
-            for k in norm) and norm["std"] > 0)
-        if not ok:
-            raise FolderFormatError(f"{path}: task {name!r}: \"normalize\" must be \"standard\", \"none\" or "
-                                    f"{{\"mean\": m, \"std\": s > 0}}, got {json.dumps(norm)}")
-        if "normalize" in entry and entry["type"] != "regression":
-            raise FolderFormatError(f"{path}: task {name!r}: \"normalize\" applies to regression tasks only")
+        problem = _entry_problem(entry)
+        if problem:
+            raise FolderFormatError(f"{path}: task {name!r}: {problem}")
     return d
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _entry_problem(entry) -> str | None:
+    """What is wrong with one tasks.json entry (the message after "task NAME: "), or None. The checks
+    run in order; the first that fails is reported."""
+    if not isinstance(entry, dict):
+        return f"expected an object like {{\"type\": \"binary\"}}, got {json.dumps(entry)}"
+    for check in _ENTRY_CHECKS:
+        problem = check(entry)
+        if problem:
+            return problem
+    return None
+
+
+def _check_keys(entry: dict) -> str | None:
+    unknown = set(entry) - TASKS_JSON_KEYS
+    return f"unknown key(s) {sorted(unknown)}; expected {sorted(TASKS_JSON_KEYS)}" if unknown else None
+
+
+def _check_type(entry: dict) -> str | None:
+    if entry.get("type") not in TYPES:
+        return f"\"type\" must be one of {'|'.join(TYPES)}, got {json.dumps(entry.get('type'))}"
+    return None
+
+
+def _check_classes(entry: dict) -> str | None:
+    c = entry.get("classes", 2)
+    if not isinstance(c, int) or isinstance(c, bool) or c < 2:
+        return f"\"classes\" must be an integer >= 2, got {json.dumps(c)}"
+    return None
+
+
+def _check_labels(entry: dict) -> str | None:
+    labels = entry.get("labels", [])
+    if not (isinstance(labels, list) and all(isinstance(x, str) for x in labels)):
+        return "\"labels\" must be a list of strings"
+    return None
+
+
+def _check_weight(entry: dict) -> str | None:
+    w = entry.get("weight", 1.0)
+    return None if _is_number(w) and w >= 0 else f"\"weight\" must be a number >= 0, got {json.dumps(w)}"
+
+
+def _check_normalize(entry: dict) -> str | None:
+    norm = entry.get("normalize", "standard")
+    ok = norm in ("standard", "none") or (isinstance(norm, dict) and set(norm) == {"mean", "std"}
+                                          and all(_is_number(norm[k]) for k in norm) and norm["std"] > 0)
+    if not ok:
+        return f"\"normalize\" must be \"standard\", \"none\" or {{\"mean\": m, \"std\": s > 0}}, got {json.dumps(norm)}"
+    if "normalize" in entry and entry["type"] != "regression":
+        return "\"normalize\" applies to regression tasks only"
+    return None
+
+
+_ENTRY_CHECKS = (_check_keys, _check_type, _check_classes, _check_labels, _check_weight, _check_normalize)
 
 
 def _train_values(table: LabelTable, task: str) -> list[tuple[int, str]]:
@@ -253,96 +287,121 @@ def _train_values(table: LabelTable, task: str) -> list[tuple[int, str]]:
     return [(line, cells[j]) for line, cells in table.rows if cells[s] == "train" and cells[j] != ""]
 
 
-def infer_decl(table: LabelTable, task: str, entry: dict | None = None,
-               notes: dict[str, str] | None = None) -> tuple[TaskDecl, bool]:
-    """The declaration of ``task``: the tasks.json ``entry`` completed from the training split, or
-    inferred from it (module doc). Returns (declaration, inferred?). ``notes[task]``: why a column
-    of integers was inferred as regression (the value and cell that decided it)."""
-    vals = _train_values(table, task)
-    where = f"{table.path}: column {task!r} (column {table.col[task] + 1})"
-    if not vals:
-        raise FolderFormatError(f"{where}: no label in the training split (every cell is empty)")
-    distinct = sorted({v for _, v in vals})
-    nums = {v: _number(v) for v in distinct}
-    numeric = all(x is not None for x in nums.values())
-    if numeric:
-        # "1" and "1.0" are one value
-        by_value: dict[float, str] = {}
-        for v in distinct:
-            by_value.setdefault(nums[v], v)
-        distinct_n = len(by_value)
-    else:
-        distinct_n = len(distinct)
-    if distinct_n == 1:
-        raise FolderFormatError(f"{where}: a single value ({distinct[0]!r}) in the training split — a task needs "
-                                "at least two (drop the column, or label more samples)")
-    typ = entry.get("type") if entry else None
-    weight = float(entry.get("weight", 1.0)) if entry else 1.0
-    if typ is None:
-        if distinct_n == 2:
-            typ = "binary"
-        elif numeric and all(_is_class_id(x) for x in nums.values()) and max(nums.values()) < MAX_INFERRED_CLASSES:
-            typ = "multiclass"
-        elif numeric:
-            typ = "regression"
-            if notes is not None and all(float(x).is_integer() for x in nums.values()):
-                # integers, yet not class ids: one negative or large value decides; say which, where
-                bad = min((v for v in distinct if nums[v] < 0), key=lambda v: nums[v], default=None)
-                if bad is None:
-                    bad = max(distinct, key=lambda v: nums[v])
-                line = next(ln for ln, v in vals if v == bad)
-                notes[task] = (f"{bad!r} at {table.path}:{line}:{table.col[task] + 1} is not a class id "
-                               f"0..{MAX_INFERRED_CLASSES - 1}; declare {{\"type\": \"multiclass\"}} in {TASKS_FILE} "
-                               "if it is a class column")
-        else:
-            bad = next(v for v in distinct if nums[v] is None)
-            line = next(ln for ln, v in vals if v == bad)
-            raise FolderFormatError(f"{table.where(line, task)}: {bad!r} is not a number and the column has "
-                                    f"{distinct_n} distinct values: a task is binary (2 values), multiclass "
-                                    f"(class ids 0..C-1, or names listed in {TASKS_FILE}) or regression (numbers)")
-    if typ == "binary":
-        labels = entry.get("labels") if entry else None
-        if labels is None:
-            if distinct_n != 2:
-                raise FolderFormatError(f"{where}: declared binary but the training split has {distinct_n} "
-                                        f"distinct values {distinct[:6]}")
-            labels = ([by_value[x] for x in sorted(by_value)] if numeric else distinct)
-        if len(labels) != 2:
-            raise FolderFormatError(f"{table.path.parent / TASKS_FILE}: task {task!r}: a binary task has 2 labels, "
-                                    f"got {labels}")
-        return TaskDecl(task, "binary", 2, tuple(labels), weight), entry is None
-    if typ == "multiclass":
-        labels = tuple(entry.get("labels", ())) if entry else ()
-        classes = entry.get("classes") if entry else None
-        if classes is None:
-            if labels:
-                classes = len(labels)
-            else:
-                ids = [nums[v] for v in distinct]
-                if not all(_is_class_id(x) for x in ids):
-                    bad = next(v for v in distinct if not _is_class_id(nums[v]))
-                    line = next(ln for ln, v in vals if v == bad)
-                    raise FolderFormatError(f"{table.where(line, task)}: multiclass values are class ids 0..C-1, "
-                                            f"got {bad!r}")
-                classes = int(max(ids)) + 1
-        if labels and len(labels) != classes:
-            raise FolderFormatError(f"{table.path.parent / TASKS_FILE}: task {task!r}: {len(labels)} labels for "
-                                    f"{classes} classes")
-        return TaskDecl(task, "multiclass", int(classes), labels, weight), entry is None
-    # regression
-    if not numeric:
-        bad = next(v for v in distinct if nums[v] is None)
-        line = next(ln for ln, v in vals if v == bad)
-        raise FolderFormatError(f"{table.where(line, task)}: regression values are finite numbers, got {bad!r}")
-    norm = entry.get("normalize", "standard") if entry else "standard"
+class _Column:
+    """The training-split values of one task column, as inference reads them: ``vals`` [(line, cell)],
+    ``distinct`` cells (sorted), ``nums`` {cell: number | None}, ``numeric``, ``by_value`` {number: its
+    first cell} ("1" and "1.0" are one value), ``n`` distinct values."""
+
+    def __init__(self, table: LabelTable, task: str):
+        self.table, self.task = table, task
+        self.vals = _train_values(table, task)
+        self.where = f"{table.path}: column {task!r} (column {table.col[task] + 1})"
+        if not self.vals:
+            raise FolderFormatError(f"{self.where}: no label in the training split (every cell is empty)")
+        self.distinct = sorted({v for _, v in self.vals})
+        self.nums = {v: _number(v) for v in self.distinct}
+        self.numeric = all(x is not None for x in self.nums.values())
+        self.by_value: dict[float, str] = {}
+        if self.numeric:
+            for v in self.distinct:
+                self.by_value.setdefault(self.nums[v], v)
+        self.n = len(self.by_value) if self.numeric else len(self.distinct)
+
+    def line_of(self, cell: str) -> int:
+        return next(ln for ln, v in self.vals if v == cell)
+
+    def at(self, cell: str) -> str:
+        """file:line:column of the first training cell ``cell``."""
+        return self.table.where(self.line_of(cell), self.task)
+
+    def first_non_number(self) -> str:
+        return next(v for v in self.distinct if self.nums[v] is None)
+
+
+def _inferred_type(col: _Column, notes: dict[str, str] | None) -> str:
+    """binary (2 values), multiclass (class ids 0..C-1 below MAX_INFERRED_CLASSES), regression (other
+    numbers; ``notes`` says which value made integers a regression), else a FolderFormatError."""
+    if col.n == 2:
+        return "binary"
+    if col.numeric and all(_is_class_id(x) for x in col.nums.values()) and max(col.nums.values()) < MAX_INFERRED_CLASSES:
+        return "multiclass"
+    if col.numeric:
+        if notes is not None and all(float(x).is_integer() for x in col.nums.values()):
+            # integers, yet not class ids: one negative or large value decides; say which, where
+            bad = min((v for v in col.distinct if col.nums[v] < 0), key=lambda v: col.nums[v], default=None)
+            if bad is None:
+                bad = max(col.distinct, key=lambda v: col.nums[v])
+            notes[col.task] = (f"{bad!r} at {col.table.path}:{col.line_of(bad)}:{col.table.col[col.task] + 1} is not "
+                               f"a class id 0..{MAX_INFERRED_CLASSES - 1}; declare {{\"type\": \"multiclass\"}} in "
+                               f"{TASKS_FILE} if it is a class column")
+        return "regression"
+    bad = col.first_non_number()
+    raise FolderFormatError(f"{col.at(bad)}: {bad!r} is not a number and the column has "
+                            f"{col.n} distinct values: a task is binary (2 values), multiclass "
+                            f"(class ids 0..C-1, or names listed in {TASKS_FILE}) or regression (numbers)")
+
+
+def _binary_decl(col: _Column, entry: dict, weight: float) -> TaskDecl:
+    labels = entry.get("labels")
+    if labels is None:
+        if col.n != 2:
+            raise FolderFormatError(f"{col.where}: declared binary but the training split has {col.n} "
+                                    f"distinct values {col.distinct[:6]}")
+        labels = [col.by_value[x] for x in sorted(col.by_value)] if col.numeric else col.distinct
+    if len(labels) != 2:
+        raise FolderFormatError(f"{col.table.path.parent / TASKS_FILE}: task {col.task!r}: a binary task has 2 labels, "
+                                f"got {labels}")
+    return TaskDecl(col.task, "binary", 2, tuple(labels), weight)
+
+
+def _multiclass_decl(col: _Column, entry: dict, weight: float) -> TaskDecl:
+    labels = tuple(entry.get("labels", ()))
+    classes = entry.get("classes")
+    if classes is None and labels:
+        classes = len(labels)
+    elif classes is None:
+        bad = next((v for v in col.distinct if not _is_class_id(col.nums[v])), None)
+        if bad is not None:
+            raise FolderFormatError(f"{col.at(bad)}: multiclass values are class ids 0..C-1, got {bad!r}")
+        classes = int(max(col.nums.values())) + 1
+    if labels and len(labels) != classes:
+        raise FolderFormatError(f"{col.table.path.parent / TASKS_FILE}: task {col.task!r}: {len(labels)} labels for "
+                                f"{classes} classes")
+    return TaskDecl(col.task, "multiclass", int(classes), labels, weight)
+
+
+def _regression_decl(col: _Column, entry: dict, weight: float) -> TaskDecl:
+    if not col.numeric:
+        bad = col.first_non_number()
+        raise FolderFormatError(f"{col.at(bad)}: regression values are finite numbers, got {bad!r}")
+    norm = entry.get("normalize", "standard")
     if norm == "standard":
-        y = np.array([nums[v] for _, v in vals], dtype=np.float64)
+        y = np.array([col.nums[v] for _, v in col.vals], dtype=np.float64)
         mean, std = float(y.mean()), float(y.std())
     elif norm == "none":
         mean, std = 0.0, 1.0
     else:
         mean, std = float(norm["mean"]), float(norm["std"])
-    return TaskDecl(task, "regression", 0, (), weight, mean, std), entry is None
+    return TaskDecl(col.task, "regression", 0, (), weight, mean, std)
+
+
+_DECLS = {"binary": _binary_decl, "multiclass": _multiclass_decl, "regression": _regression_decl}
+
+
+def infer_decl(table: LabelTable, task: str, entry: dict | None = None,
+               notes: dict[str, str] | None = None) -> tuple[TaskDecl, bool]:
+    """The declaration of ``task``: the tasks.json ``entry`` completed from the training split, or
+    inferred from it (module doc). Returns (declaration, inferred?). ``notes[task]``: why a column
+    of integers was inferred as regression (the value and cell that decided it)."""
+    col = _Column(table, task)
+    if col.n == 1:
+        raise FolderFormatError(f"{col.where}: a single value ({col.distinct[0]!r}) in the training split — a task "
+                                "needs at least two (drop the column, or label more samples)")
+    typ = entry.get("type") if entry else None
+    if typ is None:
+        typ = _inferred_type(col, notes)
+    weight = float(entry.get("weight", 1.0)) if entry else 1.0
+    return _DECLS[typ](col, entry or {}, weight), entry is None
 
 
 def encode_cell(decl: TaskDecl, cell: str, where: str) -> float:
@@ -534,6 +593,7 @@ class FolderDataset(Dataset):
     """A parsed folder: targets in memory, images decoded on demand (or from a decode cache)."""
 
     name = "folder"
+    decode_version = DECODE_VERSION
     table_fields = ("targets",)
     default_flip = False
 
@@ -620,13 +680,6 @@ class FolderDataset(Dataset):
     def table(self, split):
         return {"targets": self._targets[split]}
 
-    def cache_id(self) -> dict:
-        return {"dataset": self.name, "root": str(self.root), "params": self.params(),
-                "limits": {s: v for s, v in self.limits.items() if v}}
-
-    def params(self) -> dict:
-        return {"image_size": self.image_size, "decode_version": DECODE_VERSION}
-
     def missing_error(self, path: str) -> FolderFormatError:
         return FolderFormatError(f"{_line_of(str(self.csv_path), path)}image {path} is missing")
 
@@ -640,7 +693,7 @@ class FolderDataset(Dataset):
 
     def fingerprint(self) -> dict[str, str]:
         """labels.csv and tasks.json by content, the image list by names and sizes (fastdmtg.fingerprint)."""
-        from ..fingerprint import file_digest
+        from .base import file_digest
         return {LABELS_FILE: file_digest(self.csv_path), TASKS_FILE: file_digest(self.root / TASKS_FILE),
                 **super().fingerprint()}
 

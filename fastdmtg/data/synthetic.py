@@ -29,7 +29,7 @@ from ..methods.dmtg import DMTGConfig
 from ..tasks.attributes import AttributeTaskSet
 from .arrays import ArrayDataset, image_label_fields
 from .base import DatasetFormat, Recipe, recipe_fn
-from .celeba import resize_like_reference
+from .celeba import celeba_bench, resize_like_reference
 
 if TYPE_CHECKING:
     from ..config import Config
@@ -139,4 +139,6 @@ def synthetic_recipes(c) -> list[Recipe]:
 
 FORMAT = DatasetFormat("synthetic", open_synthetic, synthetic_taskset,
                        "planted-group synthetic images, generated from data.synthetic_* (no files)",
-                       known_tasks=synthetic_known_tasks, resize=resize_like_reference, recipes=synthetic_recipes)
+                       known_tasks=synthetic_known_tasks, resize=resize_like_reference, recipes=synthetic_recipes,
+                       bench=lambda t, c: celeba_bench(t, c, lambda cfg: (cfg.data.limit_train or cfg.data.synthetic_train,
+                                                                          "synthetic")))

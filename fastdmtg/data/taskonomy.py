@@ -70,7 +70,7 @@ import torch.nn.functional as F
 from ..methods.dmtg import DMTGConfig
 from ..tasks.taskonomy import TaskonomyTaskSet
 from . import store
-from .base import (SPLITS, DataFormatError, Dataset, DatasetFormat, Field, Recipe, files_digest, flip_rows, recipe_fn,
+from .base import (SPLITS, BenchData, DataFormatError, Dataset, DatasetFormat, Field, Recipe, files_digest, flip_rows, recipe_fn,
                    u16)
 
 if TYPE_CHECKING:
@@ -406,6 +406,7 @@ class TaskonomyDataset(Dataset):
     written by ``prepare``: memory-mapped arrays) or ``from_arrays`` (in memory, e.g. benchmarks)."""
 
     name = "taskonomy"
+    cache_beside_data = True          # a full decode is large: next to the data by default
     default_flip = True           # the reference flips Taskonomy samples in training
 
     def __init__(self, task_names: list[str], image_size: int, domains: tuple[str, ...], *, rotate_loss: bool = False,
@@ -607,7 +608,7 @@ class TaskonomyDataset(Dataset):
     def fingerprint(self) -> dict[str, str]:
         """Raw: the split file by content and the file list (names, sizes); prepared: its manifests'
         checksums per split (``split_key``); arrays: their checksums."""
-        from ..fingerprint import file_digest
+        from .base import file_digest
         out = super().fingerprint()
         if self.mode == "raw":
             src = getattr(self, "split_source", "tiny")
@@ -869,6 +870,34 @@ def taskonomy_recipes(c) -> list[Recipe]:
     return out + _table6_recipes(c, paper, naive_ref)
 
 
+#: the reference per-GPU batch of Taskonomy-5 at K (``bench step --scaling`` runs a recipe at these)
+SCALING = {3: "taskonomy5_k3", 4: "taskonomy5_k4", 5: "taskonomy5_k5"}
+
+
+def taskonomy_bench(t, c) -> BenchData:
+    """Taskonomy benchmark data (``DatasetFormat.bench``; ``t`` = fastdmtg.testing, ``c`` = the config
+    module): random raw maps in the prepared dtypes; the DataLoader row decodes PNGs of twice the
+    training side (as the official 512² → 256²)."""
+    def scaling(recipe, names):          # the recipe at K = 3/4/5 with the reference batch of each K
+        return [(f"{recipe} K={k} (batch {{batch}})",
+                 c.evolve(c.get_recipe(recipe), model={"branches": k}, train={"batch_size": c.get_recipe(ref).train.batch_size}))
+                for k, ref in SCALING.items()]
+
+    def describe(cfg, names):
+        d = cfg.data
+        return (f"synthetic Taskonomy {d.image_size}×{d.image_size} raw maps, tasks {', '.join(names)}; resident on the "
+                f"device (gpu-cache source: gather, normalise, flip per batch), rotate loss "
+                f"{'on' if d.taskonomy_rotate_loss else 'off'}")
+    why = ("not computed: the Taskonomy tiny split's training-set size is not recorded in this repository (the DMTG "
+           "paper says ≈300k images for train+val+test, the BMTN paper 275k train + 52k val + 54k test); give it "
+           "with --train-images N (a prepared folder's index.json has the count)")
+    return BenchData(synthetic=t.synthetic_taskonomy, batches=16, raw_per_step=True,
+                     write_raw=lambda root, n, size: t.write_taskonomy_raw(root, n, 2 * size),
+                     raw_data=lambda root: {"taskonomy_split_file": str(Path(root) / t.TASKONOMY_SPLIT_FILE)},
+                     decode="PNG decode + resize", cache="uint8/uint16", train_images=lambda cfg: (None, why),
+                     scaling=scaling, describe=describe, paper_line=True)
+
+
 FORMAT = DatasetFormat("taskonomy", open_taskonomy, taskonomy_taskset,
                        "Taskonomy: a raw root (ROOT/<domain>/<building>/*.png or ROOT/<building>/<domain>/) "
                        "or a folder made by `fastdmtg prepare taskonomy`",
@@ -876,7 +905,7 @@ FORMAT = DatasetFormat("taskonomy", open_taskonomy, taskonomy_taskset,
                        looks_for="rgb/<building>/, <building>/rgb/ or a prepared index.json (Taskonomy)",
                        presets={"taskonomy5": TASKONOMY_5}, known_tasks=taskonomy_known_tasks,
                        check=check_taskonomy, resize=resize_like_decoder, recipes=taskonomy_recipes,
-                       prepare=prepare_main)
+                       prepare=prepare_main, bench=taskonomy_bench, image_size=256)
 
 
 __all__ = ["TASKONOMY_5", "prepare", "prepare_main", "open_taskonomy", "TaskonomyDataset", "TaskonomyFormatError", "load_domain",
