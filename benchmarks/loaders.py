@@ -133,7 +133,7 @@ def run_epoch(src, bs: int, epoch: int, max_batches: int, consume=None) -> tuple
 
 def make_step(taskset, image_size: int, arch: str, width: int):
     """The real DMTG training step, self-contained (no Trainer, no run directory)."""
-    from fastdmtg.methods import build_method
+    from fastdmtg.builder import build_method
     from fastdmtg.models import build_multibranch
     cfg = Config(model=ModelConfig(arch=arch, branches=3, width=width), grouping=GroupingConfig(method="dmtg"))
     model = build_multibranch(cfg.model, taskset.specs, image_size).to(DEV)

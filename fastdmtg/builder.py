@@ -22,7 +22,8 @@ import torch
 
 from . import ops
 from .config import Config, resolved_branches
-from .methods import GroupingMethod, build_method, method_class
+from .methods import GroupingMethod, method_class
+from .methods.augment import build_augmentation
 from .models import BranchedNet, build_multibranch
 from .models.batched import BatchedMultiBranchNet, supports_batching
 from .step import DDP_GRAPH_WARMUP, StepModule, StepRunner, autocast_factory, set_output_precision, wrap_ddp
@@ -34,6 +35,15 @@ BATCHED_AUTO_ARCHS = ("resnet_celeba",)
 # model.fused_stem=auto: the fused BN-ReLU-maxpool stem op is tested against the PyTorch reference but
 # not yet timed on a GPU (benchmarks/gpu_check.sh times it), so auto leaves it off everywhere
 FUSED_STEM_AUTO = False
+
+
+def build_method(cfg, num_tasks: int, task_names: list[str] | None = None) -> GroupingMethod:
+    """Every method class is built as ``cls.from_config(cfg, num_tasks, task_names)``; with
+    train.aggregator set, it trains with that augmentation."""
+    method = method_class(cfg.grouping.method).from_config(cfg, num_tasks, task_names)
+    if cfg.train.aggregator != "none":
+        method.augment = build_augmentation(cfg.train.aggregator, cfg, num_tasks, method.num_branches)
+    return method
 
 
 def resolve_device(name: str) -> torch.device:

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from fastdmtg.config import Config, ConfigError, apply_overrides, evolve, get_recipe
-from fastdmtg.methods import build_method
+from fastdmtg.builder import build_method
 from fastdmtg.methods.cs import gradient_cosine
 from fastdmtg.methods.naive import NaiveMTL
 from fastdmtg.tasks import TaskSpec

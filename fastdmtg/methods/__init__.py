@@ -232,13 +232,3 @@ def config_sections() -> dict[str, type]:
             if out.setdefault(section, cls) is not cls:
                 raise ValueError(f"{kind} {name}: config section {section!r} is already {out[section].__name__}'s")
     return out
-
-
-def build_method(cfg, num_tasks: int, task_names: list[str] | None = None) -> GroupingMethod:
-    """Every method class is built as ``cls.from_config(cfg, num_tasks, task_names)``; with
-    train.aggregator set, it trains with that augmentation."""
-    method = method_class(cfg.grouping.method).from_config(cfg, num_tasks, task_names)
-    if cfg.train.aggregator != "none":
-        from .augment import build_augmentation
-        method.augment = build_augmentation(cfg.train.aggregator, cfg, num_tasks, method.num_branches)
-    return method

@@ -20,7 +20,7 @@ import importlib.util
 import time
 from pathlib import Path
 
-from ..config import ConfigError
+from ..configcheck import ConfigError
 from ..log import get_logger
 
 log = get_logger("fastdmtg.trackers")
