@@ -110,7 +110,11 @@ def run_child(mode: str, out: Path, a, threads: int | None) -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", mode, "--folder", str(out),
            "--info", str(info_file), *passthrough(a)]
     t0 = time.perf_counter()
-    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, env=env)
+    with open(out.parent / f"{out.name}.log", "w+") as log:      # the runs' warnings: shown on a failure only
+        p = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+        if p.returncode != 0:
+            log.seek(0)
+            raise SystemExit(f"{mode} failed (exit {p.returncode}):\n{log.read()[-4000:]}")
     info = json.loads(info_file.read_text())
     info["process_s"] = time.perf_counter() - t0
     info["load"] = os.getloadavg()
