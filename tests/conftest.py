@@ -38,10 +38,15 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 
+# 2-core CI machine: keep intra-op threads bounded so parallel test processes don't thrash.
+# FASTDMTG_TEST_THREADS=N sets another count (docs/testing.md: on a loaded machine two threads of tiny
+# convolutions spin-wait for each other — one thread ran a tiny training 5× faster there)
+TEST_THREADS = int(os.environ.get("FASTDMTG_TEST_THREADS") or 0) or min(2, os.cpu_count() or 1)
+
+
 @pytest.fixture(autouse=True)
 def _threads():
-    # 2-core CI machine: keep intra-op threads bounded so parallel test processes don't thrash
-    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    torch.set_num_threads(TEST_THREADS)
     yield
 
 
@@ -87,7 +92,7 @@ def pytest_report_header(config):
     h = signal.getsignal(signal.SIGINT)
     sigint = {signal.SIG_IGN: "ignored (a background job, nohup)", signal.default_int_handler: "Python's default",
               signal.SIG_DFL: "the OS default"}.get(h, repr(h))
-    return [f"SIGINT at start: {sigint}"] + ([f"test order shuffled: FASTDMTG_TEST_SHUFFLE={seed}"] if seed else [])
+    return [f"SIGINT at start: {sigint}", f"torch threads per test: {TEST_THREADS}"] + ([f"test order shuffled: FASTDMTG_TEST_SHUFFLE={seed}"] if seed else [])
 
 
 @pytest.hookimpl(hookwrapper=True)

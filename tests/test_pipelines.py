@@ -322,25 +322,37 @@ def test_corrupt_png_is_named_by_the_batch_that_reads_it(tmp_path, backend, case
             pass
 
 
+@pytest.fixture(scope="module")
+def memory_history(data, tmp_path_factory):
+    """The short run on the memory backend: the reference of every other backend's run (trained once
+    for all of them, the FFCV child's included)."""
+    return training_history(data, "memory", tmp_path_factory.mktemp("train-memory"))
+
+
 @pytest.mark.parametrize("backend", [b for b in BACKENDS if b.values[0] != "memory"])
-def test_training_identical_to_memory_backend(data, backend, tmp_path):
+def test_training_identical_to_memory_backend(data, memory_history, backend, tmp_path):
     """A short DMTG run through the Trainer gives exactly the losses and validation results of the
     same run on the memory backend."""
-    check_training_identical(data, backend, tmp_path)
+    assert training_history(data, backend, tmp_path) == memory_history
 
 
-def check_training_identical(d, backend, tmp: Path):
+def training_history(d, backend, tmp: Path) -> list:
+    """[train_loss, val] per epoch of a short DMTG run (2 epochs) on ``backend``, as history.json holds
+    them (JSON values: the same after a trip through the FFCV child's arguments). One torch thread:
+    the reference is trained once, in this process, and compared with runs here and in the child."""
     from fastdmtg.config import Config, ModelConfig, TrainConfig
     from fastdmtg.train import train
-
-    def run(be):
-        cfg = Config(data=cfg_for(d, "celeba", be), model=ModelConfig(width=4, branches=2),
-                     train=TrainConfig(epochs=2, batch_size=6, eval_batch_size=8, device="cpu", progress=False,
-                                       tensorboard=False))
-        out = tmp / f"run-{be}"
+    cfg = Config(data=cfg_for(d, "celeba", backend), model=ModelConfig(width=4, branches=2),
+                 train=TrainConfig(epochs=2, batch_size=6, eval_batch_size=8, device="cpu", progress=False,
+                                   tensorboard=False))
+    out = tmp / f"run-{backend}"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)        # the same float reductions in this process and in the FFCV child
+    try:
         train(cfg, out)
-        return [(h["train_loss"], h["val"]) for h in json.loads((out / "history.json").read_text())]
-    assert run(backend) == run("memory")
+    finally:
+        torch.set_num_threads(threads)
+    return [[h["train_loss"], h["val"]] for h in json.loads((out / "history.json").read_text())]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -447,13 +459,13 @@ FFCV_CASES = [f"pair/{ds}" for ds in DATASETS] + ["training", "write_beton", "co
 FFCV_LIMIT = 300       # seconds per case: a hang guard (idle: under 30 s each)
 
 
-def _ffcv_case(d: dict, case: str, tmp: Path):
+def _ffcv_case(d: dict, case: str, tmp: Path, memory_history: list):
     name, _, ds = case.partition("/")
     if ds:
         return check_pair(d, ds, "ffcv", light=True)
     from fastdmtg.pipelines import ffcv_source as F
     if name == "training":
-        check_training_identical(d, "ffcv", tmp)
+        assert training_history(d, "ffcv", tmp) == memory_history
     elif name == "write_beton":
         x = np.random.default_rng(0).integers(0, 256, (6, 3, 8, 8), dtype=np.uint8)
         y = np.arange(12, dtype=np.int16).reshape(6, 2)
@@ -545,17 +557,18 @@ def _ffcv_case_entry(arg: dict, case: str) -> None:
     torch.set_num_threads(1)
     t = Path(arg["tmp"]) / case.replace("/", "_")
     t.mkdir(parents=True, exist_ok=True)
-    _ffcv_case(arg["data"], case, t)
+    _ffcv_case(arg["data"], case, t, arg["memory_history"])
 
 
 @pytest.fixture(scope="module")
-def _ffcv_results(data, tmp_path_factory):
+def _ffcv_results(data, memory_history, tmp_path_factory):
     ok, why = P.backend_status("ffcv", deep=False)
     if not ok:
         pytest.skip(why)
     tmp = tmp_path_factory.mktemp("ffcv")
     # each case in a child process under its own limit; a hung case fails alone (case_runner)
-    return run_cases("test_pipelines", "_ffcv_case_entry", {"data": data, "tmp": str(tmp)}, FFCV_CASES,
+    return run_cases("test_pipelines", "_ffcv_case_entry", {"data": data, "tmp": str(tmp), "memory_history": memory_history},
+                     FFCV_CASES,
                      FFCV_LIMIT, tmp / "results.json")
 
 
