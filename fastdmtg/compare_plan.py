@@ -29,19 +29,15 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .compare import Comparison
+from . import baselines
+from .compare_runs import Comparison, _comparable
 from .log import get_logger
+from .seeds import fmt_flops, fmt_time
 
 _log = get_logger("fastdmtg.compare")
 
 RAY_MISSING = ("error: --executor ray needs Ray: pip install -e \".[ray]\" (or pip install \"ray>=2.9\"), "
                "or use --executor local")
-
-#: what a method still adds once a measurement run is done (the plan's "+ … (known after X)")
-LATER = {"tag": "the selected networks", "hoa": "the selected networks", "cs": "the selected networks",
-         "tag-pcgrad": "the selected networks", "bmtn": "the selected networks",
-         "dmtg-two-shot": "the retrained groups"}
-
 
 class Pending(Exception):
     """A result of a run that has not been trained yet was needed."""
@@ -138,7 +134,6 @@ class Planner(Comparison):
         return super().run(key, cfg, label, cost_factor)
 
     def _train(self, cfg, run_dir, resume):
-        from .compare import _comparable
         key = str(Path(run_dir).relative_to(self.out))
         ident = json.dumps(_comparable(cfg.to_dict()), sort_keys=True)
         same = self._idents.get(ident)
@@ -154,11 +149,10 @@ class Planner(Comparison):
         return PendingResult(key, run_dir, self, cfg)
 
     def make(self, methods: list[str]) -> Plan:
-        from .methods import AUGMENTATIONS
-        # as Comparison.run_methods: the naive run first (every NormGain's reference), then each method
-        steps = [("naive", self.naive)] + [
-            (m, (lambda m=m: self.m_augmentation(m)) if m in AUGMENTATIONS else getattr(self, "m_" + m.replace("-", "_")))
-            for m in methods]
+        # as Comparison.run_methods: the reference run first (every NormGain's: naive MTL), then each
+        # method's baseline (fastdmtg/baselines/)
+        steps = [(baselines.reference_name(), self.reference)] + [
+            (m, lambda m=m: baselines.get(m).rows(self, m)) for m in methods]
         for m, fn in steps:
             self._method, self.touched = m, set()
             try:
@@ -175,6 +169,11 @@ class Planner(Comparison):
         self.plan.finished = [k for k, (_, s) in self._cost.items() if k not in self._planned and not math.isnan(s)]
         self.plan.sec_per_branch_epoch = _rate(self.out, self._cost, self._planned)
         return self.plan
+
+
+def _later(method: str) -> str:
+    """What a method still adds once the run it waits for is done (its baseline's ``later``)."""
+    return baselines.get(method).later
 
 
 def _strings(d):
@@ -195,6 +194,27 @@ def _rate(out: Path, cost: dict, planned: dict) -> float | None:
         if key not in planned and b > 0 and not math.isnan(s):
             be, sec = be + b, sec + s
     return sec / be if be > 0 and sec > 0 else None
+
+
+class ProgressETA:
+    """The ETA of the local pass's progress lines (``[3/12, ETA 4.0 min] label: key``): the branch-epochs
+    of the plan's runs not done yet × the seconds per branch-epoch measured by the runs done so far
+    (finished earlier in OUT or trained in this pass; the plan's own measurement before that). "" while
+    no step time is known or nothing of the plan is left; the runs known after a stage ("12+") are not
+    in it."""
+
+    def __init__(self, plan: Plan):
+        self.left = {r.key: r.branch_epochs for r in plan.runs}      # by key: the plan's runs to train
+        self.rate = plan.sec_per_branch_epoch
+
+    def seconds(self, cmp: Comparison) -> float | None:
+        rate = _rate(cmp.out, cmp._cost, {}) or self.rate
+        left = sum(be for key, be in self.left.items() if key not in cmp._cost)
+        return None if rate is None or left <= 0 else left * rate
+
+    def __call__(self, cmp: Comparison) -> str:
+        s = self.seconds(cmp)
+        return "" if s is None else fmt_time(s / 3600)
 
 
 def make_plan(cmp: Comparison, methods: list[str]) -> Plan:
@@ -223,7 +243,6 @@ def add_flops(plan: Plan) -> None:
 
 
 def format_plan(plan: Plan, device: str = "cpu") -> str:
-    from .seeds import fmt_flops, fmt_time
     lines = [f"plan: {len(plan.runs)} runs to train" + (f", {len(plan.finished)} finished (reused)" if plan.finished else "")
              + (f", {len(plan.stages)} stage(s) known later" if plan.stages else "")]
     by_method: dict[str, list[PlannedRun]] = {}
@@ -240,7 +259,7 @@ def format_plan(plan: Plan, device: str = "cpu") -> str:
             dep = f" ← after {', '.join(r.deps)}" if r.deps else ""
             lines.append(f"    {r.key} ({', '.join(extra)}){dep}")
     for m, key in plan.stages:
-        lines.append(f"  {m}: + {LATER.get(m, 'the runs chosen from its results')} (known after {key})")
+        lines.append(f"  {m}: + {_later(m)} (known after {key})")
     for m, msg in plan.errors:
         lines.append(f"  {m}: cannot be planned: {msg}")
     eta = plan.eta_s()
