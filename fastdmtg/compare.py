@@ -46,8 +46,7 @@ from . import baselines
 # Row, row_metrics, build_tables, partition_of, _same_config and _VOLATILE: imported from here by
 # callers and tests (their homes: fastdmtg/baselines/_core.py, compare_tables.py, compare_runs.py)
 from .baselines._core import Row, partition_of  # noqa: F401
-from .compare_plan import (RAY_MISSING, ProgressETA, RayOptions, add_flops, format_plan, make_plan,
-                           ray_available, run_on_ray)
+from . import compare_plan
 from .compare_runs import _VOLATILE, Comparison, _same_config  # noqa: F401
 from .compare_tables import build_tables, row_metrics, write_tables  # noqa: F401
 from .config import ConfigError, apply_overrides, get_recipe
@@ -129,26 +128,27 @@ def add_executor_flags(p: argparse.ArgumentParser) -> None:
 def execute(cmp: Comparison, methods: list[str], args) -> int | None:
     """Plan; with --dry-run print the plan (→ exit 0); with --executor ray train every run on Ray. Then
     (None) the local pass trains what is left in this process and writes the tables."""
-    if args.executor == "ray" and not ray_available():
-        print(RAY_MISSING, file=sys.stderr)
+    if args.executor == "ray" and not compare_plan.ray_available():
+        print(compare_plan.RAY_MISSING, file=sys.stderr)
         return 2
     if args.ray_cpus_per_run <= 0 or (args.ray_gpus_per_run or 0) < 0 or args.ray_max_retries < 0:
         print("error: --ray-cpus-per-run must be > 0, --ray-gpus-per-run and --ray-max-retries >= 0", file=sys.stderr)
         return 2
-    plan = make_plan(cmp, methods)
+    plan = compare_plan.make_plan(cmp, methods)
     if args.dry_run:
         if cmp.flops:
-            add_flops(plan)
-        print(format_plan(plan, device=cmp.base.train.device))
+            compare_plan.add_flops(plan)
+        print(compare_plan.format_plan(plan, device=cmp.base.train.device))
         return 0
     _log.info(f"plan: {len(plan.runs)} runs to train, {plan.total} in all"
               + (f" (+ the runs known after {', '.join(sorted({k for _, k in plan.stages}))})" if plan.stages else ""))
     if args.executor == "ray":
-        run_on_ray(cmp, methods, RayOptions(args.ray_address, args.ray_cpus_per_run, args.ray_gpus_per_run,
-                                            args.ray_max_retries, args.ray_num_cpus))
-        plan = make_plan(cmp, methods)
+        opts = compare_plan.RayOptions(args.ray_address, args.ray_cpus_per_run, args.ray_gpus_per_run,
+                                       args.ray_max_retries, args.ray_num_cpus)
+        compare_plan.run_on_ray(cmp, methods, opts)
+        plan = compare_plan.make_plan(cmp, methods)
     cmp.total = plan.total
-    cmp.eta = ProgressETA(plan)                 # the progress lines' "ETA …" once a step time is known
+    cmp.eta = compare_plan.ProgressETA(plan)      # the progress lines' "ETA …" once a step time is known
     return None
 
 

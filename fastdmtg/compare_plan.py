@@ -298,6 +298,42 @@ def _train_task(cfg, run_dir: str, threads: int, *deps) -> str:
     return run_dir
 
 
+def _start_ray(opts: RayOptions) -> bool:
+    """Connect to --ray-address or start a local instance (unless Ray is up) → whether it was started here."""
+    import ray
+    if ray.is_initialized():
+        return False
+    kw = {"address": opts.address} if opts.address else {"num_cpus": opts.num_cpus, "include_dashboard": False}
+    try:
+        ray.init(log_to_driver=False, configure_logging=False, **kw)    # fastdmtg's log format stays
+    except (ConnectionError, RuntimeError, ValueError) as e:
+        raise ValueError(f"--ray-address {opts.address}: cannot connect to a Ray cluster there ({e})"
+                         if opts.address else f"cannot start a local Ray instance: {e}") from None
+    return True
+
+
+def _ray_wave(task, todo: list[PlannedRun], opts: RayOptions, failed: set[str], log) -> None:
+    """Submit the wave's runs (a dependency inside the wave as the object reference of the run it needs)
+    and wait for them, in the order they finish; a failed run's key goes to ``failed``."""
+    import ray
+    refs: dict[str, object] = {}
+    for r in todo:               # plan order: a run's dependencies come before it
+        deps = [refs[d] for d in r.deps if d in refs]
+        refs[r.key] = task.remote(r.cfg, str(r.run_dir), opts.cpus_per_run, *deps)
+    keys = {ref: key for key, ref in refs.items()}
+    left, done = list(refs.values()), 0
+    while left:
+        ready, left = ray.wait(left, num_returns=1)
+        done += 1
+        try:
+            ray.get(ready[0])
+            log(f"[{done}/{len(refs)}] ray: {keys[ready[0]]} done")
+        except Exception as e:     # noqa: BLE001 — ray wraps the run's error
+            failed.add(keys[ready[0]])
+            log(f"[{done}/{len(refs)}] ray: {keys[ready[0]]} failed ({type(e).__name__}); "
+                "the local pass trains it again and reports it")
+
+
 def run_on_ray(cmp: Comparison, methods: list[str], opts: RayOptions, log=_log.info) -> None:
     """Train every run of the comparison on Ray (waves of plans, see the module's docstring); returns
     when nothing is left to train. Failed runs are left to the local pass that writes the tables
@@ -306,18 +342,10 @@ def run_on_ray(cmp: Comparison, methods: list[str], opts: RayOptions, log=_log.i
 
     import ray
     import torch
-    started = False
     # ray.init installs its own SIGTERM handler in this process and leaves it there; the local pass
     # that follows needs the trainer's (a stop request saves the run): restored at the end
     handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-    if not ray.is_initialized():
-        kw = {"address": opts.address} if opts.address else {"num_cpus": opts.num_cpus, "include_dashboard": False}
-        try:
-            ray.init(log_to_driver=False, configure_logging=False, **kw)    # fastdmtg's log format stays
-        except (ConnectionError, RuntimeError, ValueError) as e:
-            raise ValueError(f"--ray-address {opts.address}: cannot connect to a Ray cluster there ({e})"
-                             if opts.address else f"cannot start a local Ray instance: {e}") from None
-        started = True
+    started = _start_ray(opts)
     gpus = opts.gpus_per_run if opts.gpus_per_run is not None else (1.0 if torch.cuda.is_available() else 0.0)
     task = ray.remote(_train_task).options(num_cpus=opts.cpus_per_run, num_gpus=gpus,
                                            max_retries=opts.max_retries, retry_exceptions=False)
@@ -332,22 +360,7 @@ def run_on_ray(cmp: Comparison, methods: list[str], opts: RayOptions, log=_log.i
             wave += 1
             log(f"ray wave {wave}: {len(todo)} runs" + (f" (+ {len(plan.stages)} stage(s) after them)"
                                                          if plan.stages else ""))
-            refs: dict[str, object] = {}
-            for r in todo:               # plan order: a run's dependencies come before it
-                deps = [refs[d] for d in r.deps if d in refs]
-                refs[r.key] = task.remote(r.cfg, str(r.run_dir), opts.cpus_per_run, *deps)
-            keys = {ref: key for key, ref in refs.items()}
-            left, done = list(refs.values()), 0
-            while left:                  # in the order the runs finish
-                ready, left = ray.wait(left, num_returns=1)
-                done += 1
-                try:
-                    ray.get(ready[0])
-                    log(f"[{done}/{len(refs)}] ray: {keys[ready[0]]} done")
-                except Exception as e:     # noqa: BLE001 — ray wraps the run's error
-                    failed.add(keys[ready[0]])
-                    log(f"[{done}/{len(refs)}] ray: {keys[ready[0]]} failed ({type(e).__name__}); "
-                        "the local pass trains it again and reports it")
+            _ray_wave(task, todo, opts, failed, log)
     except KeyboardInterrupt:
         from .train import TrainingInterrupted
         raise TrainingInterrupted("interrupted while the runs trained on Ray (each keeps its last checkpoint)") from None

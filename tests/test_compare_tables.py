@@ -1,5 +1,5 @@
-"""Every number the comparison tables print (``fastdmtg.compare.build_tables`` and the LaTeX table of
-``fastdmtg.seeds``), on hand-made result folders: results.json and history.json written by hand in
+"""Every number the comparison tables print (``fastdmtg.compare_tables``: build_tables and the LaTeX
+table), on hand-made result folders: results.json and history.json written by hand in
 the trainer's format, read back as ``compare`` reads them, every expected value worked out by hand
 in the comments. No training: the whole file runs in about a second.
 
@@ -21,9 +21,11 @@ import math
 
 import pytest
 
-from fastdmtg.compare import Row, _best_val_losses, build_tables, row_metrics
+from fastdmtg.baselines._core import Row
+from fastdmtg.baselines._core import best_val_losses as _best_val_losses
+from fastdmtg.baselines.dmtg_two_shot import SCRATCH
+from fastdmtg.compare_tables import build_tables, latex_table, row_metrics
 from fastdmtg.checkpoint import read_json
-from fastdmtg.seeds import latex_table
 
 NAMES = ["a", "b", "c"]
 
@@ -70,7 +72,7 @@ def rows(tmp_path):
         Row("naive", None, [naive], [_cost(naive)], [[[0, 1, 2]]]),
         Row("dmtg", 2, [d0, d1], [_cost(d0)], [part, part], networks=[[[0, 1], [0, 2]]]),
         Row("rg", 2, [r0, r1], [_cost(r0), _cost(r1)], [[[0], [1, 2]], [[0, 2], [1]]]),
-        Row("dmtg two-shot (scratch)", 2, [ts], [_cost(d0), _cost(ts)], [part]),
+        Row("dmtg two-shot (scratch)", 2, [ts], [_cost(d0), _cost(ts)], [part], style=SCRATCH),
     ]
 
 
