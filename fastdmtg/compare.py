@@ -3,15 +3,18 @@
     fastdmtg compare --recipe synthetic_k3 --methods naive,stl,rg,tag,hoa,bmtn,dmtg,dmtg-two-shot \\
                      --k 2,3 --out DIR [--set KEY=VALUE ...] [--seeds N] [--rg-partitions 3] [--data-root PATH]
 
-Every method is a grouping method of the same trainer on the same models, data and metrics; this
-module only decides which runs a method needs (each in its own folder under DIR, trained by
-``fastdmtg.train.train``), reads their results and writes the tables. Resumable: a run folder with
+Every method is a grouping method of the same trainer on the same models, data and metrics. Each
+baseline is one file in fastdmtg/baselines/ (its runs, selection and rows; docs/baselines.md, "Adding
+a baseline"); it asks the run machinery (fastdmtg/compare_runs.py) for its runs, each in its own
+folder under DIR trained by ``fastdmtg.train.train``; fastdmtg/compare_tables.py writes the tables.
+This module is the command: arguments, plan, tables written. Resumable: a run folder with
 results.json is reused, one with only checkpoints is resumed; re-running the same command continues
-an interrupted comparison. One progress line per run ([done/total]). The runs are planned first
-(``--dry-run`` prints the plan) and trained by ``--executor local`` (here, one after the other) or
-``--executor ray`` (fastdmtg/compare_plan.py; docs/cluster.md).
+an interrupted comparison. One progress line per run ([done/total], with an ETA once a step time is
+known). The runs are planned first (``--dry-run`` prints the plan) and trained by ``--executor
+local`` (here, one after the other) or ``--executor ray`` (fastdmtg/compare_plan.py; docs/cluster.md).
 
-Methods (docs/baselines.md has the details and the deviations from the papers):
+Methods — the baselines found in fastdmtg/baselines/ (docs/baselines.md has the details and the
+deviations from the papers):
     naive          naive MTL, one encoder (the NormGain reference)
     stl            one network per task: ``fixed`` groups 0|1|...|N−1 with nothing shared
     rg             random partition into K groups, mean ± std over --rg-partitions partitions

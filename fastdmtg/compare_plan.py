@@ -1,8 +1,8 @@
 """The plan of a comparison (``fastdmtg compare --dry-run``) and its executors (``--executor local|ray``).
 
-A plan is found by running the comparison's own method code (fastdmtg/compare.py) with a
-``Planner``: a ``Comparison`` whose ``_train`` records the run (key, config, dependencies) instead of
-training it and returns a placeholder result. A placeholder knows its folder (``_dir``: a later run
+A plan is found by running the baselines' own code (fastdmtg/baselines/) with a ``Planner``: a
+``Comparison`` whose ``_train`` records the run (key, config, dependencies) instead of training it
+and returns a placeholder result. A placeholder knows its folder (``_dir``: a later run
 may start from it, e.g. DMTG's ``train.init_from`` = the naive run — a dependency) and nothing else:
 reading a result (TAG's affinity matrix, HOA's validation losses, DMTG's grouping for the two-shot
 retraining) stops that method there, and the plan says which runs are still to come:
