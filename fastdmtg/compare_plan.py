@@ -115,6 +115,7 @@ class Planner(Comparison):
     def __init__(self, cmp: Comparison):          # noqa: super().__init__ would rebuild the data source
         self.__dict__.update(cmp.__dict__)
         self._cfgs, self._cost, self._by_config, self._memo, self.details = {}, {}, {}, {}, {}
+        self._wall = {}
         self.count, self.total, self.log = 0, None, lambda *a, **k: None
         self.plan = Plan()
         self.touched: set[str] = set()
@@ -198,17 +199,17 @@ def _rate(out: Path, cost: dict, planned: dict) -> float | None:
 
 class ProgressETA:
     """The ETA of the local pass's progress lines (``[3/12, ETA 4.0 min] label: key``): the branch-epochs
-    of the plan's runs not done yet × the seconds per branch-epoch measured by the runs done so far
-    (finished earlier in OUT or trained in this pass; the plan's own measurement before that). "" while
-    no step time is known or nothing of the plan is left; the runs known after a stage ("12+") are not
-    in it."""
+    of the plan's runs not done yet × the seconds per branch-epoch measured so far — the wall time of
+    the runs trained in this pass (start-up and evaluation included), else the train_time_s of the
+    runs finished earlier in OUT (the plan's measurement). "" while no step time is known or nothing
+    of the plan is left; the runs known after a stage ("12+") are not in it."""
 
     def __init__(self, plan: Plan):
         self.left = {r.key: r.branch_epochs for r in plan.runs}      # by key: the plan's runs to train
         self.rate = plan.sec_per_branch_epoch
 
     def seconds(self, cmp: Comparison) -> float | None:
-        rate = _rate(cmp.out, cmp._cost, {}) or self.rate
+        rate = _rate(cmp.out, cmp._wall, {}) or _rate(cmp.out, cmp._cost, {}) or self.rate
         left = sum(be for key, be in self.left.items() if key not in cmp._cost)
         return None if rate is None or left <= 0 else left * rate
 

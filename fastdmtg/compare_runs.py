@@ -72,6 +72,10 @@ class Comparison:
         # the progress lines' ETA (compare_plan.ProgressETA: the plan's runs and a measured step time)
         self.eta: Callable[[Comparison], str] | None = None
         self._cost: dict[str, tuple[float, float]] = {}
+        # runs trained by this object: (branch-epochs, wall seconds of the whole run, start-up and
+        # evaluation included — what the ETA needs; train_time_s counts the training loop only)
+        self._wall: dict[str, tuple[float, float]] = {}
+        self.clock: Callable[[], float] = time.perf_counter
         self._by_config: dict[str, str] = {}
         self._memo: dict[str, object] = {}
         self.details: dict[str, object] = {}
@@ -101,7 +105,7 @@ class Comparison:
         run_dir = self.out / key
         cfg = evolve(cfg, name=key.replace('/', '-'))
         ident = json.dumps(_comparable(cfg.to_dict()), sort_keys=True)
-        tag = self._tag(label, key)
+        tag, wall = self._tag(label, key), None
         same = self._by_config.get(ident)
         if same is not None and same != key and (self.out / same / "results.json").exists():
             res = read_json(self.out / same / "results.json")
@@ -123,14 +127,17 @@ class Comparison:
                 resume = has_checkpoint(run_dir)
                 self.log(f"{tag} — {'resuming' if resume else 'training'} "
                          f"({cfg.grouping.method}, K={cfg.num_branches}, {cfg.train.epochs} epochs)", flush=True)
-                t0 = time.perf_counter()
+                t0 = self.clock()
                 res = self._train(cfg, run_dir, resume)
                 if not res.get("_planned"):
-                    self.log(f"    done in {time.perf_counter() - t0:.0f} s: {_summary(res)}", flush=True)
+                    wall = self.clock() - t0
+                    self.log(f"    done in {wall:.0f} s: {_summary(res)}", flush=True)
             self._by_config[ident] = key
         res["_dir"], res["_key"] = str(run_dir), key
         self._cfgs[key] = cfg
         self._cost[key] = (res["num_branches"] * res["epochs"] * cost_factor, float(res["train_time_s"]))
+        if wall is not None:
+            self._wall[key] = (self._cost[key][0], wall)
         return res
 
     def _train(self, cfg: Config, run_dir: Path, resume: bool) -> dict:

@@ -195,7 +195,7 @@ def _plan(*runs: tuple[str, float], rate=None) -> Plan:
 def test_eta_from_known_costs(tmp_path):
     """ETA = Σ branch-epochs of the plan's runs not done × seconds per branch-epoch measured so far."""
     plan = _plan(("naive", 1.0), ("stl", 4.0), ("dmtg/k2", 2.0))
-    cmp = SimpleNamespace(out=tmp_path, _cost={})
+    cmp = SimpleNamespace(out=tmp_path, _cost={}, _wall={})
     eta = ProgressETA(plan)
     assert eta(cmp) == "" and eta.seconds(cmp) is None                   # nothing measured: no ETA
     cmp._cost["naive"] = (1.0, 30.0)                                     # 30 s per branch-epoch
@@ -205,18 +205,24 @@ def test_eta_from_known_costs(tmp_path):
     cmp._cost["dmtg/k2"] = (2.0, 60.0)
     assert eta(cmp) == ""                                                 # all done
     # a finished run reused from OUT measures it; before any, the plan's own measurement
-    assert ProgressETA(_plan(("a", 2.0), rate=90.0))(SimpleNamespace(out=tmp_path, _cost={})) == "3.0 min"
+    assert ProgressETA(_plan(("a", 2.0), rate=90.0))(SimpleNamespace(out=tmp_path, _cost={}, _wall={})) == "3.0 min"
+    # the wall time of the runs trained in this pass wins over train_time_s (the loop only)
+    cmp = SimpleNamespace(out=tmp_path, _cost={"naive": (1.0, 30.0)}, _wall={"naive": (1.0, 45.0)})
+    assert eta.seconds(cmp) == pytest.approx((4 + 2) * 45)
 
 
 def test_progress_lines_carry_the_eta(tmp_path, monkeypatch):
     """The progress lines of the local pass: ``[done/total]`` for the first run (no step time yet), then
-    ``[done/total, ETA …]`` from the runs trained so far — a fake trainer with a known train time
-    (120 s for naive's 1 branch-epoch → STL's 4 branch-epochs: 8 min)."""
+    ``[done/total, ETA …]`` from the runs trained so far — a fake trainer on a fake clock: naive's run
+    (1 branch-epoch) takes 150 s of wall time (120 s in its training loop) → STL's 4 branch-epochs:
+    600 s = 10 min."""
     from fastdmtg.compare_runs import Comparison
+    now = [1000.0]
 
     def fake_train(self, cfg, run_dir, resume):
         k = cfg.num_branches
         names = self.names
+        now[0] += 150.0 * k
         return {"tasks": names, "num_branches": k, "epochs": cfg.train.epochs, "train_time_s": 120.0 * k,
                 "assignment": list(range(k)) * (len(names) // k), "total_loss": 1.0, "total_error": None,
                 "test": {"loss": {t: 0.25 for t in names}}}
@@ -226,9 +232,11 @@ def test_progress_lines_carry_the_eta(tmp_path, monkeypatch):
     lines = []
     base = apply_overrides(get_recipe("synthetic_k3"), SETS)
     cmp = Comparison(base, tmp_path / "c", [2], log=lambda m, flush=True: lines.append(m), flops=False)
+    cmp.clock = lambda: now[0]
     plan = make_plan(cmp, ["naive", "stl"])
     assert [r.key for r in plan.runs] == ["naive", "stl"] and plan.total == "2"
     cmp.total, cmp.eta = plan.total, ProgressETA(plan)
     cmp.run_methods(["naive", "stl"])
     heads = [ln.split(" — ")[0] for ln in lines if ln.startswith("[")]
-    assert heads == ["[1/2] naive: naive", "[2/2, ETA 8.0 min] stl: stl"]
+    assert heads == ["[1/2] naive: naive", "[2/2, ETA 10.0 min] stl: stl"]
+    assert [ln.split(":")[0].strip() for ln in lines if "done in" in ln] == ["done in 150 s", "done in 600 s"]
