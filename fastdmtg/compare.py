@@ -45,11 +45,10 @@ import argparse
 import sys
 from pathlib import Path
 
-from . import baselines
+from . import baselines, compare_plan
 # Row, row_metrics, build_tables, partition_of, _same_config and _VOLATILE: imported from here by
 # callers and tests (their homes: fastdmtg/baselines/_core.py, compare_tables.py, compare_runs.py)
 from .baselines._core import Row, partition_of  # noqa: F401
-from . import compare_plan
 from .compare_runs import _VOLATILE, Comparison, _same_config  # noqa: F401
 from .compare_tables import build_tables, row_metrics, write_tables  # noqa: F401
 from .config import ConfigError, apply_overrides, get_recipe
