@@ -235,7 +235,12 @@ def _compare(args) -> int:
 def compare_main(argv: list[str]) -> int:
     from .checkpoint import WriteFailed
     from .train import RunStopped, TrainingInterrupted, exit_code
-    args = _parser().parse_args(argv)
+    try:
+        parser = _parser()                    # lists the baselines: a broken baseline file stops here
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    args = parser.parse_args(argv)
     setup_logging(args.log_level)
     if args.stability:
         from .seeds import stability_main

@@ -105,6 +105,15 @@ def test_two_baselines_with_one_name_refused(plugin_dir):
         sys.modules.pop("fastdmtg.baselines.easy2", None)
 
 
+def test_a_broken_baseline_file_is_named(plugin_dir, tmp_path, capsys):
+    (plugin_dir / "easy.py").write_text(THROWAWAY.replace('section="combination"', 'section="bogus"'))
+    baselines.clear_cache()
+    assert compare_main(["--methods", "naive", "--out", str(tmp_path / "x"), "--dry-run", *SMALL]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("error: baseline easy (") and "easy.py" in err
+    assert "section must be one of grouping, augmentation, combination, got 'bogus'" in err
+
+
 # ----------------------------------------------------------------------------- compare knows no baseline
 
 PKG = Path(fastdmtg.__file__).parent

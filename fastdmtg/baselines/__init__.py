@@ -26,7 +26,11 @@ def _discover() -> dict[str, Baseline]:
         for info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
             if info.name.startswith("_"):
                 continue
-            mod = importlib.import_module(f"{__name__}.{info.name}")
+            try:
+                mod = importlib.import_module(f"{__name__}.{info.name}")
+            except Exception as e:           # a broken baseline file: say which one, in one line
+                raise ValueError(f"baseline {info.name} ({info.module_finder.path}/{info.name}.py): "
+                                 f"{type(e).__name__}: {e}") from e
             b = getattr(mod, "BASELINE", None)
             if isinstance(b, Baseline):
                 found.append(b)
