@@ -1,8 +1,8 @@
 """The plan of a comparison (``fastdmtg compare --dry-run``) and its executors (``--executor local|ray``).
 
-A plan is found by running the comparison's own method code (fastdmtg/compare.py) with a
-``Planner``: a ``Comparison`` whose ``_train`` records the run (key, config, dependencies) instead of
-training it and returns a placeholder result. A placeholder knows its folder (``_dir``: a later run
+A plan is found by running the baselines' own code (fastdmtg/baselines/) with a ``Planner``: a
+``Comparison`` whose ``_train`` records the run (key, config, dependencies) instead of training it
+and returns a placeholder result. A placeholder knows its folder (``_dir``: a later run
 may start from it, e.g. DMTG's ``train.init_from`` = the naive run — a dependency) and nothing else:
 reading a result (TAG's affinity matrix, HOA's validation losses, DMTG's grouping for the two-shot
 retraining) stops that method there, and the plan says which runs are still to come:
@@ -29,19 +29,15 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .compare import Comparison
+from . import baselines
+from .compare_runs import Comparison, _comparable
 from .log import get_logger
+from .seeds import fmt_flops, fmt_time
 
 _log = get_logger("fastdmtg.compare")
 
 RAY_MISSING = ("error: --executor ray needs Ray: pip install -e \".[ray]\" (or pip install \"ray>=2.9\"), "
                "or use --executor local")
-
-#: what a method still adds once a measurement run is done (the plan's "+ … (known after X)")
-LATER = {"tag": "the selected networks", "hoa": "the selected networks", "cs": "the selected networks",
-         "tag-pcgrad": "the selected networks", "bmtn": "the selected networks",
-         "dmtg-two-shot": "the retrained groups"}
-
 
 class Pending(Exception):
     """A result of a run that has not been trained yet was needed."""
@@ -119,6 +115,7 @@ class Planner(Comparison):
     def __init__(self, cmp: Comparison):          # noqa: super().__init__ would rebuild the data source
         self.__dict__.update(cmp.__dict__)
         self._cfgs, self._cost, self._by_config, self._memo, self.details = {}, {}, {}, {}, {}
+        self._wall = {}
         self.count, self.total, self.log = 0, None, lambda *a, **k: None
         self.plan = Plan()
         self.touched: set[str] = set()
@@ -138,7 +135,6 @@ class Planner(Comparison):
         return super().run(key, cfg, label, cost_factor)
 
     def _train(self, cfg, run_dir, resume):
-        from .compare import _comparable
         key = str(Path(run_dir).relative_to(self.out))
         ident = json.dumps(_comparable(cfg.to_dict()), sort_keys=True)
         same = self._idents.get(ident)
@@ -154,11 +150,10 @@ class Planner(Comparison):
         return PendingResult(key, run_dir, self, cfg)
 
     def make(self, methods: list[str]) -> Plan:
-        from .methods import AUGMENTATIONS
-        # as Comparison.run_methods: the naive run first (every NormGain's reference), then each method
-        steps = [("naive", self.naive)] + [
-            (m, (lambda m=m: self.m_augmentation(m)) if m in AUGMENTATIONS else getattr(self, "m_" + m.replace("-", "_")))
-            for m in methods]
+        # as Comparison.run_methods: the reference run first (every NormGain's: naive MTL), then each
+        # method's baseline (fastdmtg/baselines/)
+        steps = [(baselines.reference_name(), self.reference)] + [
+            (m, lambda m=m: baselines.get(m).rows(self, m)) for m in methods]
         for m, fn in steps:
             self._method, self.touched = m, set()
             try:
@@ -175,6 +170,11 @@ class Planner(Comparison):
         self.plan.finished = [k for k, (_, s) in self._cost.items() if k not in self._planned and not math.isnan(s)]
         self.plan.sec_per_branch_epoch = _rate(self.out, self._cost, self._planned)
         return self.plan
+
+
+def _later(method: str) -> str:
+    """What a method still adds once the run it waits for is done (its baseline's ``later``)."""
+    return baselines.get(method).later
 
 
 def _strings(d):
@@ -195,6 +195,27 @@ def _rate(out: Path, cost: dict, planned: dict) -> float | None:
         if key not in planned and b > 0 and not math.isnan(s):
             be, sec = be + b, sec + s
     return sec / be if be > 0 and sec > 0 else None
+
+
+class ProgressETA:
+    """The ETA of the local pass's progress lines (``[3/12, ETA 4.0 min] label: key``): the branch-epochs
+    of the plan's runs not done yet × the seconds per branch-epoch measured so far — the wall time of
+    the runs trained in this pass (start-up and evaluation included), else the train_time_s of the
+    runs finished earlier in OUT (the plan's measurement). "" while no step time is known or nothing
+    of the plan is left; the runs known after a stage ("12+") are not in it."""
+
+    def __init__(self, plan: Plan):
+        self.left = {r.key: r.branch_epochs for r in plan.runs}      # by key: the plan's runs to train
+        self.rate = plan.sec_per_branch_epoch
+
+    def seconds(self, cmp: Comparison) -> float | None:
+        rate = _rate(cmp.out, cmp._wall, {}) or _rate(cmp.out, cmp._cost, {}) or self.rate
+        left = sum(be for key, be in self.left.items() if key not in cmp._cost)
+        return None if rate is None or left <= 0 else left * rate
+
+    def __call__(self, cmp: Comparison) -> str:
+        s = self.seconds(cmp)
+        return "" if s is None else fmt_time(s / 3600)
 
 
 def make_plan(cmp: Comparison, methods: list[str]) -> Plan:
@@ -223,7 +244,6 @@ def add_flops(plan: Plan) -> None:
 
 
 def format_plan(plan: Plan, device: str = "cpu") -> str:
-    from .seeds import fmt_flops, fmt_time
     lines = [f"plan: {len(plan.runs)} runs to train" + (f", {len(plan.finished)} finished (reused)" if plan.finished else "")
              + (f", {len(plan.stages)} stage(s) known later" if plan.stages else "")]
     by_method: dict[str, list[PlannedRun]] = {}
@@ -240,7 +260,7 @@ def format_plan(plan: Plan, device: str = "cpu") -> str:
             dep = f" ← after {', '.join(r.deps)}" if r.deps else ""
             lines.append(f"    {r.key} ({', '.join(extra)}){dep}")
     for m, key in plan.stages:
-        lines.append(f"  {m}: + {LATER.get(m, 'the runs chosen from its results')} (known after {key})")
+        lines.append(f"  {m}: + {_later(m)} (known after {key})")
     for m, msg in plan.errors:
         lines.append(f"  {m}: cannot be planned: {msg}")
     eta = plan.eta_s()
@@ -279,6 +299,42 @@ def _train_task(cfg, run_dir: str, threads: int, *deps) -> str:
     return run_dir
 
 
+def _start_ray(opts: RayOptions) -> bool:
+    """Connect to --ray-address or start a local instance (unless Ray is up) → whether it was started here."""
+    import ray
+    if ray.is_initialized():
+        return False
+    kw = {"address": opts.address} if opts.address else {"num_cpus": opts.num_cpus, "include_dashboard": False}
+    try:
+        ray.init(log_to_driver=False, configure_logging=False, **kw)    # fastdmtg's log format stays
+    except (ConnectionError, RuntimeError, ValueError) as e:
+        raise ValueError(f"--ray-address {opts.address}: cannot connect to a Ray cluster there ({e})"
+                         if opts.address else f"cannot start a local Ray instance: {e}") from None
+    return True
+
+
+def _ray_wave(task, todo: list[PlannedRun], opts: RayOptions, failed: set[str], log) -> None:
+    """Submit the wave's runs (a dependency inside the wave as the object reference of the run it needs)
+    and wait for them, in the order they finish; a failed run's key goes to ``failed``."""
+    import ray
+    refs: dict[str, object] = {}
+    for r in todo:               # plan order: a run's dependencies come before it
+        deps = [refs[d] for d in r.deps if d in refs]
+        refs[r.key] = task.remote(r.cfg, str(r.run_dir), opts.cpus_per_run, *deps)
+    keys = {ref: key for key, ref in refs.items()}
+    left, done = list(refs.values()), 0
+    while left:
+        ready, left = ray.wait(left, num_returns=1)
+        done += 1
+        try:
+            ray.get(ready[0])
+            log(f"[{done}/{len(refs)}] ray: {keys[ready[0]]} done")
+        except Exception as e:     # noqa: BLE001 — ray wraps the run's error
+            failed.add(keys[ready[0]])
+            log(f"[{done}/{len(refs)}] ray: {keys[ready[0]]} failed ({type(e).__name__}); "
+                "the local pass trains it again and reports it")
+
+
 def run_on_ray(cmp: Comparison, methods: list[str], opts: RayOptions, log=_log.info) -> None:
     """Train every run of the comparison on Ray (waves of plans, see the module's docstring); returns
     when nothing is left to train. Failed runs are left to the local pass that writes the tables
@@ -287,18 +343,10 @@ def run_on_ray(cmp: Comparison, methods: list[str], opts: RayOptions, log=_log.i
 
     import ray
     import torch
-    started = False
     # ray.init installs its own SIGTERM handler in this process and leaves it there; the local pass
     # that follows needs the trainer's (a stop request saves the run): restored at the end
     handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-    if not ray.is_initialized():
-        kw = {"address": opts.address} if opts.address else {"num_cpus": opts.num_cpus, "include_dashboard": False}
-        try:
-            ray.init(log_to_driver=False, configure_logging=False, **kw)    # fastdmtg's log format stays
-        except (ConnectionError, RuntimeError, ValueError) as e:
-            raise ValueError(f"--ray-address {opts.address}: cannot connect to a Ray cluster there ({e})"
-                             if opts.address else f"cannot start a local Ray instance: {e}") from None
-        started = True
+    started = _start_ray(opts)
     gpus = opts.gpus_per_run if opts.gpus_per_run is not None else (1.0 if torch.cuda.is_available() else 0.0)
     task = ray.remote(_train_task).options(num_cpus=opts.cpus_per_run, num_gpus=gpus,
                                            max_retries=opts.max_retries, retry_exceptions=False)
@@ -313,22 +361,7 @@ def run_on_ray(cmp: Comparison, methods: list[str], opts: RayOptions, log=_log.i
             wave += 1
             log(f"ray wave {wave}: {len(todo)} runs" + (f" (+ {len(plan.stages)} stage(s) after them)"
                                                          if plan.stages else ""))
-            refs: dict[str, object] = {}
-            for r in todo:               # plan order: a run's dependencies come before it
-                deps = [refs[d] for d in r.deps if d in refs]
-                refs[r.key] = task.remote(r.cfg, str(r.run_dir), opts.cpus_per_run, *deps)
-            keys = {ref: key for key, ref in refs.items()}
-            left, done = list(refs.values()), 0
-            while left:                  # in the order the runs finish
-                ready, left = ray.wait(left, num_returns=1)
-                done += 1
-                try:
-                    ray.get(ready[0])
-                    log(f"[{done}/{len(refs)}] ray: {keys[ready[0]]} done")
-                except Exception as e:     # noqa: BLE001 — ray wraps the run's error
-                    failed.add(keys[ready[0]])
-                    log(f"[{done}/{len(refs)}] ray: {keys[ready[0]]} failed ({type(e).__name__}); "
-                        "the local pass trains it again and reports it")
+            _ray_wave(task, todo, opts, failed, log)
     except KeyboardInterrupt:
         from .train import TrainingInterrupted
         raise TrainingInterrupted("interrupted while the runs trained on Ray (each keeps its last checkpoint)") from None

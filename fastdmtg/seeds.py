@@ -1,4 +1,4 @@
-"""Seeds in a comparison: repeated training, the LaTeX table, grouping stability.
+"""Seeds in a comparison: repeated training, grouping stability, number formats.
 
 ``fastdmtg compare --seeds N`` trains every method's evaluated networks N times — training seeds
 train.seed, train.seed + 1, …; folder KEY for the first (the folder a single-seed comparison uses,
@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .baselines._core import partition_of
 from .config import evolve
 
 
@@ -67,50 +68,6 @@ def fmt_flops(gflops: float | None) -> str:
     return f"{f:.3g} FLOP"
 
 
-def _tex(s: str) -> str:
-    return s.replace("\\", r"\textbackslash{}").replace("_", r"\_").replace("%", r"\%").replace("&", r"\&") \
-        .replace("#", r"\#").replace("{", r"\{").replace("}", r"\}")
-
-
-def _pm(v, sd, n, digits, signed=False) -> str:
-    if v is None:
-        return "--"
-    s = f"{v:+.{digits}f}" if signed else f"{v:.{digits}f}"
-    if n > 1 and sd is not None:
-        s += rf" $\pm$ {sd:.{digits}f}"
-    return "$" + s.replace(r" $\pm$ ", r" \pm ") + "$"
-
-
-def latex_table(rows, naive: dict, title: str) -> str:
-    """The results table (Tables 1/3 shape) as a booktabs LaTeX table."""
-    from .compare import display, row_metrics
-    has_err = any(not r.error and any(x.get("total_error") is not None for x in r.results) for r in rows)
-    cols = ["Method", "$K$", r"Total loss $\downarrow$"] + ([r"Total error $\downarrow$"] if has_err else []) + \
-           [r"$\Delta_L$ (\%) $\uparrow$"] + ([r"$\Delta_E$ (\%) $\uparrow$"] if has_err else []) + \
-           ["Rel.\\ cost", "Train time", "Seeds"]
-    out = [r"% requires \usepackage{booktabs}", r"\begin{table}[t]", r"\centering",
-           rf"\caption{{{_tex(title)}. Mean $\pm$ std over seeds; $\Delta$: NormGain against naive MTL.}}",
-           r"\begin{tabular}{l" + "r" * (len(cols) - 1) + "}", r"\toprule", " & ".join(cols) + r" \\", r"\midrule"]
-    for row in rows:
-        k = "--" if row.k is None else str(row.k)
-        if row.error:
-            out.append(f"{_tex(display(row.method))} & {k} & \\multicolumn{{{len(cols) - 2}}}{{l}}{{failed}} \\\\")
-            continue
-        m = row_metrics(row, naive)
-        n = m["n"]
-        base = row.method == "naive"
-        cells = [_tex(display(row.method)), k, _pm(m["total_loss"], m["total_loss_std"], n, 4)]
-        if has_err:
-            cells.append(_pm(m["total_error"], m["total_error_std"], n, 2))
-        cells.append("--" if base else _pm(m["normgain_loss"], m["normgain_loss_std"], n, 2, True))
-        if has_err:
-            cells.append("--" if base else _pm(m["normgain_error"], m["normgain_error_std"], n, 2, True))
-        cells += [f"{m['rel_encoder_cost']:.2f}", fmt_time(m["hours"]), str(n)]
-        out.append(" & ".join(cells) + r" \\")
-    out += [r"\bottomrule", r"\end{tabular}", r"\end{table}", ""]
-    return "\n".join(out)
-
-
 def stability_csv(s: np.ndarray, names: list[str]) -> str:
     lines = ["task," + ",".join(names)]
     for i, t in enumerate(names):
@@ -153,26 +110,10 @@ def write_stability(out: Path, partitions: list[list[list[int]]], names: list[st
     return [csv_path, png_path]
 
 
-def write_extra_tables(out: Path, rows, names: list[str], naive: dict, title: str) -> list[Path]:
-    """comparison.tex, and the grouping-stability matrices of the rows trained with several seeds
-    whose grouping is learned (DMTG) → the paths written."""
-    from .checkpoint import atomic_write_text
-    written = [out / "comparison.tex"]
-    atomic_write_text(written[0], latex_table(rows, naive, title))
-    for row in rows:
-        if row.error or row.method != "dmtg" or len(row.groups) < 2:
-            continue
-        stem = f"grouping_stability_{row.method.replace(' ', '_')}_k{row.k}"
-        written += write_stability(out, row.groups, names, stem,
-                                   f"{row.method} K={row.k}: same group over {len(row.groups)} seeds")
-    return written
-
-
 def stability_main(run_dirs: list[str], out: str) -> int:
     """Grouping stability of finished runs (their results.json "assignment"), e.g. DMTG trained with
     several --set train.seed=S."""
     from .checkpoint import read_json
-    from .compare import partition_of
     parts, names = [], None
     for d in run_dirs:
         p = Path(d) / "results.json"

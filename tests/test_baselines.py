@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from fastdmtg.compare import compare_main, random_partition
+from fastdmtg.baselines._core import random_partition
+from fastdmtg.compare import compare_main
 from fastdmtg.config import Config, apply_overrides, get_recipe
 from fastdmtg.pipelines import build_source
 from fastdmtg.methods import StepContext

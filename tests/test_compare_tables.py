@@ -1,5 +1,5 @@
-"""Every number the comparison tables print (``fastdmtg.compare.build_tables`` and the LaTeX table of
-``fastdmtg.seeds``), on hand-made result folders: results.json and history.json written by hand in
+"""Every number the comparison tables print (``fastdmtg.compare_tables``: build_tables and the LaTeX
+table), on hand-made result folders: results.json and history.json written by hand in
 the trainer's format, read back as ``compare`` reads them, every expected value worked out by hand
 in the comments. No training: the whole file runs in about a second.
 
@@ -21,9 +21,12 @@ import math
 
 import pytest
 
-from fastdmtg.compare import Row, _best_val_losses, build_tables, row_metrics
+from fastdmtg.baselines._core import Row
+from fastdmtg.baselines._core import best_val_losses as _best_val_losses
+from fastdmtg.baselines import get as baselines_get
+from fastdmtg.baselines.dmtg_two_shot import SCRATCH
+from fastdmtg.compare_tables import build_tables, latex_table, row_metrics
 from fastdmtg.checkpoint import read_json
-from fastdmtg.seeds import latex_table
 
 NAMES = ["a", "b", "c"]
 
@@ -70,7 +73,7 @@ def rows(tmp_path):
         Row("naive", None, [naive], [_cost(naive)], [[[0, 1, 2]]]),
         Row("dmtg", 2, [d0, d1], [_cost(d0)], [part, part], networks=[[[0, 1], [0, 2]]]),
         Row("rg", 2, [r0, r1], [_cost(r0), _cost(r1)], [[[0], [1, 2]], [[0, 2], [1]]]),
-        Row("dmtg two-shot (scratch)", 2, [ts], [_cost(d0), _cost(ts)], [part]),
+        Row("dmtg two-shot (scratch)", 2, [ts], [_cost(d0), _cost(ts)], [part], style=SCRATCH),
     ]
 
 
@@ -152,6 +155,21 @@ def test_per_task_tables(rows):
     assert float(csv["dmtg"][head.index("gain:c")]) == pytest.approx(-25.0)
     assert float(csv["rg"][head.index("loss:b")]) == pytest.approx(5.0)
     assert float(csv["dmtg"][head.index("error:a")]) == pytest.approx(7.5)
+
+
+def test_aggregator_rows_keep_their_baselines_table_treatment(rows):
+    """--aggregator renames a row METHOD+NAME; its treatment stays its baseline's (RowStyle): RG+uw's
+    cost and time per partition, the two-shot rows in the one-shot vs two-shot table. (Before the
+    styles: rg+uw summed its partitions' cost, 4.00 and 2.0 min, and the two-shot table failed with a
+    KeyError on "dmtg two-shot (scratch)+uw".)"""
+    from dataclasses import replace
+    naive, rs = rows
+    rs = [replace(r, method=r.method + "+uw") if r.method in ("rg", "dmtg two-shot (scratch)") else r for r in rs]
+    rs[2] = replace(rs[2], style=baselines_get("rg").style)
+    t = build_tables(rs, NAMES, naive)
+    main = {(r[0], r[1]): r[2:9] for r in _table(t["markdown"], "Results")}
+    assert main[("rg+uw", "2")][4:6] == ["2.00", "1.0 min"]
+    assert [r[1] for r in _table(t["markdown"], "One-shot vs two-shot")] == ["retrain from scratch", "DMTG (one-shot)"]
 
 
 def test_two_shot_and_groupings_tables(rows):

@@ -1,0 +1,94 @@
+"""The baselines of ``fastdmtg compare``: one module per baseline, found by listing this package.
+
+A module whose name does not start with "_" and that defines ``BASELINE = Baseline(...)``
+(fastdmtg/baselines/_core.py) is a baseline: its names become ``--methods`` entries, its section
+(grouping / augmentation / combination) and order place its rows in the tables, and its ``rows``
+function runs what it needs through the comparison's run machinery. Adding a baseline is adding its
+file (docs/baselines.md, "Adding a baseline"); nothing else names it.
+"""
+from __future__ import annotations
+
+import importlib
+import pkgutil
+
+from ._core import SECTIONS, Baseline, Row
+
+__all__ = ["Baseline", "Row", "SECTIONS", "all_baselines", "get", "known", "defaults", "aliases",
+           "section_index", "reference", "reference_name", "clear_cache"]
+
+_cache: dict[str, Baseline] | None = None
+
+
+def _discover() -> dict[str, Baseline]:
+    global _cache
+    if _cache is None:
+        found: list[Baseline] = []
+        for info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
+            if info.name.startswith("_"):
+                continue
+            try:
+                mod = importlib.import_module(f"{__name__}.{info.name}")
+            except Exception as e:           # a broken baseline file: say which one, in one line
+                raise ValueError(f"baseline {info.name} ({info.module_finder.path}/{info.name}.py): "
+                                 f"{type(e).__name__}: {e}") from e
+            b = getattr(mod, "BASELINE", None)
+            if isinstance(b, Baseline):
+                found.append(b)
+        found.sort(key=lambda b: (SECTIONS.index(b.section), b.order))
+        by_name: dict[str, Baseline] = {}
+        for b in found:
+            for name in b.names:
+                if name in by_name:
+                    raise ValueError(f"baseline name {name!r} declared twice (fastdmtg/baselines)")
+                by_name[name] = b
+        if sum(b.reference is not None for b in found) != 1:
+            raise ValueError("exactly one baseline must declare the NormGain reference run (reference=...)")
+        _cache = by_name
+    return _cache
+
+
+def clear_cache() -> None:
+    """Forget the modules found (after a test adds one to ``__path__``)."""
+    global _cache
+    _cache = None
+
+
+def all_baselines() -> list[Baseline]:
+    return list(dict.fromkeys(_discover().values()))
+
+
+def known() -> list[str]:
+    """Every --methods name, in table order: grouping methods, augmentations, combinations."""
+    return list(_discover())
+
+
+def defaults() -> list[str]:
+    """compare's default --methods."""
+    return [n for n, b in _discover().items() if b.default]
+
+
+def aliases() -> dict[str, str]:
+    return {a: n for b in all_baselines() for a, n in b.aliases}
+
+
+def get(name: str) -> Baseline:
+    return _discover()[name]
+
+
+def section_index(name: str) -> int:
+    """0 grouping methods, 1 training augmentations, 2 combinations (the TAG paper's layout)."""
+    return SECTIONS.index(get(name).section)
+
+
+def _reference_baseline() -> Baseline:
+    return next(b for b in all_baselines() if b.reference is not None)
+
+
+def reference_name() -> str:
+    """The --methods name of the baseline whose run is the NormGain reference (naive)."""
+    return _reference_baseline().names[0]
+
+
+def reference(cmp) -> dict:
+    """The NormGain reference run (naive MTL), trained or reused."""
+    return _reference_baseline().reference(cmp)
