@@ -134,7 +134,7 @@ def compare_sets(a) -> list[str]:
 def run_times(folder: Path, a) -> list[tuple[str, float, list[str]]]:
     """(run, training seconds, dependencies) in the plan's order: the plan of an empty folder with the
     comparison's arguments (what Ray is given), the times from the finished local comparison."""
-    from fastdmtg.compare import Comparison
+    from fastdmtg.compare_runs import Comparison
     from fastdmtg.compare_plan import make_plan
     from fastdmtg.config import apply_overrides, get_recipe
     with tempfile.TemporaryDirectory() as d:

@@ -46,11 +46,9 @@ import sys
 from pathlib import Path
 
 from . import baselines, compare_plan
-# Row, row_metrics, build_tables, partition_of, _same_config and _VOLATILE: imported from here by
-# callers and tests (their homes: fastdmtg/baselines/_core.py, compare_tables.py, compare_runs.py)
-from .baselines._core import Row, partition_of  # noqa: F401
-from .compare_runs import _VOLATILE, Comparison, _same_config  # noqa: F401
-from .compare_tables import build_tables, row_metrics, write_tables  # noqa: F401
+from .baselines._core import Row
+from .compare_runs import Comparison
+from .compare_tables import build_tables, write_tables
 from .config import ConfigError, apply_overrides, get_recipe
 from .log import add_output_flags, get_logger, progress_flag
 from .log import setup as setup_logging

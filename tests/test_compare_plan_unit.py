@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from fastdmtg import compare_plan as CP
-from fastdmtg.compare import Comparison
+from fastdmtg.compare_runs import Comparison
 from fastdmtg.config import apply_overrides, get_recipe
 
 SETS = ["train.tensorboard=false", "train.progress=false", "data.synthetic_groups=2",
@@ -71,19 +71,26 @@ def test_identical_configs_are_planned_once(tmp_path):
     assert plan.calls == 4 and plan.total == "4"
 
 
-def test_a_method_that_reads_a_planned_runs_files_waits_for_the_first_of_them(tmp_path):
+def test_a_method_that_reads_a_planned_runs_files_waits_for_the_first_of_them(tmp_path, monkeypatch):
     """A method failing on the files of runs still to train waits for them (the first by key); one
     that fails otherwise is an error of the plan, with the exception's type and message."""
+    from fastdmtg import baselines
+    from fastdmtg.baselines._core import Baseline
+    from fastdmtg.baselines.naive import naive_run
+    from fastdmtg.baselines.stl import stl_run
 
-    class P(CP.Planner):
-        def m_reads_two(self):
-            a, b = self.stl()["_dir"], self.naive()["_dir"]          # two planned folders read
-            return (Path(a) / "results.json").read_text() + (Path(b) / "results.json").read_text()
+    def reads_two(cmp, name):
+        a, b = stl_run(cmp)["_dir"], naive_run(cmp)["_dir"]          # two planned folders read
+        return (Path(a) / "results.json").read_text() + (Path(b) / "results.json").read_text()
 
-        def m_broken(self):
-            raise KeyError("no such thing")
+    def broken(cmp, name):
+        raise KeyError("no such thing")
 
-    plan = P(_cmp(tmp_path / "cmp")).make(["reads-two", "broken"])
+    extra = {"reads-two": Baseline(names=("reads-two",), rows=reads_two),
+             "broken": Baseline(names=("broken",), rows=broken)}
+    real_get = baselines.get
+    monkeypatch.setattr(baselines, "get", lambda name: extra.get(name) or real_get(name))
+    plan = CP.Planner(_cmp(tmp_path / "cmp")).make(["reads-two", "broken"])
     assert [r.key for r in plan.runs] == ["naive", "stl"]
     assert plan.stages == [("reads-two", "naive")]
     assert plan.errors == [("broken", "KeyError: 'no such thing'")]

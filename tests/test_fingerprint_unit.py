@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from fastdmtg import fingerprint as F
+from fastdmtg.data import base as B
 from fastdmtg.config import ConfigError
 
 
@@ -25,19 +26,19 @@ def test_file_digest_is_the_sha1_of_the_bytes_over_several_chunks(tmp_path):
     data = bytes(range(256)) * 8192 + b"tail"                       # 2 MiB + 4 bytes: three reads
     f = tmp_path / "a.bin"
     f.write_bytes(data)
-    assert F.file_digest(f) == f"sha1 {_sha1(data)}"
-    assert F.file_digest(str(f)) == f"sha1 {_sha1(data)}"           # a str path too
+    assert B.file_digest(f) == f"sha1 {_sha1(data)}"
+    assert B.file_digest(str(f)) == f"sha1 {_sha1(data)}"           # a str path too
     (tmp_path / "empty").write_bytes(b"")
-    assert F.file_digest(tmp_path / "empty") == f"sha1 {_sha1(b'')}"
+    assert B.file_digest(tmp_path / "empty") == f"sha1 {_sha1(b'')}"
     small = tmp_path / "labels.csv"
     small.write_text("image,a\nx.png,1\n")
-    assert F.file_digest(small) == f"sha1 {_sha1(b'image,a' + bytes([10]) + b'x.png,1' + bytes([10]))}"
+    assert B.file_digest(small) == f"sha1 {_sha1(b'image,a' + bytes([10]) + b'x.png,1' + bytes([10]))}"
 
 
 def test_file_digest_of_a_missing_file_is_absent(tmp_path):
-    assert F.file_digest(tmp_path / "nope.json") == "absent"
+    assert B.file_digest(tmp_path / "nope.json") == "absent"
     with pytest.raises(IsADirectoryError):                           # only "not found" means absent
-        F.file_digest(tmp_path)
+        B.file_digest(tmp_path)
 
 
 # ----------------------------------------------------------------------------- listing_digest
@@ -66,18 +67,18 @@ def _no_missing(p):                                  # a listing of existing fil
 def test_listing_digest_names_relative_to_the_root_and_sizes_in_order(tmp_path):
     root = tmp_path / "data"
     paths = _files(root, {"img/a.png": 5, "img/b.png": 0, "c.jpg": 12})
-    d = F.listing_digest(paths, root, _no_missing)
+    d = B.listing_digest(paths, root, _no_missing)
     assert d == _expect([("img/a.png", 5), ("img/b.png", 0), ("c.jpg", 12)])
-    assert F.listing_digest(paths, str(root), _no_missing) == d     # a str root too
+    assert B.listing_digest(paths, str(root), _no_missing) == d     # a str root too
     # the order is part of the listing; a moved folder (same names and sizes) is the same data
-    assert F.listing_digest(paths[::-1], root, _no_missing) == _expect([("c.jpg", 12), ("img/b.png", 0),
+    assert B.listing_digest(paths[::-1], root, _no_missing) == _expect([("c.jpg", 12), ("img/b.png", 0),
                                                                         ("img/a.png", 5)])
     moved = tmp_path / "elsewhere"
-    assert F.listing_digest(_files(moved, {"img/a.png": 5, "img/b.png": 0, "c.jpg": 12}), moved, _no_missing) == d
+    assert B.listing_digest(_files(moved, {"img/a.png": 5, "img/b.png": 0, "c.jpg": 12}), moved, _no_missing) == d
     # one size changed: another digest
     Path(paths[2]).write_bytes(b"y" * 13)
-    assert F.listing_digest(paths, root, _no_missing) == _expect([("img/a.png", 5), ("img/b.png", 0), ("c.jpg", 13)])
-    assert F.listing_digest([], root, _no_missing) == f"0 files, sha1 {_sha1(b'')}"
+    assert B.listing_digest(paths, root, _no_missing) == _expect([("img/a.png", 5), ("img/b.png", 0), ("c.jpg", 13)])
+    assert B.listing_digest([], root, _no_missing) == f"0 files, sha1 {_sha1(b'')}"
 
 
 def test_listing_digest_without_a_root_or_outside_it_keeps_the_whole_path(tmp_path):
@@ -86,15 +87,15 @@ def test_listing_digest_without_a_root_or_outside_it_keeps_the_whole_path(tmp_pa
     outside = _files(tmp_path / "other", {"b.png": 4})
     # a path outside the root, and a sibling folder whose name starts like the root's ("data2")
     sibling = _files(tmp_path / "data2", {"c.png": 1})
-    assert F.listing_digest(inside + outside + sibling, root, _no_missing) == _expect(
+    assert B.listing_digest(inside + outside + sibling, root, _no_missing) == _expect(
         [("a.png", 3), (outside[0], 4), (sibling[0], 1)])
-    assert F.listing_digest(inside + outside, None, _no_missing) == _expect([(inside[0], 3), (outside[0], 4)])
+    assert B.listing_digest(inside + outside, None, _no_missing) == _expect([(inside[0], 3), (outside[0], 4)])
     # relative paths without a root: as given (a folder literally called "None" included)
     cwd = os.getcwd()
     os.chdir(tmp_path)
     try:
         _files(Path("None"), {"d.png": 2})
-        assert F.listing_digest([os.path.join("None", "d.png")], None, _no_missing) == _expect(
+        assert B.listing_digest([os.path.join("None", "d.png")], None, _no_missing) == _expect(
             [(os.path.join("None", "d.png"), 2)])
     finally:
         os.chdir(cwd)
@@ -106,7 +107,7 @@ def test_listing_digest_of_a_missing_file_raises_the_datasets_error(tmp_path):
 
     paths = _files(tmp_path, {"a.png": 1}) + [str(tmp_path / "gone.png")]
     with pytest.raises(Missing) as e:
-        F.listing_digest(paths, tmp_path, Missing)
+        B.listing_digest(paths, tmp_path, Missing)
     assert e.value.args == (str(tmp_path / "gone.png"),)
     assert e.value.__cause__ is None and e.value.__suppress_context__         # `from None`: one line
 
@@ -180,5 +181,5 @@ def test_describe_and_check():
 
 def test_annotations_resolve():
     """The ``X | None`` annotations evaluate (a mutant of ``|`` raises once something reads them)."""
-    for fn in (F.file_digest, F.listing_digest, F.changes, F.check):
+    for fn in (B.file_digest, B.listing_digest, F.changes, F.check):
         typing.get_type_hints(fn)

@@ -141,9 +141,10 @@ def _bound(t: str) -> float:
 def test_normgain_error_reproduces_table_a2_through_the_compare_tables():
     """Table A2's K=3 gains (normal 0.24, mIoU 1.50, keypoint F1 13.50, edge F1 14.86, depth 100.00;
     average 26.02) from its own metric columns: the relative change of each metric, sign turned for the
-    lower-is-better RMSE — computed by fastdmtg.metrics.normgain_error, and by compare.row_metrics (the
+    lower-is-better RMSE — computed by fastdmtg.metrics.normgain_error, and by compare_tables.row_metrics (the
     function behind `fastdmtg compare`'s NormGain_E column)."""
-    from fastdmtg.compare import Row, row_metrics
+    from fastdmtg.baselines._core import Row
+    from fastdmtg.compare_tables import row_metrics
     from fastdmtg.metrics import normgain_error
     naive, ours = _taskonomy_split(TABLE_A2_NAIVE), _taskonomy_split(TABLE_A2_OURS_K3)
     got = normgain_error(naive, ours)

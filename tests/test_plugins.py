@@ -120,9 +120,9 @@ def test_a_backend_added_by_one_registry_line_is_accepted_and_built(monkeypatch)
 # ----------------------------------------------------------------------------- fields that don't change results
 
 def test_resume_and_compare_rules_derive_from_one_table():
-    from fastdmtg import compare
+    from fastdmtg import compare_runs
     from fastdmtg.config import EFFECTS, FIELD_EFFECTS, RESUME_SAFE, SAME_RESULTS_FIELDS, _SECTIONS
-    assert compare._VOLATILE is SAME_RESULTS_FIELDS
+    assert compare_runs._VOLATILE is SAME_RESULTS_FIELDS
     for key, (effect, resumable, what) in FIELD_EFFECTS.items():
         assert effect in EFFECTS and isinstance(resumable, bool) and what
         if "." in key:                                         # every field named exists in its section
@@ -153,7 +153,7 @@ def test_resume_and_compare_rules_derive_from_one_table():
 
 
 def test_both_rules_act_on_the_table():
-    from fastdmtg.compare import _same_config
+    from fastdmtg.compare_runs import _same_config
     from fastdmtg.config import ConfigError, apply_overrides, get_recipe, resume_changes
     base = get_recipe("synthetic_k3")
     for change, resume_ok, same in (("train.kernels=reference", True, True), ("train.logger=mlflow", True, True),

@@ -6,7 +6,8 @@ import statistics
 import numpy as np
 import pytest
 
-from fastdmtg.compare import compare_main, partition_of
+from fastdmtg.baselines._core import partition_of
+from fastdmtg.compare import compare_main
 from fastdmtg.seeds import fmt_flops, fmt_time, stability
 
 SETS = ["train.tensorboard=false", "train.progress=false", "data.synthetic_groups=2",
@@ -81,7 +82,8 @@ def test_report_format_on_your_own_tasks():
     """Mixed tasks (a regression: no total error anywhere): the all-"—" total-error column is left out;
     no paper table numbers in the headings of a non-paper recipe; losses in fixed decimals; the
     naive-MTL reference row's NormGain is "—" in the Markdown and empty in the CSV (null in JSON)."""
-    from fastdmtg.compare import Row, build_tables
+    from fastdmtg.baselines._core import Row
+    from fastdmtg.compare_tables import build_tables
     names = ["cls", "age"]
     naive = _res({"cls": 0.5, "age": 0.0012345}, {"cls": 20.0}, {"age": {"mae": 1.5, "rmse": 2.0}})
     seed1 = _res({"cls": 0.4, "age": 0.0010}, {"cls": 10.0}, {"age": {"mae": 1.25, "rmse": 1.75}})
