@@ -703,3 +703,21 @@ def test_aggregation_frees_the_steps_graph_with_the_last_task_backward():
     assert toy.model.branches[0].weight.grad.view(-1).tolist() == pytest.approx([0.5, 1.5])
     with pytest.raises(RuntimeError, match="second time"):
         toy.last_out.sum().backward()
+
+
+def test_aggregation_section_defaults_are_the_papers_values_and_its_bounds_are_inclusive():
+    """AggregationConfig: the defaults docs/baselines.md names (CAGrad's c = 0.4 of its image-MTL
+    experiments; Nash-MTL's max norm 1.0 and an update every step, its code's defaults), and each
+    bound where it is: c = 0 and max norm = 0 (off) accepted, below refused; every ≥ 1 accepted, 0 refused."""
+    from fastdmtg.configcheck import ConfigError
+    from fastdmtg.methods.aggregators import AggregationConfig
+
+    a = AggregationConfig()
+    assert (a.cagrad_c, a.nash_max_norm, a.nash_update_every) == (0.4, 1.0, 1)
+    for ok in ({"cagrad_c": 0.0}, {"cagrad_c": 0.5}, {"nash_max_norm": 0.0}, {"nash_max_norm": 0.5},
+               {"nash_update_every": 1}, {"nash_update_every": 3}):
+        assert AggregationConfig(**ok)
+    for bad, field in (({"cagrad_c": -0.5}, "cagrad_c"), ({"nash_max_norm": -0.5}, "nash_max_norm"),
+                       ({"nash_update_every": 0}, "nash_update_every")):
+        with pytest.raises(ConfigError, match=f"aggregation.{field} must be >= "):
+            AggregationConfig(**bad)
