@@ -306,7 +306,7 @@ def test_all_json_written_is_strict(finished, tmp_path):
     for f in ("config.json", "history.json", "results.json", "grouped_model.json"):
         _strict_load(finished / f)
     # a legitimately undefined value: NormGain against a reference whose losses are all 0 is NaN → null
-    from fastdmtg.train import compare_to_reference
+    from fastdmtg.results_writer import compare_to_reference
     ref = json.loads((finished / "results.json").read_text())
     ckpt.atomic_write_json(tmp_path / "ref.json", dict(ref, test=dict(ref["test"], loss={k: 0.0 for k in ref["test"]["loss"]})))
     out = compare_to_reference(str(tmp_path / "ref.json"), ref["test"])
