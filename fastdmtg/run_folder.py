@@ -119,6 +119,9 @@ class RunFolder:
                 except OSError as e:
                     raise ckpt.WriteFailed(f"cannot create {self.run_dir}: {e.strerror or e}") from None
                 self.lock = ckpt.RunLock(self.run_dir)
+                if self.lock.reclaimed is not None:
+                    log.info(f"{self.lock.path}: the lock of a run that is gone (pid {self.lock.reclaimed['pid']}, "
+                             f"started {self.lock.reclaimed.get('started', '?')}) was taken over")
                 ckpt.remove_temp_files(self.run_dir)
                 if resume:
                     path, st = ckpt.load_resume_checkpoint(self.ckpt_dir, "cpu", RESUME_KEYS, warn=_warn)
