@@ -279,10 +279,16 @@ def _own_record() -> dict:
             "command": " ".join(sys.argv), "boot_id": _boot_id(), "process_start": _process_start(os.getpid())}
 
 
-def _read_record(path: Path) -> dict | None:
-    """The holder's record of a lock file, or None (unreadable, or not a record: e.g. being written)."""
+def _read_record(lock: Path | int) -> dict | None:
+    """The holder's record in a lock file (a path, or a descriptor: then the record of that very file,
+    whatever the name points to now), or None (unreadable, or not a record: e.g. being written)."""
     try:
-        rec = json.loads(Path(path).read_text(encoding="utf-8"))
+        if isinstance(lock, int):
+            size = os.fstat(lock).st_size
+            text = os.pread(lock, size, 0).decode("utf-8")
+        else:
+            text = Path(lock).read_text(encoding="utf-8")
+        rec = json.loads(text)
     except (OSError, ValueError):
         return None
     ok = isinstance(rec, dict) and type(rec.get("pid")) is int and isinstance(rec.get("host"), str)
@@ -467,7 +473,7 @@ class RunLock:
         except FileNotFoundError:
             return True                              # released meanwhile
         try:
-            rec = _read_record(self.path)
+            rec = _read_record(fd)
             if rec is None or rec.get("host") != platform.node():
                 raise RunLocked(_refusal(self.path, rec))
             gone = _holder_gone(rec, fd)
