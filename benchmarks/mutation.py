@@ -52,6 +52,28 @@ PRUNING_UNIT = ["test_rule_drops_after_patience_and_resets_when_probability_rise
                 "test_weights_restricted_to_active_heads_and_dropped_logits_frozen",
                 "test_step_runner_invalidate_and_stacked_layout", "test_training_flops_accounting"]
 
+def _aggr(*tests: str) -> list[str]:
+    """Node ids of tests/test_aggregators.py (a name without ``[…]`` runs all its parametrisations)."""
+    return [f"tests/test_aggregators.py::{t}" for t in tests]
+
+
+#: the PCGrad projection by hand (torchjd's PCGrad through the augmentation)
+PCGRAD = ("test_pcgrad_projects_conflicting_gradients_by_hand", "test_pcgrad_leaves_non_conflicting_gradients_alone")
+
+#: the planner's tests of tests/test_compare_plan_unit.py (node ids: a -k word matches file names too)
+PLAN_UNIT = ["test_plan_runs_dependencies_and_stages", "test_identical_configs_are_planned_once",
+             "test_a_method_that_reads_a_planned_runs_files_waits_for_the_first_of_them",
+             "test_stages_are_listed_once", "test_every_string_of_a_config_is_a_possible_dependency",
+             "test_plan_after_runs_finished_reuses_them_and_measures_the_eta",
+             "test_rate_of_the_finished_runs", "test_pending_result_knows_its_folder_and_nothing_else",
+             "test_plan_total_and_eta", "test_format_plan_by_hand", "test_add_flops_counts_each_distinct_model_once",
+             "test_add_flops_without_the_counter_leaves_the_plan_alone", "test_annotations_resolve"]
+#: … and the Ray executor's (a stand-in ray module)
+RAY_UNIT = ["test_ray_waves_dependencies_and_failures", "test_ray_on_a_running_cluster_is_left_running",
+            "test_ray_address_and_start_errors", "test_ray_interrupted_is_a_training_interruption_and_shuts_down",
+            "test_train_task_sets_the_threads_and_resumes_from_a_checkpoint",
+            "test_ray_available_follows_the_import_system"]
+
 #: name → (module file, top-level functions or classes to mutate (None = the whole module), pytest arguments)
 TARGETS: dict[str, tuple[str, tuple[str, ...] | None, list[str]]] = {
     "metrics": ("fastdmtg/metrics.py", None, ["tests/test_metrics.py", "tests/test_bug_guards.py", "-k",
@@ -61,7 +83,7 @@ TARGETS: dict[str, tuple[str, tuple[str, ...] | None, list[str]]] = {
     "dmtg": ("fastdmtg/methods/dmtg.py", None,
              ["tests/test_grouping.py", *[f"tests/test_pruning.py::{t}" for t in PRUNING_UNIT],
               "tests/test_bug_guards.py::test_trainer_applies_the_tau_schedule_each_epoch"]),
-    "pruning": ("fastdmtg/pruning.py", None,
+    "pruning": ("fastdmtg/methods/dmtg_pruning.py", None,
                 [f"tests/test_pruning.py::{t}"
                  for t in [*PRUNING_UNIT, "test_rule_on_hand_states", "test_per_part_flops_by_hand"]]),
     "attributes": ("fastdmtg/tasks/attributes.py", None, ["tests/test_grouping.py", "tests/test_metrics.py"]),
@@ -119,6 +141,52 @@ TARGETS: dict[str, tuple[str, tuple[str, ...] | None, list[str]]] = {
     "ref_gumbel_mask": ("kernels/gumbel_mask.py", ("reference", "gumbel_softmax_from_uniform"),
                         ["tests/test_op_gumbel_mask.py", "tests/test_grouping.py"]),
     "ref_bn_relu_maxpool": ("kernels/bn_relu_maxpool.py", KERNEL_REF, ["tests/test_op_bn_relu_maxpool.py"]),
+    # the training augmentations and CS (issue 27): the hand computations on the toy step of
+    # tests/test_aggregators.py (no training run; the compare tests of that file are slow)
+    "aggregators": ("fastdmtg/methods/aggregators.py", None,
+                    _aggr(*PCGRAD, "test_pcgrad_per_branch_and_on_the_trunk",
+                          "test_aggregator_solver_missing_names_the_install",
+                          "test_aggregation_frees_the_steps_graph_with_the_last_task_backward",
+                          "test_aggregator_update_is_the_aggregator_of_the_jacobian[pcgrad]",
+                          "test_aggregator_update_is_the_aggregator_of_the_jacobian[mgda]",
+                          "test_without_torchjd_the_aggregators_say_how_to_install_it")),
+    "augment": ("fastdmtg/methods/augment.py", None,
+                _aggr(*PCGRAD, "test_uw_loss_and_gradients_by_hand", "test_gradnorm_two_weight_updates_by_hand",
+                      "test_aggregator_update_is_the_aggregator_of_the_jacobian[pcgrad]",
+                      "test_plain_methods_keep_the_plain_backward", "test_shared_blocks_trunk_branches_and_refusals",
+                      "test_last_layer_is_the_last_weight_of_two_or_more_dimensions",
+                      "test_pcgrad_per_branch_and_on_the_trunk",
+                      "test_gradnorm_skips_a_branch_without_tasks_and_uses_the_trunk_without_branch_weights")),
+    "uw": ("fastdmtg/methods/uw.py", None,
+           _aggr("test_uw_loss_and_gradients_by_hand", "test_plain_methods_keep_the_plain_backward",
+                 "test_uw_state_is_checkpointed_with_the_method", "test_uw_factors_by_task_kind_and_results",
+                 "test_uw_and_gradnorm_with_heads_off_a_branch")),
+    "gradnorm": ("fastdmtg/methods/gradnorm.py", None,
+                 _aggr("test_gradnorm_two_weight_updates_by_hand",
+                       "test_gradnorm_renormalises_per_branch_and_leaves_other_weights",
+                       "test_gradnorm_skips_a_branch_without_tasks_and_uses_the_trunk_without_branch_weights",
+                       "test_uw_and_gradnorm_with_heads_off_a_branch", "test_gradnorm_with_more_networks_than_tasks")),
+    "cs": ("fastdmtg/methods/cs.py", None,
+           _aggr("test_cs_similarity_matrix_from_known_gradients",
+                 "test_cs_measures_the_cosine_of_the_task_gradients_of_the_measured_step",
+                 "test_cs_similarity_of_short_and_long_gradients_and_its_results")),
+    # the compare planner (issue 33) on a Comparison of the synthetic data (no training), and the Ray
+    # executor driving a stand-in ray module: tests/test_compare_plan_unit.py (~2 s); the real Ray
+    # runs (tests/test_compare_ray.py, slow) are not in the selection
+    "compare_plan": ("fastdmtg/compare_plan.py",
+                     ("Pending", "PendingValue", "PendingResult", "PlannedRun", "Plan", "Planner", "_strings", "_rate",
+                      "make_plan", "add_flops", "format_plan"),
+                     [*[f"tests/test_compare_plan_unit.py::{t}" for t in PLAN_UNIT],
+                      "tests/test_compare_ray.py::test_dry_run_plan_by_hand",
+                      "tests/test_compare_ray.py::test_progress_total_counts_the_stages"]),
+    "compare_ray": ("fastdmtg/compare_plan.py", ("RayOptions", "ray_available", "_train_task", "run_on_ray"),
+                    [f"tests/test_compare_plan_unit.py::{t}" for t in RAY_UNIT]),
+    # data fingerprints (issue 28): the digests and the comparison by hand, and per format the part
+    # that changed (CelebA, Taskonomy raw; your own folder: tests/test_resume_data.py, slow: training runs)
+    "fingerprint": ("fastdmtg/fingerprint.py", None,
+                    ["tests/test_fingerprint_unit.py",
+                     "tests/test_resume_data.py::test_celeba_fingerprint_names_the_annotation_file_that_changed",
+                     "tests/test_resume_data.py::test_taskonomy_raw_fingerprint_names_its_split_file"]),
 }
 
 EXCLUDE = [

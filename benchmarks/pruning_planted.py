@@ -33,7 +33,7 @@
    without pruning, DMTG K = 3 with pruning at each (ε, P) of ``--prune``; same seed, data order, model
    (Xception, ``--shared-blocks``), optimizer (Adam, constant lr) and τ for all of them.
 
-3. Report: training FLOPs over the whole schedule (``fastdmtg.pruning.per_part_flops`` +
+3. Report: training FLOPs over the whole schedule (``fastdmtg.methods.dmtg_pruning.per_part_flops`` +
    ``training_flops``, 3 × forward × batch per step, with the active heads/branches of every step), wall-clock
    training time (``train_time_s``: optimizer steps only) and whole-run wall time (with validation/test),
    NormGain_L and NormGain_E vs the naive run, groups, whether the planted partition {geometry} / {texture}
@@ -57,12 +57,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from fastdmtg.config import (Config, DataConfig, DMTGConfig, GroupingConfig, ModelConfig, OptimConfig,  # noqa: E402
-                             TrainConfig)
+from fastdmtg.config import Config, DataConfig, GroupingConfig, ModelConfig, OptimConfig, TrainConfig  # noqa: E402
 from fastdmtg.data import taskonomy as tx  # noqa: E402
-from fastdmtg.methods.dmtg import DMTG  # noqa: E402
+from fastdmtg.methods.dmtg import DMTG, DMTGConfig  # noqa: E402
+from fastdmtg.methods.dmtg_pruning import per_part_flops, training_flops  # noqa: E402
 from fastdmtg.models import build_multibranch  # noqa: E402
-from fastdmtg.pruning import per_part_flops, training_flops  # noqa: E402
 from fastdmtg.tasks.taskonomy import TaskonomyTaskSet  # noqa: E402
 from fastdmtg.train import train  # noqa: E402
 
@@ -393,7 +392,7 @@ def markdown(summary: dict) -> str:
          + ", ".join(f"{SHORT[t]} {h / 1e6:.1f} M" for t, h in zip(TASKS, parts["heads"]))
          + f"; the 15 heads are {100 * summary['head_share_k3']:.1f} % of the K=3 training network. "
          "Training FLOPs = 3 × forward × batch, summed over every step with that step's active heads and branches "
-         "(`fastdmtg.pruning.training_flops`).", "",
+         "(`fastdmtg.methods.dmtg_pruning.training_flops`).", "",
          "## Results", "",
          "| run | training FLOPs | vs DMTG K=3 full | train time (s) | run wall (s) | NormGain_L (%) | NormGain_E (%) "
          "| Δ NormGain_L vs full (points) | Δ NormGain_E vs full (points) | groups | planted groups recovered "

@@ -22,7 +22,7 @@ import torch
 
 from . import ops
 from .config import Config, resolved_branches
-from .methods import GroupingMethod, build_method
+from .methods import GroupingMethod, build_method, method_class
 from .models import BranchedNet, build_multibranch
 from .models.batched import BatchedMultiBranchNet, supports_batching
 from .step import DDP_GRAPH_WARMUP, StepModule, StepRunner, autocast_factory, set_output_precision, wrap_ddp
@@ -53,6 +53,8 @@ def use_bf16(cfg: Config, device: torch.device) -> bool:
 def resolve_speed(cfg: Config, device: torch.device, world_size: int) -> dict:
     """Turn the auto|on|off speed switches into booleans for this device (everything is eager on CPU)."""
     t = cfg.train
+    method = method_class(cfg.grouping.method)
+    pruning = method.prunes_heads(cfg)          # its head mask may change during training
     cuda = device.type == "cuda"
 
     def pick(name, default_on_cuda):
@@ -74,19 +76,19 @@ def resolve_speed(cfg: Config, device: torch.device, world_size: int) -> dict:
         # opt-in only (auto: off) until measured on several GPUs; docs/kernels.md "CUDA graphs under DDP"
         if t.cuda_graph != "on":
             out["cuda_graph"] = False
-        elif cfg.dmtg.prune_eps > 0:
-            raise ValueError("train.cuda_graph=on under DDP does not combine with head pruning (dmtg.prune_eps > 0): "
+        elif pruning:
+            raise ValueError(f"train.cuda_graph=on under DDP does not combine with head pruning ({method.pruning_switch}): "
                              "DDP then searches unused parameters on the host every step, which a replay skips; "
                              "use train.cuda_graph=off")
         elif cfg.model.sync_bn:
             raise ValueError("train.cuda_graph=on under DDP is not verified with model.sync_bn=true; "
                              "use train.cuda_graph=off")
     _eager_for_augmentation(cfg, out, world_size)
-    if out["batched"] and cfg.dmtg.prune_eps > 0 and cfg.model.sync_bn and world_size > 1:
+    if out["batched"] and pruning and cfg.model.sync_bn and world_size > 1:
         # batched branches skip dead branches through their own BN layers, which SyncBatchNorm
         # conversion replaces (docs/pruning.md): per-branch modules then
         if b == "on":
-            raise ValueError("model.batched=on is not supported with dmtg.prune_eps > 0 and "
+            raise ValueError(f"model.batched=on is not supported with {method.pruning_switch} and "
                              "model.sync_bn=true under DDP; use model.batched=off")
         out["batched"] = False
     return out
@@ -206,6 +208,7 @@ class TrainingStep:
     speed: dict          # the resolved speed switches (what runs, after the model's own limits)
     mode: str            # eager | compile | graph | compile+graph
     kernels: str         # the backend the fused ops resolve to on this device (triton | reference)
+    prunes_heads: bool = False   # the method's head mask may change during training (HeadsPruned)
 
 
 def build_training_step(cfg: Config, taskset, image_size: int, device: torch.device, *, world_size: int = 1,
@@ -224,7 +227,7 @@ def build_training_step(cfg: Config, taskset, image_size: int, device: torch.dev
     method.set_rank(rank)                       # dmtg.ddp_noise: one shared draw per step, or per rank
     optimizer = build_optimizer(cfg, list(model.parameters()) + list(method.parameters()), device,
                                 capturable=speed["cuda_graph"])
-    pruning = cfg.dmtg.prune_eps > 0
+    pruning = method.prunes_heads(cfg)          # its head mask may change during training (HeadsPruned)
     module = build_step_module(model, method, taskset, cfg, device, speed)
     warmup = 3
     if world_size > 1:
@@ -239,4 +242,4 @@ def build_training_step(cfg: Config, taskset, image_size: int, device: torch.dev
                         step_backward=augment)
     if speed["compile"] and pruning:
         _raise_dynamo_limits(cfg, taskset.num_tasks)
-    return TrainingStep(model, method, optimizer, runner, speed, mode, kernels)
+    return TrainingStep(model, method, optimizer, runner, speed, mode, kernels, pruning)

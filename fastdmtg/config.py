@@ -17,17 +17,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .configcheck import ConfigError
+from .configcheck import check as _check
 from .data import registry as _formats
 from .data.registry import FORMATS
+from .methods import AUGMENTABLE, AUGMENTATIONS, METHODS, config_sections, method_class
 from .registry import LOADER_BACKENDS
-
-class ConfigError(ValueError):
-    """A configuration value is invalid; the message names the field."""
-
-
-def _check(cond: bool, msg: str) -> None:
-    if not cond:
-        raise ConfigError(msg)
 
 
 @dataclass
@@ -156,7 +151,7 @@ Partition = list[list[typing.Union[int, str]]]
 @dataclass
 class GroupingConfig:
     """Which grouping method trains, and the groups of the methods that are given them. Each method's
-    own settings live in its own section (``dmtg``, ``tag``)."""
+    own settings live in its own section, which the method declares (``GroupingMethod.config_section``)."""
     method: str = "dmtg"                # dmtg | naive-mtl | fixed | tag-affinity | networks | cs-affinity | uw | gradnorm |
     # pcgrad | mgda | cagrad | nash-mtl | imtl | aligned-mtl | upgrad (fastdmtg.methods)
     # fixed / networks: the tasks of each group (fixed: a partition, every task once; networks: the tasks
@@ -166,7 +161,6 @@ class GroupingConfig:
     auxiliary: Partition = field(default_factory=list)
 
     def __post_init__(self):
-        from .methods import METHODS
         _check(self.method in METHODS, f"grouping.method: expected one of {'|'.join(sorted(METHODS))}, "
                                        f"got {self.method!r}")
         from .partition import check_shape
@@ -174,104 +168,23 @@ class GroupingConfig:
             check_shape(self.groups, self.auxiliary)
         except ValueError as e:
             raise ConfigError(str(e)) from None
-        if self.method in ("fixed", "networks"):
+        cls = method_class(self.method)
+        if cls.groups_example:
             _check(bool(self.groups), f"grouping.groups: method {self.method!r} needs its groups, e.g. "
-                                      f"--set 'grouping.groups={'0,1|2' if self.method == 'fixed' else '0,1,+2|2,3'}'")
+                                      f"--set 'grouping.groups={cls.groups_example}'")
         else:
-            _check(not self.groups, f"grouping.groups: only methods fixed and networks take groups "
+            given = [m for m in METHODS if method_class(m).groups_example]
+            _check(not self.groups, f"grouping.groups: only methods {' and '.join(given)} take groups "
                                     f"(grouping.method={self.method})")
-        _check(not any(self.auxiliary) or self.method == "networks",
-               "grouping.auxiliary: auxiliary tasks ('+') need grouping.method=networks")
-
-
-@dataclass
-class DMTGConfig:
-    """DMTG (grouping.method=dmtg): the Gumbel-softmax relaxation of the N×K logits S and head pruning."""
-    tau: float = 2.5                    # constant Gumbel-softmax temperature
-    tau_schedule: str = "constant"      # constant | anneal  (tau_e = max(tau_end, tau_start * tau_decay**epoch))
-    tau_start: float = 100.0
-    tau_end: float = 4.0
-    tau_decay: float = 0.5
-    init_logit: float = 1.0             # S initial value (reference: exactly 1.0 everywhere)
-    hard: bool = False                  # straight-through one-hot samples (reference: soft)
-    prune_eps: float = 0.0              # head pruning (docs/pruning.md): drop head (i,k) once its
-    prune_patience: int = 100           # probability stayed < prune_eps for prune_patience steps; 0 = off
-    # DDP: shared = every rank draws the same Gumbel sample (one draw per global step, the release: all
-    # ranks seeded alike); per_rank = rank r draws its own (seed offset r·2^40)
-    ddp_noise: str = "shared"           # shared | per_rank
-
-    def __post_init__(self):
-        _check(0.0 <= self.prune_eps < 1.0, f"dmtg.prune_eps must be in [0, 1), got {self.prune_eps}")
-        _check(self.prune_patience >= 1, f"dmtg.prune_patience must be >= 1, got {self.prune_patience}")
-        if self.prune_eps > 0:
-            _check(not self.hard, "dmtg.prune_eps > 0 is not supported with dmtg.hard=true")
-        _check(self.tau > 0, f"dmtg.tau must be > 0, got {self.tau}")
-        _check(self.ddp_noise in ("shared", "per_rank"),
-               f"dmtg.ddp_noise: expected shared|per_rank, got {self.ddp_noise!r}")
-        _check(self.tau_schedule in ("constant", "anneal"),
-               f"dmtg.tau_schedule: expected constant|anneal, got {self.tau_schedule!r}")
-        if self.tau_schedule == "anneal":
-            _check(self.tau_start > 0 and self.tau_end > 0, "dmtg.tau_start/tau_end must be > 0")
-            _check(0 < self.tau_decay <= 1, f"dmtg.tau_decay must be in (0, 1], got {self.tau_decay}")
-
-
-@dataclass
-class TagConfig:
-    """TAG's affinity measurement (grouping.method=tag-affinity)."""
-    affinity_every: int = 10            # steps between lookahead affinity measurements
-
-    def __post_init__(self):
-        _check(self.affinity_every >= 1, f"tag.affinity_every must be >= 1, got {self.affinity_every}")
+        _check(not any(self.auxiliary) or cls.takes_auxiliary,
+               "grouping.auxiliary: auxiliary tasks ('+') need grouping.method="
+               + "|".join(m for m in METHODS if method_class(m).takes_auxiliary))
 
 
 #: the largest optim.lr accepted: no rate near it trains anything (Adam moves every weight by about lr
 #: in its first step), and from ~3e37 up the optimizers' step sizes overflow float32 (a traceback
 #: inside torch.optim instead of the run's non-finite-loss stop)
 MAX_LR = 1e6
-
-
-@dataclass
-class CSConfig:
-    """The TAG paper's cosine-similarity grouping baseline (grouping.method=cs-affinity): the
-    measurement run (fastdmtg/methods/cs.py)."""
-    every: int = 10                     # steps between measurements of the task gradients' cosines
-
-    def __post_init__(self):
-        _check(self.every >= 1, f"cs.every must be >= 1, got {self.every}")
-
-
-@dataclass
-class UWConfig:
-    """Uncertainty weighting (Kendall et al. 2018; grouping.method=uw or train.aggregator=uw)."""
-    # paper = eq. (7)/(10) with s = log σ²: classification exp(−s)·L + s/2, regression ½·exp(−s)·L + s/2;
-    # uniform = exp(−s)·L + s for every task (the form most implementations use)
-    form: str = "paper"                 # paper | uniform
-
-    def __post_init__(self):
-        _check(self.form in ("paper", "uniform"), f"uw.form: expected paper|uniform, got {self.form!r}")
-
-
-@dataclass
-class GradNormConfig:
-    """GradNorm (Chen et al. 2018; grouping.method=gradnorm or train.aggregator=gradnorm)."""
-    # the restoring-force asymmetry α; the TAG paper searches {0.1, 0.5, 1.0, 1.5, 2.0, 3.0, 5.0}
-    alpha: float = 1.5
-
-    def __post_init__(self):
-        _check(self.alpha >= 0, f"gradnorm.alpha must be >= 0, got {self.alpha}")
-
-
-@dataclass
-class AggregationConfig:
-    """The torchjd aggregators' hyper-parameters (grouping.method=cagrad | nash-mtl, or train.aggregator)."""
-    cagrad_c: float = 0.4               # CAGrad's ball radius scale c (the CAGrad paper's image-MTL value)
-    nash_max_norm: float = 1.0          # Nash-MTL: clip ‖Jᵀw‖ to this (0: off); the paper's code default
-    nash_update_every: int = 1          # Nash-MTL: solve for new weights every this many steps
-
-    def __post_init__(self):
-        _check(self.cagrad_c >= 0, f"aggregation.cagrad_c must be >= 0, got {self.cagrad_c}")
-        _check(self.nash_max_norm >= 0, f"aggregation.nash_max_norm must be >= 0, got {self.nash_max_norm}")
-        _check(self.nash_update_every >= 1, f"aggregation.nash_update_every must be >= 1, got {self.nash_update_every}")
 
 
 @dataclass
@@ -375,37 +288,27 @@ class TrainConfig:
                    f"train.logger names the trackers next to it: {'|'.join(n for n in TRACKERS if n != 'tensorboard')}")
             _check(name in TRACKERS, f"train.logger: unknown tracker {name!r}; expected "
                    f"{'|'.join(n for n in TRACKERS if n != 'tensorboard')} (comma-separated)")
-        from .methods import AUGMENTATIONS
         _check(self.aggregator == "none" or self.aggregator in AUGMENTATIONS,
                f"train.aggregator: expected none|{'|'.join(AUGMENTATIONS)}, got {self.aggregator!r}")
 
 
-@dataclass
-class Config:
-    name: str = "run"
-    data: DataConfig = field(default_factory=DataConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    grouping: GroupingConfig = field(default_factory=GroupingConfig)
-    dmtg: DMTGConfig = field(default_factory=DMTGConfig)
-    tag: TagConfig = field(default_factory=TagConfig)
-    cs: CSConfig = field(default_factory=CSConfig)
-    uw: UWConfig = field(default_factory=UWConfig)
-    gradnorm: GradNormConfig = field(default_factory=GradNormConfig)
-    aggregation: AggregationConfig = field(default_factory=AggregationConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
+class _ConfigBody:
+    """The behaviour of ``Config``, the typed config: the sections ``data``, ``model``, ``grouping``,
+    each method's own (``METHOD_SECTIONS``: ``dmtg``, ``tag``, …, declared by the methods), ``optim``,
+    ``train``; ``Config`` is this with those sections as dataclass fields."""
 
     def __post_init__(self):
         _check_finite(self)
         _resolve_paths(self)
-        method = self.grouping.method
-        if self.dmtg.prune_eps > 0:
-            _check(method == "dmtg", f"dmtg.prune_eps > 0 (head pruning) needs grouping.method=dmtg, got {method}")
+        for section in METHOD_SECTIONS:          # a section's rules across sections (e.g. dmtg.prune_eps)
+            rule = getattr(getattr(self, section), "check_config", None)
+            if rule is not None:
+                rule(self)
         _check_aggregator(self)
+        method = self.grouping.method
         k = method_branches(self, None)
         if self.model.branches and k is not None and self.model.branches != k:
-            why = ("one encoder for all tasks" if k == 1 and method not in ("fixed", "networks")
-                   else f"one branch per group of grouping.groups ({k})")
+            why = method_class(method).branches_reason(self, k)
             raise ConfigError(f"model.branches={self.model.branches}, but grouping.method={method} trains {k} "
                               f"branch(es) ({why}); set model.branches={k}, or 0 (auto)")
 
@@ -464,15 +367,21 @@ class Config:
             raise ConfigError(f"{path}: {e}") from None
 
 
-_SECTIONS = {"data": DataConfig, "model": ModelConfig, "grouping": GroupingConfig, "dmtg": DMTGConfig,
-             "tag": TagConfig, "cs": CSConfig, "uw": UWConfig, "gradnorm": GradNormConfig,
-             "aggregation": AggregationConfig, "optim": OptimConfig, "train": TrainConfig}
+#: the methods' own sections (section → dataclass), declared by the methods (GroupingMethod.config_section)
+#: and gathered from the methods registry, in its order
+METHOD_SECTIONS: dict[str, type] = config_sections()
+_SECTIONS: dict[str, type] = {"data": DataConfig, "model": ModelConfig, "grouping": GroupingConfig,
+                              **METHOD_SECTIONS, "optim": OptimConfig, "train": TrainConfig}
+#: the typed config: ``name`` and one field per section, in _SECTIONS' order (config.json's order)
+Config = dataclasses.make_dataclass(
+    "Config", [("name", str, field(default="run"))] + [(sec, cls, field(default_factory=cls))
+                                                      for sec, cls in _SECTIONS.items()],
+    bases=(_ConfigBody,), namespace={"__module__": __name__})
 
 
 def _check_aggregator(cfg: "Config") -> None:
     """train.aggregator trains the networks of a method with constant 0/1 weights; a method that is
     itself an augmentation (grouping.method=pcgrad, …) already names its own."""
-    from .methods import AUGMENTABLE, AUGMENTATIONS
     agg, method = cfg.train.aggregator, cfg.grouping.method
     if agg == "none":
         return
@@ -538,18 +447,12 @@ _EXPECT = {bool: "true or false", int: "an integer", float: "a number", str: "a 
 
 
 def method_branches(cfg: "Config", num_tasks: int | None) -> int | None:
-    """K for model.branches=0 (auto): naive-mtl, tag-affinity, cs-affinity and the
-    augmentations (uw, gradnorm, pcgrad, …) 1 (one encoder for all tasks), fixed
-    and networks one branch per group, dmtg min(3, N) (3: the paper's CelebA-9 / Taskonomy default; a
-    folder of fewer tasks gets one branch per task at most). None: not known yet (dmtg before the number
-    of tasks N is known: the builder resolves it with the opened data)."""
-    method = cfg.grouping.method
-    from .methods import AUGMENTATIONS
-    if method in ("naive-mtl", "tag-affinity", "cs-affinity") or method in AUGMENTATIONS:
-        return 1
-    if method in ("fixed", "networks"):
-        return len(cfg.grouping.groups)
-    return None if num_tasks is None else min(3, num_tasks)
+    """K for model.branches=0 (auto), as the method declares it (``GroupingMethod.auto_branches``):
+    naive-mtl, tag-affinity, cs-affinity and the augmentations (uw, gradnorm, pcgrad, …) 1 (one encoder
+    for all tasks), fixed and networks one branch per group, dmtg min(3, N) (3: the paper's CelebA-9 /
+    Taskonomy default; a folder of fewer tasks gets one branch per task at most). None: not known yet
+    (dmtg before the number of tasks N is known: the builder resolves it with the opened data)."""
+    return method_class(cfg.grouping.method).auto_branches(cfg, num_tasks)
 
 
 def resolved_branches(cfg: "Config", num_tasks: int) -> "Config":

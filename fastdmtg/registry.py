@@ -18,11 +18,16 @@ class Registry(dict):
     """One extension point's table: name → "module:attribute", the module imported on first ``load``.
     A dict, so that listing and checking names (config validation, ``fastdmtg recipes``) imports none
     of the modules; ``kind`` and ``field`` name the thing and its config field in the error for an
-    unknown name."""
+    unknown name; ``group``: an entry-point group whose entries other packages add (a built-in name
+    is not replaced)."""
 
-    def __init__(self, kind: str, field: str, entries: dict[str, str]):
+    def __init__(self, kind: str, field: str, entries: dict[str, str], group: str | None = None):
         super().__init__(entries)
         self.kind, self.field = kind, field
+        if group is not None:
+            # entries of other packages: their entry points of ``group`` (name = "module:attribute")
+            from importlib.metadata import entry_points
+            self.update({ep.name: ep.value for ep in entry_points(group=group) if ep.name not in entries})
 
     def load(self, name: str):
         """The attribute registered as ``name``; an unknown name is a ValueError naming the field and

@@ -87,9 +87,10 @@ def _env(t: Trainer) -> dict:
             "python": platform.python_version(), "kernels": ops.resolve_backend(t.cfg.train.kernels, t.device)}
 
 
-def run_results(t: Trainer, test: dict, assignment: list[int], prune_res: dict | None) -> dict:
+def run_results(t: Trainer, test: dict, assignment: list[int], extra: dict) -> dict:
     """results.json's content for the kept model (``test``: its test evaluation, ``assignment``: its
-    head per task), from the trainer's state at the end of the run."""
+    head per task, ``extra``: the method's results over the whole run), from the trainer's state at
+    the end of the run."""
     cfg, names = t.cfg, t.taskset.names
     res = {
         "name": cfg.name, "method": cfg.grouping.method, "dataset": cfg.data.dataset, "tasks": names,
@@ -107,11 +108,9 @@ def run_results(t: Trainer, test: dict, assignment: list[int], prune_res: dict |
     if probs is not None:
         res["probabilities"] = probs.cpu().tolist()
     _grouping_confidence(res)
-    res.update(t.method.extra_results())
+    res.update(extra)
     if t.method.step_backward() is not None:           # a training augmentation: its learned state
         res["augmentation"] = t.method.step_backward().results()
-    if prune_res is not None:
-        res["pruning"] = prune_res
     if cfg.train.reference:
         res.update(compare_to_reference(cfg.train.reference, test))
     res["diverged"] = t.divergence is not None

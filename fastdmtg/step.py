@@ -48,6 +48,8 @@ import warnings
 import torch
 from torch import nn
 
+from .models.multibranch import FP32Output
+
 # eager DDP steps before a whole-step capture (PyTorch CUDA-graph notes: "at least 11")
 DDP_GRAPH_WARMUP = 11
 
@@ -237,13 +239,13 @@ def wrap_ddp(module: nn.Module, device: torch.device, find_unused_parameters: bo
 
 
 def set_output_precision(model: nn.Module, keep_fp32: bool) -> int:
-    """The precision policy's switch (``train.amp``): every task head that declares ``keep_fp32`` (the
-    dense decoders, ``LinearHeads``, the batched net's stacked heads) runs in fp32 under bf16 autocast
+    """The precision policy's switch (``train.amp``): every task head declared a
+    ``models.multibranch.FP32Output`` (the dense decoders, ``LinearHeads``, the batched net's stacked heads) runs in fp32 under bf16 autocast
     when ``keep_fp32`` (train.amp=mixed/auto), in bf16 otherwise (train.amp=bf16). Returns the number
     of modules set."""
     n = 0
     for m in model.modules():
-        if hasattr(type(m), "keep_fp32"):
+        if isinstance(m, FP32Output):
             m.keep_fp32 = bool(keep_fp32)
             n += 1
     return n

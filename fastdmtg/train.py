@@ -38,7 +38,7 @@ from . import results_writer
 from .config import Config, check_init
 from .log import bars_on, get_logger
 from .pipelines import build_source
-from .methods import AffinityMeasured, HeadsPruned, StepContext
+from .methods import AffinityMeasured, HeadsPruned, RunTotals, StepContext
 from .metrics import summarize
 from .models import BranchedNet, GroupedNet
 from .results_writer import divergence_text
@@ -272,7 +272,6 @@ class Trainer:
         # bars: --progress/--no-progress when given, else train.progress on a terminal only
         self.progress = bars_on(progress, cfg.train.progress) and self.is_main
         self.device = ddp_device if ddp_device is not None else resolve_device(cfg.train.device)
-        self.pruning = cfg.dmtg.prune_eps > 0
         self.prune_rank_checks = 0      # drop steps whose mask was compared across DDP ranks
         ops.resolve_backend(cfg.train.kernels, self.device)   # fails here, not mid-step, if triton is missing
         torch.manual_seed(cfg.train.seed)
@@ -287,7 +286,7 @@ class Trainer:
         step = build_training_step(cfg, self.taskset, self.data.image_size, self.device, world_size=self.world_size,
                                    rank=self.rank, init_from=None if resume else cfg.train.init_from)
         self.model, self.method, self.optimizer, self.runner = step.model, step.method, step.optimizer, step.runner
-        self.speed = step.speed
+        self.speed, self.pruning = step.speed, step.prunes_heads    # pruning: the head mask may change
         self.scheduler = build_scheduler(cfg, self.optimizer)
         self.amp = eval_autocast(cfg, self.device)        # evaluation precision (fp32 unless amp=bf16)
         self.global_batch = cfg.train.batch_size * self.world_size
@@ -437,7 +436,7 @@ class Trainer:
         """Apply the method's decisions of this step to the model, optimizer and runner."""
         for d in decisions:
             if isinstance(d, HeadsPruned):
-                self._heads_pruned(list(d.events))
+                self._heads_pruned(d)
             elif isinstance(d, AffinityMeasured):
                 self._affinity_measured(d)
             else:
@@ -457,19 +456,21 @@ class Trainer:
             for t, v in zip(self.taskset.names, off):
                 self.writer.add_scalar(f"tag/affinity_onto/{t}", float(v), d.step)
 
-    def _heads_pruned(self, events: list[dict]) -> None:
-        """Heads were dropped after an optimizer step: compute only the remaining heads from the
-        next step on and re-capture the CUDA graph."""
+    def _heads_pruned(self, d: HeadsPruned) -> None:
+        """Heads were dropped after an optimizer step: compute only the remaining heads (``d.mask``)
+        from the next step on and re-capture the CUDA graph."""
+        events = list(d.events)
         if self.world_size > 1:
             # the rule reads only all-reduced state (S, τ), so every rank must have dropped the same
             # heads at this step; checked at each drop (rare), since a mismatch would make the
             # ranks train different networks silently
-            bad = dist_utils.ranks_differing(self.method.prune_active)
+            bad = dist_utils.ranks_differing(d.mask)
             if bad:
                 raise RuntimeError(f"head pruning diverged across DDP ranks at step {events[0]['step']}: "
                                    f"ranks {bad} hold another active-head mask than rank 0")
             self.prune_rank_checks += 1
-        self._apply_head_mask()
+        # the batched form may permute parameter blocks in place: the optimizer's state moves with them
+        self.model.set_active(d.mask, optimizer=self.optimizer)
         self.runner.invalidate()
         names = self.taskset.names
         for e in events:
@@ -477,25 +478,12 @@ class Trainer:
             if self.is_main:
                 log.info(f"pruning: step {e['step']}: dropped head (task {e['task_name']}, branch "
                          f"{e['branch'] + 1} of {self.method.num_branches}), "
-                         f"p={e['probability']:.3g} < eps={self.cfg.dmtg.prune_eps:g} for "
-                         f"{self.cfg.dmtg.prune_patience} steps")
-        mask = self.method.head_mask()
-        if mask is not None and self.is_main:
+                         f"p={e['probability']:.3g} {d.rule}")
+        mask = d.mask
+        if self.is_main:
             dead = [k + 1 for k in range(mask.shape[1]) if not bool(mask[:, k].any())]
             if dead:
                 log.info(f"pruning: branches no longer computed (numbered 1..K): {dead}")
-
-    def pruning_summary(self) -> dict:
-        from .pruning import branch_steps, head_steps
-        st = self.method.prune_step
-        names = self.taskset.names
-        ev = [dict(e, task_name=names[e["task"]]) for e in self.method.prune_events()]
-        hs = head_steps(st, self.global_step)
-        return {"eps": self.cfg.dmtg.prune_eps, "patience": self.cfg.dmtg.prune_patience,
-                "events": ev, "ddp_checked_drop_steps": self.prune_rank_checks, "active": self.method.prune_active.cpu().tolist(),
-                "total_steps": self.global_step, "head_steps": hs.tolist(),
-                "branch_steps": branch_steps(st, self.global_step).tolist(),
-                "head_step_fraction": float(hs.sum()) / max(hs.numel() * self.global_step, 1)}
 
     def save_last(self) -> None:
         self._check_state_finite(str(self.ckpt_dir / ckpt.LAST))
@@ -621,13 +609,8 @@ class Trainer:
         rec["assignment"] = self.method.assignment().cpu().tolist()
         if self.config_changes:                   # resume-safe changes that took effect in this epoch
             rec["config_changes"], self.config_changes = self.config_changes, []
-        if self.pruning:
-            # from the saved state (exact across resume): the heads dropped during this epoch
-            prev = self.history[-1]["global_step"] if self.history else 0
-            names = self.taskset.names
-            rec["pruned"] = [dict(e, task_name=names[e["task"]]) for e in self.method.prune_events()
-                             if prev < e["step"] <= self.global_step]
-            rec["active_heads"] = int(self.method.prune_active.sum())
+        # the method's entries for the epoch's steps (DMTG: the heads dropped, from its saved state)
+        rec.update(self.method.epoch_record(self.history[-1]["global_step"] if self.history else 0, self.global_step))
         return rec
 
     def _validate(self, rec: dict, train_loss: float) -> tuple[BaseException | None, float]:
@@ -709,7 +692,8 @@ class Trainer:
         if not self.is_main:
             dist_utils.barrier()
             return {}
-        prune_res = self.pruning_summary() if self.pruning else None      # the whole schedule, before best.pt
+        # the method's results over the whole run (DMTG: the pruning schedule), before best.pt is loaded
+        extra = self.method.extra_results(RunTotals(self.global_step, self.prune_rank_checks))
         best = ckpt.load_checkpoint(self.ckpt_dir / "best.pt", map_location=self.device)
         self.model.load_state_dict(best["model"])
         self.method.load_state_dict(best["method"])
@@ -723,7 +707,7 @@ class Trainer:
         grouped = GroupedNet.from_multibranch(self.model.to_multibranch(), assignment)
         from .export import save_grouped
         save_grouped(self.run_dir, grouped, cfg, names, self.data.image_size)
-        res = results_writer.run_results(self, test, assignment, prune_res)
+        res = results_writer.run_results(self, test, assignment, extra)
         res = results_writer.write_results(self, res)
         dist_utils.barrier()
         return res

@@ -451,3 +451,255 @@ def test_augmentations_on_celeba_and_your_own_folder(name, tmp_path):
     step = _one_step(cfg, ["branch 1"])
     if name == "uw":                  # smile (binary), hair (multiclass): 1; age (regression): ½
         assert step.method.augment.factor[:, 0].tolist() == [1.0, 1.0, 0.5]
+
+
+# ----------------------------------------------------------------------------- K branches, a trunk (unit)
+# The toy step with K branches (each a (1, 2) vector θ_k, or none: the branch then uses the trunk's θ)
+# and the method's weights z given: L_ik = a_i · θ_k + b_i + ½ h_i²  (h: the heads' parameter).
+# Written from mutants of benchmarks/mutation.py (docs/testing.md) that the one-branch toy cannot tell.
+
+class _Weights:
+    def __init__(self, z):
+        self.z = torch.as_tensor(z, dtype=torch.float64)
+
+    def weights(self):
+        return self.z
+
+
+class ToyNetK(nn.Module):
+    def __init__(self, thetas, heads, trunk=None):
+        super().__init__()
+        self.shared = nn.Sequential() if trunk is None else _Param([trunk])
+        self.branches = nn.ModuleList([nn.Sequential() if t is None else _Param([t]) for t in thetas])
+        self.heads = nn.ModuleList([_Param(heads)])
+
+
+class ToyStepK:
+    def __init__(self, A, b, thetas, heads, z, trunk=None, kinds=None, saves=False):
+        self.saves = saves
+        self.A, self.b = torch.tensor(A, dtype=torch.float64), torch.tensor(b, dtype=torch.float64)
+        self.model = ToyNetK(thetas, heads, trunk)
+        self.method = _Weights(z)
+        self.taskset = ToyTasks(kinds or ["class"] * len(b))
+
+    def outputs(self, batch):
+        thetas = [br.weight.view(-1) if isinstance(br, _Param) else self.model.shared.weight.view(-1)
+                  for br in self.model.branches]
+        out = torch.stack(thetas, 1)                                    # (2, K)
+        # ** 1.0 keeps the values and gradients but saves its input for the backward, as a network's
+        # layers do: a backward pass that frees the graph makes a later one through it fail
+        if self.saves:
+            self.last_out = out ** 1.0
+            return self.last_out
+        return out
+
+    def losses(self, outputs, batch, z):
+        h = self.model.heads[0].weight
+        L = self.A @ outputs + self.b[:, None] + 0.5 * (h ** 2)[:, None]     # (N, K)
+        return (z.to(L.dtype) * L).sum(), L.detach()
+
+
+def _bound(name, toy, groups=None, **sections):
+    """The augmentation ``name`` bound to the toy: on naive MTL (K = 1), or on fixed ``groups`` (K of them)."""
+    if groups is None:
+        cfg = evolve(get_recipe("synthetic_naive"), grouping={"method": name}, **sections)
+    else:
+        cfg = evolve(get_recipe("synthetic_naive"), grouping={"method": "fixed", "groups": groups},
+                     model={"branches": 0}, train={"aggregator": name}, **sections)
+    aug = build_method(cfg, len(toy.b)).step_backward()
+    aug.bind(toy.model, toy.taskset, toy.method.weights())
+    return aug
+
+
+def test_shared_blocks_trunk_branches_and_refusals():
+    """Blocks: the trunk (every active head, task-major) and each branch with an active head and
+    parameters of its own; a branch without heads or without parameters is none."""
+    from fastdmtg.methods.augment import active_heads, shared_blocks
+    z = torch.tensor([[1.0, 0.0, 0.0], [1.0, 0.0, 1.0], [0.0, 0.0, 1.0]])
+    model = ToyNetK([[1.0, 0.0], [0.0, 1.0], None], [0.0, 0.0, 0.0], trunk=[1.0, 1.0])
+    assert active_heads(z) == [(0, 0), (1, 0), (1, 2), (2, 2)]
+    blocks = shared_blocks(model, z)
+    assert [(b.name, b.heads) for b in blocks] == [("trunk", [(0, 0), (1, 0), (1, 2), (2, 2)]),
+                                                   ("branch 1", [(0, 0), (1, 0)])]
+    assert blocks[0].params == [model.shared.weight] and blocks[1].params == [model.branches[0].weight]
+    model.shared.weight.requires_grad_(False)                          # a frozen trunk: no block
+    model.branches[0].weight.requires_grad_(False)
+    assert shared_blocks(model, z) == []
+    with pytest.raises(ValueError, match="needs per-branch modules"):
+        shared_blocks(nn.Linear(2, 2), z)
+    for bad in (torch.tensor([[0.5, 1.0]]), torch.tensor([[1.0, 2.0]]), torch.tensor([[-1.0, 0.0]])):
+        with pytest.raises(ValueError, match="constant 0/1 weights"):
+            active_heads(bad)
+
+
+def test_last_layer_is_the_last_weight_of_two_or_more_dimensions():
+    from fastdmtg.methods.augment import head_params, last_layer
+    lin, conv, bn, bias = torch.zeros(3, 2), torch.zeros(2, 2, 3, 3), torch.zeros(2), torch.zeros(3)
+    assert last_layer([conv, lin, bn]) is lin
+    assert last_layer([lin, conv, bn, bias]) is conv
+    assert last_layer([lin]) is lin
+    one = torch.zeros(1)
+    assert last_layer([bias, bn, one]) is one and last_layer([bias, bn]) is bn    # only 1-d: the last one
+    net = ToyNetK([[1.0, 0.0]], [1.0, 2.0])
+    net.heads.append(_Param([3.0]))
+    net.heads[1].weight.requires_grad_(False)
+    assert head_params(net) == [net.heads[0].weight]                    # the trainable ones
+
+
+def test_pcgrad_per_branch_and_on_the_trunk():
+    """K = 2, z = [[1, 0], [1, 0], [0, 1]]: branch 1 holds tasks 0, 1 (conflicting: PCGrad's (½, 3/2)
+    as in the one-branch case), branch 2 task 2 alone (its own gradient, nothing to aggregate)."""
+    pytest.importorskip("torchjd")
+    z = [[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]]
+    toy = ToyStepK([[1.0, 0.0], [-1.0, 1.0], [2.0, -3.0]], [1.0, 1.0, 1.0], [[0.3, -0.2], [0.1, 0.1]],
+                   [2.0, -3.0, 1.0], z)
+    toy.model.heads.append(_Param([0.0]))                   # a head the step does not run: no gradient
+    # a shared parameter no loss reaches (a layer the forward skips): a zero column of J, a zero update
+    toy.model.branches[0].unused = nn.Parameter(torch.ones(3, dtype=torch.float64))
+    aug = _bound("pcgrad", toy, groups=[[0, 1], [2]])
+    assert [(b.name, b.heads) for b in aug.blocks] == [("branch 1", [(0, 0), (1, 0)]), ("branch 2", [(2, 1)])]
+    assert aug.aggregators[1] is None
+    aug(toy, BATCH)
+    assert toy.model.heads[1].weight.grad is None
+    assert toy.model.branches[0].weight.grad.view(-1).tolist() == pytest.approx([0.5, 1.5])
+    assert toy.model.branches[1].weight.grad.view(-1).tolist() == pytest.approx([2.0, -3.0])
+    assert toy.model.heads[0].weight.grad.tolist() == pytest.approx([2.0, -3.0, 1.0])
+    (J1, v1), (J2, v2) = aug.last
+    assert J1.tolist() == [[1.0, 0.0, 0.0, 0.0, 0.0], [-1.0, 1.0, 0.0, 0.0, 0.0]] and J2.tolist() == [[2.0, -3.0]]
+    assert toy.model.branches[0].unused.grad.tolist() == [0.0, 0.0, 0.0]
+    # a trunk shared by both branches, the branches without parameters: one block, the trunk, all heads
+    toy = ToyStepK([[1.0, 0.0], [-1.0, 1.0], [2.0, 2.0]], [1.0, 1.0, 1.0], [None, None], [0.0, 0.0, 0.0], z,
+                   trunk=[0.0, 0.0])
+    aug = _bound("pcgrad", toy, groups=[[0, 1], [2]])
+    assert [(b.name, b.heads) for b in aug.blocks] == [("trunk", [(0, 0), (1, 0), (2, 1)])]
+    aug(toy, BATCH)
+    J, v = aug.last[0]
+    assert J.tolist() == [[1.0, 0.0], [-1.0, 1.0], [2.0, 2.0]]
+    assert toy.model.shared.weight.grad.view(-1).tolist() == pytest.approx(v.tolist())
+
+
+def test_aggregator_solver_missing_names_the_install(monkeypatch):
+    pytest.importorskip("torchjd")
+    import sys
+    from fastdmtg.methods.aggregators import make_aggregator
+    cfg = get_recipe("synthetic_naive")
+    monkeypatch.setitem(sys.modules, "cvxpy", None)
+    with pytest.raises(ValueError, match=r"^cagrad: .*\(or pip install 'fastdmtg\[aggregators\]'\)$"):
+        make_aggregator("cagrad", cfg, 2)
+
+
+def test_gradnorm_renormalises_per_branch_and_leaves_other_weights():
+    """Σ_{T_k} w = |T_k| per branch; weights outside the method's heads stay as they are; a one-task
+    branch's weight is 1 whatever it was (also below 1)."""
+    z = [[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]]
+    toy = ToyStepK([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]], [1.0, 1.0, 1.0], [[1.0, 1.0], [1.0, 1.0]],
+                   [0.0, 0.0, 0.0], z)
+    aug = _bound("gradnorm", toy, groups=[[0, 1], [2]])
+    with torch.no_grad():
+        aug.weight.copy_(torch.tensor([[0.5, 7.0], [1.0, 3.0], [9.0, 0.25]]))
+    aug.renormalise()
+    assert aug.weight.tolist() == [pytest.approx([0.5 * 2 / 1.5, 7.0]), pytest.approx([1.0 * 2 / 1.5, 3.0]),
+                                   pytest.approx([9.0, 1.0])]
+    assert aug.results()["weight"] == aug.weight.tolist() and aug.results()["alpha"] == 1.5
+    from fastdmtg.methods.gradnorm import GradNorm
+    assert GradNorm(3, 2).alpha == 1.5                                  # the paper's CelebA/NYU value
+
+
+def test_gradnorm_skips_a_branch_without_tasks_and_uses_the_trunk_without_branch_weights():
+    """Branch 1 has no task (z = 0): GradNorm on branch 2 alone, with the numbers of the one-branch
+    hand test (∂L_grad/∂w = (+3, −1) at step 1). Then the same with the branches parameter-free: W is
+    the trunk's last layer."""
+    for thetas, trunk in (([[5.0, 5.0], [1.0, 1.0]], None), ([None, None], [1.0, 1.0])):
+        toy = ToyStepK([[3.0, 0.0], [0.0, 1.0]], [1.0, 1.0], thetas, [0.0, 0.0], [[0.0, 1.0], [0.0, 1.0]],
+                       trunk=trunk)
+        aug = _bound("gradnorm", toy, groups=[[0], [1]], gradnorm={"alpha": 1.5})
+        aug.weight.data = aug.weight.data.double()
+        aug(toy, BATCH)
+        assert aug.weight.grad.tolist() == [[0.0, 3.0], [0.0, -1.0]]
+        assert aug.initial_loss.tolist() == [[0.0, 4.0], [0.0, 2.0]]
+        W = toy.model.branches[1].weight if trunk is None else toy.model.shared.weight
+        assert W.grad.view(-1).tolist() == pytest.approx([3.0, 1.0])
+        assert aug.last["G"] == {(0, 1): pytest.approx(3.0), (1, 1): pytest.approx(1.0)}
+
+
+def test_uw_factors_by_task_kind_and_results():
+    """c = 1 for every classification kind, ½ for the others (paper form); the uniform form keeps 1."""
+    kinds = ["class", "segment", "binary", "multiclass", "regression", "depth"]
+    toy = ToyStepK([[1.0, 0.0]] * 6, [1.0] * 6, [[0.0, 0.0]], [0.0] * 6, [[1.0]] * 6, kinds=kinds)
+    aug = _bound("uw", toy)
+    assert aug.factor[:, 0].tolist() == [1.0, 1.0, 1.0, 1.0, 0.5, 0.5]
+    assert aug.results() == {"name": "uw", "form": "paper", "log_var": [[0.0]] * 6}
+    aug = _bound("uw", toy, uw={"form": "uniform"})
+    assert aug.factor[:, 0].tolist() == [1.0] * 6
+    from fastdmtg.methods.uw import UncertaintyWeighting
+    assert UncertaintyWeighting(2, 1).form == "paper"
+
+
+def test_cs_similarity_of_short_and_long_gradients_and_its_results():
+    """The cosine does not depend on the gradients' lengths (norms below and above 1); extra_results
+    before any measurement (none) and after two (their mean)."""
+    grads = [[torch.tensor([0.5, 0.0])], [torch.tensor([0.01, 0.01])], [torch.tensor([0.0, 3.0])]]
+    s = 1 / math.sqrt(2)
+    assert gradient_cosine(grads).tolist() == [pytest.approx(r) for r in [[1, s, 0], [s, 1, s], [0, s, 1]]]
+    cfg = apply_overrides(get_recipe("synthetic_naive"), ["grouping.method=cs-affinity", "cs.every=3"])
+    m = build_method(cfg, 2)
+    assert m.extra_results() == {"cs_similarity": None, "cs_measurements": 0, "cs_every": 3}
+    with torch.no_grad():
+        m.affinity_sum.copy_(torch.tensor([[2.0, 0.5], [0.5, 2.0]], dtype=torch.float64))
+        m.affinity_count.fill_(2)
+    assert m.extra_results() == {"cs_similarity": [[1.0, 0.25], [0.25, 1.0]], "cs_measurements": 2, "cs_every": 3}
+    m.on_epoch_start(1)                                    # the totals the results are taken from
+    with torch.no_grad():
+        m.affinity_count.fill_(5)
+    assert m.extra_results()["cs_measurements"] == 2
+
+
+def test_uw_and_gradnorm_with_heads_off_a_branch():
+    """K = 2, z = [[1, 0], [0, 1]]: the inactive heads' log-variances get no gradient (UW), and the
+    logged loss of both is Σ z·L over the active heads (UW: L_00 = 1 + 1 = 2, L_11 = 2 + 1 = 3)."""
+    z = [[1.0, 0.0], [0.0, 1.0]]
+    toy = ToyStepK([[1.0, 0.0], [0.0, 1.0]], [1.0, 1.0], [[1.0, 1.0], [2.0, 2.0]], [0.0, 0.0], z,
+                   kinds=["class", "regression"])
+    aug = _bound("uw", toy, groups=[[0], [1]])
+    total, L = aug(toy, BATCH)
+    assert float(total) == pytest.approx(2.0 + 3.0)
+    assert aug.log_var.grad.tolist() == [pytest.approx([-1.0 * 2.0 + 0.5, 0.0]), pytest.approx([0.0, -0.5 * 3.0 + 0.5])]
+    # GradNorm: one task per branch, so G_i = Ḡ and r_i = 1 on each: no weight moves (‖∇L_0‖ = 3 on
+    # branch 1, ‖∇L_1‖ = 1 on branch 2: a task counted on the other branch would make them differ)
+    toy = ToyStepK([[3.0, 0.0], [0.0, 1.0]], [1.0, 1.0], [[1.0, 1.0], [2.0, 2.0]], [0.0, 0.0], z)
+    aug = _bound("gradnorm", toy, groups=[[0], [1]])
+    aug.weight.data = aug.weight.data.double()
+    total, L = aug(toy, BATCH)
+    assert float(total) == pytest.approx(4.0 + 3.0)
+    assert aug.weight.grad.tolist() == [[0.0, 0.0], [0.0, 0.0]]
+    assert aug.last["G"] == {(0, 0): pytest.approx(3.0), (1, 1): pytest.approx(1.0)}
+
+
+def test_gradnorm_with_more_networks_than_tasks():
+    """Overlapping networks {0}, {1}, {0, 1} (K = 3 > N = 2): the third network's two tasks are
+    balanced as in the one-branch hand test (∂L_grad/∂w = (+3, −1)), the one-task networks not at all."""
+    toy = ToyStepK([[3.0, 0.0], [0.0, 1.0]], [1.0, 1.0], [[1.0, 1.0]] * 3, [0.0, 0.0], [[1.0, 0.0, 1.0], [0.0, 1.0, 1.0]],
+                   saves=True)
+    cfg = evolve(get_recipe("synthetic_naive"), grouping={"method": "networks", "groups": [[0], [1], [0, 1]],
+                                                         "auxiliary": [[], [], [0, 1]]},
+                 model={"branches": 0}, train={"aggregator": "gradnorm"})
+    aug = build_method(cfg, 2).step_backward()
+    aug.bind(toy.model, toy.taskset, toy.method.weights())
+    aug.weight.data = aug.weight.data.double()
+    aug(toy, BATCH)
+    assert aug.weight.grad.tolist() == [[0.0, 0.0, 3.0], [0.0, 0.0, -1.0]]
+    assert sorted(aug.last["G"]) == [(0, 0), (0, 2), (1, 1), (1, 2)]
+
+
+def test_aggregation_frees_the_steps_graph_with_the_last_task_backward():
+    """The last per-task backward pass frees the step's graph (its saved activations are not held
+    while the aggregator solves): a backward through the step's outputs afterwards fails."""
+    pytest.importorskip("torchjd")
+    z = [[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]]
+    toy = ToyStepK([[1.0, 0.0], [-1.0, 1.0], [2.0, -3.0]], [1.0, 1.0, 1.0], [[0.3, -0.2], [0.1, 0.1]],
+                   [2.0, -3.0, 1.0], z, saves=True)
+    aug = _bound("pcgrad", toy, groups=[[0, 1], [2]])
+    aug(toy, BATCH)
+    assert toy.model.branches[0].weight.grad.view(-1).tolist() == pytest.approx([0.5, 1.5])
+    with pytest.raises(RuntimeError, match="second time"):
+        toy.last_out.sum().backward()

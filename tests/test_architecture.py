@@ -205,6 +205,34 @@ def test_trainer_applies_the_methods_pruning_decisions(tmp_path):
     assert t.model.task_branches == tuple(tuple(b for b in range(k) if mask[i, b]) for i in range(n))
 
 
+def test_the_trainer_applies_the_decisions_mask(tmp_path):
+    """HeadsPruned carries its mask and the trainer applies that mask (not the method's state, which
+    here has dropped nothing: head_mask() is None)."""
+    from fastdmtg.methods import HeadsPruned
+    from fastdmtg.train import Trainer
+    cfg = apply_overrides(get_recipe("synthetic_k3"), TINY)
+    t = Trainer(cfg, tmp_path / "run")
+    try:
+        assert t.method.head_mask() is None and t.model.task_branches is None
+        mask = torch.tensor([[True, False, True], [True, True, True], [False, False, True], [True, True, False]])
+        t._apply([HeadsPruned(1, (), mask, "")])
+        assert t.model.task_branches == ((0, 2), (0, 1, 2), (2,), (0, 1))
+    finally:
+        t.close()
+
+
+def test_dmtg_decision_mask_is_a_copy():
+    """A decision is a value: later drops change the method's state, not a decision already made."""
+    from fastdmtg.methods.dmtg import DMTG, DMTGConfig
+    m = DMTG(2, 3, DMTGConfig(tau=0.05, prune_eps=0.1, prune_patience=1))
+    with torch.no_grad():
+        m.logits.copy_(torch.tensor([[5.0, 0.0, 0.0], [0.0, 5.0, 0.0]]))
+    (d,) = m.observe_step(StepContext(0, 0))
+    assert d.mask.tolist() == [[True, False, False], [False, True, False]] and d.rule == "< eps=0.1 for 1 steps"
+    m.prune_active.fill_(True)
+    assert d.mask.tolist() == [[True, False, False], [False, True, False]]
+
+
 def test_registries_import_on_first_use_and_name_the_field():
     """Datasets and methods are looked up through one lazy table lookup (fastdmtg.registry)."""
     from fastdmtg.data import get_format
@@ -228,3 +256,100 @@ def test_flops_and_batching_check_build_the_auto_k():
     one = apply_overrides(base, ["model.branches=1"])
     assert count_flops(auto) == count_flops(one)
     assert bench._batching_support(auto) == bench._batching_support(one) == (True, "")
+
+
+# ----------------------------------------------------------------------------- methods as plugins
+TOY_METHOD = '''"""A throwaway one-shot method: naive MTL (one encoder) with every head loss weighted toy.weight."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from fastdmtg.configcheck import check
+from fastdmtg.methods import GroupingMethod
+
+
+@dataclass
+class ToyConfig:
+    weight: float = 1.0
+
+    def __post_init__(self):
+        check(self.weight > 0, f"toy.weight must be > 0, got {self.weight}")
+
+
+class Toy(GroupingMethod):
+    name = "toy"
+    config_section = ("toy", ToyConfig)
+
+    def __init__(self, num_tasks: int, weight: float):
+        super().__init__(num_tasks, 1)
+        self.register_buffer("_w", torch.full((num_tasks, 1), float(weight)))
+
+    @classmethod
+    def from_config(cls, cfg, num_tasks: int, task_names=None) -> "Toy":
+        return cls(num_tasks, cfg.toy.weight)
+
+    def weights(self) -> torch.Tensor:
+        return self._w                                            # (N, 1)
+
+    def assignment(self) -> torch.Tensor:
+        return torch.zeros(self.num_tasks, dtype=torch.long, device=self._w.device)
+
+    def extra_results(self, totals=None) -> dict:
+        return {"toy_weight": float(self._w[0, 0]), "toy_steps": totals.total_steps}
+'''
+
+
+@pytest.mark.slow           # two fresh processes (torch imports): ~15 s idle, over a minute on a busy machine
+def test_a_method_added_as_one_file_has_its_section_and_trains(tmp_path):
+    """docs/architecture.md "Extension points": a one-shot method from outside the package is its file
+    plus its registry line (an entry point of the group fastdmtg.methods). The config gains its section
+    (--set, config.json, the section's own validation), the trainer trains it and records its results.
+    In a fresh process: the config gathers the sections when it is imported."""
+    import json
+    import os
+    import subprocess
+    import sys
+    (tmp_path / "toy_method.py").write_text(TOY_METHOD)
+    dist = tmp_path / "toy_method-0.1.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: toy-method\nVersion: 0.1\n")
+    (dist / "entry_points.txt").write_text("[fastdmtg.methods]\ntoy = toy_method:Toy\n")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")]),
+               OMP_NUM_THREADS="1")
+    args = [sys.executable, "-m", "fastdmtg", "train", "--no-progress", "--set", "grouping.method=toy",
+            "--set", "model.branches=0"] + [a for t in TINY for a in ("--set", t)]
+    run = subprocess.run(args + ["--out", str(tmp_path / "run"), "--set", "toy.weight=0.5"], env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    res = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert (res["method"], res["num_branches"], res["toy_weight"], res["toy_steps"]) == ("toy", 1, 0.5, 2)
+    cfg = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert cfg["toy"] == {"weight": 0.5} and list(cfg)[-2:] == ["optim", "train"]
+    bad = subprocess.run(args + ["--out", str(tmp_path / "bad"), "--set", "toy.weight=-1"], env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert bad.returncode == 2 and "toy.weight must be > 0, got -1.0" in bad.stderr
+    assert "Traceback" not in bad.stderr
+    # this process did not see the entry point: no toy section here
+    from fastdmtg.config import METHOD_SECTIONS
+    assert "toy" not in METHOD_SECTIONS
+
+
+def test_the_config_gathers_the_method_sections_and_names_none():
+    """The methods' sections are declared by the method classes and gathered from the registry, in its
+    order (config.json's order); config.py neither defines nor reads any of them."""
+    import re
+    from pathlib import Path
+
+    from fastdmtg import config
+    from fastdmtg.methods import AUGMENTATIONS, METHODS
+    from fastdmtg.registry import lazy_lookup
+    declared = [lazy_lookup(t, n, "f", "k").config_section for t in (METHODS, AUGMENTATIONS) for n in t]
+    expected = list(dict.fromkeys(d[0] for d in declared if d is not None))
+    assert list(config.METHOD_SECTIONS) == expected == ["dmtg", "tag", "cs", "uw", "gradnorm", "aggregation"]
+    assert list(Config().to_dict()) == ["name", "data", "model", "grouping", *expected, "optim", "train"]
+    src = Path(config.__file__).read_text()
+    for sec, cls in config.METHOD_SECTIONS.items():
+        assert cls.__module__.startswith("fastdmtg.methods.") and cls.__name__ not in src
+        assert not re.search(rf"\.{sec}\.", src), f"config.py reads the {sec} section"

@@ -20,7 +20,8 @@ import numpy as np
 import pytest
 import torch
 
-from fastdmtg.config import Config, DataConfig, DMTGConfig, GroupingConfig, ModelConfig, OptimConfig, TrainConfig
+from fastdmtg.config import Config, DataConfig, GroupingConfig, ModelConfig, OptimConfig, TrainConfig
+from fastdmtg.methods.dmtg import DMTGConfig
 from fastdmtg.data import celeba as cb
 from fastdmtg.data import taskonomy as tx
 from fastdmtg import pipelines as P

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from fastdmtg import ops
-from fastdmtg.config import DMTGConfig
+from fastdmtg.methods.dmtg import DMTGConfig
 from fastdmtg.methods.dmtg import DMTG
 from fastdmtg.methods.naive import NaiveMTL
 from fastdmtg.tasks.attributes import AttributeTaskSet
@@ -177,7 +177,7 @@ def test_pruning_state_only_when_on_and_events_carry_the_step():
 
 def test_pruning_state_buffers_start_as_nothing_dropped():
     """The checkpointed pruning state of a fresh model: every head active, no step below ε, drop step
-    −1 (= never dropped, the encoding fastdmtg.pruning.head_steps reads), probability NaN."""
+    −1 (= never dropped, the encoding fastdmtg.methods.dmtg_pruning.head_steps reads), probability NaN."""
     m = DMTG(2, 3, DMTGConfig(prune_eps=0.1, prune_patience=2))
     sd = m.state_dict()
     assert sd["prune_active"].dtype == torch.bool and sd["prune_active"].all()

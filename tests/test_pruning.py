@@ -7,12 +7,12 @@ import pytest
 import torch
 from torch import nn
 
-from fastdmtg.config import Config, ConfigError, DMTGConfig, GroupingConfig, apply_overrides, get_recipe
+from fastdmtg.config import Config, ConfigError, GroupingConfig, apply_overrides, get_recipe
 from fastdmtg.methods import HeadsPruned, StepContext
-from fastdmtg.methods.dmtg import DMTG
+from fastdmtg.methods.dmtg import DMTG, DMTGConfig
+from fastdmtg.methods.dmtg_pruning import (active_probabilities, branch_alive, head_steps, per_part_flops, prune_update,
+                                             training_flops)
 from fastdmtg.models.multibranch import ModuleHeads, MultiBranchNet
-from fastdmtg.pruning import (active_probabilities, branch_alive, head_steps, per_part_flops, prune_update,
-                              training_flops)
 from fastdmtg.step import StepModule, StepRunner
 from fastdmtg.tasks.taskonomy import TaskonomyTaskSet
 from fastdmtg.train import TrainingInterrupted, train

@@ -735,7 +735,8 @@ def test_short_dmtg_run_on_fixture(source):
 
 def test_train_entry_point_on_fixture(prepared, tmp_path):
     """The lead's trainer end to end (1 epoch, K=2, 32×32), when it accepts this config."""
-    from fastdmtg.config import Config, DMTGConfig, GroupingConfig, OptimConfig, TrainConfig
+    from fastdmtg.config import Config, GroupingConfig, OptimConfig, TrainConfig
+    from fastdmtg.methods.dmtg import DMTGConfig
     from fastdmtg.train import train
     cfg = Config(name="tx_fixture", data=_cfg(prepared),
                  model=ModelConfig(arch="xception", branches=2, shared_blocks=4),
@@ -759,7 +760,8 @@ def test_batched_branches_with_pruning_match_per_branch_run_on_fixture(prepared,
     """model.batched=on for the Xception + decoders model, with head pruning forced early (τ tiny; one
     decoder is dropped at step 1 of 6 — a dying branch is covered in test_models): the same drops,
     groups and test losses as the per-branch run."""
-    from fastdmtg.config import Config, DMTGConfig, OptimConfig, TrainConfig
+    from fastdmtg.config import Config, OptimConfig, TrainConfig
+    from fastdmtg.methods.dmtg import DMTGConfig
     from fastdmtg.train import train
 
     def cfg(batched):

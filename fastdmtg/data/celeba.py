@@ -27,6 +27,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..methods.dmtg import DMTGConfig
 from ..tasks.attributes import AttributeTaskSet
 from .base import SPLITS, DataFormatError, Dataset, DatasetFormat, Field, Recipe, image_labels_batch, recipe_fn
 
@@ -304,7 +305,7 @@ def _celeba_cfg(c, tasks: str, k: int, name: str, follows: str = "paper") -> Con
         name=name,
         data=c.DataConfig(dataset="celeba", tasks=tasks, image_size=64),
         model=c.ModelConfig(arch="resnet_celeba", branches=k, width=64),
-        dmtg=c.DMTGConfig(tau=2.5),
+        dmtg=DMTGConfig(tau=2.5),
         optim=c.OptimConfig(name="adam", lr=8e-4, schedule="plateau", gamma=0.5, plateau_patience=3,
                             plateau_threshold=0.1, min_lr=3e-5, plateau_on="val"),
         # fp32 (train.amp=off): the paper and the release train without autocast, and the measured cost of

@@ -57,6 +57,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from ..methods.dmtg import DMTGConfig
 from ..log import get_logger
 from ..tasks.generic import TYPES, GenericTaskSet, TaskDecl
 from .base import SPLITS, DataFormatError, Dataset, DatasetFormat, Field, Recipe, flip_rows, recipe_fn
@@ -714,7 +715,7 @@ def folder_k3(c) -> Config:
         name="folder_k3",
         data=c.DataConfig(dataset="folder", tasks="all", image_size=64),
         model=c.ModelConfig(arch="resnet_celeba", branches=0, width=64),
-        dmtg=c.DMTGConfig(tau=2.5),
+        dmtg=DMTGConfig(tau=2.5),
         optim=c.OptimConfig(name="adam", lr=8e-4, schedule="plateau", gamma=0.5, plateau_patience=3,
                             plateau_threshold=0.1, min_lr=3e-5, plateau_on="val"),
         train=c.TrainConfig(epochs=30, batch_size=256, init="scratch"),

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from ..methods.dmtg import DMTGConfig
 from ..tasks.attributes import AttributeTaskSet
 from .arrays import ArrayDataset, image_label_fields
 from .base import DatasetFormat, Recipe, recipe_fn
@@ -118,7 +119,7 @@ def synthetic_k3(c) -> Config:
         name="synthetic_k3",
         data=c.DataConfig(dataset="synthetic", image_size=32, tasks="all"),
         model=c.ModelConfig(arch="resnet_celeba", branches=3, width=1, sync_bn=False),
-        dmtg=c.DMTGConfig(tau=2.5),
+        dmtg=DMTGConfig(tau=2.5),
         optim=c.OptimConfig(lr=1e-2, schedule="none"),
         train=c.TrainConfig(epochs=10, batch_size=128, eval_batch_size=500),
     )

@@ -67,6 +67,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..methods.dmtg import DMTGConfig
 from ..tasks.taskonomy import TaskonomyTaskSet
 from . import store
 from .base import (SPLITS, DataFormatError, Dataset, DatasetFormat, Field, Recipe, files_digest, flip_rows, recipe_fn,
@@ -766,7 +767,7 @@ def _taskonomy(c, k: int, batch: int, name: str, arch: str = "xception", follows
                           taskonomy_rotate_loss=True),
         model=c.ModelConfig(arch=arch, branches=k, shared_blocks=6 if arch == "vit_base" else 4,
                             grad_scale="reference"),
-        dmtg=c.DMTGConfig(tau=4.0),
+        dmtg=DMTGConfig(tau=4.0),
         optim=c.OptimConfig(name="adam", lr=1e-4, schedule="plateau", gamma=0.5, plateau_patience=3,
                             plateau_threshold=0.1, min_lr=3e-5, plateau_on="val"),
         train=c.TrainConfig(epochs=100, batch_size=batch, eval_batch_size=2 * batch, val_every=2, init="naive",

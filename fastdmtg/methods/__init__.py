@@ -12,7 +12,18 @@ A method owns the grouping state (e.g. DMTG's logits S) and answers:
   optimizer or trainer;
 * ``on_epoch_start(epoch)`` (schedules), ``state_dict`` / ``load_state_dict`` (resume);
 * ``step_backward()`` -> the step's training augmentation (``StepBackward``: UW, GradNorm, PCGrad,
-  the torchjd aggregators), or None: the plain ``total.backward()`` with every fast path.
+  the torchjd aggregators), or None: the plain ``total.backward()`` with every fast path;
+* ``epoch_record(first, last)`` / ``extra_results(totals)`` -> its entries of history.json's epoch
+  record / of results.json.
+
+What the config, the builder and the trainer need to know about a method before or without reading
+its state, it declares on its class: ``config_section`` (its own section of the config, e.g.
+``dmtg``: a dataclass validated in ``__post_init__``; ``fastdmtg.config`` gathers them from this
+registry), ``auto_branches(cfg, N)`` (K for model.branches=0), ``groups_example`` / ``takes_auxiliary``
+(whether it is given grouping.groups / auxiliary tasks), ``prunes_heads(cfg)`` (whether its head mask
+may change during training: the builder then lets DDP skip unused parameters, the trainer applies
+``HeadsPruned``). Adding a method = its file + one line in ``METHODS`` (or, from another package, an
+entry point in the group ``fastdmtg.methods``; docs/architecture.md).
 """
 from __future__ import annotations
 
@@ -22,7 +33,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..registry import Registry
+from ..registry import Registry, lazy_lookup
 
 
 @dataclass(frozen=True)
@@ -49,10 +60,19 @@ class AffinityMeasured:
 @dataclass(frozen=True)
 class HeadsPruned:
     """Decision: heads were dropped after optimizer step ``step`` (1-based: optimizer steps done);
-    from the next step on only ``mask`` (N, K) bool is computed."""
+    from the next step on only ``mask`` (N, K) bool is computed (the trainer applies this mask: it is
+    a copy, not the method's live state)."""
     step: int
     events: tuple                  # {"task", "branch", "step", "probability"} per dropped head
-    mask: torch.Tensor
+    mask: torch.Tensor             # (N, K) bool, the heads computed from the next step on
+    rule: str = ""                 # why, after "p=…" in the log line, e.g. "< eps=0.1 for 100 steps"
+
+
+@dataclass(frozen=True)
+class RunTotals:
+    """What the trainer knows about the whole run when it asks a method for its results."""
+    total_steps: int               # optimizer steps of the run (all epochs, across resumes)
+    ddp_checked_decisions: int = 0  # decisions of this process checked for agreement across DDP ranks
 
 
 class StepBackward(nn.Module):
@@ -67,6 +87,8 @@ class StepBackward(nn.Module):
     ``total.backward()`` and runs eagerly (no torch.compile, no CUDA graph: per-head losses and
     per-task gradients are taken outside any graph); every other method keeps its fast path."""
     name = "base"
+    #: its own section of the config, (section name, dataclass), or None (as GroupingMethod.config_section)
+    config_section: tuple[str, type] | None = None
 
     def bind(self, model, taskset, z: torch.Tensor) -> None:
         """Called once by the builder: the built model (its shared blocks), the tasks, and the
@@ -85,6 +107,33 @@ class StepBackward(nn.Module):
 
 class GroupingMethod(nn.Module):
     name = "base"
+    #: its own section of the config: (section name, dataclass validated in ``__post_init__``), e.g.
+    #: ("dmtg", DMTGConfig); fastdmtg.config gathers them (config_sections), None: no settings of its own
+    config_section: tuple[str, type] | None = None
+    #: the method is given its groups (grouping.groups): an example of them for messages; None: it is not
+    groups_example: str | None = None
+    #: grouping.groups may mark auxiliary tasks ('+', grouping.auxiliary)
+    takes_auxiliary: bool = False
+    #: the setting that turns head pruning on, for messages (prunes_heads)
+    pruning_switch: str = ""
+
+    @classmethod
+    def auto_branches(cls, cfg, num_tasks: int | None) -> int | None:
+        """K for model.branches=0 (auto); None while it depends on a number of tasks N not known yet.
+        Default: one branch per group for a method given its groups, else one encoder for all tasks."""
+        return len(cfg.grouping.groups) if cls.groups_example else 1
+
+    @classmethod
+    def branches_reason(cls, cfg, k: int) -> str:
+        """Why the method trains ``k`` branches (the message for a contradicting model.branches)."""
+        return f"one branch per group of grouping.groups ({k})" if cls.groups_example else "one encoder for all tasks"
+
+    @classmethod
+    def prunes_heads(cls, cfg) -> bool:
+        """Whether, built from ``cfg``, its head mask (``head_mask``) may change during training
+        (``HeadsPruned`` decisions): DDP then looks for unused parameters, the trainer re-applies
+        the mask on resume and at the end."""
+        return False
 
     def __init__(self, num_tasks: int, num_branches: int):
         super().__init__()
@@ -121,13 +170,21 @@ class GroupingMethod(nn.Module):
         (``HeadsPruned``, ``AffinityMeasured``), [] when none."""
         return []
 
-    def extra_results(self) -> dict:
-        """Method-specific entries for results.json (e.g. an affinity matrix)."""
+    def epoch_record(self, first_step: int, last_step: int) -> dict:
+        """Entries of history.json's record of the epoch of optimizer steps first_step < s <= last_step,
+        from the method's (checkpointed) state."""
+        return {}
+
+    def extra_results(self, totals: RunTotals | None = None) -> dict:
+        """Method-specific entries for results.json (e.g. an affinity matrix), over the whole run (the
+        trainer asks before it reloads best.pt)."""
         return {}
 
 
-# name -> "module:Class"; a method file registers itself here (one file per method)
-METHODS = Registry("method", "grouping.method", {
+# name -> "module:Class"; one line per method file (the order is the order of the methods' sections in
+# the config); a package outside fastdmtg adds its methods as entry points of the group
+# "fastdmtg.methods" (the same "module:Class" line in its own metadata)
+METHODS = Registry("method", "grouping.method", group="fastdmtg.methods", entries={
     "dmtg": "fastdmtg.methods.dmtg:DMTG",
     "naive-mtl": "fastdmtg.methods.naive:NaiveMTL",
     "fixed": "fastdmtg.methods.fixed:FixedGroups",
@@ -158,6 +215,23 @@ def augmentation_of(cfg) -> str | None:
 
 
 method_class = METHODS.load        # name → its GroupingMethod class
+
+
+def config_sections() -> dict[str, type]:
+    """The methods' own sections of the config, section name → dataclass, in registry order: each
+    method (METHODS) and training augmentation (AUGMENTATIONS) class declares its ``config_section``;
+    names that share a class share its section. Two classes declaring one section name is an error."""
+    out: dict[str, type] = {}
+    for table, field, kind in ((METHODS, "grouping.method", "method"),
+                               (AUGMENTATIONS, "train.aggregator", "training augmentation")):
+        for name in table:
+            decl = lazy_lookup(table, name, field, kind).config_section
+            if decl is None:
+                continue
+            section, cls = decl
+            if out.setdefault(section, cls) is not cls:
+                raise ValueError(f"{kind} {name}: config section {section!r} is already {out[section].__name__}'s")
+    return out
 
 
 def build_method(cfg, num_tasks: int, task_names: list[str] | None = None) -> GroupingMethod:

@@ -25,12 +25,28 @@ The aggregators (torchjd 0.18, each the algorithm of its paper; docs/baselines.m
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
+from ..configcheck import check
 from . import StepBackward
 from .augment import head_params, per_head_losses, shared_blocks
 
 INSTALL = "pip install 'fastdmtg[aggregators]'"
+
+
+@dataclass
+class AggregationConfig:
+    """The torchjd aggregators' hyper-parameters (grouping.method=cagrad | nash-mtl, or train.aggregator)."""
+    cagrad_c: float = 0.4               # CAGrad's ball radius scale c (the CAGrad paper's image-MTL value)
+    nash_max_norm: float = 1.0          # Nash-MTL: clip ‖Jᵀw‖ to this (0: off); the paper's code default
+    nash_update_every: int = 1          # Nash-MTL: solve for new weights every this many steps
+
+    def __post_init__(self):
+        check(self.cagrad_c >= 0, f"aggregation.cagrad_c must be >= 0, got {self.cagrad_c}")
+        check(self.nash_max_norm >= 0, f"aggregation.nash_max_norm must be >= 0, got {self.nash_max_norm}")
+        check(self.nash_update_every >= 1, f"aggregation.nash_update_every must be >= 1, got {self.nash_update_every}")
 
 
 def make_aggregator(name: str, cfg, num_rows: int):
@@ -54,6 +70,7 @@ def make_aggregator(name: str, cfg, num_rows: int):
 
 class JacobianAggregation(StepBackward):
     """The per-task gradients of each shared block, aggregated by a torchjd aggregator."""
+    config_section = ("aggregation", AggregationConfig)   # its own section of the config (fastdmtg.config gathers it)
 
     def __init__(self, name: str, cfg):
         super().__init__()
@@ -88,8 +105,10 @@ class JacobianAggregation(StepBackward):
         losses = per_head_losses(step, outputs, batch, self.heads, z.shape)
         shared = [p for b in self.blocks for p in b.params]
         rows = {}
-        for j, (h, loss) in enumerate(zip(self.heads, losses)):
-            g = torch.autograd.grad(loss, shared, retain_graph=j < len(losses) - 1, allow_unused=True)
+        for h, loss in zip(self.heads, losses):
+            # the graph is kept for the next head's pass and freed by the last one (not held while the
+            # aggregator solves)
+            g = torch.autograd.grad(loss, shared, retain_graph=loss is not losses[-1], allow_unused=True)
             rows[h] = {id(p): (torch.zeros_like(p) if gi is None else gi) for p, gi in zip(shared, g)}
         record = []
         for block, agg in zip(self.blocks, self.aggregators):

@@ -16,9 +16,22 @@ Cost per measurement: 1 forward and N backward passes of the encoder.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
+from ..configcheck import check
 from .tag import TagAffinity, task_gradients
+
+
+@dataclass
+class CSConfig:
+    """The TAG paper's cosine-similarity grouping baseline (grouping.method=cs-affinity): the
+    measurement run (fastdmtg/methods/cs.py)."""
+    every: int = 10                     # steps between measurements of the task gradients' cosines
+
+    def __post_init__(self):
+        check(self.every >= 1, f"cs.every must be >= 1, got {self.every}")
 
 
 def gradient_cosine(grads: list[list[torch.Tensor]]) -> torch.Tensor:
@@ -31,6 +44,7 @@ def gradient_cosine(grads: list[list[torch.Tensor]]) -> torch.Tensor:
 
 class GradientCosine(TagAffinity):
     name = "cs-affinity"
+    config_section = ("cs", CSConfig)   # its own section of the config (fastdmtg.config gathers it)
 
     @classmethod
     def from_config(cls, cfg, num_tasks: int, task_names=None) -> "GradientCosine":
@@ -40,7 +54,7 @@ class GradientCosine(TagAffinity):
         _, grads = task_gradients(model, snap, batch, taskset, kernels=self.kernels)
         return gradient_cosine(grads)
 
-    def extra_results(self) -> dict:
+    def extra_results(self, totals=None) -> dict:
         C = self.affinity()
         count = int((self._latest or (None, self.affinity_count))[1])
         return {"cs_similarity": None if C is None else C.cpu().tolist(),

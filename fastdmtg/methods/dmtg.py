@@ -23,24 +23,68 @@ resumed run continues the exact noise sequence. Under DDP every rank draws the s
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
-from . import GroupingMethod, HeadsPruned, StepContext
+from ..configcheck import check
+from . import GroupingMethod, HeadsPruned, RunTotals, StepContext
 
+
+@dataclass
+class DMTGConfig:
+    """DMTG (grouping.method=dmtg): the Gumbel-softmax relaxation of the N×K logits S and head pruning."""
+    tau: float = 2.5                    # constant Gumbel-softmax temperature
+    tau_schedule: str = "constant"      # constant | anneal  (tau_e = max(tau_end, tau_start * tau_decay**epoch))
+    tau_start: float = 100.0
+    tau_end: float = 4.0
+    tau_decay: float = 0.5
+    init_logit: float = 1.0             # S initial value (reference: exactly 1.0 everywhere)
+    hard: bool = False                  # straight-through one-hot samples (reference: soft)
+    prune_eps: float = 0.0              # head pruning (docs/pruning.md): drop head (i,k) once its
+    prune_patience: int = 100           # probability stayed < prune_eps for prune_patience steps; 0 = off
+    # DDP: shared = every rank draws the same Gumbel sample (one draw per global step, the release: all
+    # ranks seeded alike); per_rank = rank r draws its own (seed offset r·2^40)
+    ddp_noise: str = "shared"           # shared | per_rank
+
+    def __post_init__(self):
+        check(0.0 <= self.prune_eps < 1.0, f"dmtg.prune_eps must be in [0, 1), got {self.prune_eps}")
+        check(self.prune_patience >= 1, f"dmtg.prune_patience must be >= 1, got {self.prune_patience}")
+        if self.prune_eps > 0:
+            check(not self.hard, "dmtg.prune_eps > 0 is not supported with dmtg.hard=true")
+        check(self.tau > 0, f"dmtg.tau must be > 0, got {self.tau}")
+        check(self.ddp_noise in ("shared", "per_rank"),
+               f"dmtg.ddp_noise: expected shared|per_rank, got {self.ddp_noise!r}")
+        check(self.tau_schedule in ("constant", "anneal"),
+               f"dmtg.tau_schedule: expected constant|anneal, got {self.tau_schedule!r}")
+        if self.tau_schedule == "anneal":
+            check(self.tau_start > 0 and self.tau_end > 0, "dmtg.tau_start/tau_end must be > 0")
+            check(0 < self.tau_decay <= 1, f"dmtg.tau_decay must be in (0, 1], got {self.tau_decay}")
+
+    def check_config(self, cfg) -> None:
+        """The rule across sections: head pruning is DMTG's."""
+        method = cfg.grouping.method
+        if self.prune_eps > 0:
+            check(method == "dmtg", f"dmtg.prune_eps > 0 (head pruning) needs grouping.method=dmtg, got {method}")
 
 class DMTG(GroupingMethod):
     name = "dmtg"
+    config_section = ("dmtg", DMTGConfig)   # its own section of the config (fastdmtg.config gathers it)
 
-    def __init__(self, num_tasks: int, num_branches: int, dcfg, seed: int = 0, kernels: str = "auto"):
+    pruning_switch = "dmtg.prune_eps > 0"
+
+    def __init__(self, num_tasks: int, num_branches: int, dcfg: DMTGConfig, seed: int = 0, kernels: str = "auto",
+                 task_names: list[str] | None = None):
         super().__init__(num_tasks, num_branches)
-        self.dcfg = dcfg          # config.DMTGConfig
+        self.dcfg = dcfg
+        self.task_names = list(task_names) if task_names else [str(i) for i in range(num_tasks)]  # (records)
         self.kernels = kernels  # the Gumbel mask's backend (train.kernels: auto | triton | reference)
         self.logits = nn.Parameter(torch.full((num_tasks, num_branches), float(dcfg.init_logit)))  # S (N, K)
         self.register_buffer("seed", torch.tensor(int(seed) * 7_919 + 17, dtype=torch.long))
         self.register_buffer("tau", torch.tensor(self.tau_at(0), dtype=torch.float32))
         self.seed_offset = 0   # DDP, dmtg.ddp_noise=per_rank: rank r draws from seed + r·2^40 (set_rank)
-        # head pruning (fastdmtg/pruning.py, docs/pruning.md): state buffers exist only when it is on,
+        # head pruning (fastdmtg/methods/dmtg_pruning.py, docs/pruning.md): state buffers exist only when it is on,
         # so runs without it keep the same state dict as before
         self.pruning = dcfg.prune_eps > 0
         self._all_active = True
@@ -53,7 +97,17 @@ class DMTG(GroupingMethod):
 
     @classmethod
     def from_config(cls, cfg, num_tasks: int, task_names=None) -> "DMTG":
-        return cls(num_tasks, cfg.model.branches, cfg.dmtg, seed=cfg.train.seed, kernels=cfg.train.kernels)
+        return cls(num_tasks, cfg.model.branches, cfg.dmtg, seed=cfg.train.seed, kernels=cfg.train.kernels,
+                   task_names=task_names)
+
+    @classmethod
+    def auto_branches(cls, cfg, num_tasks: int | None) -> int | None:
+        """min(3, N): the paper's CelebA-9 / Taskonomy K = 3; fewer tasks get one branch per task at most."""
+        return None if num_tasks is None else min(3, num_tasks)
+
+    @classmethod
+    def prunes_heads(cls, cfg) -> bool:
+        return cfg.dmtg.prune_eps > 0
 
     def set_rank(self, rank: int) -> None:
         """DDP (dmtg.ddp_noise): ``shared`` — every rank keeps the same seed, so all ranks draw the same
@@ -109,7 +163,7 @@ class DMTG(GroupingMethod):
         → [HeadsPruned] when heads were dropped at this step, else []."""
         if not self.pruning:
             return []
-        from ..pruning import active_probabilities, prune_update
+        from .dmtg_pruning import active_probabilities, prune_update
         g = self.dcfg
         probs = active_probabilities(self.logits, float(self.tau), self.prune_active)
         active, below, events = prune_update(probs, self.prune_active, self.prune_below, g.prune_eps,
@@ -124,7 +178,8 @@ class DMTG(GroupingMethod):
             self.prune_prob[i, k] = p
         self._refresh()
         return [HeadsPruned(step, tuple({"task": i, "branch": k, "step": step, "probability": p}
-                                        for i, k, p in events), self.prune_active)]
+                                        for i, k, p in events), self.prune_active.clone(),
+                            f"< eps={g.prune_eps:g} for {g.prune_patience} steps")]
 
     def prune_events(self) -> list[dict]:
         if not self.pruning:
@@ -133,6 +188,32 @@ class DMTG(GroupingMethod):
         ev = [{"task": i, "branch": k, "step": int(st[i, k]), "probability": float(pr[i, k])}
               for i in range(st.shape[0]) for k in range(st.shape[1]) if int(st[i, k]) >= 0]
         return sorted(ev, key=lambda e: (e["step"], e["task"], e["branch"]))
+
+    def _named_events(self) -> list[dict]:
+        return [dict(e, task_name=self.task_names[e["task"]]) for e in self.prune_events()]
+
+    def epoch_record(self, first_step: int, last_step: int) -> dict:
+        """With pruning: the heads dropped in the epoch (from the checkpointed state: exact across a
+        resume) and the number of heads still computed."""
+        if not self.pruning:
+            return {}
+        return {"pruned": [e for e in self._named_events() if first_step < e["step"] <= last_step],
+                "active_heads": int(self.prune_active.sum())}
+
+    def extra_results(self, totals: RunTotals | None = None) -> dict:
+        """With pruning: results.json's ``pruning`` — the rule, every drop, the final mask, and the
+        steps each head and branch was computed (docs/pruning.md)."""
+        if not self.pruning:
+            return {}
+        from .dmtg_pruning import branch_steps, head_steps
+        total = totals.total_steps if totals is not None else 0
+        hs = head_steps(self.prune_step, total)
+        return {"pruning": {
+            "eps": self.dcfg.prune_eps, "patience": self.dcfg.prune_patience, "events": self._named_events(),
+            "ddp_checked_drop_steps": totals.ddp_checked_decisions if totals is not None else 0,
+            "active": self.prune_active.cpu().tolist(), "total_steps": total, "head_steps": hs.tolist(),
+            "branch_steps": branch_steps(self.prune_step, total).tolist(),
+            "head_step_fraction": float(hs.sum()) / max(hs.numel() * total, 1)}}
 
     def probabilities(self) -> torch.Tensor:
         """softmax(S) over K (N, K), the noiseless assignment probabilities that are logged."""

@@ -11,6 +11,7 @@ from . import GroupingMethod
 
 class FixedGroups(GroupingMethod):
     name = "fixed"
+    groups_example = "0,1|2"    # given its groups (grouping.groups): K = one branch per group
 
     def __init__(self, groups: list[list[int]], num_tasks: int):
         super().__init__(num_tasks, len(groups))

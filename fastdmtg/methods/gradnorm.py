@@ -17,15 +17,29 @@ the heads and W's layer), one full backward.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
+from ..configcheck import check
 from . import StepBackward
 from .augment import active_heads, last_layer, per_head_losses, shared_blocks
 
 
+@dataclass
+class GradNormConfig:
+    """GradNorm (Chen et al. 2018; grouping.method=gradnorm or train.aggregator=gradnorm)."""
+    # the restoring-force asymmetry α; the TAG paper searches {0.1, 0.5, 1.0, 1.5, 2.0, 3.0, 5.0}
+    alpha: float = 1.5
+
+    def __post_init__(self):
+        check(self.alpha >= 0, f"gradnorm.alpha must be >= 0, got {self.alpha}")
+
+
 class GradNorm(StepBackward):
     name = "gradnorm"
+    config_section = ("gradnorm", GradNormConfig)   # its own section of the config (fastdmtg.config gathers it)
 
     def __init__(self, num_tasks: int, num_branches: int, alpha: float = 1.5):
         super().__init__()

@@ -34,6 +34,8 @@ from . import GroupingMethod
 
 class NetworkGroups(GroupingMethod):
     name = "networks"
+    groups_example = "0,1,+2|2,3"    # given its groups (grouping.groups): K = one branch per group
+    takes_auxiliary = True
 
     def __init__(self, networks: list[list[int]], served: list[list[int]], num_tasks: int):
         super().__init__(num_tasks, len(networks))
@@ -62,5 +64,5 @@ class NetworkGroups(GroupingMethod):
     def assignment(self) -> torch.Tensor:
         return self._assign
 
-    def extra_results(self) -> dict:
+    def extra_results(self, totals=None) -> dict:
         return {"networks": self.networks, "served_by_network": self.served, "untrained_tasks": self.untrained}

@@ -37,12 +37,25 @@ with [i][j] = Z_{i→j}); the group selection is in fastdmtg.grouping_search.tag
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+import contextlib
 import math
 
 import torch
 from torch.func import functional_call
 
+from ..configcheck import check
 from . import AffinityMeasured, GroupingMethod, StepContext
+
+
+@dataclass
+class TagConfig:
+    """TAG's affinity measurement (grouping.method=tag-affinity)."""
+    affinity_every: int = 10            # steps between lookahead affinity measurements
+
+    def __post_init__(self):
+        check(self.affinity_every >= 1, f"tag.affinity_every must be >= 1, got {self.affinity_every}")
 
 
 def encoder_param_names(model) -> list[str]:
@@ -126,66 +139,67 @@ def update_direction(kind: str, theta: torch.Tensor, grad: torch.Tensor, state: 
     return theta - (lr / bc1) * m / (v.sqrt() / bc2_sqrt + h["eps"])
 
 
-def task_gradients(model, snap: dict, batch: dict, taskset, kernels: str = "auto"):
-    """∇_{θ_s} L_i of every task i at the snapshot's parameters on ``batch``, in fp32 with
-    batch-statistics BN on copies of the running buffers (the model is not changed) →
-    (L (N,) float64 losses, per task the gradients aligned with ``snap["names"]``). Shared by TAG's
-    lookahead and CS's gradient cosines (fastdmtg/methods/cs.py)."""
+@contextlib.contextmanager
+def measurement_model(model, snap: dict):
+    """The set-up of every measurement at a snapshot (TAG's lookahead, CS's gradients): fp32 (autocast
+    off), batch-statistics BatchNorm on copies of the running buffers (the model is not changed), the
+    heads at the snapshot's values → ``forward(encoder, image)``: the model's outputs with the encoder
+    parameters ``encoder`` (name → tensor, the names of ``snap["names"]``)."""
     names, params = snap["names"], snap["params"]
     device = next(iter(params.values())).device
-    n_tasks = taskset.num_tasks
     buffers = {n: b.clone() for n, b in model.named_buffers()}   # BN running stats: copies, discarded
     heads = {n: p for n, p in params.items() if n not in set(names)}
     was_training = model.training
     model.train()                                                 # batch statistics, as in training
     try:
         with torch.autocast(device_type=device.type, enabled=False):
-            enc = {n: params[n].detach().clone().requires_grad_(True) for n in names}
-            out = functional_call(model, {**heads, **enc, **buffers}, (batch["image"],))
-            eye = torch.eye(n_tasks, device=device)
-            before, grads = None, []
-            enc_list = [enc[n] for n in names]
-            for i in range(n_tasks):
-                total_i, L = taskset.head_losses(out, batch, eye[:, i:i + 1].contiguous(), kernels=kernels)  # = L_i
-                if before is None:
-                    before = L[:, 0].detach().double()
-                g = torch.autograd.grad(total_i, enc_list, retain_graph=i < n_tasks - 1, allow_unused=True)
-                grads.append([torch.zeros_like(p) if gi is None else gi for p, gi in zip(enc_list, g)])
+            yield lambda encoder, image: functional_call(model, {**heads, **encoder, **buffers}, (image,))
     finally:
         model.train(was_training)
+
+
+def task_gradients(model, snap: dict, batch: dict, taskset, kernels: str = "auto"):
+    """∇_{θ_s} L_i of every task i at the snapshot's parameters on ``batch`` (measurement_model) →
+    (L (N,) float64 losses, per task the gradients aligned with ``snap["names"]``). Shared by TAG's
+    lookahead and CS's gradient cosines (fastdmtg/methods/cs.py)."""
+    names, params = snap["names"], snap["params"]
+    n_tasks = taskset.num_tasks
+    with measurement_model(model, snap) as forward:
+        enc = {n: params[n].detach().clone().requires_grad_(True) for n in names}
+        out = forward(enc, batch["image"])
+        eye = torch.eye(n_tasks, device=next(iter(params.values())).device)
+        before, grads = None, []
+        enc_list = [enc[n] for n in names]
+        for i in range(n_tasks):
+            total_i, L = taskset.head_losses(out, batch, eye[:, i:i + 1].contiguous(), kernels=kernels)  # = L_i
+            if before is None:
+                before = L[:, 0].detach().double()
+            g = torch.autograd.grad(total_i, enc_list, retain_graph=i < n_tasks - 1, allow_unused=True)
+            grads.append([torch.zeros_like(p) if gi is None else gi for p, gi in zip(enc_list, g)])
     return before, grads
 
 
 def lookahead_affinity(model, snap: dict, batch: dict, taskset, kernels: str = "auto") -> torch.Tensor:
     """Z (N, N) float64, Z[i, j] = Z_{i→j}, at the snapshot's parameters on ``batch``; the head losses
     on the ``kernels`` backend (train.kernels, as the training step)."""
-    names = snap["names"]
-    params = snap["params"]
-    device = next(iter(params.values())).device
+    names, params = snap["names"], snap["params"]
     n_tasks = taskset.num_tasks
     before, grads = task_gradients(model, snap, batch, taskset, kernels)
-    buffers = {n: b.clone() for n, b in model.named_buffers()}   # BN running stats: copies, discarded
-    heads = {n: p for n, p in params.items() if n not in set(names)}
-    was_training = model.training
-    model.train()                                                 # batch statistics, as in training
-    try:
-        with torch.autocast(device_type=device.type, enabled=False):
-            ones = torch.ones(n_tasks, 1, device=device)
-            Z = torch.empty(n_tasks, n_tasks, dtype=torch.float64, device=device)
-            with torch.no_grad():
-                for i in range(n_tasks):
-                    new = {n: update_direction(snap["kind"], params[n], gi, snap["state"][n], snap["hyper"][n])
-                           for n, gi in zip(names, grads[i])}
-                    out_i = functional_call(model, {**heads, **new, **buffers}, (batch["image"],))
-                    _, L_after = taskset.head_losses(out_i, batch, ones, kernels=kernels)
-                    Z[i] = 1.0 - L_after[:, 0].double() / before
-    finally:
-        model.train(was_training)
+    with measurement_model(model, snap) as forward, torch.no_grad():
+        device = next(iter(params.values())).device
+        ones = torch.ones(n_tasks, 1, device=device)
+        Z = torch.empty(n_tasks, n_tasks, dtype=torch.float64, device=device)
+        for i in range(n_tasks):
+            new = {n: update_direction(snap["kind"], params[n], gi, snap["state"][n], snap["hyper"][n])
+                   for n, gi in zip(names, grads[i])}
+            _, L_after = taskset.head_losses(forward(new, batch["image"]), batch, ones, kernels=kernels)
+            Z[i] = 1.0 - L_after[:, 0].double() / before
     return Z
 
 
 class TagAffinity(GroupingMethod):
     name = "tag-affinity"
+    config_section = ("tag", TagConfig)   # its own section of the config (fastdmtg.config gathers it)
 
     def __init__(self, num_tasks: int, every: int = 10, kernels: str = "auto"):
         super().__init__(num_tasks, 1)
@@ -245,7 +259,7 @@ class TagAffinity(GroupingMethod):
             return None
         return total / int(count)
 
-    def extra_results(self) -> dict:
+    def extra_results(self, totals=None) -> dict:
         Z = self.affinity()
         count = int((self._latest or (None, self.affinity_count))[1])
         return {"tag_affinity": None if Z is None else Z.cpu().tolist(),

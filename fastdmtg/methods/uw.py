@@ -14,15 +14,30 @@ One forward and one backward per step, as naive MTL.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
+from ..configcheck import check
 from . import StepBackward
 from .augment import CLASSIFICATION_KINDS, active_heads, task_kinds
 
 
+@dataclass
+class UWConfig:
+    """Uncertainty weighting (Kendall et al. 2018; grouping.method=uw or train.aggregator=uw)."""
+    # paper = eq. (7)/(10) with s = log σ²: classification exp(−s)·L + s/2, regression ½·exp(−s)·L + s/2;
+    # uniform = exp(−s)·L + s for every task (the form most implementations use)
+    form: str = "paper"                 # paper | uniform
+
+    def __post_init__(self):
+        check(self.form in ("paper", "uniform"), f"uw.form: expected paper|uniform, got {self.form!r}")
+
+
 class UncertaintyWeighting(StepBackward):
     name = "uw"
+    config_section = ("uw", UWConfig)   # its own section of the config (fastdmtg.config gathers it)
 
     def __init__(self, num_tasks: int, num_branches: int, form: str = "paper"):
         super().__init__()

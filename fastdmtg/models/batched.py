@@ -54,7 +54,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .multibranch import BranchedNet, LinearHeads, ModuleHeads, MultiBranchNet, fp32_heads, grad_scale
+from .multibranch import BranchedNet, FP32Output, LinearHeads, ModuleHeads, MultiBranchNet, fp32_heads, grad_scale
 
 _CHANNELWISE = (nn.ReLU, nn.MaxPool2d, nn.AvgPool2d, nn.Identity)
 
@@ -200,7 +200,7 @@ def _permute_blocks(t: torch.Tensor, perm: torch.Tensor, k: int) -> None:
     blocks.copy_(blocks[perm].clone())
 
 
-class BatchedMultiBranchNet(BranchedNet):
+class BatchedMultiBranchNet(FP32Output, BranchedNet):
     """Same function and outputs as the ``MultiBranchNet`` it was made from: (K, N, B, C) for
     stacked heads, N tensors (K, B, ...) for list heads."""
 

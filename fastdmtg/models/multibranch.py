@@ -51,6 +51,13 @@ def fp32_heads(fn, *xs: torch.Tensor):
         return fn(*[x.float() for x in xs])
 
 
+class FP32Output:
+    """Declares a module of the precision policy: while ``keep_fp32`` its output layers run in fp32 under
+    bf16 autocast (``fp32_heads``); ``fastdmtg.step.set_output_precision`` switches every such module
+    (an instance attribute when switched off). A mixin: ``class Decoder(FP32Output, nn.Sequential)``."""
+    keep_fp32: bool = True
+
+
 def grad_scale(x: torch.Tensor, scale: float) -> torch.Tensor:
     """Identity forward; multiplies the gradient by ``scale`` backward (no-op when scale == 1)."""
     if scale == 1.0:
@@ -72,7 +79,7 @@ class HeadSet(nn.Module):
         raise NotImplementedError
 
 
-class LinearHeads(HeadSet):
+class LinearHeads(FP32Output, HeadSet):
     """N independent Linear(in_features, out_features) heads stored as one (N, out, in) weight.
 
     Numerically the same as N separate nn.Linear; each head is Xavier-uniform initialised with its

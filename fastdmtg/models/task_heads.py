@@ -10,10 +10,10 @@ import math
 import torch
 from torch import nn
 
-from .multibranch import ModuleHeads, fp32_heads
+from .multibranch import FP32Output, ModuleHeads, fp32_heads
 
 
-class TaskHead(nn.Linear):
+class TaskHead(FP32Output, nn.Linear):
     """flatten → Linear(in_features, out_features): (B, ...) → (B, out_features)."""
 
     keep_fp32 = True         # precision policy (fastdmtg.step.set_output_precision)

@@ -57,7 +57,7 @@ import torch
 from torch import nn
 
 from . import Parts
-from .multibranch import ModuleHeads, fp32_heads
+from .multibranch import FP32Output, ModuleHeads, fp32_heads
 
 WIDTHS = (128, 256, 728) + (728,) * 8     # output channels of blocks 1..11
 NUM_BLOCKS = len(WIDTHS)
@@ -144,7 +144,7 @@ def split_encoder(shared_blocks: int) -> tuple[nn.Module, nn.Module]:
     return init_encoder(shared), init_encoder(branch)
 
 
-class Decoder(nn.Sequential):
+class Decoder(FP32Output, nn.Sequential):
     """(B, 512, s, s) → (B, C_out, 16s, 16s); no final activation. In fp32 under autocast unless
     switched off (the precision policy, see the module doc)."""
 
