@@ -13,16 +13,21 @@ code is ever executed from a run folder.
 JSON files are strict JSON (RFC 8259): a value that is not a finite number (NaN, ±inf — e.g. an
 undefined metric) is written as ``null``.
 
-One writer per run folder: ``RunLock`` holds ``RUN/.lock`` with ``fcntl.flock`` for the life of a
-run (the OS releases it when the process dies, however it dies); the file records the holder's pid,
-host and start time so a second writer can say who holds it.
+One writer per run folder, across processes and hosts: ``RunLock`` creates ``RUN/.lock`` atomically
+(a hard link, or ``O_CREAT|O_EXCL``) for the life of a run and removes it at the end; the file records
+the holder's host, pid, process start and start time, so a second writer can say who holds it and a
+lock left by a killed process of the same host is taken over (never one of another host).
 """
 from __future__ import annotations
 
+import errno
 import io
 import json
 import math
 import os
+import platform
+import sys
+import time
 from pathlib import Path
 
 import torch
@@ -249,48 +254,253 @@ def check_new_run_folder(run_dir: str | Path) -> None:
                               "it or choose another --out")
 
 
+# ----------------------------------------------------------------------------- the run lock
+
+def _boot_id() -> str | None:
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return None
+
+
+def _process_start(pid: int) -> int | None:
+    """When process ``pid`` started, in clock ticks after boot (/proc/PID/stat field 22), or None: with
+    the boot id it tells a live holder from another process that got its pid later."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        # the command name (field 2) is in parentheses and may hold spaces: count from the last ")"
+        return int(stat[stat.rindex(")") + 2:].split()[19])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _own_record() -> dict:
+    return {"pid": os.getpid(), "host": platform.node(), "started": time.strftime("%Y-%m-%d %H:%M:%S %z"),
+            "command": " ".join(sys.argv), "boot_id": _boot_id(), "process_start": _process_start(os.getpid())}
+
+
+def _read_record(lock: Path | int) -> dict | None:
+    """The holder's record in a lock file (a path, or a descriptor: then the record of that very file,
+    whatever the name points to now), or None (unreadable, or not a record: e.g. being written)."""
+    try:
+        if isinstance(lock, int):
+            size = os.fstat(lock).st_size
+            text = os.pread(lock, size, 0).decode("utf-8")
+        else:
+            text = Path(lock).read_text(encoding="utf-8")
+        rec = json.loads(text)
+    except (OSError, ValueError):
+        return None
+    ok = isinstance(rec, dict) and type(rec.get("pid")) is int and isinstance(rec.get("host"), str)
+    return rec if ok else None
+
+
+def _holder_text(rec: dict | None) -> str:
+    if rec is None:
+        return "holder unknown"
+    return f"pid {rec['pid']} on {rec['host']}, started {rec.get('started', '?')}: {rec.get('command', '')}".rstrip(": ")
+
+
+def _refusal(path: Path, rec: dict | None) -> str:
+    """The message for a lock this host must not take over (another host's, or one it cannot read)."""
+    if rec is None:
+        return (f"{path.parent} is locked ({path} does not say by whom); if no run uses this folder, "
+                f"delete {path} and start again")
+    return (f"{path.parent} is in use by a run on another host ({_holder_text(rec)}); a lock of another host "
+            f"is never taken over: if that run is really gone, delete {path} and start again")
+
+
+def _try_flock(fd: int) -> bool | None:
+    """flock(LOCK_EX | LOCK_NB) on ``fd`` → True taken, False held by another descriptor, None not
+    supported by this file system."""
+    import fcntl
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        return False
+    except OSError:
+        return None
+
+
+def _process_alive(rec: dict) -> bool | None:
+    """Whether the process of a record of this host still runs → True / False, or None when only
+    its pid can be checked and that pid exists (a record without boot id and process start)."""
+    pid, boot = rec["pid"], _boot_id()
+    if pid <= 0:
+        return None
+    if boot is not None and rec.get("boot_id") not in (None, boot):
+        return False                                  # written before this host's last boot
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:                           # another user's process: it exists
+        pass
+    start = _process_start(pid)
+    if rec.get("process_start") is None or start is None:
+        return None
+    return start == rec["process_start"]
+
+
+def _holder_gone(rec: dict, fd: int) -> bool | None:
+    """A lock of this host: whether its holder is gone (True), alive (False), or the lock is being
+    removed by another process right now (None: look again). Takes the lock file's flock when free:
+    a live holder of this version holds it, so a holder in another pid namespace is seen too."""
+    free = _try_flock(fd)
+    alive = _process_alive(rec)
+    if free is False:                                 # held: its holder, or another process removing it
+        return None if alive is False else False
+    if alive is None:                                 # pid exists, identity unknown: the flock decides
+        return free is True
+    return not alive
+
+
+def _open_existing(path: Path) -> int:
+    """A descriptor of an existing lock file to take its flock with: read-write where allowed (NFS maps
+    flock to a write lock, which needs it), else read-only."""
+    try:
+        return os.open(path, os.O_RDWR)
+    except PermissionError:
+        return os.open(path, os.O_RDONLY)
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    try:
+        st, fst = os.stat(path), os.fstat(fd)
+    except OSError:
+        return False
+    return (st.st_dev, st.st_ino) == (fst.st_dev, fst.st_ino)
+
+
+def _unlink_quietly(path: Path) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
 class RunLock:
-    """Exclusive lock on RUN/.lock for the life of a run (released by ``release()`` or by the OS when
-    the process ends). ``RunLock(run_dir)`` acquires it or raises RunLocked naming the holder."""
+    """RUN/.lock for the life of a run, across processes and hosts on a shared file system.
+
+    Taken atomically: the holder's record (host, pid, boot id and process start, start time, command)
+    is written to a file of its own, then hard-linked to RUN/.lock — ``link(2)`` either creates the
+    name or fails, on local file systems and on NFS v3+ (where a lost reply is told apart by the link
+    count, as open(2) recommends); where hard links are not supported, ``O_CREAT|O_EXCL``. The holder
+    also keeps an ``flock`` on it and removes it on ``release()``.
+
+    A lock that exists is judged from its record: held by a live process of this host → refused
+    (RunLocked naming it); left by a process of this host that is gone (no such pid, or the pid now
+    belongs to another process or boot, and no flock held) → removed and taken; held by another host →
+    refused, never taken over, since this host cannot see that host's processes: the message says to
+    delete the file if that run is really gone. ``RunLock(run_dir)`` acquires it or raises."""
 
     def __init__(self, run_dir: str | Path):
-        import fcntl
-        import platform
-        import sys
-        import time
         self.path = Path(run_dir) / ".lock"
+        self._fd: int | None = None
+        self.reclaimed: dict | None = None           # the record of a stale lock removed on the way
+        for _ in range(50):      # a stale lock removed by another process meanwhile: look again
+            if self._create():
+                return
+            if not self._remove_if_stale():
+                time.sleep(0.02)
+        raise RunLocked(f"{self.path.parent} is in use by another run ({_holder_text(_read_record(self.path))}); "
+                        "wait for it to finish or choose another --out")
+
+    def _create(self) -> bool:
+        """Take the lock if RUN/.lock does not exist → whether it was taken."""
+        rec = json.dumps(_own_record()) + "\n"
+        tmp = self.path.with_name(f".lock.{os.getpid()}.{os.urandom(4).hex()}.tmp")
         try:
-            self._f = open(self.path, "a+", encoding="utf-8")       # "a+": never truncate the holder's record
+            fd = os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except OSError as e:
             raise WriteFailed(f"cannot write {self.path}: {e.strerror or _reason(e)}") from None
         try:
-            fcntl.flock(self._f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            holder = self._holder()
-            self._f.close()
-            raise RunLocked(f"{self.path.parent} is in use by another run ({holder}); wait for it to finish "
-                            "or choose another --out") from None
-        info = {"pid": os.getpid(), "host": platform.node(), "started": time.strftime("%Y-%m-%d %H:%M:%S %z"),
-                "command": " ".join(sys.argv)}
+            os.write(fd, rec.encode("utf-8"))
+            os.fsync(fd)
+            _try_flock(fd)
+            taken = self._link(tmp, fd, rec)
+        except BaseException:
+            os.close(fd)
+            raise
+        finally:
+            _unlink_quietly(tmp)
+        if taken is None:                            # no hard links here: the record's own fd is not the lock's
+            os.close(fd)
+            return self._create_exclusive(rec)
+        if not taken:
+            os.close(fd)
+            return False
+        self._fd = fd
+        return True
+
+    def _link(self, tmp: Path, fd: int, rec: str) -> bool | None:
         try:
-            self._f.seek(0)
-            self._f.truncate()
-            self._f.write(json.dumps(info) + "\n")
-            self._f.flush()
+            os.link(tmp, self.path)
+            return True
+        except FileExistsError:
+            return os.fstat(fd).st_nlink == 2        # NFS: the link was made but its reply was lost
+        except FileNotFoundError:
+            return False        # our file was removed as a killed writer's by the holder that just won
+        except OSError as e:
+            if e.errno in (errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS, errno.EMLINK):
+                return None
+            if os.fstat(fd).st_nlink == 2:
+                return True
+            raise WriteFailed(f"cannot write {self.path}: {e.strerror or _reason(e)}") from None
+
+    def _create_exclusive(self, rec: str) -> bool:
+        try:
+            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            return False
+        except OSError as e:
+            raise WriteFailed(f"cannot write {self.path}: {e.strerror or _reason(e)}") from None
+        _try_flock(fd)
+        try:
+            os.write(fd, rec.encode("utf-8"))
+            os.fsync(fd)
         except OSError:          # the lock is what matters; the record only makes the message better
             pass
+        self._fd = fd
+        return True
 
-    def _holder(self) -> str:
+    def _remove_if_stale(self) -> bool:
+        """RUN/.lock exists: remove it when its holder is gone (see the class) → whether it was removed
+        or is gone already; raise RunLocked when it is held."""
         try:
-            info = json.loads(self.path.read_text(encoding="utf-8"))
-            return f"pid {info['pid']} on {info['host']}, started {info['started']}: {info.get('command', '')}".rstrip(": ")
-        except (OSError, ValueError, KeyError, TypeError):
-            return "holder unknown"
+            fd = _open_existing(self.path)
+        except FileNotFoundError:
+            return True                              # released meanwhile
+        try:
+            rec = _read_record(fd)
+            if rec is None or rec.get("host") != platform.node():
+                raise RunLocked(_refusal(self.path, rec))
+            gone = _holder_gone(rec, fd)
+            if gone is None:                         # a reclaimer holds it, or it changed: look again
+                return False
+            if not gone:
+                raise RunLocked(f"{self.path.parent} is in use by another run ({_holder_text(rec)}); wait for it "
+                                "to finish or choose another --out")
+            # removed under its flock and only if the name is still this file: of two processes
+            # reclaiming one stale lock, one removes it, the other finds the new holder's lock
+            if _same_file(fd, self.path):
+                os.unlink(self.path)
+                self.reclaimed = rec
+            return True
+        finally:
+            os.close(fd)
 
     def release(self) -> None:
-        f, self._f = getattr(self, "_f", None), None
-        if f is not None:
-            f.close()                # closing the descriptor releases the flock
+        fd, self._fd = getattr(self, "_fd", None), None
+        if fd is None:
+            return
+        try:
+            if _same_file(fd, self.path):
+                os.unlink(self.path)
+        except OSError:
+            pass
+        os.close(fd)                                 # closing the descriptor releases the flock
 
     def __del__(self):
         self.release()

@@ -1,4 +1,6 @@
-"""The training loop: any grouping method × any backbone × any dataset.
+"""The training loop: any grouping method × any backbone × any dataset. The run folder (lock, resume
+checks, checkpoints, migrations) is fastdmtg.run_folder's; history.json, results.json and what the
+end of a run writes, fastdmtg.results_writer's.
 
 One step (DMTG):  z = method.weights()                # (N, K) Gumbel-softmax sample
                   outputs = model(images)              # all K·N heads
@@ -20,9 +22,7 @@ is flagged in results.json and stops the run (Diverged) unless train.on_divergen
 from __future__ import annotations
 
 import contextlib
-import json
 import math
-import platform
 import signal
 import time
 from pathlib import Path
@@ -32,22 +32,19 @@ import torch
 from . import checkpoint as ckpt
 from . import distributed as dist_utils
 from . import ops
-from .builder import build_training_step, resolve_device, use_bf16
+from .builder import build_training_step, resolve_device
 from . import fingerprint
-from .config import Config, ConfigError, check_init, resume_changes
-from .log import EPOCHS, RunLog, bars_on, get_logger
+from . import results_writer
+from .config import Config, check_init
+from .log import bars_on, get_logger
 from .pipelines import build_source
 from .methods import AffinityMeasured, HeadsPruned, RunTotals, StepContext
-from .metrics import normgain, normgain_error, summarize
+from .metrics import summarize
 from .models import BranchedNet, GroupedNet
+from .results_writer import divergence_text
+from .run_folder import EPOCH_BASE, RunFolder, keep_previous_results, migrate_state, read_history
 
 log = get_logger("fastdmtg.train")
-epoch_log = get_logger(EPOCHS)        # the per-epoch lines (a logger of their own: can be muted alone)
-# Epoch numbering: every file and message a person reads counts epochs from 1 (history.json "epoch",
-# results.json "best_epoch", divergence/config_changes "epoch", plots, TensorBoard "train/epoch");
-# the checkpoints' counters (last.pt "epoch" = epochs completed, best.pt "epoch" = 0-based index) are
-# internal and stay as they were. Checkpoints written before this convention carry no "epoch_base".
-EPOCH_BASE = 1
 
 
 class RunStopped(RuntimeError):
@@ -196,104 +193,68 @@ def _set_rng_state(st: dict, device: torch.device) -> None:
         torch.cuda.set_rng_state(st["cuda"], device)
 
 
-# entries a checkpoint must hold to be resumed from
-RESUME_KEYS = ("model", "method", "optimizer", "scheduler", "epoch", "step_in_epoch", "global_step", "best_val",
-               "best_epoch", "best_train", "epoch_loss_sum", "epoch_samples", "train_time", "rng", "config")
-
-
-def _warn(msg: str) -> None:
-    log.warning(msg)
-
-
-def _divergence_text(d: dict) -> str:
-    return (f"epoch {d['epoch']} training loss {d['train_loss']:.4g} > {d['factor']:g} × the first step's "
-            f"loss {d['initial_loss']:.4g} (train.divergence_factor)")
-
-
-def _renumber_record(rec: dict) -> dict:
-    """A history.json record written before epochs were numbered from 1, renumbered."""
-    rec = dict(rec, epoch=rec["epoch"] + 1)
-    if "config_changes" in rec:
-        rec["config_changes"] = [dict(c, epoch=c["epoch"] + 1) for c in rec["config_changes"]]
-    return rec
-
-
-#: the files of a finished run that a resume (e.g. more epochs) would replace
-RESULT_FILES = ("results.json", "grouped_model.json", "grouped_model.safetensors", "grouping.png",
-                "eval_train.json", "eval_val.json", "eval_test.json")
-
-
-def keep_previous_results(run_dir: Path) -> Path | None:
-    """Before a finished run is trained on (``--resume`` with more epochs), move its results
-    (RESULT_FILES) to RUN/previous/<n>/ (n = 1, 2, … per continuation) and say so → that folder, or
-    None when the run had not finished. Moved, not copied: results.json in RUN marks a finished run."""
-    if not (run_dir / "results.json").exists():
-        return None
-    n = 1
-    while (run_dir / "previous" / str(n)).exists():
-        n += 1
-    dest = run_dir / "previous" / str(n)
-    dest.mkdir(parents=True)
-    moved = []
-    for name in RESULT_FILES:
-        if (run_dir / name).exists():
-            (run_dir / name).replace(dest / name)
-            moved.append(name)
-    log.info(f"resume: the finished run's results ({', '.join(moved)}) moved to {dest}; "
-             "the continued run writes new ones")
-    return dest
-
-
-def groups_of(assignment: list[int], names: list[str]) -> list[list[str]]:
-    used = sorted(set(assignment))
-    return [[names[i] for i, a in enumerate(assignment) if a == k] for k in used]
-
-
 class Trainer:
+    """One run: the start-up (run folder, devices, data, the step, state), the training loop, the
+    validations and checkpoints, the decisions of the grouping method applied; the run folder is
+    fastdmtg.run_folder's, the results fastdmtg.results_writer's."""
+
     def __init__(self, cfg: Config, run_dir: str | Path, resume: bool = False, progress: bool | None = None,
                  dataset=None, accept_data_change: bool = False):
         # dataset: an opened fastdmtg.data.Dataset to train on instead of opening cfg.data (fastdmtg.api)
         self._dataset = dataset
         # a resume on data that differs from the run's recorded fingerprint goes on (recorded) instead of stopping
         self.accept_data_change = accept_data_change
-        self._lock, self.finished_results, self.divergence, self.saved_last = None, None, None, None
-        self._runlog = None
+        self.folder: RunFolder | None = None
+        self.finished_results, self.divergence = None, None
         try:
             self._setup(cfg, run_dir, resume, progress)
         except BaseException as e:
-            self._log_startup_failure(e)
+            if self.folder is not None:
+                self.folder.log_startup_failure(e)
             self.close()                  # release the run folder (also on Ctrl-C during start-up)
             raise
 
-    def _log_startup_failure(self, e: BaseException) -> None:
-        """A start-up that fails once the folder is ours (bad data, a config the data refuses, Ctrl-C)
-        says why in RUN/train.log, so the folder it leaves (.lock, train.log, maybe config.json)
-        explains itself; the folder is kept, never deleted (a resume's folder holds a run). Written to
-        the file only: the command line prints the error itself."""
-        h = self._runlog.handler if self._runlog is not None else None
-        if h is not None:
-            import logging
-            what = "interrupted (Ctrl-C)" if isinstance(e, KeyboardInterrupt) else (str(e) or type(e).__name__)
-            h.handle(logging.LogRecord(log.name, logging.ERROR, __file__, 0,
-                                       f"the run stopped during start-up, before its first step: {what}", None, None))
-
     def close(self) -> None:
-        """Release the run folder's lock (fit() does it when it returns or raises)."""
-        if self._lock is not None:
-            self._lock.release()
-            self._lock = None
+        """Close the trackers and release the run folder (lock, train.log); fit() does it when it
+        returns or raises."""
         if getattr(self, "writer", None) is not None:
             # called from fit()'s `finally`: sys.exc_info() is the error that ended the run, if any
             # (the trackers mark their run finished, killed (interrupted) or failed)
             import sys
             self.writer.close(sys.exc_info()[1])
             self.writer = None
-        if self._runlog is not None:
-            self._runlog.close()
-            self._runlog = None
+        if self.folder is not None:
+            self.folder.close()
 
     def _setup(self, cfg: Config, run_dir: str | Path, resume: bool, progress: bool | None) -> None:
         self.cfg, self.run_dir = cfg, Path(run_dir)
+        ddp_device = self._start_process(cfg, resume)
+        self.folder = RunFolder(self.run_dir, self.is_main)
+        self.ckpt_dir = self.folder.ckpt_dir
+        resume_state, config_changes = self.folder.claim(cfg, resume)
+        self.folder.open_log()
+        self.finished_results = self.folder.finished_results(resume_state, config_changes, cfg.train.epochs)
+        if self.finished_results is not None:
+            # a finished run resumed without changes: nothing to do, results.json stays as it is
+            self.divergence = dist_utils.broadcast_from_main(self.finished_results.get("divergence"))
+            return
+        self._build_components(cfg, resume, progress, ddp_device)
+        self._start_state()
+        if resume:
+            self._load(resume_state)
+            self._apply_head_mask()
+            self._apply_resume_changes(config_changes + self.folder.data_changes(
+                resume_state, self.data_fingerprint, self.accept_data_change))
+        elif self.is_main:
+            cfg.save(self.run_dir / "config.json")
+        self._open_trackers(cfg, resume)
+        if resume and self.is_main:
+            # a finished run trained on: its results are not overwritten. Last of the start-up, so that a
+            # continuation refused on the way (changed data or config, a tracker) leaves them in place
+            keep_previous_results(self.run_dir)
+
+    def _start_process(self, cfg: Config, resume: bool):
+        """The checks that need nothing opened, then the process group (DDP) → its device or None."""
         if cfg.train.cuda_graph == "on" and dist_utils.launched_by_torchrun():
             # whole-step capture with NCCL collectives (fastdmtg/step.py): set before the process group starts
             import os
@@ -305,16 +266,9 @@ class Trainer:
         ddp_device = dist_utils.setup(cfg.train.device)
         self.rank, self.world_size = dist_utils.world()
         self.is_main = self.rank == 0
-        self.ckpt_dir = self.run_dir / "checkpoints"
-        resume_state, config_changes = self._claim_run_folder(resume)
-        if self.is_main:
-            self._runlog = RunLog(self.run_dir)      # RUN/train.log: this run's messages, appended
-        if resume_state is not None and not config_changes and resume_state["epoch"] >= cfg.train.epochs \
-                and (self.run_dir / "results.json").exists():
-            # a finished run resumed without changes: nothing to do, results.json stays as it is
-            self.finished_results = ckpt.read_json(self.run_dir / "results.json") if self.is_main else {}
-            self.divergence = dist_utils.broadcast_from_main(self.finished_results.get("divergence"))
-            return
+        return ddp_device
+
+    def _build_components(self, cfg: Config, resume: bool, progress: bool | None, ddp_device) -> None:
         # bars: --progress/--no-progress when given, else train.progress on a terminal only
         self.progress = bars_on(progress, cfg.train.progress) and self.is_main
         self.device = ddp_device if ddp_device is not None else resolve_device(cfg.train.device)
@@ -339,6 +293,9 @@ class Trainer:
         if self.is_main and self.world_size > 1:
             log.info(f"DDP: {self.world_size} ranks × batch {cfg.train.batch_size} = global batch "
                      f"{self.global_batch}")
+
+    def _start_state(self) -> None:
+        """The counters and records of a run at its first step (a resume then loads its own)."""
         self.epoch, self.step_in_epoch, self.global_step = 0, 0, 0
         self.best_val, self.best_epoch = math.inf, -1
         self.best_train = math.inf            # train.best_rule=reference: the training loss at the last save
@@ -350,16 +307,8 @@ class Trainer:
         self.initial_loss: float | None = None      # the first step's loss: the divergence rule's yardstick
         self.divergence: dict | None = None          # set once the rule fired
         self.config_changes: list[dict] = []         # resume changes not yet in a history.json record
-        self.saved_last: tuple | None = None   # (file, epoch, step_in_epoch, global_step): the state to go back to
-        if resume:
-            self._load(resume_state)
-            self._apply_head_mask()
-            data_changes = fingerprint.check(resume_state.get("data_fingerprint"), self.data_fingerprint,
-                                             str(self.run_dir), self.accept_data_change,
-                                             f"fastdmtg train --resume {self.run_dir}")
-            self._apply_resume_changes(config_changes + [(f"data: {k}", o, n) for k, o, n in data_changes])
-        elif self.is_main:
-            cfg.save(self.run_dir / "config.json")
+
+    def _open_trackers(self, cfg: Config, resume: bool) -> None:
         # the trackers (TensorBoard, MLflow, W&B: fastdmtg/trackers), behind SummaryWriter's API; rank 0 only.
         # A tracker that cannot start stops every rank here, before the first step
         self.writer, err = None, None
@@ -372,65 +321,13 @@ class Trainer:
         err = dist_utils.broadcast_from_main(err)
         if err is not None:
             raise err
-        if resume and self.is_main:
-            # a finished run trained on: its results are not overwritten. Last of the start-up, so that a
-            # continuation refused on the way (changed data or config, a tracker) leaves them in place
-            keep_previous_results(self.run_dir)
 
     # ------------------------------------------------------------------ run folder
-    def _claim_run_folder(self, resume: bool) -> tuple[dict | None, list]:
-        """Rank 0 locks RUN (one writer at a time), removes a killed writer's temporary files and
-        checks that the folder may be written; on resume it picks the checkpoint (last.pt, else
-        last.prev.pt). The outcome goes to every rank so that all stop together (no rank left waiting
-        at a collective). Then every rank reads that checkpoint and checks the config against the one
-        stored in it → (state or None, the resume-safe changes to apply)."""
-        err, path, st = None, None, None
-        if self.is_main:
-            try:
-                try:
-                    self.run_dir.mkdir(parents=True, exist_ok=True)
-                except OSError as e:
-                    raise ckpt.WriteFailed(f"cannot create {self.run_dir}: {e.strerror or e}") from None
-                self._lock = ckpt.RunLock(self.run_dir)
-                ckpt.remove_temp_files(self.run_dir)
-                if resume:
-                    path, st = ckpt.load_resume_checkpoint(self.ckpt_dir, "cpu", RESUME_KEYS, warn=_warn)
-                else:
-                    ckpt.check_new_run_folder(self.run_dir)
-            except (OSError, ValueError) as e:
-                err = e
-        err, path = dist_utils.broadcast_from_main((err, path))
-        if err is not None:
-            raise err
-        if not resume:
-            return None, []
-        if st is None:
-            st = ckpt.load_checkpoint(path, "cpu", RESUME_KEYS)
-        st["_path"] = path
-        try:
-            old = Config.from_dict(st["config"])
-        except ConfigError as e:
-            raise ConfigError(f"{path}: the run's stored config: {e}") from None
-        if not self.cfg.data.folder_tasks and old.data.folder_tasks:
-            # the command line leaves your own tasks' declarations to inference (e.g. `--resume RUN --recipe
-            # folder_k3`): the run keeps the declarations it was trained with, not a new inference
-            self.cfg.data.folder_tasks = dict(old.data.folder_tasks)
-        try:
-            return st, resume_changes(old, self.cfg, st["epoch"])
-        except ConfigError as e:
-            raise ConfigError(f"{self.run_dir}: {e}") from None
-
     def _apply_resume_changes(self, changes: list) -> None:
         """Record the resume-safe changes (history.json gets them in the record of the epoch they take
         effect in; last.pt carries them until then) and write the config in force to config.json."""
-        if not changes:
-            return
         at = {"epoch": self.epoch + 1, "step_in_epoch": self.step_in_epoch, "global_step": self.global_step}
-        self.config_changes += [dict(field=k, old=o, new=n, **at) for k, o, n in changes]
-        if self.is_main:
-            self.cfg.save(self.run_dir / "config.json")
-            for k, o, n in changes:
-                log.info(f"resume: {k}: {json.dumps(o)} → {json.dumps(n)}")
+        self.config_changes += self.folder.record_changes(self.cfg, changes, at)
 
     def _nonfinite_state(self) -> str | None:
         """The first parameter or buffer of the model or the method that holds a NaN/inf, or None."""
@@ -454,15 +351,7 @@ class Trainer:
 
     def _kept(self) -> str:
         """What the run folder holds to go back to, for the messages of a stopped run."""
-        if self.saved_last is None:
-            kept = "no checkpoint was written (the run stopped before the end of its first epoch)"
-        else:
-            path, e, s, g = self.saved_last
-            where = f"the end of epoch {e}" if s == 0 else f"epoch {e + 1}, step {g}"
-            kept = f"{path} holds the state at {where} (step {g})"
-        if getattr(self, "best_epoch", -1) >= 0 and (self.ckpt_dir / ckpt.BEST).exists():
-            kept += f"; {self.ckpt_dir / ckpt.BEST} holds epoch {self.best_epoch + 1} (train.best_rule)"
-        return kept
+        return self.folder.kept(getattr(self, "best_epoch", -1))
 
     def _save_best(self, state: dict) -> BaseException | None:
         """Write best.pt (rank 0) unless the weights are not finite → the error to raise on every rank."""
@@ -470,11 +359,7 @@ class Trainer:
         if bad is not None:
             return NonFiniteLoss(f"non-finite {bad} after step {self.global_step} (lr {self.current_lr():.3g}); "
                                  f"best.pt was not written; {self._kept()}")
-        try:
-            ckpt.save_checkpoint(self.ckpt_dir / ckpt.BEST, state)
-        except ckpt.WriteFailed as e:
-            return e
-        return None
+        return self.folder.write_best(state)
 
     def _check_divergence(self, train_loss: float) -> None:
         """The divergence rule: this epoch's mean training loss > train.divergence_factor × the loss of
@@ -491,7 +376,7 @@ class Trainer:
             if self.is_main:
                 then = ("the run stops after this epoch's validation (train.on_divergence=error)"
                         if t.on_divergence == "error" else "training goes on (train.on_divergence=warn)")
-                log.warning(f"training diverged: {_divergence_text(hit)}; {then}")
+                log.warning(f"training diverged: {divergence_text(hit)}; {then}")
 
     def _stopping_for_divergence(self) -> bool:
         return self.divergence is not None and self.cfg.train.on_divergence == "error"
@@ -536,22 +421,10 @@ class Trainer:
         self.epoch_task_sum = None if ets is None else torch.tensor(ets, dtype=torch.float64)
         self.train_time = st["train_time"]
         _set_rng_state(st["rng"], self.device)
-        self.initial_loss, self.divergence = st.get("initial_loss"), st.get("divergence")
-        self.config_changes = list(st.get("config_changes", []))
-        if st.get("epoch_base") != EPOCH_BASE:
-            # a checkpoint written before epochs were numbered from 1 in what people read
-            if self.divergence is not None:
-                self.divergence = dict(self.divergence, epoch=self.divergence["epoch"] + 1)
-            self.config_changes = [dict(c, epoch=c["epoch"] + 1) for c in self.config_changes]
-        self.saved_last = (Path(st["_path"]), self.epoch, self.step_in_epoch, self.global_step)
-        hist = self.run_dir / "history.json"
-        if hist.exists():
-            h = ckpt.read_json(hist)
-            if not (isinstance(h, list) and all(isinstance(r, dict) and isinstance(r.get("epoch"), int) for r in h)):
-                raise ckpt.RunFileError(f"{hist}: expected a list of per-epoch records with an integer \"epoch\"")
-            if h and h[0]["epoch"] == 0:      # written before epochs were numbered from 1
-                h = [_renumber_record(r) for r in h]
-            self.history = [r for r in h if r["epoch"] <= self.epoch]     # epochs 1..completed
+        self.initial_loss = st.get("initial_loss")
+        self.divergence, self.config_changes = migrate_state(st)
+        self.folder.saved_last = (Path(st["_path"]), self.epoch, self.step_in_epoch, self.global_step)
+        self.history = read_history(self.run_dir, self.epoch)
 
     # ------------------------------------------------------------------ head pruning
     def _apply_head_mask(self) -> None:
@@ -614,16 +487,7 @@ class Trainer:
 
     def save_last(self) -> None:
         self._check_state_finite(str(self.ckpt_dir / ckpt.LAST))
-        err = None
-        if self.is_main:
-            try:
-                ckpt.save_checkpoint(self.ckpt_dir / ckpt.LAST, self._state(), keep_previous=True)
-            except ckpt.WriteFailed as e:
-                err = e
-        err = dist_utils.broadcast_from_main(err)          # also the barrier: every rank waits for the write
-        if err is not None:
-            raise err
-        self.saved_last = (self.ckpt_dir / ckpt.LAST, self.epoch, self.step_in_epoch, self.global_step)
+        self.folder.write_last(self._state, (self.epoch, self.step_in_epoch, self.global_step))
 
     # ------------------------------------------------------------------ loop
     def current_lr(self) -> float:
@@ -704,6 +568,33 @@ class Trainer:
         # the mean over all ranks' samples (each rank summed its own): every rank's scheduler sees the same
         train_loss = dist_utils.global_mean(self.epoch_loss_sum, self.epoch_samples, self.device)
         self._check_divergence(train_loss)
+        rec = self._epoch_record(train_loss)
+        stop = None                               # rank 0's reason to stop, raised on every rank below
+        due = validation_due(cfg, self.epoch) or self._stopping_for_divergence()
+        val_loss = None
+        if self.is_main and due:
+            stop, val_loss = self._validate(rec, train_loss)
+        stop = dist_utils.broadcast_from_main(stop)
+        if stop is not None:
+            raise stop
+        if due and self.world_size > 1:
+            val_loss = dist_utils.broadcast_float(val_loss, self.device)   # rank 0 validated; all step alike
+        plateau_step(self.scheduler, cfg, train_loss, val_loss)
+        self.history.append(rec)
+        if self.writer is not None:
+            from .tboard import log_epoch
+            log_epoch(self.writer, rec, self.taskset.names, self.global_step)   # per-task val, probabilities
+            self.writer.flush()                   # each epoch's records reach every tracker's store
+        self.epoch += 1
+        self.step_in_epoch, self.epoch_loss_sum, self.epoch_samples = 0, 0.0, 0
+        self.epoch_task_sum = None
+        if self.is_main:
+            results_writer.write_history(self.run_dir, self.history)
+        self.save_last()
+        return rec
+
+    def _epoch_record(self, train_loss: float) -> dict:
+        """history.json's record of the epoch that just ended (its validation added by _validate)."""
         rec = {"epoch": self.epoch + 1, "train_loss": train_loss, "lr": self.current_lr(),
                "global_step": self.global_step, "train_time_s": self.train_time}
         rec.update({k.split("/")[-1]: v for k, v in self.method.log_scalars().items()})
@@ -720,49 +611,33 @@ class Trainer:
             rec["config_changes"], self.config_changes = self.config_changes, []
         # the method's entries for the epoch's steps (DMTG: the heads dropped, from its saved state)
         rec.update(self.method.epoch_record(self.history[-1]["global_step"] if self.history else 0, self.global_step))
-        stop = None                               # rank 0's reason to stop, raised on every rank below
-        due = validation_due(cfg, self.epoch) or self._stopping_for_divergence()
-        val_loss = None
-        if self.is_main and due:
-            val = evaluate(self.model, self.taskset, self.data, "val", cfg.train.eval_batch_size, self.device,
-                           self.method.assignment(), self.amp, self.progress)
-            rec["val"] = val
-            val_loss = val["total_loss"]
-            if self.writer is not None:
-                self.writer.add_scalar("val/total_loss", val["total_loss"], self.global_step)
-                if "total_error" in val:
-                    self.writer.add_scalar("val/total_error", val["total_error"], self.global_step)
-            if not math.isfinite(val["total_loss"]):
-                stop = NonFiniteLoss(f"non-finite validation loss ({val['total_loss']}) at epoch {self.epoch + 1}; "
-                                     f"the run stopped; {self._kept()}")
-            else:
-                crit = best_criterion(cfg, val)
-                if improves_best(cfg.train.best_rule, crit, train_loss, self.best_val, self.best_train):
-                    stop = self._save_best({"model": self.model.state_dict(), "method": self.method.state_dict(),
-                                            "epoch": self.epoch, "val_total_loss": val["total_loss"],
-                                            "best_rule": cfg.train.best_rule, "criterion": crit,
-                                            "train_loss": train_loss})
-                    if stop is None:      # only once written: a failed write's message names what best.pt holds
-                        self.best_val, self.best_train, self.best_epoch = crit, train_loss, self.epoch
-        stop = dist_utils.broadcast_from_main(stop)
-        if stop is not None:
-            raise stop
-        if due and self.world_size > 1:
-            val_loss = dist_utils.broadcast_float(val_loss, self.device)   # rank 0 validated; all step alike
-        plateau_step(self.scheduler, cfg, train_loss, val_loss)
-        self.history.append(rec)
-        if self.writer is not None:
-            from .tboard import log_epoch
-            log_epoch(self.writer, rec, self.taskset.names, self.global_step)   # per-task val, probabilities
-            self.writer.flush()                   # each epoch's records reach every tracker's store
-        self.epoch += 1
-        self.step_in_epoch, self.epoch_loss_sum, self.epoch_samples = 0, 0.0, 0
-        self.epoch_task_sum = None
-        if self.is_main:
-            from .report import round_floats
-            ckpt.atomic_write_json(self.run_dir / "history.json", round_floats(self.history))
-        self.save_last()
         return rec
+
+    def _validate(self, rec: dict, train_loss: float) -> tuple[BaseException | None, float]:
+        """Rank 0: validate, record it in ``rec`` and the trackers, write best.pt when the rule says
+        so → (the reason to stop every rank, or None; the validation loss)."""
+        cfg, stop = self.cfg, None
+        val = evaluate(self.model, self.taskset, self.data, "val", cfg.train.eval_batch_size, self.device,
+                       self.method.assignment(), self.amp, self.progress)
+        rec["val"] = val
+        val_loss = val["total_loss"]
+        if self.writer is not None:
+            self.writer.add_scalar("val/total_loss", val["total_loss"], self.global_step)
+            if "total_error" in val:
+                self.writer.add_scalar("val/total_error", val["total_error"], self.global_step)
+        if not math.isfinite(val["total_loss"]):
+            stop = NonFiniteLoss(f"non-finite validation loss ({val['total_loss']}) at epoch {self.epoch + 1}; "
+                                 f"the run stopped; {self._kept()}")
+        else:
+            crit = best_criterion(cfg, val)
+            if improves_best(cfg.train.best_rule, crit, train_loss, self.best_val, self.best_train):
+                stop = self._save_best({"model": self.model.state_dict(), "method": self.method.state_dict(),
+                                        "epoch": self.epoch, "val_total_loss": val["total_loss"],
+                                        "best_rule": cfg.train.best_rule, "criterion": crit,
+                                        "train_loss": train_loss})
+                if stop is None:      # only once written: a failed write's message names what best.pt holds
+                    self.best_val, self.best_train, self.best_epoch = crit, train_loss, self.epoch
+        return stop, val_loss
 
     def fit(self, stop_after_steps: int | None = None) -> dict:
         """Train to the end (continuing a resumed run) and evaluate; returns the results, also in
@@ -780,7 +655,7 @@ class Trainer:
         finally:
             self.close()
         if self._stopping_for_divergence():
-            raise Diverged(f"training diverged: {_divergence_text(self.divergence)}; the run stopped after "
+            raise Diverged(f"training diverged: {divergence_text(self.divergence)}; the run stopped after "
                            f"epoch {self.divergence['epoch']} and was evaluated; results.json says "
                            '"diverged": true (--set train.on_divergence=warn to only warn)', res)
         return res
@@ -796,7 +671,8 @@ class Trainer:
             while self.epoch < self.cfg.train.epochs and not self._stopping_for_divergence():
                 self.train_epoch(stop_after_steps)
                 rec = self.end_epoch()
-                self._print_epoch(rec)
+                if self.is_main:
+                    results_writer.print_epoch(rec, self.cfg.train.epochs, self.taskset.names)
                 if self._stop_signal is not None or (stop_after_steps is not None
                                                      and self.global_step >= stop_after_steps
                                                      and self.epoch < self.cfg.train.epochs
@@ -809,30 +685,6 @@ class Trainer:
             if self.writer is not None:
                 self.writer.flush()
         return self.finish()
-
-    def _grouping_confidence(self, res: dict) -> None:
-        """results.json "grouping_confidence" (fastdmtg.report), and a warning when not settled."""
-        from .report import grouping_confidence, unsettled_warning
-        conf = grouping_confidence(res.get("probabilities"), res["assignment"], res["tasks"])
-        if conf is not None:
-            res["grouping_confidence"] = conf
-            if not conf["settled"]:
-                log.warning(unsettled_warning(conf))
-
-    def _print_epoch(self, rec: dict) -> None:
-        if not self.is_main:
-            return
-        msg = f"epoch {rec['epoch']}/{self.cfg.train.epochs}: train loss {rec['train_loss']:.4f}"
-        if "val" in rec:
-            msg += f", val loss {rec['val']['total_loss']:.4f}"
-            if "total_error" in rec["val"]:
-                msg += f", val total error {rec['val']['total_error']:.2f}"
-        names = self.taskset.names
-        msg += f", groups {groups_of(rec['assignment'], names)}"
-        if "val" in rec:
-            from .report import epoch_task_lines
-            msg = "\n".join([msg] + epoch_task_lines(rec["val"], names))
-        epoch_log.info(msg)
 
     # ------------------------------------------------------------------ end of run
     def finish(self) -> dict:
@@ -855,70 +707,10 @@ class Trainer:
         grouped = GroupedNet.from_multibranch(self.model.to_multibranch(), assignment)
         from .export import save_grouped
         save_grouped(self.run_dir, grouped, cfg, names, self.data.image_size)
-        res = {
-            "name": cfg.name, "method": cfg.grouping.method, "dataset": cfg.data.dataset, "tasks": names,
-            "num_branches": self.method.num_branches, "assignment": assignment, "groups": groups_of(assignment, names),
-            "best_epoch": self.best_epoch + 1, "best_rule": cfg.train.best_rule, "epochs": cfg.train.epochs,
-            "batch": {"per_rank": cfg.train.batch_size, "world_size": self.world_size, "global": self.global_batch},
-            "precision": {"amp": cfg.train.amp, "training_bf16": use_bf16(cfg, self.device),
-                          "evaluation_bf16": cfg.train.amp == "bf16"},
-            "test": test, "total_loss": test["total_loss"], "total_error": test.get("total_error"),
-            "train_time_s": self.train_time,
-            "speed": dict(self.speed, world_size=self.world_size, graph_captures=self.runner.captures),
-            "env": {"device": str(self.device), "gpu": torch.cuda.get_device_name(self.device)
-                    if self.device.type == "cuda" else None, "torch": torch.__version__,
-                    "python": platform.python_version(), "kernels": ops.resolve_backend(cfg.train.kernels, self.device)},
-        }
-        probs = self.method.probabilities()
-        if probs is not None:
-            res["probabilities"] = probs.cpu().tolist()
-        self._grouping_confidence(res)
-        res.update(extra)
-        if self.method.step_backward() is not None:           # a training augmentation: its learned state
-            res["augmentation"] = self.method.step_backward().results()
-        if cfg.train.reference:
-            res.update(compare_to_reference(cfg.train.reference, test))
-        res["diverged"] = self.divergence is not None
-        if self.divergence is not None:
-            res["divergence"] = dict(self.divergence, rule=_divergence_text(self.divergence))
-        res["config_changes"] = [c for h in self.history for c in h.get("config_changes", [])] + self.config_changes
-        res["data_fingerprint"] = self.data_fingerprint
-        try:
-            from .plots import grouping_heatmap
-            # the figure of the model that was kept: the selected (best) epoch's probabilities
-            fig = grouping_heatmap(self.history, names, self.run_dir / "grouping.png", selected_epoch=self.best_epoch + 1,
-                                   rule=cfg.train.best_rule, keep_figure=self.writer is not None,
-                                   confidence=res.get("grouping_confidence"))
-            if fig is not None and self.writer is not None:
-                self.writer.add_figure("grouping/selected_epoch", fig, self.global_step)
-                self.writer.flush()
-        except ImportError:
-            pass
-        if self.writer is not None:
-            from .tboard import log_hparams
-            log_hparams(self.writer, cfg.to_dict(), res)
-            self.writer.flush()
-        from .report import round_floats
-        res = round_floats(res)                                          # no float noise in what people read
-        ckpt.atomic_write_json(self.run_dir / "results.json", res)      # last: the mark of a finished run
+        res = results_writer.run_results(self, test, assignment, extra)
+        res = results_writer.write_results(self, res)
         dist_utils.barrier()
         return res
-
-
-def compare_to_reference(reference_path: str, test: dict) -> dict:
-    p = Path(reference_path)
-    if p.is_dir():
-        p = p / "results.json"
-    if not p.exists():
-        raise FileNotFoundError(f"{p}: naive-MTL reference results not found (train.reference)")
-    ref = ckpt.read_json(p)
-    if not (isinstance(ref, dict) and isinstance(ref.get("test"), dict) and isinstance(ref["test"].get("loss"), dict)):
-        raise ckpt.RunFileError(f"{p}: not a fastdmtg results.json (no test.loss) (train.reference)")
-    out = {"reference": str(p), "normgain_loss": normgain(ref["test"]["loss"], test["loss"])}
-    nge = normgain_error(ref["test"], test)
-    if nge is not None:
-        out["normgain_error"] = nge
-    return out
 
 
 def train(cfg: Config, run_dir: str | Path, resume: bool = False, progress: bool | None = None,

@@ -92,7 +92,158 @@ def test_lock_is_released_when_its_holder_is_killed(tmp_path):
     finally:
         p.send_signal(signal.SIGKILL)
         p.wait()
-    ckpt.RunLock(run).release()                                   # the OS released it with the process
+    assert json.loads((run / ".lock").read_text())["pid"] == p.pid   # a killed holder leaves its record
+    lock = ckpt.RunLock(run)                                      # its process is gone: taken over
+    assert lock.reclaimed["pid"] == p.pid and json.loads((run / ".lock").read_text())["pid"] == os.getpid()
+    lock.release()
+    assert not (run / ".lock").exists()                           # released = removed
+
+
+def _dead_pid() -> int:
+    """The pid of a process that has ended (and been reaped)."""
+    p = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    return int(p.stdout)
+
+
+def _record(pid: int, host: str | None = None, **kw) -> str:
+    import platform
+    return json.dumps({"pid": pid, "host": host or platform.node(), "started": "2026-12-08 00:00:00 +0000",
+                       "command": "fastdmtg train --out run", **kw}) + "\n"
+
+
+# rounds of: wait for the round's start (a file), ask for the round's folder lock, say what happened;
+# the holder keeps the lock until the round ends (another file)
+_RACER = ("import sys, time\n"
+          "from pathlib import Path\n"
+          "from fastdmtg import checkpoint as ckpt\n"
+          "top, rounds = Path(sys.argv[1]), int(sys.argv[2])\n"
+          "print('ready', flush=True)\n"
+          "for i in range(rounds):\n"
+          "    while not (top / f'go{i}').exists():\n"
+          "        time.sleep(0)\n"
+          "    try:\n"
+          "        lock = ckpt.RunLock(top / str(i))\n"
+          "    except ckpt.RunLocked as e:\n"
+          "        print('refused', e, flush=True)\n"
+          "        continue\n"
+          "    print('held', flush=True)\n"
+          "    while not (top / f'done{i}').exists():\n"
+          "        time.sleep(0.001)\n"
+          "    lock.release()\n")
+
+
+@pytest.mark.timeout(300)
+def test_lock_is_taken_by_exactly_one_of_racing_processes(tmp_path):
+    """Four processes released at the same instant (each spins on one file) ask for the lock of one
+    folder, 40 rounds, every other folder holding a stale lock of this host (a pid that is gone): in
+    every round exactly one holds it and the three others are refused naming that one. (A real race:
+    it shows the outcome, and caught a record read by name instead of from the file judged; a
+    check-then-write creation loses only within microseconds, which two cores rarely hit.)"""
+    rounds, dead = 40, _dead_pid()
+    for i in range(rounds):
+        (tmp_path / str(i)).mkdir()
+        if i % 2:
+            (tmp_path / str(i) / ".lock").write_text(_record(dead))
+    procs = [subprocess.Popen([sys.executable, "-c", _RACER, str(tmp_path), str(rounds)], stdout=subprocess.PIPE,
+                              text=True, env=dict(os.environ, OMP_NUM_THREADS="1")) for _ in range(4)]
+    try:
+        assert [p.stdout.readline().strip() for p in procs] == ["ready"] * 4
+        for i in range(rounds):
+            (tmp_path / f"go{i}").touch()
+            said = [p.stdout.readline().strip() for p in procs]
+            (tmp_path / f"done{i}").touch()
+            holders = [p.pid for p, line in zip(procs, said) if line == "held"]
+            assert len(holders) == 1, (i, said)
+            run = tmp_path / str(i)
+            assert all(line.startswith(f"refused {run} is in use by another run (pid {holders[0]} ")
+                       for line in said if line != "held"), (i, said)
+        for p in procs:
+            assert p.wait(timeout=120) == 0
+    finally:
+        for p in procs:
+            p.kill()
+    assert not list(tmp_path.glob("*/.lock*"))                   # every lock removed, no temporary file left
+
+
+@pytest.mark.timeout(600)
+def test_two_processes_racing_for_one_run_folder_one_trains(tmp_path):
+    """Two real `fastdmtg train --out RUN` processes started together (released at the same instant
+    once both have imported everything): exactly one trains, the other exits 2 with one line naming it."""
+    code = ("import sys, time\n"
+            "from pathlib import Path\n"
+            "from fastdmtg.cli import main\n"
+            "import fastdmtg.train\n"
+            "print('ready', flush=True)\n"
+            "while not Path(sys.argv[1]).exists():\n"
+            "    time.sleep(0.001)\n"
+            "sys.exit(main(sys.argv[2:]))\n")
+    run, go = tmp_path / "run", tmp_path / "go"
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(go), "train", "--out", str(run), "--quiet", *TINY_SET,
+                               "--set", "train.epochs=2"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
+                              env=dict(os.environ, OMP_NUM_THREADS="1")) for _ in range(2)]
+    try:
+        assert [p.stdout.readline().strip() for p in procs] == ["ready", "ready"]
+        go.touch()
+        outs = [p.communicate(timeout=300) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    codes = [p.returncode for p in procs]
+    assert sorted(codes) == [0, 2], outs
+    winner, loser = (procs[0], outs[1]) if codes[0] == 0 else (procs[1], outs[0])
+    line = one_line_error(loser[1])
+    assert f"{run} is in use by another run (pid {winner.pid} " in line
+    res = json.loads((run / "results.json").read_text())
+    assert res["epochs"] == 2 and len(json.loads((run / "history.json").read_text())) == 2
+    assert not (run / ".lock").exists()
+
+
+def test_lock_of_another_host_is_refused_and_kept(tmp_path, capsys):
+    """A lock written on another host (a shared file system) is never taken over, even when its pid
+    does not exist here: one line naming the holder and how to remove the lock; the file untouched."""
+    run = tmp_path / "run"
+    run.mkdir()
+    text = _record(_dead_pid(), host="gpu-node-7.cluster")
+    (run / ".lock").write_text(text)
+    rc, _, err = cli(capsys, "train", "--out", run, *TINY_SET)
+    line = one_line_error(err)
+    assert rc == 2 and f"{run} is in use by a run on another host (pid " in line and "on gpu-node-7.cluster" in line
+    assert f"if that run is really gone, delete {run / '.lock'} and start again" in line
+    assert (run / ".lock").read_text() == text and sorted(p.name for p in run.iterdir()) == [".lock"]
+    (run / ".lock").unlink()                                      # what the message says to do
+    assert cli(capsys, "train", "--out", run, *TINY_SET, "--set", "train.epochs=1", "--quiet")[0] == 0
+
+
+@pytest.mark.skipif(ckpt._process_start(os.getpid()) is None, reason="needs /proc (process start times)")
+def test_stale_lock_of_this_host_is_taken_over_a_live_one_is_not(tmp_path, capsys):
+    """This host's lock records are judged by their process: gone (no such pid), or its pid now
+    another process's (another start time) → taken over; a live process (same pid and start time) →
+    refused, even when it holds no flock."""
+    run = tmp_path / "run"
+    run.mkdir()
+    boot = ckpt._boot_id()
+    (run / ".lock").write_text(_record(_dead_pid(), boot_id=boot, process_start=1))
+    rc, _, err = cli(capsys, "train", "--out", run, *TINY_SET, "--set", "train.epochs=1", "--quiet")
+    assert rc == 0, err
+    assert (run / "results.json").exists() and not (run / ".lock").exists()
+    # a reused pid: this very process, recorded with another start time
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / ".lock").write_text(_record(os.getpid(), boot_id=boot, process_start=ckpt._process_start(os.getpid()) + 1))
+    ckpt.RunLock(other).release()
+    # a live holder without flock (e.g. a file system without it): refused
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    try:
+        text = _record(sleeper.pid, boot_id=boot, process_start=ckpt._process_start(sleeper.pid))
+        (other / ".lock").write_text(text)
+        with pytest.raises(ckpt.RunLocked, match=f"is in use by another run \\(pid {sleeper.pid} "):
+            ckpt.RunLock(other)
+        assert (other / ".lock").read_text() == text
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    ckpt.RunLock(other).release()                                 # gone now: taken over
 
 
 @pytest.mark.timeout(600)
@@ -306,7 +457,7 @@ def test_all_json_written_is_strict(finished, tmp_path):
     for f in ("config.json", "history.json", "results.json", "grouped_model.json"):
         _strict_load(finished / f)
     # a legitimately undefined value: NormGain against a reference whose losses are all 0 is NaN → null
-    from fastdmtg.train import compare_to_reference
+    from fastdmtg.results_writer import compare_to_reference
     ref = json.loads((finished / "results.json").read_text())
     ckpt.atomic_write_json(tmp_path / "ref.json", dict(ref, test=dict(ref["test"], loss={k: 0.0 for k in ref["test"]["loss"]})))
     out = compare_to_reference(str(tmp_path / "ref.json"), ref["test"])

@@ -169,7 +169,7 @@ def test_normgain_error_over_tasks_with_an_error():
     assert not ts.unified_error                                     # mixed: no total error
     res = summarize({"loss": {"b": 1.0, "m": 1.0, "r": 1.0}, "error": {"b": 10.0, "m": 20.0}}, ts.unified_error)
     assert "total_error" not in res
-    from fastdmtg.train import compare_to_reference
+    from fastdmtg.results_writer import compare_to_reference
     import tempfile
     with tempfile.TemporaryDirectory() as d:
         (Path(d) / "results.json").write_text(json.dumps({"test": {"loss": {"b": 2.0, "m": 1.0, "r": 4.0},
