@@ -20,7 +20,7 @@ Executors:
   local executor writes the tables from the finished runs — it trains nothing more, so the tables
   are those of ``--executor local`` on the same seeds. A task whose worker dies is retried by Ray
   (``max_retries``) and resumes from the run's last checkpoint, as a re-invoked compare does; the
-  run folder's lock (fastdmtg.checkpoint.RunLock, an flock) keeps two executors out of one folder.
+  run folder's lock (fastdmtg.checkpoint.RunLock: a lock file taken atomically, recording host and pid) keeps two executors out of one folder.
 """
 from __future__ import annotations
 
