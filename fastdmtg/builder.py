@@ -180,12 +180,16 @@ def build_step_module(model, method, taskset, cfg: Config, device: torch.device,
                       speed["channels_last"], kernels=cfg.train.kernels)
 
 
+def use_fused_optimizer(cfg: Config, device: torch.device) -> bool:
+    """optim.fused: the fused Adam/AdamW/SGD kernels, by default (auto) on CUDA."""
+    return cfg.optim.fused == "on" or (cfg.optim.fused == "auto" and device.type == "cuda")
+
+
 def build_optimizer(cfg: Config, params, device: torch.device, capturable: bool = False) -> torch.optim.Optimizer:
     """Adam / AdamW / SGD from core PyTorch (fused kernels on CUDA). For CUDA-graph capture the
     optimizer is capturable and its learning rate a device tensor the schedulers update in place."""
     o = cfg.optim
-    fused = (o.fused == "on") or (o.fused == "auto" and device.type == "cuda")
-    kw = {"fused": True} if fused else {}
+    kw = {"fused": True} if use_fused_optimizer(cfg, device) else {}
     lr = torch.tensor(o.lr, device=device) if capturable else o.lr
     if capturable and o.name != "sgd":
         kw["capturable"] = True

@@ -106,9 +106,11 @@ def merge_config(base: Config, partial: dict, source: str | Path) -> Config:
 
 
 def resolve_auto(cfg: Config) -> tuple[Config, list[str]]:
-    """→ (the config with ``auto`` resolved for this machine, the fields that were auto)."""
+    """→ (the config with ``auto`` resolved for this machine, the fields that were auto). Each value
+    comes from the rule the run itself applies (the builder's, the ops', the loaders'): no second copy."""
     from . import ops
-    from .builder import resolve_device, resolve_speed, use_bf16
+    from .builder import resolve_device, resolve_speed, use_bf16, use_fused_optimizer
+    from .pipelines import AUTO as AUTO_BACKEND
     d = cfg.to_dict()
     device = resolve_device(cfg.train.device)
     speed = resolve_speed(cfg, device, 1)
@@ -122,8 +124,8 @@ def resolve_auto(cfg: Config) -> tuple[Config, list[str]]:
         ("train", "channels_last"): onoff[speed["channels_last"]],
         ("model", "batched"): onoff[speed["batched"]],
         ("model", "fused_stem"): onoff[speed["fused_stem"]],
-        ("optim", "fused"): onoff[device.type == "cuda"],
-        ("data", "backend"): "gpu-cache",
+        ("optim", "fused"): onoff[use_fused_optimizer(cfg, device)],
+        ("data", "backend"): AUTO_BACKEND,
     }
     changed = []
     for (sec, key), val in resolved.items():
