@@ -160,3 +160,19 @@ def selection_row(cmp: Comparison, method: str, k: int, label: str, sel: Any, r:
     """The row of a trained selection ``sel`` (run ``r``; ``costs``: every run it needed)."""
     return Row(method, k, cmp.repeats(r, label), costs, [sel.partition()], trained_networks(cmp, sel),
                notes=selection_notes(cmp, sel))
+
+
+def affinity_rows(cmp: Comparison, method: str, key: str, label: str, matrix, run: dict, detail: str,
+                  **sections) -> list[Row]:
+    """TAG's selection (``grouping_search.tag_select``) per K on ``matrix`` (N, N) — TAG's affinity or
+    CS's similarity, measured in ``run`` —, each selection trained (OUT/KEY/kK; ``sections``: config
+    fields per section, e.g. train={"aggregator": "pcgrad"}); ``detail``: the prefix of the
+    selections' entries in comparison.json."""
+    from ..grouping_search import tag_select
+    out = []
+    for k in cmp.ks:
+        sel = tag_select(matrix, k)
+        cmp.details[f"{detail}_selection_k{k}"] = sel.to_dict()
+        r = train_selection(cmp, f"{key}/k{k}", f"{label} K={k}", sel, **sections)
+        out.append(selection_row(cmp, method, k, f"{label} K={k}", sel, r, [cmp.cost(run), cmp.cost(r)]))
+    return out

@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from ._core import Baseline, Row, selection_row, train_selection
+from ._core import Baseline, Row, affinity_rows
 
 
 def rows(cmp, name: str) -> list[Row]:
-    from ..grouping_search import tag_select
-
     def go():
         cfg = cmp.cfg("cs-affinity")
         r = cmp.run("cs/affinity", cfg, "cs similarity", cost_factor=1.0 + cmp.n / cfg.cs.every)
@@ -19,13 +17,7 @@ def rows(cmp, name: str) -> list[Row]:
     run, C = cmp.once("cs_similarity", go)
     cmp.details["cs_similarity"] = {"matrix": C.tolist(), "measurements": run["cs_measurements"],
                                     "every": run["cs_every"], "run": run["_key"]}
-    out = []
-    for k in cmp.ks:
-        sel = tag_select(C, k)
-        cmp.details[f"cs_selection_k{k}"] = sel.to_dict()
-        r = train_selection(cmp, f"cs/k{k}", f"cs K={k}", sel)
-        out.append(selection_row(cmp, "cs", k, f"cs K={k}", sel, r, [cmp.cost(run), cmp.cost(r)]))
-    return out
+    return affinity_rows(cmp, "cs", "cs", "cs", C, run, "cs")
 
 
 BASELINE = Baseline(names=("cs",), rows=rows, order=8, aggregated=True, later="the selected networks",

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ._core import Baseline, Row, selection_row, train_selection
+from ._core import Baseline, Row, affinity_rows
 
 
 def tag_affinity(cmp) -> tuple[dict, np.ndarray]:
@@ -21,17 +21,10 @@ def tag_affinity(cmp) -> tuple[dict, np.ndarray]:
 def tag_rows(cmp, method: str, key: str, label: str, **sections) -> list[Row]:
     """TAG's selection per K from the one affinity run, each trained (``sections``: config fields
     per section, e.g. train={"aggregator": "pcgrad"} for TAG + PCGrad)."""
-    from ..grouping_search import tag_select
     aff_run, Z = tag_affinity(cmp)
     cmp.details["tag_affinity"] = {"matrix": Z.tolist(), "measurements": aff_run["tag_affinity_measurements"],
                                    "every": aff_run["tag_affinity_every"], "run": aff_run["_key"]}
-    out = []
-    for k in cmp.ks:
-        sel = tag_select(Z, k)
-        cmp.details[f"tag_selection_k{k}"] = sel.to_dict()
-        r = train_selection(cmp, f"{key}/k{k}", f"{label} K={k}", sel, **sections)
-        out.append(selection_row(cmp, method, k, f"{label} K={k}", sel, r, [cmp.cost(aff_run), cmp.cost(r)]))
-    return out
+    return affinity_rows(cmp, method, key, label, Z, aff_run, "tag", **sections)
 
 
 def rows(cmp, name: str) -> list[Row]:
