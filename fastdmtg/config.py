@@ -22,7 +22,7 @@ from .configcheck import check as _check
 from .data import registry as _formats
 from .data.registry import FORMATS
 from .methods import AUGMENTABLE, AUGMENTATIONS, METHODS, config_sections, method_class
-from .registry import LOADER_BACKENDS
+from .registry import BACKBONES, LOADER_BACKENDS
 
 
 @dataclass
@@ -107,7 +107,7 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    arch: str = "resnet_celeba"         # resnet_celeba | xception | vit_base
+    arch: str = "resnet_celeba"         # a backbone of fastdmtg.registry.BACKBONES: resnet_celeba | xception | vit_base
     # K: the number of encoder branches (maximum number of groups). 0 = auto (method_branches): dmtg
     # min(3, N), naive-mtl, tag-affinity, cs-affinity and the augmentations (uw, pcgrad, …) 1, fixed / networks the number of groups; a value the method
     # contradicts is an error, never silently replaced
@@ -129,8 +129,10 @@ class ModelConfig:
     pretrained: str = ""
 
     def __post_init__(self):
-        _check(not self.pretrained or self.arch == "vit_base",
-               f"model.pretrained: only model.arch=vit_base loads pretrained weights, got arch {self.arch!r}")
+        _check(self.arch in BACKBONES, f"model.arch: expected {'|'.join(BACKBONES)}, got {self.arch!r}")
+        _check(not self.pretrained or BACKBONES.load(self.arch).loads_pretrained,
+               f"model.pretrained: model.arch={self.arch} loads no pretrained weights (the backbones that "
+               f"do: {'|'.join(n for n in BACKBONES if BACKBONES.load(n).loads_pretrained)})")
         _check(self.branches >= 0, f"model.branches (K) must be >= 1, or 0 (auto), got {self.branches}")
         _check(self.branches <= 64, f"model.branches (K) must be <= 64, got {self.branches}")
         _check(self.width >= 1, f"model.width must be >= 1, got {self.width}")

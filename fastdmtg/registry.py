@@ -46,3 +46,12 @@ LOADER_BACKENDS = Registry("backend", "data.backend", {
     "ffcv": "fastdmtg.pipelines.ffcv_source:BACKEND",
     "dali": "fastdmtg.pipelines.dali_source:BACKEND",
 })
+
+# model.arch name -> "module:attribute" of the backbone's ``Backbone`` declaration (fastdmtg/models/
+# backbone.py: its builder, whether it loads pretrained weights, what leaves it nothing shared). Adding a
+# backbone = its file + one line here; the config validates model.arch against this table.
+BACKBONES = Registry("backbone", "model.arch", {
+    "resnet_celeba": "fastdmtg.models.resnet_celeba:BACKBONE",
+    "xception": "fastdmtg.models.xception:BACKBONE",
+    "vit_base": "fastdmtg.models.vit:BACKBONE",
+})

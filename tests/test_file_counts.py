@@ -150,3 +150,53 @@ def test_a_fused_op_is_its_file_and_its_registration(tmp_path, monkeypatch):
     torch.testing.assert_close(L, L_hand, rtol=1e-5, atol=1e-6)
     xr = x.clone().requires_grad_()
     assert f"{name}_eager" in type(getattr(ops, name)(xr, z, backend="triton")[0].grad_fn).__name__
+
+
+BACKBONE_FILE = '''
+"""A throwaway backbone: a linear encoder, its first layer shared unless model.shared=none."""
+from torch import nn
+
+from fastdmtg.models import Parts
+from fastdmtg.models.backbone import Backbone
+from fastdmtg.models.resnet_celeba import build_parts as resnet_parts, feature_dim
+
+
+def build_parts(cfg, task_specs, image_size):
+    heads = resnet_parts(cfg, task_specs, image_size).heads        # the same heads, another encoder
+    pixels = 3 * image_size * image_size
+    shared = nn.Identity() if cfg.shared == "none" else nn.Sequential(nn.Flatten(), nn.Linear(pixels, pixels))
+    branch = nn.Sequential(nn.Flatten(), nn.Linear(pixels, feature_dim(cfg.width, image_size)))
+    return Parts(shared, branch, heads)
+
+
+BACKBONE = Backbone("NAME", build_parts, nothing_shared={"shared": "none"})
+'''
+
+
+def test_a_backbone_is_its_file_and_one_registry_line(tmp_path, monkeypatch):
+    """A new model.arch: its file (a ``build_parts`` and its ``Backbone`` declaration) + one line in
+    ``fastdmtg.registry.BACKBONES``. The config refuses the name before the line and accepts it after,
+    the model builds and computes every task's output, and what leaves it nothing shared (the STL
+    baseline's override) and whether it loads pretrained weights come from the declaration."""
+    from fastdmtg import registry
+    from fastdmtg.config import Config, ConfigError, ModelConfig
+    from fastdmtg.data import task_specs
+    from fastdmtg.models import build_multibranch
+
+    arch = f"toy_{uuid.uuid4().hex[:6]}"
+    with pytest.raises(ConfigError, match=f"model.arch: expected .*, got '{arch}'"):
+        ModelConfig(arch=arch)
+    mod = _module(tmp_path, monkeypatch, "toy_backbone", BACKBONE_FILE.replace("NAME", arch))
+    monkeypatch.setitem(registry.BACKBONES, arch, f"{mod}:BACKBONE")          # the one registry line
+
+    cfg = ModelConfig(arch=arch, shared="stem", branches=2, width=4)
+    specs = task_specs(Config())
+    net = build_multibranch(cfg, specs, 16)
+    assert sum(p.numel() for p in net.shared.parameters()) == (3 * 16 * 16) ** 2 + 3 * 16 * 16
+    out = net(torch.randn(2, 3, 16, 16))
+    assert out is not None
+    decl = registry.BACKBONES.load(arch)
+    assert decl.share_nothing(cfg) == {"shared": "none"}
+    assert decl.share_nothing(ModelConfig(arch=arch, shared="none")) == {}
+    with pytest.raises(ConfigError, match=f"model.pretrained: model.arch={arch} loads no pretrained weights"):
+        ModelConfig(arch=arch, pretrained="w.pth")

@@ -491,7 +491,8 @@ def test_vit_pretrained_errors_name_the_file_and_the_key(tmp_path, monkeypatch):
     (tmp_path / "text.pth").write_text("not a checkpoint")
     with pytest.raises(ValueError, match=r"text.pth: not a readable torch state dict"):
         build(None, "text.pth")
-    with pytest.raises(ConfigError, match="model.pretrained: only model.arch=vit_base"):
+    with pytest.raises(ConfigError, match=r"model.pretrained: model.arch=xception loads no pretrained weights "
+                                          r"\(the backbones that do: vit_base\)"):
         ModelConfig(arch="xception", pretrained="w.pth")
 
 

@@ -8,14 +8,10 @@ def stl_cfg(cmp):
     """STL: nothing may be shared between the task networks — a configured shared trunk is
     switched off (and the result checked on the built model). → (config, notes)"""
     from ..models import build_parts
-    notes, model = [], {}
-    m = cmp.base.model
-    if m.arch == "resnet_celeba" and m.shared != "none":
-        model["shared"] = "none"
-        notes.append(f"STL: model.shared={m.shared} overridden to none (single-task networks share nothing)")
-    if m.arch in ("xception", "vit_base") and m.shared_blocks != 0:
-        model["shared_blocks"] = 0
-        notes.append(f"STL: model.shared_blocks={m.shared_blocks} overridden to 0 (nothing shared)")
+    from ..registry import BACKBONES
+    model = BACKBONES.load(cmp.base.model.arch).share_nothing(cmp.base.model)     # its fields that share a trunk
+    notes = [f"STL: model.{k}={getattr(cmp.base.model, k)} overridden to {v} (single-task networks share nothing)"
+             for k, v in model.items()]
     cfg = cmp.cfg("fixed", [[t] for t in range(cmp.n)], model=model)
     shared = build_parts(cfg.model, cmp.specs, cmp.image_size).shared
     if any(True for _ in shared.parameters()):

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from .backbone import Backbone
 from .batched import BlockBatchNorm2d, batch_norm_train_args
 from .multibranch import HeadSet, LinearHeads
 
@@ -107,3 +108,21 @@ def build(width: int, image_size: int, num_tasks: int, num_classes: int, shared:
         trunk, branch = nn.Identity(), _xavier(nn.Sequential(Stem(width), Tail(width)))
     heads = LinearHeads(num_tasks, feature_dim(width, image_size), num_classes)
     return trunk, branch, heads
+
+
+def build_parts(cfg, task_specs, image_size: int):
+    """The backbone's parts (models.Parts): your own tasks get per-task heads of each task's own size
+    (binary 2, multiclass C, regression 1); CelebA's attributes the grouped linear heads."""
+    from . import GENERIC_KINDS, Parts
+    if task_specs and all(t.kind in GENERIC_KINDS for t in task_specs):
+        from .task_heads import task_heads
+        shared, branch, _ = build(cfg.width, image_size, len(task_specs), cfg.num_classes, cfg.shared)
+        return Parts(shared, branch, task_heads(task_specs, feature_dim(cfg.width, image_size)))
+    for t in task_specs:
+        if t.kind != "class":
+            raise ValueError(f"resnet_celeba has classification heads only; task {t.name!r} is {t.kind!r}")
+    shared, branch, heads = build(cfg.width, image_size, len(task_specs), cfg.num_classes, cfg.shared)
+    return Parts(shared, branch, heads)
+
+
+BACKBONE = Backbone("resnet_celeba", build_parts, nothing_shared={"shared": "none"})

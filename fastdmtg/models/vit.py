@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import Parts
+from .backbone import Backbone
 from .xception import FEATURES, dense_heads, reference_grad_scale
 
 PATCH = 16
@@ -233,3 +234,6 @@ def build_parts(cfg, task_specs, image_size: int) -> Parts:
         load_pretrained(shared, branch, cfg.pretrained)         # before MultiBranchNet copies the branch K times
     g = reference_grad_scale(cfg)
     return Parts(shared, branch, dense_heads(task_specs), branch_grad_scale=g, head_grad_scale=g)
+
+
+BACKBONE = Backbone("vit_base", build_parts, loads_pretrained=True, nothing_shared={"shared_blocks": 0})

@@ -57,6 +57,7 @@ import torch
 from torch import nn
 
 from . import Parts
+from .backbone import Backbone
 from .multibranch import FP32Output, ModuleHeads, fp32_heads
 
 WIDTHS = (128, 256, 728) + (728,) * 8     # output channels of blocks 1..11
@@ -184,3 +185,6 @@ def build_parts(cfg, task_specs, image_size: int) -> Parts:
     shared, branch = split_encoder(cfg.shared_blocks)
     s = reference_grad_scale(cfg)
     return Parts(shared, branch, dense_heads(task_specs), branch_grad_scale=s, head_grad_scale=s)
+
+
+BACKBONE = Backbone("xception", build_parts, nothing_shared={"shared_blocks": 0})

@@ -1,0 +1,25 @@
+"""What a backbone declares (``fastdmtg.registry.BACKBONES``: model.arch → its module's ``BACKBONE``).
+
+Everything the rest of the package needs to know about one architecture lives with it: how it builds
+its parts, whether it reads ``model.pretrained``, and which model fields leave it no shared trunk (the
+STL baseline trains single-task networks that share nothing). The config, the builder and the
+baselines ask this declaration and hold no branch on an architecture's name. Adding a backbone: its
+file (a ``build_parts`` and a ``BACKBONE = Backbone(...)``) + one line in ``BACKBONES``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+
+@dataclass(frozen=True)
+class Backbone:
+    name: str
+    build_parts: Callable[[Any, list, int], Any]   # (model config, task specs, image size) -> models.Parts
+    loads_pretrained: bool = False                 # model.pretrained (a state-dict file) applies to it
+    # model fields → the value that leaves nothing shared between the branches (STL)
+    nothing_shared: dict[str, Any] = field(default_factory=dict)
+
+    def share_nothing(self, model_cfg) -> dict[str, Any]:
+        """The model fields to change so that no trunk is shared (those already so left out)."""
+        return {k: v for k, v in self.nothing_shared.items() if getattr(model_cfg, k) != v}
