@@ -375,7 +375,7 @@ def markdown(summary: dict) -> str:
          "## Setup", "",
          f"* Hardware: {hw['cpu']}, {hw['cores']} cores, torch {hw['torch']} (CPU build), Python {hw['python']}, "
          f"torch threads {hw['torch_threads']}; load average at start {', '.join(f'{x:.2f}' for x in hw['load_avg_at_start'])} "
-         "(the machine was shared with another session: times are indicative, FLOPs are exact counts).",
+         "(the machine was shared with other work: times are indicative, FLOPs are exact counts).",
          f"* Command (repository root): `{summary['command']}`",
          f"* Data: {a['train']} train / {a['val']} val / {a['test']} test samples, official Taskonomy PNG layout at "
          f"{2 * a['size']}×{2 * a['size']}, prepared by `fastdmtg.data.taskonomy.prepare` to {a['size']}×{a['size']}; "
