@@ -130,9 +130,12 @@ class ModelConfig:
 
     def __post_init__(self):
         _check(self.arch in BACKBONES, f"model.arch: expected {'|'.join(BACKBONES)}, got {self.arch!r}")
-        _check(not self.pretrained or BACKBONES.load(self.arch).loads_pretrained,
-               f"model.pretrained: model.arch={self.arch} loads no pretrained weights (the backbones that "
-               f"do: {'|'.join(n for n in BACKBONES if BACKBONES.load(n).loads_pretrained)})")
+        if self.pretrained and not BACKBONES.load(self.arch).loads_pretrained:
+            # only now every backbone's declaration is loaded (for the message): a config with
+            # model.pretrained unset imports no backbone module (they load on first use)
+            able = "|".join(n for n in BACKBONES if BACKBONES.load(n).loads_pretrained)
+            raise ConfigError(f"model.pretrained: model.arch={self.arch} loads no pretrained weights (the "
+                              f"backbones that do: {able})")
         _check(self.branches >= 0, f"model.branches (K) must be >= 1, or 0 (auto), got {self.branches}")
         _check(self.branches <= 64, f"model.branches (K) must be <= 64, got {self.branches}")
         _check(self.width >= 1, f"model.width must be >= 1, got {self.width}")
@@ -174,13 +177,13 @@ class GroupingConfig:
         if cls.groups_example:
             _check(bool(self.groups), f"grouping.groups: method {self.method!r} needs its groups, e.g. "
                                       f"--set 'grouping.groups={cls.groups_example}'")
-        else:
+        elif self.groups:                   # the methods that take groups listed only for the message
             given = [m for m in METHODS if method_class(m).groups_example]
-            _check(not self.groups, f"grouping.groups: only methods {' and '.join(given)} take groups "
-                                    f"(grouping.method={self.method})")
-        _check(not any(self.auxiliary) or cls.takes_auxiliary,
-               "grouping.auxiliary: auxiliary tasks ('+') need grouping.method="
-               + "|".join(m for m in METHODS if method_class(m).takes_auxiliary))
+            raise ConfigError(f"grouping.groups: only methods {' and '.join(given)} take groups "
+                              f"(grouping.method={self.method})")
+        if any(self.auxiliary) and not cls.takes_auxiliary:
+            raise ConfigError("grouping.auxiliary: auxiliary tasks ('+') need grouping.method="
+                              + "|".join(m for m in METHODS if method_class(m).takes_auxiliary))
 
 
 #: the largest optim.lr accepted: no rate near it trains anything (Adam moves every weight by about lr

@@ -1,6 +1,9 @@
 """The package's structure as behaviour: one builder of the training step (trainer and bench),
 methods that return decisions instead of calling the trainer, batching declared by the backbone,
 one partition parser/formatter, the rule for model.branches."""
+import subprocess
+import sys
+
 import pytest
 import torch
 from torch import nn
@@ -372,3 +375,14 @@ def test_dry_runs_auto_values_come_from_the_rules_the_run_applies(monkeypatch):
     monkeypatch.setattr(pipelines, "AUTO", "memory")
     resolved, _ = resolve_auto(cfg)
     assert resolved.optim.fused == "on" and resolved.data.backend == "memory"
+
+
+def test_a_config_imports_no_backbone_module_until_a_model_is_built():
+    """Backbones load on first use (fastdmtg/registry.py BACKBONES): validating a config — also one
+    that names xception — imports none of their modules; only model.pretrained's refusal, which
+    lists the backbones that load weights, reads their declarations."""
+    code = ("import sys; import fastdmtg.config as c; c.Config(); c.ModelConfig(arch='xception'); "
+            "print(sorted(m for m in sys.modules if m in ('fastdmtg.models.xception', 'fastdmtg.models.vit')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
