@@ -301,6 +301,11 @@ def _holder_text(rec: dict | None) -> str:
     return f"pid {rec['pid']} on {rec['host']}, started {rec.get('started', '?')}: {rec.get('command', '')}".rstrip(": ")
 
 
+def _in_use(path: Path, rec: dict | None) -> str:
+    """The message for a lock held by a live run of this host."""
+    return f"{path.parent} is in use by another run ({_holder_text(rec)}); wait for it to finish or choose another --out"
+
+
 def _refusal(path: Path, rec: dict | None) -> str:
     """The message for a lock this host must not take over (another host's, or one it cannot read)."""
     if rec is None:
@@ -404,8 +409,7 @@ class RunLock:
                 return
             if not self._remove_if_stale():
                 time.sleep(0.02)
-        raise RunLocked(f"{self.path.parent} is in use by another run ({_holder_text(_read_record(self.path))}); "
-                        "wait for it to finish or choose another --out")
+        raise RunLocked(_in_use(self.path, _read_record(self.path)))
 
     def _create(self) -> bool:
         """Take the lock if RUN/.lock does not exist → whether it was taken."""
@@ -480,8 +484,7 @@ class RunLock:
             if gone is None:                         # a reclaimer holds it, or it changed: look again
                 return False
             if not gone:
-                raise RunLocked(f"{self.path.parent} is in use by another run ({_holder_text(rec)}); wait for it "
-                                "to finish or choose another --out")
+                raise RunLocked(_in_use(self.path, rec))
             # removed under its flock and only if the name is still this file: of two processes
             # reclaiming one stale lock, one removes it, the other finds the new holder's lock
             if _same_file(fd, self.path):
