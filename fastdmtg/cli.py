@@ -336,7 +336,6 @@ def cmd_prepare(args) -> int:
         if fmt != "ffcv":
             print(f"error: --format: expected ffcv, got {fmt!r}", file=sys.stderr)
             return 2
-        from .pipelines import prepare_ffcv_main
         return prepare_ffcv_main([args.dataset] + args.rest)
     from .data import get_format
     prepare = get_format(args.dataset).prepare
@@ -345,6 +344,52 @@ def cmd_prepare(args) -> int:
               "decode cache is built automatically on first use", file=sys.stderr)
         return 2
     return prepare(args.rest)
+
+
+def prepare_ffcv_main(argv: list[str] | None = None) -> int:
+    """``fastdmtg prepare --format ffcv DATASET ROOT [OUT] [options]``: write the .beton files of
+    every split (decoding first when needed). ``--format ffcv`` may be passed through or left out.
+    Returns the exit status (2 on a data or argument error)."""
+    from .data import FORMATS, get_format
+    ap = argparse.ArgumentParser(prog="fastdmtg prepare --format ffcv",
+                                 description="Write FFCV .beton files of a dataset (for data.backend=ffcv).")
+    ap.add_argument("--format", choices=("ffcv",), default="ffcv", help=argparse.SUPPRESS)
+    # the formats with a folder to read (the others are generated or handed in as arrays)
+    ap.add_argument("dataset", choices=tuple(f.name for f in FORMATS.declarations() if f.detect is not None))
+    ap.add_argument("root", help="dataset root (CelebA official layout; Taskonomy raw root or prepared folder)")
+    ap.add_argument("out", nargs="?", default=None,
+                    help="folder for the .beton files (default: CACHE_DIR/ffcv, where data.backend=ffcv looks)")
+    ap.add_argument("--image-size", type=int, default=None,
+                    help="default: the format's (DatasetFormat.image_size: 64; taskonomy 256)")
+    ap.add_argument("--tasks", default="all")
+    ap.add_argument("--cache-dir", default="")
+    ap.add_argument("--image-mode", choices=("raw", "jpg"), default="raw")
+    ap.add_argument("--jpeg-quality", type=int, default=90)
+    ap.add_argument("--splits", default="train,val,test")
+    ap.add_argument("--split-file", default="", help="taskonomy: custom split JSON")
+    ap.add_argument("--seg-resize", choices=("nearest", "bilinear"), default="nearest")
+    ap.add_argument("--workers", type=int, default=0)
+    ap.add_argument("--no-progress", action="store_true")
+    a = ap.parse_args(argv)
+    from .config import DataConfig
+    from .data import open_dataset
+    from .pipelines import DecodeCache, PipelineError, default_cache_dir
+    from .pipelines.ffcv_source import ensure_beton
+    size = a.image_size or get_format(a.dataset).image_size
+    try:
+        cfg = DataConfig(dataset=a.dataset, root=a.root, tasks=a.tasks, image_size=size, cache_dir=a.cache_dir,
+                         taskonomy_split_file=a.split_file, taskonomy_seg_resize=a.seg_resize)
+        ds = open_dataset(cfg, progress=not a.no_progress)
+        base = default_cache_dir(cfg.cache_dir, ds)
+        cache = DecodeCache(ds, base, workers=a.workers, progress=not a.no_progress)
+        for s in [x for x in a.splits.split(",") if x]:
+            p = ensure_beton(ds, s, cache, Path(a.out) if a.out else base / "ffcv", image_mode=a.image_mode,
+                             jpeg_quality=a.jpeg_quality, num_workers=a.workers, progress=not a.no_progress)
+            print(p)
+    except (ValueError, PipelineError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
 
 
 _COMMANDS = {"train": cmd_train, "eval": cmd_eval, "recipes": cmd_recipes, "data": cmd_data, "prepare": cmd_prepare}

@@ -21,7 +21,8 @@ from .configcheck import ConfigError
 from .configcheck import check as _check
 from .data import registry as _formats
 from .data.registry import FORMATS
-from .methods import AUGMENTABLE, AUGMENTATIONS, METHODS, config_sections, method_class
+from .methods import (AUGMENTATIONS, METHODS, augmentable, augmentation_class, augmentation_of, config_sections,
+                      method_class)
 from .registry import BACKBONES, LOADER_BACKENDS
 
 
@@ -305,6 +306,7 @@ class _ConfigBody:
     def __post_init__(self):
         _check_finite(self)
         _resolve_paths(self)
+        _check_sections_gathered(self)
         for section in METHOD_SECTIONS:          # a section's rules across sections (e.g. dmtg.prune_eps)
             rule = getattr(getattr(self, section), "check_config", None)
             if rule is not None:
@@ -384,6 +386,21 @@ Config = dataclasses.make_dataclass(
     bases=(_ConfigBody,), namespace={"__module__": __name__})
 
 
+def _check_sections_gathered(cfg: "Config") -> None:
+    """The method (and augmentation) a config trains with has its section in ``Config``: a plugin
+    registered after this module was imported (``METHODS.add`` late) is refused by name."""
+    used = [("grouping.method", cfg.grouping.method, method_class(cfg.grouping.method))]
+    agg = augmentation_of(cfg)
+    if agg is not None:
+        used.append(("train.aggregator" if cfg.train.aggregator != "none" else "grouping.method", agg,
+                     augmentation_class(agg)))
+    for field_name, name, cls in used:
+        if cls.config_section is not None and cls.config_section[0] not in METHOD_SECTIONS:
+            raise ConfigError(f"{field_name}={name}: its config section {cls.config_section[0]!r} was registered "
+                              "after fastdmtg.config was imported (the config gathers the sections then); add it "
+                              "as a file of fastdmtg/methods/ or an entry point of the group fastdmtg.methods")
+
+
 def _check_aggregator(cfg: "Config") -> None:
     """train.aggregator trains the networks of a method with constant 0/1 weights; a method that is
     itself an augmentation (grouping.method=pcgrad, …) already names its own."""
@@ -392,8 +409,8 @@ def _check_aggregator(cfg: "Config") -> None:
         return
     _check(method not in AUGMENTATIONS, f"train.aggregator={agg}: grouping.method={method} already trains with "
                                         f"{method}; use one of the two")
-    _check(method in AUGMENTABLE, f"train.aggregator={agg} applies to the networks of grouping.method "
-                                  f"{'|'.join(AUGMENTABLE)} (constant 0/1 weights), not {method}")
+    _check(method_class(method).augmentable, f"train.aggregator={agg} applies to the networks of grouping.method "
+                                             f"{'|'.join(augmentable())} (constant 0/1 weights), not {method}")
 
 # Paths in the config, stored absolute (resolved against the working folder where they were typed),
 # so that eval / --resume / --init-from work from any working folder. Symlinks are kept as typed.

@@ -21,7 +21,7 @@ from fastdmtg.registry import LOADER_BACKENDS
 
 from .cache import DecodeCache, default_cache_dir, verify_path
 from .dali_source import DaliSource
-from .ffcv_source import FfcvSource, prepare_ffcv_main, write_beton
+from .ffcv_source import FfcvSource, write_beton
 from .plan import epoch_permutation, flip_flags, plan_epoch, resolve_shard, shard_num_batches, shard_positions
 from .resident import ResidentSource
 from .source import LoaderBackend, PipelineError, Source
@@ -84,5 +84,5 @@ def validate_source(src: Source, progress: bool = False, device="cpu") -> None:
 
 __all__ = ["AUTO", "BACKENDS", "LoaderBackend", "backend", "build_source", "validate_source", "backend_status", "Source", "PipelineError",
            "ResidentSource", "TorchSource", "FfcvSource", "DaliSource",
-           "DecodeCache", "default_cache_dir", "verify_path", "write_beton", "prepare_ffcv_main", "epoch_permutation",
+           "DecodeCache", "default_cache_dir", "verify_path", "write_beton", "epoch_permutation",
            "flip_flags", "plan_epoch", "resolve_shard", "shard_num_batches", "shard_positions"]

@@ -208,4 +208,5 @@ def dali_status(deep: bool = True) -> tuple[bool, str]:
     return True, "installed"
 
 
-BACKEND = LoaderBackend("dali", lambda ds, cache, cfg, kw, frac: DaliSource(ds, **kw), status=dali_status)
+BACKEND = LoaderBackend("dali", lambda ds, cache, cfg, kw, frac: DaliSource(ds, **kw), status=dali_status,
+                        order=4)

@@ -1,6 +1,6 @@
 """ffcv: .beton files read by FFCV's compiled (numba) decode pipeline, then moved to the device.
 
-Writing (``write_beton``; ``fastdmtg prepare --format ffcv`` → ``prepare_ffcv_main``): one .beton
+Writing (``write_beton``; ``fastdmtg prepare --format ffcv`` → ``fastdmtg.cli.prepare_ffcv_main``): one .beton
 per split from the dataset's decoded arrays (its decode cache, a prepared folder, or arrays in
 memory), one FFCV field per dataset field, in the dataset's order:
 
@@ -40,7 +40,6 @@ FFCV reuses its output buffers, so the conversion always produces new tensors.
 """
 from __future__ import annotations
 
-import argparse
 import functools
 import hashlib
 import importlib.util
@@ -55,8 +54,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fastdmtg.config import DataConfig
-from fastdmtg.data import FORMATS, get_format, open_dataset
+from fastdmtg.data import open_dataset
 from fastdmtg.data.base import uint16_as_int16
 
 from .cache import DecodeCache, default_cache_dir, file_problem, write_manifest
@@ -366,47 +364,6 @@ def ensure_beton(dataset, split: str, cache, out_dir: Path, *, image_mode: str =
     return path
 
 
-def prepare_ffcv_main(argv: list[str] | None = None) -> int:
-    """``fastdmtg prepare --format ffcv DATASET ROOT [OUT] [options]``: write the .beton files of
-    every split (decoding first when needed). ``--format ffcv`` may be passed through or left out.
-    Returns the exit status (2 on a data or argument error)."""
-    ap = argparse.ArgumentParser(prog="fastdmtg prepare --format ffcv",
-                                 description="Write FFCV .beton files of a dataset (for data.backend=ffcv).")
-    ap.add_argument("--format", choices=("ffcv",), default="ffcv", help=argparse.SUPPRESS)
-    # the formats with a folder to read (the others are generated or handed in as arrays)
-    ap.add_argument("dataset", choices=tuple(d for d in FORMATS if get_format(d).detect is not None))
-    ap.add_argument("root", help="dataset root (CelebA official layout; Taskonomy raw root or prepared folder)")
-    ap.add_argument("out", nargs="?", default=None,
-                    help="folder for the .beton files (default: CACHE_DIR/ffcv, where data.backend=ffcv looks)")
-    ap.add_argument("--image-size", type=int, default=None,
-                    help="default: the format's (DatasetFormat.image_size: 64; taskonomy 256)")
-    ap.add_argument("--tasks", default="all")
-    ap.add_argument("--cache-dir", default="")
-    ap.add_argument("--image-mode", choices=("raw", "jpg"), default="raw")
-    ap.add_argument("--jpeg-quality", type=int, default=90)
-    ap.add_argument("--splits", default="train,val,test")
-    ap.add_argument("--split-file", default="", help="taskonomy: custom split JSON")
-    ap.add_argument("--seg-resize", choices=("nearest", "bilinear"), default="nearest")
-    ap.add_argument("--workers", type=int, default=0)
-    ap.add_argument("--no-progress", action="store_true")
-    a = ap.parse_args(argv)
-    size = a.image_size or get_format(a.dataset).image_size
-    try:
-        cfg = DataConfig(dataset=a.dataset, root=a.root, tasks=a.tasks, image_size=size, cache_dir=a.cache_dir,
-                         taskonomy_split_file=a.split_file, taskonomy_seg_resize=a.seg_resize)
-        ds = open_dataset(cfg, progress=not a.no_progress)
-        base = default_cache_dir(cfg.cache_dir, ds)
-        cache = DecodeCache(ds, base, workers=a.workers, progress=not a.no_progress)
-        for s in [x for x in a.splits.split(",") if x]:
-            p = ensure_beton(ds, s, cache, Path(a.out) if a.out else base / "ffcv", image_mode=a.image_mode,
-                             jpeg_quality=a.jpeg_quality, num_workers=a.workers, progress=not a.no_progress)
-            print(p)
-    except (ValueError, PipelineError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
-
-
 # ------------------------------------------------------------------------------------------------
 # reading
 # ------------------------------------------------------------------------------------------------
@@ -490,4 +447,4 @@ def ffcv_status(deep: bool = True) -> tuple[bool, str]:
 
 BACKEND = LoaderBackend("ffcv", lambda ds, cache, cfg, kw, frac: FfcvSource(
     ds, cache=cache, **kw, beton_dir=default_cache_dir(cfg.cache_dir, ds) / "ffcv"),
-    status=ffcv_status, checks_on_every_rank=True)
+    status=ffcv_status, checks_on_every_rank=True, order=3)

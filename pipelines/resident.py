@@ -135,6 +135,7 @@ __all__ = ["ResidentSource"]
 
 
 GPU_CACHE = LoaderBackend("gpu-cache", lambda ds, cache, cfg, kw, frac: ResidentSource(
-    ds, placement="device", cache=cache, fraction=frac, **kw), checks_on_every_rank=True)
+    ds, placement="device", cache=cache, fraction=frac, **kw), checks_on_every_rank=True, order=0)
 MEMORY = LoaderBackend("memory", lambda ds, cache, cfg, kw, frac: ResidentSource(
-    ds, placement="host", cache=cache, fraction=frac, **kw), checks_on_every_rank=True)
+    ds, placement="host", cache=cache, fraction=frac, **kw), checks_on_every_rank=True, order=1)
+BACKEND = (GPU_CACHE, MEMORY)            # this file's two data.backend entries

@@ -32,7 +32,8 @@ log = logging.getLogger("fastdmtg.pipelines")
 
 @dataclass(frozen=True)
 class LoaderBackend:
-    """A data.backend (registered in ``fastdmtg.registry.LOADER_BACKENDS``): ``status(deep) -> (usable,
+    """A data.backend (a module of fastdmtg/pipelines/ whose ``BACKEND`` holds it: the table is
+    ``fastdmtg.registry.LOADER_BACKENDS``): ``status(deep) -> (usable,
     reason)`` says whether its packages are there and why not (``deep=False`` only looks for them,
     without importing); ``build(dataset, decode_cache, data_config, common_kwargs, device_fraction)``
     returns its ``Source``; ``checks_on_every_rank``: under DDP, ranks other than 0 check the caches
@@ -41,6 +42,7 @@ class LoaderBackend:
     build: Callable
     status: Callable = lambda deep=True: (True, "built in")
     checks_on_every_rank: bool = False
+    order: int = 10                      # its place in listings and messages
 
 
 class PipelineError(ValueError):

@@ -58,4 +58,4 @@ class TorchSource(Source):
 __all__ = ["TorchSource"]
 
 
-BACKEND = LoaderBackend("torch", lambda ds, cache, cfg, kw, frac: TorchSource(ds, **kw))
+BACKEND = LoaderBackend("torch", lambda ds, cache, cfg, kw, frac: TorchSource(ds, **kw), order=2)

@@ -184,3 +184,31 @@ def _process_state_unchanged(request):
                 pass
     if changed:
         pytest.fail(f"{request.node.nodeid} left the process changed: " + "; ".join(changed), pytrace=False)
+
+
+@pytest.fixture
+def plugin_file(tmp_path, monkeypatch):
+    """``add(table, stem, text)``: a throwaway plugin as one file, ``stem``.py in a folder put on the
+    search path of the table's package (``fastdmtg.registry.Plugins``: the package is listed on the
+    table's next read). Undone after the test: the module forgotten, the table read again."""
+    import importlib
+    import sys
+    import textwrap
+    added = []
+
+    def add(table, stem: str, text: str):
+        pkg = importlib.import_module(table.package)
+        folder = tmp_path / ("plugins_" + table.package.replace(".", "_"))
+        folder.mkdir(exist_ok=True)
+        path = folder / f"{stem}.py"
+        path.write_text(textwrap.dedent(text))
+        if str(folder) not in pkg.__path__:
+            monkeypatch.setattr(pkg, "__path__", [*pkg.__path__, str(folder)])
+        added.append((table, f"{table.package}.{stem}"))
+        table.clear()
+        return path
+
+    yield add
+    for table, module in added:
+        sys.modules.pop(module, None)
+        table.clear()

@@ -307,7 +307,7 @@ class Toy(GroupingMethod):
 @pytest.mark.slow           # two fresh processes (torch imports): ~15 s idle, over a minute on a busy machine
 def test_a_method_added_as_one_file_has_its_section_and_trains(tmp_path):
     """docs/architecture.md "Extension points": a one-shot method from outside the package is its file
-    plus its registry line (an entry point of the group fastdmtg.methods). The config gains its section
+    plus an entry point of the group fastdmtg.methods (its package's one line). The config gains its section
     (--set, config.json, the section's own validation), the trainer trains it and records its results.
     In a fresh process: the config gathers the sections when it is imported."""
     import json
@@ -347,8 +347,7 @@ def test_the_config_gathers_the_method_sections_and_names_none():
 
     from fastdmtg import config
     from fastdmtg.methods import AUGMENTATIONS, METHODS
-    from fastdmtg.registry import lazy_lookup
-    declared = [lazy_lookup(t, n, "f", "k").config_section for t in (METHODS, AUGMENTATIONS) for n in t]
+    declared = [cls.config_section for t in (METHODS, AUGMENTATIONS) for cls in t.declarations()]
     expected = list(dict.fromkeys(d[0] for d in declared if d is not None))
     assert list(config.METHOD_SECTIONS) == expected == ["dmtg", "tag", "cs", "uw", "gradnorm", "aggregation"]
     assert list(Config().to_dict()) == ["name", "data", "model", "grouping", *expected, "optim", "train"]
@@ -377,12 +376,61 @@ def test_dry_runs_auto_values_come_from_the_rules_the_run_applies(monkeypatch):
     assert resolved.optim.fused == "on" and resolved.data.backend == "memory"
 
 
-def test_a_config_imports_no_backbone_module_until_a_model_is_built():
-    """Backbones load on first use (fastdmtg/registry.py BACKBONES): validating a config — also one
-    that names xception — imports none of their modules; only model.pretrained's refusal, which
-    lists the backbones that load weights, reads their declarations."""
-    code = ("import sys; import fastdmtg.config as c; c.Config(); c.ModelConfig(arch='xception'); "
-            "print(sorted(m for m in sys.modules if m in ('fastdmtg.models.xception', 'fastdmtg.models.vit')))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == "[]"
+PLAIN_METHOD = '''"""A throwaway one-shot method without settings: one encoder, task i's head weighted i + 1."""
+import torch
+
+from . import GroupingMethod
+
+
+class Ramp(GroupingMethod):
+    name = "ramp"
+
+    def __init__(self, num_tasks: int):
+        super().__init__(num_tasks, 1)
+        self.register_buffer("_w", torch.arange(1, num_tasks + 1, dtype=torch.float32).unsqueeze(1))
+
+    @classmethod
+    def from_config(cls, cfg, num_tasks: int, task_names=None) -> "Ramp":
+        return cls(num_tasks)
+
+    def weights(self) -> torch.Tensor:
+        return self._w                                            # (N, 1)
+
+    def assignment(self) -> torch.Tensor:
+        return torch.zeros(self.num_tasks, dtype=torch.long, device=self._w.device)
+
+    def extra_results(self, totals=None) -> dict:
+        return {"ramp_weights": self._w[:, 0].tolist()}
+
+
+METHOD = Ramp
+'''
+
+
+def test_a_method_is_its_file(plugin_file, tmp_path):
+    """docs/architecture.md "Extension points": a one-shot method is its file in fastdmtg/methods/
+    (``METHOD = TheClass``), nothing else edited: the config accepts its name, K=auto is its own (1),
+    and the trainer trains it and records its results."""
+    from fastdmtg.config import ConfigError
+    from fastdmtg.methods import METHODS
+    from fastdmtg.train import train
+    with pytest.raises(ConfigError, match="grouping.method: expected one of .*got 'ramp'"):
+        apply_overrides(Config(), ["grouping.method=ramp"])
+    path = plugin_file(METHODS, "ramp", PLAIN_METHOD)
+    assert [p.name for p in path.parent.iterdir()] == ["ramp.py"]
+    cfg = apply_overrides(Config(), ["grouping.method=ramp", "model.branches=0", *TINY])
+    res = train(cfg, tmp_path / "run", progress=False)
+    assert (res["method"], res["num_branches"]) == ("ramp", 1)
+    assert res["ramp_weights"] == [float(i + 1) for i in range(len(res["tasks"]))]
+
+
+def test_a_method_section_the_config_was_built_without_is_refused(plugin_file):
+    """A method with a section of its own registered after fastdmtg.config was imported (its sections
+    are gathered then) is refused by name, not failed on at its first use of the section."""
+    from fastdmtg.config import ConfigError
+    from fastdmtg.methods import METHODS
+    plugin_file(METHODS, "toy_method_late", TOY_METHOD.replace("from fastdmtg.methods import", "from . import")
+                + "\n\nMETHOD = Toy\n")
+    with pytest.raises(ConfigError, match="grouping.method=toy: its config section 'toy' was registered after "
+                                          "fastdmtg.config was imported"):
+        apply_overrides(Config(), ["grouping.method=toy"])

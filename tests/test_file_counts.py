@@ -1,9 +1,10 @@
-"""Files touched to add a thing (docs/architecture.md, "Adding things: files touched"), checked by adding
-a throwaway one exactly that way: a loader backend = its file + one line in
-``fastdmtg.registry.LOADER_BACKENDS``; a fused op = its file + its registration in ``fastdmtg.ops``.
-Each new file is written to a temporary folder on sys.path (nothing else of the package is edited);
-the one registry line is added with monkeypatch. The dataset format's count (its module + one line
-in ``FORMATS``) is checked by tests/test_plugins.py (docs/pipelines.md "Adding a dataset")."""
+"""Files touched to add a thing (docs/architecture.md, "Extension points"), checked by adding a
+throwaway one exactly that way: a loader backend = its file, a backbone = its file (each found by
+listing its package: the ``plugin_file`` fixture writes the file to a temporary folder on the
+package's search path, nothing else of the package is edited); a fused op = its file + its
+registration in ``fastdmtg.ops`` (the file on sys.path, the registration added with monkeypatch).
+A method is checked in tests/test_architecture.py, a baseline in tests/test_compare_baselines.py, a
+dataset format in tests/test_plugins.py (docs/pipelines.md "Adding a dataset")."""
 from __future__ import annotations
 
 import sys
@@ -37,17 +38,17 @@ def _module(tmp_path, monkeypatch, prefix: str, text: str) -> str:
     return name
 
 
-def test_a_loader_backend_is_its_file_and_one_registry_line(tmp_path, monkeypatch):
+def test_a_loader_backend_is_its_file(plugin_file):
     from fastdmtg.config import ConfigError, DataConfig
     from fastdmtg.pipelines import build_source
     from fastdmtg.registry import LOADER_BACKENDS
     small = dict(synthetic_train=16, synthetic_val=8, synthetic_test=8, image_size=16)
     with pytest.raises(ConfigError, match="data.backend"):
         DataConfig(backend="throwaway", **small)
-    mod = _module(tmp_path, monkeypatch, "fastdmtg_throwaway_backend", BACKEND_FILE.format(name="throwaway"))
-    before = dict(LOADER_BACKENDS)
-    monkeypatch.setitem(LOADER_BACKENDS, "throwaway", f"{mod}:BACKEND")          # the one registry line
-    assert {k: v for k, v in LOADER_BACKENDS.items() if k not in before} == {"throwaway": f"{mod}:BACKEND"}
+    before = list(LOADER_BACKENDS)
+    path = plugin_file(LOADER_BACKENDS, "throwaway_source", BACKEND_FILE.format(name="throwaway"))   # the one file
+    assert [p.name for p in path.parent.iterdir()] == ["throwaway_source.py"]
+    assert list(LOADER_BACKENDS) == before + ["throwaway"]                          # its order: after the built-ins
     src = build_source(DataConfig(backend="throwaway", **small), progress=False)
     ref = build_source(DataConfig(backend="memory", **small), progress=False)
     assert src.built_by == "throwaway" and src.taskset.names == ref.taskset.names
@@ -173,9 +174,9 @@ BACKBONE = Backbone("NAME", build_parts, nothing_shared={"shared": "none"})
 '''
 
 
-def test_a_backbone_is_its_file_and_one_registry_line(tmp_path, monkeypatch):
-    """A new model.arch: its file (a ``build_parts`` and its ``Backbone`` declaration) + one line in
-    ``fastdmtg.registry.BACKBONES``. The config refuses the name before the line and accepts it after,
+def test_a_backbone_is_its_file(plugin_file):
+    """A new model.arch: its file in fastdmtg/models/ (a ``build_parts`` and its ``Backbone``
+    declaration). The config refuses the name before the file and accepts it after,
     the model builds and computes every task's output, and what leaves it nothing shared (the STL
     baseline's override) and whether it loads pretrained weights come from the declaration."""
     from fastdmtg import registry
@@ -186,8 +187,7 @@ def test_a_backbone_is_its_file_and_one_registry_line(tmp_path, monkeypatch):
     arch = f"toy_{uuid.uuid4().hex[:6]}"
     with pytest.raises(ConfigError, match=f"model.arch: expected .*, got '{arch}'"):
         ModelConfig(arch=arch)
-    mod = _module(tmp_path, monkeypatch, "toy_backbone", BACKBONE_FILE.replace("NAME", arch))
-    monkeypatch.setitem(registry.BACKBONES, arch, f"{mod}:BACKBONE")          # the one registry line
+    plugin_file(registry.BACKBONES, arch, BACKBONE_FILE.replace("NAME", arch))          # the one file
 
     cfg = ModelConfig(arch=arch, shared="stem", branches=2, width=4)
     specs = task_specs(Config())

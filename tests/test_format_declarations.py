@@ -45,23 +45,24 @@ def test_prepare_offers_what_each_format_declares(tmp_path, capsys):
     assert main(["prepare", "nope", str(tmp_path)]) == 2
     assert capsys.readouterr().err.strip() == ("error: data.dataset: unknown dataset 'nope'; known: synthetic, "
                                                "celeba, taskonomy, folder, tensors")
-    from fastdmtg.pipelines import prepare_ffcv_main
+    from fastdmtg.cli import prepare_ffcv_main
     with pytest.raises(SystemExit):
         prepare_ffcv_main(["tensors", str(tmp_path)])                # no folder to read
     assert "invalid choice: 'tensors' (choose from 'celeba', 'taskonomy', 'folder')" in capsys.readouterr().err
 
 
 def test_prepare_ffcv_default_image_size_is_the_formats(tmp_path, monkeypatch):
-    from fastdmtg.pipelines import ffcv_source
+    from fastdmtg import data
+    from fastdmtg.cli import prepare_ffcv_main
     seen = []
 
     def stop(cfg, progress=True):
         seen.append((cfg.dataset, cfg.image_size))
         raise ValueError("stop here")
-    monkeypatch.setattr(ffcv_source, "open_dataset", stop)
+    monkeypatch.setattr(data, "open_dataset", stop)
     for name in ("taskonomy", "celeba", "folder"):
-        assert ffcv_source.prepare_ffcv_main([name, str(tmp_path), "--no-progress"]) == 2
-    assert ffcv_source.prepare_ffcv_main(["taskonomy", str(tmp_path), "--image-size", "32", "--no-progress"]) == 2
+        assert prepare_ffcv_main([name, str(tmp_path), "--no-progress"]) == 2
+    assert prepare_ffcv_main(["taskonomy", str(tmp_path), "--image-size", "32", "--no-progress"]) == 2
     assert seen == [("taskonomy", 256), ("celeba", 64), ("folder", 64), ("taskonomy", 32)]
 
 

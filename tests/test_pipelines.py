@@ -543,13 +543,14 @@ def _ffcv_case(d: dict, case: str, tmp: Path, memory_history: list):
             assert torch.equal(a["labels"], b["labels"])
             assert (a["image"] - b["image"]).abs().mean() < 0.06
     elif name == "prepare_cli":
+        from fastdmtg.cli import prepare_ffcv_main
         out = tmp / "betons"
-        rc = F.prepare_ffcv_main(["--format", "ffcv", "taskonomy", d["tx_root"], str(out), "--image-size", str(TX_SIZE),
+        rc = prepare_ffcv_main(["--format", "ffcv", "taskonomy", d["tx_root"], str(out), "--image-size", str(TX_SIZE),
                                   "--split-file", d["tx_split"], "--cache-dir", d["cache"], "--no-progress",
                                   "--splits", "val"])
         assert rc == 0 and len(list(out.glob("taskonomy_val_*.beton"))) == 1
         assert P.verify_path(out)[1] == []
-        assert F.prepare_ffcv_main(["celeba", str(tmp / "missing"), "--no-progress"]) == 2
+        assert prepare_ffcv_main(["celeba", str(tmp / "missing"), "--no-progress"]) == 2
 
 
 def _ffcv_case_entry(arg: dict, case: str) -> None:

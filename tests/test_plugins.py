@@ -30,10 +30,11 @@ def mydata(tmp_path, monkeypatch):
     (tmp_path / "mydata.py").write_text(blocks[0])
     monkeypatch.syspath_prepend(str(tmp_path))
     import fastdmtg.config as C
-    monkeypatch.setitem(registry.FORMATS, "mydata", "")       # undone after the test (the doc's line sets it)
     saved = [dict(t) for t in (C.RECIPES, C.RECIPE_FOLLOWS, C.NAIVE_OF)], set(C._FORMATS_WITH_RECIPES)
+    assert "mydata" not in registry.FORMATS
     exec(compile(blocks[1], "docs/pipelines.md (registry block)", "exec"), {})
     yield
+    registry.FORMATS.remove("mydata")
     for t, old in zip((C.RECIPES, C.RECIPE_FOLLOWS, C.NAIVE_OF), saved[0]):
         t.clear()
         t.update(old)
@@ -42,11 +43,15 @@ def mydata(tmp_path, monkeypatch):
     sys.modules.pop("mydata", None)
 
 
-def test_the_doc_registry_line_names_module_and_attribute():
-    """The in-tree form of the line is "module:attribute" (a bare module name fails at lookup)."""
-    from fastdmtg.data.registry import FORMATS
-    assert all(re.fullmatch(r"[\w.]+:\w+", v) for v in FORMATS.values())
-    assert re.search(r'FORMATS\["mydata"\] = "mydata:FORMAT"', _doc_blocks()[1])
+def test_a_format_module_in_the_package_is_found_with_no_line(plugin_file):
+    """The doc's module dropped into fastdmtg/data/ is a dataset format by itself: no registry line."""
+    from fastdmtg.config import DataConfig
+    from fastdmtg.data.registry import FORMATS, get_format
+    before = list(FORMATS)
+    plugin_file(FORMATS, "mydata", _doc_blocks()[0])
+    assert list(FORMATS) == before + ["mydata"]          # after the built-ins (DatasetFormat.order)
+    assert get_format("mydata").about == "two colour tasks on random images"
+    DataConfig(dataset="mydata")
 
 
 def test_doc_dataset_is_known_everywhere_and_trains(mydata, tmp_path):
@@ -94,27 +99,39 @@ def test_backend_table_is_the_one_list_config_and_pipelines_use():
         DataConfig(backend="nope")
 
 
-class _Mine:
-    """A throwaway backend: host memory under its own name."""
-    @staticmethod
-    def build(ds, cache, cfg, kw, frac):
-        from fastdmtg.pipelines import ResidentSource
-        src = ResidentSource(ds, placement="host", cache=cache, fraction=frac, **kw)
-        src.built_by = "mine"
-        return src
+MINE = '''
+"""A throwaway backend of another package: host memory under its own name."""
+from fastdmtg.pipelines import LoaderBackend, ResidentSource
 
 
-def test_a_backend_added_by_one_registry_line_is_accepted_and_built(monkeypatch):
+def build(ds, cache, cfg, kw, frac):
+    src = ResidentSource(ds, placement="host", cache=cache, fraction=frac, **kw)
+    src.built_by = "mine"
+    return src
+
+
+BACKEND = LoaderBackend("mine", build)
+'''
+
+
+def test_a_backend_of_another_package_is_added_by_one_line(tmp_path, monkeypatch):
+    """A plugin module outside the package: ``table.add("module")`` (or an entry point of the table's
+    group) registers it; the config accepts its name and the source is built by it."""
     from fastdmtg.config import ConfigError, DataConfig
-    from fastdmtg.pipelines import LoaderBackend, build_source
+    from fastdmtg.pipelines import build_source
     from fastdmtg.registry import LOADER_BACKENDS
     with pytest.raises(ConfigError):
         DataConfig(backend="mine")
-    monkeypatch.setattr(sys.modules[__name__], "MINE", LoaderBackend("mine", _Mine.build), raising=False)
-    monkeypatch.setitem(LOADER_BACKENDS, "mine", f"{__name__}:MINE")
-    cfg = DataConfig(backend="mine", synthetic_train=8, synthetic_val=4, synthetic_test=4, image_size=16)
-    src = build_source(cfg, progress=False)
-    assert src.built_by == "mine"
+    (tmp_path / "my_backend.py").write_text(MINE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    LOADER_BACKENDS.add("my_backend")
+    try:
+        cfg = DataConfig(backend="mine", synthetic_train=8, synthetic_val=4, synthetic_test=4, image_size=16)
+        assert build_source(cfg, progress=False).built_by == "mine"
+    finally:
+        LOADER_BACKENDS.remove("my_backend")
+        sys.modules.pop("my_backend", None)
+    assert "mine" not in LOADER_BACKENDS
 
 
 # ----------------------------------------------------------------------------- fields that don't change results
@@ -170,17 +187,74 @@ def test_both_rules_act_on_the_table():
 
 # ----------------------------------------------------------------------------- one registry type, no re-exports
 
-def test_every_extension_table_is_one_registry_type():
-    from fastdmtg import pipelines
+def _tables():
+    from fastdmtg import baselines, pipelines, trackers
     from fastdmtg.data import registry as data_registry
-    from fastdmtg.methods import METHODS, method_class
-    from fastdmtg.registry import LOADER_BACKENDS, Registry
-    for table, load, field in ((data_registry.FORMATS, data_registry.get_format, "data.dataset"),
-                               (METHODS, method_class, "grouping.method"),
-                               (LOADER_BACKENDS, pipelines.backend, "data.backend")):
-        assert isinstance(table, Registry) and load == table.load
-        with pytest.raises(ValueError, match=rf"^{field}: unknown .* 'nope'; known: {', '.join(table)}$"):
+    from fastdmtg.methods import AUGMENTATIONS, METHODS, augmentation_class, method_class
+    from fastdmtg.registry import BACKBONES, LOADER_BACKENDS
+    return [(data_registry.FORMATS, data_registry.get_format, "data.dataset"),
+            (METHODS, method_class, "grouping.method"),
+            (AUGMENTATIONS, augmentation_class, "train.aggregator"),
+            (LOADER_BACKENDS, pipelines.backend, "data.backend"),
+            (BACKBONES, BACKBONES.load, "model.arch"),
+            (trackers.TRACKERS, trackers.tracker_class, "train.logger"),
+            (baselines.BASELINES, baselines.BASELINES.load, "compare --methods")]
+
+
+def test_every_extension_table_is_one_registry_type():
+    """Every extension point is a ``Plugins`` table over its package; each of its names is declared by
+    a module of that package (none elsewhere, no hand-kept list)."""
+    from fastdmtg.registry import Plugins
+    for table, load, field in _tables():
+        assert isinstance(table, Plugins) and load == table.load and table.field == field
+        for name in table:
+            decl = table[name]
+            where = decl.__module__ if isinstance(decl, type) else None
+            if where is not None:
+                assert where.startswith(table.package + "."), (name, where)
+        with pytest.raises(ValueError, match=rf"^{re.escape(field)}: unknown .* 'nope'; known: "
+                                             rf"{re.escape(', '.join(table))}$"):
             load("nope")
+
+
+BROKEN = "raise RuntimeError('half-written plugin')\n"
+
+
+def test_a_broken_plugin_file_is_reported_by_name(plugin_file):
+    from fastdmtg.registry import BACKBONES
+    path = plugin_file(BACKBONES, "broken_arch", BROKEN)
+    with pytest.raises(ValueError, match=rf"backbone plugin {re.escape(str(path))}: RuntimeError: half-written plugin"):
+        list(BACKBONES)
+
+
+def test_a_plugin_attribute_of_the_wrong_kind_is_an_error(plugin_file):
+    from fastdmtg.registry import LOADER_BACKENDS
+    path = plugin_file(LOADER_BACKENDS, "not_a_backend", "BACKEND = 'memory'\n")
+    with pytest.raises(ValueError, match=rf"{re.escape(str(path))}: BACKEND is 'memory', not a backend declaration"):
+        list(LOADER_BACKENDS)
+
+
+def test_a_name_declared_twice_is_an_error(plugin_file):
+    from fastdmtg.registry import LOADER_BACKENDS
+    plugin_file(LOADER_BACKENDS, "second_memory", """
+        from fastdmtg.pipelines.resident import MEMORY
+        from fastdmtg.pipelines.source import LoaderBackend
+        BACKEND = LoaderBackend("memory", MEMORY.build)
+    """)
+    with pytest.raises(ValueError, match="data.backend: backend name 'memory' declared twice"):
+        list(LOADER_BACKENDS)
+
+
+def test_a_table_read_during_its_plugins_import_is_refused(plugin_file):
+    """A plugin module that reads its own table while it is imported (an import cycle through the
+    first read) would leave itself — and any module after it — out of the table for good: refused."""
+    from fastdmtg.registry import BACKBONES
+    plugin_file(BACKBONES, "reads_table", """
+        from fastdmtg.registry import BACKBONES
+        NAMES = list(BACKBONES)
+    """)
+    with pytest.raises(ValueError, match="backbone table read while .*reads_table.py is being imported"):
+        list(BACKBONES)
 
 
 def test_no_compatibility_reexports():

@@ -281,7 +281,7 @@ def test_a_tracker_failing_mid_run_is_dropped_and_the_run_finishes(tmp_path, mon
         def state(self):
             return {"id": "f1"}
     sys.modules[__name__].Flaky = Flaky
-    monkeypatch.setitem(trackers.TRACKERS, "flaky", f"{__name__}:Flaky")
+    monkeypatch.setitem(trackers.TRACKERS.table, "flaky", Flaky)      # as if a file declared it
     Recorder.fail_on = "add_figure"
     run = tmp_path / "run"
     res = train(tiny(["train.logger=flaky", "train.tensorboard=false"]), run)

@@ -8,53 +8,34 @@ file (docs/baselines.md, "Adding a baseline"); nothing else names it.
 """
 from __future__ import annotations
 
-import importlib
-import pkgutil
-
+from ..registry import Plugins
 from ._core import SECTIONS, Baseline, Row
 
-__all__ = ["Baseline", "Row", "SECTIONS", "all_baselines", "get", "known", "defaults", "aliases",
+__all__ = ["Baseline", "Row", "SECTIONS", "BASELINES", "all_baselines", "get", "known", "defaults", "aliases",
            "section_index", "reference", "reference_name", "clear_cache"]
 
-_cache: dict[str, Baseline] | None = None
+# compare --methods name → its Baseline: every module of this package with ``BASELINE = Baseline(...)``
+# (fastdmtg/registry.py), in the tables' order (section, then order)
+BASELINES = Plugins("baseline", "compare --methods", __name__, "BASELINE",
+                    accepts=lambda b: isinstance(b, Baseline), names=lambda b: b.names,
+                    order=lambda b: (SECTIONS.index(b.section), b.order), group="fastdmtg.baselines")
 
 
 def _discover() -> dict[str, Baseline]:
-    global _cache
-    if _cache is None:
-        found: list[Baseline] = []
-        for info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
-            if info.name.startswith("_"):
-                continue
-            try:
-                mod = importlib.import_module(f"{__name__}.{info.name}")
-            except Exception as e:           # a broken baseline file: say which one, in one line
-                raise ValueError(f"baseline {info.name} ({info.module_finder.path}/{info.name}.py): "
-                                 f"{type(e).__name__}: {e}") from e
-            b = getattr(mod, "BASELINE", None)
-            if isinstance(b, Baseline):
-                found.append(b)
-        found.sort(key=lambda b: (SECTIONS.index(b.section), b.order))
-        by_name: dict[str, Baseline] = {}
-        for b in found:
-            for name in b.names:
-                if name in by_name:
-                    raise ValueError(f"baseline name {name!r} declared twice (fastdmtg/baselines)")
-                by_name[name] = b
-        if sum(b.reference is not None for b in found) != 1:
-            raise ValueError("exactly one baseline must declare the NormGain reference run (reference=...)")
-        _cache = by_name
-    return _cache
+    table = BASELINES.table
+    if sum(b.reference is not None for b in BASELINES.declarations()) != 1:
+        raise ValueError("exactly one baseline must declare the NormGain reference run (reference=...)")
+    return table
 
 
 def clear_cache() -> None:
     """Forget the modules found (after a test adds one to ``__path__``)."""
-    global _cache
-    _cache = None
+    BASELINES.clear()
 
 
 def all_baselines() -> list[Baseline]:
-    return list(dict.fromkeys(_discover().values()))
+    _discover()
+    return BASELINES.declarations()
 
 
 def known() -> list[str]:

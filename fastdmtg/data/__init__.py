@@ -7,7 +7,7 @@ set each dataset defines. Runtime loading (batches, devices, DDP shards, caches)
     task_specs(cfg)        the specs of the tasks a config trains (no data needed)
     detect_format(root)    the format whose folder ``root`` is (``--data-root`` without a recipe)
 
-See ``base.py`` for the interface every format implements and ``registry.py`` to add one.
+See ``base.py`` for the interface every format implements and ``registry.py`` to add one (its file).
 """
 from __future__ import annotations
 
@@ -41,8 +41,7 @@ def detect_format(root) -> DatasetFormat:
     for and what the folder holds (missing, a file, empty, or its first entries)."""
     from pathlib import Path
     root = Path(root)
-    fmts = [get_format(name) for name in FORMATS]
-    fmts = [f for f in fmts if f.detect is not None]
+    fmts = [f for f in FORMATS.declarations() if f.detect is not None]
     if root.is_dir():
         for f in fmts:
             if f.detect(root):

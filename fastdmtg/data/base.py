@@ -363,7 +363,9 @@ class DatasetFormat:
                        passed in, so a format never imports the config: no cycle);
       ``bench``        ``(fastdmtg.testing, config module) -> BenchData``: how the benchmarks run its
                        recipes without its data (None: they cannot);
-      ``image_size``   the image side a command uses when none is given (``prepare --format ffcv``)."""
+      ``image_size``   the image side a command uses when none is given (``prepare --format ffcv``);
+      ``order``        its place in the table (``fastdmtg.data.FORMATS``): detection asks the formats in
+                       this order (a more specific one first), listings show them in it."""
     name: str
     open: Callable
     taskset: Callable
@@ -379,6 +381,7 @@ class DatasetFormat:
     recipes: Callable | None = None
     bench: Callable | None = None
     image_size: int = 64
+    order: int = 10
 
 
 @dataclass(frozen=True)

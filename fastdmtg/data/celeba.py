@@ -373,4 +373,4 @@ FORMAT = DatasetFormat("celeba", open_celeba, celeba_taskset,
                        "CelebA official release: img_align_celeba/, list_attr_celeba.txt, list_eval_partition.txt",
                        detect=is_celeba_root, looks_for=f"{ATTR_FILE} or {IMAGE_DIR}/ (CelebA)", recipe="celeba9_k3",
                        presets={"celeba9": CELEBA_9, "celeba40": CELEBA_40}, known_tasks=celeba_known_tasks,
-                       resize=resize_like_reference, recipes=celeba_recipes, bench=celeba_bench)
+                       resize=resize_like_reference, recipes=celeba_recipes, bench=celeba_bench, order=1)

@@ -788,7 +788,7 @@ def folder_recipes(c) -> list[Recipe]:
 FORMAT = DatasetFormat("folder", open_folder, folder_taskset,
                        "your own tasks: DIR/labels.csv (image, split, one column per task) + optional tasks.json",
                        detect=is_folder_dataset, looks_for=f"{LABELS_FILE} (your own tasks)", recipe="folder_k3",
-                       known_tasks=folder_known_tasks, resize=resize_like_reference, recipes=folder_recipes)
+                       known_tasks=folder_known_tasks, resize=resize_like_reference, recipes=folder_recipes, order=3)
 
 
 #: the planted groups of ``write_demo``'s tasks

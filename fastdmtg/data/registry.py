@@ -1,26 +1,26 @@
 """The datasets fastdmtg can open, by ``data.dataset`` name.
 
-Adding a dataset = one format module (a ``Dataset`` subclass + ``FORMAT = DatasetFormat(...)``, see
-``fastdmtg/data/base.py``) and one line here. Modules are imported on first use: listing the names
-(config validation, ``fastdmtg recipes``) imports no format code.
+Adding a dataset = one format module in this package (a ``Dataset`` subclass + ``FORMAT =
+DatasetFormat(...)``, see ``fastdmtg/data/base.py``); nothing else names it. A module outside the
+package: ``FORMATS.add("module")`` before it is used, or an entry point of the group
+``fastdmtg.datasets`` (``fastdmtg/registry.py``; docs/pipelines.md "Adding a dataset").
 """
 from __future__ import annotations
 
-from ..registry import Registry
+from ..registry import Plugins
+from .base import DatasetFormat
 
-FORMATS = Registry("dataset", "data.dataset", {
-    "synthetic": "fastdmtg.data.synthetic:FORMAT",
-    "celeba": "fastdmtg.data.celeba:FORMAT",
-    "taskonomy": "fastdmtg.data.taskonomy:FORMAT",
-    "folder": "fastdmtg.data.folder:FORMAT",
-    "tensors": "fastdmtg.data.tensors:FORMAT",
-})
+# the order (DatasetFormat.order) is the order of detection (``detect_format``: a more specific format
+# first) and of listings (``fastdmtg recipes``)
+FORMATS = Plugins("dataset", "data.dataset", "fastdmtg.data", "FORMAT",
+                  accepts=lambda d: isinstance(d, DatasetFormat), order=lambda f: f.order,
+                  group="fastdmtg.datasets")
 get_format = FORMATS.load          # name → its DatasetFormat
 
 
 def task_presets() -> dict[str, list[str]]:
     """Every format's task presets (data.tasks="celeba9"), by preset name."""
-    return {k: v for name in FORMATS for k, v in get_format(name).presets.items()}
+    return {k: v for fmt in FORMATS.declarations() for k, v in fmt.presets.items()}
 
 
 def recipes_of(name: str, config_module) -> list:

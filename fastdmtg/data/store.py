@@ -46,7 +46,7 @@ import numpy as np
 
 from .base import SPLITS, DataFormatError, Field
 
-FORMAT = "fastdmtg-arrays"
+STORE_FORMAT = "fastdmtg-arrays"       # the index's format tag (a module's FORMAT is a dataset-format plugin)
 VERSION = 2
 INDEX = "index.json"
 META = "meta.json"
@@ -171,8 +171,8 @@ def read_index(folder: str | Path, what: str = "prepared folder", rerun: str = "
     fmt, ver = index.get("format"), index.get("version")
     if fmt == "fastdmtg-taskonomy" and ver == 1:
         raise StoreError(f"{path}: prepared by an older fastdmtg (format version 1, no checksums): re-run `{rerun}`")
-    if fmt != FORMAT:
-        raise StoreError(f"{path}: format {fmt!r}, expected {FORMAT!r}")
+    if fmt != STORE_FORMAT:
+        raise StoreError(f"{path}: format {fmt!r}, expected {STORE_FORMAT!r}")
     if ver != VERSION:
         raise StoreError(f"{path}: format version {ver}, this fastdmtg reads version {VERSION}: re-run `{rerun}`")
     return index
@@ -420,9 +420,9 @@ def materialize(dataset, out: str | Path, *, splits: tuple[str, ...] = SPLITS, p
     except Damaged as e:            # rewritten below; the splits are checked one by one
         log.warning("%s; writing it again", e)
         old = None
-    index = {"format": FORMAT, "version": VERSION, "dataset": dataset.name, "params": params,
+    index = {"format": STORE_FORMAT, "version": VERSION, "dataset": dataset.name, "params": params,
              "info": info or {}, "splits": {}}
-    if isinstance(old, dict) and old.get("format") == FORMAT and isinstance(old.get("splits"), dict):
+    if isinstance(old, dict) and old.get("format") == STORE_FORMAT and isinstance(old.get("splits"), dict):
         # splits prepared earlier and not asked for now stay listed
         index["splits"] = {s: m for s, m in old["splits"].items() if s not in splits and (out / s / META).exists()}
     for s in splits:
@@ -470,5 +470,5 @@ def materialize(dataset, out: str | Path, *, splits: tuple[str, ...] = SPLITS, p
     return index
 
 
-__all__ = ["FORMAT", "VERSION", "StoreError", "Damaged", "crc32_file", "read_index", "is_partial", "split_meta",
+__all__ = ["STORE_FORMAT", "VERSION", "StoreError", "Damaged", "crc32_file", "read_index", "is_partial", "split_meta",
            "check_split", "open_split", "verify_split", "verify", "build_split", "materialize"]

@@ -141,4 +141,4 @@ FORMAT = DatasetFormat("synthetic", open_synthetic, synthetic_taskset,
                        "planted-group synthetic images, generated from data.synthetic_* (no files)",
                        known_tasks=synthetic_known_tasks, resize=resize_like_reference, recipes=synthetic_recipes,
                        bench=lambda t, c: celeba_bench(t, c, lambda cfg: (cfg.data.limit_train or cfg.data.synthetic_train,
-                                                                          "synthetic")))
+                                                                          "synthetic")), order=0)

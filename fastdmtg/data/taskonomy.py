@@ -905,7 +905,7 @@ FORMAT = DatasetFormat("taskonomy", open_taskonomy, taskonomy_taskset,
                        looks_for="rgb/<building>/, <building>/rgb/ or a prepared index.json (Taskonomy)",
                        presets={"taskonomy5": TASKONOMY_5}, known_tasks=taskonomy_known_tasks,
                        check=check_taskonomy, resize=resize_like_decoder, recipes=taskonomy_recipes,
-                       prepare=prepare_main, bench=taskonomy_bench, image_size=256)
+                       prepare=prepare_main, bench=taskonomy_bench, image_size=256, order=2)
 
 
 __all__ = ["TASKONOMY_5", "prepare", "prepare_main", "open_taskonomy", "TaskonomyDataset", "TaskonomyFormatError", "load_domain",

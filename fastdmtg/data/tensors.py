@@ -37,4 +37,4 @@ def tensors_known_tasks(cfg) -> list[str] | None:
 
 FORMAT = DatasetFormat("tensors", open_tensors, folder_taskset,
                        "your own tasks from Python tensors (fastdmtg.api.train_tensors)",
-                       known_tasks=tensors_known_tasks, resize=resize_like_reference)
+                       known_tasks=tensors_known_tasks, resize=resize_like_reference, order=4)

@@ -22,8 +22,11 @@ its state, it declares on its class: ``config_section`` (its own section of the 
 registry), ``auto_branches(cfg, N)`` (K for model.branches=0), ``groups_example`` / ``takes_auxiliary``
 (whether it is given grouping.groups / auxiliary tasks), ``prunes_heads(cfg)`` (whether its head mask
 may change during training: the builder then lets DDP skip unused parameters, the trainer applies
-``HeadsPruned``). Adding a method = its file + one line in ``METHODS`` (or, from another package, an
-entry point in the group ``fastdmtg.methods``; docs/architecture.md).
+``HeadsPruned``), ``augmentable`` (constant 0/1 weights: it may train with train.aggregator), ``order``
+(its place in the table: the order of the config's sections and of listings). Adding a method = its
+file in this package, with ``METHOD = TheClass`` (a training augmentation: ``AUGMENTATION =``); from
+another package, an entry point of the group ``fastdmtg.methods`` (``fastdmtg.augmentations``) naming
+it (fastdmtg/registry.py; docs/architecture.md).
 """
 from __future__ import annotations
 
@@ -33,7 +36,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..registry import Registry, lazy_lookup
+from ..registry import Plugins
 
 
 @dataclass(frozen=True)
@@ -89,6 +92,13 @@ class StepBackward(nn.Module):
     name = "base"
     #: its own section of the config, (section name, dataclass), or None (as GroupingMethod.config_section)
     config_section: tuple[str, type] | None = None
+    #: its place in AUGMENTATIONS (the order of listings and of compare's rows)
+    order: int = 10
+
+    @classmethod
+    def names(cls) -> tuple[str, ...]:
+        """The train.aggregator names it is registered as (one class may serve several)."""
+        return (cls.name,)
 
     def bind(self, model, taskset, z: torch.Tensor) -> None:
         """Called once by the builder: the built model (its shared blocks), the tasks, and the
@@ -116,6 +126,15 @@ class GroupingMethod(nn.Module):
     takes_auxiliary: bool = False
     #: the setting that turns head pruning on, for messages (prunes_heads)
     pruning_switch: str = ""
+    #: its weights are constant 0/1, so it may train with a training augmentation (train.aggregator)
+    augmentable: bool = False
+    #: its place in METHODS: the order of the methods' sections in the config and of listings
+    order: int = 10
+
+    @classmethod
+    def names(cls) -> tuple[str, ...]:
+        """The grouping.method names it is registered as (one class may serve several)."""
+        return (cls.name,)
 
     @classmethod
     def auto_branches(cls, cfg, num_tasks: int | None) -> int | None:
@@ -181,30 +200,27 @@ class GroupingMethod(nn.Module):
         return {}
 
 
-# name -> "module:Class"; one line per method file (the order is the order of the methods' sections in
-# the config); a package outside fastdmtg adds its methods as entry points of the group
-# "fastdmtg.methods" (the same "module:Class" line in its own metadata)
-METHODS = Registry("method", "grouping.method", group="fastdmtg.methods", entries={
-    "dmtg": "fastdmtg.methods.dmtg:DMTG",
-    "naive-mtl": "fastdmtg.methods.naive:NaiveMTL",
-    "fixed": "fastdmtg.methods.fixed:FixedGroups",
-    "tag-affinity": "fastdmtg.methods.tag:TagAffinity",
-    "networks": "fastdmtg.methods.networks:NetworkGroups",
-    "cs-affinity": "fastdmtg.methods.cs:GradientCosine",
-})
+def _subclass_of(base):
+    return lambda obj: isinstance(obj, type) and issubclass(obj, base)
 
-# training augmentations (StepBackward): name -> "module:Class". Each is also a grouping method of its
-# own (one shared network, naive MTL + the augmentation: ``--method pcgrad``), and any method with
-# constant 0/1 weights (naive-mtl, fixed, networks) can train with one (train.aggregator)
-AUGMENTATIONS: dict[str, str] = {
-    "uw": "fastdmtg.methods.uw:UncertaintyWeighting",
-    "gradnorm": "fastdmtg.methods.gradnorm:GradNorm",
-    **{name: "fastdmtg.methods.aggregators:JacobianAggregation"
-       for name in ("pcgrad", "mgda", "cagrad", "nash-mtl", "imtl", "aligned-mtl", "upgrad")},
-}
-METHODS.update({name: "fastdmtg.methods.augment:AugmentedMTL" for name in AUGMENTATIONS})
-# the methods whose weights are constant 0/1 (the networks an augmentation can train)
-AUGMENTABLE = ("naive-mtl", "fixed", "networks")
+
+# grouping.method → its GroupingMethod class: every module of this package with ``METHOD = TheClass``
+# (fastdmtg/registry.py); methods of other packages: entry points of the group "fastdmtg.methods"
+METHODS = Plugins("method", "grouping.method", __name__, "METHOD", accepts=_subclass_of(GroupingMethod),
+                  names=lambda c: c.names(), order=lambda c: c.order, group="fastdmtg.methods")
+
+# train.aggregator → its StepBackward class: every module with ``AUGMENTATION = TheClass``. Each is
+# also a grouping method of its own (one shared network, naive MTL + the augmentation: ``--method
+# pcgrad``; augment.AugmentedMTL), and any method with constant 0/1 weights (``augmentable``:
+# naive-mtl, fixed, networks) can train with one (train.aggregator)
+AUGMENTATIONS = Plugins("training augmentation", "train.aggregator", __name__, "AUGMENTATION",
+                        accepts=_subclass_of(StepBackward), names=lambda c: c.names(), order=lambda c: c.order,
+                        group="fastdmtg.augmentations")
+
+
+def augmentable() -> list[str]:
+    """The methods whose weights are constant 0/1 (the networks an augmentation can train)."""
+    return [n for n, cls in METHODS.items() if cls.augmentable]
 
 
 def augmentation_of(cfg) -> str | None:
@@ -215,20 +231,20 @@ def augmentation_of(cfg) -> str | None:
 
 
 method_class = METHODS.load        # name → its GroupingMethod class
+augmentation_class = AUGMENTATIONS.load    # name → its StepBackward class
 
 
 def config_sections() -> dict[str, type]:
-    """The methods' own sections of the config, section name → dataclass, in registry order: each
+    """The methods' own sections of the config, section name → dataclass, in table order: each
     method (METHODS) and training augmentation (AUGMENTATIONS) class declares its ``config_section``;
     names that share a class share its section. Two classes declaring one section name is an error."""
     out: dict[str, type] = {}
-    for table, field, kind in ((METHODS, "grouping.method", "method"),
-                               (AUGMENTATIONS, "train.aggregator", "training augmentation")):
-        for name in table:
-            decl = lazy_lookup(table, name, field, kind).config_section
-            if decl is None:
+    for table in (METHODS, AUGMENTATIONS):
+        for cls in table.declarations():
+            if cls.config_section is None:
                 continue
-            section, cls = decl
-            if out.setdefault(section, cls) is not cls:
-                raise ValueError(f"{kind} {name}: config section {section!r} is already {out[section].__name__}'s")
+            section, dc = cls.config_section
+            if out.setdefault(section, dc) is not dc:
+                raise ValueError(f"{table.kind} {cls.names()[0]}: config section {section!r} is already "
+                                 f"{out[section].__name__}'s")
     return out

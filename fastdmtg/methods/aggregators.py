@@ -34,6 +34,8 @@ from . import StepBackward
 from .augment import head_params, per_head_losses, shared_blocks
 
 INSTALL = "pip install 'fastdmtg[aggregators]'"
+# the torchjd aggregators, in the order of listings (train.aggregator / grouping.method names)
+NAMES = ("pcgrad", "mgda", "cagrad", "nash-mtl", "imtl", "aligned-mtl", "upgrad")
 
 
 @dataclass
@@ -70,7 +72,12 @@ def make_aggregator(name: str, cfg, num_rows: int):
 
 class JacobianAggregation(StepBackward):
     """The per-task gradients of each shared block, aggregated by a torchjd aggregator."""
+    order = 2
     config_section = ("aggregation", AggregationConfig)   # its own section of the config (fastdmtg.config gathers it)
+
+    @classmethod
+    def names(cls) -> tuple[str, ...]:
+        return NAMES
 
     def __init__(self, name: str, cfg):
         super().__init__()
@@ -123,3 +130,6 @@ class JacobianAggregation(StepBackward):
                 off += n
         self.last = record
         return total.detach(), L
+
+
+AUGMENTATION = JacobianAggregation

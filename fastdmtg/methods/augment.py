@@ -25,6 +25,13 @@ class AugmentedMTL(NaiveMTL):
     """Naive MTL (one encoder, every head weighted 1) trained with the augmentation of the method's
     name: grouping.method=uw | gradnorm | pcgrad | mgda | cagrad | nash-mtl | imtl | aligned-mtl | upgrad."""
 
+    augmentable = False              # it already trains with one
+    order = 100                      # after the methods with their own sections
+
+    @classmethod
+    def names(cls) -> tuple[str, ...]:
+        return tuple(AUGMENTATIONS)
+
     def __init__(self, num_tasks: int, augment: StepBackward):
         super().__init__(num_tasks)
         self.name = augment.name
@@ -36,9 +43,10 @@ class AugmentedMTL(NaiveMTL):
 
 
 def build_augmentation(name: str, cfg, num_tasks: int, num_branches: int) -> StepBackward:
-    from ..registry import lazy_lookup
-    return lazy_lookup(AUGMENTATIONS, name, "train.aggregator", "training augmentation").from_config(
-        name, cfg, num_tasks, num_branches)
+    return AUGMENTATIONS.load(name).from_config(name, cfg, num_tasks, num_branches)
+
+
+METHOD = AugmentedMTL
 
 
 @dataclass

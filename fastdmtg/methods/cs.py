@@ -44,6 +44,7 @@ def gradient_cosine(grads: list[list[torch.Tensor]]) -> torch.Tensor:
 
 class GradientCosine(TagAffinity):
     name = "cs-affinity"
+    order = 5
     config_section = ("cs", CSConfig)   # its own section of the config (fastdmtg.config gathers it)
 
     @classmethod
@@ -59,3 +60,6 @@ class GradientCosine(TagAffinity):
         count = int((self._latest or (None, self.affinity_count))[1])
         return {"cs_similarity": None if C is None else C.cpu().tolist(),
                 "cs_measurements": count, "cs_every": self.every}
+
+
+METHOD = GradientCosine

@@ -70,6 +70,7 @@ class DMTGConfig:
 
 class DMTG(GroupingMethod):
     name = "dmtg"
+    order = 0
     config_section = ("dmtg", DMTGConfig)   # its own section of the config (fastdmtg.config gathers it)
 
     pruning_switch = "dmtg.prune_eps > 0"
@@ -221,3 +222,6 @@ class DMTG(GroupingMethod):
 
     def log_scalars(self) -> dict[str, float]:
         return {"grouping/tau": float(self.tau)}
+
+
+METHOD = DMTG

@@ -11,6 +11,8 @@ from . import GroupingMethod
 
 class FixedGroups(GroupingMethod):
     name = "fixed"
+    order = 2
+    augmentable = True               # constant 0/1 weights: trains with train.aggregator
     groups_example = "0,1|2"    # given its groups (grouping.groups): K = one branch per group
 
     def __init__(self, groups: list[list[int]], num_tasks: int):
@@ -32,3 +34,6 @@ class FixedGroups(GroupingMethod):
 
     def assignment(self) -> torch.Tensor:
         return self._assign
+
+
+METHOD = FixedGroups

@@ -39,6 +39,7 @@ class GradNormConfig:
 
 class GradNorm(StepBackward):
     name = "gradnorm"
+    order = 1
     config_section = ("gradnorm", GradNormConfig)   # its own section of the config (fastdmtg.config gathers it)
 
     def __init__(self, num_tasks: int, num_branches: int, alpha: float = 1.5):
@@ -125,3 +126,6 @@ class GradNorm(StepBackward):
         self.renormalise()                       # the weights the next step would use
         return {"name": self.name, "alpha": self.alpha, "weight": self.weight.detach().cpu().tolist(),
                 "initial_loss": self.initial_loss.cpu().tolist()}
+
+
+AUGMENTATION = GradNorm

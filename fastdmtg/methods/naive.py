@@ -9,6 +9,8 @@ from . import GroupingMethod
 
 class NaiveMTL(GroupingMethod):
     name = "naive-mtl"
+    order = 1
+    augmentable = True               # constant 0/1 weights: trains with train.aggregator
 
     def __init__(self, num_tasks: int):
         super().__init__(num_tasks, 1)
@@ -23,3 +25,6 @@ class NaiveMTL(GroupingMethod):
 
     def assignment(self) -> torch.Tensor:
         return torch.zeros(self.num_tasks, dtype=torch.long, device=self._ones.device)
+
+
+METHOD = NaiveMTL

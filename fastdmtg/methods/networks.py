@@ -34,6 +34,8 @@ from . import GroupingMethod
 
 class NetworkGroups(GroupingMethod):
     name = "networks"
+    order = 4
+    augmentable = True               # constant 0/1 weights: trains with train.aggregator
     groups_example = "0,1,+2|2,3"    # given its groups (grouping.groups): K = one branch per group
     takes_auxiliary = True
 
@@ -66,3 +68,6 @@ class NetworkGroups(GroupingMethod):
 
     def extra_results(self, totals=None) -> dict:
         return {"networks": self.networks, "served_by_network": self.served, "untrained_tasks": self.untrained}
+
+
+METHOD = NetworkGroups

@@ -199,6 +199,7 @@ def lookahead_affinity(model, snap: dict, batch: dict, taskset, kernels: str = "
 
 class TagAffinity(GroupingMethod):
     name = "tag-affinity"
+    order = 3
     config_section = ("tag", TagConfig)   # its own section of the config (fastdmtg.config gathers it)
 
     def __init__(self, num_tasks: int, every: int = 10, kernels: str = "auto"):
@@ -267,3 +268,6 @@ class TagAffinity(GroupingMethod):
                 "tag_affinity_every": self.every,
                 "tag_lookahead": "optimizer update rule with its current state; batch-statistics BN "
                                  "without running-stat updates; fp32"}
+
+
+METHOD = TagAffinity

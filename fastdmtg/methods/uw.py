@@ -37,6 +37,7 @@ class UWConfig:
 
 class UncertaintyWeighting(StepBackward):
     name = "uw"
+    order = 0
     config_section = ("uw", UWConfig)   # its own section of the config (fastdmtg.config gathers it)
 
     def __init__(self, num_tasks: int, num_branches: int, form: str = "paper"):
@@ -68,3 +69,6 @@ class UncertaintyWeighting(StepBackward):
 
     def results(self) -> dict:
         return {"name": self.name, "form": self.form, "log_var": self.log_var.detach().cpu().tolist()}
+
+
+AUGMENTATION = UncertaintyWeighting

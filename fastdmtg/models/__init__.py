@@ -3,7 +3,7 @@
 the K-branch training network or the pruned grouped model.
 
 A builder is ``fn(model_cfg, task_specs, image_size) -> Parts``. Add a backbone by writing one file
-with such a function and its ``BACKBONE`` declaration, and one line in ``BACKBONES``.
+in this package with such a function and its ``BACKBONE`` declaration (found by listing the package).
 """
 from __future__ import annotations
 

@@ -1,10 +1,11 @@
-"""What a backbone declares (``fastdmtg.registry.BACKBONES``: model.arch → its module's ``BACKBONE``).
+"""What a backbone declares (``fastdmtg.registry.BACKBONES``: model.arch → the ``BACKBONE`` of a module of
+fastdmtg/models/).
 
 Everything the rest of the package needs to know about one architecture lives with it: how it builds
 its parts, whether it reads ``model.pretrained``, and which model fields leave it no shared trunk (the
 STL baseline trains single-task networks that share nothing). The config, the builder and the
 baselines ask this declaration and hold no branch on an architecture's name. Adding a backbone: its
-file (a ``build_parts`` and a ``BACKBONE = Backbone(...)``) + one line in ``BACKBONES``.
+file in fastdmtg/models/ (a ``build_parts`` and a ``BACKBONE = Backbone(...)``); nothing else names it.
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ class Backbone:
     loads_pretrained: bool = False                 # model.pretrained (a state-dict file) applies to it
     # model fields → the value that leaves nothing shared between the branches (STL)
     nothing_shared: dict[str, Any] = field(default_factory=dict)
+    order: int = 10                                # its place in listings and messages
 
     def share_nothing(self, model_cfg) -> dict[str, Any]:
         """The model fields to change so that no trunk is shared (those already so left out)."""

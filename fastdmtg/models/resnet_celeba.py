@@ -125,4 +125,4 @@ def build_parts(cfg, task_specs, image_size: int):
     return Parts(shared, branch, heads)
 
 
-BACKBONE = Backbone("resnet_celeba", build_parts, nothing_shared={"shared": "none"})
+BACKBONE = Backbone("resnet_celeba", build_parts, nothing_shared={"shared": "none"}, order=0)

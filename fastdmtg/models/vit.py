@@ -236,4 +236,5 @@ def build_parts(cfg, task_specs, image_size: int) -> Parts:
     return Parts(shared, branch, dense_heads(task_specs), branch_grad_scale=g, head_grad_scale=g)
 
 
-BACKBONE = Backbone("vit_base", build_parts, loads_pretrained=True, nothing_shared={"shared_blocks": 0})
+BACKBONE = Backbone("vit_base", build_parts, loads_pretrained=True, nothing_shared={"shared_blocks": 0},
+                    order=2)

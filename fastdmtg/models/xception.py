@@ -187,4 +187,4 @@ def build_parts(cfg, task_specs, image_size: int) -> Parts:
     return Parts(shared, branch, dense_heads(task_specs), branch_grad_scale=s, head_grad_scale=s)
 
 
-BACKBONE = Backbone("xception", build_parts, nothing_shared={"shared_blocks": 0})
+BACKBONE = Backbone("xception", build_parts, nothing_shared={"shared_blocks": 0}, order=1)

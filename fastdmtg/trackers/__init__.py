@@ -5,7 +5,7 @@ TensorBoard's ``SummaryWriter`` vocabulary: ``add_scalar(tag, value, step)``, ``
 step)``, ``add_hparams(hparams, metrics)``, ``flush()``. *What* is recorded is decided once, by the
 trainer's call sites and ``fastdmtg/tboard.py`` (``log_epoch``, ``log_hparams``), so every tracker gets
 the same metrics, hyper-parameters and grouping figure; each tracker only says *how* it stores them
-(one file per tracker below, one line in ``TRACKERS``).
+(one file per tracker in this package, with ``TRACKER = TheClass``: ``TRACKERS`` finds it).
 
 Trackers in use: TensorBoard when ``train.tensorboard`` (on by default), plus each name listed in
 ``train.logger`` (comma-separated, ``--logger NAME``). Each tracker's run id is kept in
@@ -22,15 +22,10 @@ from pathlib import Path
 
 from ..configcheck import ConfigError
 from ..log import get_logger
+from ..registry import Plugins
 
 log = get_logger("fastdmtg.trackers")
 
-# name -> "module:Class" (a tracker registers itself here: one file, one line)
-TRACKERS: dict[str, str] = {
-    "tensorboard": "fastdmtg.trackers.tensorboard:TensorBoardTracker",
-    "mlflow": "fastdmtg.trackers.mlflow:MlflowTracker",
-    "wandb": "fastdmtg.trackers.wandb:WandbTracker",
-}
 STATE_FILE = "trackers.json"          # RUN/trackers.json: {tracker: {its run id, store, ...}}
 
 
@@ -42,6 +37,7 @@ class Tracker:
     """One tracker. ``open`` gets the run folder, the run's config and what the tracker stored in
     RUN/trackers.json when the run started (empty for a new run); ``state()`` is what to store."""
     name = ""
+    order = 10                          # its place in listings and messages
     modules: tuple[str, ...] = ()       # importable modules the tracker needs
     extra = ""                          # pip install 'fastdmtg[EXTRA]' installs them
 
@@ -67,6 +63,13 @@ class Tracker:
         """``status``: finished | killed (interrupted, resumable) | failed."""
 
 
+# train.logger name → its Tracker class: every module of this package with ``TRACKER = TheClass``
+# (fastdmtg/registry.py); trackers of other packages: entry points of the group "fastdmtg.trackers"
+TRACKERS = Plugins("tracker", "train.logger", __name__, "TRACKER",
+                   accepts=lambda c: isinstance(c, type) and issubclass(c, Tracker), order=lambda c: c.order,
+                   group="fastdmtg.trackers")
+
+
 def enabled(cfg) -> list[str]:
     """The trackers a run uses: TensorBoard (train.tensorboard), then train.logger's names."""
     names = ["tensorboard"] if cfg.train.tensorboard else []
@@ -77,9 +80,7 @@ def logger_names(text: str) -> list[str]:
     return [n.strip() for n in text.split(",") if n.strip()]
 
 
-def tracker_class(name: str):
-    from ..registry import lazy_lookup
-    return lazy_lookup(TRACKERS, name, "train.logger", "tracker")
+tracker_class = TRACKERS.load      # name → its Tracker class
 
 
 def missing_modules(cls) -> list[str]:

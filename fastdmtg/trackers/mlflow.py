@@ -51,6 +51,7 @@ def absolute_uri(uri: str) -> str:
 
 class MlflowTracker(Tracker):
     name = "mlflow"
+    order = 1
     # the client, and SQLAlchemy + Alembic for MLflow's default store (sqlite:///mlflow.db)
     modules = ("mlflow", "sqlalchemy", "alembic")
     extra = "mlflow"
@@ -143,3 +144,6 @@ class MlflowTracker(Tracker):
     def close(self, status: str) -> None:
         self.flush()
         self.client.set_terminated(self.run_id, status=STATUS[status])
+
+
+TRACKER = MlflowTracker

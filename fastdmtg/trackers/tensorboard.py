@@ -9,6 +9,7 @@ from . import Tracker
 
 class TensorBoardTracker(Tracker):
     name = "tensorboard"
+    order = 0
     modules = ("tensorboard",)
     extra = ""                     # a dependency of fastdmtg
 
@@ -35,3 +36,6 @@ class TensorBoardTracker(Tracker):
         if name.startswith("add_") and "writer" in self.__dict__:   # SummaryWriter's other records
             return getattr(self.writer, name)
         raise AttributeError(name)
+
+
+TRACKER = TensorBoardTracker

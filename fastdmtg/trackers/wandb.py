@@ -23,6 +23,7 @@ STEP = "global_step"
 
 class WandbTracker(Tracker):
     name = "wandb"
+    order = 2
     modules = ("wandb",)
     extra = "wandb"
 
@@ -73,3 +74,6 @@ class WandbTracker(Tracker):
         # session, and its token stays in os.environ (WANDB_SERVICE), so that a child started later
         # (torchrun, a compare run) would connect to a socket that no longer answers
         self.wandb.teardown()
+
+
+TRACKER = WandbTracker
