@@ -6,7 +6,7 @@ Every extension point is a package and an attribute name:
     grouping methods          grouping.method   fastdmtg/methods/      METHOD       (methods/__init__.py)
     training augmentations    train.aggregator  fastdmtg/methods/      AUGMENTATION (methods/__init__.py)
     backbones                 model.arch        fastdmtg/models/       BACKBONE     (below)
-    loader backends           data.backend      fastdmtg/pipelines/    BACKEND      (below)
+    loader backends           data.backend      pipelines/             BACKEND      (below)
     trackers                  train.logger      fastdmtg/trackers/     TRACKER      (trackers/__init__.py)
     compare's baselines       compare --methods fastdmtg/baselines/    BASELINE     (baselines/__init__.py)
 
@@ -164,7 +164,7 @@ def _is(type_name: str, module: str):
 
 
 # data.backend: each loader backend's ``LoaderBackend`` (its name, its availability check, how it
-# builds its source, its DDP behaviour: fastdmtg/pipelines/source.py). The config validates
+# builds its source, its DDP behaviour: pipelines/source.py). The config validates
 # data.backend against this table (it reads the names; the loaders import the config only inside
 # their commands).
 LOADER_BACKENDS = Plugins("backend", "data.backend", "fastdmtg.pipelines", "BACKEND",

@@ -32,7 +32,7 @@ log = logging.getLogger("fastdmtg.pipelines")
 
 @dataclass(frozen=True)
 class LoaderBackend:
-    """A data.backend (a module of fastdmtg/pipelines/ whose ``BACKEND`` holds it: the table is
+    """A data.backend (a module of pipelines/ whose ``BACKEND`` holds it: the table is
     ``fastdmtg.registry.LOADER_BACKENDS``): ``status(deep) -> (usable,
     reason)`` says whether its packages are there and why not (``deep=False`` only looks for them,
     without importing); ``build(dataset, decode_cache, data_config, common_kwargs, device_fraction)``
