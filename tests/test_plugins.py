@@ -99,21 +99,6 @@ def test_backend_table_is_the_one_list_config_and_pipelines_use():
         DataConfig(backend="nope")
 
 
-MINE = '''
-"""A throwaway backend of another package: host memory under its own name."""
-from fastdmtg.pipelines import LoaderBackend, ResidentSource
-
-
-def build(ds, cache, cfg, kw, frac):
-    src = ResidentSource(ds, placement="host", cache=cache, fraction=frac, **kw)
-    src.built_by = "mine"
-    return src
-
-
-BACKEND = LoaderBackend("mine", build)
-'''
-
-
 def test_a_backend_of_another_package_is_added_by_one_line(tmp_path, monkeypatch):
     """A plugin module outside the package: ``table.add("module")`` (or an entry point of the table's
     group) registers it; the config accepts its name and the source is built by it."""
@@ -122,7 +107,8 @@ def test_a_backend_of_another_package_is_added_by_one_line(tmp_path, monkeypatch
     from fastdmtg.registry import LOADER_BACKENDS
     with pytest.raises(ConfigError):
         DataConfig(backend="mine")
-    (tmp_path / "my_backend.py").write_text(MINE)
+    from test_file_counts import BACKEND_FILE                   # the throwaway backend, named "mine"
+    (tmp_path / "my_backend.py").write_text(BACKEND_FILE.format(name="mine"))
     monkeypatch.syspath_prepend(str(tmp_path))
     LOADER_BACKENDS.add("my_backend")
     try:
