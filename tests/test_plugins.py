@@ -243,6 +243,13 @@ def test_a_table_read_during_its_plugins_import_is_refused(plugin_file):
         list(BACKBONES)
 
 
+def test_task_kinds_are_one_list():
+    """The kinds of your own tasks: the models' rule (generic heads) reads the tasks' list."""
+    from fastdmtg import models
+    from fastdmtg.tasks import generic
+    assert models.GENERIC_KINDS is generic.TYPES
+
+
 def test_no_compatibility_reexports():
     """train.py and bench.py export what they define, not names kept for old import paths."""
     from fastdmtg import bench, train

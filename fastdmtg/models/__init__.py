@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from ..tasks.generic import TYPES
 from .multibranch import BranchedNet, GroupedNet, HeadSet, LinearHeads, ModuleHeads, MultiBranchNet, grad_scale
 
 
@@ -23,7 +24,7 @@ class Parts:
     head_grad_scale: float = 1.0
 
 
-GENERIC_KINDS = ("binary", "multiclass", "regression")     # your own tasks (fastdmtg/tasks/generic.py)
+GENERIC_KINDS = TYPES          # the kinds of your own tasks: one list, fastdmtg/tasks/generic.py's
 
 
 def build_parts(cfg, task_specs, image_size: int) -> Parts:
