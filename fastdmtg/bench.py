@@ -340,7 +340,8 @@ def _step_rows(base: Config, device: torch.device, only: str) -> tuple[list[tupl
         ("bf16 + CUDA graph, reference losses (no Triton)", ("bf16", "graph"), "gpu-cache"),
         ("bf16 + compile (no graph)", ("bf16", "triton", "compile"), "gpu-cache"),
     ]
-    if base.model.arch == "resnet_celeba":   # the fused BN-ReLU-maxpool stem op (model.fused_stem)
+    from .registry import BACKBONES
+    if BACKBONES.load(base.model.arch).set_fused_stem is not None:   # a fused BN-ReLU-maxpool stem (model.fused_stem)
         rows += [("+ fused stem op (batched branches)", _BEST + ("batched", "fused_stem"), "memory"),
                  ("+ fused stem op (separate branches)", _BEST + ("fused_stem",), "memory")]
     if device.type != "cuda":
