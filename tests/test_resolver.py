@@ -12,6 +12,7 @@ from fastdmtg.cli import main as cli_main
 from fastdmtg.config import apply_overrides, get_recipe
 from fastdmtg.kernels._common import TRITON_IMPORT_ERROR
 from fastdmtg.models.batched import BatchedMultiBranchNet
+from fastdmtg.registry import BACKBONES
 
 TINY = ["train.tensorboard=false", "train.progress=false", "data.synthetic_groups=2",
         "data.synthetic_tasks_per_group=2", "data.synthetic_train=64", "data.synthetic_val=32",
@@ -70,7 +71,7 @@ def test_dry_run_and_builder_agree_on_every_auto_field(extra, capsys):
                               ("train", "channels_last"), ("model", "batched"), ("model", "fused_stem"))}
 
 
-def test_auto_rules_on_a_cuda_device_come_from_the_backbone_declarations(monkeypatch):
+def test_auto_rules_on_a_cuda_device_come_from_the_backbone_declarations(monkeypatch, tmp_path):
     """(CPU: the policy only; resolve looks at the device type.) On CUDA auto turns compile, graphs,
     channels_last, bf16 and the fused optimizer on, batched branches where the backbone declares
     ``batched_auto`` (resnet_celeba, not xception), the fused stem nowhere yet (FUSED_STEM_AUTO)."""
@@ -90,11 +91,19 @@ def test_auto_rules_on_a_cuda_device_come_from_the_backbone_declarations(monkeyp
     assert builder.resolve(get_recipe("celeba9_k3"), cuda, 1).bf16 is False           # amp=off stays off
     xception = get_recipe("taskonomy5_k3")
     assert builder.resolve(xception, cuda, 1).batched is False
-    # the rule reads the declaration: a backbone declaring batched_auto gets batched branches
-    from fastdmtg.models import xception as xmod
-    monkeypatch.setattr(xmod, "BACKBONE", dataclasses.replace(xmod.BACKBONE, batched_auto=True))
-    assert builder.resolve(xception, cuda, 1).batched is True
-    assert builder.resolve(xception, torch.device("cpu"), 1).batched is False          # never on CPU
+    # the rule reads the declaration: a throwaway backbone (xception's parts) declaring batched_auto
+    (tmp_path / "toy_batched_backbone.py").write_text(
+        "from fastdmtg.models.backbone import Backbone\n"
+        "from fastdmtg.models.xception import build_parts\n"
+        "BACKBONE = Backbone('toy_batched', build_parts, batched_auto=True)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    BACKBONES.add("toy_batched_backbone")
+    try:
+        toy = apply_overrides(xception, ["model.arch=toy_batched"])
+        assert builder.resolve(toy, cuda, 1).batched is True
+        assert builder.resolve(toy, torch.device("cpu"), 1).batched is False           # never on CPU
+    finally:
+        BACKBONES.remove("toy_batched_backbone")
 
 
 def test_prepare_model_records_what_ran():
