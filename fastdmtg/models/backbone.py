@@ -3,7 +3,8 @@ fastdmtg/models/).
 
 Everything the rest of the package needs to know about one architecture lives with it: how it builds
 its parts, whether it reads ``model.pretrained``, and which model fields leave it no shared trunk (the
-STL baseline trains single-task networks that share nothing). The config, the builder and the
+STL baseline trains single-task networks that share nothing); whether ``model.batched=auto`` batches
+it on CUDA, its fused stem, and BMTN's RSA locations and split points. The config, the builder and the
 baselines ask this declaration and hold no branch on an architecture's name. Adding a backbone: its
 file in fastdmtg/models/ (a ``build_parts`` and a ``BACKBONE = Backbone(...)``); nothing else names it.
 """
