@@ -414,7 +414,8 @@ def test_precision_policy_keeps_linear_heads_fp32(batched, monkeypatch):
     got = {}
     for amp in ("mixed", "bf16"):
         net = build_multibranch(ModelConfig(arch="resnet_celeba", branches=2, width=4), specs, 32)
-        cfg = apply_overrides(get_recipe("synthetic_k3"), [f"train.amp={amp}", f"model.batched={'on' if batched else 'off'}"])
+        cfg = apply_overrides(get_recipe("synthetic_k3"),
+                              [f"train.amp={amp}", f"model.batched={'on' if batched else 'off'}"])
         net, _ = prepare_model(net, cfg, resolve(cfg, torch.device("cpu")))
         assert isinstance(net, BatchedMultiBranchNet) == batched
         seen = {}

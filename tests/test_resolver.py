@@ -65,7 +65,7 @@ def test_dry_run_and_builder_agree_on_every_auto_field(extra, capsys):
     cfg = apply_overrides(get_recipe("synthetic_k3"), overrides)
     built = _built(cfg)
     for sec, key in AUTO_FIELDS:          # data.backend: the loaders' own auto (test_architecture's dry-run test)
-        assert dry[sec][key] == built[(sec, key)], f"{sec}.{key}: dry run {dry[sec][key]!r}, built {built[(sec, key)]!r}"
+        assert dry[sec][key] == built[(sec, key)], f"{sec}.{key}: dry run {dry[sec][key]!r}, built {built[sec, key]!r}"
     # results.json's speed entries are the same values
     assert built["speed"] == {k: dry[sec][k] == "on" for sec, k in (("train", "compile"), ("train", "cuda_graph"),
                               ("train", "channels_last"), ("model", "batched"), ("model", "fused_stem"))}
