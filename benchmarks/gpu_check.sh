@@ -13,7 +13,7 @@
 #                    reference-style row, fused stem with separate branches
 #   ratio        70  CelebA-40 vs CelebA-9 step time at K=5 (best configuration)
 #   taskonomy   130  Taskonomy-5 K=3 at 256²: all features with separate vs batched Xception (MFU;
-#                    decides fastdmtg.builder.BATCHED_AUTO_ARCHS)
+#                    decides batched_auto of xception's Backbone declaration)
 #   profile      50  profiler summary of the CelebA-9 K=3 step with the fused stem
 #   op_tests    100  the per-op CPU test files on CUDA (tests/test_ops.py, tests/test_op_*.py)
 #   kernels      60  benchmarks/kernels.py for the fused stem op vs eager and compiled PyTorch

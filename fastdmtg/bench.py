@@ -73,6 +73,7 @@ import torch
 from .config import Config, apply_overrides, evolve, get_recipe
 from .data import task_specs as _task_specs
 from .flops import count_flops, taskonomy_table
+from .registry import BACKBONES
 from .testing import bench_data, train_images
 
 # DMTG paper Table A1 (one RTX 4090): (GFLOPs, hours) — see ../shared/reference-notes.md
@@ -340,7 +341,7 @@ def _step_rows(base: Config, device: torch.device, only: str) -> tuple[list[tupl
         ("bf16 + CUDA graph, reference losses (no Triton)", ("bf16", "graph"), "gpu-cache"),
         ("bf16 + compile (no graph)", ("bf16", "triton", "compile"), "gpu-cache"),
     ]
-    if base.model.arch == "resnet_celeba":   # the fused BN-ReLU-maxpool stem op (model.fused_stem)
+    if BACKBONES.load(base.model.arch).set_fused_stem is not None:   # its fused BN-ReLU-maxpool stem op
         rows += [("+ fused stem op (batched branches)", _BEST + ("batched", "fused_stem"), "memory"),
                  ("+ fused stem op (separate branches)", _BEST + ("fused_stem",), "memory")]
     if device.type != "cuda":

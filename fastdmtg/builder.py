@@ -4,7 +4,8 @@ profile`` (fastdmtg.bench), so a benchmark times exactly the step a run trains w
 
     build_training_step(cfg, taskset, image_size, device, world_size, rank, init_from) -> TrainingStep
 
-      resolve_speed ─▶ speed {compile, cuda_graph, channels_last, batched, fused_stem}
+      resolve ─▶ Resolved (every auto decided: precision, kernels, compile, cuda_graph, channels_last,
+                 batched, fused_stem, fused optimizer, data backend, K)
       build_multibranch(cfg.model) ─▶ [init_from: load_single_branch] ─▶ prepare_model ─▶ model
       build_method(cfg) ─▶ method (set_rank)          build_optimizer(model + method params)
       StepModule(model, method, taskset) ─▶ [DDP] ─▶ StepRunner(eager | compile | graph)
@@ -15,23 +16,20 @@ checkpoints, evaluation).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 
-from . import ops
+from . import ops, pipelines
 from .config import Config, resolved_branches
 from .methods import GroupingMethod, method_class
 from .methods.augment import build_augmentation
 from .models import BranchedNet, build_multibranch
 from .models.batched import BatchedMultiBranchNet, supports_batching
+from .registry import BACKBONES
 from .step import DDP_GRAPH_WARMUP, StepModule, StepRunner, autocast_factory, set_output_precision, wrap_ddp
 
-# the architectures for which model.batched=auto turns batched branches on for CUDA: decided by
-# measurement (docs/LOG.md). xception can be batched (model.batched=on) but has not been timed on a
-# GPU yet, so auto leaves it off.
-BATCHED_AUTO_ARCHS = ("resnet_celeba",)
 # model.fused_stem=auto: the fused BN-ReLU-maxpool stem op is tested against the PyTorch reference but
 # not yet timed on a GPU (benchmarks/gpu_check.sh times it), so auto leaves it off everywhere
 FUSED_STEM_AUTO = False
@@ -60,8 +58,72 @@ def use_bf16(cfg: Config, device: torch.device) -> bool:
     return cfg.train.amp in ("mixed", "bf16") or (cfg.train.amp == "auto" and device.type == "cuda")
 
 
-def resolve_speed(cfg: Config, device: torch.device, world_size: int) -> dict:
-    """Turn the auto|on|off speed switches into booleans for this device (everything is eager on CPU)."""
+@dataclass(frozen=True)
+class Resolved:
+    """A config's ``auto`` values decided for one device and number of processes (``resolve``). The
+    builder assembles the step from it, ``--dry-run`` / ``--save-config`` write it back as a config
+    (``as_config``), results.json records its speed switches (``speed``)."""
+    cfg: Config                   # the config as asked (its auto values kept)
+    device: torch.device          # train.device
+    bf16: bool                    # train.amp: bf16 autocast in the training forward
+    kernels: str                  # train.kernels: the fused ops' backend here (triton | reference)
+    compile: bool                 # train.compile
+    cuda_graph: bool              # train.cuda_graph
+    channels_last: bool           # train.channels_last
+    batched: bool                 # model.batched (prepare_model: off where the architecture can't)
+    fused_stem: bool              # model.fused_stem (prepare_model: off where the backbone has no stem)
+    fused_optimizer: bool         # optim.fused
+    data_backend: str             # data.backend
+    branches: int | None          # model.branches, K (None while it depends on the data's task count)
+
+    def speed(self) -> dict[str, bool]:
+        """The speed switches by name (results.json's "speed" entries, ``TrainingStep.speed``)."""
+        return {"compile": self.compile, "cuda_graph": self.cuda_graph, "channels_last": self.channels_last,
+                "batched": self.batched, "fused_stem": self.fused_stem}
+
+    def as_config(self) -> tuple[Config, list[str]]:
+        """→ (the config with every ``auto`` replaced by its value here, the fields that were auto as
+        ``section.key=value``): what ``--dry-run`` prints and ``--save-config`` writes."""
+        onoff = {True: "on", False: "off"}
+        values = {
+            ("train", "device"): str(self.device),
+            ("train", "amp"): "mixed" if self.bf16 else "off",
+            ("train", "kernels"): self.kernels,
+            ("train", "compile"): onoff[self.compile],
+            ("train", "cuda_graph"): onoff[self.cuda_graph],
+            ("train", "channels_last"): onoff[self.channels_last],
+            ("model", "batched"): onoff[self.batched],
+            ("model", "fused_stem"): onoff[self.fused_stem],
+            ("optim", "fused"): onoff[self.fused_optimizer],
+            ("data", "backend"): self.data_backend,
+        }
+        d = self.cfg.to_dict()
+        changed = []
+        for (sec, key), val in values.items():
+            if d[sec][key] == "auto":
+                d[sec][key] = val
+                changed.append(f"{sec}.{key}={val}")
+        if d["model"]["branches"] == 0 and self.branches is not None:        # 0 = auto: the method's K
+            d["model"]["branches"] = self.branches
+            changed.append(f"model.branches={self.branches}")
+        return Config.from_dict(d), changed
+
+
+def resolve(cfg: Config, device: torch.device | None = None, world_size: int = 1) -> Resolved:
+    """Every ``auto`` of ``cfg`` decided for ``device`` (default: train.device's) and ``world_size``
+    processes — the one place these rules are applied. A switch set ``on`` that cannot run here is a
+    ValueError naming the field (train.kernels=triton without triton fails here, not mid-step)."""
+    device = resolve_device(cfg.train.device) if device is None else device
+    kernels = ops.resolve_backend(cfg.train.kernels, device)
+    speed = _speed_switches(cfg, device, world_size)
+    backend = pipelines.AUTO if cfg.data.backend == "auto" else cfg.data.backend   # the loaders' own auto
+    return Resolved(cfg, device, use_bf16(cfg, device), kernels, **speed,
+                    fused_optimizer=use_fused_optimizer(cfg, device), data_backend=backend,
+                    branches=cfg.num_branches)
+
+
+def _speed_switches(cfg: Config, device: torch.device, world_size: int) -> dict:
+    """The auto|on|off speed switches as booleans for this device (everything is eager on CPU)."""
     t = cfg.train
     method = method_class(cfg.grouping.method)
     pruning = method.prunes_heads(cfg)          # its head mask may change during training
@@ -77,7 +139,8 @@ def resolve_speed(cfg: Config, device: torch.device, world_size: int) -> dict:
     out = {"compile": pick("compile", True), "cuda_graph": pick("cuda_graph", True),
            "channels_last": pick("channels_last", True)}
     b = cfg.model.batched
-    out["batched"] = b == "on" or (b == "auto" and cuda and cfg.model.arch in BATCHED_AUTO_ARCHS)
+    # auto: batched where the backbone declares it measured faster (its module loads only then)
+    out["batched"] = b == "on" or (b == "auto" and cuda and BACKBONES.load(cfg.model.arch).batched_auto)
     fs = cfg.model.fused_stem
     out["fused_stem"] = fs == "on" or (fs == "auto" and cuda and FUSED_STEM_AUTO)
     if out["cuda_graph"] and not cuda:
@@ -132,8 +195,8 @@ def _eager_for_augmentation(cfg: Config, speed: dict, world_size: int) -> None:
         "it computes per-head losses and per-task gradients outside any graph")
 
 
-def step_mode(speed: dict) -> str:
-    return "+".join(m for m, on in (("compile", speed["compile"]), ("graph", speed["cuda_graph"])) if on) or "eager"
+def step_mode(resolved: Resolved) -> str:
+    return "+".join(m for m, on in (("compile", resolved.compile), ("graph", resolved.cuda_graph)) if on) or "eager"
 
 
 def load_init(model: BranchedNet, path: str) -> None:
@@ -146,16 +209,18 @@ def load_init(model: BranchedNet, path: str) -> None:
     model.load_single_branch(ckpt.load_checkpoint(p)["model"])
 
 
-def prepare_model(model: BranchedNet, cfg: Config, speed: dict, world_size: int = 1):
-    """Apply the model-side switches: batched branches (when the architecture supports them;
-    ``speed["batched"]`` is updated to what was done), SyncBatchNorm under DDP, channels_last, the
-    fused CelebA stem (``speed["fused_stem"]`` likewise), and the precision of the task heads
-    (train.amp, fastdmtg.step.set_output_precision)."""
-    if speed["batched"]:
+def prepare_model(model: BranchedNet, cfg: Config, resolved: Resolved,
+                  world_size: int = 1) -> tuple[BranchedNet, Resolved]:
+    """Apply the model-side switches: batched branches (when the architecture supports them),
+    SyncBatchNorm under DDP, channels_last, the fused stem (when the backbone declares one:
+    ``Backbone.set_fused_stem``), and the precision of the task heads (train.amp,
+    fastdmtg.step.set_output_precision). → (the model, ``resolved`` with batched / fused_stem turned
+    off where an ``auto`` could not apply: what ran)."""
+    if resolved.batched:
         if not supports_batching(model):
             if cfg.model.batched == "on":
                 raise ValueError(f"model.batched=on is not supported for model.arch={cfg.model.arch}")
-            speed["batched"] = False
+            resolved = replace(resolved, batched=False)
         else:
             model = BatchedMultiBranchNet(model)
     if cfg.model.sync_bn and world_size > 1:
@@ -163,21 +228,21 @@ def prepare_model(model: BranchedNet, cfg: Config, speed: dict, world_size: int 
             raise ValueError("model.sync_bn=true: SyncBatchNorm runs on CUDA only; set model.sync_bn=false "
                              "for a CPU (gloo) DDP run (per-rank BatchNorm statistics)")
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    if speed["channels_last"]:
+    if resolved.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    if speed["fused_stem"]:
-        from .models.resnet_celeba import set_fused_stem
-        if set_fused_stem(model, cfg.train.kernels) == 0:
+    if resolved.fused_stem:
+        set_fused_stem = BACKBONES.load(cfg.model.arch).set_fused_stem
+        if set_fused_stem is None or set_fused_stem(model, cfg.train.kernels) == 0:
             if cfg.model.fused_stem == "on":
                 raise ValueError(f"model.fused_stem=on: model.arch={cfg.model.arch} has no ResNet-variant stem")
-            speed["fused_stem"] = False
+            resolved = replace(resolved, fused_stem=False)
     set_output_precision(model, keep_fp32=cfg.train.amp != "bf16")     # after the conversions above
-    return model
+    return model, resolved
 
 
-def build_step_module(model, method, taskset, cfg: Config, device: torch.device, speed: dict) -> StepModule:
-    return StepModule(model, method, taskset, autocast_factory(use_bf16(cfg, device), device, speed["cuda_graph"]),
-                      speed["channels_last"], kernels=cfg.train.kernels)
+def build_step_module(model, method, taskset, cfg: Config, resolved: Resolved) -> StepModule:
+    return StepModule(model, method, taskset, autocast_factory(resolved.bf16, resolved.device, resolved.cuda_graph),
+                      resolved.channels_last, kernels=cfg.train.kernels)
 
 
 def use_fused_optimizer(cfg: Config, device: torch.device) -> bool:
@@ -185,11 +250,14 @@ def use_fused_optimizer(cfg: Config, device: torch.device) -> bool:
     return cfg.optim.fused == "on" or (cfg.optim.fused == "auto" and device.type == "cuda")
 
 
-def build_optimizer(cfg: Config, params, device: torch.device, capturable: bool = False) -> torch.optim.Optimizer:
+def build_optimizer(cfg: Config, params, device: torch.device, capturable: bool = False,
+                    fused: bool | None = None) -> torch.optim.Optimizer:
     """Adam / AdamW / SGD from core PyTorch (fused kernels on CUDA). For CUDA-graph capture the
-    optimizer is capturable and its learning rate a device tensor the schedulers update in place."""
+    optimizer is capturable and its learning rate a device tensor the schedulers update in place.
+    ``fused``: ``Resolved.fused_optimizer`` (None: optim.fused's rule for ``device``)."""
     o = cfg.optim
-    kw = {"fused": True} if use_fused_optimizer(cfg, device) else {}
+    fused = use_fused_optimizer(cfg, device) if fused is None else fused
+    kw = {"fused": True} if fused else {}
     lr = torch.tensor(o.lr, device=device) if capturable else o.lr
     if capturable and o.name != "sgd":
         kw["capturable"] = True
@@ -219,10 +287,19 @@ class TrainingStep:
     method: GroupingMethod
     optimizer: torch.optim.Optimizer
     runner: StepRunner
-    speed: dict          # the resolved speed switches (what runs, after the model's own limits)
+    resolved: Resolved   # the config's auto values decided (what runs, after the model's own limits)
     mode: str            # eager | compile | graph | compile+graph
-    kernels: str         # the backend the fused ops resolve to on this device (triton | reference)
     prunes_heads: bool = False   # the method's head mask may change during training (HeadsPruned)
+
+    @property
+    def speed(self) -> dict[str, bool]:
+        """The speed switches that run (results.json's "speed" entries)."""
+        return self.resolved.speed()
+
+    @property
+    def kernels(self) -> str:
+        """The backend the fused ops resolve to on this device (triton | reference)."""
+        return self.resolved.kernels
 
 
 def build_training_step(cfg: Config, taskset, image_size: int, device: torch.device, *, world_size: int = 1,
@@ -230,30 +307,29 @@ def build_training_step(cfg: Config, taskset, image_size: int, device: torch.dev
     """Build model, method, optimizer and step runner for ``cfg`` on ``device`` (under DDP when
     ``world_size`` > 1: the step module is wrapped and SyncBatchNorm applied per model.sync_bn).
     ``init_from``: a naive-MTL model to copy into every branch first (train.init_from)."""
-    kernels = ops.resolve_backend(cfg.train.kernels, device)   # fails here, not mid-step, if triton is missing
     cfg = resolved_branches(cfg, taskset.num_tasks)            # model.branches=0 (auto) → K for these tasks
-    speed = resolve_speed(cfg, device, world_size)
+    resolved = resolve(cfg, device, world_size)               # fails here, not mid-step, if triton is missing
     model = build_multibranch(cfg.model, taskset.specs, image_size).to(device)
     if init_from:
         load_init(model, init_from)
-    model = prepare_model(model, cfg, speed, world_size)
+    model, resolved = prepare_model(model, cfg, resolved, world_size)
     method = build_method(cfg, taskset.num_tasks, taskset.names).to(device)
     method.set_rank(rank)                       # dmtg.ddp_noise: one shared draw per step, or per rank
     optimizer = build_optimizer(cfg, list(model.parameters()) + list(method.parameters()), device,
-                                capturable=speed["cuda_graph"])
+                                capturable=resolved.cuda_graph, fused=resolved.fused_optimizer)
     pruning = method.prunes_heads(cfg)          # its head mask may change during training (HeadsPruned)
-    module = build_step_module(model, method, taskset, cfg, device, speed)
+    module = build_step_module(model, method, taskset, cfg, resolved)
     warmup = 3
     if world_size > 1:
         # head pruning: dropped heads/branches take no part in the step (the same on all ranks)
-        module = wrap_ddp(module, device, pruning, for_graph=speed["cuda_graph"])
-        warmup = DDP_GRAPH_WARMUP if speed["cuda_graph"] else warmup
-    mode = step_mode(speed)
+        module = wrap_ddp(module, device, pruning, for_graph=resolved.cuda_graph)
+        warmup = DDP_GRAPH_WARMUP if resolved.cuda_graph else warmup
+    mode = step_mode(resolved)
     augment = method.step_backward()            # a training augmentation, or None: plain backward
     if augment is not None:
         augment.bind(model, taskset, method.weights())
     runner = StepRunner(module, optimizer, mode, warmup=warmup, full_batch=cfg.train.batch_size,
                         step_backward=augment)
-    if speed["compile"] and pruning:
+    if resolved.compile and pruning:
         _raise_dynamo_limits(cfg, taskset.num_tasks)
-    return TrainingStep(model, method, optimizer, runner, speed, mode, kernels, pruning)
+    return TrainingStep(model, method, optimizer, runner, resolved, mode, pruning)

@@ -121,8 +121,8 @@ def resume_config(args) -> Config:
 def _resolved_config(args, cfg: Config) -> bool:
     """--save-config FILE / --dry-run: the config with every auto switch resolved for this machine,
     written to FILE / printed. True when the command ends here (--dry-run)."""
-    from .configfile import resolve_auto
-    resolved, auto = resolve_auto(cfg)
+    from .builder import resolve
+    resolved, auto = resolve(cfg).as_config()         # the builder's own resolver: the run's values
     if args.save_config:
         from .checkpoint import atomic_write_json
         atomic_write_json(args.save_config, resolved.to_dict())

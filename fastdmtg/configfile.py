@@ -1,4 +1,4 @@
-"""Config files and the resolved config of a dry run.
+"""Config files (``--config``).
 
 ``fastdmtg train --config FILE``: FILE is a JSON object (or YAML, .yaml/.yml, when PyYAML is
 installed) holding a full config — e.g. a run's config.json, or the file ``--dry-run --save-config``
@@ -8,9 +8,8 @@ apply on top. Unknown sections or keys and wrongly typed values are one-line err
 file and field; so is a key given twice in one object (JSON and YAML would silently keep the
 last one). Relative paths in it are resolved against the working folder, as with ``--set``.
 
-``resolve_auto(cfg)``: the config with every ``auto`` switch replaced by what this machine would
-run (device, precision, kernels, compile, CUDA graphs, channels_last, batched branches, fused stem,
-fused optimizer, data backend), the rules of ``fastdmtg.train``.
+The config of ``--dry-run`` / ``--save-config``, every ``auto`` replaced by what this machine would
+run, is ``fastdmtg.builder.resolve(cfg).as_config()``: the resolver the training step is built from.
 """
 from __future__ import annotations
 
@@ -103,36 +102,3 @@ def merge_config(base: Config, partial: dict, source: str | Path) -> Config:
         return Config.from_dict(d)
     except ConfigError as e:
         raise ConfigError(f"{source}: {e}") from None
-
-
-def resolve_auto(cfg: Config) -> tuple[Config, list[str]]:
-    """→ (the config with ``auto`` resolved for this machine, the fields that were auto). Each value
-    comes from the rule the run itself applies (the builder's, the ops', the loaders'): no second copy."""
-    from . import ops
-    from .builder import resolve_device, resolve_speed, use_bf16, use_fused_optimizer
-    from .pipelines import AUTO as AUTO_BACKEND
-    d = cfg.to_dict()
-    device = resolve_device(cfg.train.device)
-    speed = resolve_speed(cfg, device, 1)
-    onoff = {True: "on", False: "off"}
-    resolved = {
-        ("train", "device"): str(device),
-        ("train", "amp"): "mixed" if use_bf16(cfg, device) else "off",
-        ("train", "kernels"): ops.resolve_backend(cfg.train.kernels, device),
-        ("train", "compile"): onoff[speed["compile"]],
-        ("train", "cuda_graph"): onoff[speed["cuda_graph"]],
-        ("train", "channels_last"): onoff[speed["channels_last"]],
-        ("model", "batched"): onoff[speed["batched"]],
-        ("model", "fused_stem"): onoff[speed["fused_stem"]],
-        ("optim", "fused"): onoff[use_fused_optimizer(cfg, device)],
-        ("data", "backend"): AUTO_BACKEND,
-    }
-    changed = []
-    for (sec, key), val in resolved.items():
-        if d[sec][key] == "auto":
-            d[sec][key] = val
-            changed.append(f"{sec}.{key}={val}")
-    if d["model"]["branches"] == 0 and cfg.num_branches is not None:        # 0 = auto: the method's K
-        d["model"]["branches"] = cfg.num_branches
-        changed.append(f"model.branches={cfg.num_branches}")
-    return Config.from_dict(d), changed

@@ -302,14 +302,14 @@ def test_aggregator_config_errors():
 
 
 def test_augmentation_refuses_compile_on_and_ddp():
-    from fastdmtg.builder import resolve_speed
+    from fastdmtg.builder import resolve
     cfg = apply_overrides(get_recipe("synthetic_naive"), ["grouping.method=pcgrad", "train.compile=on"])
     with pytest.raises(ValueError, match="train.compile=on: training augmentation pcgrad runs eagerly"):
-        resolve_speed(cfg, torch.device("cpu"), 1)
+        resolve(cfg, torch.device("cpu"), 1)
     cfg = apply_overrides(get_recipe("synthetic_naive"), ["grouping.method=uw"])
     with pytest.raises(ValueError, match="not supported under DDP"):
-        resolve_speed(cfg, torch.device("cpu"), 2)
-    assert resolve_speed(cfg, torch.device("cpu"), 1)["batched"] is False
+        resolve(cfg, torch.device("cpu"), 2)
+    assert resolve(cfg, torch.device("cpu"), 1).batched is False
 
 
 def test_plain_methods_keep_the_plain_backward():

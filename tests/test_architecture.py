@@ -358,21 +358,20 @@ def test_the_config_gathers_the_method_sections_and_names_none():
 
 
 def test_dry_runs_auto_values_come_from_the_rules_the_run_applies(monkeypatch):
-    """``resolve_auto`` (--dry-run, --save-config) takes each ``auto`` from the rule the run itself
-    applies — the optimizer's fused rule in the builder, the loaders' auto backend — not from a copy:
-    changing the rule changes what it reports."""
+    """``builder.resolve(cfg).as_config()`` (--dry-run, --save-config) takes each ``auto`` from the rule
+    the run itself applies — the optimizer's fused rule in the builder, the loaders' auto backend — not
+    from a copy: changing the rule changes what it reports."""
     from fastdmtg import builder, pipelines
     from fastdmtg.config import Config
-    from fastdmtg.configfile import resolve_auto
 
     cfg = Config()
     assert cfg.optim.fused == "auto" and cfg.data.backend == "auto"
-    resolved, changed = resolve_auto(cfg)
+    resolved, changed = builder.resolve(cfg).as_config()
     assert resolved.optim.fused == "off" and "optim.fused=off" in changed          # CPU: no fused optimizer
     assert resolved.data.backend == pipelines.AUTO and f"data.backend={pipelines.AUTO}" in changed
     monkeypatch.setattr(builder, "use_fused_optimizer", lambda cfg, device: True)
     monkeypatch.setattr(pipelines, "AUTO", "memory")
-    resolved, _ = resolve_auto(cfg)
+    resolved, _ = builder.resolve(cfg).as_config()
     assert resolved.optim.fused == "on" and resolved.data.backend == "memory"
 
 

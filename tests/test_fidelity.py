@@ -338,7 +338,7 @@ def _record(seen: dict, key: str):
 def test_precision_policy_keeps_decoders_and_losses_fp32(amp):
     from fastdmtg.models.xception import Decoder
     from fastdmtg.step import StepModule, autocast_factory, set_output_precision
-    from fastdmtg.builder import prepare_model
+    from fastdmtg.builder import prepare_model, resolve
     model, ts = _tiny_taskonomy_model()
     decoders = [m for m in model.modules() if isinstance(m, Decoder)]
     assert set_output_precision(model, keep_fp32=False) == 2 * 5               # K·N decoders
@@ -361,7 +361,7 @@ def test_precision_policy_keeps_decoders_and_losses_fp32(amp):
              "mask": torch.ones(2, 1, 32, 32, dtype=torch.bool)}
     # the trainer's own wiring: prepare_model sets the heads from train.amp
     cfg = apply_overrides(get_recipe("taskonomy5_k3"), [f"train.amp={amp}", "model.batched=off"])
-    model = prepare_model(model, cfg, {"batched": False, "channels_last": False, "fused_stem": False}, world_size=1)
+    model, _ = prepare_model(model, cfg, resolve(cfg, torch.device("cpu")), world_size=1)
     assert all(d.keep_fp32 == (amp == "mixed") for d in decoders)
     total, L = StepModule(model, Const(), ts, autocast_factory(True, torch.device("cpu"), False))(batch)
     want = torch.float32 if amp == "mixed" else torch.bfloat16
@@ -385,13 +385,13 @@ def test_decoder_fp32_flag_follows_train_amp(amp):
     """prepare_model marks every decoder fp32 unless train.amp=bf16: under auto (mixed on CUDA) and off
     too, so a CUDA default run keeps its heads in fp32."""
     from fastdmtg.models.xception import Decoder
-    from fastdmtg.builder import prepare_model
+    from fastdmtg.builder import prepare_model, resolve
     model, _ = _tiny_taskonomy_model()
     decoders = [m for m in model.modules() if isinstance(m, Decoder)]
     for d in decoders:
         d.keep_fp32 = amp == "bf16"                    # the opposite of what the policy must set
     cfg = apply_overrides(get_recipe("taskonomy5_k3"), [f"train.amp={amp}", "model.batched=off"])
-    prepare_model(model, cfg, {"batched": False, "channels_last": False, "fused_stem": False}, world_size=1)
+    prepare_model(model, cfg, resolve(cfg, torch.device("cpu")), world_size=1)
     assert len(decoders) == 10 and all(d.keep_fp32 == (amp != "bf16") for d in decoders)
 
 
@@ -407,15 +407,16 @@ def test_precision_policy_keeps_linear_heads_fp32(batched, monkeypatch):
     from fastdmtg.models.batched import BatchedMultiBranchNet
     from fastdmtg.step import set_output_precision
     from fastdmtg.tasks import TaskSpec
-    from fastdmtg.builder import prepare_model
+    from fastdmtg.builder import prepare_model, resolve
     torch.manual_seed(0)
     specs = [TaskSpec(f"t{i}", "class", 2) for i in range(3)]
     x = torch.rand(4, 3, 32, 32)
     got = {}
     for amp in ("mixed", "bf16"):
         net = build_multibranch(ModelConfig(arch="resnet_celeba", branches=2, width=4), specs, 32)
-        cfg = apply_overrides(get_recipe("synthetic_k3"), [f"train.amp={amp}"])
-        net = prepare_model(net, cfg, {"batched": batched, "channels_last": False, "fused_stem": False})
+        cfg = apply_overrides(get_recipe("synthetic_k3"),
+                              [f"train.amp={amp}", f"model.batched={'on' if batched else 'off'}"])
+        net, _ = prepare_model(net, cfg, resolve(cfg, torch.device("cpu")))
         assert isinstance(net, BatchedMultiBranchNet) == batched
         seen = {}
         first = next(m for m in net.modules() if isinstance(m, torch.nn.Conv2d))

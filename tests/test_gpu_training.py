@@ -201,12 +201,12 @@ def test_torchrun_ddp_cuda_graph(tmp_path):
 def test_cuda_graph_under_ddp_is_opt_in():
     """(Runs on CPU: only the policy.) train.cuda_graph=auto keeps graphs off under DDP; =on turns them
     on, except with head pruning or SyncBatchNorm, which are refused with the field named."""
-    from fastdmtg.builder import resolve_speed
-    dev = torch.device("cuda")                   # resolve_speed only looks at the device type
+    from fastdmtg.builder import resolve
+    dev = torch.device("cuda")                   # resolve only looks at the device type
     base = apply_overrides(get_recipe("celeba9_k3"), ["model.sync_bn=false"])   # SyncBN is the default under DDP
-    assert resolve_speed(base, dev, 1)["cuda_graph"] is True
-    assert resolve_speed(base, dev, 2)["cuda_graph"] is False
-    assert resolve_speed(apply_overrides(base, ["train.cuda_graph=on", "model.sync_bn=false"]), dev, 2)["cuda_graph"] is True
+    assert resolve(base, dev, 1).cuda_graph is True
+    assert resolve(base, dev, 2).cuda_graph is False
+    assert resolve(apply_overrides(base, ["train.cuda_graph=on", "model.sync_bn=false"]), dev, 2).cuda_graph is True
     for extra, field in ((["dmtg.prune_eps=0.01"], "dmtg.prune_eps"), (["model.sync_bn=true"], "model.sync_bn")):
         with pytest.raises(ValueError, match=field):
-            resolve_speed(apply_overrides(base, ["train.cuda_graph=on"] + extra), dev, 2)
+            resolve(apply_overrides(base, ["train.cuda_graph=on"] + extra), dev, 2)

@@ -159,17 +159,18 @@ def test_celeba_model_fused_stem_equals_unfused(batched, channels_last):
 def test_fused_stem_switch():
     """model.fused_stem: auto stays off (until a GPU measurement decides); on needs the CelebA stem."""
     from fastdmtg.config import apply_overrides, get_recipe
-    from fastdmtg.builder import FUSED_STEM_AUTO, prepare_model, resolve_speed
+    from fastdmtg.builder import FUSED_STEM_AUTO, prepare_model, resolve
     assert FUSED_STEM_AUTO is False
     cfg = get_recipe("celeba9_k3")
-    assert resolve_speed(cfg, torch.device("cuda"), 1)["fused_stem"] is False
+    assert resolve(cfg, torch.device("cuda"), 1).fused_stem is False
     on = apply_overrides(cfg, ["model.fused_stem=on", "train.kernels=reference"])
-    speed = resolve_speed(on, torch.device("cpu"), 1)
-    assert speed["fused_stem"] is True
-    model = prepare_model(_tiny_model(False), on, speed)
+    resolved = resolve(on, torch.device("cpu"), 1)
+    assert resolved.fused_stem is True
+    model, ran = prepare_model(_tiny_model(False), on, resolved)
+    assert ran.fused_stem is True
     assert all(s.fused and s.kernels == "reference" for s in model.modules() if type(s).__name__ == "Stem")
     with pytest.raises(ValueError, match="model.fused_stem=on"):
-        prepare_model(torch.nn.Sequential(torch.nn.Linear(2, 2)), on, dict(speed))
+        prepare_model(torch.nn.Sequential(torch.nn.Linear(2, 2)), on, resolved)
     with pytest.raises(ValueError, match="model.fused_stem"):
         apply_overrides(cfg, ["model.fused_stem=yes"])
 

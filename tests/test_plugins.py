@@ -253,7 +253,7 @@ def test_task_kinds_are_one_list():
 def test_no_compatibility_reexports():
     """train.py and bench.py export what they define, not names kept for old import paths."""
     from fastdmtg import bench, train
-    for name in ("BATCHED_AUTO_ARCHS", "FUSED_STEM_AUTO", "build_optimizer", "build_step_module", "prepare_model",
-                 "resolve_speed", "step_mode"):
+    for name in ("FUSED_STEM_AUTO", "build_optimizer", "build_step_module", "prepare_model", "resolve",
+                 "step_mode"):
         assert not hasattr(train, name), name
     assert not {"write_taskonomy_raw", "synthetic_taskonomy", "synthetic_celeba", "count_flops"} & set(bench.__all__)

@@ -43,8 +43,8 @@ once to the shared features before they are replicated, and to each block of the
 before its heads — the same gradients as per branch.
 
 Whether this is faster than K separate branches depends on the GPU and the layer sizes: see
-docs/LOG.md for the measurement (``model.batched=auto`` turns it on only for the architectures in
-``fastdmtg.builder.BATCHED_AUTO_ARCHS``, where it was measured faster).
+docs/LOG.md for the measurement (``model.batched=auto`` turns it on only for the backbones that
+declare ``batched_auto`` (``models.backbone.Backbone``), where it was measured faster).
 """
 from __future__ import annotations
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from .backbone import Backbone
+from .backbone import Backbone, RSALocations
 from .batched import BlockBatchNorm2d, batch_norm_train_args
 from .multibranch import HeadSet, LinearHeads
 
@@ -125,4 +125,22 @@ def build_parts(cfg, task_specs, image_size: int):
     return Parts(shared, branch, heads)
 
 
-BACKBONE = Backbone("resnet_celeba", build_parts, nothing_shared={"shared": "none"}, order=0)
+def rsa_features(branch: nn.Module, images) -> list:
+    """BMTN's features of one unshared encoder (Sequential(Stem, Tail)) at its RSA locations: after
+    the stem (w × 15 × 15 at 32 px, w × 31 × 31 at 64 px), after the residual block, after AvgPool(2)
+    (the encoder output the heads read)."""
+    stem, tail = branch[0], branch[1]
+    f_stem = stem(images)
+    f_block = tail[0](f_stem)
+    f_pool = tail[1](f_block)
+    return [f_stem, f_block, f_pool]
+
+
+# BMTN's split points: model.shared = none (branch at the input: nothing shared) or stem (share the
+# stem, branch at the residual block: the ``stem`` location lies in the trunk)
+RSA = RSALocations(locations=("stem", "block", "pool"), split_field="shared", splits={"none": 0, "stem": 1},
+                   features=rsa_features)
+
+# batched_auto: measured faster batched on a GPU (docs/LOG.md)
+BACKBONE = Backbone("resnet_celeba", build_parts, nothing_shared={"shared": "none"}, batched_auto=True,
+                    set_fused_stem=set_fused_stem, rsa=RSA, order=0)

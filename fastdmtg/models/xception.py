@@ -187,4 +187,7 @@ def build_parts(cfg, task_specs, image_size: int) -> Parts:
     return Parts(shared, branch, dense_heads(task_specs), branch_grad_scale=s, head_grad_scale=s)
 
 
-BACKBONE = Backbone("xception", build_parts, nothing_shared={"shared_blocks": 0}, order=1)
+# batched_auto stays False: xception can be batched (model.batched=on) but has not been timed on a GPU
+# yet, so model.batched=auto leaves it off
+BACKBONE = Backbone("xception", build_parts, nothing_shared={"shared_blocks": 0}, batched_auto=False,
+                    order=1)
