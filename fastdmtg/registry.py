@@ -51,7 +51,7 @@ class Plugins(Mapping):
     packages add theirs through."""
 
     def __init__(self, kind: str, field: str, package: str, attr: str, *, accepts: Callable[[Any], bool],
-                 names: Callable[[Any], tuple[str, ...]] = _own_name, order: Callable[[Any], Any] | None = None,
+                 order: Callable[[Any], Any], names: Callable[[Any], tuple[str, ...]] = _own_name,
                  group: str | None = None):
         self.kind, self.field, self.package, self.attr = kind, field, package, attr
         self._accepts, self._names, self._order, self.group = accepts, names, order, group
@@ -102,7 +102,7 @@ class Plugins(Mapping):
                                      f"{type(e).__name__}: {e}") from e
                 decls += self._declarations(obj, ep.value)
         decls = _unique(decls)                   # one declaration reached twice (an entry point of ours) counts once
-        decls.sort(key=lambda d: (self._order(d) if self._order else 0, self._names(d)[0]))
+        decls.sort(key=lambda d: (self._order(d), self._names(d)[0]))
         found: dict[str, Any] = {}
         for d in decls:
             for name in self._names(d):
