@@ -19,6 +19,7 @@ from .baselines import Row
 from .config import SAME_RESULTS_FIELDS as _VOLATILE
 from .config import Config, evolve
 from .log import get_logger
+from .methods import method_class
 
 _log = get_logger("fastdmtg.compare")
 
@@ -87,7 +88,9 @@ class Comparison:
         e.g. ``model={"shared": "none"}``). K = ``branches``, or 0: the method's own (auto)."""
         grouping = {"method": method, "groups": groups or [], "auxiliary": auxiliary or []}
         train = {"progress": self.progress is not False, **sections.pop("train", {})}
-        if self.aggregator and method in ("fixed", "networks"):
+        if self.aggregator and method_class(method).groups_example:
+            # --aggregator: the networks a grouping method selected (the methods given their groups:
+            # fixed, networks), not the reference run (naive MTL stays plain: NormGain's base)
             train.setdefault("aggregator", self.aggregator)
         model = {"branches": branches, **sections.pop("model", {})}
         return evolve(base or self.base, grouping=grouping, train=train, model=model, **sections)
