@@ -38,7 +38,7 @@ def rsa_locations(model_cfg) -> RSALocations:
     if rsa is None:
         have = [name for name in BACKBONES if BACKBONES.load(name).rsa is not None]
         raise ValueError(f"model.arch={model_cfg.arch}: BMTN needs a backbone that declares its RSA locations and "
-                         f"split points (Backbone.rsa), as {', '.join(have) or 'none'} do")
+                         f"split points (Backbone.rsa); the backbones that do: {', '.join(have) or 'none'}")
     return rsa
 
 
