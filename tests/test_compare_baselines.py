@@ -110,7 +110,8 @@ def test_a_broken_baseline_file_is_named(plugin_dir, tmp_path, capsys):
     baselines.clear_cache()
     assert compare_main(["--methods", "naive", "--out", str(tmp_path / "x"), "--dry-run", *SMALL]) == 2
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and err.startswith("error: baseline plugin ") and err.split(":")[1].strip().endswith("easy.py")
+    assert len(err.splitlines()) == 1 and err.startswith("error: baseline plugin ")
+    assert err.split(":")[1].strip().endswith("easy.py")
     assert "section must be one of grouping, augmentation, combination, got 'bogus'" in err
 
 

@@ -143,5 +143,6 @@ def test_bmtn_asks_the_backbone_declaration():
     assert opts["none"]["branch_params"] - opts["stem"]["branch_params"] == 58
     assert [o["shared_locations"] for o in opts.values()] == [0, 1]
     with pytest.raises(ValueError, match=r"^model.arch=xception: BMTN needs a backbone that declares its RSA "
-                                         r"locations and split points \(Backbone.rsa\); the backbones that do: resnet_celeba$"):
+                                         r"locations and split points \(Backbone.rsa\); the backbones that do: "
+                                         r"resnet_celeba$"):
         split_options(ModelConfig(arch="xception"), specs, 16)
