@@ -4,23 +4,17 @@
 installed *inside* the fastdmtg namespace (`fastdmtg.kernels`, `fastdmtg.pipelines`) so they never
 shadow unrelated PyPI packages called `kernels` or `pipelines`.
 """
-from setuptools import setup
+from setuptools import find_packages, setup
 
 setup(
     name="fastdmtg",
     version="0.1.0",
     description="High-performance PyTorch trainer for multi-task grouping (DMTG and baselines)",
     python_requires=">=3.10",
-    packages=[
-        "fastdmtg",
-        "fastdmtg.models",
-        "fastdmtg.data",
-        "fastdmtg.methods",
-        "fastdmtg.tasks",
-        "fastdmtg.trackers",
-        "fastdmtg.kernels",
-        "fastdmtg.pipelines",
-    ],
+    # every package folder of fastdmtg/ (found, not listed: a list kept by hand had left out
+    # fastdmtg.baselines, so a non-editable install had no compare baselines), plus the two at the root
+    packages=["fastdmtg", *("fastdmtg." + p for p in find_packages("fastdmtg")),
+              "fastdmtg.kernels", "fastdmtg.pipelines"],
     package_dir={
         "fastdmtg": "fastdmtg",
         "fastdmtg.kernels": "kernels",
