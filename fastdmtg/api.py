@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .config import Config, apply_overrides, get_recipe
+from .config import Config, apply_overrides, evolve, get_recipe
 from .data.base import SPLITS
 from .data.folder import FolderFormatError, encode_cell, infer_decl
 from .tasks.generic import TYPES, GenericTaskSet
@@ -94,7 +94,8 @@ def tensor_config(splits: dict, tasks: dict | None = None, recipe: str = "folder
     """(config, dataset) for ``train_tensors``: the recipe with ``data.dataset=tensors``, the resolved
     declarations in ``data.folder_tasks`` (the recipe's model.branches=0: K = min(3, N))."""
     from .data.tensors import tensor_dataset
-    cfg = apply_overrides(get_recipe(recipe), ["data.dataset=tensors", *overrides])
+    # typed values inside the package; ``overrides`` are the caller's --set texts (the edge)
+    cfg = apply_overrides(evolve(get_recipe(recipe), data={"dataset": "tensors"}), list(overrides))
     for s in SPLITS:
         if s not in splits:
             raise ValueError(f"{s}: missing; give train, val and test as (images, targets)")
@@ -117,7 +118,7 @@ def tensor_config(splits: dict, tasks: dict | None = None, recipe: str = "folder
             raise ValueError(f"tasks[{t!r}]: expected one of {'|'.join(TYPES)} or {{\"type\": ...}}, got {entry!r}")
         decls.append(infer_decl(table, t, entry)[0])
     folder_tasks = {d.name: d.to_dict() for d in decls}
-    cfg = apply_overrides(cfg, [f"data.folder_tasks={_json(folder_tasks)}"])
+    cfg = evolve(cfg, data={"folder_tasks": folder_tasks})
     data = {}
     for s in SPLITS:
         y = np.empty((len(images[s]), len(names)), np.float32)
@@ -130,11 +131,6 @@ def tensor_config(splits: dict, tasks: dict | None = None, recipe: str = "folder
     ds = tensor_dataset(data, GenericTaskSet(decls), cfg.data.image_size,
                         limits={"train": cfg.data.limit_train, "val": cfg.data.limit_eval, "test": cfg.data.limit_eval})
     return cfg, ds
-
-
-def _json(d) -> str:
-    import json
-    return json.dumps(d)
 
 
 def train_tensors(train, val, test, tasks: dict | None = None, out: str | Path | None = None,

@@ -133,3 +133,39 @@ def test_the_extension_point_table_is_the_code():
 @pytest.mark.parametrize("planted", ["config.no_such_function", "RunFolder.no_such_method", "aggregators.NOPE"])
 def test_the_name_check_fails_on_a_planted_wrong_name(planted):
     assert not _resolves(planted, _classes())
+
+
+def _texts_built_in_code(path: Path) -> list[str]:
+    """Calls of ``apply_overrides`` in ``path`` whose overrides are written there (a string or an
+    f-string in a list literal): typed values turned into text and parsed back."""
+    out = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if not (isinstance(node, ast.Call) and len(node.args) >= 2):
+            continue
+        fn = node.func
+        if (fn.id if isinstance(fn, ast.Name) else getattr(fn, "attr", None)) != "apply_overrides":
+            continue
+        arg = node.args[1]
+        if isinstance(arg, (ast.List, ast.Tuple)) and any(
+                isinstance(e, ast.JoinedStr) or (isinstance(e, ast.Constant) and isinstance(e.value, str))
+                for e in arg.elts):
+            out.append(f"{path.name}:{node.lineno}")
+    return out
+
+
+def test_text_forms_exist_only_at_the_edge():
+    """"Values at the edges": inside the package a config changes through typed values (``evolve``);
+    only the command line (cli.py) turns its flags into ``--set`` texts."""
+    found = [hit for f in sorted((ROOT / "fastdmtg").rglob("*.py")) if f.name != "cli.py"
+             for hit in _texts_built_in_code(f)]
+    assert found == []
+
+
+def test_the_edge_check_sees_a_planted_text(tmp_path):
+    planted = ROOT / "fastdmtg" / "api.py"
+    text = planted.read_text().replace('evolve(cfg, data={"folder_tasks": folder_tasks})',
+                                       'apply_overrides(cfg, [f"data.folder_tasks={folder_tasks}"])')
+    assert text != planted.read_text()
+    copy = tmp_path / "api.py"
+    copy.write_text(text)
+    assert [hit.split(":")[0] for hit in _texts_built_in_code(copy)] == ["api.py"]
