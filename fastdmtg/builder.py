@@ -250,13 +250,12 @@ def use_fused_optimizer(cfg: Config, device: torch.device) -> bool:
     return cfg.optim.fused == "on" or (cfg.optim.fused == "auto" and device.type == "cuda")
 
 
-def build_optimizer(cfg: Config, params, device: torch.device, capturable: bool = False,
-                    fused: bool | None = None) -> torch.optim.Optimizer:
-    """Adam / AdamW / SGD from core PyTorch (fused kernels on CUDA). For CUDA-graph capture the
-    optimizer is capturable and its learning rate a device tensor the schedulers update in place.
-    ``fused``: ``Resolved.fused_optimizer`` (None: optim.fused's rule for ``device``)."""
+def build_optimizer(cfg: Config, params, device: torch.device, *, fused: bool,
+                    capturable: bool = False) -> torch.optim.Optimizer:
+    """Adam / AdamW / SGD from core PyTorch. ``fused``: the fused kernels (``Resolved.fused_optimizer``:
+    optim.fused, by default on CUDA). For CUDA-graph capture the optimizer is capturable and its
+    learning rate a device tensor the schedulers update in place."""
     o = cfg.optim
-    fused = use_fused_optimizer(cfg, device) if fused is None else fused
     kw = {"fused": True} if fused else {}
     lr = torch.tensor(o.lr, device=device) if capturable else o.lr
     if capturable and o.name != "sgd":

@@ -48,13 +48,15 @@ class Plugins(Mapping):
     unknown name; ``accepts(obj)``: whether a module's ``attr`` is a declaration of this point (anything
     else under that name is an error naming the file); ``names(decl)``: the names it is known by;
     ``order(decl)``: its sort key (ties: its first name); ``group``: the entry-point group other
-    packages add theirs through."""
+    packages add theirs through; ``check(declarations)``: a rule over the whole table, run once when it
+    is built (raises ValueError)."""
 
     def __init__(self, kind: str, field: str, package: str, attr: str, *, accepts: Callable[[Any], bool],
                  order: Callable[[Any], Any], names: Callable[[Any], tuple[str, ...]] = _own_name,
-                 group: str | None = None):
+                 group: str | None = None, check: Callable[[list], None] | None = None):
         self.kind, self.field, self.package, self.attr = kind, field, package, attr
         self._accepts, self._names, self._order, self.group = accepts, names, order, group
+        self._check = check
         self._added: list[str] = []               # modules of other packages, table.add
         self._found: dict[str, Any] | None = None
 
@@ -109,6 +111,8 @@ class Plugins(Mapping):
                 if name in found:
                     raise ValueError(f"{self.field}: {self.kind} name {name!r} declared twice")
                 found[name] = d
+        if self._check is not None:
+            self._check(decls)
         return found
 
     @property
@@ -153,6 +157,11 @@ class Plugins(Mapping):
     def declarations(self) -> list:
         """Each declaration once, in table order."""
         return _unique(self.table.values())
+
+
+def subclass_of(base: type) -> Callable[[Any], bool]:
+    """``accepts`` for a point whose declarations are classes (methods, trackers): a subclass of ``base``."""
+    return lambda obj: isinstance(obj, type) and issubclass(obj, base)
 
 
 def _is(type_name: str, module: str):

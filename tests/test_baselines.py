@@ -117,7 +117,7 @@ def test_tag_affinity_matches_direct_computation(optim, batched):
         from fastdmtg.models.batched import BatchedMultiBranchNet
         model = BatchedMultiBranchNet(model)
     method = TagAffinity.from_config(cfg, ts.num_tasks)
-    opt = build_optimizer(cfg, list(model.parameters()), torch.device("cpu"))
+    opt = build_optimizer(cfg, list(model.parameters()), torch.device("cpu"), fused=False)
     batches = list(data.batches("train", 64, shuffle=True, seed=0, epoch=0, train=True))
     ref = None
     for step in range(4):

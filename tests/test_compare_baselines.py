@@ -250,3 +250,15 @@ def test_progress_lines_carry_the_eta(tmp_path, monkeypatch):
     heads = [ln.split(" — ")[0] for ln in lines if ln.startswith("[")]
     assert heads == ["[1/2] naive: naive", "[2/2, ETA 10.0 min] stl: stl"]
     assert [ln.split(":")[0].strip() for ln in lines if "done in" in ln] == ["done in 150 s", "done in 600 s"]
+
+
+def test_a_second_reference_run_is_refused(plugin_dir):
+    """The NormGain reference is one run: a baseline file declaring a second one is refused when the
+    table is built (the table's rule), whatever is asked of it first."""
+    (plugin_dir / "easy.py").write_text(THROWAWAY.replace('later="the easy pairs"',
+                                                          'later="the easy pairs", reference=lambda cmp: {}'))
+    baselines.clear_cache()
+    with pytest.raises(ValueError, match="exactly one baseline must declare the NormGain reference run"):
+        baselines.get("naive")
+    with pytest.raises(ValueError, match="exactly one baseline must declare the NormGain reference run"):
+        baselines.all_baselines()

@@ -124,3 +124,24 @@ def test_refusals_name_the_file(planted):
     with pytest.raises(ValueError, match=r"^thing plugin .*wrong.py: ModuleNotFoundError: No module named "
                                          r"'no_such_module_at_all'$"):
         list(_table(pkg))
+
+
+def test_a_table_rule_runs_once_when_the_table_is_built(planted):
+    pkg, _ = planted
+    calls = []
+
+    def rule(decls):
+        calls.append([d.names[0] for d in decls])
+        if len(decls) > 3:
+            raise ValueError("at most three declarations")
+    t = Plugins("thing", "x.thing", pkg, "THING", accepts=lambda d: isinstance(d, Decl), names=lambda d: d.names,
+                order=lambda d: d.order, check=rule)
+    with pytest.raises(ValueError, match="at most three declarations"):
+        list(t)
+    with pytest.raises(ValueError, match="at most three declarations"):   # refused again: nothing kept
+        t.load("alpha")
+    calls.clear()
+    ok = Plugins("thing", "x.thing", pkg, "THING", accepts=lambda d: isinstance(d, Decl), names=lambda d: d.names,
+                 order=lambda d: d.order, check=lambda decls: calls.append(len(decls)))
+    assert list(ok) and ok["gamma"] and "zeta" in ok
+    assert calls == [4]                                      # the table's four declarations, checked once

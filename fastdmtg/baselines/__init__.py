@@ -14,18 +14,17 @@ from ._core import SECTIONS, Baseline, Row
 __all__ = ["Baseline", "Row", "SECTIONS", "BASELINES", "all_baselines", "get", "known", "defaults", "aliases",
            "section_index", "reference", "reference_name", "clear_cache"]
 
+def _one_reference(found: list[Baseline]) -> None:
+    if sum(b.reference is not None for b in found) != 1:
+        raise ValueError("exactly one baseline must declare the NormGain reference run (reference=...)")
+
+
 # compare --methods name → its Baseline: every module of this package with ``BASELINE = Baseline(...)``
 # (fastdmtg/registry.py), in the tables' order (section, then order)
 BASELINES = Plugins("baseline", "compare --methods", __name__, "BASELINE",
                     accepts=lambda b: isinstance(b, Baseline), names=lambda b: b.names,
-                    order=lambda b: (SECTIONS.index(b.section), b.order), group="fastdmtg.baselines")
-
-
-def _discover() -> dict[str, Baseline]:
-    table = BASELINES.table
-    if sum(b.reference is not None for b in BASELINES.declarations()) != 1:
-        raise ValueError("exactly one baseline must declare the NormGain reference run (reference=...)")
-    return table
+                    order=lambda b: (SECTIONS.index(b.section), b.order), group="fastdmtg.baselines",
+                    check=_one_reference)
 
 
 def clear_cache() -> None:
@@ -34,18 +33,17 @@ def clear_cache() -> None:
 
 
 def all_baselines() -> list[Baseline]:
-    _discover()
     return BASELINES.declarations()
 
 
 def known() -> list[str]:
     """Every --methods name, in table order: grouping methods, augmentations, combinations."""
-    return list(_discover())
+    return list(BASELINES)
 
 
 def defaults() -> list[str]:
     """compare's default --methods."""
-    return [n for n, b in _discover().items() if b.default]
+    return [n for n, b in BASELINES.items() if b.default]
 
 
 def aliases() -> dict[str, str]:
@@ -53,7 +51,7 @@ def aliases() -> dict[str, str]:
 
 
 def get(name: str) -> Baseline:
-    return _discover()[name]
+    return BASELINES[name]
 
 
 def section_index(name: str) -> int:

@@ -36,7 +36,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..registry import Plugins
+from ..registry import Plugins, subclass_of
 
 
 @dataclass(frozen=True)
@@ -200,13 +200,9 @@ class GroupingMethod(nn.Module):
         return {}
 
 
-def _subclass_of(base):
-    return lambda obj: isinstance(obj, type) and issubclass(obj, base)
-
-
 # grouping.method → its GroupingMethod class: every module of this package with ``METHOD = TheClass``
 # (fastdmtg/registry.py); methods of other packages: entry points of the group "fastdmtg.methods"
-METHODS = Plugins("method", "grouping.method", __name__, "METHOD", accepts=_subclass_of(GroupingMethod),
+METHODS = Plugins("method", "grouping.method", __name__, "METHOD", accepts=subclass_of(GroupingMethod),
                   names=lambda c: c.names(), order=lambda c: c.order, group="fastdmtg.methods")
 
 # train.aggregator → its StepBackward class: every module with ``AUGMENTATION = TheClass``. Each is
@@ -214,7 +210,7 @@ METHODS = Plugins("method", "grouping.method", __name__, "METHOD", accepts=_subc
 # pcgrad``; augment.AugmentedMTL), and any method with constant 0/1 weights (``augmentable``:
 # naive-mtl, fixed, networks) can train with one (train.aggregator)
 AUGMENTATIONS = Plugins("training augmentation", "train.aggregator", __name__, "AUGMENTATION",
-                        accepts=_subclass_of(StepBackward), names=lambda c: c.names(), order=lambda c: c.order,
+                        accepts=subclass_of(StepBackward), names=lambda c: c.names(), order=lambda c: c.order,
                         group="fastdmtg.augmentations")
 
 

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from ..configcheck import ConfigError
 from ..log import get_logger
-from ..registry import Plugins
+from ..registry import Plugins, subclass_of
 
 log = get_logger("fastdmtg.trackers")
 
@@ -66,7 +66,7 @@ class Tracker:
 # train.logger name → its Tracker class: every module of this package with ``TRACKER = TheClass``
 # (fastdmtg/registry.py); trackers of other packages: entry points of the group "fastdmtg.trackers"
 TRACKERS = Plugins("tracker", "train.logger", __name__, "TRACKER",
-                   accepts=lambda c: isinstance(c, type) and issubclass(c, Tracker), order=lambda c: c.order,
+                   accepts=subclass_of(Tracker), order=lambda c: c.order,
                    group="fastdmtg.trackers")
 
 
